@@ -1,0 +1,305 @@
+"""Typed configuration: every setting once, with its default and its check; Hydra's schemas."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from minillm.rope import BASELINES, ROTARY_LAYOUTS, SCALINGS
+
+
+def _require(condition: bool, name: str, message: str) -> None:
+    if not condition:
+        raise ValueError(f"{name}: {message}")
+
+
+def _choice(value: str, name: str, allowed) -> None:
+    _require(value in allowed, name, f"got {value!r}, expected one of {sorted(allowed)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Position encodings (conf/rope) and frequency scalings (conf/rope_scaling)
+
+
+@dataclass
+class PositionConfig:
+    """A non-rotary position encoding: none (NoPE), alibi, sinusoidal or learned absolute."""
+
+    variant: str = "none"
+
+    def __post_init__(self) -> None:
+        _choice(self.variant, "rope.variant", BASELINES)
+
+    @property
+    def is_rotary(self) -> bool:
+        return False
+
+
+@dataclass
+class RotaryConfig:
+    """Rotary position embedding (Su et al. 2021, arXiv:2104.09864), optionally with XPos."""
+
+    variant: str = "complex"
+    theta: float = 10000.0
+    rotary_dim: Optional[int] = None  # None: the whole head dimension
+    xpos_scale_base: Optional[float] = None  # None: plain RoPE; a number turns XPos on
+
+    def __post_init__(self) -> None:
+        _choice(self.variant, "rope.variant", ROTARY_LAYOUTS)
+        _require(math.isfinite(self.theta) and self.theta > 0, "rope.theta", f"must be positive, got {self.theta}")
+        if self.rotary_dim is not None:
+            _require(self.rotary_dim > 0 and self.rotary_dim % 2 == 0, "rope.rotary_dim",
+                     f"must be a positive even number, got {self.rotary_dim}")
+        if self.xpos_scale_base is not None:
+            _require(self.xpos_scale_base > 0, "rope.xpos_scale_base", f"must be positive, got {self.xpos_scale_base}")
+
+    @property
+    def is_rotary(self) -> bool:
+        return True
+
+
+@dataclass
+class ScalingConfig:
+    """No frequency scaling: the rotary frequencies the model was built with."""
+
+    type: str = "none"
+    factor: float = 1.0
+    # Length the model was trained at; None means the model's context_length.
+    original_max_position: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        _choice(self.type, "rope_scaling.type", SCALINGS)
+        _require(math.isfinite(self.factor) and self.factor > 0, "rope_scaling.factor",
+                 f"must be positive, got {self.factor}")
+        if self.original_max_position is not None:
+            _require(self.original_max_position > 0, "rope_scaling.original_max_position",
+                     f"must be positive, got {self.original_max_position}")
+
+    def as_dict(self) -> Optional[dict]:
+        """The dict `RotaryEmbedding(scaling=...)` takes; None for no scaling."""
+        return None if self.type == "none" else dataclasses.asdict(self)
+
+
+@dataclass
+class LinearScaling(ScalingConfig):
+    """Position interpolation (Chen et al. 2023, arXiv:2306.15595): positions divided by factor."""
+
+    type: str = "linear"
+    factor: float = 4.0
+
+
+@dataclass
+class NTKScaling(ScalingConfig):
+    """NTK-aware scaling (bloc97, 2023): theta multiplied by factor^(d/(d-2))."""
+
+    type: str = "ntk"
+    factor: float = 4.0
+
+
+@dataclass
+class DynamicNTKScaling(ScalingConfig):
+    """Dynamic NTK (emozilla, 2023): NTK scaling whose factor grows with the current length."""
+
+    type: str = "dynamic_ntk"
+    factor: float = 4.0
+
+
+@dataclass
+class YarnScaling(ScalingConfig):
+    """YaRN (Peng et al. 2023, arXiv:2309.00071): per-frequency ramp plus attention temperature."""
+
+    type: str = "yarn"
+    factor: float = 4.0
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: Optional[float] = None  # None: 0.1 * ln(factor) + 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(self.beta_fast > self.beta_slow > 0, "rope_scaling.beta_fast",
+                 f"need beta_fast > beta_slow > 0, got {self.beta_fast} and {self.beta_slow}")
+        if self.attention_factor is not None:
+            _require(self.attention_factor > 0, "rope_scaling.attention_factor",
+                     f"must be positive, got {self.attention_factor}")
+
+
+@dataclass
+class Llama3Scaling(ScalingConfig):
+    """Llama 3.1 scaling (Meta 2024): low frequencies divided by factor, high kept, a ramp between."""
+
+    type: str = "llama3"
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(self.high_freq_factor > self.low_freq_factor > 0, "rope_scaling.high_freq_factor",
+                 f"need high_freq_factor > low_freq_factor > 0, got {self.high_freq_factor} "
+                 f"and {self.low_freq_factor}")
+
+
+SCALING_CONFIGS: dict[str, type[ScalingConfig]] = {
+    "none": ScalingConfig,
+    "linear": LinearScaling,
+    "ntk": NTKScaling,
+    "dynamic_ntk": DynamicNTKScaling,
+    "yarn": YarnScaling,
+    "llama3": Llama3Scaling,
+}
+
+
+def position_config(d: dict | PositionConfig | RotaryConfig) -> PositionConfig | RotaryConfig:
+    """Rebuild a position config from its plain dict (as stored in checkpoints)."""
+    if isinstance(d, (PositionConfig, RotaryConfig)):
+        return d
+    d = dict(d)
+    cls = RotaryConfig if d.get("variant", RotaryConfig.variant) in ROTARY_LAYOUTS else PositionConfig
+    return cls(**d)
+
+
+def scaling_config(d: dict | ScalingConfig | None) -> ScalingConfig:
+    """Rebuild a scaling config from its plain dict (or None for no scaling)."""
+    if isinstance(d, ScalingConfig):
+        return d
+    d = dict(d or {})
+    kind = d.get("type", "none")
+    _choice(kind, "rope_scaling.type", SCALING_CONFIGS)
+    return SCALING_CONFIGS[kind](**d)
+
+
+# ----------------------------------------------------------------------------------------------
+# The model (conf/model)
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the decoder-only transformer; the position encoding and its scaling ride along."""
+
+    vocab_size: int = 4096
+    context_length: int = 256  # the training sequence length; stored with checkpoints
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: Optional[int] = None  # None: as many as n_heads (multi-head); fewer: grouped-query
+    ffn: str = "swiglu"  # swiglu (LLaMA) | gelu (GPT-2)
+    ffn_hidden: Optional[int] = None  # None: 4*d_model for gelu, 8/3*d_model rounded to 64 for swiglu
+    norm: str = "rmsnorm"  # rmsnorm | layernorm
+    norm_eps: float = 1e-5
+    bias: bool = False
+    qk_norm: bool = False
+    tie_embeddings: bool = True
+    attn_dropout: float = 0.0
+    resid_dropout: float = 0.0
+    init_std: float = 0.02
+    rope: Any = field(default_factory=RotaryConfig)
+    rope_scaling: Any = field(default_factory=ScalingConfig)
+
+    def __post_init__(self) -> None:
+        # Hydra hands nested configs over as DictConfig or dict; normalise to the dataclasses.
+        if not isinstance(self.rope, (PositionConfig, RotaryConfig)):
+            self.rope = position_config(self.rope)
+        if not isinstance(self.rope_scaling, ScalingConfig):
+            self.rope_scaling = scaling_config(self.rope_scaling)
+        for name in ("vocab_size", "context_length", "d_model", "n_layers", "n_heads"):
+            _require(getattr(self, name) > 0, f"model.{name}", f"must be positive, got {getattr(self, name)}")
+        _require(self.d_model % self.n_heads == 0, "model.n_heads",
+                 f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        _require(self.kv_heads > 0 and self.n_heads % self.kv_heads == 0, "model.n_kv_heads",
+                 f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
+        _choice(self.ffn, "model.ffn", ("swiglu", "gelu"))
+        _choice(self.norm, "model.norm", ("rmsnorm", "layernorm"))
+        if self.ffn_hidden is not None:
+            _require(self.ffn_hidden > 0, "model.ffn_hidden", f"must be positive, got {self.ffn_hidden}")
+        for name in ("attn_dropout", "resid_dropout"):
+            _require(0.0 <= getattr(self, name) < 1.0, f"model.{name}", f"must be in [0, 1), got {getattr(self, name)}")
+        _require(self.norm_eps > 0, "model.norm_eps", f"must be positive, got {self.norm_eps}")
+        _require(self.init_std > 0, "model.init_std", f"must be positive, got {self.init_std}")
+        if self.rope.is_rotary:
+            _require(self.head_dim % 2 == 0, "model.d_model",
+                     f"rotary needs an even head_dim, got d_model/n_heads = {self.head_dim}")
+            _require(self.rope.rotary_dim is None or self.rope.rotary_dim <= self.head_dim, "rope.rotary_dim",
+                     f"{self.rope.rotary_dim} exceeds head_dim={self.head_dim}")
+        elif self.rope_scaling.type != "none":
+            raise ValueError(f"rope_scaling.type: {self.rope_scaling.type!r} scales rotary frequencies, "
+                             f"but rope.variant={self.rope.variant!r} is not rotary; use rope_scaling=none")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        if self.ffn_hidden is not None:
+            return self.ffn_hidden
+        if self.ffn == "gelu":
+            return 4 * self.d_model
+        return 64 * math.ceil(8 * self.d_model / 3 / 64)  # LLaMA: 2/3 of 4d, rounded up to 64
+
+    def to_dict(self) -> dict:
+        """Plain types only, so checkpoints load with torch.load(weights_only=True)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        d = dict(d)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"model config: unknown field(s) {unknown}; known fields are {sorted(names)}")
+        return cls(**d)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data and tokenizer (conf/data, conf/tokenizer)
+
+
+@dataclass
+class DataConfig:
+    """Which text to train on and how it is cut into windows."""
+
+    # "stdlib" (the embedded corpus), a HuggingFace hub name, a local file (.txt, .jsonl, .json,
+    # .parquet), a folder of such files, or a folder written by Dataset.save_to_disk.
+    path: str = "stdlib"
+    name: Optional[str] = None  # the hub dataset's config name
+    split: str = "train"
+    text_field: str = "text"
+    streaming: bool = False  # hub sets too large to download whole
+    max_documents: Optional[int] = None  # None: all; required with streaming
+    val_fraction: float = 0.05  # by document, chosen by a hash of its text
+    val_windows: int = 32  # fixed validation windows of context_length + 1 tokens
+    long_documents: int = 16  # longest validation documents kept for the extrapolation evaluation
+    batch_size: int = 16
+    num_workers: int = 0
+    cache_dir: str = "~/.cache/minillm"
+
+    def __post_init__(self) -> None:
+        _require(bool(self.path), "data.path", "must name a dataset, a file or 'stdlib'")
+        _require(0.0 < self.val_fraction < 1.0, "data.val_fraction", f"must be in (0, 1), got {self.val_fraction}")
+        for name in ("val_windows", "batch_size", "long_documents"):
+            _require(getattr(self, name) > 0, f"data.{name}", f"must be positive, got {getattr(self, name)}")
+        _require(self.num_workers >= 0, "data.num_workers", f"must be >= 0, got {self.num_workers}")
+        if self.max_documents is not None:
+            _require(self.max_documents > 0, "data.max_documents", f"must be positive, got {self.max_documents}")
+        _require(not self.streaming or self.max_documents is not None, "data.max_documents",
+                 "must be set when data.streaming is true (a stream has no end to tokenize up to)")
+
+
+@dataclass
+class TokenizerConfig:
+    """Byte-level BPE trained on the training split, or a given tokenizer.json."""
+
+    path: Optional[str] = None  # a tokenizer.json; None: train one on the training split
+    vocab_size: int = 4096
+    min_frequency: int = 2
+
+    def __post_init__(self) -> None:
+        _require(self.vocab_size >= 260, "tokenizer.vocab_size",
+                 f"must be at least 260 (256 bytes plus special tokens), got {self.vocab_size}")
+        _require(self.min_frequency >= 1, "tokenizer.min_frequency", f"must be >= 1, got {self.min_frequency}")

@@ -1,0 +1,228 @@
+"""The decoder-only transformer: norms, attention, feed-forward, blocks, KV cache and generation (plain torch)."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from minillm.config import ModelConfig
+from minillm.rope import PositionEncoding, build_position_encoding
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x²) + eps) · g (Zhang & Sennrich 2019, arXiv:1910.07467), computed in float32."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.to(x.dtype) * self.weight
+
+
+def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(dim, cfg.norm_eps)
+    return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+class KVCache:
+    """Keys (before rotation) and values of every layer, for incremental decoding.
+
+    Keys are cached unrotated and rotated again at each step with the positions of the whole sequence.
+    That costs one elementwise pass over the cache, the same order as attention itself, and makes
+    decoding the same function as the full forward for every encoding: XPos centres its scales on the
+    current length, and dynamic NTK picks its frequencies from it, so rotated keys would go stale.
+    """
+
+    def __init__(self, n_layers: int):
+        self.keys: list[Optional[Tensor]] = [None] * n_layers
+        self.values: list[Optional[Tensor]] = [None] * n_layers
+
+    @property
+    def length(self) -> int:
+        return 0 if self.keys[-1] is None else self.keys[-1].shape[-2]
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        if self.keys[layer] is not None:
+            k = torch.cat((self.keys[layer], k), dim=-2)
+            v = torch.cat((self.values[layer], v), dim=-2)
+        self.keys[layer], self.values[layer] = k, v
+        return k, v
+
+
+class Attention(nn.Module):
+    """Causal self-attention: fused qkv projection, grouped-query heads, optional QK-norm, SDPA."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.qkv = nn.Linear(cfg.d_model, (cfg.n_heads + 2 * cfg.kv_heads) * cfg.head_dim, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=cfg.bias)
+        # QK-norm (as in FLUX): RMSNorm over each head's channels keeps attention logits bounded.
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
+        self.dropout = cfg.attn_dropout
+
+    def forward(self, x: Tensor, position: PositionEncoding, mask: Optional[Tensor],
+                cache: Optional[KVCache] = None, layer: int = 0, offset: int = 0) -> Tensor:
+        batch, seq, _ = x.shape
+        q, k, v = self.qkv(x).split([self.n_heads * self.head_dim, self.kv_heads * self.head_dim,
+                                     self.kv_heads * self.head_dim], dim=-1)
+        q = self.q_norm(q.view(batch, seq, self.n_heads, self.head_dim)).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_norm(k.view(batch, seq, self.kv_heads, self.head_dim)).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = v.view(batch, seq, self.kv_heads, self.head_dim).transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        q, k = position.rotate(q, k, offset)
+        # No mask and as many keys as queries: the fused causal kernels apply (flash / memory-efficient).
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and seq == k.shape[-2] and seq > 1,
+            dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.kv_heads != self.n_heads)
+        return self.proj(y.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU, W2(silu(W1 x) ⊙ W3 x) (Shazeer 2020, arXiv:2002.05202), or the GPT-2 GELU MLP."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gated = cfg.ffn == "swiglu"
+        hidden = cfg.hidden_dim
+        # Gate and up projections fused in one matmul: rows [0, hidden) gate, [hidden, 2·hidden) up.
+        self.up = nn.Linear(cfg.d_model, 2 * hidden if self.gated else hidden, bias=cfg.bias)
+        self.down = nn.Linear(hidden, cfg.d_model, bias=cfg.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.gated:
+            gate, up = self.up(x).chunk(2, dim=-1)
+            return self.down(F.silu(gate) * up)
+        return self.down(F.gelu(self.up(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + ffn(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm, self.attn = make_norm(cfg, cfg.d_model), Attention(cfg)
+        self.ffn_norm, self.ffn = make_norm(cfg, cfg.d_model), FeedForward(cfg)
+        self.dropout = nn.Dropout(cfg.resid_dropout)
+
+    def forward(self, x: Tensor, position: PositionEncoding, mask: Optional[Tensor],
+                cache: Optional[KVCache] = None, layer: int = 0, offset: int = 0) -> Tensor:
+        x = x + self.dropout(self.attn(self.attn_norm(x), position, mask, cache, layer, offset))
+        return x + self.dropout(self.ffn(self.ffn_norm(x)))
+
+
+class Transformer(nn.Module):
+    """Token embedding, position encoding, N blocks, final norm, LM head."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.position = build_position_encoding(cfg)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = make_norm(cfg, cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
+        self.apply(self._init_weights)
+        # GPT-2 (Radford et al. 2019, sec. 2.3): residual projections scaled by 1/sqrt(2·n_layers),
+        # so the residual stream's variance does not grow with depth.
+        for block in self.blocks:
+            for proj in (block.attn.proj, block.ffn.down):
+                nn.init.normal_(proj.weight, std=cfg.init_std / math.sqrt(2 * cfg.n_layers))
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=self.cfg.init_std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_params(self, exclude_embeddings: bool = True) -> int:
+        """Parameters that do matmul work per token (embeddings excluded: a lookup costs no FLOPs)."""
+        total = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings and not self.cfg.tie_embeddings:
+            total -= self.embed.weight.numel()
+        if exclude_embeddings and hasattr(self.position, "table"):
+            total -= self.position.table.weight.numel()
+        return total
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6N + 12·n_layers·d_model·seq_len (PaLM, Chowdhery et al. 2022, app. B)."""
+        return 6 * self.num_params() + 12 * self.cfg.n_layers * self.cfg.d_model * seq_len
+
+    def _mask(self, q_len: int, k_len: int, device: torch.device, dtype: torch.dtype) -> Optional[Tensor]:
+        """The attention mask shared by all layers; None when SDPA's own causal flag suffices."""
+        bias = self.position.attention_bias(q_len, k_len, device, dtype)
+        if bias is not None or q_len == k_len or q_len == 1:
+            return bias
+        # Queries continuing a cache: query i sees keys up to k_len − q_len + i.
+        return torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(diagonal=k_len - q_len)
+
+    def hidden_states(self, idx: Tensor, cache: Optional[KVCache] = None) -> Tensor:
+        """(batch, seq) token ids -> (batch, seq, d_model) after the final norm."""
+        offset = cache.length if cache is not None else 0
+        x = self.position.embed(self.embed(idx), offset)
+        mask = self._mask(idx.shape[1], offset + idx.shape[1], idx.device, x.dtype)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, self.position, mask, cache, layer, offset)
+        return self.norm(x)
+
+    def forward(self, idx: Tensor, cache: Optional[KVCache] = None) -> Tensor:
+        """Logits (batch, seq, vocab)."""
+        return self.head(self.hidden_states(idx, cache))
+
+    def token_losses(self, idx: Tensor, targets: Tensor, chunk_tokens: int = 8192) -> Tensor:
+        """Cross-entropy of each target (batch, seq) in float32; the LM head runs over chunks of tokens
+        so that long evaluations never hold a (batch·seq, vocab) logit matrix at once."""
+        hidden = self.hidden_states(idx).flatten(0, 1)
+        flat_targets = targets.flatten()
+        losses = [F.cross_entropy(self.head(h).float(), t, reduction="none")
+                  for h, t in zip(hidden.split(chunk_tokens), flat_targets.split(chunk_tokens))]
+        return torch.cat(losses).view_as(targets)
+
+    def loss(self, idx: Tensor, targets: Tensor) -> Tensor:
+        """Mean next-token cross-entropy."""
+        return self.token_losses(idx, targets).mean()
+
+    @torch.inference_mode()
+    def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
+                 stop_token: Optional[int] = None, generator: Optional[torch.Generator] = None) -> Tensor:
+        """Extend idx (batch, seq) by up to max_new_tokens; temperature 0 is greedy. Rows that emitted
+        stop_token keep repeating it; generation ends early once every row has."""
+        if temperature < 0:
+            raise ValueError(f"temperature: must be >= 0, got {temperature}")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k: must be >= 1, got {top_k}")
+        cache = KVCache(self.cfg.n_layers)
+        logits = self(idx, cache)[:, -1]
+        finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+        out = idx
+        for _ in range(max_new_tokens):
+            logits = logits.float()
+            if temperature == 0:
+                next_token = logits.argmax(-1)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                next_token = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+            if stop_token is not None:
+                next_token = next_token.masked_fill(finished, stop_token)
+                finished |= next_token == stop_token
+            out = torch.cat((out, next_token[:, None]), dim=1)
+            if stop_token is not None and bool(finished.all()):
+                break
+            logits = self(next_token[:, None], cache)[:, -1]
+        return out
