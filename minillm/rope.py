@@ -161,7 +161,7 @@ def xpos_max_length(scale_base: float, dtype: torch.dtype) -> int:
     The smallest ζ is 0.4/1.4 = 2/7. Queries and keys are scaled around the sequence's centre, but the
     score of a query with a later key (computed before the causal mask drops it) carries (7/2)^((L−1)/γ);
     that factor, times XPOS_HEADROOM for the activations, must stay below the dtype's maximum.
-    float16: 2267 positions at γ = 512; bfloat16: 33993; float32: 33997.
+    float16: 2267 positions at γ = 512; bfloat16: 33993; float32: 33995.
     """
     budget = math.log(torch.finfo(dtype).max) - math.log(XPOS_HEADROOM)
     return int(scale_base * budget / math.log(3.5)) + 1
