@@ -303,3 +303,108 @@ class TokenizerConfig:
         _require(self.vocab_size >= 260, "tokenizer.vocab_size",
                  f"must be at least 260 (256 bytes plus special tokens), got {self.vocab_size}")
         _require(self.min_frequency >= 1, "tokenizer.min_frequency", f"must be >= 1, got {self.min_frequency}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimisation, trainer, logger (conf/optim, conf/trainer, conf/logger)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up then cosine decay to min_lr_ratio · lr."""
+
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1  # on matrices only: never on norms, biases or embeddings
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    warmup_steps: int = 100
+
+    def __post_init__(self) -> None:
+        _require(self.lr > 0, "optim.lr", f"must be positive, got {self.lr}")
+        _require(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        _require(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        for name in ("beta1", "beta2"):
+            _require(0 <= getattr(self, name) < 1, f"optim.{name}", f"must be in [0, 1), got {getattr(self, name)}")
+        _require(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+
+
+@dataclass
+class TrainerConfig:
+    """What Lightning's Trainer gets, plus the checkpoint cadence and compilation."""
+
+    accelerator: str = "cpu"
+    devices: Any = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+    max_steps: int = 2000
+    val_check_interval: int = 200  # steps between validations
+    limit_val_batches: Optional[int] = None
+    log_every_n_steps: int = 10
+    gradient_clip_val: float = 1.0
+    checkpoint_every_n_steps: int = 200
+    compile: bool = False  # torch.compile the model
+    peak_flops: Optional[float] = None  # for MFU; None: measured on CPU, looked up for known GPUs
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "val_check_interval", "log_every_n_steps", "checkpoint_every_n_steps", "num_nodes"):
+            _require(getattr(self, name) > 0, f"trainer.{name}", f"must be positive, got {getattr(self, name)}")
+        _require(self.gradient_clip_val >= 0, "trainer.gradient_clip_val", f"must be >= 0, got {self.gradient_clip_val}")
+        _choice(self.precision, "trainer.precision", ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "64-true"))
+        if self.peak_flops is not None:
+            _require(self.peak_flops > 0, "trainer.peak_flops", f"must be positive, got {self.peak_flops}")
+
+
+@dataclass
+class LoggerConfig:
+    """Where metrics go: W&B (offline without an API key), a CSV file, or nowhere but the run folder."""
+
+    kind: str = "wandb"  # wandb | csv | none
+    project: str = "minillm"
+    group: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+    mode: str = "auto"  # auto: online with an API key, offline otherwise | online | offline | disabled
+
+    def __post_init__(self) -> None:
+        _choice(self.kind, "logger.kind", ("wandb", "csv", "none"))
+        _choice(self.mode, "logger.mode", ("auto", "online", "offline", "disabled"))
+
+
+@dataclass
+class RunConfig:
+    """The whole training run, as Hydra composes it from conf/."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    rope: Any = None  # a RotaryConfig or PositionConfig (conf/rope picks one); None: RoPE defaults
+    rope_scaling: Any = None  # one of SCALING_CONFIGS (conf/rope_scaling picks one); None: no scaling
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    seed: int = 0
+    ckpt_path: Optional[str] = None  # "last" resumes this run folder's last checkpoint; or a path
+
+    def __post_init__(self) -> None:
+        # The top-level rope / rope_scaling groups are the source; the model carries them.
+        self.rope = RotaryConfig() if self.rope is None else position_config(self.rope)
+        self.rope_scaling = scaling_config(self.rope_scaling)
+        for name, default in (("rope", RotaryConfig()), ("rope_scaling", ScalingConfig())):
+            given = getattr(self.model, name)
+            if given != default and given != getattr(self, name):
+                raise ValueError(f"model.{name}: set the top-level {name} group instead (e.g. {name}.<field>=...)")
+        self.model = dataclasses.replace(self.model, rope=self.rope, rope_scaling=self.rope_scaling)
+
+
+def register_configs() -> None:
+    """Put the schemas in Hydra's ConfigStore: conf/ YAML files extend them and never restate defaults."""
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    store.store(name="run_schema", node=RunConfig)
+    store.store(group="rope", name="rotary_schema", node=RotaryConfig)
+    store.store(group="rope", name="baseline_schema", node=PositionConfig)
+    for name, cls in SCALING_CONFIGS.items():
+        store.store(group="rope_scaling", name=f"{name}_schema", node=cls)

@@ -24,7 +24,8 @@ class RMSNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.to(x.dtype) * self.weight
+        # Gain applied in float32 too, one rounding at the end: output dtype = input dtype, whatever the weight's.
+        return (normed * self.weight.float()).to(x.dtype)
 
 
 def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
@@ -205,10 +206,10 @@ class Transformer(nn.Module):
         if top_k is not None and top_k < 1:
             raise ValueError(f"top_k: must be >= 1, got {top_k}")
         cache = KVCache(self.cfg.n_layers)
-        logits = self(idx, cache)[:, -1]
+        logits = self.head(self.hidden_states(idx, cache)[:, -1])  # the LM head on the last position only
         finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
         out = idx
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
             logits = logits.float()
             if temperature == 0:
                 next_token = logits.argmax(-1)
@@ -222,7 +223,7 @@ class Transformer(nn.Module):
                 next_token = next_token.masked_fill(finished, stop_token)
                 finished |= next_token == stop_token
             out = torch.cat((out, next_token[:, None]), dim=1)
-            if stop_token is not None and bool(finished.all()):
-                break
+            if step + 1 == max_new_tokens or (stop_token is not None and bool(finished.all())):
+                break  # no forward pass for a token nobody will sample after
             logits = self(next_token[:, None], cache)[:, -1]
         return out

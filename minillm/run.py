@@ -1,0 +1,165 @@
+"""Config -> objects -> Trainer: the one place that touches Hydra and Lightning's wiring at run time."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import netrc
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning as L
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from minillm.config import RunConfig
+
+from minillm.task import LanguageModelTask
+
+log = logging.getLogger("minillm")
+
+
+class ConfigError(ValueError):
+    """A configuration that composed but does not make sense; the message names the setting."""
+
+
+def to_run_config(cfg: DictConfig) -> RunConfig:
+    """Hydra's tree -> the validated dataclasses (each __post_init__ checks its own fields)."""
+    try:
+        return OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as error:  # our ValueError arrives wrapped; unwrap it for a clean message
+        cause = error.__cause__ if isinstance(error.__cause__, ValueError) else error
+        raise ConfigError(str(cause).splitlines()[0]) from error
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def run_tags(run: RunConfig) -> list[str]:
+    rope, scaling = run.rope, run.rope_scaling
+    tags = [f"rope={rope.variant}", f"scaling={scaling.type}"]
+    if rope.is_rotary:
+        tags += [f"theta={rope.theta:g}", f"xpos={rope.xpos_scale_base or 'off'}"]
+    return tags + list(run.logger.tags)
+
+
+def wandb_mode(requested: str) -> str:
+    """auto: online only with credentials (an API key or a netrc entry), so a laptop never waits on a login."""
+    if requested != "auto":
+        return requested
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    try:
+        if netrc.netrc().authenticators("api.wandb.ai"):
+            return "online"
+    except (FileNotFoundError, netrc.NetrcParseError):
+        pass
+    return "offline"
+
+
+def make_loggers(run: RunConfig, run_dir: Path, config: dict) -> list:
+    from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+    if run.logger.kind == "none":
+        return []
+    loggers: list = [CSVLogger(save_dir=str(run_dir), name="", version="")]  # run_dir/metrics.csv
+    if run.logger.kind == "wandb":
+        import wandb
+
+        mode = wandb_mode(run.logger.mode)
+        settings = wandb.Settings(init_timeout=60, silent=True)
+        wandb_logger = WandbLogger(project=run.logger.project, group=run.logger.group, tags=run_tags(run),
+                                   save_dir=str(run_dir), mode=mode, settings=settings, config=config)
+        try:
+            wandb_logger.experiment  # start now, so a failure to reach W&B falls back here and not mid-run
+        except Exception as error:  # any failure of the service: keep training, offline
+            log.warning("W&B %s start failed (%s); logging offline to %s", mode, error, run_dir / "wandb")
+            wandb_logger = WandbLogger(project=run.logger.project, group=run.logger.group, tags=run_tags(run),
+                                       save_dir=str(run_dir), mode="offline", config=config)
+        loggers.append(wandb_logger)
+    return loggers
+
+
+def resolve_checkpoint(ckpt_path: Optional[str], run_dir: Path) -> Optional[str]:
+    """'last' -> this run folder's last checkpoint; a run folder -> its last; a file -> itself."""
+    if ckpt_path is None:
+        return None
+    path = run_dir if ckpt_path == "last" else Path(ckpt_path).expanduser()
+    if path.is_dir():
+        path = path / "checkpoints" / "last.ckpt"
+    if not path.is_file():
+        raise ConfigError(f"ckpt_path: no checkpoint at {path} (to resume a run, start it again in its folder: "
+                          f"hydra.run.dir=<run folder> ckpt_path=last)")
+    return str(path)
+
+
+def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """Train one model as `cfg` says; everything it writes goes under run_dir. Returns the summary."""
+    started = time.time()
+    run = to_run_config(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(run.seed, workers=True)
+
+    from minillm.data import TextDataModule
+
+    data = TextDataModule(run.data, run.tokenizer, seq_len=run.model.context_length, seed=run.seed)
+    data.prepare_data()
+    data.setup("fit")
+    run.model = dataclasses.replace(run.model, vocab_size=data.vocab_size)  # the tokenizer decides
+    data.save_tokenizer(run_dir / "tokenizer.json")
+    resolved = OmegaConf.to_container(OmegaConf.structured(run))
+    write_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(resolved))
+
+    task = LanguageModelTask(run.model.to_dict(), dataclasses.asdict(run.optim),
+                             compile=run.trainer.compile, peak_flops=run.trainer.peak_flops)
+    loggers = make_loggers(run, run_dir, {**resolved, "data_fingerprint": data.fingerprint})
+    trainer = L.Trainer(**trainer_kwargs(run, run_dir), logger=loggers or False)
+    trainer.fit(task, datamodule=data, ckpt_path=resolve_checkpoint(run.ckpt_path, run_dir))
+
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    checkpoint = trainer.checkpoint_callback
+    summary = {
+        "run_dir": str(run_dir),
+        "steps": trainer.global_step,
+        "tokens": trainer.global_step * run.data.batch_size * run.model.context_length * trainer.world_size,
+        "parameters": task.model.num_params(exclude_embeddings=False),
+        "val_loss": metrics.get("val/loss"),
+        "val_ppl": metrics.get("val/ppl"),
+        "best_val_loss": float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else None,
+        "best_checkpoint": checkpoint.best_model_path or None,
+        "last_checkpoint": str(run_dir / "checkpoints" / "last.ckpt"),
+        "wall_seconds": round(time.time() - started, 1),
+        "data_fingerprint": data.fingerprint,
+    }
+    if trainer.is_global_zero:
+        write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2, default=str))
+    for logger in loggers:
+        logger.finalize("success")
+    return summary
+
+
+def trainer_kwargs(run: RunConfig, run_dir: Path) -> dict[str, Any]:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    t = run.trainer
+    best = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val/loss", mode="min",
+                           save_top_k=1, save_last=True, auto_insert_metric_name=False,
+                           enable_version_counter=False)
+    periodic = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step-{step:06d}",
+                               every_n_train_steps=t.checkpoint_every_n_steps, save_top_k=-1,
+                               auto_insert_metric_name=False)
+    return dict(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
+                precision=t.precision, max_steps=t.max_steps, val_check_interval=t.val_check_interval,
+                check_val_every_n_epoch=None, limit_val_batches=t.limit_val_batches,
+                log_every_n_steps=t.log_every_n_steps, gradient_clip_val=t.gradient_clip_val or None,
+                callbacks=[best, periodic], default_root_dir=str(run_dir), enable_model_summary=False)

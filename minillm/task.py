@@ -1,0 +1,138 @@
+"""The LightningModule: loss, optimizer and schedule, throughput and MFU metrics."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Optional
+
+import lightning as L
+import torch
+from torch import nn
+
+from minillm.config import ModelConfig, OptimConfig
+from minillm.model import Transformer
+
+# Dense bf16 tensor-core peaks from the vendors' data sheets, for MFU on known GPUs.
+GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12,
+                  "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12}
+
+
+def measure_peak_flops(device: torch.device, size: int = 1024, seconds: float = 0.3) -> float:
+    """Achievable matmul FLOP/s of this device, timed: the reference for MFU where no data sheet applies."""
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    a @ b  # warm-up
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return 2 * size**3 * count / (time.perf_counter() - start)
+
+
+def peak_flops_for(device: torch.device) -> float:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, flops in GPU_PEAK_FLOPS.items():
+            if key in name:
+                return flops
+    return measure_peak_flops(device)
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """Learning-rate multiplier: linear warm-up to 1, then cosine decay to min_ratio at total_steps."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices only; norms, biases and embeddings (tied head included) are left alone."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decay, no_decay, seen = [], [], set()
+    for param in model.parameters():
+        if id(param) in seen or not param.requires_grad:
+            continue
+        seen.add(id(param))
+        (decay if param.dim() >= 2 and id(param) not in embeddings else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class LanguageModelTask(L.LightningModule):
+    """Next-token prediction on windows of context_length tokens."""
+
+    def __init__(self, model: dict, optim: dict, compile: bool = False, peak_flops: Optional[float] = None):
+        super().__init__()
+        # Plain dicts, so the checkpoint rebuilds the model with torch.load(weights_only=True).
+        self.save_hyperparameters()
+        self.model_cfg = ModelConfig.from_dict(model)
+        self.optim_cfg = OptimConfig(**optim)
+        self.model = Transformer(self.model_cfg)
+        self.compile = compile
+        self.peak_flops = peak_flops
+        self.flops_per_token = self.model.flops_per_token(self.model_cfg.context_length)
+        self._step_started: Optional[float] = None
+        self._tokens_per_second: Optional[float] = None
+
+    def configure_model(self) -> None:
+        if self.compile:
+            self.model.compile()
+
+    def setup(self, stage: str) -> None:
+        if self.peak_flops is None:
+            self.peak_flops = peak_flops_for(self.device)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.model(idx)
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        self._step_started = time.perf_counter()
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = self.model.loss(x, y)
+        tokens_per_step = x.numel() * self.trainer.world_size
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/tokens", float((self.global_step + 1) * tokens_per_step))
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"])
+        if self._tokens_per_second is not None:
+            self.log("train/tokens_per_s", self._tokens_per_second, prog_bar=True)
+            self.log("train/mfu", self._tokens_per_second * self.flops_per_token / (self.peak_flops * self.trainer.world_size))
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self._step_started is not None:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            elapsed = time.perf_counter() - self._step_started
+            self._tokens_per_second = batch[0].numel() * self.trainer.world_size / elapsed
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_loss_sum = torch.zeros((), device=self.device)
+        self._val_count = torch.zeros((), device=self.device)
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        x, y = batch
+        self._val_loss_sum += self.model.token_losses(x, y).sum()
+        self._val_count += y.numel()
+
+    def on_validation_epoch_end(self) -> None:
+        # Token-weighted mean over all windows (and ranks), then perplexity from that mean.
+        loss_sum, count = self._val_loss_sum, self._val_count
+        if self.trainer.world_size > 1:
+            loss_sum, count = self.all_gather(loss_sum).sum(), self.all_gather(count).sum()
+        loss = loss_sum / count.clamp(min=1)
+        self.log("val/loss", loss, prog_bar=True)
+        self.log("val/ppl", torch.exp(loss))
+
+    def configure_optimizers(self):
+        cfg = self.optim_cfg
+        optimizer = torch.optim.AdamW(parameter_groups(self.model, cfg.weight_decay), lr=cfg.lr,
+                                      betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                                      fused=self.device.type == "cuda")
+        total = self.trainer.max_steps
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, cfg.warmup_steps, total, cfg.min_lr_ratio))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -1,0 +1,28 @@
+"""Train one model (or, with -m, a sweep of them): python scripts/train.py rope=xpos trainer.max_steps=500."""
+
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from minillm.config import register_configs
+from minillm.run import train
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        summary = train(cfg, run_dir)
+    except (ValueError, FileNotFoundError) as error:  # bad config or data: the message names it
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    print(f"val/loss {summary['val_loss']:.4f} after {summary['tokens']:,} tokens; results in {run_dir}")
+
+
+if __name__ == "__main__":
+    main()
