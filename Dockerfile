@@ -1,4 +1,4 @@
-# GPU training image: docker build -t minillm . && docker run --gpus all minillm rope=xpos trainer=gpu
+# GPU training image: docker build -t minillm . && docker run --gpus all minillm rope=xpos
 # The base image ships a CUDA build of torch; pip keeps it because pyproject accepts that version.
 FROM pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
 
@@ -10,5 +10,4 @@ COPY conf ./conf
 COPY scripts ./scripts
 
 # W&B goes online when WANDB_API_KEY is passed in (-e WANDB_API_KEY=...), offline otherwise.
-ENTRYPOINT ["python", "scripts/train.py"]
-CMD ["trainer=gpu"]
+ENTRYPOINT ["python", "scripts/train.py", "trainer=gpu"]
