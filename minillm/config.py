@@ -404,7 +404,52 @@ def register_configs() -> None:
 
     store = ConfigStore.instance()
     store.store(name="run_schema", node=RunConfig)
+    store.store(name="eval_schema", node=EvalConfig)
     store.store(group="rope", name="rotary_schema", node=RotaryConfig)
     store.store(group="rope", name="baseline_schema", node=PositionConfig)
     for name, cls in SCALING_CONFIGS.items():
         store.store(group="rope_scaling", name=f"{name}_schema", node=cls)
+
+
+@dataclass
+class EvalConfig:
+    """Length-extrapolation evaluation of trained checkpoints (scripts/eval_extrapolate.py)."""
+
+    ckpt: Any = None  # a .ckpt, a run folder, a multirun folder, or a list of these
+    lengths: Optional[list[int]] = None  # None: 1, 2, 4, 8, 16 × each model's training length
+    scalings: list[str] = field(default_factory=lambda: ["none", "linear", "ntk", "dynamic_ntk", "yarn", "llama3"])
+    scaling_factor: Optional[float] = None  # None: eval length / trained length (dynamic_ntk: 1)
+    attention: list[str] = field(default_factory=lambda: ["full"])  # full | sliding | blockwise
+    stride: Optional[int] = None  # sliding-window evaluation (ALiBi paper); None: non-overlapping windows
+    max_documents: int = 8  # long validation documents evaluated at every length
+    batch_size: int = 4
+    buckets: int = 16  # loss-against-position resolution
+    passkey_trials: int = 10  # per (length, depth); 0 turns passkey retrieval off
+    passkey_depths: list[float] = field(default_factory=lambda: [0.1, 0.5, 0.9])
+    device: str = "auto"  # auto: cuda when available
+    seed: int = 0
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+    def __post_init__(self) -> None:
+        _require(self.ckpt not in (None, "", []), "ckpt", "name a checkpoint, a run folder or a multirun folder")
+        if self.lengths is not None:
+            _require(len(self.lengths) > 0 and all(n >= 1 for n in self.lengths), "lengths",
+                     f"must be positive token counts, got {list(self.lengths)}")
+        for method in self.scalings:
+            _choice(method, "scalings", SCALING_CONFIGS)
+        for mode in self.attention:
+            _choice(mode, "attention", ("full", "sliding", "blockwise"))
+        if self.scaling_factor is not None:
+            _require(self.scaling_factor > 0, "scaling_factor", f"must be positive, got {self.scaling_factor}")
+        if self.stride is not None:
+            _require(self.stride > 0, "stride", f"must be positive, got {self.stride}")
+        for name in ("max_documents", "batch_size", "buckets"):
+            _require(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)}")
+        _require(self.passkey_trials >= 0, "passkey_trials", f"must be >= 0, got {self.passkey_trials}")
+        _require(all(0 <= d <= 1 for d in self.passkey_depths), "passkey_depths",
+                 f"must lie in [0, 1], got {list(self.passkey_depths)}")
+        _choice(self.device, "device", ("auto", "cpu", "cuda", "mps"))
+
+    @property
+    def checkpoints(self) -> list[str]:
+        return [self.ckpt] if isinstance(self.ckpt, str) else list(self.ckpt)

@@ -144,8 +144,9 @@ def _rope_kwargs(transformers, params: dict) -> dict:
 
 
 def to_hf_llama(model: Transformer, attn_implementation: str = "sdpa") -> "transformers.LlamaForCausalLM":
-    """A float32 LlamaForCausalLM in eval mode whose logits equal `model`'s; raises ValueError naming the
-    first setting LLaMA cannot express (layernorm, gelu, biases, QK-norm, non-rotary encodings, XPos).
+    """A float32 LlamaForCausalLM in eval mode, on the model's device, whose logits equal `model`'s; raises
+    ValueError naming the first setting LLaMA cannot express (layernorm, gelu, biases, QK-norm, non-rotary
+    encodings, XPos, partial rotary with yarn / llama3 / dynamic NTK).
 
     Deliberate omissions: dropout (inference only) and special-token ids (bos/eos/pad are left None; set
     them from the tokenizer). Dynamic NTK matches a forward over a whole sequence; HF's decoding differs,
@@ -186,4 +187,4 @@ def to_hf_llama(model: Transformer, attn_implementation: str = "sdpa") -> "trans
         })
     # Copies (load_state_dict copies into HF's own parameters), in float32 whatever the model's dtype.
     hf.load_state_dict({name: t.detach().float() for name, t in state.items()}, strict=True)
-    return hf.float().eval()
+    return hf.float().to(model.embed.weight.device).eval()

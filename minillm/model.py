@@ -37,10 +37,17 @@ def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
 class KVCache:
     """Keys (before rotation) and values of every layer, for incremental decoding.
 
-    Keys are cached unrotated and rotated again at each step with the positions of the whole sequence.
-    That costs one elementwise pass over the cache, the same order as attention itself, and makes
-    decoding the same function as the full forward for every encoding: XPos centres its scales on the
-    current length, and dynamic NTK picks its frequencies from it, so rotated keys would go stale.
+    Keys are cached unrotated and rotated again at each step with the positions of the whole sequence
+    (one elementwise pass over the cache, the same order as attention itself): XPos centres its scales
+    on the current length, and dynamic NTK picks its frequencies from it, so rotated keys would go stale.
+    Decoding therefore equals the full forward, to float tolerance, for every encoding whose rotation
+    depends on positions only.
+
+    Dynamic NTK past the trained length is the exception. Step t rotates every cached key with the
+    frequencies for length t + 1, so in a one-layer model it equals the last logit of the full forward
+    over the first t + 1 tokens. Deeper layers' keys and values are functions of the earlier tokens'
+    hidden states, which were computed, and cached, at those tokens' own lengths; recomputing them
+    would cost the full forward a cache exists to avoid. (HF transformers caches rotated keys: staler.)
     """
 
     def __init__(self, n_layers: int):

@@ -235,6 +235,11 @@ class RotaryEmbedding(PositionEncoding):
                 raise ValueError(f"rotary_dim: {self.scaling_type} needs rotary_dim > 2, got {rotary_dim}")
             if self.scaling_type in ("dynamic_ntk", "yarn", "llama3") and not scaling.get("original_max_position"):
                 raise ValueError(f"scaling.original_max_position: {self.scaling_type} needs the trained length")
+            if self.scaling_type == "llama3":  # equal factors would divide by zero: NaN frequencies, no error
+                low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+                if not high > low > 0:
+                    raise ValueError(f"scaling.high_freq_factor: need high_freq_factor > low_freq_factor > 0, "
+                                     f"got {high} and {low}")
         self.variant, self.theta, self.head_dim, self.rotary_dim = variant, float(theta), head_dim, rotary_dim
         self.xpos_scale_base, self.scaling = xpos_scale_base, scaling
         self._rotate = ROTARY_FUNCTIONS[variant]
@@ -243,8 +248,9 @@ class RotaryEmbedding(PositionEncoding):
         inv_freq, self.attention_factor = self._frequencies(seq_len=0)
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
         if xpos_scale_base is not None:
+            # A plain attribute, not a buffer: module.to(bfloat16) would round log ζ and skew the decay.
             zeta = (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim + 0.4) / 1.4
-            self.register_buffer("xpos_log_zeta", zeta.log().float(), persistent=False)
+            self.xpos_log_zeta = zeta.log().float()
         self._tables: Optional[tuple[Tensor, Tensor]] = None  # cos, sin: (positions, rotary_dim // 2)
         self._tables_for: Optional[int] = None  # the length a dynamic table was built for
 
@@ -283,7 +289,7 @@ class RotaryEmbedding(PositionEncoding):
     def _xpos_scale(self, positions: Tensor, centre: int, sign: float) -> Tensor:
         """ζ^(±(m − c)/γ): centred on the sequence so that both signs stay within range."""
         exponent = (positions.float() - centre).unsqueeze(-1) * (sign / self.xpos_scale_base)
-        return torch.exp(exponent * self.xpos_log_zeta)
+        return torch.exp(exponent * self.xpos_log_zeta.to(positions.device))
 
     def forward(self, q: Tensor, k: Tensor, positions: Optional[Tensor] = None, offset: int = 0,
                 key_positions: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
@@ -318,9 +324,9 @@ class RotaryEmbedding(PositionEncoding):
             centre = length // 2
             q_scale, k_scale = self._xpos_scale(q_pos, centre, 1.0), self._xpos_scale(k_pos, centre, -1.0)
             q_cos, q_sin, k_cos, k_sin = q_cos * q_scale, q_sin * q_scale, k_cos * k_scale, k_sin * k_scale
-        return self._apply(q, q_cos, q_sin), self._apply(k, k_cos, k_sin)
+        return self._rotate_part(q, q_cos, q_sin), self._rotate_part(k, k_cos, k_sin)
 
-    def _apply(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def _rotate_part(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:  # not `_apply`: nn.Module.to uses that name
         if cos.dim() == 3:  # per-batch positions: (batch, seq, r/2) -> broadcast over heads
             cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         r = self.rotary_dim

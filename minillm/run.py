@@ -163,3 +163,109 @@ def trainer_kwargs(run: RunConfig, run_dir: Path) -> dict[str, Any]:
                 check_val_every_n_epoch=None, limit_val_batches=t.limit_val_batches,
                 log_every_n_steps=t.log_every_n_steps, gradient_clip_val=t.gradient_clip_val or None,
                 callbacks=[best, periodic], default_root_dir=str(run_dir), enable_model_summary=False)
+
+
+def _device(requested: str):
+    import torch
+
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def model_label(rope, scaling) -> str:
+    """A short name for what a model was trained with: 'complex θ=1e+04', 'xpos', 'alibi', ..."""
+    if not rope.is_rotary:
+        return rope.variant
+    label = f"{rope.variant} θ={rope.theta:g}"
+    if rope.xpos_scale_base is not None:
+        label = f"xpos({rope.variant}) γ={rope.xpos_scale_base:g}"
+    if rope.rotary_dim is not None:
+        label += f" r={rope.rotary_dim}"
+    if scaling.type != "none":
+        label += f" +{scaling.type}×{scaling.factor:g}"
+    return label
+
+
+def evaluate(cfg: DictConfig, out_dir: Path) -> dict[str, Path]:
+    """Every (checkpoint × scaling × attention × length) measurement, written as one report in out_dir."""
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from minillm import evaluation as ev
+    from minillm.checkpoint import find_runs, load_model
+    from minillm.config import DataConfig, EvalConfig, TokenizerConfig
+    from minillm.data import TextDataModule
+    from minillm.report import log_to_wandb, write_report
+
+    config: EvalConfig = to_run_config(cfg)
+    device = _device(config.device)
+    runs = [run for path in config.checkpoints for run in find_runs(path)]
+    records, passkey, theory = [], [], []
+    for run in runs:
+        model = load_model(run.checkpoint).to(device)
+        trained = model.cfg.context_length
+        if not run.config.is_file() or not run.tokenizer.is_file():
+            raise ConfigError(f"ckpt: {run.folder} lacks config.yaml or tokenizer.json (not a training run folder)")
+        run_cfg = OmegaConf.load(run.config)
+        data = TextDataModule(DataConfig(**run_cfg.data), TokenizerConfig(path=str(run.tokenizer)),
+                              seq_len=trained, seed=int(run_cfg.seed))
+        data.setup("validate")
+        lengths = sorted(config.lengths or [trained * m for m in (1, 2, 4, 8, 16)])
+        documents = data.long_documents(min_tokens=min(lengths) + 1)
+        longest = max((len(d) for d in documents), default=0) - 1
+        usable = [n for n in lengths if n <= longest]
+        for n in sorted(set(lengths) - set(usable)):
+            log.warning("length %d skipped for %s: the longest validation document has %d tokens", n, run.name, longest + 1)
+        if not usable:
+            raise ConfigError(f"lengths: none of {lengths} fits the validation documents of {run.name} "
+                              f"(longest: {longest + 1} tokens)")
+        tokens = ev.evaluation_tokens(documents, max(usable), config.max_documents)
+        label = model_label(model.cfg.rope, model.cfg.rope_scaling)
+        meta = {"model": label, "run": run.name, "seed": int(run_cfg.seed), "trained_length": trained,
+                "variant": model.cfg.rope.variant, "checkpoint": str(run.checkpoint)}
+        rotary = model.cfg.rope.is_rotary
+        methods = config.scalings if rotary else ["none"]
+        plan = [(m, a, n) for m in methods for a in config.attention for n in usable]
+        for method, attention, length in tqdm(plan, desc=f"eval {run.name}", unit="length"):
+            row = {**meta, "method": method, "attention": attention, "stride": config.stride}
+            if model.cfg.rope.variant == "learned" and length > trained:
+                records.append({**row, "length": length, "applicable": False, "ppl": None, "loss": None,
+                                "by_position": [], "note": f"learned positions stop at {trained}"})
+                continue
+            factor = ev.scaling_factor(method, length, trained, config.scaling_factor)
+            with ev.scaled_rope(model, method, factor):
+                result = ev.perplexity_at_length(model, tokens, length, attention=attention, stride=config.stride,
+                                                 batch_size=config.batch_size, buckets=config.buckets)
+            records.append({**row, "factor": factor, "applicable": True, **result})
+        if config.passkey_trials:
+            rng = np.random.default_rng(config.seed)
+            filler = np.concatenate(documents)
+            for method in methods:
+                for length in usable:
+                    if model.cfg.rope.variant == "learned" and length > trained:
+                        continue
+                    factor = ev.scaling_factor(method, length, trained, config.scaling_factor)
+                    with ev.scaled_rope(model, method, factor):
+                        for depth in config.passkey_depths:
+                            trials = [ev.passkey_trial(model, ev.passkey_prompt(data.tokenizer, filler, length, depth, rng))
+                                      for _ in range(config.passkey_trials)]
+                            passkey.append({**{k: meta[k] for k in ("model", "run", "seed")}, "method": method,
+                                            "length": length, "depth": depth, "trials": len(trials),
+                                            "exact_match": sum(t[0] for t in trials) / len(trials),
+                                            "key_logprob": sum(t[1] for t in trials) / len(trials)})
+        if rotary:
+            rotary_dim = model.cfg.rope.rotary_dim or model.cfg.head_dim
+            critical, bound = ev.critical_dimension(rotary_dim, model.cfg.rope.theta, trained)
+            for length in usable:
+                theory.append({"model": label, "run": run.name, "rotary_dim": rotary_dim, "theta": model.cfg.rope.theta,
+                               "trained_length": trained, "critical_dim": critical, "extrapolation_bound": bound,
+                               "length": length, "min_base": ev.minimum_base(rotary_dim, length)})
+    header = (f"# Length extrapolation\n\nCheckpoints: {', '.join(config.checkpoints)}; device: {device}; "
+              f"attention: {', '.join(config.attention)}; stride: {config.stride}.\n")
+    files = write_report(records, passkey, theory, out_dir, header)
+    if config.logger.kind == "wandb":
+        groups = {OmegaConf.load(r.config).logger.get("group") for r in runs}
+        log_to_wandb(records, passkey, out_dir, config.logger.project,
+                     config.logger.group or (groups.pop() if len(groups) == 1 else None), wandb_mode(config.logger.mode))
+    return files

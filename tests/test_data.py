@@ -1,0 +1,407 @@
+"""Tests for minillm.data: corpora, split, tokenizer, token caches, windows, resumption."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sysconfig
+from pathlib import Path
+
+import datasets
+import huggingface_hub.constants
+import lightning as L
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from minillm import data as data_module
+from minillm.config import DataConfig, TokenizerConfig
+from minillm.data import (EOS_TOKEN, TextDataModule, TrainWindows, build_tokenizer, load_documents,
+                          split_documents, stdlib_fingerprint)
+
+SEQ_LEN = 32
+SMALL_VOCAB = TokenizerConfig(vocab_size=400)
+
+
+def small_stdlib(cache_dir: Path, **overrides) -> DataConfig:
+    """The first 40 standard-library modules: about a megabyte, enough for a 400-token BPE in well under a second."""
+    options = {"path": "stdlib", "max_documents": 40, "val_fraction": 0.2, "val_windows": 8, "batch_size": 4,
+               "long_documents": 3, "cache_dir": str(cache_dir)}
+    return DataConfig(**{**options, **overrides})
+
+
+def ready(cache_dir: Path, seed: int = 0, **overrides) -> TextDataModule:
+    dm = TextDataModule(small_stdlib(cache_dir, **overrides), SMALL_VOCAB, seq_len=SEQ_LEN, seed=seed)
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def batches(loader, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    iterator = iter(loader)
+    return [next(iterator) for _ in range(count)]
+
+
+@pytest.fixture(scope="module")
+def stdlib_docs() -> datasets.Dataset:
+    return load_documents(DataConfig(path="stdlib"))
+
+
+@pytest.fixture(scope="module")
+def dm(tmp_path_factory) -> TextDataModule:
+    """A prepared module the read-only tests share (tests that touch the cache build their own)."""
+    return ready(tmp_path_factory.mktemp("cache"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Corpora
+
+
+def test_stdlib_corpus_is_library_source_without_tests(stdlib_docs):
+    paths = stdlib_docs["path"]
+    assert list(paths) == sorted(paths)
+    assert 500 < len(paths) < 2000
+    for path in paths:
+        folders = path.split("/")[:-1]
+        assert not {"test", "tests", "idle_test", "site-packages"} & set(folders), path
+    assert {"os.py", "json/decoder.py", "asyncio/tasks.py"} <= set(paths)
+    root = Path(sysconfig.get_paths()["stdlib"])
+    assert stdlib_docs["text"][list(paths).index("os.py")] == (root / "os.py").read_text(encoding="utf-8")
+
+
+def test_stdlib_fingerprint_is_stable_and_describes_the_corpus(stdlib_docs):
+    first, second = stdlib_fingerprint(), stdlib_fingerprint()
+    assert first == second
+    assert first["files"] == len(stdlib_docs)
+    assert first["bytes"] > 5_000_000
+    assert len(first["sha256"]) == 64
+    assert first["sha256"] == data_module.content_hash(list(stdlib_docs["text"]))
+
+
+def test_txt_folder_gives_one_document_per_file_in_path_order(tmp_path):
+    folder = tmp_path / "corpus"
+    (folder / "sub").mkdir(parents=True)
+    contents = {"b.txt": "second\n\nwith a blank line\n", "a.txt": "first document\nline two\n",
+                "sub/c.txt": "third é ü 你好\n"}
+    for name, text in contents.items():
+        (folder / name).write_text(text, encoding="utf-8")
+    docs = load_documents(DataConfig(path=str(folder), cache_dir=str(tmp_path / "cache")))
+    assert list(docs["text"]) == [contents["a.txt"], contents["b.txt"], contents["sub/c.txt"]]
+
+
+def test_non_utf8_bytes_in_a_txt_file_are_replaced(tmp_path):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes(b"caf\xe9 ol\xe9\n")
+    docs = load_documents(DataConfig(path=str(path), cache_dir=str(tmp_path / "cache")))
+    assert list(docs["text"]) == ["caf\ufffd ol\ufffd\n"]
+
+
+def test_jsonl_with_another_text_field(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    rows = [{"id": i, "content": f"document number {i}\n"} for i in range(5)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    docs = load_documents(DataConfig(path=str(path), text_field="content", cache_dir=str(tmp_path / "cache")))
+    assert list(docs["content"]) == [row["content"] for row in rows]
+
+
+def test_parquet(tmp_path):
+    path = tmp_path / "docs.parquet"
+    pq.write_table(pa.table({"text": ["alpha beta", "gamma"], "n": [1, 2]}), path)
+    docs = load_documents(DataConfig(path=str(path), cache_dir=str(tmp_path / "cache")))
+    assert list(docs["text"]) == ["alpha beta", "gamma"]
+
+
+def test_save_to_disk_folders_dataset_and_dataset_dict(tmp_path):
+    datasets.Dataset.from_dict({"text": ["one", "two"]}).save_to_disk(str(tmp_path / "single"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["t1", "t2"]}),
+                          "validation": datasets.Dataset.from_dict({"text": ["v1"]})}).save_to_disk(str(tmp_path / "dict"))
+    assert list(load_documents(DataConfig(path=str(tmp_path / "single")))["text"]) == ["one", "two"]
+    assert list(load_documents(DataConfig(path=str(tmp_path / "dict"), split="validation"))["text"]) == ["v1"]
+    with pytest.raises(ValueError, match=r"data.split='test'.*\['train', 'validation'\]"):
+        load_documents(DataConfig(path=str(tmp_path / "dict"), split="test"))
+
+
+def test_max_documents_truncates(stdlib_docs, tmp_path):
+    docs = load_documents(DataConfig(path="stdlib", max_documents=7))
+    assert list(docs["path"]) == list(stdlib_docs["path"][:7])
+
+
+def test_missing_local_file_names_the_path(tmp_path):
+    missing = tmp_path / "nowhere" / "corpus.jsonl"
+    with pytest.raises(FileNotFoundError, match=str(missing)):
+        load_documents(DataConfig(path=str(missing)))
+
+
+def test_missing_text_field_lists_the_columns(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text(json.dumps({"body": "hello", "title": "t"}) + "\n")
+    with pytest.raises(ValueError, match=r"data.text_field='text'.*available columns: \['body', 'title'\]"):
+        load_documents(DataConfig(path=str(path), cache_dir=str(tmp_path / "cache")))
+
+
+def test_empty_datasets_are_refused(tmp_path):
+    (tmp_path / "empty.jsonl").touch()
+    # One shard of zero rows (save_to_disk writes no shard at all by default, which load_from_disk cannot read).
+    datasets.Dataset.from_dict({"text": ["x"]}).select([]).save_to_disk(str(tmp_path / "none"), num_shards=1)
+    datasets.Dataset.from_dict({"text": ["", ""]}).save_to_disk(str(tmp_path / "blank"))
+    for name in ("empty.jsonl", "none"):
+        with pytest.raises(ValueError, match=f"{name}' holds no documents"):
+            load_documents(DataConfig(path=str(tmp_path / name), cache_dir=str(tmp_path / "cache")))
+    with pytest.raises(ValueError, match="all 2 documents have an empty 'text'"):
+        load_documents(DataConfig(path=str(tmp_path / "blank")))
+
+
+def test_unknown_hub_dataset_offline_names_the_dataset(tmp_path, monkeypatch):
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.setenv(name, "1")
+    # Both libraries read the variables at import time; patch what they read.
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ValueError, match="data.path='minillm-tests/no-such-corpus'") as caught:
+        load_documents(DataConfig(path="minillm-tests/no-such-corpus", cache_dir=str(tmp_path)))
+    assert caught.value.__cause__ is not None
+
+
+# ----------------------------------------------------------------------------------------------
+# Split
+
+
+def test_split_is_deterministic_disjoint_and_complete():
+    texts = [f"document {i}\n" * (i % 7 + 1) for i in range(200)]
+    train, val = split_documents(texts, 0.1)
+    assert (train, val) == split_documents(texts, 0.1)
+    assert sorted(train + val) == sorted(texts) and not set(train) & set(val)
+    assert 5 < len(val) < 40  # about 10% of 200
+    # Decided by content, not position: reversing the corpus keeps every document on its side.
+    assert set(split_documents(texts[::-1], 0.1)[1]) == set(val)
+
+
+def test_split_keeps_both_sides_non_empty():
+    texts = [f"doc {i}" for i in range(10)]
+    train, val = split_documents(texts, 1e-9)
+    assert len(val) == 1 and len(train) == 9
+    train, val = split_documents(texts, 1 - 1e-9)
+    assert len(train) == 1 and len(val) == 9
+    with pytest.raises(ValueError, match="at least 2"):
+        split_documents(["only one"], 0.5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+@pytest.fixture(scope="module")
+def train_texts(stdlib_docs) -> list[str]:
+    return [t for t in stdlib_docs["text"][:40] if t]
+
+
+@pytest.mark.parametrize("text", ["def f(x):\n    return x + 1  # ascii\n\n\tpass",
+                                  "naïve café — 你好, мир 🙂\r\n \u00a0end"])
+def test_tokenizer_round_trips_text(tmp_path, train_texts, text):
+    tokenizer = build_tokenizer(SMALL_VOCAB, train_texts, tmp_path)
+    assert tokenizer.get_vocab_size() == SMALL_VOCAB.vocab_size
+    assert tokenizer.token_to_id(EOS_TOKEN) == 0
+    ids = tokenizer.encode(text).ids
+    assert tokenizer.decode(ids) == text
+    assert len(ids) < len(text.encode())  # merges were learned
+
+
+def test_tokenizer_is_cached_by_its_inputs(tmp_path, train_texts, monkeypatch):
+    first = build_tokenizer(SMALL_VOCAB, train_texts, tmp_path)
+    (cached,) = tmp_path.glob("*.json")
+    mtime = cached.stat().st_mtime_ns
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("trained again although the tokenizer was cached")
+
+    monkeypatch.setattr(data_module, "train_tokenizer", refuse)
+    second = build_tokenizer(SMALL_VOCAB, train_texts, tmp_path)
+    assert second.to_str() == first.to_str() and cached.stat().st_mtime_ns == mtime
+    with pytest.raises(AssertionError, match="trained again"):  # another vocabulary size is another tokenizer
+        build_tokenizer(TokenizerConfig(vocab_size=300), train_texts, tmp_path)
+
+
+def test_tokenizer_from_a_path(tmp_path, dm):
+    saved = dm.save_tokenizer(tmp_path / "run")
+    loaded = build_tokenizer(TokenizerConfig(path=str(saved)), [], tmp_path / "unused")
+    assert loaded.to_str() == dm.tokenizer.to_str()
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        build_tokenizer(TokenizerConfig(path=str(tmp_path / "missing.json")), [], tmp_path)
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match="bad.json.*not a valid tokenizer"):
+        build_tokenizer(TokenizerConfig(path=str(tmp_path / "bad.json")), [], tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Token caches
+
+
+def cache_files(cache_dir: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in (cache_dir / "tokens").rglob("*") if p.is_file()}
+
+
+def test_streams_pack_documents_with_eos(dm):
+    assert dm.train_tokens.dtype == np.uint16 and dm.val_tokens.dtype == np.uint16
+    assert dm.eos_id == 0 and dm.vocab_size == SMALL_VOCAB.vocab_size
+    starts = np.asarray(dm.val_starts)
+    assert starts[0] == 0 and starts[-1] == len(dm.val_tokens)
+    assert np.all(dm.val_tokens[starts[1:] - 1] == dm.eos_id)  # every document ends with EOS
+    assert int((np.asarray(dm.val_tokens) == dm.eos_id).sum()) == len(starts) - 1
+    fingerprint = dm.fingerprint
+    assert fingerprint["tokens"] == {"train": len(dm.train_tokens), "val": len(dm.val_tokens)}
+    assert fingerprint["split"]["val_documents"] == len(starts) - 1
+    assert fingerprint["dataset"]["stdlib"] == stdlib_fingerprint()
+    assert fingerprint["dataset"]["documents"] == 40 - sum(1 for t in load_documents(dm.data_config)["text"] if not t)
+
+
+def test_token_cache_is_reused(tmp_path, monkeypatch):
+    first = ready(tmp_path)
+    before = cache_files(tmp_path)
+    assert {"train.npy", "train.json", "val.npy", "val.json", "val_starts.npy", "val_starts.json"} <= set(before)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("encoded again although the tokens were cached")
+
+    monkeypatch.setattr(data_module, "encode_documents", refuse)
+    second = ready(tmp_path)
+    assert cache_files(tmp_path) == before
+    assert np.array_equal(second.train_tokens, first.train_tokens)
+    assert second.fingerprint == first.fingerprint
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip_a_byte", "garbage_header", "drop_sidecar"])
+def test_corrupt_cache_is_rebuilt_identically(tmp_path, caplog, damage):
+    expected = np.array(ready(tmp_path).train_tokens)
+    (path,) = (tmp_path / "tokens").rglob("train.npy")
+    raw = path.read_bytes()
+    if damage == "truncate":
+        path.write_bytes(raw[: len(raw) // 2])
+    elif damage == "flip_a_byte":  # same length, so only the checksum can tell
+        path.write_bytes(raw[:-1] + bytes([raw[-1] ^ 0xFF]))
+    elif damage == "garbage_header":
+        path.write_bytes(b"not an npy file" + raw[15:])
+    else:
+        path.with_suffix(".json").unlink()
+    with caplog.at_level(logging.WARNING, logger="minillm.data"):
+        rebuilt = ready(tmp_path)
+    assert "corrupt" in caplog.text and "train.npy" in caplog.text
+    assert np.array_equal(rebuilt.train_tokens, expected)
+    assert path.read_bytes() == raw
+
+
+def test_cache_writes_leave_no_temporary_files(tmp_path):
+    ready(tmp_path)
+    leftovers = [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
+    assert leftovers == []
+
+
+def test_validation_stream_shorter_than_a_window_is_refused(tmp_path):
+    dm = TextDataModule(small_stdlib(tmp_path), SMALL_VOCAB, seq_len=10_000_000)
+    with pytest.raises(ValueError, match=r"validation split has \d+ tokens, fewer than seq_len \+ 1 = 10000001"):
+        dm.setup()
+
+
+# ----------------------------------------------------------------------------------------------
+# Windows and resumption
+
+
+def test_training_windows_are_shifted_slices_of_the_stream(dm):
+    stream = np.asarray(dm.train_tokens, dtype=np.int64)
+    slices = np.lib.stride_tricks.sliding_window_view(stream, SEQ_LEN + 1)
+    for x, y in batches(dm.train_dataloader(), 3):
+        assert x.shape == y.shape == (dm.data_config.batch_size, SEQ_LEN) and x.dtype == torch.long
+        assert torch.equal(x[:, 1:], y[:, :-1])
+        for row_x, row_y in zip(x.numpy(), y.numpy()):
+            window = np.concatenate([row_x, row_y[-1:]])
+            assert (slices == window).all(axis=1).any()
+
+
+def test_batches_depend_on_the_seed_only(tmp_path, dm):
+    same_seed = ready(tmp_path, seed=0)
+    other_seed = ready(tmp_path, seed=1)
+    reference = batches(dm.train_dataloader(), 4)
+    for (x, _), (x_again, _), (x_other, _) in zip(reference, batches(same_seed.train_dataloader(), 4),
+                                                  batches(other_seed.train_dataloader(), 4)):
+        assert torch.equal(x, x_again)
+        assert not torch.equal(x, x_other)
+
+
+def test_batches_do_not_depend_on_workers_or_ranks(tmp_path, dm):
+    reference = [x for x, _ in batches(dm.train_dataloader(), 6)]
+    with_workers = ready(tmp_path, num_workers=2)
+    assert all(torch.equal(a, b) for a, (b, _) in zip(reference, batches(with_workers.train_dataloader(), 6)))
+    # Two ranks interleave: rank 0 sees batches 0, 2, 4 and rank 1 sees 1, 3, 5.
+    ranks = [iter(TrainWindows(dm._train_path, SEQ_LEN, dm.data_config.batch_size, dm.seed, first_batch=r, stride=2))
+             for r in (0, 1)]
+    interleaved = [next(ranks[b % 2])[0] for b in range(6)]
+    assert all(torch.equal(a, b) for a, b in zip(reference, interleaved))
+
+
+def test_load_state_dict_resumes_the_batch_sequence(tmp_path, dm):
+    uninterrupted = batches(dm.train_dataloader(), 7)
+    resumed = ready(tmp_path)
+    resumed.load_state_dict({"batches_consumed": 4})
+    assert resumed.state_dict() == {"batches_consumed": 4}
+    for (x, y), (x_resumed, y_resumed) in zip(uninterrupted[4:], batches(resumed.train_dataloader(), 3)):
+        assert torch.equal(x, x_resumed) and torch.equal(y, y_resumed)
+
+
+class RecordingModule(L.LightningModule):
+    """A one-parameter model that remembers the inputs of every training step."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.seen: list[torch.Tensor] = []
+
+    def training_step(self, batch, batch_idx):
+        self.seen.append(batch[0].clone())
+        return (self.weight * batch[0].float().mean()).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def fit(dm: TextDataModule, root: Path, max_steps: int, ckpt_path=None) -> RecordingModule:
+    model = RecordingModule()
+    trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, default_root_dir=str(root),
+                        callbacks=[ModelCheckpoint(dirpath=str(root / "ckpt"), every_n_train_steps=3, save_top_k=-1)])
+    trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+    return model
+
+
+def test_trainer_resumed_mid_run_sees_the_same_batches(tmp_path, dm):
+    uninterrupted = fit(ready(tmp_path), tmp_path / "full", max_steps=7).seen
+    (checkpoint,) = (tmp_path / "full" / "ckpt").glob("*step=3.ckpt")
+    state = torch.load(checkpoint, weights_only=True)
+    assert state["TextDataModule"] == {"batches_consumed": 3}
+    resumed = fit(ready(tmp_path), tmp_path / "resumed", max_steps=7, ckpt_path=checkpoint).seen
+    assert len(uninterrupted) == 7 and len(resumed) == 4
+    assert all(torch.equal(a, b) for a, b in zip(uninterrupted[3:], resumed))
+
+
+def test_validation_windows_are_fixed_and_spread_over_the_stream(dm):
+    first, second = list(dm.val_dataloader()), list(dm.val_dataloader())
+    x = torch.cat([x for x, _ in first])
+    assert x.shape == (dm.data_config.val_windows, SEQ_LEN)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, second))
+    val = torch.from_numpy(np.asarray(dm.val_tokens, dtype=np.int64))
+    assert torch.equal(x[0], val[:SEQ_LEN])  # the first window starts the stream, the last ends it
+    assert torch.equal(torch.cat([y for _, y in first])[-1], val[-SEQ_LEN:])
+
+
+def test_long_documents_are_the_longest_validation_documents(dm):
+    lengths = sorted(np.diff(np.asarray(dm.val_starts)) - 1, reverse=True)
+    min_tokens = int(lengths[1])  # at least two documents qualify
+    long = dm.long_documents(min_tokens)
+    assert [len(d) for d in long] == [int(n) for n in lengths if n >= min_tokens][: dm.data_config.long_documents]
+    assert all(d.dtype == np.int64 and dm.eos_id not in d for d in long)
+    assert len(dm.long_documents(0)) == dm.data_config.long_documents
+    assert dm.long_documents(int(lengths[0]) + 1) == []
+    text = dm.tokenizer.decode(long[0].tolist())
+    assert any(t == text for t in load_documents(dm.data_config)["text"])

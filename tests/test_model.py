@@ -1,0 +1,501 @@
+"""The transformer: causality, KV-cache decoding, generation, plumbing, init, losses, FLOPs, dtypes."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minillm.config import (
+    DynamicNTKScaling,
+    LinearScaling,
+    Llama3Scaling,
+    ModelConfig,
+    NTKScaling,
+    PositionConfig,
+    RotaryConfig,
+    ScalingConfig,
+    YarnScaling,
+)
+from minillm.model import KVCache, RMSNorm, Transformer
+
+VOCAB = 61
+
+# Every position encoding the model knows, by the name used in test ids.
+ENCODINGS = {
+    "complex": RotaryConfig("complex"),
+    "interleaved": RotaryConfig("interleaved"),
+    "rotate_half": RotaryConfig("rotate_half"),
+    "partial_rotary": RotaryConfig("rotate_half", rotary_dim=4),
+    "complex_xpos": RotaryConfig("complex", xpos_scale_base=16.0),  # small γ: the decay is visible in 16 tokens
+    "none": PositionConfig("none"),
+    "alibi": PositionConfig("alibi"),
+    "sinusoidal": PositionConfig("sinusoidal"),
+    "learned": PositionConfig("learned"),
+}
+SCALINGS = {
+    "linear": LinearScaling(factor=2.0),
+    "ntk": NTKScaling(factor=2.0),
+    "yarn": YarnScaling(factor=4.0),
+    "llama3": Llama3Scaling(factor=4.0),
+    "dynamic_ntk": DynamicNTKScaling(factor=2.0),
+}
+
+
+def tiny(rope=None, rope_scaling=None, seed: int = 0, **overrides) -> Transformer:
+    """A small float32 model in eval mode, deterministic in `seed`."""
+    kwargs = dict(vocab_size=VOCAB, context_length=16, d_model=32, n_layers=2, n_heads=4, init_std=0.1)
+    kwargs.update(overrides)
+    cfg = ModelConfig(rope=rope if rope is not None else RotaryConfig(),
+                      rope_scaling=rope_scaling if rope_scaling is not None else ScalingConfig(), **kwargs)
+    torch.manual_seed(seed)
+    return Transformer(cfg).eval()
+
+
+def tokens(batch: int, seq: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+# Models for the cache/causality sweeps: each encoding, plus GQA, QK-norm and the scalings.
+MODEL_CASES = {name: dict(rope=rope) for name, rope in ENCODINGS.items()}
+MODEL_CASES.update({f"complex_{name}": dict(rope=RotaryConfig("complex"), rope_scaling=s) for name, s in SCALINGS.items()})
+MODEL_CASES.update({
+    "complex_gqa_qknorm": dict(rope=RotaryConfig("complex"), n_kv_heads=2, qk_norm=True),
+    "xpos_gqa": dict(rope=RotaryConfig("rotate_half", xpos_scale_base=16.0), n_kv_heads=1),
+    "alibi_gqa_qknorm": dict(rope=PositionConfig("alibi"), n_kv_heads=2, qk_norm=True),
+    "learned_gelu_layernorm_bias": dict(rope=PositionConfig("learned"), ffn="gelu", norm="layernorm", bias=True),
+})
+
+
+# ----------------------------------------------------------------------------------------------
+# Causality
+
+
+@pytest.mark.parametrize("case", sorted(MODEL_CASES))
+def test_future_tokens_do_not_change_earlier_logits(case):
+    model = tiny(**MODEL_CASES[case])
+    idx = tokens(2, 16)
+    changed = idx.clone()
+    changed[:, 9:] = (changed[:, 9:] + 1 + torch.arange(7)) % VOCAB
+    with torch.no_grad():
+        before, after = model(idx), model(changed)
+    torch.testing.assert_close(after[:, :9], before[:, :9], atol=1e-6, rtol=0)
+    assert (after[:, 9:] - before[:, 9:]).abs().max() > 1e-3  # the change is seen where it is allowed to be
+
+
+# ----------------------------------------------------------------------------------------------
+# KV cache
+
+
+def decode(model: Transformer, idx: torch.Tensor, chunks: list[int]) -> torch.Tensor:
+    """Logits of idx fed through a KV cache in consecutive chunks of the given sizes."""
+    assert sum(chunks) == idx.shape[1]
+    cache, logits, start = KVCache(model.cfg.n_layers), [], 0
+    for size in chunks:
+        logits.append(model(idx[:, start:start + size], cache))
+        start += size
+        assert cache.length == start
+    return torch.cat(logits, dim=1)
+
+
+# Prefill then single tokens; prefill then a multi-token chunk (bottom-right causal mask) then singles.
+CHUNKINGS = {"prefill5_then_singles": [5] + [1] * 11, "prefill4_chunk5_singles": [4, 5, 1, 1, 3, 2]}
+
+
+@pytest.mark.parametrize("chunking", sorted(CHUNKINGS))
+@pytest.mark.parametrize("case", sorted(set(MODEL_CASES) - {"complex_dynamic_ntk"}))
+def test_kv_cache_decoding_equals_full_forward(case, chunking):
+    model = tiny(**MODEL_CASES[case])
+    idx = tokens(2, 16)
+    with torch.no_grad():
+        full = model(idx)
+        cached = decode(model, idx, CHUNKINGS[chunking])
+    torch.testing.assert_close(cached, full, atol=2e-5, rtol=1e-5)
+
+
+def test_cached_chunk_needs_the_bottom_right_mask():
+    """A chunk continuing a cache sees every cached key: a top-left causal mask would hide some of them."""
+    model = tiny()
+    idx = tokens(1, 9)
+    with torch.no_grad():
+        full = model(idx)
+        cache = KVCache(model.cfg.n_layers)
+        model(idx[:, :4], cache)
+        mask = model._mask(5, 9, idx.device, torch.float32)
+        assert mask.dtype == torch.bool and mask.shape == (5, 9)
+        assert mask.sum(-1).tolist() == [5, 6, 7, 8, 9]  # query i sees keys 0 .. 4 + i
+        torch.testing.assert_close(model(idx[:, 4:], cache), full[:, 4:], atol=2e-5, rtol=1e-5)
+    assert model._mask(9, 9, idx.device, torch.float32) is None  # SDPA's own causal flag
+    assert model._mask(1, 9, idx.device, torch.float32) is None  # one query sees every key
+
+
+def prefix_logits(model: Transformer, idx: torch.Tensor, chunks: list[int]) -> torch.Tensor:
+    """Each chunk's logits from the full forward over everything up to the chunk's end."""
+    ends = torch.tensor(chunks).cumsum(0).tolist()
+    return torch.cat([model(idx[:, :end])[:, end - size:] for size, end in zip(chunks, ends)], dim=1)
+
+
+def test_dynamic_ntk_decoding_equals_forward_over_the_prefix():
+    """KVCache semantics: with one layer, step t equals the last logit of the full forward over the first
+    t + 1 tokens, also past context_length where dynamic NTK changes the frequencies with the length."""
+    model = tiny(rope_scaling=DynamicNTKScaling(factor=2.0), context_length=8, n_layers=1)
+    idx = tokens(2, 20)
+    chunks = [3, 1, 1, 4] + [1] * 11  # the 4-token chunk (positions 5..8) ends at length 9 > 8
+    with torch.no_grad():
+        cached = decode(model, idx, chunks)
+        expected = prefix_logits(model, idx, chunks)
+        full = model(idx)
+    torch.testing.assert_close(cached, expected, atol=2e-5, rtol=1e-5)
+    # The test is meaningful: the forward over all 20 tokens uses the frequencies for length 20 at every
+    # position, so it differs from decoding everywhere but position 0 (angle zero, attending only to itself)
+    # and the last position (the same forward).
+    torch.testing.assert_close(full[:, 0], cached[:, 0], atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(full[:, -1], cached[:, -1], atol=2e-5, rtol=1e-5)
+    gap = (full[:, 1:19] - cached[:, 1:19]).abs().amax(dim=(0, 2))
+    assert (gap > 1e-3).all(), gap
+    # Chunk rows use the frequencies of the chunk's end: positions 5..7 differ from their own prefixes.
+    own_prefix = torch.stack([model(idx[:, :t + 1])[:, -1] for t in range(5, 8)], dim=1).detach()
+    assert (cached[:, 5:8] - own_prefix).abs().max() > 1e-3
+
+
+def test_dynamic_ntk_deeper_layers_keep_hidden_states_of_earlier_lengths():
+    """The documented limit of the cache: past the trained length, layers after the first attend to keys
+    and values computed from hidden states of earlier steps, so decoding leaves the prefix forward."""
+    model = tiny(rope_scaling=DynamicNTKScaling(factor=2.0), context_length=8, n_layers=2)
+    idx = tokens(2, 14)
+    chunks = [1] * 14
+    with torch.no_grad():
+        cached, expected = decode(model, idx, chunks), prefix_logits(model, idx, chunks)
+    torch.testing.assert_close(cached[:, :8], expected[:, :8], atol=2e-5, rtol=1e-5)  # plain frequencies up to 8
+    gap = (cached[:, 8:] - expected[:, 8:]).abs().amax(dim=(0, 2))
+    assert (gap > 1e-4).all(), gap
+
+
+# ----------------------------------------------------------------------------------------------
+# generate
+
+
+def greedy_by_full_forwards(model: Transformer, idx: torch.Tensor, steps: int) -> torch.Tensor:
+    with torch.no_grad():
+        for _ in range(steps):
+            idx = torch.cat((idx, model(idx)[:, -1].argmax(-1, keepdim=True)), dim=1)
+    return idx
+
+
+@pytest.mark.parametrize("case", ["complex", "complex_xpos", "alibi_gqa_qknorm", "learned", "complex_yarn"])
+def test_greedy_generate_equals_argmax_of_full_forwards(case):
+    model = tiny(**MODEL_CASES[case], init_std=0.5)  # wide logits: greedy does not just repeat a token
+    prompt = tokens(3, 4)
+    # 4 + 13 = 17 = context_length + 1 tokens: the last token is sampled from position 15's logits
+    # (learned positions stop at 15, so no forward pass may run after the last token).
+    out = model.generate(prompt, max_new_tokens=13, temperature=0)
+    assert out.shape == (3, 17) and torch.equal(out[:, :4], prompt)
+    assert torch.equal(out, greedy_by_full_forwards(model, prompt, 13))
+    assert all(len(set(row[4:].tolist())) > 4 for row in out)  # a real continuation, not one repeated token
+
+
+def test_top_k_one_sampling_equals_greedy():
+    model = tiny()
+    prompt = tokens(4, 3)
+    greedy = model.generate(prompt, 10, temperature=0)
+    for temperature in (0.5, 1.0, 3.0):
+        sampled = model.generate(prompt, 10, temperature=temperature, top_k=1,
+                                 generator=torch.Generator().manual_seed(7))
+        assert torch.equal(sampled, greedy)
+
+
+def test_seeded_sampling_is_reproducible():
+    model = tiny()
+    prompt = tokens(2, 3)
+
+    def sample(seed, top_k=None):
+        return model.generate(prompt, 12, temperature=2.0, top_k=top_k, generator=torch.Generator().manual_seed(seed))
+
+    assert torch.equal(sample(0), sample(0))
+    assert not torch.equal(sample(0), sample(1))
+    assert torch.equal(sample(3, top_k=5), sample(3, top_k=5))
+    # top_k=5: every sampled token is among the 5 most likely under the model at that step
+    out = sample(3, top_k=5)
+    with torch.no_grad():
+        logits = model(out[:, :-1])[:, 2:]
+    top5 = logits.topk(5, dim=-1).indices
+    assert (top5 == out[:, 3:, None]).any(-1).all()
+
+
+def test_stop_token_stops_rows_and_pads_them():
+    model = tiny(init_std=0.5)
+    prompt = tokens(2, 3, seed=5)
+    free = model.generate(prompt, 12, temperature=0)
+    stop = int(free[0, 6])  # row 0 emits it first at its fourth new token
+    first = [row[3:].tolist().index(stop) if stop in row[3:].tolist() else None for row in free]
+    assert first[0] == 3 and (first[1] is None or first[1] > 3), first  # rows stop at different steps
+    assert (free[0, 7:] != stop).any()  # without the stop token, row 0 would go on differently
+
+    out = model.generate(prompt, 12, temperature=0, stop_token=stop)
+    width = out.shape[1] - 3
+    assert width == (12 if first[1] is None else max(first) + 1)
+    for row, f in zip(range(2), first):
+        if f is None:
+            assert torch.equal(out[row], free[row])  # never stopped: unaffected by the other row stopping
+        else:
+            assert torch.equal(out[row, :3 + f + 1], free[row, :3 + f + 1])
+            assert (out[row, 3 + f:] == stop).all()  # padded with the stop token
+
+    # Every row stops: generation ends early.
+    single = model.generate(prompt[:1], 12, temperature=0, stop_token=stop)
+    assert torch.equal(single, free[:1, :7])
+
+
+def test_generate_rejects_invalid_arguments():
+    model = tiny()
+    prompt = tokens(1, 2)
+    with pytest.raises(ValueError, match="temperature"):
+        model.generate(prompt, 3, temperature=-0.1)
+    with pytest.raises(ValueError, match="top_k"):
+        model.generate(prompt, 3, top_k=0)
+    assert model.generate(prompt, 0).shape == (1, 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Shapes and plumbing
+
+
+def test_tied_embeddings_share_storage_untied_do_not():
+    tied, untied = tiny(tie_embeddings=True), tiny(tie_embeddings=False)
+    assert tied.head.weight is tied.embed.weight
+    assert tied.head.weight.data_ptr() == tied.embed.weight.data_ptr()
+    assert untied.head.weight.data_ptr() != untied.embed.weight.data_ptr()
+    n_tied = sum(p.numel() for p in tied.parameters())
+    assert sum(p.numel() for p in untied.parameters()) == n_tied + VOCAB * 32
+
+
+def mha_from_gqa(gqa: Transformer) -> Transformer:
+    """The multi-head model whose k/v heads are the GQA model's, each repeated n_heads / kv_heads times."""
+    cfg = gqa.cfg
+    mha = Transformer(ModelConfig.from_dict({**cfg.to_dict(), "n_kv_heads": None})).eval()
+    group, hd = cfg.n_heads // cfg.kv_heads, cfg.head_dim
+    state = dict(gqa.state_dict())
+    for i in range(cfg.n_layers):
+        for part in ("weight", "bias"):
+            key = f"blocks.{i}.attn.qkv.{part}"
+            if key not in state:
+                continue
+            q, k, v = state[key].split([cfg.n_heads * hd, cfg.kv_heads * hd, cfg.kv_heads * hd])
+            k, v = (t.unflatten(0, (cfg.kv_heads, hd)).repeat_interleave(group, dim=0).flatten(0, 1) for t in (k, v))
+            state[key] = torch.cat((q, k, v))
+    mha.load_state_dict(state)
+    return mha
+
+
+@pytest.mark.parametrize("case", ["complex", "complex_xpos", "alibi", "none"])
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_gqa_equals_mha_with_repeated_kv_heads(case, qk_norm):
+    gqa = tiny(rope=ENCODINGS[case], n_heads=4, n_kv_heads=2, qk_norm=qk_norm, bias=True)
+    with torch.no_grad():  # non-zero biases so that their split is checked too
+        for block in gqa.blocks:
+            block.attn.qkv.bias.normal_()
+    assert gqa.blocks[0].attn.qkv.weight.shape == ((4 + 2 * 2) * 8, 32)
+    mha = mha_from_gqa(gqa)
+    assert mha.blocks[0].attn.qkv.weight.shape == (3 * 32, 32)
+    idx = tokens(2, 12)
+    with torch.no_grad():
+        expected = mha(idx)
+        torch.testing.assert_close(gqa(idx), expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(decode(gqa, idx, [4, 5, 1, 2]), expected, atol=2e-5, rtol=1e-5)
+
+
+def test_qk_norm_makes_attention_invariant_to_query_and_key_scale():
+    for qk_norm in (False, True):
+        model = tiny(qk_norm=qk_norm, n_layers=1, norm_eps=1e-12)  # eps would break exact scale invariance
+        assert type(model.blocks[0].attn.q_norm).__name__ == ("RMSNorm" if qk_norm else "Identity")
+        idx = tokens(2, 8)
+        with torch.no_grad():
+            before = model(idx)
+            model.blocks[0].attn.qkv.weight[:64] *= 10.0  # queries and keys, not values
+            after = model(idx)
+        if qk_norm:
+            torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
+        else:
+            assert (after - before).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("ffn", ["swiglu", "gelu"])
+def test_feed_forward_computes_its_formula(ffn):
+    model = tiny(ffn=ffn, d_model=64, bias=True)
+    hidden = model.cfg.hidden_dim
+    assert hidden == (192 if ffn == "swiglu" else 256)
+    layer = model.blocks[0].ffn
+    assert layer.up.weight.shape == ((2 if ffn == "swiglu" else 1) * hidden, 64)
+    assert layer.down.weight.shape == (64, hidden)
+    with torch.no_grad():
+        layer.up.bias.normal_()
+        x = torch.randn(3, 64)
+        up = x @ layer.up.weight.T + layer.up.bias
+        if ffn == "swiglu":
+            act = F.silu(up[:, :hidden]) * up[:, hidden:]
+        else:
+            act = 0.5 * up * (1 + torch.tanh(math.sqrt(2 / math.pi) * (up + 0.044715 * up**3)))
+        torch.testing.assert_close(layer(x), act @ layer.down.weight.T + layer.down.bias, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("norm", ["rmsnorm", "layernorm"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_norm_and_bias_choices(norm, bias):
+    model = tiny(norm=norm, bias=bias)
+    block = model.blocks[0]
+    assert isinstance(block.attn_norm, RMSNorm if norm == "rmsnorm" else torch.nn.LayerNorm)
+    for linear in (block.attn.qkv, block.attn.proj, block.ffn.up, block.ffn.down):
+        assert (linear.bias is not None) == bias
+        if bias:
+            assert (linear.bias == 0).all()
+    assert model.head.bias is None
+    if norm == "layernorm":
+        assert (block.attn_norm.bias is not None) == bias
+    x = torch.randn(2, 5, 32) * 3 + 1
+    expected = (F.layer_norm(x, (32,), eps=1e-5) if norm == "layernorm"
+                else x / (x.pow(2).mean(-1, keepdim=True) + 1e-5).sqrt())
+    torch.testing.assert_close(block.attn_norm(x), expected, atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(model(tokens(2, 6))).all()
+
+
+def test_dropout_only_in_train_mode():
+    model = tiny(attn_dropout=0.3, resid_dropout=0.3)
+    plain = tiny(attn_dropout=0.0, resid_dropout=0.0)  # same seed, same weights
+    idx = tokens(2, 10)
+    with torch.no_grad():
+        evaluated = model(idx)
+        torch.testing.assert_close(evaluated, plain(idx))
+        torch.testing.assert_close(model(idx), evaluated)
+        model.train()
+        first, second = model(idx), model(idx)
+    assert (first - second).abs().max() > 1e-3
+    assert (first - evaluated).abs().max() > 1e-3
+
+
+# ----------------------------------------------------------------------------------------------
+# Norms and dtypes
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_computes_in_float32_and_casts_back(weight_dtype):
+    norm = RMSNorm(48, eps=1e-5).to(weight_dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(0.3, 2.7, 48))
+    x = (torch.randn(4, 7, 48) * 5).to(torch.bfloat16)
+    x32, w32 = x.float(), norm.weight.float()
+    expected = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-5) * w32).to(torch.bfloat16)
+    out = norm(x)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, expected)
+    assert norm(x32).dtype == torch.float32
+
+
+@pytest.mark.parametrize("case", ["complex_xpos", "alibi_gqa_qknorm", "sinusoidal", "learned_gelu_layernorm_bias",
+                                  "complex_yarn"])
+def test_bf16_forward_is_finite_and_close_to_float32(case):
+    model = tiny(**MODEL_CASES[case])
+    idx = tokens(2, 16)
+    with torch.no_grad():
+        reference = model(idx)
+        model.to(torch.bfloat16)
+        logits = model(idx)
+        cached = decode(model, idx, [6, 1, 9])
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all() and torch.isfinite(cached).all()
+    assert (logits.float() - reference).abs().max() < 0.1 * reference.abs().max()
+
+
+def test_autocast_bf16_keeps_norm_outputs_in_bf16():
+    model = tiny(rope=PositionConfig("alibi"), qk_norm=True)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(tokens(2, 8))
+        assert model.blocks[0].attn.q_norm(torch.randn(3, 8).bfloat16()).dtype == torch.bfloat16
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# Initialisation
+
+
+def test_init_scales_residual_projections_by_depth():
+    cfg = ModelConfig(vocab_size=512, context_length=64, d_model=256, n_layers=8, n_heads=4, init_std=0.05,
+                      bias=True, tie_embeddings=False, rope=PositionConfig("learned"))
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    residual_std = 0.05 / math.sqrt(2 * 8)
+
+    def close(t, std):
+        return abs(t.std().item() / std - 1) < 0.03 and abs(t.mean().item()) < 3 * std / math.sqrt(t.numel())
+
+    for block in model.blocks:
+        assert close(block.attn.proj.weight, residual_std) and close(block.ffn.down.weight, residual_std)
+        assert close(block.attn.qkv.weight, 0.05) and close(block.ffn.up.weight, 0.05)
+        for linear in (block.attn.qkv, block.attn.proj, block.ffn.up, block.ffn.down):
+            assert (linear.bias == 0).all()
+        assert (block.attn_norm.weight == 1).all() and (block.ffn_norm.weight == 1).all()
+    for weight in (model.embed.weight, model.head.weight, model.position.table.weight):
+        assert close(weight, 0.05)
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses and training
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 7, 8192])
+def test_token_losses_equal_cross_entropy_on_full_logits(chunk_tokens):
+    model = tiny(tie_embeddings=False)
+    idx, targets = tokens(3, 11, seed=2), tokens(3, 11, seed=3)
+    with torch.no_grad():
+        logits = model(idx)
+        expected = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(3, 11)
+        losses = model.token_losses(idx, targets, chunk_tokens=chunk_tokens)
+        assert losses.shape == (3, 11) and losses.dtype == torch.float32
+        torch.testing.assert_close(losses, expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model.loss(idx, targets), expected.mean(), atol=1e-6, rtol=1e-6)
+
+
+def test_a_few_adam_steps_fit_a_repeated_sequence():
+    model = tiny(seed=0, init_std=0.02).train()
+    sequence = tokens(1, 17, seed=4).repeat(4, 1)
+    idx, targets = sequence[:, :-1], sequence[:, 1:]
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    initial = model.loss(idx, targets).item()
+    assert abs(initial - math.log(VOCAB)) < 0.1  # near-uniform predictions at init
+    for _ in range(40):
+        optimizer.zero_grad()
+        loss = model.loss(idx, targets)
+        loss.backward()
+        optimizer.step()
+    final = model.loss(idx, targets).item()
+    assert final < 0.1, (initial, final)
+
+
+# ----------------------------------------------------------------------------------------------
+# FLOPs and limits
+
+
+def test_flops_per_token_hand_computed():
+    cfg = dict(vocab_size=64, context_length=32, d_model=16, n_layers=2, n_heads=2)
+    # Per layer: 2 norms of 16, qkv 16·48, proj 16·16, swiglu up 16·(2·64), down 64·16 (hidden = 64).
+    per_layer = 2 * 16 + 16 * 48 + 16 * 16 + 16 * 128 + 64 * 16
+    n = 2 * per_layer + 16 + 64 * 16  # + final norm + the LM head (the tied embedding counts once)
+    assert n == 9296
+    expected = 6 * 9296 + 12 * 2 * 16 * 32
+    for tie, rope in ((True, RotaryConfig()), (False, RotaryConfig()), (True, PositionConfig("learned"))):
+        model = Transformer(ModelConfig(tie_embeddings=tie, rope=rope, **cfg))
+        assert model.num_params() == n
+        assert model.flops_per_token(32) == expected == 68064
+    assert model.num_params(exclude_embeddings=False) == n + 32 * 16  # the learned position table
+
+
+def test_learned_positions_past_the_table_raise():
+    model = tiny(rope=PositionConfig("learned"), context_length=8)
+    with torch.no_grad():
+        assert model(tokens(1, 8)).shape == (1, 8, VOCAB)
+        with pytest.raises(ValueError, match=r"0\.\.7"):
+            model(tokens(1, 9))
+        cache = KVCache(model.cfg.n_layers)
+        model(tokens(1, 8), cache)
+        with pytest.raises(ValueError, match="asked for position 8"):
+            model(tokens(1, 1), cache)
