@@ -10,7 +10,7 @@ import os
 import platform
 import sysconfig
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import BinaryIO, Callable, Iterator, Optional, Sequence
 
 import datasets
 import lightning as L
@@ -18,7 +18,7 @@ import numpy as np
 import tokenizers
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset, get_worker_info
 
 from minillm.config import DataConfig, TokenizerConfig
 
@@ -51,13 +51,16 @@ def _stdlib_files() -> list[tuple[str, bytes]]:
     """(relative path, raw bytes) of every standard-library source file, sorted by path."""
     root = Path(sysconfig.get_paths()["stdlib"])
     files = []
-    for path in root.rglob("*.py"):
-        relative = path.relative_to(root)
-        folders = relative.parts[:-1]
-        if STDLIB_EXCLUDED_DIRS.intersection(folders) or (folders and folders[0].startswith("config-")):
-            continue
-        if path.is_file() and not path.is_symlink():
-            files.append((relative.as_posix(), path.read_bytes()))
+    for folder, subfolders, names in os.walk(root):
+        # Prune while walking: site-packages alone can hold ten times the library.
+        subfolders[:] = [d for d in subfolders if d not in STDLIB_EXCLUDED_DIRS and not
+                         (Path(folder) == root and d.startswith("config-"))]
+        for name in names:
+            path = Path(folder, name)
+            # _sysconfigdata_*.py is generated at build time: this machine's build flags, not library code.
+            if name.endswith(".py") and not name.startswith("_sysconfigdata") and path.is_file() \
+                    and not path.is_symlink():
+                files.append((path.relative_to(root).as_posix(), path.read_bytes()))
     return sorted(files)
 
 
@@ -220,13 +223,10 @@ def build_tokenizer(cfg: TokenizerConfig, train_texts: Sequence[str], cache_dir:
 # (torn write, truncation, bit rot) is rebuilt.
 
 
-def token_dtype(vocab_size: int) -> np.dtype:
-    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
-
-
 def encode_documents(tokenizer: Tokenizer, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """(stream, starts): the packed tokens, and where document i starts (starts[-1] = len(stream))."""
-    dtype, eos = token_dtype(tokenizer.get_vocab_size()), eos_id(tokenizer)
+    dtype = np.uint16 if tokenizer.get_vocab_size() <= 2**16 else np.uint32
+    eos = eos_id(tokenizer)
     pieces = []
     for i in range(0, len(texts), ENCODE_BATCH):
         for encoding in tokenizer.encode_batch(list(texts[i:i + ENCODE_BATCH]), add_special_tokens=False):
@@ -240,7 +240,7 @@ def _hash_json(value: dict) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
 
 
-def _atomic_write(path: Path, write: Callable) -> None:
+def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
     """Write through a temporary file in the same folder, so readers see the old file or the whole new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: concurrent ranks never collide
@@ -330,19 +330,11 @@ class TrainWindows(IterableDataset):
             b += self.stride * workers
 
 
-class ValWindows(torch.utils.data.Dataset):
-    """`count` windows of seq_len + 1 tokens spread evenly from the start to the end of the stream."""
-
-    def __init__(self, tokens: np.ndarray, seq_len: int, count: int):
-        starts = np.linspace(0, len(tokens) - seq_len - 1, num=count).round().astype(np.int64)
-        self.windows = np.stack([np.asarray(tokens[s:s + seq_len + 1], dtype=np.int64) for s in starts])
-
-    def __len__(self) -> int:
-        return len(self.windows)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        window = torch.from_numpy(self.windows[i])
-        return window[:-1], window[1:]
+def val_windows(tokens: np.ndarray, seq_len: int, count: int) -> TensorDataset:
+    """`count` (x, y) windows of seq_len + 1 tokens spread evenly from the start to the end of the stream."""
+    starts = np.linspace(0, len(tokens) - seq_len - 1, num=count).round().astype(np.int64)
+    windows = torch.from_numpy(np.stack([np.asarray(tokens[s:s + seq_len + 1], dtype=np.int64) for s in starts]))
+    return TensorDataset(windows[:, :-1], windows[:, 1:])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -375,7 +367,9 @@ class TextDataModule(L.LightningDataModule):
         return eos_id(self.tokenizer)
 
     def prepare_data(self) -> None:
-        self._load()  # once per node, before setup() on every rank: the caches are built here
+        # Lightning calls this once per node, before setup() on every rank: the caches are built here.
+        if self.train_tokens is None:
+            self._load()
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.train_tokens is None:
@@ -393,18 +387,19 @@ class TextDataModule(L.LightningDataModule):
                           "tokenizer": tokenizer_sha})
         folder = self.cache_dir / "tokens" / key[:20]
         encode_val = functools.cache(lambda: encode_documents(tokenizer, val_texts))
-        self.train_tokens = cached_array(folder / "train.npy", lambda: encode_documents(tokenizer, train_texts)[0])
-        self.val_tokens = cached_array(folder / "val.npy", lambda: encode_val()[0])
-        self.val_starts = cached_array(folder / "val_starts.npy", lambda: encode_val()[1])
-        self.tokenizer, self._train_path = tokenizer, folder / "train.npy"
+        train = cached_array(folder / "train.npy", lambda: encode_documents(tokenizer, train_texts)[0])
+        val = cached_array(folder / "val.npy", lambda: encode_val()[0])
+        val_starts = cached_array(folder / "val_starts.npy", lambda: encode_val()[1])
 
         window = self.seq_len + 1
-        if len(self.val_tokens) < window:
-            raise ValueError(f"the validation split has {len(self.val_tokens)} tokens, fewer than seq_len + 1 = "
-                             f"{window}: lower seq_len or raise data.val_fraction (now {cfg.val_fraction})")
-        if len(self.train_tokens) <= window:
-            raise ValueError(f"the training split has {len(self.train_tokens)} tokens, too few for windows of "
+        if len(val) < window:
+            raise ValueError(f"the validation split has {len(val)} tokens, fewer than seq_len + 1 = {window}: "
+                             f"lower seq_len or raise data.val_fraction (now {cfg.val_fraction})")
+        if len(train) <= window:
+            raise ValueError(f"the training split has {len(train)} tokens, too few for windows of "
                              f"seq_len + 1 = {window}: lower seq_len or use more documents")
+        self.tokenizer, self.train_tokens, self.val_tokens, self.val_starts = tokenizer, train, val, val_starts
+        self._train_path = folder / "train.npy"
         dataset = {"path": cfg.path, "name": cfg.name, "split": cfg.split, "text_field": cfg.text_field,
                    "documents": len(texts), "sha256": corpus_sha}
         if cfg.path == "stdlib":
@@ -426,7 +421,7 @@ class TextDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         # The windows are precomputed and tiny: worker processes would cost more than they save.
-        return DataLoader(ValWindows(self.val_tokens, self.seq_len, self.data_config.val_windows),
+        return DataLoader(val_windows(self.val_tokens, self.seq_len, self.data_config.val_windows),
                           batch_size=self.data_config.batch_size, shuffle=False, pin_memory=torch.cuda.is_available())
 
     def state_dict(self) -> dict:

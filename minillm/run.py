@@ -116,7 +116,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     data.prepare_data()
     data.setup("fit")
     run.model = dataclasses.replace(run.model, vocab_size=data.vocab_size)  # the tokenizer decides
-    data.save_tokenizer(run_dir / "tokenizer.json")
+    data.save_tokenizer(run_dir)
     resolved = OmegaConf.to_container(OmegaConf.structured(run))
     write_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(resolved))
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
+import shutil
 import sysconfig
 from pathlib import Path
 
@@ -41,19 +41,25 @@ def ready(cache_dir: Path, seed: int = 0, **overrides) -> TextDataModule:
     return dm
 
 
+def warm_copy(dm: TextDataModule, cache_dir: Path, seed: int = 0, **overrides) -> TextDataModule:
+    """Like ready(), on a copy of dm's cache: for tests about what happens after the first build."""
+    shutil.copytree(dm.cache_dir, cache_dir, dirs_exist_ok=True)
+    return ready(cache_dir, seed=seed, **overrides)
+
+
 def batches(loader, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     iterator = iter(loader)
     return [next(iterator) for _ in range(count)]
 
 
 @pytest.fixture(scope="module")
-def stdlib_docs() -> datasets.Dataset:
-    return load_documents(DataConfig(path="stdlib"))
+def stdlib_docs(tmp_path_factory) -> datasets.Dataset:
+    return load_documents(DataConfig(path="stdlib", cache_dir=str(tmp_path_factory.mktemp("cache"))))
 
 
 @pytest.fixture(scope="module")
 def dm(tmp_path_factory) -> TextDataModule:
-    """A prepared module the read-only tests share (tests that touch the cache build their own)."""
+    """A prepared module the read-only tests share; tests that change the cache work on a copy of it."""
     return ready(tmp_path_factory.mktemp("cache"))
 
 
@@ -67,7 +73,8 @@ def test_stdlib_corpus_is_library_source_without_tests(stdlib_docs):
     assert 500 < len(paths) < 2000
     for path in paths:
         folders = path.split("/")[:-1]
-        assert not {"test", "tests", "idle_test", "site-packages"} & set(folders), path
+        assert not {"test", "tests", "idle_test", "site-packages", "__phello__"} & set(folders), path
+        assert not path.startswith("_sysconfigdata"), path
     assert {"os.py", "json/decoder.py", "asyncio/tasks.py"} <= set(paths)
     root = Path(sysconfig.get_paths()["stdlib"])
     assert stdlib_docs["text"][list(paths).index("os.py")] == (root / "os.py").read_text(encoding="utf-8")
@@ -117,23 +124,26 @@ def test_parquet(tmp_path):
 
 def test_save_to_disk_folders_dataset_and_dataset_dict(tmp_path):
     datasets.Dataset.from_dict({"text": ["one", "two"]}).save_to_disk(str(tmp_path / "single"))
-    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["t1", "t2"]}),
-                          "validation": datasets.Dataset.from_dict({"text": ["v1"]})}).save_to_disk(str(tmp_path / "dict"))
-    assert list(load_documents(DataConfig(path=str(tmp_path / "single")))["text"]) == ["one", "two"]
-    assert list(load_documents(DataConfig(path=str(tmp_path / "dict"), split="validation"))["text"]) == ["v1"]
+    splits = {"train": ["t1", "t2"], "validation": ["v1"]}
+    datasets.DatasetDict({name: datasets.Dataset.from_dict({"text": texts}) for name, texts in splits.items()}
+                         ).save_to_disk(str(tmp_path / "dict"))
+    cache = str(tmp_path / "cache")
+    assert list(load_documents(DataConfig(path=str(tmp_path / "single"), cache_dir=cache))["text"]) == ["one", "two"]
+    validation = load_documents(DataConfig(path=str(tmp_path / "dict"), split="validation", cache_dir=cache))
+    assert list(validation["text"]) == ["v1"]
     with pytest.raises(ValueError, match=r"data.split='test'.*\['train', 'validation'\]"):
-        load_documents(DataConfig(path=str(tmp_path / "dict"), split="test"))
+        load_documents(DataConfig(path=str(tmp_path / "dict"), split="test", cache_dir=cache))
 
 
 def test_max_documents_truncates(stdlib_docs, tmp_path):
-    docs = load_documents(DataConfig(path="stdlib", max_documents=7))
+    docs = load_documents(DataConfig(path="stdlib", max_documents=7, cache_dir=str(tmp_path)))
     assert list(docs["path"]) == list(stdlib_docs["path"][:7])
 
 
 def test_missing_local_file_names_the_path(tmp_path):
     missing = tmp_path / "nowhere" / "corpus.jsonl"
     with pytest.raises(FileNotFoundError, match=str(missing)):
-        load_documents(DataConfig(path=str(missing)))
+        load_documents(DataConfig(path=str(missing), cache_dir=str(tmp_path)))
 
 
 def test_missing_text_field_lists_the_columns(tmp_path):
@@ -152,7 +162,7 @@ def test_empty_datasets_are_refused(tmp_path):
         with pytest.raises(ValueError, match=f"{name}' holds no documents"):
             load_documents(DataConfig(path=str(tmp_path / name), cache_dir=str(tmp_path / "cache")))
     with pytest.raises(ValueError, match="all 2 documents have an empty 'text'"):
-        load_documents(DataConfig(path=str(tmp_path / "blank")))
+        load_documents(DataConfig(path=str(tmp_path / "blank"), cache_dir=str(tmp_path / "cache")))
 
 
 def test_unknown_hub_dataset_offline_names_the_dataset(tmp_path, monkeypatch):
@@ -164,6 +174,21 @@ def test_unknown_hub_dataset_offline_names_the_dataset(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="data.path='minillm-tests/no-such-corpus'") as caught:
         load_documents(DataConfig(path="minillm-tests/no-such-corpus", cache_dir=str(tmp_path)))
     assert caught.value.__cause__ is not None
+
+
+def test_streamed_hub_dataset_is_cut_at_max_documents(tmp_path, monkeypatch):
+    stream = datasets.Dataset.from_dict({"text": [f"streamed document {i}" for i in range(100)]}).to_iterable_dataset()
+    calls = []
+
+    def fake_load_dataset(path, name=None, *, split, streaming, cache_dir):
+        calls.append((path, name, split, streaming))
+        return stream
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    docs = load_documents(DataConfig(path="someone/corpus", name="en", streaming=True, max_documents=3,
+                                     cache_dir=str(tmp_path)))
+    assert calls == [("someone/corpus", "en", "train", True)]
+    assert list(docs["text"]) == [f"streamed document {i}" for i in range(3)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -223,6 +248,9 @@ def test_tokenizer_is_cached_by_its_inputs(tmp_path, train_texts, monkeypatch):
     assert second.to_str() == first.to_str() and cached.stat().st_mtime_ns == mtime
     with pytest.raises(AssertionError, match="trained again"):  # another vocabulary size is another tokenizer
         build_tokenizer(TokenizerConfig(vocab_size=300), train_texts, tmp_path)
+    monkeypatch.undo()
+    cached.write_text('{"truncated": ')
+    assert build_tokenizer(SMALL_VOCAB, train_texts, tmp_path).to_str() == first.to_str()  # retrained, same result
 
 
 def test_tokenizer_from_a_path(tmp_path, dm):
@@ -274,8 +302,8 @@ def test_token_cache_is_reused(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip_a_byte", "garbage_header", "drop_sidecar"])
-def test_corrupt_cache_is_rebuilt_identically(tmp_path, caplog, damage):
-    expected = np.array(ready(tmp_path).train_tokens)
+def test_corrupt_cache_is_rebuilt_identically(tmp_path, caplog, dm, damage):
+    expected = np.array(warm_copy(dm, tmp_path).train_tokens)
     (path,) = (tmp_path / "tokens").rglob("train.npy")
     raw = path.read_bytes()
     if damage == "truncate":
@@ -299,10 +327,11 @@ def test_cache_writes_leave_no_temporary_files(tmp_path):
     assert leftovers == []
 
 
-def test_validation_stream_shorter_than_a_window_is_refused(tmp_path):
-    dm = TextDataModule(small_stdlib(tmp_path), SMALL_VOCAB, seq_len=10_000_000)
+def test_validation_stream_shorter_than_a_window_is_refused(tmp_path, dm):
+    shutil.copytree(dm.cache_dir, tmp_path, dirs_exist_ok=True)
+    too_long = TextDataModule(small_stdlib(tmp_path), SMALL_VOCAB, seq_len=10_000_000)
     with pytest.raises(ValueError, match=r"validation split has \d+ tokens, fewer than seq_len \+ 1 = 10000001"):
-        dm.setup()
+        too_long.setup()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -321,7 +350,7 @@ def test_training_windows_are_shifted_slices_of_the_stream(dm):
 
 
 def test_batches_depend_on_the_seed_only(tmp_path, dm):
-    same_seed = ready(tmp_path, seed=0)
+    same_seed = warm_copy(dm, tmp_path, seed=0)
     other_seed = ready(tmp_path, seed=1)
     reference = batches(dm.train_dataloader(), 4)
     for (x, _), (x_again, _), (x_other, _) in zip(reference, batches(same_seed.train_dataloader(), 4),
@@ -332,7 +361,7 @@ def test_batches_depend_on_the_seed_only(tmp_path, dm):
 
 def test_batches_do_not_depend_on_workers_or_ranks(tmp_path, dm):
     reference = [x for x, _ in batches(dm.train_dataloader(), 6)]
-    with_workers = ready(tmp_path, num_workers=2)
+    with_workers = warm_copy(dm, tmp_path, num_workers=2)
     assert all(torch.equal(a, b) for a, (b, _) in zip(reference, batches(with_workers.train_dataloader(), 6)))
     # Two ranks interleave: rank 0 sees batches 0, 2, 4 and rank 1 sees 1, 3, 5.
     ranks = [iter(TrainWindows(dm._train_path, SEQ_LEN, dm.data_config.batch_size, dm.seed, first_batch=r, stride=2))
@@ -343,7 +372,7 @@ def test_batches_do_not_depend_on_workers_or_ranks(tmp_path, dm):
 
 def test_load_state_dict_resumes_the_batch_sequence(tmp_path, dm):
     uninterrupted = batches(dm.train_dataloader(), 7)
-    resumed = ready(tmp_path)
+    resumed = warm_copy(dm, tmp_path)
     resumed.load_state_dict({"batches_consumed": 4})
     assert resumed.state_dict() == {"batches_consumed": 4}
     for (x, y), (x_resumed, y_resumed) in zip(uninterrupted[4:], batches(resumed.train_dataloader(), 3)):
@@ -362,25 +391,33 @@ class RecordingModule(L.LightningModule):
         self.seen.append(batch[0].clone())
         return (self.weight * batch[0].float().mean()).sum()
 
+    def validation_step(self, batch, batch_idx):
+        self.log("val/loss", (self.weight * batch[0].float().mean()).sum())
+
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.0)
 
 
-def fit(dm: TextDataModule, root: Path, max_steps: int, ckpt_path=None) -> RecordingModule:
+def fit(dm: TextDataModule, root: Path, saved_on: str, ckpt_path=None) -> RecordingModule:
+    """Seven steps with a checkpoint every three, saved on train batch end or on validation end."""
+    if saved_on == "train_batch_end":
+        checkpoints = ModelCheckpoint(dirpath=root, filename="{step}", every_n_train_steps=3, save_top_k=-1)
+    else:
+        checkpoints = ModelCheckpoint(dirpath=root, filename="{step}", monitor="val/loss", save_top_k=-1)
     model = RecordingModule()
-    trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0, default_root_dir=str(root),
-                        callbacks=[ModelCheckpoint(dirpath=str(root / "ckpt"), every_n_train_steps=3, save_top_k=-1)])
+    trainer = L.Trainer(max_steps=7, val_check_interval=3, check_val_every_n_epoch=None, limit_val_batches=1,
+                        num_sanity_val_steps=0, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=str(root), callbacks=[checkpoints])
     trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
     return model
 
 
-def test_trainer_resumed_mid_run_sees_the_same_batches(tmp_path, dm):
-    uninterrupted = fit(ready(tmp_path), tmp_path / "full", max_steps=7).seen
-    (checkpoint,) = (tmp_path / "full" / "ckpt").glob("*step=3.ckpt")
-    state = torch.load(checkpoint, weights_only=True)
-    assert state["TextDataModule"] == {"batches_consumed": 3}
-    resumed = fit(ready(tmp_path), tmp_path / "resumed", max_steps=7, ckpt_path=checkpoint).seen
+@pytest.mark.parametrize("saved_on", ["train_batch_end", "validation_end"])
+def test_trainer_resumed_mid_run_sees_the_same_batches(tmp_path, dm, saved_on):
+    uninterrupted = fit(warm_copy(dm, tmp_path), tmp_path / "full", saved_on).seen
+    checkpoint = tmp_path / "full" / "step=3.ckpt"
+    assert torch.load(checkpoint, weights_only=True)["TextDataModule"] == {"batches_consumed": 3}
+    resumed = fit(ready(tmp_path), tmp_path / "resumed", saved_on, ckpt_path=checkpoint).seen
     assert len(uninterrupted) == 7 and len(resumed) == 4
     assert all(torch.equal(a, b) for a, b in zip(uninterrupted[3:], resumed))
 

@@ -461,7 +461,7 @@ def test_a_few_adam_steps_fit_a_repeated_sequence():
     idx, targets = sequence[:, :-1], sequence[:, 1:]
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     initial = model.loss(idx, targets).item()
-    assert abs(initial - math.log(VOCAB)) < 0.1  # near-uniform predictions at init
+    assert abs(initial - math.log(VOCAB)) < 0.15  # near-uniform predictions at init
     for _ in range(40):
         optimizer.zero_grad()
         loss = model.loss(idx, targets)
