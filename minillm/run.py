@@ -145,6 +145,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2, default=str))
     for logger in loggers:
         logger.finalize("success")
+        if hasattr(logger, "experiment") and hasattr(logger.experiment, "finish"):
+            logger.experiment.finish()  # W&B writes its summary and config files only when the run ends
     return summary
 
 
