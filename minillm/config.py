@@ -156,8 +156,18 @@ def position_config(d: dict | PositionConfig | RotaryConfig) -> PositionConfig |
     if isinstance(d, (PositionConfig, RotaryConfig)):
         return d
     d = dict(d)
-    cls = RotaryConfig if d.get("variant", RotaryConfig.variant) in ROTARY_LAYOUTS else PositionConfig
-    return cls(**d)
+    variant = d.get("variant", RotaryConfig.variant)
+    _choice(variant, "rope.variant", ROTARY_LAYOUTS + BASELINES)
+    cls = RotaryConfig if variant in ROTARY_LAYOUTS else PositionConfig
+    return cls(**_known_fields(cls, d, "rope"))
+
+
+def _known_fields(cls: type, d: dict, prefix: str) -> dict:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    _require(not unknown, f"{prefix}.{unknown[0] if unknown else ''}",
+             f"not a setting of {cls.__name__} (it has {sorted(names)})")
+    return d
 
 
 def scaling_config(d: dict | ScalingConfig | None) -> ScalingConfig:
@@ -167,7 +177,7 @@ def scaling_config(d: dict | ScalingConfig | None) -> ScalingConfig:
     d = dict(d or {})
     kind = d.get("type", "none")
     _choice(kind, "rope_scaling.type", SCALING_CONFIGS)
-    return SCALING_CONFIGS[kind](**d)
+    return SCALING_CONFIGS[kind](**_known_fields(SCALING_CONFIGS[kind], d, "rope_scaling"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -222,6 +232,9 @@ class ModelConfig:
                      f"rotary needs an even head_dim, got d_model/n_heads = {self.head_dim}")
             _require(self.rope.rotary_dim is None or self.rope.rotary_dim <= self.head_dim, "rope.rotary_dim",
                      f"{self.rope.rotary_dim} exceeds head_dim={self.head_dim}")
+            if self.rope_scaling.type in ("ntk", "dynamic_ntk"):
+                _require((self.rope.rotary_dim or self.head_dim) > 2, "rope.rotary_dim",
+                         f"{self.rope_scaling.type} scales theta by factor^(d/(d-2)) and needs d > 2")
         elif self.rope_scaling.type != "none":
             raise ValueError(f"rope_scaling.type: {self.rope_scaling.type!r} scales rotary frequencies, "
                              f"but rope.variant={self.rope.variant!r} is not rotary; use rope_scaling=none")

@@ -169,19 +169,29 @@ class Transformer(nn.Module):
         """Training FLOPs per token: 6N + 12·n_layers·d_model·seq_len (PaLM, Chowdhery et al. 2022, app. B)."""
         return 6 * self.num_params() + 12 * self.cfg.n_layers * self.cfg.d_model * seq_len
 
-    def _mask(self, q_len: int, k_len: int, device: torch.device, dtype: torch.dtype) -> Optional[Tensor]:
-        """The attention mask shared by all layers; None when SDPA's own causal flag suffices."""
+    def _mask(self, q_len: int, k_len: int, device: torch.device, dtype: torch.dtype,
+              allowed: Optional[Tensor] = None) -> Optional[Tensor]:
+        """The attention mask shared by all layers; None when SDPA's own causal flag suffices.
+
+        allowed: an optional (q_len, k_len) bool pattern (True = may attend) that replaces plain causal
+        attention, e.g. the sliding or blockwise windows of the extrapolation evaluation.
+        """
         bias = self.position.attention_bias(q_len, k_len, device, dtype)
+        if allowed is not None:
+            if allowed.shape != (q_len, k_len):
+                raise ValueError(f"attention_mask: expected shape {(q_len, k_len)}, got {tuple(allowed.shape)}")
+            return allowed if bias is None else bias.masked_fill(~allowed, float("-inf"))
         if bias is not None or q_len == k_len or q_len == 1:
             return bias
         # Queries continuing a cache: query i sees keys up to k_len − q_len + i.
         return torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(diagonal=k_len - q_len)
 
-    def hidden_states(self, idx: Tensor, cache: Optional[KVCache] = None) -> Tensor:
+    def hidden_states(self, idx: Tensor, cache: Optional[KVCache] = None,
+                      attention_mask: Optional[Tensor] = None) -> Tensor:
         """(batch, seq) token ids -> (batch, seq, d_model) after the final norm."""
         offset = cache.length if cache is not None else 0
         x = self.position.embed(self.embed(idx), offset)
-        mask = self._mask(idx.shape[1], offset + idx.shape[1], idx.device, x.dtype)
+        mask = self._mask(idx.shape[1], offset + idx.shape[1], idx.device, x.dtype, attention_mask)
         for layer, block in enumerate(self.blocks):
             x = block(x, self.position, mask, cache, layer, offset)
         return self.norm(x)
@@ -190,10 +200,11 @@ class Transformer(nn.Module):
         """Logits (batch, seq, vocab)."""
         return self.head(self.hidden_states(idx, cache))
 
-    def token_losses(self, idx: Tensor, targets: Tensor, chunk_tokens: int = 8192) -> Tensor:
+    def token_losses(self, idx: Tensor, targets: Tensor, chunk_tokens: int = 8192,
+                     attention_mask: Optional[Tensor] = None) -> Tensor:
         """Cross-entropy of each target (batch, seq) in float32; the LM head runs over chunks of tokens
         so that long evaluations never hold a (batch·seq, vocab) logit matrix at once."""
-        hidden = self.hidden_states(idx).flatten(0, 1)
+        hidden = self.hidden_states(idx, attention_mask=attention_mask).flatten(0, 1)
         flat_targets = targets.flatten()
         losses = [F.cross_entropy(self.head(h).float(), t, reduction="none")
                   for h, t in zip(hidden.split(chunk_tokens), flat_targets.split(chunk_tokens))]
