@@ -352,12 +352,12 @@ class TrainerConfig:
     num_nodes: int = 1
     strategy: str = "auto"
     precision: str = "32-true"
-    max_steps: int = 2000
-    val_check_interval: int = 200  # steps between validations
+    max_steps: int = 1000
+    val_check_interval: int = 100  # steps between validations
     limit_val_batches: Optional[int] = None
     log_every_n_steps: int = 10
     gradient_clip_val: float = 1.0
-    checkpoint_every_n_steps: int = 200
+    checkpoint_every_n_steps: int = 250
     compile: bool = False  # torch.compile the model
     peak_flops: Optional[float] = None  # for MFU; None: measured on CPU, looked up for known GPUs
 
