@@ -12,7 +12,7 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e ".[test]"
 	touch $@
 
-.PHONY: setup train test
+.PHONY: setup train test extrapolation
 setup: $(BIN)/.installed
 
 train: setup  ## train the default model on the embedded corpus (~10 min on 2 CPU cores)
@@ -20,3 +20,11 @@ train: setup  ## train the default model on the embedded corpus (~10 min on 2 CP
 
 test: setup  ## the whole test suite
 	$(BIN)/python -m pytest -n 2 $(ARGS)
+
+SWEEP ?= outputs/extrapolation
+extrapolation: setup  ## train the comparison set (6 encodings + complex θ=500k, 3 seeds each) and evaluate it
+	$(BIN)/python scripts/train.py -m experiment=extrapolation hydra.sweep.dir=$(SWEEP)/train $(ARGS)
+	$(BIN)/python scripts/train.py -m experiment=extrapolation rope=complex rope.theta=500000 \
+		hydra.sweep.dir=$(SWEEP)/train_theta500k $(ARGS)
+	$(BIN)/python scripts/eval_extrapolate.py attention=[full,blockwise,sliding] \
+		ckpt=[$(SWEEP)/train,$(SWEEP)/train_theta500k] hydra.run.dir=$(SWEEP)/eval
