@@ -223,6 +223,13 @@ def build_tokenizer(cfg: TokenizerConfig, train_texts: Sequence[str], cache_dir:
 # (torn write, truncation, bit rot) is rebuilt.
 
 
+def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
+    """−Σ p·ln p of the token frequencies: the loss of a model that ignores context, the bar to beat."""
+    counts = np.bincount(np.asarray(tokens), minlength=vocab_size).astype(np.float64)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
 def encode_documents(tokenizer: Tokenizer, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """(stream, starts): the packed tokens, and where document i starts (starts[-1] = len(stream))."""
     dtype = np.uint16 if tokenizer.get_vocab_size() <= 2**16 else np.uint32
@@ -409,7 +416,8 @@ class TextDataModule(L.LightningDataModule):
             "split": {"val_fraction": cfg.val_fraction, "train_documents": len(train_texts),
                       "val_documents": len(val_texts)},
             "tokenizer": {"path": self.tokenizer_config.path, "vocab_size": self.vocab_size, "sha256": tokenizer_sha},
-            "tokens": {"train": len(self.train_tokens), "val": len(self.val_tokens)},
+            "tokens": {"train": len(self.train_tokens), "val": len(self.val_tokens),
+                       "unigram_entropy_nats": unigram_entropy(self.train_tokens, self.vocab_size)},
         }
 
     def train_dataloader(self) -> DataLoader:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import sysconfig
 from pathlib import Path
@@ -442,3 +443,11 @@ def test_long_documents_are_the_longest_validation_documents(dm):
     assert dm.long_documents(int(lengths[0]) + 1) == []
     text = dm.tokenizer.decode(long[0].tolist())
     assert any(t == text for t in load_documents(dm.data_config)["text"])
+
+
+def test_unigram_entropy_by_hand():
+    from minillm.data import unigram_entropy
+
+    assert unigram_entropy(np.array([0, 1, 2, 3], dtype=np.uint16), 8) == pytest.approx(math.log(4))
+    # p = (3/4, 1/4): H = -(0.75 ln 0.75 + 0.25 ln 0.25)
+    assert unigram_entropy(np.array([5, 5, 5, 2]), 8) == pytest.approx(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25)))
