@@ -67,12 +67,39 @@ def wandb_mode(requested: str) -> str:
     return "offline"
 
 
+def _appending_csv_logger(run_dir: Path):
+    """Lightning's CSVLogger writing run_dir/metrics.csv, except that a resumed run appends to the rows
+    it already has instead of deleting them (the stock writer starts the file afresh)."""
+    import csv
+
+    from lightning.fabric.loggers.logger import rank_zero_experiment
+    from lightning.pytorch.loggers import CSVLogger
+    from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+    class AppendingWriter(ExperimentWriter):
+        def _check_log_dir_exists(self) -> None:
+            if os.path.isfile(self.metrics_file_path):
+                with open(self.metrics_file_path, newline="") as f:
+                    self.metrics_keys = next(csv.reader(f), [])
+
+    class AppendingCSVLogger(CSVLogger):
+        @property
+        @rank_zero_experiment
+        def experiment(self) -> ExperimentWriter:
+            if self._experiment is None:
+                self._fs.makedirs(self.root_dir, exist_ok=True)
+                self._experiment = AppendingWriter(log_dir=self.log_dir)
+            return self._experiment
+
+    return AppendingCSVLogger(save_dir=str(run_dir), name="", version="")
+
+
 def make_loggers(run: RunConfig, run_dir: Path, config: dict) -> list:
-    from lightning.pytorch.loggers import CSVLogger, WandbLogger
+    from lightning.pytorch.loggers import WandbLogger
 
     if run.logger.kind == "none":
         return []
-    loggers: list = [CSVLogger(save_dir=str(run_dir), name="", version="")]  # run_dir/metrics.csv
+    loggers: list = [_appending_csv_logger(run_dir)]  # run_dir/metrics.csv
     if run.logger.kind == "wandb":
         import wandb
 

@@ -22,6 +22,8 @@ def measure_peak_flops(device: torch.device, size: int = 1024, seconds: float = 
     """Achievable matmul FLOP/s of this device, timed: the reference for MFU where no data sheet applies."""
     a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
     a @ b  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     count, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         a @ b
@@ -81,8 +83,10 @@ class LanguageModelTask(L.LightningModule):
             self.model.compile()
 
     def setup(self, stage: str) -> None:
+        # Lightning calls setup before it moves the model, so self.device is still the CPU here; the
+        # strategy's root device is the one training will run on.
         if self.peak_flops is None:
-            self.peak_flops = peak_flops_for(self.device)
+            self.peak_flops = peak_flops_for(self.trainer.strategy.root_device)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)

@@ -1,0 +1,278 @@
+"""The LightningModule: schedule values by hand, weight-decay groups by identity, and a real Trainer run
+on the CPU whose loss falls, whose logged metrics agree with each other, and whose checkpoint reloads."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from types import SimpleNamespace
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import Logger
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from minillm import task as task_module
+from minillm.checkpoint import load_model
+from minillm.config import ModelConfig, OptimConfig, PositionConfig
+from minillm.model import Transformer
+from minillm.task import LanguageModelTask, measure_peak_flops, parameter_groups, peak_flops_for, warmup_cosine
+
+# ----------------------------------------------------------------------------------------------
+# The schedule
+
+
+def test_warmup_cosine_by_hand():
+    # warm-up 10 steps, then cosine over the 100 steps to total = 110, down to 0.1
+    def lr(step):
+        return warmup_cosine(step, warmup_steps=10, total_steps=110, min_ratio=0.1)
+
+    assert lr(0) == pytest.approx(0.1)  # (0 + 1) / 10: the first step already moves
+    assert lr(4) == pytest.approx(0.5)
+    assert lr(9) == pytest.approx(1.0)  # last warm-up step reaches the peak
+    assert lr(10) == pytest.approx(1.0)  # end of warm-up: cosine at progress 0
+    assert lr(35) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.sqrt(0.5)))  # a quarter: cos(π/4)
+    assert lr(60) == pytest.approx(0.55)  # midpoint: halfway between 1 and 0.1
+    assert lr(110) == pytest.approx(0.1)  # end: min ratio
+    assert lr(111) == pytest.approx(0.1) and lr(10_000) == pytest.approx(0.1)  # past the end: stays there
+
+
+def test_warmup_cosine_without_warmup_starts_at_the_peak_and_decays_monotonically():
+    values = [warmup_cosine(step, 0, 20, 0.0) for step in range(25)]
+    assert values[0] == pytest.approx(1.0)
+    assert values[10] == pytest.approx(0.5)
+    assert values[20] == pytest.approx(0.0, abs=1e-12)
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Weight-decay groups
+
+
+def expected_groups(model: Transformer) -> tuple[set[int], set[int]]:
+    """(decay, no_decay) ids, written out from the architecture rather than from shapes."""
+    decay = {id(m.weight) for block in model.blocks for m in (block.attn.qkv, block.attn.proj, block.ffn.up,
+                                                                 block.ffn.down)}
+    no_decay = {id(model.embed.weight)} | {id(p) for p in model.norm.parameters()}  # gain (and bias)
+    for block in model.blocks:
+        no_decay |= {id(block.attn_norm.weight), id(block.ffn_norm.weight)}
+        no_decay |= {id(p) for norm in (block.attn.q_norm, block.attn.k_norm) for p in norm.parameters()}
+        no_decay |= {id(m.bias) for m in block.modules() if isinstance(m, (nn.Linear, nn.LayerNorm))
+                     and m.bias is not None}
+    if hasattr(model.position, "table"):
+        no_decay.add(id(model.position.table.weight))
+    if model.cfg.tie_embeddings:
+        assert model.head.weight is model.embed.weight  # one tensor: counted as the embedding
+    else:
+        decay.add(id(model.head.weight))  # an untied head is an ordinary projection
+    return decay, no_decay
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+@pytest.mark.parametrize("extras", [
+    dict(),
+    dict(bias=True, norm="layernorm", qk_norm=True, rope=PositionConfig("learned")),
+], ids=["plain", "biases-layernorm-qknorm-learned"])
+def test_parameter_groups_by_identity(tied, extras):
+    model = Transformer(ModelConfig(vocab_size=50, context_length=16, d_model=32, n_layers=2, n_heads=2,
+                                    tie_embeddings=tied, **extras))
+    decay_group, no_decay_group = parameter_groups(model, weight_decay=0.1)
+    assert decay_group["weight_decay"] == 0.1 and no_decay_group["weight_decay"] == 0.0
+
+    listed = [id(p) for group in (decay_group, no_decay_group) for p in group["params"]]
+    assert len(listed) == len(set(listed)), "a parameter appears twice"
+    assert set(listed) == {id(p) for p in model.parameters()}, "a parameter is missing"
+
+    decay, no_decay = expected_groups(model)
+    assert {id(p) for p in decay_group["params"]} == decay
+    assert {id(p) for p in no_decay_group["params"]} == no_decay
+    if "rope" in extras:
+        assert id(model.position.table.weight) in no_decay  # learned positions are embeddings too
+
+
+def test_parameter_groups_skip_frozen_parameters():
+    model = Transformer(ModelConfig(vocab_size=50, context_length=16, d_model=32, n_layers=1, n_heads=2))
+    model.blocks[0].attn.qkv.weight.requires_grad_(False)
+    groups = parameter_groups(model, 0.1)
+    assert all(p is not model.blocks[0].attn.qkv.weight for g in groups for p in g["params"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Peak FLOP/s for MFU
+
+
+def test_measure_peak_flops_is_positive_and_finite():
+    flops = measure_peak_flops(torch.device("cpu"), size=128, seconds=0.05)
+    assert math.isfinite(flops) and flops > 1e6  # even a slow core does more than a megaflop
+
+
+def test_known_gpu_peak_comes_from_the_data_sheet(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    assert peak_flops_for(torch.device("cuda", 0)) == 989e12
+
+
+def test_peak_flops_is_measured_on_the_device_training_runs_on(monkeypatch):
+    # Lightning calls setup() before moving the module, so the module's own device is still the CPU there.
+    seen = []
+    monkeypatch.setattr(task_module, "peak_flops_for", lambda device: seen.append(device) or 1e15)
+    task = LanguageModelTask(tiny_model_config().to_dict(), dataclasses.asdict(OptimConfig()))
+    task.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cuda", 0)))
+    task.setup("fit")
+    assert seen == [torch.device("cuda", 0)] and task.peak_flops == 1e15
+
+
+# ----------------------------------------------------------------------------------------------
+# A real Trainer on the CPU
+
+
+PATTERN = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3]  # period 10 over a 16-token vocabulary: learnable from context
+SEQ_LEN, BATCH, MAX_STEPS, VAL_EVERY, PEAK = 16, 8, 36, 12, 1e12
+OPTIM = OptimConfig(lr=1e-2, warmup_steps=4, min_lr_ratio=0.1)
+
+
+def tiny_model_config() -> ModelConfig:
+    return ModelConfig(vocab_size=16, context_length=SEQ_LEN, d_model=32, n_layers=2, n_heads=2)
+
+
+def pattern_windows() -> TensorDataset:
+    stream = torch.tensor(PATTERN * 8)
+    starts = range(len(PATTERN) * 4)
+    x = torch.stack([stream[s:s + SEQ_LEN] for s in starts])
+    y = torch.stack([stream[s + 1:s + SEQ_LEN + 1] for s in starts])
+    return TensorDataset(x, y)
+
+
+class RecordingLogger(Logger):
+    """Keeps every log_metrics call in memory: (step, {key: value})."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows: list[tuple[int, dict[str, float]]] = []
+        self.hparams: dict = {}
+
+    @property
+    def name(self) -> str:
+        return "recording"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        self.hparams = dict(params)
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.rows.append((step, {k: float(v) for k, v in metrics.items()}))
+
+    def series(self, key: str) -> list[tuple[int, float]]:
+        return [(step, row[key]) for step, row in self.rows if key in row]
+
+
+def fit(tmp_path, peak_flops, max_steps=MAX_STEPS):
+    L.seed_everything(0)
+    task = LanguageModelTask(tiny_model_config().to_dict(), dataclasses.asdict(OPTIM), peak_flops=peak_flops)
+    logger = RecordingLogger()
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "checkpoints", filename="best", monitor="val/loss",
+                                  mode="min", save_last=True)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, val_check_interval=VAL_EVERY,
+                        check_val_every_n_epoch=None, log_every_n_steps=1, gradient_clip_val=1.0,
+                        logger=logger, callbacks=[checkpoints], default_root_dir=tmp_path,
+                        enable_progress_bar=False, enable_model_summary=False)
+    windows = pattern_windows()
+    train = DataLoader(windows, batch_size=BATCH, shuffle=True, generator=torch.Generator().manual_seed(0))
+    val = DataLoader(windows, batch_size=BATCH)
+    trainer.fit(task, train, val)
+    return SimpleNamespace(task=task, trainer=trainer, logger=logger, checkpoints=checkpoints)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    return fit(tmp_path_factory.mktemp("task"), peak_flops=PEAK)
+
+
+def test_training_lowers_the_loss(trained):
+    first = trained.logger.series("train/loss")[0][1]
+    assert first == pytest.approx(math.log(16), abs=0.3)  # chance level with a small init
+    val = [loss for _, loss in trained.logger.series("val/loss")]
+    assert len(val) == MAX_STEPS // VAL_EVERY
+    assert val[-1] < 0.5 * first, f"val/loss went {first:.3f} -> {val}"
+    assert val[-1] < val[0]
+    assert trained.trainer.global_step == MAX_STEPS
+
+
+def test_logged_keys_and_perplexity(trained):
+    keys = set().union(*(row for _, row in trained.logger.rows))
+    assert {"train/loss", "train/lr", "train/tokens", "train/tokens_per_s", "train/mfu", "val/loss",
+            "val/ppl"} <= keys
+    for step, row in trained.logger.rows:
+        if "val/loss" in row:
+            assert row["val/ppl"] == pytest.approx(math.exp(row["val/loss"]), rel=1e-5)
+    # tokens: batch · seq_len per step, counted through the step just taken
+    assert trained.logger.series("train/tokens")[:3] == [(0, 128.0), (1, 256.0), (2, 384.0)]
+    assert dict(trained.logger.series("train/tokens"))[MAX_STEPS - 1] == MAX_STEPS * BATCH * SEQ_LEN
+
+
+def test_validation_loss_is_the_token_weighted_mean(trained):
+    model = trained.task.model.eval()
+    x, y = pattern_windows().tensors
+    with torch.no_grad():
+        expected = model.token_losses(x, y).mean().item()
+    assert trained.trainer.callback_metrics["val/loss"].item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_logged_lr_follows_the_schedule(trained):
+    lrs = dict(trained.logger.series("train/lr"))
+    assert sorted(lrs) == list(range(MAX_STEPS))
+    for step in (0, 3, 4, MAX_STEPS // 2, MAX_STEPS - 1):
+        expected = OPTIM.lr * warmup_cosine(step, OPTIM.warmup_steps, MAX_STEPS, OPTIM.min_lr_ratio)
+        assert lrs[step] == pytest.approx(expected, rel=1e-6), step
+    assert max(lrs.values()) == pytest.approx(OPTIM.lr, rel=1e-6)
+
+
+def test_optimizer_decays_only_the_matrices(trained):
+    optimizer = trained.trainer.optimizers[0]
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [OPTIM.weight_decay, 0.0]
+    decay, no_decay = expected_groups(trained.task.model)
+    assert {id(p) for p in optimizer.param_groups[0]["params"]} == decay
+    assert {id(p) for p in optimizer.param_groups[1]["params"]} == no_decay
+
+
+def test_mfu_uses_the_given_peak_flops(trained):
+    flops_per_token = trained.task.model.flops_per_token(SEQ_LEN)
+    assert trained.task.flops_per_token == flops_per_token and trained.task.peak_flops == PEAK
+    rows = [row for _, row in trained.logger.rows if "train/mfu" in row]
+    assert len(rows) == MAX_STEPS - 1  # every step but the first, which has no timing yet
+    for row in rows:
+        assert row["train/tokens_per_s"] > 0
+        assert row["train/mfu"] == pytest.approx(row["train/tokens_per_s"] * flops_per_token / PEAK, rel=1e-5)
+
+
+def test_peak_flops_is_measured_when_not_given(tmp_path):
+    run = fit(tmp_path, peak_flops=None, max_steps=3)
+    peak = run.task.peak_flops
+    assert peak is not None and math.isfinite(peak) and peak > 1e6
+    for _, row in run.logger.rows:
+        if "train/mfu" in row:
+            assert row["train/mfu"] == pytest.approx(row["train/tokens_per_s"] * run.task.flops_per_token / peak,
+                                                     rel=1e-5)
+
+
+def test_checkpoint_is_plain_and_rebuilds_the_trained_model(trained):
+    path = trained.checkpoints.last_model_path
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # no pickled config objects
+    assert checkpoint["global_step"] == MAX_STEPS
+    hparams = checkpoint["hyper_parameters"]
+    assert hparams["model"] == tiny_model_config().to_dict()
+    assert hparams["optim"] == dataclasses.asdict(OPTIM)
+
+    rebuilt = load_model(path)
+    assert rebuilt.cfg == tiny_model_config()
+    x = pattern_windows().tensors[0][:4]
+    trained.task.model.eval()
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), trained.task.model(x))
+    assert trained.checkpoints.best_model_path.endswith("best.ckpt")
+    assert load_model(trained.checkpoints.best_model_path).cfg == tiny_model_config()
