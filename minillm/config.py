@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -411,9 +412,23 @@ class RunConfig:
         self.model = dataclasses.replace(self.model, rope=self.rope, rope_scaling=self.rope_scaling)
 
 
+def folder_name(override_dirname: str, limit: int = 200) -> str:
+    """Hydra's override_dirname as one folder name: '/' in a value (data.path=/x/y) would nest folders,
+    and a name over the file systems' 255-byte limit cannot be created; long names keep a hash for uniqueness."""
+    name = override_dirname.replace("/", "_")
+    if len(name.encode()) <= limit:
+        return name
+    digest = hashlib.sha1(name.encode()).hexdigest()[:8]
+    return f"{name.encode()[:limit - 9].decode(errors='ignore')}~{digest}"
+
+
 def register_configs() -> None:
     """Put the schemas in Hydra's ConfigStore: conf/ YAML files extend them and never restate defaults."""
     from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("folder_name"):
+        OmegaConf.register_new_resolver("folder_name", folder_name)
 
     store = ConfigStore.instance()
     store.store(name="run_schema", node=RunConfig)

@@ -30,9 +30,11 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
     """Hydra's tree -> the validated dataclasses (each __post_init__ checks its own fields)."""
     try:
         return OmegaConf.to_object(cfg)
-    except OmegaConfBaseException as error:  # our ValueError arrives wrapped; unwrap it for a clean message
+    except OmegaConfBaseException as error:  # our ValueError may arrive wrapped; unwrap it for a clean message
         cause = error.__cause__ if isinstance(error.__cause__, ValueError) else error
         raise ConfigError(str(cause).splitlines()[0]) from error
+    except ValueError as error:  # a dataclass's __post_init__ check, raised as is: it names the setting
+        raise ConfigError(str(error).splitlines()[0]) from error
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -135,6 +137,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     started = time.time()
     run = to_run_config(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = resolve_checkpoint(run.ckpt_path, run_dir)  # before the data: a wrong path fails at once
     L.seed_everything(run.seed, workers=True)
 
     from minillm.data import TextDataModule
@@ -151,7 +154,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                              compile=run.trainer.compile, peak_flops=run.trainer.peak_flops)
     loggers = make_loggers(run, run_dir, {**resolved, "data_fingerprint": data.fingerprint})
     trainer = L.Trainer(**trainer_kwargs(run, run_dir), logger=loggers or False)
-    trainer.fit(task, datamodule=data, ckpt_path=resolve_checkpoint(run.ckpt_path, run_dir))
+    trainer.fit(task, datamodule=data, ckpt_path=ckpt_path)
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     checkpoint = trainer.checkpoint_callback
@@ -188,7 +191,8 @@ def trainer_kwargs(run: RunConfig, run_dir: Path) -> dict[str, Any]:
                                every_n_train_steps=t.checkpoint_every_n_steps, save_top_k=-1,
                                auto_insert_metric_name=False)
     return dict(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
-                precision=t.precision, max_steps=t.max_steps, val_check_interval=t.val_check_interval,
+                precision=t.precision, max_steps=t.max_steps,
+                val_check_interval=min(t.val_check_interval, t.max_steps),  # a short run still validates once
                 check_val_every_n_epoch=None, limit_val_batches=t.limit_val_batches,
                 log_every_n_steps=t.log_every_n_steps, gradient_clip_val=t.gradient_clip_val or None,
                 callbacks=[best, periodic], default_root_dir=str(run_dir), enable_model_summary=False)

@@ -21,7 +21,8 @@ def main(cfg: DictConfig) -> None:
     except (ValueError, FileNotFoundError) as error:  # bad config or data: the message names it
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    print(f"val/loss {summary['val_loss']:.4f} after {summary['tokens']:,} tokens; results in {run_dir}")
+    loss = "n/a" if summary["val_loss"] is None else f"{summary['val_loss']:.4f}"
+    print(f"val/loss {loss} after {summary['tokens']:,} tokens; results in {run_dir}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,589 @@
+"""scripts/train.py end to end, as users run it (subprocess, offline, no W&B key), and the conf/ tree:
+every option composes into the dataclasses, no YAML restates a code default, registries match file names."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import random
+import re
+import struct
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+from filelock import FileLock
+from hydra import compose, initialize_config_dir
+from tokenizers import Tokenizer
+
+from minillm.config import (
+    SCALING_CONFIGS,
+    DataConfig,
+    EvalConfig,
+    LoggerConfig,
+    ModelConfig,
+    OptimConfig,
+    PositionConfig,
+    RotaryConfig,
+    RunConfig,
+    TokenizerConfig,
+    TrainerConfig,
+    register_configs,
+)
+from minillm.model import Transformer
+from minillm.rope import POSITION_ENCODINGS, SCALING_FUNCTIONS
+from minillm.run import ConfigError, to_run_config
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+MAX_STEPS = 6
+SMALL = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.context_length=32", "data.batch_size=4",
+         f"trainer.max_steps={MAX_STEPS}", "trainer.val_check_interval=3", "trainer.checkpoint_every_n_steps=3",
+         "data.val_windows=4", "tokenizer.vocab_size=300"]
+RESULT_LINE = re.compile(r"^val/loss (\d+\.\d{4}) after ([\d,]+) tokens; results in (.+)$", re.M)
+TRAIN_KEYS = {"train/loss", "train/lr", "train/tokens", "train/tokens_per_s", "train/mfu"}
+VAL_KEYS = {"val/loss", "val/ppl"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Running the script
+
+
+@pytest.fixture(scope="session")
+def shared(tmp_path_factory, worker_id) -> Path:
+    """A folder every xdist worker of this session sees (each worker's basetemp is a child of it)."""
+    base = tmp_path_factory.getbasetemp()
+    return base if worker_id == "master" else base.parent
+
+
+@pytest.fixture(scope="session")
+def env(shared) -> dict[str, str]:
+    """A user with no W&B credentials (no key, no ~/.netrc) and no network to the HF hub."""
+    home = shared / "home"
+    home.mkdir(exist_ok=True)
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "NETRC"))}
+    return {**clean, "HOME": str(home), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="session")
+def cache_dir(shared) -> Path:
+    """One data cache for the session: the stdlib tokenizer and token streams are built once."""
+    return shared / "data_cache"
+
+
+def train(env: dict, *args: str) -> SimpleNamespace:
+    """python scripts/train.py ARGS from the repository root, as a user would."""
+    done = subprocess.run([sys.executable, "scripts/train.py", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    return SimpleNamespace(rc=done.returncode, out=done.stdout, err=done.stderr)
+
+
+def small_run(env: dict, cache_dir: Path, run_dir: Path, *args: str) -> SimpleNamespace:
+    return train(env, *SMALL, f"data.cache_dir={cache_dir}", f"hydra.run.dir={run_dir}", *args)
+
+
+def assert_ok(result: SimpleNamespace) -> None:
+    assert result.rc == 0, f"exit {result.rc}\n--- stdout\n{result.out[-3000:]}\n--- stderr\n{result.err[-3000:]}"
+
+
+def once(shared: Path, name: str, make):
+    """make(folder) -> JSON-able result, computed once per session even across xdist workers."""
+    folder, result = shared / name, shared / name / "result.json"
+    with FileLock(str(shared / f"{name}.lock")):
+        if not result.is_file():
+            folder.mkdir(exist_ok=True)
+            result.write_text(json.dumps(make(folder)))
+    return json.loads(result.read_text())
+
+
+@pytest.fixture(scope="session")
+def stdlib_run(shared, env, cache_dir) -> SimpleNamespace:
+    """The first run on the embedded corpus, default logger (W&B, offline): it builds the shared caches."""
+    def make(folder: Path) -> dict:
+        result = small_run(env, cache_dir, folder / "run", "rope=rotate_half", "trainer.log_every_n_steps=2")
+        return {**vars(result), "run_dir": str(folder / "run")}
+
+    result = SimpleNamespace(**once(shared, "stdlib_run", make))
+    assert_ok(result)
+    result.run_dir = Path(result.run_dir)
+    return result
+
+
+@pytest.fixture(scope="session")
+def small_corpus(shared) -> Path:
+    """A 30-document jsonl, identical in every worker (so its caches are shared too): for the tests
+    that exercise the run machinery rather than the corpus."""
+    return Path(once(shared, "small_corpus", lambda folder: str(write_dataset("jsonl", folder, documents()))))
+
+
+def summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def metric_rows(run_dir: Path) -> list[dict[str, float]]:
+    """metrics.csv rows with their empty cells dropped."""
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+
+
+def wandb_records(run_dir: Path) -> list:
+    """Every record in the offline run's .wandb transaction log.
+
+    The log is LevelDB's log format: a 7-byte file header (":W&B", magic, version), then 32 KiB blocks
+    of chunks, each with a 7-byte header (crc32c, length, type: 1 full, 2 first, 3 middle, 4 last);
+    a block's tail shorter than a header is padding. Each whole record is a protobuf `Record`.
+    """
+    from wandb.proto import wandb_internal_pb2
+
+    (path,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    block, position, pending, records = 32 * 1024, 7, b"", []
+    while position + 7 <= len(data):
+        if block - position % block < 7:
+            position += block - position % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[position:position + 7])
+        pending += data[position + 7:position + 7 + length]
+        position += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+            pending = b""
+    return records
+
+
+def wandb_history(records: list) -> list[dict]:
+    return [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item}
+            for r in records if r.WhichOneof("record_type") == "history"]
+
+
+# ----------------------------------------------------------------------------------------------
+# The embedded corpus, logged to W&B offline
+
+
+@pytest.mark.slow
+def test_stdlib_run_writes_a_complete_run_folder(stdlib_run):
+    run_dir = stdlib_run.run_dir
+    (line,) = RESULT_LINE.findall(stdlib_run.out)
+    loss, tokens, results_in = line
+    assert Path(results_in) == run_dir
+    assert int(tokens.replace(",", "")) == MAX_STEPS * 4 * 32  # steps · batch · context
+
+    for name in ("config.yaml", "tokenizer.json", "metrics.csv", "summary.json", "checkpoints/best.ckpt",
+                 "checkpoints/last.ckpt", "checkpoints/step-000003.ckpt", "checkpoints/step-000006.ckpt"):
+        assert (run_dir / name).is_file(), name
+
+    result = summary(run_dir)
+    assert result["steps"] == MAX_STEPS
+    assert math.isfinite(result["val_loss"]) and 0 < result["val_loss"] < math.log(300) + 1
+    assert float(loss) == pytest.approx(result["val_loss"], abs=1e-4)
+    assert result["val_ppl"] == pytest.approx(math.exp(result["val_loss"]), rel=1e-4)
+    assert result["data_fingerprint"]["dataset"]["path"] == "stdlib"
+
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    vocab = Tokenizer.from_file(str(run_dir / "tokenizer.json")).get_vocab_size()
+    assert config["model"]["vocab_size"] == vocab == 300
+    assert config["rope"]["variant"] == config["model"]["rope"]["variant"] == "rotate_half"
+    assert config["trainer"]["max_steps"] == MAX_STEPS and config["logger"]["kind"] == "wandb"
+
+    rows = metric_rows(run_dir)
+    assert TRAIN_KEYS | VAL_KEYS <= set().union(*rows)
+    assert [row["val/loss"] for row in rows if "val/loss" in row][-1] == pytest.approx(result["val_loss"])
+
+
+@pytest.mark.slow
+def test_stdlib_run_logs_to_an_offline_wandb_run(stdlib_run):
+    records = wandb_records(stdlib_run.run_dir)
+    kinds = {r.WhichOneof("record_type") for r in records}
+    assert {"run", "history", "exit"} <= kinds  # started, logged, and finished
+
+    history = wandb_history(records)
+    assert TRAIN_KEYS | VAL_KEYS <= set().union(*history)
+    val = [row["val/loss"] for row in history if "val/loss" in row]
+    assert len(val) == MAX_STEPS // 3 and val[-1] == pytest.approx(summary(stdlib_run.run_dir)["val_loss"])
+
+    (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+    assert run.project == "minillm" and "rope=rotate_half" in run.tags
+    config = {item.key: json.loads(item.value_json) for item in run.config.update}
+    assert config["rope"]["variant"] == "rotate_half"
+    assert config["data_fingerprint"]["tokenizer"]["vocab_size"] == 300
+
+
+# ----------------------------------------------------------------------------------------------
+# Local datasets
+
+
+def documents(count: int = 30) -> list[str]:
+    words = ("the river model token window rope angle train loss value cache folder sweep layer head "
+             "query key vector length scale decay step batch shard frame").split()
+    rng = random.Random(0)
+    return [f"Document {i}. " + " ".join(rng.choice(words) for _ in range(150)) + "." for i in range(count)]
+
+
+def write_dataset(kind: str, folder: Path, texts: list[str]) -> Path:
+    if kind == "txt-folder":
+        for i, text in enumerate(texts):  # one file is one document; subfolders are read too
+            path = folder / "corpus" / ("part2" if i % 2 else "part1") / f"doc{i:02d}.txt"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+        return folder / "corpus"
+    if kind == "jsonl":
+        path = folder / "corpus.jsonl"
+        path.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(texts)))
+        return path
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = folder / "corpus.parquet"
+    pq.write_table(pa.table({"id": list(range(len(texts))), "text": texts}), path)
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["txt-folder", "jsonl", "parquet"])
+def test_local_dataset_trains(kind, tmp_path, env, cache_dir):
+    texts = documents()
+    path = write_dataset(kind, tmp_path, texts)
+    result = small_run(env, cache_dir, tmp_path / "run", f"data.path={path}", "logger=csv")
+    assert_ok(result)
+    done = summary(tmp_path / "run")
+    assert done["steps"] == MAX_STEPS and math.isfinite(done["val_loss"])
+    dataset = done["data_fingerprint"]["dataset"]
+    assert dataset["path"] == str(path) and dataset["documents"] == len(texts)
+    split = done["data_fingerprint"]["split"]
+    assert split["train_documents"] + split["val_documents"] == len(texts) and split["val_documents"] >= 1
+    vocab = Tokenizer.from_file(str(tmp_path / "run" / "tokenizer.json")).get_vocab_size()
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["model"]["vocab_size"] == vocab
+
+
+# ----------------------------------------------------------------------------------------------
+# Sweeps and resuming
+
+
+@pytest.mark.slow
+def test_multirun_writes_one_folder_per_value(tmp_path, env, cache_dir, stdlib_run):
+    result = train(env, "-m", "rope=complex,alibi", *SMALL, f"data.cache_dir={cache_dir}", "logger=csv",
+                   f"hydra.sweep.dir={tmp_path}")
+    assert_ok(result)
+    runs = sorted(p for p in tmp_path.iterdir() if p.is_dir())
+    assert [p.name.split("_")[0] for p in runs] == ["0", "1"]
+    assert sorted(Path(d) for _, _, d in RESULT_LINE.findall(result.out)) == runs
+    for run_dir, variant in zip(runs, ("complex", "alibi")):
+        assert f"rope={variant}" in run_dir.name
+        assert yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["rope"]["variant"] == variant
+        done = summary(run_dir)
+        assert done["steps"] == MAX_STEPS and math.isfinite(done["val_loss"])
+
+
+@pytest.mark.slow
+def test_multirun_with_many_overrides(tmp_path, env, cache_dir, small_corpus):
+    result = train(env, "-m", "rope=complex", *SMALL, "trainer.max_steps=3", "trainer.log_every_n_steps=1",
+                   "optim.warmup_steps=2", "optim.lr=0.001", "data.long_documents=4", "data.val_fraction=0.1",
+                   "logger=csv", f"data.path={small_corpus}", f"data.cache_dir={cache_dir}",
+                   f"hydra.sweep.dir={tmp_path}")
+    assert "File name too long" not in result.err
+    assert_ok(result)
+    (done,) = tmp_path.rglob("summary.json")
+    assert summary(done.parent)["steps"] == 3
+
+
+@pytest.mark.slow
+def test_sweep_over_a_data_path_keeps_one_folder_per_run(tmp_path, env, cache_dir, small_corpus):
+    from minillm.checkpoint import find_runs
+
+    result = train(env, "-m", f"data.path={small_corpus}", *SMALL, "trainer.max_steps=3", "logger=csv",
+                   f"data.cache_dir={cache_dir}", f"hydra.sweep.dir={tmp_path}")
+    assert_ok(result)
+    assert [p.parent for p in tmp_path.rglob("summary.json")] == [p for p in tmp_path.iterdir() if p.is_dir()]
+    (run,) = find_runs(tmp_path)
+    assert summary(run.folder)["steps"] == 3
+
+
+@pytest.mark.slow
+def test_resume_continues_from_the_last_checkpoint(tmp_path, env, cache_dir, small_corpus):
+    run_dir = tmp_path / "run"
+    common = (f"data.path={small_corpus}", "logger=csv", "trainer.log_every_n_steps=1")
+    assert_ok(small_run(env, cache_dir, run_dir, *common))
+    before = metric_rows(run_dir)
+    assert sorted(int(r["step"]) for r in before if "train/loss" in r) == list(range(MAX_STEPS))
+
+    resumed = small_run(env, cache_dir, run_dir, *common, "ckpt_path=last", "trainer.max_steps=9")
+    assert_ok(resumed)
+    assert summary(run_dir)["steps"] == 9
+    assert (run_dir / "checkpoints" / "step-000009.ckpt").is_file()
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 9
+    rows = metric_rows(run_dir)
+    train_rows = {int(r["step"]): r for r in rows if "train/loss" in r}
+    assert {6, 7, 8} <= set(train_rows)  # the new steps, numbered after the old ones
+    # The scheduler resumed too: still warming up (100 steps), lr = 3e-3 · (step + 1) / 100.
+    for step in (6, 7, 8):
+        assert train_rows[step]["train/lr"] == pytest.approx(3e-3 * (step + 1) / 100, rel=1e-6)
+        assert train_rows[step]["train/tokens"] == (step + 1) * 4 * 32
+    # The earlier rows are kept: metrics.csv holds the whole run, each step once.
+    assert sorted(int(r["step"]) for r in rows if "train/loss" in r) == list(range(9))
+    for old in before:
+        assert old in rows
+
+
+@pytest.mark.slow
+def test_resume_without_a_checkpoint_names_the_setting(tmp_path, env, cache_dir, small_corpus):
+    result = small_run(env, cache_dir, tmp_path / "empty", f"data.path={small_corpus}", "ckpt_path=last",
+                       "logger=none")
+    assert result.rc == 2 and "Traceback" not in result.err
+    assert f"ckpt_path: no checkpoint at {tmp_path / 'empty' / 'checkpoints' / 'last.ckpt'}" in result.err
+
+
+@pytest.mark.slow
+def test_run_shorter_than_the_validation_interval_still_validates(tmp_path, env, cache_dir, small_corpus):
+    result = small_run(env, cache_dir, tmp_path / "run", f"data.path={small_corpus}", "logger=csv",
+                       "trainer.max_steps=2")  # val_check_interval=3
+    assert_ok(result)
+    done = summary(tmp_path / "run")
+    assert done["steps"] == 2 and math.isfinite(done["val_loss"])
+    assert (tmp_path / "run" / "checkpoints" / "best.ckpt").is_file()
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad configurations and bad data fail fast, naming what is wrong
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("override, setting, detail", [
+    ("rope.thetaa=1", "rope.thetaa", "Key 'thetaa' not in 'RotaryConfig'"),
+    ("trainer.max_steps=abc", "trainer.max_steps", "could not be converted to Integer"),
+    ("rope.theta=-1", "rope.theta", "must be positive"),
+    ("model.n_heads=3", "model.n_heads", "not divisible by n_heads=3"),
+], ids=["unknown-key", "wrong-type", "invalid-value", "heads-do-not-divide"])
+def test_bad_config_exits_naming_the_setting(override, setting, detail, tmp_path, env, cache_dir):
+    result = small_run(env, cache_dir, tmp_path / "run", override)
+    assert result.rc != 0
+    assert setting in result.err and detail in result.err, result.err
+    assert "Traceback" not in result.err and "results in" not in result.out
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
+@pytest.mark.slow
+def test_missing_data_path_exits_with_a_clear_message(tmp_path, env, cache_dir):
+    missing = tmp_path / "nowhere" / "corpus.jsonl"
+    result = small_run(env, cache_dir, tmp_path / "run", f"data.path={missing}", "logger=none")
+    assert result.rc == 2
+    assert f"data.path='{missing}': no such file or folder" in result.err
+    assert "Traceback" not in result.err
+
+
+@pytest.mark.slow
+def test_jsonl_without_the_text_field_lists_the_fields_it_has(tmp_path, env, cache_dir):
+    path = tmp_path / "notes.jsonl"
+    path.write_text("".join(json.dumps({"id": i, "body": t}) + "\n" for i, t in enumerate(documents(4))))
+    result = small_run(env, cache_dir, tmp_path / "run", f"data.path={path}", "logger=none")
+    assert result.rc == 2
+    assert "data.text_field='text' is not a column" in result.err
+    assert "['id', 'body']" in result.err or "['body', 'id']" in result.err, result.err
+    assert "Traceback" not in result.err
+
+
+# ----------------------------------------------------------------------------------------------
+# Caches
+
+
+@pytest.mark.slow
+def test_second_run_reuses_the_tokenizer_and_token_caches(tmp_path, env, cache_dir, stdlib_run):
+    # stdlib_run was the first to use the session's cache: it trained the tokenizer and wrote the streams.
+    first = summary(stdlib_run.run_dir)
+    assert "training a 300-token byte-level BPE" in (stdlib_run.run_dir / "train.log").read_text()
+    # Its cache files: the tokenizer (the bytes the run folder got) and the token streams (by length).
+    tokenizer = (stdlib_run.run_dir / "tokenizer.json").read_bytes()
+    (bpe,) = [p for p in cache_dir.glob("tokenizers/bpe-*.json") if p.read_bytes() == tokenizer]
+    (streams,) = [p.parent for p in cache_dir.glob("tokens/*/train.json")
+                  if json.loads(p.read_text())["length"] == first["data_fingerprint"]["tokens"]["train"]]
+    cached = {p: p.stat().st_mtime_ns for p in [bpe, *streams.iterdir()]}
+    assert {"train.npy", "val.npy", "val_starts.npy"} <= {p.name for p in cached}
+
+    result = small_run(env, cache_dir, tmp_path / "run", "rope=rotate_half", "trainer.log_every_n_steps=2")
+    assert_ok(result)
+    assert "byte-level BPE" not in (tmp_path / "run" / "train.log").read_text() + result.out + result.err
+    assert {p: p.stat().st_mtime_ns for p in cached} == cached  # read, not rewritten
+    again = summary(tmp_path / "run")
+    assert again["data_fingerprint"] == first["data_fingerprint"]
+    assert again["val_loss"] == pytest.approx(first["val_loss"], abs=1e-5)  # same seed, same data, same run
+    assert again["wall_seconds"] < first["wall_seconds"] / 2, (again["wall_seconds"], first["wall_seconds"])
+
+
+# ----------------------------------------------------------------------------------------------
+# conf/: composition in-process (what Hydra hands scripts/train.py)
+
+
+@contextmanager
+def hydra_conf():
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        yield
+
+
+def compose_run(*overrides: str) -> RunConfig:
+    with hydra_conf():
+        return to_run_config(compose("config", overrides=list(overrides)))
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def load_yaml(path: Path) -> dict:
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def leaves(tree: dict, prefix: str = "") -> dict[str, object]:
+    """{"a.b": value} for every leaf, leaving out Hydra's own keys."""
+    out = {}
+    for key, value in tree.items():
+        if key in ("defaults", "hydra"):
+            continue
+        if isinstance(value, dict):
+            out.update(leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def lookup(obj, dotted: str):
+    for name in dotted.split("."):
+        obj = getattr(obj, name)
+    return obj
+
+
+def runs_model(model_cfg: ModelConfig) -> Transformer:
+    """Build the configured model (small vocabulary) and check a forward pass gives finite logits."""
+    model = Transformer(ModelConfig.from_dict({**model_cfg.to_dict(), "vocab_size": 64}))
+    logits = model(torch.randint(0, 64, (2, 16)))
+    assert logits.shape == (2, 16, 64) and torch.isfinite(logits).all()
+    return model
+
+
+def test_documented_command_rotate_half_with_a_large_base():
+    run = compose_run("rope=rotate_half", "rope.theta=500000")
+    assert run.rope == run.model.rope == RotaryConfig(variant="rotate_half", theta=500000.0)
+    position = runs_model(run.model).position
+    assert (position.variant, position.theta) == ("rotate_half", 500000.0)
+
+
+def test_documented_command_xpos():
+    run = compose_run("rope=xpos", "rope.xpos_scale_base=512")
+    assert run.model.rope == RotaryConfig(variant="complex", xpos_scale_base=512)
+    assert runs_model(run.model).position.xpos_scale_base == 512
+
+
+def test_documented_command_yarn():
+    run = compose_run("rope=complex", "rope_scaling=yarn", "rope_scaling.factor=4")
+    assert type(run.model.rope_scaling) is SCALING_CONFIGS["yarn"] and run.model.rope_scaling.factor == 4
+    position = runs_model(run.model).position
+    assert position.scaling_type == "yarn" and position.scaling["original_max_position"] == run.model.context_length
+    assert position.attention_factor == pytest.approx(0.1 * math.log(4) + 1)  # YaRN's temperature
+
+
+def test_default_composition_is_the_code_defaults():
+    run = compose_run()
+    assert run == RunConfig()
+
+
+GROUPS = ["model", "rope", "rope_scaling", "data", "tokenizer", "optim", "trainer", "logger", "experiment"]
+
+
+@pytest.mark.parametrize("group, option", [(g, o) for g in GROUPS for o in options(g)])
+def test_every_option_composes_into_the_dataclasses(group, option):
+    run = compose_run(f"{group}={option}")
+    assert isinstance(run, RunConfig) and isinstance(run.model, ModelConfig)
+    values = leaves(load_yaml(CONF / group / f"{option}.yaml"))
+    if group == "experiment":  # a global overlay: its paths start at the root
+        for path, value in values.items():
+            assert lookup(run, path) == value, path
+        return
+    node = getattr(run, group)
+    for key, value in values.items():
+        assert getattr(node, key) == value, f"{group}.{key}"
+    if group == "rope":
+        assert run.model.rope is run.rope
+        assert run.rope.variant == ("complex" if option == "xpos" else option)
+    if group == "rope_scaling":
+        assert run.model.rope_scaling is run.rope_scaling
+        assert run.rope_scaling.type == option and type(run.rope_scaling) is SCALING_CONFIGS[option]
+
+
+def test_eval_config_composes():
+    with hydra_conf():
+        config = to_run_config(compose("eval", overrides=["ckpt=outputs/train/x", "logger=csv"]))
+    assert isinstance(config, EvalConfig) and config.checkpoints == ["outputs/train/x"]
+    assert config.logger == LoggerConfig(kind="csv")
+
+
+INVALID_OVERRIDES = [
+    (("rope_scaling=linear", "rope_scaling.factor=0"), r"^rope_scaling\.factor: must be positive"),
+    (("rope=alibi", "rope_scaling=yarn"), r"^rope_scaling\.type: 'yarn' scales rotary frequencies"),
+    (("model.n_heads=3",), r"^model\.n_heads: d_model=128 is not divisible by n_heads=3"),
+]
+INVALID_IDS = ["scaling-factor-zero", "scaling-on-alibi", "heads-do-not-divide"]
+
+
+@pytest.mark.parametrize("overrides, message", INVALID_OVERRIDES, ids=INVALID_IDS)
+def test_invalid_override_raises_value_error_naming_it(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        compose_run(*overrides)
+
+
+@pytest.mark.parametrize("overrides, message", INVALID_OVERRIDES, ids=INVALID_IDS)
+def test_invalid_override_raises_config_error(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        compose_run(*overrides)
+
+
+# One source of truth: an option file states only what differs from the code; an experiment only what
+# differs from the configuration it overlays.
+
+GROUP_SCHEMAS = {"model": ModelConfig, "data": DataConfig, "tokenizer": TokenizerConfig, "optim": OptimConfig,
+                 "trainer": TrainerConfig, "logger": LoggerConfig}
+ROPE_SCHEMAS = {"rotary_schema": RotaryConfig, "baseline_schema": PositionConfig}
+
+
+def schema_of(group: str, option: str) -> type:
+    if group in GROUP_SCHEMAS:
+        return GROUP_SCHEMAS[group]
+    defaults = load_yaml(CONF / group / f"{option}.yaml").get("defaults")
+    assert defaults and len(defaults) == 1, f"conf/{group}/{option}.yaml must name its schema"
+    if group == "rope":
+        return ROPE_SCHEMAS[defaults[0]]
+    assert defaults[0].endswith("_schema")
+    return SCALING_CONFIGS[defaults[0].removesuffix("_schema")]
+
+
+@pytest.mark.parametrize("group, option", [(g, o) for g in GROUPS if g != "experiment" for o in options(g)])
+def test_option_files_restate_no_code_default(group, option):
+    defaults = schema_of(group, option)()
+    restated = {k: v for k, v in leaves(load_yaml(CONF / group / f"{option}.yaml")).items()
+                if getattr(defaults, k) == v}
+    assert not restated, f"conf/{group}/{option}.yaml restates code defaults: {restated}"
+
+
+EXPERIMENTS = options("experiment")
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiments_restate_nothing_they_overlay(experiment):
+    overlay = load_yaml(CONF / "experiment" / f"{experiment}.yaml")
+    selections = [f"{k.removeprefix('override /')}={v}" for d in overlay.get("defaults", []) for k, v in d.items()]
+    without = compose_run(*selections)  # the same option choices, none of the overlay's values
+    restated = {k: v for k, v in leaves(overlay).items() if lookup(without, k) == v}
+    assert not restated, f"conf/experiment/{experiment}.yaml restates values it already gets: {restated}"
+
+
+def test_registries_match_the_option_files():
+    assert sorted([*POSITION_ENCODINGS, "xpos"]) == options("rope")
+    assert sorted(SCALING_FUNCTIONS) == options("rope_scaling") == sorted(SCALING_CONFIGS)
