@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from minillm import data as data_module
 from minillm.config import DataConfig, TokenizerConfig
-from minillm.data import (EOS_TOKEN, TextDataModule, TrainWindows, build_tokenizer, load_documents,
+from minillm.data import (EOS_TOKEN, TextDataModule, TrainWindows, build_tokenizer, load_documents, unigram_entropy,
                           split_documents, stdlib_fingerprint)
 
 SEQ_LEN = 32
@@ -281,7 +281,9 @@ def test_streams_pack_documents_with_eos(dm):
     assert np.all(dm.val_tokens[starts[1:] - 1] == dm.eos_id)  # every document ends with EOS
     assert int((np.asarray(dm.val_tokens) == dm.eos_id).sum()) == len(starts) - 1
     fingerprint = dm.fingerprint
-    assert fingerprint["tokens"] == {"train": len(dm.train_tokens), "val": len(dm.val_tokens)}
+    assert fingerprint["tokens"] == {"train": len(dm.train_tokens), "val": len(dm.val_tokens),
+                                     "unigram_entropy_nats": unigram_entropy(dm.train_tokens, dm.vocab_size)}
+    assert 0 < fingerprint["tokens"]["unigram_entropy_nats"] < math.log(dm.vocab_size)
     assert fingerprint["split"]["val_documents"] == len(starts) - 1
     assert fingerprint["dataset"]["stdlib"] == stdlib_fingerprint()
     assert fingerprint["dataset"]["documents"] == 40 - sum(1 for t in load_documents(dm.data_config)["text"] if not t)
