@@ -10,10 +10,12 @@ Adding an encoding means one class registered here with `@register_position` and
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
+
+from minillm.kernels import rotate_half_fused, rotate_pairs, rotate_triton, triton_applies
 
 if TYPE_CHECKING:  # rope.py stays importable without the config module (the config imports the names below)
     from minillm.config import ModelConfig
@@ -22,6 +24,8 @@ if TYPE_CHECKING:  # rope.py stays importable without the config module (the con
 # ----------------------------------------------------------------------------------------------
 # Rotary layouts: the same rotation by angle m*θ_i applied to three different pairings of channels.
 # Each takes x (..., seq, rotary_dim) in float32 and cos, sin (..., seq, rotary_dim // 2).
+# These are the reference formulas: the tests compare against them, torch.compile fuses them into one
+# kernel per tensor, and eager RotaryEmbedding applies the same rotations with minillm.kernels' fused passes.
 
 
 def rotate_complex(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -243,6 +247,8 @@ class RotaryEmbedding(PositionEncoding):
         self.variant, self.theta, self.head_dim, self.rotary_dim = variant, float(theta), head_dim, rotary_dim
         self.xpos_scale_base, self.scaling = xpos_scale_base, scaling
         self._rotate = ROTARY_FUNCTIONS[variant]
+        # complex and interleaved pair adjacent channels: in eager mode both run as one complex multiplication
+        self._pairs_adjacent = variant in ("complex", "interleaved")
         self.dynamic = self.scaling_type == "dynamic_ntk"
 
         inv_freq, self.attention_factor = self._frequencies(seq_len=0)
@@ -251,8 +257,14 @@ class RotaryEmbedding(PositionEncoding):
             # A plain attribute, not a buffer: module.to(bfloat16) would round log ζ and skew the decay.
             zeta = (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim + 0.4) / 1.4
             self.xpos_log_zeta = zeta.log().float()
+        # Built once per length and device, then sliced by every layer and step.
         self._tables: Optional[tuple[Tensor, Tensor]] = None  # cos, sin: (positions, rotary_dim // 2)
         self._tables_for: Optional[int] = None  # the length a dynamic table was built for
+        self._tables_inference = False  # built under inference_mode: autograd cannot save them, so rebuilt
+        # Query and key tables for positions 0 .. length-1 derived from self._tables: XPos folded in (per
+        # length, as its scales are centred on the sequence) and the complex form for adjacent pairs.
+        # Keyed by (the cos table they came from, the XPos length, built under inference_mode).
+        self._derived: Optional[tuple[Tensor, int, bool, RotationTables, RotationTables]] = None
 
     @classmethod
     def from_config(cls, cfg: "ModelConfig") -> "RotaryEmbedding":
@@ -269,7 +281,8 @@ class RotaryEmbedding(PositionEncoding):
         """cos/sin tables (float32) covering positions 0 .. length-1, attention factor folded in."""
         original = self.scaling.get("original_max_position") or 0
         dynamic = self.dynamic and length > original
-        if self._tables is not None and self._tables[0].device == device:
+        stale = self._tables_inference and not _inference_mode()
+        if self._tables is not None and self._tables[0].device == device and not stale:
             cached = self._tables[0].shape[0]
             # Static tables are reused for any shorter length; dynamic ones hold for one length only.
             if (self._tables_for == length) if dynamic else (self._tables_for is None and cached >= length):
@@ -284,7 +297,31 @@ class RotaryEmbedding(PositionEncoding):
         cos = (angles.cos() * self.attention_factor).float().to(device)
         sin = (angles.sin() * self.attention_factor).float().to(device)
         self._tables, self._tables_for = (cos, sin), (length if dynamic else None)
+        self._tables_inference = _inference_mode()
         return cos, sin
+
+    def _side_tables(self, cos: Tensor, sin: Tensor) -> "RotationTables":
+        # No complex table inside torch.compile: Inductor generates no code for complex tensors.
+        eager_pairs = self._pairs_adjacent and not torch.compiler.is_compiling()
+        return RotationTables(cos, sin, torch.complex(cos, sin) if eager_pairs else None)
+
+    def _contiguous_tables(self, length: int, device: torch.device) -> tuple["RotationTables", "RotationTables"]:
+        """Query and key tables for positions 0 .. length-1 (plain ones may cover more), built once per length."""
+        cos, sin = self._cos_sin(length, device)
+        xpos_length = length if self.xpos_scale_base is not None else 0  # plain tables serve every length
+        inference = _inference_mode()
+        if self._derived is not None and self._derived[0] is cos and self._derived[1] == xpos_length \
+                and self._derived[2] <= inference:  # inference tensors cannot serve autograd
+            return self._derived[3], self._derived[4]
+        if self.xpos_scale_base is None:
+            q_tables = k_tables = self._side_tables(cos, sin)
+        else:
+            positions, centre = torch.arange(length, device=device), length // 2
+            q_scale, k_scale = self._xpos_scale(positions, centre, 1.0), self._xpos_scale(positions, centre, -1.0)
+            q_tables = self._side_tables(cos[:length] * q_scale, sin[:length] * q_scale)
+            k_tables = self._side_tables(cos[:length] * k_scale, sin[:length] * k_scale)
+        self._derived = (cos, xpos_length, inference, q_tables, k_tables)
+        return q_tables, k_tables
 
     def _xpos_scale(self, positions: Tensor, centre: int, sign: float) -> Tensor:
         """ζ^(±(m − c)/γ): centred on the sequence so that both signs stay within range."""
@@ -301,10 +338,14 @@ class RotaryEmbedding(PositionEncoding):
         q_len, k_len = q.shape[-2], k.shape[-2]
         if positions is None and key_positions is None:
             length = offset + q_len  # a Python int: no device sync, no graph break
-            q_pos = torch.arange(offset, length, device=q.device)
-            k_pos = torch.arange(length - k_len, length, device=q.device)
             if length < k_len:
                 raise ValueError(f"offset: {k_len} keys cannot end at position {length - 1}")
+            self._check_xpos_length(length, q.dtype)
+            # Contiguous positions: slices of the cached tables; no gather, nothing computed per call.
+            q_tables, k_tables = self._contiguous_tables(length, q.device)
+            shared = q_tables is k_tables and k_len == q_len  # no XPos, no cache: one slice serves both
+            q_tables = q_tables.rows(offset, length)
+            k_tables = q_tables if shared else k_tables.rows(length - k_len, length)
         else:
             q_pos = positions if positions is not None else torch.arange(offset, offset + q_len, device=q.device)
             k_pos = key_positions if key_positions is not None else q_pos
@@ -313,24 +354,44 @@ class RotaryEmbedding(PositionEncoding):
             if int(min(q_pos.min(), k_pos.min())) < 0:
                 raise ValueError("positions: must be non-negative")
             length = int(max(q_pos.max(), k_pos.max())) + 1
-        cos, sin = self._cos_sin(length, q.device)
-        q_cos, q_sin = _gather(cos, q_pos), _gather(sin, q_pos)
-        k_cos, k_sin = _gather(cos, k_pos), _gather(sin, k_pos)
-        if self.xpos_scale_base is not None:
-            limit = xpos_max_length(self.xpos_scale_base, q.dtype)
-            if length > limit:
-                raise ValueError(f"xpos_scale_base: XPos factors overflow {q.dtype} past {limit} positions "
-                                 f"(asked for {length}); use a wider dtype or a larger xpos_scale_base")
-            centre = length // 2
-            q_scale, k_scale = self._xpos_scale(q_pos, centre, 1.0), self._xpos_scale(k_pos, centre, -1.0)
-            q_cos, q_sin, k_cos, k_sin = q_cos * q_scale, q_sin * q_scale, k_cos * k_scale, k_sin * k_scale
-        return self._rotate_part(q, q_cos, q_sin), self._rotate_part(k, k_cos, k_sin)
+            self._check_xpos_length(length, q.dtype)
+            cos, sin = self._cos_sin(length, q.device)
+            q_cos, q_sin = _gather(cos, q_pos), _gather(sin, q_pos)
+            k_cos, k_sin = _gather(cos, k_pos), _gather(sin, k_pos)
+            if self.xpos_scale_base is not None:
+                centre = length // 2
+                q_scale, k_scale = self._xpos_scale(q_pos, centre, 1.0), self._xpos_scale(k_pos, centre, -1.0)
+                q_cos, q_sin, k_cos, k_sin = q_cos * q_scale, q_sin * q_scale, k_cos * k_scale, k_sin * k_scale
+            q_tables, k_tables = self._side_tables(q_cos, q_sin), self._side_tables(k_cos, k_sin)
+        return self._rotate_part(q, q_tables), self._rotate_part(k, k_tables)
 
-    def _rotate_part(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:  # not `_apply`: nn.Module.to uses that name
+    def _check_xpos_length(self, length: int, dtype: torch.dtype) -> None:
+        if self.xpos_scale_base is None:
+            return
+        limit = xpos_max_length(self.xpos_scale_base, dtype)
+        if length > limit:
+            raise ValueError(f"xpos_scale_base: XPos factors overflow {dtype} past {limit} positions "
+                             f"(asked for {length}); use a wider dtype or a larger xpos_scale_base")
+
+    def _rotate_part(self, x: Tensor, tables: "RotationTables") -> Tensor:  # not `_apply`: nn.Module.to uses that name
+        cos, sin, rotation = tables
+        r = self.rotary_dim
+        if not torch.compiler.is_compiling() and triton_applies(x):  # one kernel, any dtype, float32 inside
+            rotated = rotate_triton(x[..., :r], cos, sin, self._pairs_adjacent)
+            return rotated if r == x.shape[-1] else torch.cat((rotated, x[..., r:]), dim=-1)
         if cos.dim() == 3:  # per-batch positions: (batch, seq, r/2) -> broadcast over heads
             cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        r = self.rotary_dim
-        rotated = self._rotate(x[..., :r].float(), cos, sin).to(x.dtype)
+            rotation = None if rotation is None else rotation.unsqueeze(1)
+        part = x[..., :r].float()  # no copy for float32; other dtypes rotate in float32 and round once
+        if torch.compiler.is_compiling():
+            # Inductor fuses a real-valued reference formula into one kernel per tensor (complex: the
+            # interleaved formula, the same pairs without complex tensors, which Inductor cannot generate).
+            rotated = (rotate_interleaved if self._pairs_adjacent else rotate_half)(part, cos, sin)
+        elif self._pairs_adjacent:
+            rotated = rotate_pairs(part, torch.complex(cos, sin) if rotation is None else rotation)
+        else:
+            rotated = rotate_half_fused(part, cos, sin)
+        rotated = rotated.to(x.dtype)
         return rotated if r == x.shape[-1] else torch.cat((rotated, x[..., r:]), dim=-1)
 
     def rotate(self, q: Tensor, k: Tensor, offset: int = 0) -> tuple[Tensor, Tensor]:
@@ -341,8 +402,26 @@ class RotaryEmbedding(PositionEncoding):
                 f"xpos_scale_base={self.xpos_scale_base}, scaling={self.scaling_type}")
 
 
+def _inference_mode() -> bool:
+    """torch.is_inference_mode_enabled(), which torch.compile cannot trace; compiled code builds normal tensors."""
+    return not torch.compiler.is_compiling() and torch.is_inference_mode_enabled()
+
+
 def _gather(table: Tensor, positions: Tensor) -> Tensor:
     return table[positions]
+
+
+class RotationTables(NamedTuple):
+    """The rotation of one side (queries or keys): (positions, rotary_dim // 2) float32 tables with the
+    attention factor and XPos magnitudes folded in; (batch, positions, rotary_dim // 2) for per-batch positions."""
+
+    cos: Tensor
+    sin: Tensor
+    rotation: Optional[Tensor]  # cos + i·sin (complex64) for the layouts that pair adjacent channels
+
+    def rows(self, start: int, end: int) -> "RotationTables":
+        return RotationTables(self.cos[start:end], self.sin[start:end],
+                              None if self.rotation is None else self.rotation[start:end])
 
 
 @register_position("alibi")

@@ -1,0 +1,144 @@
+"""Shared pieces of the benchmark suite: interleaved timing, the environment record, tables.
+
+Every figure the suite reports next to a peer is a ratio of two measurements taken in the same run,
+interleaved round by round: on a shared machine the background load changes from second to second, and
+a peer timed a minute later is not a peer. Each round times every peer once (the order rotates between
+rounds, so no peer always runs first), and a ratio is the median over rounds of the per-round ratios.
+On CPU each sample also records the process's CPU time, which is unmoved by time slices lost to other
+processes: when wall-clock ratios scatter, the CPU-time ratio says whether the difference is real.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+
+
+def optional_transformers():
+    """The transformers package, or None: it is an optional dependency of the benchmarks (the peer model)."""
+    try:
+        import transformers
+    except ImportError:
+        return None
+    return transformers
+
+
+@dataclass
+class Settings:
+    """What every section gets: where to run, how long to measure, and the transformers peer (or None)."""
+
+    device: torch.device
+    quick: bool
+    rounds: int
+    min_sample_s: float
+    transformers: Optional[Any]
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class Timing:
+    """Seconds per call of one peer, one entry per round."""
+
+    wall: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.wall)
+
+    def as_dict(self) -> dict:
+        return {"median_s": self.median, "min_s": min(self.wall), "rounds_s": self.wall,
+                "cpu_median_s": statistics.median(self.cpu)}
+
+
+def time_peers(peers: dict[str, Callable[[], object]], device: torch.device, rounds: int,
+               min_sample_s: float) -> dict[str, Timing]:
+    """Time each peer `rounds` times, interleaved; a sample repeats a call until it lasts min_sample_s."""
+    calls = {}
+    for name, fn in peers.items():  # warm-up (allocator, kernels, caches), then size the sample
+        fn()
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        calls[name] = max(1, int(min_sample_s / max(time.perf_counter() - start, 1e-6)))
+    timings = {name: Timing() for name in peers}
+    names = list(peers)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            synchronize(device)
+            wall, cpu = time.perf_counter(), time.process_time()
+            for _ in range(calls[name]):
+                peers[name]()
+            synchronize(device)
+            timings[name].wall.append((time.perf_counter() - wall) / calls[name])
+            timings[name].cpu.append((time.process_time() - cpu) / calls[name])
+    return timings
+
+
+def speedup(timings: dict[str, Timing], ours: str, peer: str) -> dict:
+    """How many times faster `ours` ran than `peer`: median of the per-round ratios (wall clock and CPU time)."""
+    a, b = timings[ours], timings[peer]
+    return {"wall": statistics.median(p / o for p, o in zip(b.wall, a.wall)),
+            "cpu": statistics.median(p / o for p, o in zip(b.cpu, a.cpu))}
+
+
+def cpu_model() -> Optional[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def environment(device: torch.device) -> dict:
+    transformers = optional_transformers()
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__ if transformers else None,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+
+
+def print_table(title: str, header: list[str], rows: list[list], notes: tuple[str, ...] = ()) -> None:
+    cells = [[_cell(v) for v in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(header)]
+    print(f"\n{title}")
+    print("  ".join(h.rjust(w) if i else h.ljust(w) for i, (h, w) in enumerate(zip(header, widths))))
+    print("  ".join("-" * w for w in widths))
+    for row in cells:
+        print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))))
+    for note in notes:
+        print(f"  {note}")
+    sys.stdout.flush()
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+    return str(value)

@@ -1,0 +1,167 @@
+"""Long-context evaluation: time and peak memory of Transformer.token_losses against the sequence length.
+
+Peers, the same tiny model (random weights: time and memory do not depend on them), batch 1, inference_mode:
+    sdpa        rotary (complex) model as it is: no mask, SDPA's fused causal kernel (flash on CPU and CUDA)
+    naive       the same weights with NaiveAttention: an explicit (L, L) float mask, scores, softmax
+    alibi-sdpa  an ALiBi model: its (heads, L, L) bias goes to SDPA through attn_mask, so it is quadratic
+
+Peak memory. CUDA: torch.cuda.max_memory_allocated during the call, minus what was allocated before it.
+CPU: torch keeps no allocation statistics there, so each (peer, length) runs in a fresh subprocess that
+reads its resident set before the call and its high-water mark after it (reset just before the call
+through /proc/self/clear_refs), with glibc's mmap threshold pinned at 64 KiB so that freed tensors leave
+the resident set at once: the figure is the growth of resident memory during the call, allocator
+overhead included. `memory_exponent` is the slope of log(peak) against log(length) over the two longest
+lengths: 1 is linear, 2 quadratic.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import torch
+
+from common import Settings, print_table, speedup, time_peers
+from minillm.config import ModelConfig, PositionConfig
+from minillm.model import Attention, KVCache, Transformer
+from minillm.rope import PositionEncoding
+
+PEERS = ("sdpa", "naive", "alibi-sdpa")
+
+
+class NaiveAttention(Attention):
+    """Attention.forward with the SDPA call replaced by the textbook computation (no KV cache)."""
+
+    def forward(self, x: torch.Tensor, position: PositionEncoding, mask, cache: KVCache | None = None,
+                layer: int = 0, offset: int = 0) -> torch.Tensor:
+        if cache is not None or offset:
+            raise ValueError("NaiveAttention: full sequences only")
+        batch, seq, _ = x.shape
+        q, k, v = self.qkv(x).split([self.n_heads * self.head_dim, self.kv_heads * self.head_dim,
+                                     self.kv_heads * self.head_dim], dim=-1)
+        q = self.q_norm(q.view(batch, seq, self.n_heads, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(k.view(batch, seq, self.kv_heads, self.head_dim)).transpose(1, 2)
+        v = v.view(batch, seq, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = position.rotate(q, k)
+        if self.kv_heads != self.n_heads:
+            k, v = (t.repeat_interleave(self.n_heads // self.kv_heads, dim=1) for t in (k, v))
+        float_mask = torch.zeros(seq, seq, dtype=q.dtype, device=q.device)
+        float_mask.masked_fill_(torch.ones(seq, seq, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+        if mask is not None:  # an additive bias (ALiBi), causal mask already folded in
+            float_mask = float_mask + mask
+        scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim) + float_mask
+        y = scores.softmax(dim=-1) @ v
+        return self.proj(y.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim))
+
+
+def build(peer: str, device: torch.device) -> Transformer:
+    torch.manual_seed(0)
+    cfg = ModelConfig(rope=PositionConfig("alibi")) if peer == "alibi-sdpa" else ModelConfig()
+    model = Transformer(cfg).to(device).eval()
+    if peer == "naive":
+        for block in model.blocks:
+            block.attn.__class__ = NaiveAttention
+    return model
+
+
+def lengths(device: torch.device, quick: bool) -> list[int]:
+    if quick:
+        return [64, 128]
+    top = 16384 if device.type == "cuda" else 4096
+    return [2**i for i in range(8, int(math.log2(top)) + 1)]
+
+
+def tokens(length: int, vocab: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator(device).manual_seed(length)
+    ids = torch.randint(0, vocab, (1, length + 1), generator=g, device=device)
+    return ids[:, :-1], ids[:, 1:]
+
+
+def evaluate(model: Transformer, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return model.token_losses(idx, targets)
+
+
+def peak_memory(cases: list[tuple[str, int]], device: torch.device) -> dict[tuple[str, int], int]:
+    """Bytes per (peer, length): the growth of memory in use during one evaluation."""
+    if device.type == "cpu":  # one fresh process measures every case (see the module docstring)
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+        out = subprocess.run([sys.executable, __file__, "--probe", json.dumps(cases), str(torch.get_num_threads())],
+                             capture_output=True, text=True, env=env, check=True)
+        return {(peer, length): peak for peer, length, peak in json.loads(out.stdout.strip().splitlines()[-1])}
+    peaks = {}
+    for peer, length in cases:
+        model = build(peer, device)
+        idx, targets = tokens(length, model.cfg.vocab_size, device)
+        evaluate(model, idx, targets)  # warm-up: kernels, rotary tables
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        evaluate(model, idx, targets)
+        peaks[peer, length] = torch.cuda.max_memory_allocated(device) - before
+        del model
+    return peaks
+
+
+def _probe(cases: list[tuple[str, int]]) -> None:
+    """In a fresh CPU process: resident-set growth of each evaluation, printed as JSON."""
+
+    def status(key: str) -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
+
+    models = {peer: build(peer, torch.device("cpu")) for peer in {peer for peer, _ in cases}}
+    peaks = []
+    for peer, length in cases:
+        idx, targets = tokens(length, models[peer].cfg.vocab_size, torch.device("cpu"))
+        evaluate(models[peer], idx, targets)  # warm-up: threads, kernels, rotary tables; all freed after
+        before = status("VmRSS:")
+        with open("/proc/self/clear_refs", "w") as f:  # reset the high-water mark to the current resident set
+            f.write("5")
+        evaluate(models[peer], idx, targets)
+        peaks.append((peer, length, max(0, status("VmHWM:") - before)))
+    print(json.dumps(peaks))
+
+
+def run(settings: Settings) -> dict:
+    device, quick, rounds, min_sample_s = settings.device, settings.quick, settings.rounds, settings.min_sample_s
+    models = {peer: build(peer, device) for peer in PEERS}
+    reference_idx, reference_targets = tokens(64, models["sdpa"].cfg.vocab_size, device)
+    torch.testing.assert_close(evaluate(models["naive"], reference_idx, reference_targets),  # same model, same losses
+                               evaluate(models["sdpa"], reference_idx, reference_targets), rtol=1e-4, atol=1e-4)
+    rows = []
+    peaks = peak_memory([(peer, length) for length in lengths(device, quick) for peer in PEERS], device)
+    for length in lengths(device, quick):
+        idx, targets = tokens(length, models["sdpa"].cfg.vocab_size, device)
+        timings = time_peers({peer: (lambda m=model: evaluate(m, idx, targets)) for peer, model in models.items()},
+                             device, rounds, min_sample_s)
+        row = {"length": length}
+        for peer in PEERS:
+            row[peer] = {**timings[peer].as_dict(), "peak_bytes": peaks[peer, length],
+                         "tokens_per_s": length / timings[peer].median}
+        row["sdpa_speedup_vs_naive"] = speedup(timings, "sdpa", "naive")
+        row["naive_memory_over_sdpa"] = row["naive"]["peak_bytes"] / max(row["sdpa"]["peak_bytes"], 1)
+        rows.append(row)
+    exponents = {peer: math.log(max(rows[-1][peer]["peak_bytes"], 1) / max(rows[-2][peer]["peak_bytes"], 1))
+                 / math.log(rows[-1]["length"] / rows[-2]["length"]) for peer in PEERS}
+    print_results(rows, exponents)
+    return {"model": "tiny", "batch": 1, "rows": rows, "memory_exponent": exponents,
+            "memory_measure": "cuda max_memory_allocated" if device.type == "cuda" else "resident-set growth"}
+
+
+def print_results(rows: list[dict], exponents: dict) -> None:
+    table = [[r["length"], *(r[p]["median_s"] * 1e3 for p in PEERS), *(r[p]["peak_bytes"] / 2**20 for p in PEERS),
+              f"{r['sdpa_speedup_vs_naive']['wall']:.2f}x", f"{r['naive_memory_over_sdpa']:.1f}x"] for r in rows]
+    print_table("long-context evaluation (token_losses, batch 1, tiny model)",
+                ["length", *(f"{p} ms" for p in PEERS), *(f"{p} MiB" for p in PEERS), "sdpa vs naive",
+                 "naive/sdpa mem"], table,
+                ("memory growth exponents over the two longest lengths (1 linear, 2 quadratic): "
+                 + ", ".join(f"{p} {e:.2f}" for p, e in exponents.items()),))
+
+
+if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "--probe":
+    torch.set_num_threads(int(sys.argv[3]))
+    _probe([tuple(case) for case in json.loads(sys.argv[2])])

@@ -1,0 +1,112 @@
+"""The benchmark suite runs end to end (toy sizes, no timing asserted); blocks compile without graph breaks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from minillm.config import ModelConfig, PositionConfig, RotaryConfig
+from minillm.model import Transformer
+
+ROOT = Path(__file__).resolve().parent.parent
+SUITE = ROOT / "benchmarks" / "run.py"
+
+
+def run_suite(tmp_path: Path, *args: str, env: dict | None = None) -> tuple[dict, str]:
+    out = tmp_path / "results.json"
+    done = subprocess.run([sys.executable, str(SUITE), "--quick", "--threads", "1", "--out", str(out), *args],
+                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return json.loads(out.read_text()), done.stdout
+
+
+@pytest.mark.slow
+def test_quick_suite_reports_every_section_with_its_ratios(tmp_path):
+    pytest.importorskip("transformers")
+    results, stdout = run_suite(tmp_path)
+    env = results["environment"]
+    for key in ("torch", "transformers", "device", "cpu_model", "torch_threads", "load_average"):
+        assert key in env
+    assert env["torch_threads"] == 1 and results["transformers_peers"] is True
+
+    (case,) = results["rope"]["cases"]
+    assert set(case["modes"]) == {"forward", "forward_backward"}
+    for mode in case["modes"].values():
+        ours = {name for name in mode["peers"] if name.startswith("ours:")}
+        assert len(ours) == 6  # three layouts, each with and without XPos
+        assert {"transformers", "transformers-apply", "copy"} <= set(mode["peers"])
+        for name in ours:
+            assert mode["peers"][name]["bytes_per_s"] > 0
+            for ratio in ("vs_reference", "vs_transformers", "vs_transformers_apply", "fraction_of_copy"):
+                assert mode["ratios"][name][ratio]["wall"] > 0 and mode["ratios"][name][ratio]["cpu"] > 0
+        assert mode["layout_spread"] >= 1.0
+
+    (model,) = results["train"]["models"]
+    assert model["ours"]["tokens_per_s"] > 0 and model["transformers"]["tokens_per_s"] > 0
+    assert model["speedup_vs_transformers"]["wall"] > 0 and model["ours"]["model_flops_per_s"] > 0
+
+    rows = results["longctx"]["rows"]
+    assert [row["length"] for row in rows] == [64, 128]
+    for row in rows:
+        for peer in ("sdpa", "naive", "alibi-sdpa"):
+            assert row[peer]["median_s"] > 0 and row[peer]["peak_bytes"] > 0
+        assert row["sdpa_speedup_vs_naive"]["wall"] > 0 and row["naive_memory_over_sdpa"] > 0
+    assert set(results["longctx"]["memory_exponent"]) == {"sdpa", "naive", "alibi-sdpa"}
+
+    for title in ("rope forward:", "rope forward_backward:", "train step", "long-context evaluation"):
+        assert title in stdout
+
+
+@pytest.mark.slow
+def test_suite_without_the_transformers_peers_says_so(tmp_path):
+    results, stdout = run_suite(tmp_path, "--only", "rope,train", "--skip-transformers")
+    assert "its peers are skipped" in stdout
+    assert results["transformers_peers"] is False and "longctx" not in results
+    mode = results["rope"]["cases"][0]["modes"]["forward_backward"]
+    assert "transformers" not in mode["peers"] and "vs_transformers" not in mode["ratios"]["ours:complex"]
+    (model,) = results["train"]["models"]
+    assert "transformers" not in model and model["speedup_vs_transformers"] is None
+
+
+def test_unknown_section_is_refused(tmp_path):
+    done = subprocess.run([sys.executable, str(SUITE), "--only", "rope,nope"], capture_output=True, text=True)
+    assert done.returncode != 0 and "--only" in done.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.compile: a block's forward, position encoding included, is one graph
+
+
+COMPILED = {  # name: (position encoding, also compile the backward)
+    "complex": (RotaryConfig("complex"), False),
+    "rotate_half_xpos": (RotaryConfig("rotate_half", xpos_scale_base=16.0), True),
+    "interleaved_partial": (RotaryConfig("interleaved", rotary_dim=8), False),
+    "alibi": (PositionConfig("alibi"), False),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(COMPILED))
+def test_block_compiles_to_one_graph_and_matches_eager(name):
+    torch._dynamo.reset()
+    position_cfg, backward = COMPILED[name]
+    model = Transformer(ModelConfig(vocab_size=64, d_model=64, n_heads=4, n_kv_heads=2, n_layers=1, rope=position_cfg))
+    block, position = model.blocks[0], model.position
+    x = torch.randn(2, 24, 64, generator=torch.Generator().manual_seed(0), requires_grad=backward)
+    mask = model._mask(24, 24, x.device, x.dtype)  # None for the rotary models, ALiBi's bias otherwise
+    # fullgraph=True raises on any graph break; the rotary tables are built inside the compiled region
+    compiled = torch.compile(block, fullgraph=True)
+    with torch.set_grad_enabled(backward):
+        out = compiled(x, position, mask)
+        eager = block(x, position, mask)
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+    if backward:
+        grad = torch.randn_like(out)
+        (compiled_grad,) = torch.autograd.grad(out, x, grad)
+        (eager_grad,) = torch.autograd.grad(eager, x, grad)
+        torch.testing.assert_close(compiled_grad, eager_grad, rtol=1e-4, atol=1e-5)

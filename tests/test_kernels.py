@@ -1,0 +1,136 @@
+"""The fused rotary kernels equal rope.py's reference formulas, forward and backward, on every input layout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from minillm.kernels import TRITON_AVAILABLE, rotate_half_fused, rotate_pairs, rotate_triton
+from minillm.rope import rotate_half, rotate_interleaved
+
+
+def tables(seq: int, half: int, dtype=torch.float32, magnitude: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    angles = torch.rand(seq, half, generator=g, dtype=torch.float64) * 6.3
+    scale = torch.rand(seq, half, generator=g, dtype=torch.float64) + 0.5 if magnitude else 1.0  # XPos-like
+    return (angles.cos() * scale).to(dtype), (angles.sin() * scale).to(dtype)
+
+
+def projected(batch: int, seq: int, heads: int, head_dim: int, dtype=torch.float32,
+              device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """q and k as Attention makes them: strided views into one fused projection, (batch, heads, seq, head_dim)."""
+    qkv = torch.randn(batch, seq, 3 * heads * head_dim, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    qkv = qkv.to(device)
+    q, k, _ = qkv.split(heads * head_dim, dim=-1)
+    return (t.view(batch, seq, heads, head_dim).transpose(1, 2) for t in (q, k))
+
+
+@pytest.mark.parametrize("magnitude", [False, True])
+def test_fused_kernels_equal_the_reference_formulas_on_strided_views(magnitude):
+    q, k = projected(2, 7, 3, 8)
+    cos, sin = tables(7, 4, magnitude=magnitude)
+    for x in (q, k, q.contiguous(), k[..., 1:5, :]):
+        c, s = (cos, sin) if x.shape[-2] == 7 else (cos[1:5], sin[1:5])
+        torch.testing.assert_close(rotate_pairs(x, torch.complex(c, s)), rotate_interleaved(x, c, s))
+        torch.testing.assert_close(rotate_half_fused(x, c, s), rotate_half(x, c, s))
+
+
+def test_per_batch_tables_broadcast_over_heads():
+    q, _ = projected(2, 5, 3, 8)
+    cos, sin = (t.view(2, 5, 4) for t in tables(10, 4))
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (batch, 1, seq, d/2)
+    torch.testing.assert_close(rotate_pairs(q, torch.complex(cos, sin)), rotate_interleaved(q, cos, sin))
+    torch.testing.assert_close(rotate_half_fused(q, cos, sin), rotate_half(q, cos, sin))
+
+
+def test_odd_strides_are_copied_not_misread():
+    """A view whose strides cannot be read as complex pairs (odd offset) goes through a copy."""
+    base = torch.randn(2, 3, 5, 9)
+    x = base[..., 1:]  # storage offset 1: no complex view of it exists
+    cos, sin = tables(5, 4)
+    torch.testing.assert_close(rotate_pairs(x, torch.complex(cos, sin)), rotate_interleaved(x, cos, sin))
+
+
+@pytest.mark.parametrize("kernel", ["pairs", "half"])
+def test_gradients_pass_gradcheck(kernel):
+    """The backward is the transposed rotation (magnitudes included); checked in float64 by finite differences."""
+    cos, sin = tables(4, 3, torch.float64, magnitude=True)
+    x = torch.randn(2, 2, 4, 6, dtype=torch.float64, requires_grad=True)
+    if kernel == "pairs":
+        rotation = torch.complex(cos, sin)
+        assert torch.autograd.gradcheck(lambda x: rotate_pairs(x, rotation), (x,))
+    else:
+        assert torch.autograd.gradcheck(lambda x: rotate_half_fused(x, cos, sin), (x,))
+
+
+def test_gradients_equal_the_reference_formulas_on_strided_views():
+    q, _ = projected(2, 6, 2, 8)
+    q.requires_grad_()
+    cos, sin = tables(6, 4, magnitude=True)
+    grad = torch.randn(2, 2, 6, 8)
+    for fused, reference in ((lambda x: rotate_pairs(x, torch.complex(cos, sin)), rotate_interleaved),
+                             (lambda x: rotate_half_fused(x, cos, sin), rotate_half)):
+        (ours,) = torch.autograd.grad(fused(q), q, grad)
+        (theirs,) = torch.autograd.grad(reference(q, cos, sin), q, grad)
+        torch.testing.assert_close(ours, theirs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton (CUDA only): the kernel agrees with the torch path, and RotaryEmbedding on CUDA with itself on CPU
+
+needs_triton = pytest.mark.skipif(not (torch.cuda.is_available() and TRITON_AVAILABLE), reason="needs CUDA and triton")
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("adjacent", [True, False])
+def test_triton_kernel_agrees_with_the_torch_kernels(adjacent, dtype):
+    q, _ = projected(2, 33, 3, 64, dtype, "cuda")  # strided views, a row count that is no multiple of the block
+    q.requires_grad_()
+    assert not q.is_contiguous()
+    cos, sin = (t.cuda() for t in tables(33, 32, magnitude=True))
+    grad = torch.randn(q.shape, device="cuda", dtype=dtype)
+    ours = rotate_triton(q, cos, sin, adjacent)
+    torch_path = (lambda x: rotate_pairs(x, torch.complex(cos, sin))) if adjacent else (lambda x: rotate_half_fused(x, cos, sin))
+    theirs = torch_path(q.float()).to(dtype)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    assert ours.dtype == dtype and ours.is_contiguous()
+    torch.testing.assert_close(ours, theirs, **tol)
+    (ours_grad,) = torch.autograd.grad(ours, q, grad)
+    (theirs_grad,) = torch.autograd.grad(theirs, q, grad)
+    torch.testing.assert_close(ours_grad, theirs_grad, **tol)
+
+
+@needs_triton
+@pytest.mark.parametrize("variant", ["complex", "interleaved", "rotate_half"])
+def test_rotary_embedding_on_cuda_equals_cpu(variant):
+    from minillm.rope import RotaryEmbedding
+
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 4, 40, 16, generator=g), torch.randn(2, 2, 40, 16, generator=g)
+    positions = torch.randint(0, 500, (2, 40), generator=g)
+    for kwargs in ({}, {"offset": 7}, {"positions": positions}):
+        for xpos, rotary_dim in ((None, None), (64.0, 12)):
+            cpu = RotaryEmbedding(16, variant, rotary_dim=rotary_dim, xpos_scale_base=xpos)
+            gpu = RotaryEmbedding(16, variant, rotary_dim=rotary_dim, xpos_scale_base=xpos).cuda()
+            cuda_kwargs = {key: v.cuda() if torch.is_tensor(v) else v for key, v in kwargs.items()}
+            for ours, theirs in zip(gpu(q.cuda(), k.cuda(), **cuda_kwargs), cpu(q, k, **kwargs)):
+                torch.testing.assert_close(ours.cpu(), theirs, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["complex", "rotate_half"])
+@pytest.mark.parametrize("xpos", [None, 32.0])
+def test_cached_tables_built_under_inference_mode_never_reach_autograd(variant, xpos):
+    """Tables derived under inference_mode (XPos for a new length, the complex form) are rebuilt for training."""
+    from minillm.rope import RotaryEmbedding
+
+    rope = RotaryEmbedding(8, variant, xpos_scale_base=xpos)
+    x = torch.randn(1, 2, 20, 8)
+    rope(x, x)  # plain tables for 32 positions, built with autograd on
+    with torch.inference_mode():
+        rope(x[..., :10, :], x[..., :10, :])  # a shorter length: derived tables built in inference mode
+    weight = torch.randn(8, 8, requires_grad=True)
+    q = x[..., :10, :] @ weight
+    q_rot, k_rot = rope(q, q)
+    (q_rot * k_rot).sum().backward()
+    assert weight.grad is not None and bool(weight.grad.isfinite().all())
