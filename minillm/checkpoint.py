@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import pickle
-import zipfile
+import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -46,8 +46,14 @@ def _checkpoint_in(folder: Path) -> Optional[Path]:
     return None
 
 
+def _natural_key(path: Path) -> list:
+    """'2_rope=alibi' before '10_rope=xpos': Hydra numbers multirun jobs without padding."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
+
+
 def find_runs(path: str | Path) -> list[Run]:
-    """A .ckpt file, a run folder, or a folder of run folders (a multirun) -> the runs in it."""
+    """A .ckpt file, a run folder, or a folder of run folders (a multirun, one level deep) -> the runs in it.
+    A run folder's checkpoint is checkpoints/best.ckpt, else checkpoints/last.ckpt."""
     path = Path(path).expanduser()
     if path.is_file():
         folder = path.parent.parent if path.parent.name == "checkpoints" else path.parent
@@ -56,7 +62,7 @@ def find_runs(path: str | Path) -> list[Run]:
         raise CheckpointError(f"ckpt: {path} does not exist")
     if (checkpoint := _checkpoint_in(path)) is not None:
         return [Run(checkpoint, path)]
-    runs = [Run(c, sub) for sub in sorted(p for p in path.iterdir() if p.is_dir())
+    runs = [Run(c, sub) for sub in sorted((p for p in path.iterdir() if p.is_dir()), key=_natural_key)
             if (c := _checkpoint_in(sub)) is not None]
     if not runs:
         raise CheckpointError(f"ckpt: no checkpoints/best.ckpt or checkpoints/last.ckpt in {path} "
@@ -64,18 +70,38 @@ def find_runs(path: str | Path) -> list[Run]:
     return runs
 
 
+def _reason(error: Exception) -> str:
+    """One line on why loading failed (torch.load's own messages run to a page)."""
+    text = str(error)
+    if (refused := re.search(r"Unsupported global: GLOBAL (\S+)", text)) is not None:
+        return f"it holds a Python object that weights_only loading will not build: {refused.group(1)}"
+    if "Weights only load failed" in text:
+        operand = re.search(r"Unsupported operand \d+", text)
+        return "not a pickle the safe unpickler can read" + (f": {operand.group(0)}" if operand else "")
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    first = first.split(". ")[0]  # miniz and friends add paragraphs of advice after the first sentence
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__
+
+
 def load_checkpoint(path: str | Path) -> dict:
     """torch.load with weights_only=True: a checkpoint someone hands you cannot run code."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+        raise CheckpointError(f"checkpoint {path} does not exist" if not path.exists() else
+                              f"checkpoint {path} is not a file")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError) as error:
-        raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({str(error).splitlines()[0]})") from error
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint \
-            or "model" not in checkpoint.get("hyper_parameters", {}):
-        raise CheckpointError(f"checkpoint {path} was not written by minillm (no hyper_parameters.model)")
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says it all
+            warnings.simplefilter("ignore")
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # unpickling foreign bytes can raise nearly anything (KeyError, EOFError, ...)
+        raise CheckpointError(f"checkpoint {path} is corrupt, truncated or not a PyTorch checkpoint "
+                              f"({_reason(error)})") from error
+    hyper_parameters = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+    if not isinstance(hyper_parameters, dict) or "model" not in hyper_parameters \
+            or not isinstance(checkpoint.get("state_dict"), dict):
+        found = sorted(map(str, checkpoint))[:8] if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise CheckpointError(f"checkpoint {path} was not written by minillm's training (expected state_dict and "
+                              f"hyper_parameters.model; found {found})")
     return checkpoint
 
 
@@ -84,10 +110,14 @@ def load_model(path: str | Path) -> Transformer:
     checkpoint = load_checkpoint(path)
     try:
         model = Transformer(ModelConfig.from_dict(checkpoint["hyper_parameters"]["model"]))
-        prefix = "model."
-        state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+    except (ValueError, TypeError) as error:
+        raise CheckpointError(f"checkpoint {path} holds an invalid model config: {_reason(error)}") from error
+    prefix = "model."
+    state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+    try:
         model.load_state_dict(state)
-    except (ValueError, RuntimeError, TypeError) as error:
-        raise CheckpointError(f"checkpoint {path} does not match its own model config: "
-                              f"{str(error).splitlines()[0]}") from error
+    except RuntimeError as error:  # "Error(s) in loading state_dict ...", then one line per problem
+        problems = "; ".join(line.strip() for line in str(error).splitlines()[1:] if line.strip())
+        raise CheckpointError(f"checkpoint {path}: the weights do not fit the model its config describes "
+                              f"({problems[:400] or _reason(error)})") from error
     return model.eval()

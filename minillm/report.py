@@ -12,7 +12,7 @@ from pathlib import Path
 from statistics import mean, stdev
 from typing import Optional
 
-ROW_KEYS = ("model", "method", "attention")  # what one table row compares; seeds are averaged within it
+PASSKEY_COLUMNS = ("model", "run", "seed", "method", "length", "depth", "trials", "exact_match", "key_logprob")
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -31,10 +31,11 @@ def position_rows(records: list[dict]) -> list[dict]:
             for r in records for bucket in r.get("by_position", [])]
 
 
-def _csv(rows: list[dict]) -> str:
-    if not rows:
+def _csv(rows: list[dict], columns: tuple[str, ...] = ()) -> str:
+    """CSV of `rows` (columns: the union of their keys, in order of appearance); just the header when empty."""
+    columns = list(dict.fromkeys([*columns, *(key for row in rows for key in row)]))
+    if not columns:
         return ""
-    columns = list(dict.fromkeys(key for row in rows for key in row))
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=columns)
     writer.writeheader()
@@ -42,7 +43,7 @@ def _csv(rows: list[dict]) -> str:
     return out.getvalue()
 
 
-def _fmt(values: list[float]) -> str:
+def _fmt(values: list[Optional[float]]) -> str:
     values = [v for v in values if v is not None and math.isfinite(v)]
     if not values:
         return "n/a"
@@ -51,92 +52,156 @@ def _fmt(values: list[float]) -> str:
     return f"{mean(values):.3g} ± {stdev(values):.2g}"
 
 
-def perplexity_table(records: list[dict]) -> str:
-    """Markdown: perplexity per length (mean ± std over seeds), one row per model × method × attention."""
-    lengths = sorted({r["length"] for r in records})
-    cells: dict[tuple, dict[int, list]] = defaultdict(lambda: defaultdict(list))
-    seeds: dict[tuple, set] = defaultdict(set)
+def table_groups(records: list[dict]) -> dict[tuple, list[dict]]:
+    """The rows of the perplexity table: (model, trained length, scaling, attention, run) -> records.
+
+    Runs that differ only in seed share a row (run None) and are averaged. Two runs with the same label,
+    trained length and seed are different models (another size, another corpus), so they get a row each.
+    """
+    def base(r: dict) -> tuple:
+        return r["model"], r.get("trained_length"), r["method"], r["attention"]
+
+    runs_by_seed: dict[tuple, dict] = defaultdict(lambda: defaultdict(set))
     for r in records:
-        key = tuple(r[k] for k in ROW_KEYS)
-        cells[key][r["length"]].append(r["ppl"] if r.get("applicable", True) else None)
-        seeds[key].add(r.get("seed"))
-    header = ["model", "scaling", "attention", "seeds"] + [f"ppl @ {n}" for n in lengths]
+        runs_by_seed[base(r)][r.get("seed")].add(r.get("run"))
+    clash = {key for key, by_seed in runs_by_seed.items() if any(len(runs) > 1 for runs in by_seed.values())}
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in records:
+        groups[base(r) + (r.get("run") if base(r) in clash else None,)].append(r)
+    return dict(sorted(groups.items(), key=lambda item: tuple(map(str, item[0]))))
+
+
+def series_label(key: tuple) -> str:
+    """'complex θ=10000 / yarn / sliding': the model, then what differs from plain evaluation."""
+    model, _, method, attention, run = key
+    parts = [model if run is None else f"{model} [{run}]"]
+    parts += [method] if method != "none" else []
+    parts += [attention] if attention != "full" else []
+    return " / ".join(parts)
+
+
+def perplexity_table(records: list[dict]) -> str:
+    """Markdown: perplexity per length (mean ± std over seeds); n/a where the model cannot run that long."""
+    lengths = sorted({r["length"] for r in records})
+    header = ["model", "trained", "scaling", "attention", "seeds"] + [f"ppl @ {n}" for n in lengths]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for key in sorted(cells):
-        lines.append("| " + " | ".join([*key, str(len(seeds[key]))] + [_fmt(cells[key][n]) for n in lengths]) + " |")
+    for key, group in table_groups(records).items():
+        model, trained, method, attention, run = key
+        by_length: dict[int, list] = defaultdict(list)
+        for r in group:
+            by_length[r["length"]].append(r["ppl"] if r.get("applicable", True) else None)
+        seeds = len({r.get("seed") for r in group})
+        name = model if run is None else f"{model} [{run}]"
+        cells = [name, str(trained), method, attention, str(seeds)] + [_fmt(by_length.get(n, [])) for n in lengths]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def passkey_table(rows: list[dict]) -> str:
-    """Markdown: exact-match accuracy and mean key log-probability per model × method × length."""
+    """Markdown: exact-match accuracy per depth and overall, and the mean key log-probability, per
+    model × scaling × length (seeds pooled)."""
     if not rows:
         return ""
+    depths = sorted({r["depth"] for r in rows})
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
         groups[(r["model"], r["method"], r["length"])].append(r)
-    lines = ["| model | scaling | length | trials | exact match | key log-prob (nats) |", "|---|---|---|---|---|---|"]
-    for (model, method, length), group in sorted(groups.items()):
+    header = ["model", "scaling", "length", "trials"] + [f"depth {d:g}" for d in depths] + \
+             ["exact match", "key log-prob (nats)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for (model, method, length), group in sorted(groups.items(), key=lambda item: tuple(map(str, item[0]))):
         trials = sum(g["trials"] for g in group)
+        per_depth = []
+        for depth in depths:
+            at = [g for g in group if g["depth"] == depth]
+            n = sum(g["trials"] for g in at)
+            per_depth.append(f"{sum(g['exact_match'] * g['trials'] for g in at) / n:.0%}" if n else "n/a")
         accuracy = sum(g["exact_match"] * g["trials"] for g in group) / trials
         logprob = sum(g["key_logprob"] * g["trials"] for g in group) / trials
-        lines.append(f"| {model} | {method} | {length} | {trials} | {accuracy:.0%} | {logprob:.2f} |")
+        lines.append("| " + " | ".join([model, method, str(length), str(trials), *per_depth,
+                                        f"{accuracy:.0%}", f"{logprob:.2f}"]) + " |")
     return "\n".join(lines)
 
 
 def theory_table(theory: list[dict]) -> str:
+    """Markdown: the critical dimension (Liu et al. 2023) and the base bound (Men et al. 2024) per model and
+    length. predicted: 'ok' when the model's base keeps B(m) ≥ 0 up to the length (supported_length when
+    the record has it, else θ ≥ the minimum base)."""
     if not theory:
         return ""
-    lines = ["| model | rotary dim | θ | critical dim (Liu 2023) | T_extra | eval length | min base (Men 2024) | predicted |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | rotary dim | θ | critical dim (Liu 2023) | T_extra | eval length | min base (Men 2024) | "
+             "base supports (Men 2024) | predicted |", "|---|---|---|---|---|---|---|---|---|"]
+    seen = set()
     for t in theory:
+        key = (t["model"], t["rotary_dim"], t["theta"], t.get("trained_length"), t["length"])
+        if key in seen:  # one row for all seeds of a model
+            continue
+        seen.add(key)
+        supported = t.get("supported_length")
+        ok = supported >= t["length"] if supported is not None else t["theta"] >= t["min_base"]
         lines.append(f"| {t['model']} | {t['rotary_dim']} | {t['theta']:g} | {t['critical_dim']} | "
                      f"{t['extrapolation_bound']:.0f} | {t['length']} | {t['min_base']:.3g} | "
-                     f"{'ok' if t['theta'] >= t['min_base'] else 'base too small'} |")
+                     f"{'n/a' if supported is None else supported} | {'ok' if ok else 'base too small'} |")
     return "\n".join(lines)
 
 
 def plot(records: list[dict], out_dir: Path) -> list[Path]:
-    """ppl_vs_length.png and loss_vs_position.png (at the longest length)."""
+    """ppl_vs_length.png and loss_vs_position.png (each series at its longest applicable length)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
+    groups = table_groups(records)
+    trained = sorted({r["trained_length"] for r in records if r.get("trained_length")})
     paths = []
-    series: dict[tuple, dict[int, list]] = defaultdict(lambda: defaultdict(list))
-    for r in records:
-        if r.get("applicable", True) and r["ppl"] is not None and math.isfinite(r["ppl"]):
-            series[tuple(r[k] for k in ROW_KEYS)][r["length"]].append(r["ppl"])
+
     fig, ax = plt.subplots(figsize=(8, 5))
-    for key, by_length in sorted(series.items()):
-        lengths = sorted(by_length)
-        ax.plot(lengths, [mean(by_length[n]) for n in lengths], marker="o", label=" / ".join(k for k in key if k not in ("none", "full")) or key[0])
-    trained = sorted({r["trained_length"] for r in records})
+    for key, group in groups.items():
+        by_length: dict[int, list] = defaultdict(list)
+        for r in group:
+            if r.get("applicable", True) and r["ppl"] is not None and math.isfinite(r["ppl"]):
+                by_length[r["length"]].append(r["ppl"])
+        if by_length:
+            lengths = sorted(by_length)
+            ax.plot(lengths, [mean(by_length[n]) for n in lengths], marker="o", label=series_label(key))
     for n in trained:
         ax.axvline(n, color="grey", linestyle=":", linewidth=1)
     ax.set(xscale="log", yscale="log", xlabel="evaluation length (tokens)", ylabel="perplexity",
            title="Perplexity against length (dotted: training length)")
-    ax.legend(fontsize=7, ncol=2)
+    plain = ticker.FuncFormatter(lambda value, _: f"{value:g}")  # not 2.96×10²: ranges are often narrow
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+    ax.set_xticks(sorted({r["length"] for r in records}))
+    ax.yaxis.set_major_formatter(ticker.LogFormatter(labelOnlyBase=False))
+    ax.yaxis.set_minor_formatter(ticker.LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     paths.append(out_dir / "ppl_vs_length.png")
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
 
-    longest = max(r["length"] for r in records)
     fig, ax = plt.subplots(figsize=(8, 5))
-    curves: dict[tuple, dict[int, list]] = defaultdict(lambda: defaultdict(list))
-    for r in records:
-        if r["length"] == longest and r.get("applicable", True):
-            for b in r["by_position"]:
-                curves[tuple(r[k] for k in ROW_KEYS)][b["position_start"]].append(b["loss"])
-    for key, by_start in sorted(curves.items()):
+    for key, group in groups.items():
+        usable = [r for r in group if r.get("applicable", True) and r.get("by_position")]
+        if not usable:
+            continue
+        longest = max(r["length"] for r in usable)
+        by_start: dict[int, list] = defaultdict(list)
+        for r in usable:
+            if r["length"] == longest:
+                for bucket in r["by_position"]:
+                    by_start[bucket["position_start"]].append(bucket["loss"])
         starts = sorted(by_start)
-        ax.plot(starts, [mean(by_start[s]) for s in starts], label=" / ".join(k for k in key if k not in ("none", "full")) or key[0])
+        ax.plot(starts, [mean(by_start[s]) for s in starts], label=f"{series_label(key)} @ {longest}")
     for n in trained:
         ax.axvline(n, color="grey", linestyle=":", linewidth=1)
     ax.set(xlabel="position in window (bucket start)", ylabel="loss (nats)",
-           title=f"Loss against position at length {longest} (dotted: training length)")
-    ax.legend(fontsize=7, ncol=2)
+           title="Loss against position at the longest length (dotted: training length)")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     paths.append(out_dir / "loss_vs_position.png")
     fig.savefig(paths[-1], dpi=120)
@@ -146,7 +211,12 @@ def plot(records: list[dict], out_dir: Path) -> list[Path]:
 
 def write_report(records: list[dict], passkey: list[dict], theory: list[dict], out_dir: Path,
                  header: str = "") -> dict[str, Path]:
-    """Every number as JSON and CSV, the tables as markdown, the plots as PNG; each file written atomically."""
+    """Every number as JSON and CSV, the tables as markdown, the plots as PNG; each file written atomically.
+
+    results.json: {"perplexity": records (with by_position), "passkey": ..., "theory": ...};
+    results.csv: one row per record; loss_by_position.csv: one row per record and position bucket;
+    passkey.csv: one row per (run, scaling, length, depth); report.md; ppl_vs_length.png; loss_vs_position.png.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {
         "json": out_dir / "results.json",
@@ -159,7 +229,7 @@ def write_report(records: list[dict], passkey: list[dict], theory: list[dict], o
                                             indent=1, default=str))
     _atomic_write(files["csv"], _csv(flat_rows(records)))
     _atomic_write(files["positions_csv"], _csv(position_rows(records)))
-    _atomic_write(files["passkey_csv"], _csv(passkey))
+    _atomic_write(files["passkey_csv"], _csv(passkey, PASSKEY_COLUMNS))
     sections = [header, "## Perplexity against evaluation length\n", perplexity_table(records)]
     if passkey:
         sections += ["\n## Passkey retrieval\n", passkey_table(passkey)]
@@ -173,26 +243,42 @@ def write_report(records: list[dict], passkey: list[dict], theory: list[dict], o
     return files
 
 
+def _table(rows: list[dict]):
+    import wandb
+
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    return wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows], allow_mixed_types=True)
+
+
 def log_to_wandb(records: list[dict], passkey: list[dict], out_dir: Path, project: str,
-                 group: Optional[str], mode: str) -> None:
-    """One evaluation run in the training runs' group: tables of every number and the two line plots."""
+                 group: Optional[str], mode: str, theory: Optional[list[dict]] = None) -> Path:
+    """One evaluation run in the training runs' group (job_type eval_extrapolate), files under out_dir/wandb:
+    tables of every number, line plots (one line per model × scaling × attention) and the PNGs.
+    Returns the run's local folder."""
     import wandb
 
     run = wandb.init(project=project, group=group, job_type="eval_extrapolate", dir=str(out_dir), mode=mode,
                      settings=wandb.Settings(init_timeout=60, silent=True))
-    rows = flat_rows(records)
-    columns = list(dict.fromkeys(k for r in rows for k in r))
-    table = wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])
+    label = {id(r): series_label(key) for key, group_records in table_groups(records).items() for r in group_records}
+    rows = [{"series": label[id(r)], **row} for r, row in zip(records, flat_rows(records))]
+    table = _table(rows)
     run.log({"extrapolation/perplexity": table,
-             "extrapolation/ppl_vs_length": wandb.plot.line(table, "length", "ppl", title="Perplexity against length")})
-    positions = position_rows(records)
+             "extrapolation/ppl_vs_length": wandb.plot.line(table, "length", "ppl", stroke="series",
+                                                            title="Perplexity against length")})
+    positions = [{"series": f"{label[id(r)]} @ {r['length']}", **row}
+                 for r in records for row in position_rows([r])]
     if positions:
-        pcols = list(positions[0])
-        run.log({"extrapolation/loss_by_position": wandb.Table(columns=pcols, data=[[r[c] for c in pcols] for r in positions])})
+        ptable = _table(positions)
+        run.log({"extrapolation/loss_by_position": ptable,
+                 "extrapolation/loss_vs_position": wandb.plot.line(ptable, "position_start", "loss", stroke="series",
+                                                                   title="Loss against position")})
     if passkey:
-        kcols = list(passkey[0])
-        run.log({"extrapolation/passkey": wandb.Table(columns=kcols, data=[[r[c] for c in kcols] for r in passkey])})
+        run.log({"extrapolation/passkey": _table(passkey)})
+    if theory:
+        run.log({"extrapolation/theory": _table(theory)})
     for image in ("ppl_vs_length", "loss_vs_position"):
         if (out_dir / f"{image}.png").is_file():
             run.log({f"extrapolation/{image}_png": wandb.Image(str(out_dir / f"{image}.png"))})
+    folder = Path(run.dir).parent  # out_dir/wandb/<offline-|>run-<time>-<id>
     run.finish()
+    return folder

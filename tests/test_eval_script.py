@@ -1,0 +1,270 @@
+"""scripts/eval_extrapolate.py end to end (subprocess) on tiny checkpoints trained once per test session."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from filelock import FileLock
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf
+
+from minillm.config import register_configs
+from minillm.run import evaluate as run_evaluate
+
+REPO = Path(__file__).resolve().parents[1]
+TRAINED = 32  # the tiny models' context length: default eval lengths are 32 .. 512
+TINY = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", f"model.context_length={TRAINED}",
+        "data.batch_size=4", "trainer.max_steps=6", "trainer.val_check_interval=3", "data.val_windows=4",
+        "tokenizer.vocab_size=300", "logger=csv"]
+FAST = ["logger=csv", "max_documents=1", "buckets=4"]  # every eval below: one document, few position buckets
+RESULT_COLUMNS = {"model", "run", "seed", "trained_length", "variant", "checkpoint", "method", "attention", "stride",
+                  "factor", "applicable", "length", "loss", "ppl", "loss_beyond_train", "tokens", "seconds",
+                  "peak_memory_mb"}
+POSITION_COLUMNS = {"model", "run", "seed", "method", "attention", "length", "position_start", "position_end", "loss"}
+PASSKEY_COLUMNS = ["model", "run", "seed", "method", "length", "depth", "trials", "exact_match", "key_logprob"]
+SCALINGS = {"none", "linear", "ntk", "dynamic_ntk", "yarn", "llama3"}
+
+
+def script_env(home: Path) -> dict[str, str]:
+    """Offline, one thread, a private HOME; no W&B credentials."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(HOME=str(home), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1",
+               WANDB_SILENT="true", PYTHONUNBUFFERED="1")
+    return env
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tmp_path_factory) -> dict[str, Path]:
+    """complex, alibi and learned runs from one `train.py -m` sweep: {variant: run folder, "multirun": sweep folder}.
+
+    Trained once per session: xdist workers share the folder under a file lock.
+    """
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    root = (tmp_path_factory.getbasetemp().parent if worker else tmp_path_factory.getbasetemp()) / "tiny_runs"
+    root.mkdir(exist_ok=True)
+    sweep = root / "multirun"
+    with FileLock(str(root / "train.lock")):
+        if not (root / "done").exists():
+            result = subprocess.run(
+                [sys.executable, "scripts/train.py", "-m", *TINY, f"data.cache_dir={root / 'cache'}",
+                 "rope=complex,alibi,learned", f"hydra.sweep.dir={sweep}"],
+                cwd=REPO, env=script_env(root), capture_output=True, text=True, timeout=600)
+            assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+            (root / "done").touch()
+    runs = {str(OmegaConf.load(folder / "config.yaml").rope.variant): folder
+            for folder in sorted(sweep.iterdir()) if (folder / "config.yaml").is_file()}
+    assert set(runs) == {"complex", "alibi", "learned"}, runs
+    return {**runs, "multirun": sweep}
+
+
+def quoted(*paths: Path) -> str:
+    """A Hydra override value: sweep folders are named like 0_rope=alibi,tokenizer.vocab_size=300, so quote them."""
+    items = [f"'{path}'" for path in paths]
+    return items[0] if len(items) == 1 else f"[{','.join(items)}]"
+
+
+def evaluate(out: Path, *overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "scripts/eval_extrapolate.py", f"hydra.run.dir={out}", *overrides],
+                          cwd=REPO, env=script_env(out.parent), capture_output=True, text=True, timeout=600)
+
+
+def read_csv(path: Path) -> tuple[list[str], list[dict]]:
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        return list(reader.fieldnames or []), list(reader)
+
+
+def succeeded(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+
+
+@pytest.mark.slow
+def test_multirun_folder_default_lengths(tiny_runs, tmp_path):
+    """One table for every run of a sweep: each scaling for the rotary model, none for ALiBi, n/a for
+    learned positions past their table; every output file with its columns."""
+    out = tmp_path / "eval"
+    result = evaluate(out, f"ckpt={quoted(tiny_runs['multirun'])}", *FAST, "passkey_trials=0")
+    succeeded(result)
+
+    columns, rows = read_csv(out / "results.csv")
+    assert RESULT_COLUMNS <= set(columns)
+    by_variant: dict[str, list[dict]] = {}
+    for row in rows:
+        by_variant.setdefault(row["variant"], []).append(row)
+    assert set(by_variant) == {"complex", "alibi", "learned"}
+    default_lengths = {TRAINED * m for m in (1, 2, 4, 8, 16)}
+    for variant, group in by_variant.items():
+        assert {int(r["length"]) for r in group} == default_lengths, variant
+
+    complex_rows = by_variant["complex"]
+    assert {(r["method"], int(r["length"])) for r in complex_rows} == \
+           {(m, n) for m in SCALINGS for n in default_lengths}
+    assert len(complex_rows) == len(SCALINGS) * len(default_lengths)
+    factor = {(r["method"], int(r["length"])): float(r["factor"]) for r in complex_rows}
+    assert factor["linear", 512] == 16.0 and factor["yarn", 128] == 4.0 and factor["linear", 32] == 1.0
+    assert factor["dynamic_ntk", 512] == 1.0  # its base follows the length already
+    assert {r["method"] for r in by_variant["alibi"]} == {"none"}
+    for row in complex_rows + by_variant["alibi"]:
+        assert row["applicable"] == "True" and float(row["ppl"]) > 1
+        assert float(row["seconds"]) >= 0 and float(row["peak_memory_mb"]) > 0
+    # The same targets at every length: the first 512 of one document.
+    assert {int(r["tokens"]) for r in complex_rows + by_variant["alibi"]} == {512}
+    assert all(r["loss_beyond_train"] == "" for r in complex_rows if int(r["length"]) == TRAINED)
+    assert all(float(r["loss_beyond_train"]) > 0 for r in complex_rows if int(r["length"]) > TRAINED)
+
+    learned = {int(r["length"]): r for r in by_variant["learned"]}
+    assert learned[TRAINED]["applicable"] == "True" and float(learned[TRAINED]["ppl"]) > 1
+    for length in default_lengths - {TRAINED}:
+        assert learned[length]["applicable"] == "False" and learned[length]["ppl"] == ""
+        assert "learned positions stop at 32" in learned[length]["note"]
+
+    report = (out / "report.md").read_text()
+    table = [line for line in report.splitlines() if line.startswith("| ")]
+    assert any(line.startswith("| alibi |") for line in table)
+    assert sum(line.startswith("| complex θ=10000 |") for line in table) >= len(SCALINGS)
+    learned_line = next(line for line in table if line.startswith("| learned |"))
+    assert learned_line.count("n/a") == 4
+
+    data = json.loads((out / "results.json").read_text())
+    assert set(data) == {"perplexity", "passkey", "theory"}
+    assert len(data["perplexity"]) == len(rows) and data["passkey"] == []
+    assert {t["length"] for t in data["theory"]} == default_lengths
+    assert {t["run"] for t in data["theory"]} == {tiny_runs["complex"].name}  # rotary models only
+    assert all(len(r["by_position"]) <= 4 for r in data["perplexity"])
+
+    position_columns, position_rows = read_csv(out / "loss_by_position.csv")
+    assert POSITION_COLUMNS <= set(position_columns) and position_rows
+    passkey_columns, passkey_rows = read_csv(out / "passkey.csv")
+    assert passkey_columns == PASSKEY_COLUMNS and passkey_rows == []
+    for image in ("ppl_vs_length.png", "loss_vs_position.png"):
+        assert (out / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_checkpoint_list_attention_stride_and_passkey(tiny_runs, tmp_path):
+    """ckpt=[a,b] gives one table; every attention pattern with a stride; ten passkey trials per length/depth."""
+    out = tmp_path / "eval"
+    result = evaluate(out, f"ckpt={quoted(tiny_runs['complex'], tiny_runs['alibi'])}", *FAST, "lengths=[128,256]",
+                      "scalings=[none,yarn]", "attention=[full,blockwise,sliding]", "stride=16",
+                      "passkey_trials=10", "passkey_depths=[0.5]")
+    succeeded(result)
+    _, rows = read_csv(out / "results.csv")
+    combos = {(r["variant"], r["method"], r["attention"], int(r["length"])) for r in rows}
+    attention = {"full", "blockwise", "sliding"}
+    assert combos == {("complex", m, a, n) for m in ("none", "yarn") for a in attention for n in (128, 256)} | \
+                     {("alibi", "none", a, n) for a in attention for n in (128, 256)}
+    assert {r["stride"] for r in rows} == {"16"}
+    assert {int(r["tokens"]) for r in rows} == {256}  # a stride scores every target once
+    ppl = {(r["variant"], r["method"], r["attention"], int(r["length"])): float(r["ppl"]) for r in rows}
+    assert ppl["complex", "none", "sliding", 256] != ppl["complex", "none", "full", 256]
+
+    report = (out / "report.md").read_text()
+    assert "| complex θ=10000 |" in report and "| alibi |" in report and "## Passkey retrieval" in report
+    columns, passkey = read_csv(out / "passkey.csv")
+    assert columns == PASSKEY_COLUMNS
+    assert {(r["model"], r["method"], int(r["length"])) for r in passkey} == \
+           {("complex θ=10000", m, n) for m in ("none", "yarn") for n in (128, 256)} | \
+           {("alibi", "none", n) for n in (128, 256)}
+    for row in passkey:
+        assert int(row["trials"]) == 10 and float(row["depth"]) == 0.5
+        assert 0 <= float(row["exact_match"]) <= 1 and float(row["key_logprob"]) <= 0
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="run.py: a passkey length too short for the prompt crashes the run "
+                                       "instead of being skipped (fix proposed in the evaluation report)")
+def test_passkey_too_short_is_skipped(tiny_runs, tmp_path):
+    """The prompt takes about 90 tokens with a 300-token vocabulary: at 32 and 64, skipped with a warning."""
+    out = tmp_path / "eval"
+    result = evaluate(out, f"ckpt={quoted(tiny_runs['complex'])}", *FAST, "scalings=[none]", "passkey_trials=1",
+                      "passkey_depths=[0.5]")
+    succeeded(result)
+    assert "passkey at length 32 skipped" in result.stdout + result.stderr
+    _, passkey = read_csv(out / "passkey.csv")
+    assert {int(r["length"]) for r in passkey} == {128, 256, 512}
+
+
+def compose_eval(*overrides: str) -> DictConfig:
+    """The eval script's configuration, composed in-process (the script's error handling is tested by subprocess)."""
+    register_configs()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose("eval", overrides=list(overrides))
+
+
+@pytest.mark.slow
+def test_length_past_longest_document_is_skipped(tiny_runs, tmp_path):
+    """A length no validation document reaches is skipped with a warning; with none left, the run is refused."""
+    out = tmp_path / "eval"
+    result = evaluate(out, f"ckpt={quoted(tiny_runs['alibi'])}", *FAST, "lengths=[64,10000000]", "passkey_trials=0")
+    succeeded(result)
+    assert "length 10000000 skipped" in result.stdout + result.stderr
+    _, rows = read_csv(out / "results.csv")
+    assert {int(r["length"]) for r in rows} == {64}
+
+    cfg = compose_eval(f"ckpt={quoted(tiny_runs['alibi'])}", *FAST, "lengths=[10000000]", "passkey_trials=0")
+    with pytest.raises(ValueError, match=r"lengths: none of \[10000000\] fits the validation documents"):
+        run_evaluate(cfg, tmp_path / "none_left")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["missing", "corrupt", "zero_length"])
+def test_script_refuses_bad_input_with_a_message(case, tiny_runs, tmp_path):
+    """Exit status 2, the reason on stderr naming the file or setting, no traceback, no results."""
+    ckpt, extra, message = {
+        "missing": (tmp_path / "no_such_run", [], f"error: ckpt: {tmp_path / 'no_such_run'} does not exist"),
+        "corrupt": (tmp_path / "corrupt.ckpt", [],
+                    f"error: checkpoint {tmp_path / 'corrupt.ckpt'} is corrupt, truncated"),
+        "zero_length": (tiny_runs["complex"], ["lengths=[0]"], "error: lengths: must be positive token counts"),
+    }[case]
+    if case == "corrupt":
+        data = (tiny_runs["complex"] / "checkpoints" / "last.ckpt").read_bytes()
+        ckpt.write_bytes(data[: len(data) // 3])
+    result = evaluate(tmp_path / "eval", f"ckpt={quoted(ckpt)}", *FAST, *extra)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-3000:]
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "eval" / "results.csv").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["foreign", "bare_checkpoint", "empty_folder", "negative_length"])
+def test_evaluate_refuses_bad_input(case, tiny_runs, tmp_path):
+    """ValueError subclasses (the script turns them into exit status 2) whose message names the problem."""
+    real = tiny_runs["complex"] / "checkpoints" / "last.ckpt"
+    if case == "foreign":  # a torch file, but not one of ours
+        torch.save({"weights": torch.ones(3)}, tmp_path / "foreign.ckpt")
+    elif case == "bare_checkpoint":  # a real checkpoint copied out of its run folder
+        (tmp_path / "last.ckpt").write_bytes(real.read_bytes())
+    elif case == "empty_folder":
+        (tmp_path / "empty").mkdir()
+    ckpt, extra, message = {
+        "foreign": (tmp_path / "foreign.ckpt", [],
+                    f"checkpoint {tmp_path / 'foreign.ckpt'} was not written by minillm"),
+        "bare_checkpoint": (tmp_path / "last.ckpt", [], f"ckpt: {tmp_path} lacks config.yaml or tokenizer.json"),
+        "empty_folder": (tmp_path / "empty", [],
+                         f"no checkpoints/best.ckpt or checkpoints/last.ckpt in {tmp_path / 'empty'}"),
+        "negative_length": (tiny_runs["complex"], ["lengths=[64,-1]"], "lengths: must be positive token counts"),
+    }[case]
+    cfg = compose_eval(f"ckpt={quoted(ckpt)}", *FAST, *extra)
+    with pytest.raises(ValueError) as error:
+        run_evaluate(cfg, tmp_path / "eval")
+    assert message in str(error.value)
+    assert not (tmp_path / "eval" / "results.csv").exists()
+
+
+@pytest.mark.slow
+def test_wandb_offline_run_in_output_folder(tiny_runs, tmp_path):
+    out = tmp_path / "eval"
+    result = evaluate(out, f"ckpt={quoted(tiny_runs['complex'])}", "logger=wandb", "logger.mode=offline",
+                      "max_documents=1", "buckets=4", "lengths=[64]", "scalings=[none,linear]", "passkey_trials=0")
+    succeeded(result)
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, list((out / "wandb").iterdir()) if (out / "wandb").exists() else "no wandb folder"
+    assert list(runs[0].glob("run-*.wandb"))

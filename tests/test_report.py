@@ -1,0 +1,147 @@
+"""Report files, tables and the W&B upload, from hand-made evaluation records."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from minillm import report
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def record(run: str, seed: int, length: int, ppl: float | None, *, model: str = "complex θ=10000",
+           method: str = "none", attention: str = "full", trained: int = 32, applicable: bool = True) -> dict:
+    """One record shaped as minillm.run.evaluate writes them."""
+    row = {"model": model, "run": run, "seed": seed, "trained_length": trained, "variant": model.split()[0],
+           "checkpoint": f"/runs/{run}/checkpoints/best.ckpt", "method": method, "attention": attention,
+           "stride": None, "length": length, "applicable": applicable}
+    if not applicable:
+        return {**row, "ppl": None, "loss": None, "by_position": [], "note": f"learned positions stop at {trained}"}
+    loss = math.log(ppl)
+    return {**row, "factor": max(1.0, length / trained), "loss": loss, "ppl": ppl,
+            "loss_beyond_train": loss + 0.1 if length > trained else None, "tokens": 512, "seconds": 0.01,
+            "peak_memory_mb": 300.0,
+            "by_position": [{"position_start": 0, "position_end": length // 2, "loss": loss - 0.1, "tokens": 256},
+                            {"position_start": length // 2, "position_end": length, "loss": loss + 0.1, "tokens": 256}]}
+
+
+@pytest.fixture
+def records() -> list[dict]:
+    rows = []
+    for length in (32, 64):
+        for seed, ppl in ((0, 10.0), (1, 14.0)):  # two seeds of one model: one row, mean ± std
+            rows.append(record(f"complex_seed{seed}", seed, length, ppl * length / 32))
+            rows.append(record(f"complex_seed{seed}", seed, length, ppl, method="yarn"))
+        rows.append(record("learned", 0, length, 12.0 if length == 32 else None, model="learned",
+                           applicable=length == 32))
+    return rows
+
+
+@pytest.fixture
+def passkey() -> list[dict]:
+    return [{"model": "complex θ=10000", "run": "complex_seed0", "seed": 0, "method": "none", "length": 64,
+             "depth": depth, "trials": 10, "exact_match": accuracy, "key_logprob": -3.5}
+            for depth, accuracy in ((0.1, 0.2), (0.9, 0.6))]
+
+
+@pytest.fixture
+def theory() -> list[dict]:
+    return [{"model": "complex θ=10000", "run": f"complex_seed{seed}", "rotary_dim": 16, "theta": 10000.0,
+             "trained_length": 32, "critical_dim": 4, "extrapolation_bound": 63.0, "length": length,
+             "min_base": base, "supported_length": supported}
+            for seed in (0, 1) for length, base, supported in ((32, 208.5, 32), (64, 2.77e4, 55))]
+
+
+def read_csv(path: Path) -> tuple[list[str], list[dict]]:
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        return list(reader.fieldnames or []), list(reader)
+
+
+def test_write_report_writes_every_file_with_its_columns(records, passkey, theory, tmp_path):
+    files = report.write_report(records, passkey, theory, tmp_path / "out", header="# Length extrapolation\n")
+    out = tmp_path / "out"
+    assert {path.name for path in files.values()} == {"results.json", "results.csv", "loss_by_position.csv",
+                                                      "passkey.csv", "report.md", "ppl_vs_length.png",
+                                                      "loss_vs_position.png"}
+    assert all(path.parent == out and path.is_file() for path in files.values())
+    assert not list(out.glob(".*tmp*"))  # atomic writes leave no temporary files
+
+    data = json.loads((out / "results.json").read_text())
+    assert data == json.loads(json.dumps({"perplexity": records, "passkey": passkey, "theory": theory}))
+
+    columns, rows = read_csv(out / "results.csv")
+    assert {"model", "run", "seed", "trained_length", "method", "attention", "stride", "factor", "applicable",
+            "length", "loss", "ppl", "loss_beyond_train", "tokens", "seconds", "peak_memory_mb", "note"} <= set(columns)
+    assert "by_position" not in columns and len(rows) == len(records)
+    learned_64 = next(r for r in rows if r["model"] == "learned" and r["length"] == "64")
+    assert learned_64["applicable"] == "False" and learned_64["ppl"] == ""
+
+    columns, rows = read_csv(out / "loss_by_position.csv")
+    assert columns == ["model", "run", "seed", "method", "attention", "length", "position_start", "position_end",
+                       "loss", "tokens"]
+    assert len(rows) == sum(len(r["by_position"]) for r in records)
+
+    columns, rows = read_csv(out / "passkey.csv")
+    assert columns == list(report.PASSKEY_COLUMNS) and len(rows) == 2
+
+    for image in ("ppl_vs_length.png", "loss_vs_position.png"):
+        assert (out / image).read_bytes()[:8] == PNG
+
+
+def test_markdown_averages_seeds_and_marks_what_does_not_apply(records, passkey, theory, tmp_path):
+    report.write_report(records, passkey, theory, tmp_path)
+    text = (tmp_path / "report.md").read_text()
+    lines = text.splitlines()
+    assert "| model | trained | scaling | attention | seeds | ppl @ 32 | ppl @ 64 |" in lines
+    # Seeds 0 and 1 of one model: ppl 10 and 14 at 32 tokens -> 12 ± 2.8; 20 and 28 at 64 -> 24 ± 5.7.
+    assert "| complex θ=10000 | 32 | none | full | 2 | 12 ± 2.8 | 24 ± 5.7 |" in lines
+    assert "| complex θ=10000 | 32 | yarn | full | 2 | 12 ± 2.8 | 12 ± 2.8 |" in lines
+    assert "| learned | 32 | none | full | 1 | 12 | n/a |" in lines
+    # Passkey: accuracy per depth and overall; theory: one row per model and length, whatever the seeds.
+    assert "| complex θ=10000 | none | 64 | 20 | 20% | 60% | 40% | -3.50 |" in lines
+    theory_lines = [line for line in lines if line.startswith("| complex θ=10000 | 16 |")]
+    assert len(theory_lines) == 2
+    assert theory_lines[0].endswith("| 32 | ok |") and theory_lines[1].endswith("| 55 | base too small |")
+
+
+def test_runs_sharing_a_label_and_a_seed_are_not_averaged():
+    """Two different models that print the same label (another size, another corpus) keep a row each."""
+    records = [record("small", 0, 32, 10.0), record("large", 0, 32, 20.0)]
+    groups = report.table_groups(records)
+    assert [key[-1] for key in groups] == ["large", "small"]
+    table = report.perplexity_table(records)
+    assert "| complex θ=10000 [small] | 32 | none | full | 1 | 10 |" in table
+    assert "| complex θ=10000 [large] | 32 | none | full | 1 | 20 |" in table
+
+
+def test_empty_passkey_gives_a_header_only_csv_and_no_section(records, tmp_path):
+    report.write_report(records, [], [], tmp_path)
+    assert (tmp_path / "passkey.csv").read_text().strip() == ",".join(report.PASSKEY_COLUMNS)
+    text = (tmp_path / "report.md").read_text()
+    assert "Passkey" not in text and "RoPE theory" not in text
+
+
+def test_plots_survive_records_with_nothing_to_draw(tmp_path):
+    """Only not-applicable rows (a learned model evaluated past its table): files still written."""
+    records = [record("learned", 0, 64, None, model="learned", applicable=False)]
+    files = report.write_report(records, [], [], tmp_path)
+    assert files["ppl_vs_length"].read_bytes()[:8] == PNG
+    assert "| learned | 32 | none | full | 1 | n/a |" in (tmp_path / "report.md").read_text()
+
+
+def test_log_to_wandb_offline_writes_a_local_run(records, passkey, theory, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    for name in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
+        monkeypatch.setenv(name, str(tmp_path / "wandb_home"))
+    report.write_report(records, passkey, theory, tmp_path)
+    folder = report.log_to_wandb(records, passkey, tmp_path, project="minillm-test", group="sweep", mode="offline",
+                                 theory=theory)
+    assert folder.parent == tmp_path / "wandb" and folder.name.startswith("offline-run-")
+    assert list(folder.glob("run-*.wandb"))
