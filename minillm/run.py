@@ -220,6 +220,36 @@ def model_label(rope, scaling) -> str:
     return label
 
 
+def _passkey_rows(model, tokenizer, filler, lengths: list[int], methods: list[str], config, meta: dict) -> list[dict]:
+    """Passkey retrieval at each (scaling, length, depth); a length too short for the prompt is skipped."""
+    import numpy as np
+
+    from minillm import evaluation as ev
+
+    rng = np.random.default_rng(config.seed)
+    trained = model.cfg.context_length
+    rows, skipped = [], set()
+    for method in methods:
+        for length in lengths:
+            if length in skipped:
+                continue
+            factor = ev.scaling_factor(method, length, trained, config.scaling_factor)
+            with ev.scaled_rope(model, method, factor):
+                for depth in config.passkey_depths:
+                    try:
+                        prompts = [ev.passkey_prompt(tokenizer, filler, length, depth, rng)
+                                   for _ in range(config.passkey_trials)]
+                    except ev.PasskeyDoesNotFit as error:
+                        log.warning("passkey at length %d skipped for %s: %s", length, meta["run"], error)
+                        skipped.add(length)
+                        break
+                    trials = [ev.passkey_trial(model, prompt) for prompt in prompts]
+                    rows.append({**meta, "method": method, "length": length, "depth": depth, "trials": len(trials),
+                                 "exact_match": sum(t[0] for t in trials) / len(trials),
+                                 "key_logprob": sum(t[1] for t in trials) / len(trials)})
+    return rows
+
+
 def evaluate(cfg: DictConfig, out_dir: Path) -> dict[str, Path]:
     """Every (checkpoint × scaling × attention × length) measurement, written as one report in out_dir."""
     import numpy as np
@@ -272,21 +302,10 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict[str, Path]:
                                                  batch_size=config.batch_size, buckets=config.buckets)
             records.append({**row, "factor": factor, "applicable": True, **result})
         if config.passkey_trials:
-            rng = np.random.default_rng(config.seed)
             filler = np.concatenate(documents)
-            for method in methods:
-                for length in usable:
-                    if model.cfg.rope.variant == "learned" and length > trained:
-                        continue
-                    factor = ev.scaling_factor(method, length, trained, config.scaling_factor)
-                    with ev.scaled_rope(model, method, factor):
-                        for depth in config.passkey_depths:
-                            trials = [ev.passkey_trial(model, ev.passkey_prompt(data.tokenizer, filler, length, depth, rng))
-                                      for _ in range(config.passkey_trials)]
-                            passkey.append({**{k: meta[k] for k in ("model", "run", "seed")}, "method": method,
-                                            "length": length, "depth": depth, "trials": len(trials),
-                                            "exact_match": sum(t[0] for t in trials) / len(trials),
-                                            "key_logprob": sum(t[1] for t in trials) / len(trials)})
+            lengths_for_passkey = [n for n in usable if model.cfg.rope.variant != "learned" or n <= trained]
+            passkey += _passkey_rows(model, data.tokenizer, filler, lengths_for_passkey, methods, config,
+                                     {k: meta[k] for k in ("model", "run", "seed")})
         if rotary:
             rotary_dim = model.cfg.rope.rotary_dim or model.cfg.head_dim
             critical, bound = ev.critical_dimension(rotary_dim, model.cfg.rope.theta, trained)

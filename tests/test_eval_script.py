@@ -178,8 +178,6 @@ def test_checkpoint_list_attention_stride_and_passkey(tiny_runs, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="run.py: a passkey length too short for the prompt crashes the run "
-                                       "instead of being skipped (fix proposed in the evaluation report)")
 def test_passkey_too_short_is_skipped(tiny_runs, tmp_path):
     """The prompt takes about 90 tokens with a 300-token vocabulary: at 32 and 64, skipped with a warning."""
     out = tmp_path / "eval"
