@@ -145,19 +145,11 @@ def theory_table(theory: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(records: list[dict], out_dir: Path) -> list[Path]:
-    """ppl_vs_length.png and loss_vs_position.png (each series at its longest applicable length)."""
-    import matplotlib
+ATTENTION_ORDER = ("full", "blockwise", "sliding")
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib import ticker
 
-    groups = table_groups(records)
-    trained = sorted({r["trained_length"] for r in records if r.get("trained_length")})
-    paths = []
-
-    fig, ax = plt.subplots(figsize=(8, 5))
+def _draw_lengths(ax, groups: dict[tuple, list[dict]], label) -> None:
+    """One line per group: mean perplexity over seeds at each applicable length."""
     for key, group in groups.items():
         by_length: dict[int, list] = defaultdict(list)
         for r in group:
@@ -165,28 +157,82 @@ def plot(records: list[dict], out_dir: Path) -> list[Path]:
                 by_length[r["length"]].append(r["ppl"])
         if by_length:
             lengths = sorted(by_length)
-            ax.plot(lengths, [mean(by_length[n]) for n in lengths], marker="o", label=series_label(key))
+            ax.plot(lengths, [mean(by_length[n]) for n in lengths], marker="o", label=label(key))
+
+
+def _length_axes(ax, records: list[dict], trained: list[int], title: str) -> None:
+    from matplotlib import ticker
+
     for n in trained:
         ax.axvline(n, color="grey", linestyle=":", linewidth=1)
-    ax.set(xscale="log", yscale="log", xlabel="evaluation length (tokens)", ylabel="perplexity",
-           title="Perplexity against length (dotted: training length)")
-    plain = ticker.FuncFormatter(lambda value, _: f"{value:g}")  # not 2.96×10²: ranges are often narrow
-    ax.xaxis.set_major_formatter(plain)
+    ax.set(xscale="log", yscale="log", xlabel="evaluation length (tokens)", ylabel="perplexity", title=title)
+    ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:g}"))  # not 2.96×10²
     ax.xaxis.set_minor_formatter(ticker.NullFormatter())
     ax.set_xticks(sorted({r["length"] for r in records}))
     ax.yaxis.set_major_formatter(ticker.LogFormatter(labelOnlyBase=False))
     ax.yaxis.set_minor_formatter(ticker.LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7, ncol=2)
+        ax.legend(fontsize=7)
+
+
+def _panels(n: int, width: float = 6.0, height: float = 4.5):
+    import matplotlib.pyplot as plt
+
+    cols = min(n, 3)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    return fig, list(axes.flat[:n])
+
+
+def plot(records: list[dict], out_dir: Path) -> list[Path]:
+    """The report's figures, each a grid of panels so that no panel holds more lines than it can show:
+
+    ppl_vs_length.png     every model as trained (no inference-time scaling), one panel per attention pattern
+    scaling_vs_length.png one panel per rotary model, one line per scaling method (first attention pattern);
+                          only when scaling methods were evaluated
+    loss_vs_position.png  every model as trained at its longest applicable length (first attention pattern)
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = table_groups(records)
+    trained = sorted({r["trained_length"] for r in records if r.get("trained_length")})
+    attentions = sorted({key[3] for key in groups}, key=lambda a: ATTENTION_ORDER.index(a)
+                        if a in ATTENTION_ORDER else len(ATTENTION_ORDER)) or ["full"]
+    first = attentions[0]
+    model_label = lambda key: key[0] if key[4] is None else f"{key[0]} [{key[4]}]"  # noqa: E731
+    paths = []
+
+    fig, axes = _panels(len(attentions))
+    for ax, attention in zip(axes, attentions):
+        plain = {k: g for k, g in groups.items() if k[2] == "none" and k[3] == attention}
+        _draw_lengths(ax, plain, model_label)
+        _length_axes(ax, records, trained, f"{attention} attention, no scaling (dotted: training length)")
     fig.tight_layout()
     paths.append(out_dir / "ppl_vs_length.png")
-    fig.savefig(paths[-1], dpi=120)
+    fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
+
+    scaled_models = sorted({(k[0], k[4]) for k in groups if k[2] != "none" and k[3] == first}, key=str)
+    if scaled_models:
+        fig, axes = _panels(len(scaled_models))
+        for ax, (model, run) in zip(axes, scaled_models):
+            methods = {k: g for k, g in groups.items() if k[0] == model and k[4] == run and k[3] == first}
+            _draw_lengths(ax, methods, lambda key: key[2])
+            _length_axes(ax, records, trained, f"{model_label((model, None, None, None, run))}, {first} attention")
+        fig.tight_layout()
+        paths.append(out_dir / "scaling_vs_length.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(8, 5))
     for key, group in groups.items():
         usable = [r for r in group if r.get("applicable", True) and r.get("by_position")]
-        if not usable:
+        if key[2] != "none" or key[3] != first or not usable:
             continue
         longest = max(r["length"] for r in usable)
         by_start: dict[int, list] = defaultdict(list)
@@ -195,16 +241,16 @@ def plot(records: list[dict], out_dir: Path) -> list[Path]:
                 for bucket in r["by_position"]:
                     by_start[bucket["position_start"]].append(bucket["loss"])
         starts = sorted(by_start)
-        ax.plot(starts, [mean(by_start[s]) for s in starts], label=f"{series_label(key)} @ {longest}")
+        ax.plot(starts, [mean(by_start[s]) for s in starts], label=f"{model_label(key)} @ {longest}")
     for n in trained:
         ax.axvline(n, color="grey", linestyle=":", linewidth=1)
     ax.set(xlabel="position in window (bucket start)", ylabel="loss (nats)",
-           title="Loss against position at the longest length (dotted: training length)")
+           title=f"Loss against position at the longest length, {first} attention (dotted: training length)")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     paths.append(out_dir / "loss_vs_position.png")
-    fig.savefig(paths[-1], dpi=120)
+    fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
     return paths
 
@@ -235,11 +281,10 @@ def write_report(records: list[dict], passkey: list[dict], theory: list[dict], o
         sections += ["\n## Passkey retrieval\n", passkey_table(passkey)]
     if theory:
         sections += ["\n## RoPE theory beside the measurement\n", theory_table(theory)]
-    sections += ["\n![perplexity against length](ppl_vs_length.png)\n",
-                 "![loss against position](loss_vs_position.png)\n"]
+    figures = plot(records, out_dir)
+    sections += [f"\n![{path.stem.replace('_', ' ')}]({path.name})\n" for path in figures]
     _atomic_write(files["markdown"], "\n".join(sections) + "\n")
-    for path in plot(records, out_dir):
-        files[path.stem] = path
+    files.update({path.stem: path for path in figures})
     return files
 
 

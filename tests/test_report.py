@@ -68,7 +68,7 @@ def test_write_report_writes_every_file_with_its_columns(records, passkey, theor
     out = tmp_path / "out"
     assert {path.name for path in files.values()} == {"results.json", "results.csv", "loss_by_position.csv",
                                                       "passkey.csv", "report.md", "ppl_vs_length.png",
-                                                      "loss_vs_position.png"}
+                                                      "scaling_vs_length.png", "loss_vs_position.png"}
     assert all(path.parent == out and path.is_file() for path in files.values())
     assert not list(out.glob(".*tmp*"))  # atomic writes leave no temporary files
 
@@ -90,8 +90,16 @@ def test_write_report_writes_every_file_with_its_columns(records, passkey, theor
     columns, rows = read_csv(out / "passkey.csv")
     assert columns == list(report.PASSKEY_COLUMNS) and len(rows) == 2
 
-    for image in ("ppl_vs_length.png", "loss_vs_position.png"):
+    for image in ("ppl_vs_length.png", "scaling_vs_length.png", "loss_vs_position.png"):
         assert (out / image).read_bytes()[:8] == PNG
+        assert f"]({image})" in (out / "report.md").read_text()
+
+
+def test_scaling_figure_only_when_scalings_were_evaluated(records, tmp_path):
+    plain = [r for r in records if r["method"] == "none"]
+    files = report.write_report(plain, [], [], tmp_path)
+    assert "scaling_vs_length" not in files and not (tmp_path / "scaling_vs_length.png").exists()
+    assert "scaling_vs_length" not in (tmp_path / "report.md").read_text()
 
 
 def test_markdown_averages_seeds_and_marks_what_does_not_apply(records, passkey, theory, tmp_path):
