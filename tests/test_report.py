@@ -153,3 +153,16 @@ def test_log_to_wandb_offline_writes_a_local_run(records, passkey, theory, tmp_p
                                  theory=theory)
     assert folder.parent == tmp_path / "wandb" and folder.name.startswith("offline-run-")
     assert list(folder.glob("run-*.wandb"))
+
+
+def test_training_curve_from_a_metrics_csv(tmp_path):
+    metrics = tmp_path / "metrics.csv"
+    metrics.write_text("epoch,step,train/loss,train/tokens,val/loss\n"
+                       "0,9,6.0,4096.0,\n0,19,5.0,8192.0,\n0,19,,,4.5\n0,39,,,4.0\n")
+    # 409.6 tokens per step, read off the training row: validations after steps 20 and 40.
+    assert report.validation_curve(metrics) == [(8192.0, 4.5), (16384.0, 4.0)]
+    out = report.training_curve(metrics, tmp_path / "curve.png", unigram_entropy=5.5)
+    assert out.read_bytes()[:8] == PNG
+    metrics.write_text("epoch,step,train/loss,train/tokens,val/loss\n0,9,6.0,4096.0,\n")
+    with pytest.raises(ValueError, match="no rows with both val/loss and train/tokens"):
+        report.training_curve(metrics, tmp_path / "none.png")
