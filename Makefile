@@ -12,7 +12,7 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e ".[test]"
 	touch $@
 
-.PHONY: setup train test extrapolation
+.PHONY: setup train test extrapolation bench
 setup: $(BIN)/.installed
 
 train: setup  ## train the default model on the embedded corpus (~10 min on 2 CPU cores)
@@ -20,6 +20,9 @@ train: setup  ## train the default model on the embedded corpus (~10 min on 2 CP
 
 test: setup  ## the whole test suite
 	$(BIN)/python -m pytest -n 2 $(ARGS)
+
+bench: setup  ## the benchmark suite against its peers: tables on stdout, figures in benchmark_results.json
+	$(BIN)/python benchmarks/run.py $(ARGS)
 
 SWEEP ?= outputs/extrapolation
 extrapolation: setup  ## train the comparison set (6 encodings + complex θ=500k, 3 seeds each) and evaluate it

@@ -344,6 +344,22 @@ class OptimConfig:
         _require(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
 
 
+def _valid_devices(devices: Any, cpu: bool) -> bool:
+    """What Lightning's Trainer(devices=...) accepts: 'auto', a count, -1 (all GPUs), or GPU indices."""
+    if devices == "auto":
+        return True
+    if isinstance(devices, str) and devices.strip().isdigit():
+        devices = int(devices)
+    if isinstance(devices, bool) or not isinstance(devices, (int, list, tuple, str)):
+        return False
+    if isinstance(devices, int):
+        return devices > 0 or (devices == -1 and not cpu)
+    if cpu:
+        return False
+    indices = devices.split(",") if isinstance(devices, str) else devices
+    return len(indices) > 0 and all(str(i).strip().isdigit() for i in indices)
+
+
 @dataclass
 class TrainerConfig:
     """What Lightning's Trainer gets, plus the checkpoint cadence and compilation."""
@@ -359,6 +375,7 @@ class TrainerConfig:
     log_every_n_steps: int = 10
     gradient_clip_val: float = 1.0
     checkpoint_every_n_steps: int = 250
+    max_bad_steps: int = 0  # steps with a NaN/inf loss to skip (no update) before the run stops
     compile: bool = False  # torch.compile the model
     peak_flops: Optional[float] = None  # for MFU; None: measured on CPU, looked up for known GPUs
 
@@ -366,6 +383,12 @@ class TrainerConfig:
         for name in ("max_steps", "val_check_interval", "log_every_n_steps", "checkpoint_every_n_steps", "num_nodes"):
             _require(getattr(self, name) > 0, f"trainer.{name}", f"must be positive, got {getattr(self, name)}")
         _require(self.gradient_clip_val >= 0, "trainer.gradient_clip_val", f"must be >= 0, got {self.gradient_clip_val}")
+        _require(self.max_bad_steps >= 0, "trainer.max_bad_steps", f"must be >= 0, got {self.max_bad_steps}")
+        _choice(self.accelerator, "trainer.accelerator", ("auto", "cpu", "gpu", "cuda", "mps", "tpu"))
+        _require(_valid_devices(self.devices, cpu=self.accelerator == "cpu"), "trainer.devices",
+                 f"got {self.devices!r}, expected 'auto', a positive count" +
+                 (" (the CPU takes a count of processes)" if self.accelerator == "cpu" else
+                  ", -1 for all, or a list of device indices"))
         _choice(self.precision, "trainer.precision", ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "64-true"))
         if self.peak_flops is not None:
             _require(self.peak_flops > 0, "trainer.peak_flops", f"must be positive, got {self.peak_flops}")

@@ -17,7 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from minillm.config import RunConfig
 
-from minillm.task import LanguageModelTask
+from minillm.task import LanguageModelTask, NonFiniteLossError
 
 log = logging.getLogger("minillm")
 
@@ -31,8 +31,11 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
     try:
         return OmegaConf.to_object(cfg)
     except OmegaConfBaseException as error:  # our ValueError may arrive wrapped; unwrap it for a clean message
-        cause = error.__cause__ if isinstance(error.__cause__, ValueError) else error
-        raise ConfigError(str(cause).splitlines()[0]) from error
+        if isinstance(error.__cause__, ValueError):
+            raise ConfigError(str(error.__cause__).splitlines()[0]) from error
+        # OmegaConf's own (e.g. "Interpolation key 'x' not found") names the setting on a later line: lead with it.
+        key = getattr(error, "full_key", None)
+        raise ConfigError(f"{key}: {str(error).splitlines()[0]}" if key else str(error).splitlines()[0]) from error
     except ValueError as error:  # a dataclass's __post_init__ check, raised as is: it names the setting
         raise ConfigError(str(error).splitlines()[0]) from error
 
@@ -120,7 +123,10 @@ def make_loggers(run: RunConfig, run_dir: Path, config: dict) -> list:
 
 
 def resolve_checkpoint(ckpt_path: Optional[str], run_dir: Path) -> Optional[str]:
-    """'last' -> this run folder's last checkpoint; a run folder -> its last; a file -> itself."""
+    """'last' -> this run folder's last checkpoint; a run folder -> its last; a file -> itself.
+    The file must load: a corrupt one fails here, naming the newest checkpoint beside it that does load."""
+    from minillm.checkpoint import CheckpointError, last_good_checkpoint, load_checkpoint
+
     if ckpt_path is None:
         return None
     path = run_dir if ckpt_path == "last" else Path(ckpt_path).expanduser()
@@ -129,7 +135,34 @@ def resolve_checkpoint(ckpt_path: Optional[str], run_dir: Path) -> Optional[str]
     if not path.is_file():
         raise ConfigError(f"ckpt_path: no checkpoint at {path} (to resume a run, start it again in its folder: "
                           f"hydra.run.dir=<run folder> ckpt_path=last)")
+    try:
+        load_checkpoint(path)
+    except CheckpointError as error:
+        good = last_good_checkpoint(path.parent, skip=path)
+        hint = (f"the newest checkpoint that loads is {good[0]} (step {good[1]}): resume from it with "
+                f"ckpt_path={good[0]}" if good else f"no other checkpoint in {path.parent} loads")
+        raise CheckpointError(f"ckpt_path: {error}; {hint}") from error
     return str(path)
+
+
+def load_data(run: RunConfig):
+    """The run's TextDataModule, set up for fitting; any failure to read the data names data.path."""
+    from minillm.data import TextDataModule
+
+    data = TextDataModule(run.data, run.tokenizer, seq_len=run.model.context_length, seed=run.seed)
+    try:
+        data.prepare_data()
+        data.setup("fit")
+    except ValueError as error:  # every data failure names the dataset, whichever layer noticed it
+        if isinstance(error, UnicodeDecodeError):  # pyarrow checks UTF-8 only when a string is read
+            detail = (f"data.text_field={run.data.text_field!r} holds bytes that are not UTF-8 text "
+                      f"({error.reason} at byte {error.start})")
+        elif f"data.path={run.data.path!r}" in str(error):
+            raise
+        else:
+            detail = str(error)
+        raise ValueError(f"data.path={run.data.path!r}: {detail}") from error
+    return data
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
@@ -140,21 +173,29 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     ckpt_path = resolve_checkpoint(run.ckpt_path, run_dir)  # before the data: a wrong path fails at once
     L.seed_everything(run.seed, workers=True)
 
-    from minillm.data import TextDataModule
-
-    data = TextDataModule(run.data, run.tokenizer, seq_len=run.model.context_length, seed=run.seed)
-    data.prepare_data()
-    data.setup("fit")
+    data = load_data(run)
     run.model = dataclasses.replace(run.model, vocab_size=data.vocab_size)  # the tokenizer decides
     data.save_tokenizer(run_dir)
     resolved = OmegaConf.to_container(OmegaConf.structured(run))
     write_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(resolved))
 
-    task = LanguageModelTask(run.model.to_dict(), dataclasses.asdict(run.optim),
-                             compile=run.trainer.compile, peak_flops=run.trainer.peak_flops)
+    task = LanguageModelTask(run.model.to_dict(), dataclasses.asdict(run.optim), compile=run.trainer.compile,
+                             peak_flops=run.trainer.peak_flops, max_bad_steps=run.trainer.max_bad_steps)
     loggers = make_loggers(run, run_dir, {**resolved, "data_fingerprint": data.fingerprint})
     trainer = L.Trainer(**trainer_kwargs(run, run_dir), logger=loggers or False)
-    trainer.fit(task, datamodule=data, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(task, datamodule=data, ckpt_path=ckpt_path)
+    except NonFiniteLossError as error:  # say where to resume from: the checkpoints after a blow-up hold inf
+        from minillm.checkpoint import last_good_checkpoint
+
+        good = last_good_checkpoint(run_dir / "checkpoints")
+        where = (f"the last good checkpoint is {good[0]} (step {good[1]}); resume from it with "
+                 f"ckpt_path={good[0]} and, e.g., a lower optim.lr" if good else
+                 "no checkpoint with finite weights was written before it")
+        raise NonFiniteLossError(f"{error}; {where}", step=error.step) from error
+    if task.replica_spread:
+        log.warning("the %d DDP replicas ended with different weights (largest difference of a parameter sum: "
+                    "%g); the checkpoints hold rank 0's", trainer.world_size, task.replica_spread)
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     checkpoint = trainer.checkpoint_callback
@@ -168,6 +209,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         "best_val_loss": float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else None,
         "best_checkpoint": checkpoint.best_model_path or None,
         "last_checkpoint": str(run_dir / "checkpoints" / "last.ckpt"),
+        "bad_steps": task.bad_steps,
+        "world_size": trainer.world_size,
+        "replica_spread": task.replica_spread,  # 0.0: every DDP rank ended with the same weights
         "wall_seconds": round(time.time() - started, 1),
         "data_fingerprint": data.fingerprint,
     }
@@ -177,25 +221,37 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         logger.finalize("success")
         if hasattr(logger, "experiment") and hasattr(logger.experiment, "finish"):
             logger.experiment.finish()  # W&B writes its summary and config files only when the run ends
+    metrics_csv = run_dir / "metrics.csv"  # complete only once the CSV logger has finalised
+    if trainer.is_global_zero and metrics_csv.is_file():
+        from minillm.report import training_curve
+
+        try:
+            training_curve(metrics_csv, run_dir / "val_loss.png", data.fingerprint["tokens"]["unigram_entropy_nats"])
+        except ValueError as error:  # a run too short to validate after a logged step: nothing to draw
+            log.warning("no val_loss.png: %s", error)
     return summary
 
 
 def trainer_kwargs(run: RunConfig, run_dir: Path) -> dict[str, Any]:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
+    from minillm.checkpoint import atomic_checkpoint_io
+
     t = run.trainer
     best = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val/loss", mode="min",
                            save_top_k=1, save_last=True, auto_insert_metric_name=False,
                            enable_version_counter=False)
+    # Both write last.ckpt, so it is always the newest save (best alone rewrites it only when val/loss improves).
     periodic = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step-{step:06d}",
-                               every_n_train_steps=t.checkpoint_every_n_steps, save_top_k=-1,
-                               auto_insert_metric_name=False)
+                               every_n_train_steps=t.checkpoint_every_n_steps, save_top_k=-1, save_last=True,
+                               auto_insert_metric_name=False, enable_version_counter=False)
     return dict(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
                 precision=t.precision, max_steps=t.max_steps,
                 val_check_interval=min(t.val_check_interval, t.max_steps),  # a short run still validates once
                 check_val_every_n_epoch=None, limit_val_batches=t.limit_val_batches,
                 log_every_n_steps=t.log_every_n_steps, gradient_clip_val=t.gradient_clip_val or None,
-                callbacks=[best, periodic], default_root_dir=str(run_dir), enable_model_summary=False)
+                callbacks=[best, periodic], plugins=[atomic_checkpoint_io()], default_root_dir=str(run_dir),
+                enable_model_summary=False)
 
 
 def _device(requested: str):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from typing import Optional
@@ -12,6 +13,8 @@ from torch import nn
 
 from minillm.config import ModelConfig, OptimConfig
 from minillm.model import Transformer
+
+log = logging.getLogger("minillm")
 
 # Dense bf16 tensor-core peaks from the vendors' data sheets, for MFU on known GPUs.
 GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12,
@@ -62,10 +65,19 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+class NonFiniteLossError(ValueError):
+    """The training loss was NaN or infinite on more steps than trainer.max_bad_steps allows."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
+
+
 class LanguageModelTask(L.LightningModule):
     """Next-token prediction on windows of context_length tokens."""
 
-    def __init__(self, model: dict, optim: dict, compile: bool = False, peak_flops: Optional[float] = None):
+    def __init__(self, model: dict, optim: dict, compile: bool = False, peak_flops: Optional[float] = None,
+                 max_bad_steps: int = 0):
         super().__init__()
         # Plain dicts, so the checkpoint rebuilds the model with torch.load(weights_only=True).
         self.save_hyperparameters()
@@ -74,6 +86,9 @@ class LanguageModelTask(L.LightningModule):
         self.model = Transformer(self.model_cfg)
         self.compile = compile
         self.peak_flops = peak_flops
+        self.max_bad_steps = max_bad_steps
+        self.bad_steps = 0  # steps skipped for a non-finite loss, over the whole run (kept in checkpoints)
+        self.replica_spread = 0.0  # set at the end of training: how far the DDP replicas' weights drifted apart
         self.flops_per_token = self.model.flops_per_token(self.model_cfg.context_length)
         self._step_started: Optional[float] = None
         self._tokens_per_second: Optional[float] = None
@@ -97,6 +112,17 @@ class LanguageModelTask(L.LightningModule):
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch
         loss = self.model.loss(x, y)
+        if self._non_finite(loss):
+            self.bad_steps += 1
+            value = loss.item() if not math.isfinite(loss.item()) else "non-finite on another rank"
+            if self.bad_steps > self.max_bad_steps:
+                raise NonFiniteLossError(
+                    f"train/loss is {value} at step {self.global_step}: stopped after {self.bad_steps} "
+                    f"non-finite step(s), more than trainer.max_bad_steps={self.max_bad_steps} allows",
+                    step=self.global_step)
+            log.warning("train/loss is %s at step %d: step skipped (%d of trainer.max_bad_steps=%d)",
+                        value, self.global_step, self.bad_steps, self.max_bad_steps)
+            return None  # Lightning then skips backward; the optimizer sees no gradients and updates nothing
         tokens_per_step = x.numel() * self.trainer.world_size
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/tokens", float((self.global_step + 1) * tokens_per_step))
@@ -105,6 +131,25 @@ class LanguageModelTask(L.LightningModule):
             self.log("train/tokens_per_s", self._tokens_per_second, prog_bar=True)
             self.log("train/mfu", self._tokens_per_second * self.flops_per_token / (self.peak_flops * self.trainer.world_size))
         return loss
+
+    def _non_finite(self, loss: torch.Tensor) -> bool:
+        bad = not bool(torch.isfinite(loss))
+        if self.trainer.world_size > 1:  # every rank skips or stops together, or DDP's all-reduce would hang
+            bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
+        return bad
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["bad_steps"] = self.bad_steps
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.bad_steps = int(checkpoint.get("bad_steps", 0))
+
+    def on_train_end(self) -> None:
+        # DDP keeps replicas equal by construction; check it, since a rank-local skip or buffer would break it.
+        if self.trainer.world_size > 1:
+            sums = torch.stack([p.detach().double().sum() for p in self.model.parameters()])
+            gathered = self.all_gather(sums)  # (world_size, parameters)
+            self.replica_spread = float((gathered.max(0).values - gathered.min(0).values).abs().max())
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         if self._step_started is not None:

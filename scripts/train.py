@@ -5,6 +5,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from minillm.config import register_configs
@@ -18,9 +19,11 @@ def main(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         summary = train(cfg, run_dir)
-    except (ValueError, FileNotFoundError) as error:  # bad config or data: the message names it
+    except (ValueError, OSError) as error:  # bad config or data, NaN loss, corrupt checkpoint, full disk: named
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    if rank_zero_only.rank != 0:  # under DDP every rank runs this script; one result line is enough
+        return
     loss = "n/a" if summary["val_loss"] is None else f"{summary['val_loss']:.4f}"
     print(f"val/loss {loss} after {summary['tokens']:,} tokens; results in {run_dir}")
 

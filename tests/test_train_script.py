@@ -178,7 +178,7 @@ def test_stdlib_run_writes_a_complete_run_folder(stdlib_run):
     assert Path(results_in) == run_dir
     assert int(tokens.replace(",", "")) == MAX_STEPS * 4 * 32  # steps · batch · context
 
-    for name in ("config.yaml", "tokenizer.json", "metrics.csv", "summary.json", "checkpoints/best.ckpt",
+    for name in ("config.yaml", "tokenizer.json", "metrics.csv", "summary.json", "val_loss.png", "checkpoints/best.ckpt",
                  "checkpoints/last.ckpt", "checkpoints/step-000003.ckpt", "checkpoints/step-000006.ckpt"):
         assert (run_dir / name).is_file(), name
 
