@@ -155,7 +155,8 @@ def split_documents(texts: Sequence[str], val_fraction: float) -> tuple[list[str
     and duplicates land on the same side. If a side would be empty, the document nearest the threshold moves.
     """
     if len(texts) < 2:
-        raise ValueError(f"need at least 2 non-empty documents to split into train and validation, got {len(texts)}")
+        raise ValueError(f"need at least 2 non-empty documents to split into train and validation, got "
+                         f"{len(texts)} (a .txt file is one document: give a folder of .txt files, or .jsonl)")
     positions = [int.from_bytes(hashlib.blake2b(t.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big")
                  / 2**64 for t in texts]
     held_out = [p < val_fraction for p in positions]
