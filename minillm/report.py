@@ -12,6 +12,8 @@ from pathlib import Path
 from statistics import mean, stdev
 from typing import Optional
 
+from minillm.config import SCALING_CONFIGS
+
 PASSKEY_COLUMNS = ("model", "run", "seed", "method", "length", "depth", "trials", "exact_match", "key_logprob")
 
 
@@ -52,6 +54,20 @@ def _fmt(values: list[Optional[float]]) -> str:
     return f"{mean(values):.3g} ± {stdev(values):.2g}"
 
 
+SCALING_ORDER = tuple(SCALING_CONFIGS)  # none first, then the registry's order
+ATTENTION_ORDER = ("full", "blockwise", "sliding")
+
+
+def _rank(value, order: tuple) -> tuple:
+    """Known names in their order, then any other name alphabetically."""
+    return (order.index(value), "") if value in order else (len(order), str(value))
+
+
+def _row_order(key: tuple) -> tuple:
+    model, trained, method, attention, run = key
+    return str(model), trained or 0, _rank(method, SCALING_ORDER), _rank(attention, ATTENTION_ORDER), str(run)
+
+
 def table_groups(records: list[dict]) -> dict[tuple, list[dict]]:
     """The rows of the perplexity table: (model, trained length, scaling, attention, run) -> records.
 
@@ -68,7 +84,7 @@ def table_groups(records: list[dict]) -> dict[tuple, list[dict]]:
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in records:
         groups[base(r) + (r.get("run") if base(r) in clash else None,)].append(r)
-    return dict(sorted(groups.items(), key=lambda item: tuple(map(str, item[0]))))
+    return dict(sorted(groups.items(), key=lambda item: _row_order(item[0])))
 
 
 def series_label(key: tuple) -> str:
@@ -109,7 +125,8 @@ def passkey_table(rows: list[dict]) -> str:
     header = ["model", "scaling", "length", "trials"] + [f"depth {d:g}" for d in depths] + \
              ["exact match", "key log-prob (nats)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for (model, method, length), group in sorted(groups.items(), key=lambda item: tuple(map(str, item[0]))):
+    order = lambda item: (str(item[0][0]), _rank(item[0][1], SCALING_ORDER), item[0][2])  # noqa: E731
+    for (model, method, length), group in sorted(groups.items(), key=order):
         trials = sum(g["trials"] for g in group)
         per_depth = []
         for depth in depths:
@@ -143,9 +160,6 @@ def theory_table(theory: list[dict]) -> str:
                      f"{t['extrapolation_bound']:.0f} | {t['length']} | {t['min_base']:.3g} | "
                      f"{'n/a' if supported is None else supported} | {'ok' if ok else 'base too small'} |")
     return "\n".join(lines)
-
-
-ATTENTION_ORDER = ("full", "blockwise", "sliding")
 
 
 def _draw_lengths(ax, groups: dict[tuple, list[dict]], label) -> None:
@@ -201,8 +215,7 @@ def plot(records: list[dict], out_dir: Path) -> list[Path]:
 
     groups = table_groups(records)
     trained = sorted({r["trained_length"] for r in records if r.get("trained_length")})
-    attentions = sorted({key[3] for key in groups}, key=lambda a: ATTENTION_ORDER.index(a)
-                        if a in ATTENTION_ORDER else len(ATTENTION_ORDER)) or ["full"]
+    attentions = sorted({key[3] for key in groups}, key=lambda a: _rank(a, ATTENTION_ORDER)) or ["full"]
     first = attentions[0]
     model_label = lambda key: key[0] if key[4] is None else f"{key[0]} [{key[4]}]"  # noqa: E731
     paths = []

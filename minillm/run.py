@@ -368,12 +368,14 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict[str, Path]:
             for length in usable:
                 theory.append({"model": label, "run": run.name, "rotary_dim": rotary_dim, "theta": model.cfg.rope.theta,
                                "trained_length": trained, "critical_dim": critical, "extrapolation_bound": bound,
-                               "length": length, "min_base": ev.minimum_base(rotary_dim, length)})
+                               "length": length, "min_base": ev.minimum_base(rotary_dim, length),
+                               "supported_length": ev.supported_length(rotary_dim, model.cfg.rope.theta, length)})
     header = (f"# Length extrapolation\n\nCheckpoints: {', '.join(config.checkpoints)}; device: {device}; "
               f"attention: {', '.join(config.attention)}; stride: {config.stride}.\n")
     files = write_report(records, passkey, theory, out_dir, header)
     if config.logger.kind == "wandb":
         groups = {OmegaConf.load(r.config).logger.get("group") for r in runs}
         log_to_wandb(records, passkey, out_dir, config.logger.project,
-                     config.logger.group or (groups.pop() if len(groups) == 1 else None), wandb_mode(config.logger.mode))
+                     config.logger.group or (groups.pop() if len(groups) == 1 else None), wandb_mode(config.logger.mode),
+                     theory=theory)
     return files

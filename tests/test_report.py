@@ -166,3 +166,14 @@ def test_training_curve_from_a_metrics_csv(tmp_path):
     metrics.write_text("epoch,step,train/loss,train/tokens,val/loss\n0,9,6.0,4096.0,\n")
     with pytest.raises(ValueError, match="no rows with both val/loss and train/tokens"):
         report.training_curve(metrics, tmp_path / "none.png")
+
+
+def test_tables_order_lengths_by_value_and_scalings_as_registered():
+    records = [record("run", 0, 32, 10.0, method=method) for method in ("yarn", "linear", "none")]
+    rows = [line.split(" | ")[2] for line in report.perplexity_table(records).splitlines()[2:]]
+    assert rows == ["none", "linear", "yarn"]
+    passkey = [{"model": "m", "run": "r", "seed": 0, "method": method, "length": length, "depth": 0.5,
+                "trials": 1, "exact_match": 0.0, "key_logprob": -1.0}
+               for method in ("yarn", "none") for length in (1024, 128, 64)]
+    cells = [line.split(" | ")[1:3] for line in report.passkey_table(passkey).splitlines()[2:]]
+    assert cells == [["none", "64"], ["none", "128"], ["none", "1024"], ["yarn", "64"], ["yarn", "128"], ["yarn", "1024"]]
