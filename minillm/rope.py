@@ -461,23 +461,29 @@ def alibi_slopes(n_heads: int) -> list[float]:
 @register_position("sinusoidal")
 class SinusoidalEmbedding(PositionEncoding):
     """Absolute sin/cos embedding added to the tokens (Vaswani et al. 2017, arXiv:1706.03762), in the
-    timestep-embedding layout: [cos(m·ω_i), sin(m·ω_i)], ω_i = 10000^(−i/(d/2)); defined at every position."""
+    timestep-embedding layout: amplitude·[cos(m·ω_i), sin(m·ω_i)], ω_i = 10000^(−i/(d/2)); defined at every
+    position.
 
-    def __init__(self, d_model: int, max_period: float = 10000.0):
+    from_config sets the amplitude so that each channel's RMS equals the token embeddings' initial std, as a
+    learned table starts. The paper balances the two by scaling tokens by √d instead; with std-0.02 tokens
+    (and a tied head) a unit-amplitude table is ~35x the tokens and drowns them: on the extrapolation preset
+    it trained to a validation loss of 6.0 against 3.9 for every other encoding."""
+
+    def __init__(self, d_model: int, max_period: float = 10000.0, amplitude: float = 1.0):
         super().__init__()
         half = d_model // 2
-        self.d_model = d_model
+        self.d_model, self.amplitude = d_model, amplitude
         freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float64) / half)
         self.register_buffer("freqs", freqs.float(), persistent=False)
 
     @classmethod
     def from_config(cls, cfg: "ModelConfig") -> "SinusoidalEmbedding":
-        return cls(cfg.d_model)
+        return cls(cfg.d_model, amplitude=cfg.init_std * math.sqrt(2))  # cos and sin each have RMS 1/√2
 
     def embed(self, x: Tensor, offset: int = 0) -> Tensor:
         positions = torch.arange(offset, offset + x.shape[1], device=x.device, dtype=torch.float64)
         args = positions[:, None] * self.freqs.double()[None, :]
-        table = torch.cat((args.cos(), args.sin()), dim=-1).float()
+        table = (torch.cat((args.cos(), args.sin()), dim=-1) * self.amplitude).float()
         if table.shape[-1] < self.d_model:  # odd d_model: one zero channel
             table = torch.nn.functional.pad(table, (0, 1))
         return x + table.to(x.dtype)

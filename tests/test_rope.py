@@ -596,6 +596,16 @@ def test_sinusoidal_embedding_at_an_offset_is_rows_of_the_full_one():
     assert SinusoidalEmbedding(5).embed(torch.zeros(1, 4, 5))[..., -1].abs().max() == 0  # odd width: zero channel
 
 
+def test_sinusoidal_table_from_a_config_starts_at_the_token_embeddings_scale():
+    from minillm.config import ModelConfig, position_config
+
+    cfg = ModelConfig(d_model=128, context_length=64, rope=position_config({"variant": "sinusoidal"}), init_std=0.02)
+    table = SinusoidalEmbedding.from_config(cfg).embed(torch.zeros(1, 4096, 128))[0]
+    rms = table.pow(2).mean(0).sqrt()  # per channel, over positions
+    torch.testing.assert_close(rms.mean(), torch.tensor(0.02), atol=1e-3, rtol=0)
+    torch.testing.assert_close(table / 0.02 / math.sqrt(2), SinusoidalEmbedding(128).embed(torch.zeros(1, 4096, 128))[0])
+
+
 def test_learned_embedding_refuses_positions_past_its_table():
     learned = LearnedEmbedding(8, 4)
     torch.testing.assert_close(learned.embed(torch.zeros(1, 3, 4), offset=5)[0], learned.table.weight[5:8])
