@@ -87,10 +87,15 @@ def table_groups(records: list[dict]) -> dict[tuple, list[dict]]:
     return dict(sorted(groups.items(), key=lambda item: _row_order(item[0])))
 
 
+def model_name(model: str, run) -> str:
+    """The model's label; with the run's name where two runs of one label are different models."""
+    return model if run is None else f"{model} [{run}]"
+
+
 def series_label(key: tuple) -> str:
     """'complex θ=10000 / yarn / sliding': the model, then what differs from plain evaluation."""
     model, _, method, attention, run = key
-    parts = [model if run is None else f"{model} [{run}]"]
+    parts = [model_name(model, run)]
     parts += [method] if method != "none" else []
     parts += [attention] if attention != "full" else []
     return " / ".join(parts)
@@ -107,8 +112,7 @@ def perplexity_table(records: list[dict]) -> str:
         for r in group:
             by_length[r["length"]].append(r["ppl"] if r.get("applicable", True) else None)
         seeds = len({r.get("seed") for r in group})
-        name = model if run is None else f"{model} [{run}]"
-        cells = [name, str(trained), method, attention, str(seeds)] + [_fmt(by_length.get(n, [])) for n in lengths]
+        cells = [model_name(model, run), str(trained), method, attention, str(seeds)] + [_fmt(by_length.get(n, [])) for n in lengths]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -125,8 +129,8 @@ def passkey_table(rows: list[dict]) -> str:
     header = ["model", "scaling", "length", "trials"] + [f"depth {d:g}" for d in depths] + \
              ["exact match", "key log-prob (nats)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    order = lambda item: (str(item[0][0]), _rank(item[0][1], SCALING_ORDER), item[0][2])  # noqa: E731
-    for (model, method, length), group in sorted(groups.items(), key=order):
+    ordered = sorted(groups.items(), key=lambda item: (str(item[0][0]), _rank(item[0][1], SCALING_ORDER), item[0][2]))
+    for (model, method, length), group in ordered:
         trials = sum(g["trials"] for g in group)
         per_depth = []
         for depth in depths:
@@ -217,13 +221,12 @@ def plot(records: list[dict], out_dir: Path) -> list[Path]:
     trained = sorted({r["trained_length"] for r in records if r.get("trained_length")})
     attentions = sorted({key[3] for key in groups}, key=lambda a: _rank(a, ATTENTION_ORDER)) or ["full"]
     first = attentions[0]
-    model_label = lambda key: key[0] if key[4] is None else f"{key[0]} [{key[4]}]"  # noqa: E731
     paths = []
 
     fig, axes = _panels(len(attentions))
     for ax, attention in zip(axes, attentions):
         plain = {k: g for k, g in groups.items() if k[2] == "none" and k[3] == attention}
-        _draw_lengths(ax, plain, model_label)
+        _draw_lengths(ax, plain, lambda key: model_name(key[0], key[4]))
         _length_axes(ax, records, trained, f"{attention} attention, no scaling (dotted: training length)")
     fig.tight_layout()
     paths.append(out_dir / "ppl_vs_length.png")
@@ -236,7 +239,7 @@ def plot(records: list[dict], out_dir: Path) -> list[Path]:
         for ax, (model, run) in zip(axes, scaled_models):
             methods = {k: g for k, g in groups.items() if k[0] == model and k[4] == run and k[3] == first}
             _draw_lengths(ax, methods, lambda key: key[2])
-            _length_axes(ax, records, trained, f"{model_label((model, None, None, None, run))}, {first} attention")
+            _length_axes(ax, records, trained, f"{model_name(model, run)}, {first} attention")
         fig.tight_layout()
         paths.append(out_dir / "scaling_vs_length.png")
         fig.savefig(paths[-1], dpi=110)
@@ -254,7 +257,7 @@ def plot(records: list[dict], out_dir: Path) -> list[Path]:
                 for bucket in r["by_position"]:
                     by_start[bucket["position_start"]].append(bucket["loss"])
         starts = sorted(by_start)
-        ax.plot(starts, [mean(by_start[s]) for s in starts], label=f"{model_label(key)} @ {longest}")
+        ax.plot(starts, [mean(by_start[s]) for s in starts], label=f"{model_name(key[0], key[4])} @ {longest}")
     for n in trained:
         ax.axvline(n, color="grey", linestyle=":", linewidth=1)
     ax.set(xlabel="position in window (bucket start)", ylabel="loss (nats)",
@@ -274,7 +277,7 @@ def write_report(records: list[dict], passkey: list[dict], theory: list[dict], o
 
     results.json: {"perplexity": records (with by_position), "passkey": ..., "theory": ...};
     results.csv: one row per record; loss_by_position.csv: one row per record and position bucket;
-    passkey.csv: one row per (run, scaling, length, depth); report.md; ppl_vs_length.png; loss_vs_position.png.
+    passkey.csv: one row per (run, scaling, length, depth); report.md; the PNGs of plot().
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {
@@ -334,9 +337,8 @@ def log_to_wandb(records: list[dict], passkey: list[dict], out_dir: Path, projec
         run.log({"extrapolation/passkey": _table(passkey)})
     if theory:
         run.log({"extrapolation/theory": _table(theory)})
-    for image in ("ppl_vs_length", "loss_vs_position"):
-        if (out_dir / f"{image}.png").is_file():
-            run.log({f"extrapolation/{image}_png": wandb.Image(str(out_dir / f"{image}.png"))})
+    for image in sorted(out_dir.glob("*.png")):  # the figures write_report drew
+        run.log({f"extrapolation/{image.stem}_png": wandb.Image(str(image))})
     folder = Path(run.dir).parent  # out_dir/wandb/<offline-|>run-<time>-<id>
     run.finish()
     return folder
