@@ -1,4 +1,5 @@
-"""Fused rotary kernels: the rotations of minillm.rope in as few passes over memory as eager torch allows.
+"""Fused kernels: the rotations of minillm.rope, and the LM head with its cross-entropy, in as few passes
+over memory as eager torch allows.
 
 rope.py's rotate_complex / rotate_interleaved / rotate_half are the reference formulas; each makes four to
 six full-size temporaries, and on CPU a temporary above glibc's mmap threshold (32 MiB at most) is a fresh
@@ -10,17 +11,24 @@ mapping whose pages fault in on first touch. These kernels write one output buff
                        CPU): no complex view exists for pairs d/2 apart, and an op on half-width views
                        runs one inner loop per row of d/2 floats, whose overhead exceeds the arithmetic.
                        Under torch.compile, or with the Triton kernel below, it is one pass like the others.
+                       In a whole training step the gap is a few per cent (benchmarks/train_bench.py).
 
 Both take float32 x (..., seq, d) and tables (..., seq, d/2) with any magnitude folded in (XPos, YaRN).
 
 On CUDA with Triton installed, rotate_triton does either layout in one kernel, whatever the input dtype:
 one read and one write of x, float32 arithmetic, one rounding to x's dtype (tests/test_kernels.py checks
 it against the torch path where a GPU is present).
+
+linear_cross_entropy is the training loss: mean cross-entropy of hidden @ weight.T without ever holding
+the (tokens, vocab) logits, their log-softmax or their gradient at full size (see its docstring).
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
@@ -160,3 +168,99 @@ def rotate_triton(x: Tensor, cos: Tensor, sin: Tensor, adjacent: bool) -> Tensor
 def triton_applies(x: Tensor) -> bool:
     """Whether rotate_triton serves x: a 4-d CUDA tensor where Triton is installed."""
     return TRITON_AVAILABLE and x.is_cuda and x.dim() == 4
+
+
+# ----------------------------------------------------------------------------------------------
+# LM head + cross-entropy, chunked over tokens, gradients computed in the forward pass.
+
+# Logit elements per chunk. CPU: 2^20 float32 (4 MiB) stays in cache between the matmul that writes a
+# chunk and the two that read its gradient; measured 2x faster than F.cross_entropy on full logits at
+# 4096 tokens x 4096 vocabulary (benchmarks/train_bench.py shows the whole step). CUDA: 2^24 bounds the
+# chunk at 64 MiB while keeping each matmul large enough to fill the device (not measured on a GPU here).
+CPU_CHUNK_ELEMENTS = 1 << 20
+CUDA_CHUNK_ELEMENTS = 1 << 24
+
+
+def _chunk_tokens(vocab: int, device: torch.device) -> int:
+    return max(1, (CPU_CHUNK_ELEMENTS if device.type == "cpu" else CUDA_CHUNK_ELEMENTS) // vocab)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Per chunk of tokens: logits = h Wᵀ, loss = logsumexp(logits) − logits[target], and at once the
+    gradient of the summed loss, softmax(logits) − onehot(target), which gives ∂h = g W and ∂W += gᵀ h.
+
+    The chunk's logits become its gradient in place, so memory holds one (chunk, vocab) buffer instead of
+    logits, log-softmax and their gradients for every token (the approach of Liger-Kernel's fused linear
+    cross-entropy, Hsu et al. 2024, arXiv:2410.10989). Backward only scales the stored gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int) -> Tensor:
+        device_type = hidden.device.type
+        # Mixed precision: matmuls in the autocast dtype (as nn.Linear would run), softmax in float32.
+        mm_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
+        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        with torch.autocast(device_type, enabled=False):
+            w = weight.to(mm_dtype)
+            for start in range(0, hidden.shape[0], chunk):
+                h = hidden[start:start + chunk].to(mm_dtype)
+                t = targets[start:start + chunk]
+                logits = (h @ w.T).float()
+                target_logits = logits.gather(1, t[:, None]).squeeze(1)
+                # Softmax = e / s with e = exp(logits − max) kept unnormalised in the logits' buffer: the 1/s
+                # goes onto the (chunk, d) sides of the two matmuls instead, one pass fewer over the chunk.
+                row_max = logits.amax(dim=-1, keepdim=True)
+                e = logits.sub_(row_max).exp_()
+                s = e.sum(dim=-1, keepdim=True)
+                total += (s.log() + row_max).squeeze(1).sub_(target_logits).sum()
+                inv_s = s.reciprocal_()
+                e_mm = e.to(mm_dtype)
+                # ∂h = (e / s) W − W[target];  ∂W += eᵀ (h / s) − onehot(target)ᵀ h
+                if need_hidden:
+                    rows = grad_hidden[start:start + chunk]
+                    if rows.dtype == mm_dtype:
+                        torch.mm(e_mm, w, out=rows)
+                    else:
+                        rows.copy_(e_mm @ w)
+                    rows.mul_(inv_s).sub_(weight[t])
+                if need_weight:
+                    scaled = h * inv_s.to(mm_dtype)
+                    if mm_dtype == torch.float32:
+                        grad_weight.addmm_(e_mm.T, scaled)
+                    else:
+                        grad_weight += e_mm.T @ scaled
+                    grad_weight.index_add_(0, t, h.float(), alpha=-1.0)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.tokens = hidden.shape[0]
+        ctx.weight_dtype = weight.dtype
+        return total / hidden.shape[0]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss: Tensor) -> tuple[Optional[Tensor], Optional[Tensor], None, None]:
+        grad_hidden, grad_weight = ctx.saved_tensors
+        scale = grad_loss / ctx.tokens  # the mean's 1/N, and whatever multiplies the loss downstream
+        return (None if grad_hidden is None else grad_hidden * scale.to(grad_hidden.dtype),
+                None if grad_weight is None else (grad_weight * scale).to(ctx.weight_dtype), None, None)
+
+
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_tokens: Optional[int] = None) -> Tensor:
+    """Mean over tokens of cross_entropy(hidden @ weight.T, targets), in float32.
+
+    hidden (tokens, d), weight (vocab, d), targets (tokens,) int64. Without autograd (evaluation,
+    no_grad) it scores chunk by chunk and computes no gradient.
+    """
+    if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
+        raise ValueError(f"linear_cross_entropy: expected hidden (tokens, d) and targets (tokens,), got "
+                         f"{tuple(hidden.shape)} and {tuple(targets.shape)}")
+    if hidden.shape[0] == 0:
+        raise ValueError("linear_cross_entropy: no tokens to average over")
+    chunk = chunk_tokens or _chunk_tokens(weight.shape[0], hidden.device)
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _LinearCrossEntropy.apply(hidden, weight, targets, chunk)
+    total = sum(F.cross_entropy((h @ weight.T).float(), t, reduction="sum")
+                for h, t in zip(hidden.split(chunk), targets.split(chunk)))
+    return total / hidden.shape[0]
