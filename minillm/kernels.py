@@ -199,16 +199,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
         device_type = hidden.device.type
         # Mixed precision: matmuls in the autocast dtype (as nn.Linear would run), softmax in float32.
         mm_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
+        acc_dtype = torch.promote_types(mm_dtype, torch.float32)  # float32, or float64 for float64 inputs
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_weight = torch.zeros_like(weight, dtype=acc_dtype) if need_weight else None
+        total = torch.zeros((), dtype=acc_dtype, device=hidden.device)
         with torch.autocast(device_type, enabled=False):
             w = weight.to(mm_dtype)
             for start in range(0, hidden.shape[0], chunk):
                 h = hidden[start:start + chunk].to(mm_dtype)
                 t = targets[start:start + chunk]
-                logits = (h @ w.T).float()
+                logits = (h @ w.T).to(acc_dtype)
                 target_logits = logits.gather(1, t[:, None]).squeeze(1)
                 # Softmax = e / s with e = exp(logits − max) kept unnormalised in the logits' buffer: the 1/s
                 # goes onto the (chunk, d) sides of the two matmuls instead, one pass fewer over the chunk.
@@ -228,11 +229,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     rows.mul_(inv_s).sub_(weight[t])
                 if need_weight:
                     scaled = h * inv_s.to(mm_dtype)
-                    if mm_dtype == torch.float32:
+                    if mm_dtype == acc_dtype:
                         grad_weight.addmm_(e_mm.T, scaled)
                     else:
                         grad_weight += e_mm.T @ scaled
-                    grad_weight.index_add_(0, t, h.float(), alpha=-1.0)
+                    grad_weight.index_add_(0, t, h.to(acc_dtype), alpha=-1.0)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.tokens = hidden.shape[0]
         ctx.weight_dtype = weight.dtype
@@ -248,7 +249,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_tokens: Optional[int] = None) -> Tensor:
-    """Mean over tokens of cross_entropy(hidden @ weight.T, targets), in float32.
+    """Mean over tokens of cross_entropy(hidden @ weight.T, targets), in float32 (float64 for float64 inputs).
 
     hidden (tokens, d), weight (vocab, d), targets (tokens,) int64. Without autograd (evaluation,
     no_grad) it scores chunk by chunk and computes no gradient.
@@ -261,6 +262,6 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_
     chunk = chunk_tokens or _chunk_tokens(weight.shape[0], hidden.device)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(hidden, weight, targets, chunk)
-    total = sum(F.cross_entropy((h @ weight.T).float(), t, reduction="sum")
+    total = sum(F.cross_entropy((h @ weight.T).to(torch.promote_types(h.dtype, torch.float32)), t, reduction="sum")
                 for h, t in zip(hidden.split(chunk), targets.split(chunk)))
     return total / hidden.shape[0]

@@ -15,6 +15,11 @@ from minillm.kernels import linear_cross_entropy
 from minillm.rope import PositionEncoding, build_position_encoding
 
 
+def _at_least_float32(x: Tensor) -> Tensor:
+    """bf16 / fp16 in float32 (no copy for float32, float64 kept)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 class _RMSNormFunction(torch.autograd.Function):
     """y = x · r · g with r = (mean(x²) + eps)^−½ per row, saving only x and r.
 
@@ -25,7 +30,7 @@ class _RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
-        x32, w32 = x.float(), weight.float()
+        x32, w32 = _at_least_float32(x), _at_least_float32(weight)
         dim = x32.shape[-1]
         rstd = torch.linalg.vector_norm(x32, dim=-1, keepdim=True).square_().div_(dim).add_(eps).rsqrt_()
         ctx.save_for_backward(x, weight, rstd)
@@ -35,10 +40,10 @@ class _RMSNormFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None]:
         x, weight, rstd = ctx.saved_tensors
-        x32, grad32 = x.float(), grad.float()
+        x32, grad32 = _at_least_float32(x), _at_least_float32(grad)
         x_hat = x32 * rstd
         grad_weight = (grad32 * x_hat).flatten(0, -2).sum(0)
-        u = grad32 * weight.float()
+        u = grad32 * _at_least_float32(weight)
         mean_ux = torch.linalg.vecdot(u, x_hat, dim=-1).unsqueeze(-1).div_(x32.shape[-1])
         grad_x = u.sub_(x_hat.mul_(mean_ux)).mul_(rstd)
         return grad_x.to(x.dtype), grad_weight.to(weight.dtype), None
@@ -56,10 +61,10 @@ class RMSNorm(nn.Module):
         if not torch.compiler.is_compiling():
             return _RMSNormFunction.apply(x, self.weight, self.eps)
         # Compiled: Inductor fuses the formula itself into one kernel each way.
-        x32 = x.float()
+        x32 = _at_least_float32(x)
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         # Gain applied in float32 too, one rounding at the end: output dtype = input dtype, whatever the weight's.
-        return (normed * self.weight.float()).to(x.dtype)
+        return (normed * _at_least_float32(self.weight)).to(x.dtype)
 
 
 def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:

@@ -1,11 +1,14 @@
-"""The fused rotary kernels equal rope.py's reference formulas, forward and backward, on every input layout."""
+"""The fused kernels equal their reference formulas, forward and backward: the rotations against rope.py on
+every input layout, the fused LM head + cross-entropy against F.cross_entropy on full logits."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from minillm.kernels import TRITON_AVAILABLE, rotate_half_fused, rotate_pairs, rotate_triton
+import torch.nn.functional as F
+
+from minillm.kernels import TRITON_AVAILABLE, linear_cross_entropy, rotate_half_fused, rotate_pairs, rotate_triton
 from minillm.rope import rotate_half, rotate_interleaved
 
 
@@ -134,3 +137,83 @@ def test_cached_tables_built_under_inference_mode_never_reach_autograd(variant, 
     q_rot, k_rot = rope(q, q)
     (q_rot * k_rot).sum().backward()
     assert weight.grad is not None and bool(weight.grad.isfinite().all())
+
+
+# ----------------------------------------------------------------------------------------------
+# LM head + cross-entropy
+
+
+def head_inputs(tokens: int, dim: int, vocab: int, dtype=torch.float32):
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(tokens, dim, generator=g, dtype=dtype)
+    weight = torch.randn(vocab, dim, generator=g, dtype=dtype) * 0.5
+    targets = torch.randint(0, vocab, (tokens,), generator=g)
+    return hidden, weight, targets
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 8, 37, 1000])  # 37 tokens: chunks of 1, a ragged last one, whole
+def test_linear_cross_entropy_equals_cross_entropy_on_full_logits(chunk_tokens):
+    hidden, weight, targets = head_inputs(37, 16, 50)
+    hidden.requires_grad_(), weight.requires_grad_()
+    ours = linear_cross_entropy(hidden, weight, targets, chunk_tokens)
+    ours_grads = torch.autograd.grad(ours * 3.0, (hidden, weight))  # a downstream factor reaches both gradients
+    theirs = F.cross_entropy(hidden @ weight.T, targets)
+    theirs_grads = torch.autograd.grad(theirs * 3.0, (hidden, weight))
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours, theirs)
+    for a, b in zip(ours_grads, theirs_grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_linear_cross_entropy_passes_gradcheck():
+    hidden, weight, targets = head_inputs(9, 4, 7, torch.float64)
+    hidden.requires_grad_(), weight.requires_grad_()
+    assert torch.autograd.gradcheck(lambda h, w: linear_cross_entropy(h, w, targets, 4), (hidden, weight))
+
+
+def test_linear_cross_entropy_grads_only_what_requires_them_and_nothing_without_autograd():
+    hidden, weight, targets = head_inputs(20, 8, 30)
+    expected = F.cross_entropy(hidden @ weight.T, targets)
+    weight.requires_grad_()
+    (grad_weight,) = torch.autograd.grad(linear_cross_entropy(hidden, weight, targets, 6), weight)
+    (expected_grad,) = torch.autograd.grad(F.cross_entropy(hidden @ weight.T, targets), weight)
+    torch.testing.assert_close(grad_weight, expected_grad)
+    with torch.no_grad():
+        loss = linear_cross_entropy(hidden, weight, targets, 6)
+    assert loss.grad_fn is None
+    torch.testing.assert_close(loss, expected)
+
+
+def test_linear_cross_entropy_stays_finite_for_huge_logits():
+    """The row maximum comes out before exp: logits of 1e4 neither overflow nor lose the loss."""
+    hidden, weight, targets = head_inputs(12, 8, 20)
+    hidden = (hidden * 1e3).requires_grad_()
+    ours = linear_cross_entropy(hidden, weight, targets, 5)
+    (grad,) = torch.autograd.grad(ours, hidden)
+    theirs = F.cross_entropy(hidden @ weight.T, targets)
+    assert torch.isfinite(ours) and bool(grad.isfinite().all())
+    torch.testing.assert_close(ours, theirs)
+
+
+def test_linear_cross_entropy_under_bf16_autocast_matches_the_autocast_reference():
+    """Mixed precision as Lightning's bf16-mixed runs it: matmuls in bf16, softmax and loss in float32."""
+    hidden, weight, targets = head_inputs(64, 32, 100)
+    hidden.requires_grad_(), weight.requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = linear_cross_entropy(hidden, weight, targets, 16)
+        theirs = F.cross_entropy((hidden @ weight.T).float(), targets)
+    ours_grads = torch.autograd.grad(ours, (hidden, weight))
+    theirs_grads = torch.autograd.grad(theirs, (hidden, weight))
+    assert ours.dtype == torch.float32
+    assert all(g.dtype == torch.float32 for g in ours_grads)  # each gradient in its parameter's dtype
+    torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=1e-3)
+    for a, b in zip(ours_grads, theirs_grads):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3)
+
+
+def test_linear_cross_entropy_names_bad_shapes():
+    hidden, weight, targets = head_inputs(10, 8, 20)
+    with pytest.raises(ValueError, match=r"hidden \(tokens, d\) and targets \(tokens,\).*\(10, 8\) and \(9,\)"):
+        linear_cross_entropy(hidden, weight, targets[:9])
+    with pytest.raises(ValueError, match="no tokens"):
+        linear_cross_entropy(hidden[:0], weight, targets[:0])

@@ -392,6 +392,35 @@ def test_rmsnorm_computes_in_float32_and_casts_back(weight_dtype):
     assert norm(x32).dtype == torch.float32
 
 
+def test_rmsnorm_backward_passes_gradcheck():
+    """RMSNorm has its own backward; finite differences in float64 check it for x and the gain."""
+    norm = RMSNorm(6, eps=1e-3).double()
+    x = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+    gain = torch.linspace(0.5, 2.0, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, g: torch.func.functional_call(norm, {"weight": g}, (x,)), (x, gain))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_gradients_equal_autograd_of_the_formula_on_strided_views(dtype):
+    norm = RMSNorm(8, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(0.3, 2.7, 8))
+    base = torch.randn(3, 5, 24)
+    x = base[..., 8:16].to(dtype).requires_grad_()  # a slice of a fused projection, as QK-norm sees it
+    grad = torch.randn(3, 5, 8).to(dtype)
+    x_ref = x.detach().clone().requires_grad_()
+    weight_ref = norm.weight.detach().clone().requires_grad_()
+    x32 = x_ref.float()
+    expected = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-5) * weight_ref).to(dtype)
+    out = norm(x)
+    tol = {} if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(out, expected, **tol)
+    out.backward(grad)
+    expected.backward(grad)
+    torch.testing.assert_close(x.grad, x_ref.grad, **tol)
+    torch.testing.assert_close(norm.weight.grad, weight_ref.grad, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("case", ["complex_xpos", "alibi_gqa_qknorm", "sinusoidal", "learned_gelu_layernorm_bias",
                                   "complex_yarn"])
 def test_bf16_forward_is_finite_and_close_to_float32(case):
@@ -453,6 +482,20 @@ def test_token_losses_equal_cross_entropy_on_full_logits(chunk_tokens):
         assert losses.shape == (3, 11) and losses.dtype == torch.float32
         torch.testing.assert_close(losses, expected, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(model.loss(idx, targets), expected.mean(), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("tie_embeddings", [True, False])
+def test_loss_gradients_equal_cross_entropy_on_full_logits(tie_embeddings):
+    """Transformer.loss fuses the LM head with the loss; every parameter's gradient is unchanged by it."""
+    model = tiny(tie_embeddings=tie_embeddings)
+    idx, targets = tokens(3, 11, seed=2), tokens(3, 11, seed=3)
+    fused = model.loss(idx, targets)
+    fused_grads = torch.autograd.grad(fused * 2.5, list(model.parameters()))
+    plain = F.cross_entropy(model(idx).flatten(0, 1), targets.flatten())
+    plain_grads = torch.autograd.grad(plain * 2.5, list(model.parameters()))
+    torch.testing.assert_close(fused, plain)
+    for (name, _), ours, theirs in zip(model.named_parameters(), fused_grads, plain_grads):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_a_few_adam_steps_fit_a_repeated_sequence():
