@@ -2,15 +2,20 @@
 
 Both models: the same parameter count (asserted), batch, sequence, tokens and targets, AdamW with the
 task's parameter groups (decay on matrices only), the loss as next-token cross-entropy on precomputed
-targets. A step is forward + loss + backward + optimizer step + zero_grad. CPU: float32, eager. CUDA:
-bf16 autocast (as Lightning's bf16-mixed), fused AdamW, both loss functions torch.compile'd, flash SDPA,
-and MFU against the data-sheet peak (minillm.task.GPU_PEAK_FLOPS). CPU reports model FLOP/s only: a
+targets. A step is forward + loss + backward + optimizer step + zero_grad.
+
+CPU: float32. Eager first, then our three rotary layouts against one another (the layout target is about
+a whole step). Then both compiled: our blocks through Transformer.compile_blocks (what
+trainer.compile does), transformers' whole loss function through torch.compile. Model FLOP/s only: a
 matmul peak measured on a shared machine moves with the load, so a CPU MFU would not mean much.
+CUDA: bf16 autocast (as Lightning's bf16-mixed), fused AdamW, compiled as above, flash SDPA, and MFU
+against the data-sheet peak (minillm.task.GPU_PEAK_FLOPS).
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 from pathlib import Path
 
 import torch
@@ -66,44 +71,99 @@ def trainer_step(model: torch.nn.Module, loss_of, x: torch.Tensor, y: torch.Tens
     return step
 
 
-def run(settings: Settings) -> dict:
-    device, quick, rounds, min_sample_s = settings.device, settings.quick, settings.rounds, settings.min_sample_s
-    transformers = settings.transformers
+def with_layout(cfg: ModelConfig, variant: str) -> ModelConfig:
+    return ModelConfig.from_dict({**cfg.to_dict(), "rope": {**cfg.to_dict()["rope"], "variant": variant}})
+
+
+def measure(name: str, cfg: ModelConfig, batch: int, seq: int, settings: Settings, compiled: bool) -> dict:
+    """Ours (complex RoPE) against transformers, timed in rounds of their own; in eager runs, then our
+    three layouts in rounds of theirs. Each group is built, timed and freed alone, so no peer's step runs
+    beside another group's live models (their memory changes what a fresh allocation costs on CPU)."""
+    device, transformers = settings.device, settings.transformers
     peak_flops = peak_flops_for(device) if device.type == "cuda" else None
-    results = []
-    for name, cfg, batch, seq in model_settings(device, quick):
-        torch.manual_seed(0)
-        g = torch.Generator(device).manual_seed(0)
-        x = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g, device=device)
-        y = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g, device=device)
-        ours = Transformer(cfg).to(device)
-        compile_models = device.type == "cuda" and not quick
-        # The loss functions are compiled, not the modules: Module.compile() only wraps __call__, and
-        # Transformer.loss never goes through it.
-        maybe_compile = torch.compile if compile_models else (lambda fn: fn)
-        steps = {"ours": trainer_step(ours, maybe_compile(ours.loss), x, y, device)}
-        params = sum(p.numel() for p in ours.parameters())
-        record = {"model": name, "batch": batch, "seq": seq, "tokens_per_step": batch * seq, "params": params,
-                  "dtype": "bf16-autocast" if device.type == "cuda" else "float32", "compiled": compile_models,
-                  "flops_per_token": ours.flops_per_token(seq), "peak_flops": peak_flops}
-        if transformers is not None:
-            hf = llama_like(transformers, cfg, device)
-            hf_params = sum(p.numel() for p in hf.parameters())
-            assert hf_params == params, f"parameter counts differ: ours {params}, transformers {hf_params}"
+    torch.manual_seed(0)
+    g = torch.Generator(device).manual_seed(0)
+    x = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g, device=device)
+    y = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g, device=device)
+    ours = Transformer(cfg).to(device)
+    params = sum(p.numel() for p in ours.parameters())
+    record = {"model": name, "batch": batch, "seq": seq, "tokens_per_step": batch * seq, "params": params,
+              "dtype": "bf16-autocast" if device.type == "cuda" else "float32", "compiled": compiled,
+              "flops_per_token": ours.flops_per_token(seq), "peak_flops": peak_flops}
 
-            def hf_loss(x, y, hf=hf):
-                logits = hf(input_ids=x).logits
-                return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
-
-            steps["transformers"] = trainer_step(hf, maybe_compile(hf_loss), x, y, device)
-        timings = time_peers(steps, device, rounds, min_sample_s)
+    def add(timings: dict) -> None:
         for peer, timing in timings.items():
             tokens_per_s = batch * seq / timing.median
             flops_per_s = tokens_per_s * record["flops_per_token"]
             record[peer] = {**timing.as_dict(), "tokens_per_s": tokens_per_s, "model_flops_per_s": flops_per_s,
                             "mfu": flops_per_s / peak_flops if peak_flops else None}
-        record["speedup_vs_transformers"] = speedup(timings, "ours", "transformers") if transformers else None
-        results.append(record)
+
+    if compiled:
+        ours.compile_blocks()
+    steps = {"ours": trainer_step(ours, ours.loss, x, y, device)}
+    if transformers is not None:
+        hf = llama_like(transformers, cfg, device)
+        hf_params = sum(p.numel() for p in hf.parameters())
+        assert hf_params == params, f"parameter counts differ: ours {params}, transformers {hf_params}"
+
+        def hf_loss(x, y, hf=hf):
+            logits = hf(input_ids=x).logits
+            return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+
+        steps["transformers"] = trainer_step(hf, torch.compile(hf_loss) if compiled else hf_loss, x, y, device)
+    timings = time_peers(steps, device, settings.rounds, settings.min_sample_s)
+    add(timings)
+    record["speedup_vs_transformers"] = speedup(timings, "ours", "transformers") if transformers else None
+    if device.type == "cpu":
+        for peer, step in steps.items():
+            record[peer]["time_split"] = time_split(step)
+    steps = ours = hf = hf_loss = None  # freed before the next group is built
+    release(device)
+
+    if not compiled and not settings.quick:
+        layouts = {f"ours:{variant}": Transformer(with_layout(cfg, variant)).to(device)
+                   for variant in ("complex", "interleaved", "rotate_half")}
+        timings = time_peers({peer: trainer_step(m, m.loss, x, y, device) for peer, m in layouts.items()},
+                             device, settings.rounds, settings.min_sample_s)
+        add(timings)
+        medians = [t.median for t in timings.values()]
+        record["layout_spread"] = max(medians) / min(medians)  # slowest layout's step over the fastest's
+        layouts = None
+        release(device)
+    return record
+
+
+MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm"}
+
+
+def time_split(step, steps: int = 2) -> dict:
+    """Seconds per step in matrix multiplications, in attention (SDPA, forward and backward) and in
+    everything else, from torch.profiler's self time of each op (CPU only; the profiler adds a few
+    microseconds to every op, which lands in "other")."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    matmul = sum(e.self_cpu_time_total for e in events if e.key in MATMUL_OPS)
+    attention = sum(e.self_cpu_time_total for e in events if "scaled_dot_product" in e.key)
+    per_step = 1e6 * steps  # the profiler counts microseconds
+    return {"matmul_s": matmul / per_step, "attention_s": attention / per_step,
+            "other_s": (total - matmul - attention) / per_step}
+
+
+def release(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run(settings: Settings) -> dict:
+    device, quick = settings.device, settings.quick
+    # CUDA is measured compiled (the GPU target); CPU eager and compiled; --quick eager only.
+    modes = [True] if device.type == "cuda" and not quick else [False] if quick else [False, True]
+    results = [measure(name, cfg, batch, seq, settings, compiled)
+               for compiled in modes for name, cfg, batch, seq in model_settings(device, quick)]
     print_results(results)
     return {"models": results}
 
@@ -111,15 +171,35 @@ def run(settings: Settings) -> dict:
 def print_results(results: list[dict]) -> None:
     rows = []
     for r in results:
-        for peer in ("ours", "transformers"):
-            if peer not in r:
-                continue
+        peers = [p for p in ("ours", "transformers", "ours:complex", "ours:interleaved", "ours:rotate_half") if p in r]
+        for peer in peers:
             ratio = r["speedup_vs_transformers"] if peer == "ours" else None
             mfu = r[peer]["mfu"]
-            rows.append([f"{r['model']}:{peer}", r["batch"], r["seq"], r["params"], r[peer]["median_s"] * 1e3,
+            label = f"{r['model']}{' compiled' if r['compiled'] else ''}:{peer.replace('ours:', 'ours ')}"
+            rows.append([label, r["batch"], r["seq"], r["params"], r[peer]["median_s"] * 1e3,
                          r[peer]["tokens_per_s"], r[peer]["model_flops_per_s"] / 1e9, None if mfu is None else f"{mfu:.1%}",
                          None if ratio is None else f"{ratio['wall']:.2f}x",
                          None if ratio is None else f"{ratio['cpu']:.2f}x"])
+    split_rows = []
+    for r in results:
+        if "time_split" in r.get("ours", {}) and "time_split" in r.get("transformers", {}):
+            ours, theirs = r["ours"]["time_split"], r["transformers"]["time_split"]
+            r["speedup_ceiling"] = sum(theirs.values()) / (ours["matmul_s"] + ours["attention_s"])
+        for peer in ("ours", "transformers"):
+            split = r.get(peer, {}).get("time_split")
+            if split:
+                ceiling = r.get("speedup_ceiling") if peer == "ours" else None
+                split_rows.append([f"{r['model']}{' compiled' if r['compiled'] else ''}:{peer}",
+                                   split["matmul_s"] * 1e3, split["attention_s"] * 1e3, split["other_s"] * 1e3,
+                                   f"{(split['matmul_s'] + split['attention_s']) / sum(split.values()):.0%}",
+                                   None if ceiling is None else f"{ceiling:.2f}x"])
+    spreads = ", ".join(f"{r['model']} {r['layout_spread']:.2f}x" for r in results if "layout_spread" in r)
     print_table("train step (forward + backward + AdamW)", ["model:peer", "batch", "seq", "params", "ms/step",
                 "tokens/s", "GFLOP/s", "MFU", "vs hf", "vs hf (cpu time)"], rows,
-                ("vs hf: how many times faster than transformers, median of per-round ratios; MFU on GPUs only",))
+                ("vs hf: how many times faster than transformers, median of per-round ratios; MFU on GPUs only",
+                 "ours = complex RoPE" + (f"; slowest layout over fastest (same rounds): {spreads}" if spreads else "")))
+    if split_rows:
+        print_table("where a train step's time goes (torch.profiler, ms per step)",
+                    ["model:peer", "matmul", "attention", "other", "matmul+attention", "ceiling"], split_rows,
+                    ("ceiling: transformers' whole step over our matmul + attention, the speedup if everything "
+                     "else took no time",))

@@ -189,6 +189,13 @@ class Transformer(nn.Module):
             for proj in (block.attn.proj, block.ffn.down):
                 nn.init.normal_(proj.weight, std=cfg.init_std / math.sqrt(2 * cfg.n_layers))
 
+    def compile_blocks(self, **compile_kwargs) -> None:
+        """torch.compile every block in place, as torchtitan does. Not Module.compile on the whole model:
+        training calls loss(), never __call__, so a compiled __call__ would not run. Blocks of one shape
+        share their graph; the loss stays eager (its fused kernel already makes one pass per chunk)."""
+        for block in self.blocks:
+            block.compile(**compile_kwargs)
+
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=self.cfg.init_std)

@@ -95,7 +95,7 @@ class LanguageModelTask(L.LightningModule):
 
     def configure_model(self) -> None:
         if self.compile:
-            self.model.compile()
+            self.model.compile_blocks()
 
     def setup(self, stage: str) -> None:
         # Lightning calls setup before it moves the model, so self.device is still the CPU here; the

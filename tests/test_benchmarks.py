@@ -49,6 +49,13 @@ def test_quick_suite_reports_every_section_with_its_ratios(tmp_path):
     (model,) = results["train"]["models"]
     assert model["ours"]["tokens_per_s"] > 0 and model["transformers"]["tokens_per_s"] > 0
     assert model["speedup_vs_transformers"]["wall"] > 0 and model["ours"]["model_flops_per_s"] > 0
+    assert model["compiled"] is False  # --quick measures eager steps only
+    for peer in ("ours", "transformers"):
+        split = model[peer]["time_split"]
+        assert split["matmul_s"] > 0 and split["attention_s"] > 0 and split["other_s"] > 0
+    ours = model["ours"]["time_split"]
+    theirs_total = sum(model["transformers"]["time_split"].values())
+    assert model["speedup_ceiling"] == pytest.approx(theirs_total / (ours["matmul_s"] + ours["attention_s"]))
 
     rows = results["longctx"]["rows"]
     assert [row["length"] for row in rows] == [64, 128]
@@ -58,7 +65,8 @@ def test_quick_suite_reports_every_section_with_its_ratios(tmp_path):
         assert row["sdpa_speedup_vs_naive"]["wall"] > 0 and row["naive_memory_over_sdpa"] > 0
     assert set(results["longctx"]["memory_exponent"]) == {"sdpa", "naive", "alibi-sdpa"}
 
-    for title in ("rope forward:", "rope forward_backward:", "train step", "long-context evaluation"):
+    for title in ("rope forward:", "rope forward_backward:", "train step", "where a train step's time goes",
+                  "long-context evaluation"):
         assert title in stdout
 
 
@@ -71,6 +79,7 @@ def test_suite_without_the_transformers_peers_says_so(tmp_path):
     assert "transformers" not in mode["peers"] and "vs_transformers" not in mode["ratios"]["ours:complex"]
     (model,) = results["train"]["models"]
     assert "transformers" not in model and model["speedup_vs_transformers"] is None
+    assert model["ours"]["time_split"]["matmul_s"] > 0 and "speedup_ceiling" not in model
 
 
 def test_unknown_section_is_refused(tmp_path):

@@ -498,6 +498,25 @@ def test_loss_gradients_equal_cross_entropy_on_full_logits(tie_embeddings):
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_compiled_blocks_carry_the_training_loss():
+    """compile_blocks puts every block's forward through torch.compile, on the path loss() takes."""
+    graphs = []
+
+    def recording_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward  # run the captured graph as it is
+
+    model = tiny().train()
+    idx, targets = tokens(2, 9, seed=2), tokens(2, 9, seed=3)
+    expected = model.loss(idx, targets)
+    model.compile_blocks(backend=recording_backend)
+    torch._dynamo.reset()
+    compiled = model.loss(idx, targets)
+    assert graphs, "no block went through torch.compile"
+    torch.testing.assert_close(compiled, expected)
+    torch._dynamo.reset()
+
+
 def test_a_few_adam_steps_fit_a_repeated_sequence():
     model = tiny(seed=0, init_std=0.02).train()
     sequence = tokens(1, 17, seed=4).repeat(4, 1)

@@ -124,6 +124,16 @@ def test_peak_flops_is_measured_on_the_device_training_runs_on(monkeypatch):
     assert seen == [torch.device("cuda", 0)] and task.peak_flops == 1e15
 
 
+def test_compile_compiles_the_blocks_training_runs_through(monkeypatch):
+    compiled = []
+    monkeypatch.setattr(Transformer, "compile_blocks", lambda self, **kwargs: compiled.append(self))
+    LanguageModelTask(tiny_model_config().to_dict(), dataclasses.asdict(OptimConfig())).configure_model()
+    assert compiled == []
+    task = LanguageModelTask(tiny_model_config().to_dict(), dataclasses.asdict(OptimConfig()), compile=True)
+    task.configure_model()
+    assert compiled == [task.model]
+
+
 # ----------------------------------------------------------------------------------------------
 # A real Trainer on the CPU
 
