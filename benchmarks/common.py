@@ -11,9 +11,11 @@ processes: when wall-clock ratios scatter, the CPU-time ratio says whether the d
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -142,3 +144,35 @@ def _cell(value) -> str:
     if isinstance(value, float):
         return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
     return str(value)
+
+
+# ----------------------------------------------------------------------------------------------
+# Peak memory on CPU, where torch keeps no allocation statistics
+
+
+def probe_in_fresh_process(script: str, cases: list) -> list:
+    """Run `script --probe CASES THREADS` in a fresh process and return the JSON list it prints last.
+
+    glibc's mmap threshold is pinned at 64 KiB there, so that freed tensors leave the resident set at
+    once and the high-water mark measures what one call holds at its peak.
+    """
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    out = subprocess.run([sys.executable, script, "--probe", json.dumps(cases), str(torch.get_num_threads())],
+                         capture_output=True, text=True, env=env, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def resident_growth(call: Callable[[], object]) -> int:
+    """Bytes the resident set grew by during call(): its high-water mark, reset just before, minus where it
+    started. One warm-up call first (threads, kernels, caches), all of it freed before the measured one."""
+
+    def status(key: str) -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
+
+    call()
+    before = status("VmRSS:")
+    with open("/proc/self/clear_refs", "w") as f:  # reset the high-water mark to the current resident set
+        f.write("5")
+    call()
+    return max(0, status("VmHWM:") - before)

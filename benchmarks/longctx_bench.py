@@ -18,13 +18,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
 import sys
 
 import torch
 
-from common import Settings, print_table, speedup, time_peers
+from common import Settings, print_table, probe_in_fresh_process, resident_growth, speedup, time_peers
 from minillm.config import ModelConfig, PositionConfig
 from minillm.model import Attention, KVCache, Transformer
 from minillm.rope import PositionEncoding
@@ -88,10 +86,7 @@ def evaluate(model: Transformer, idx: torch.Tensor, targets: torch.Tensor) -> to
 def peak_memory(cases: list[tuple[str, int]], device: torch.device) -> dict[tuple[str, int], int]:
     """Bytes per (peer, length): the growth of memory in use during one evaluation."""
     if device.type == "cpu":  # one fresh process measures every case (see the module docstring)
-        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-        out = subprocess.run([sys.executable, __file__, "--probe", json.dumps(cases), str(torch.get_num_threads())],
-                             capture_output=True, text=True, env=env, check=True)
-        return {(peer, length): peak for peer, length, peak in json.loads(out.stdout.strip().splitlines()[-1])}
+        return {(peer, length): peak for peer, length, peak in probe_in_fresh_process(__file__, cases)}
     peaks = {}
     for peer, length in cases:
         model = build(peer, device)
@@ -108,21 +103,11 @@ def peak_memory(cases: list[tuple[str, int]], device: torch.device) -> dict[tupl
 
 def _probe(cases: list[tuple[str, int]]) -> None:
     """In a fresh CPU process: resident-set growth of each evaluation, printed as JSON."""
-
-    def status(key: str) -> int:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
-
     models = {peer: build(peer, torch.device("cpu")) for peer in {peer for peer, _ in cases}}
     peaks = []
     for peer, length in cases:
         idx, targets = tokens(length, models[peer].cfg.vocab_size, torch.device("cpu"))
-        evaluate(models[peer], idx, targets)  # warm-up: threads, kernels, rotary tables; all freed after
-        before = status("VmRSS:")
-        with open("/proc/self/clear_refs", "w") as f:  # reset the high-water mark to the current resident set
-            f.write("5")
-        evaluate(models[peer], idx, targets)
-        peaks.append((peer, length, max(0, status("VmHWM:") - before)))
+        peaks.append((peer, length, resident_growth(lambda: evaluate(models[peer], idx, targets))))
     print(json.dumps(peaks))
 
 

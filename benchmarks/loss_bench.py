@@ -1,0 +1,127 @@
+"""The training loss: our fused LM head + cross-entropy (minillm.kernels.linear_cross_entropy) against the
+unfused formula that transformers' LlamaForCausalLM runs (logits = hidden @ Wᵀ, then F.cross_entropy).
+
+Peers, forward + backward on the same hidden states, weight and targets (their losses and gradients are
+checked equal first):
+    fused    chunks of tokens; each chunk's logits become its gradient in place; no full logit matrix
+    unfused  the (tokens, vocab) logits, their log-softmax and its gradient, each at full size
+
+Shapes: the training steps of model=tiny and model=small with the 4k vocabulary, and a 32k vocabulary
+(LLaMA 2's) at which the logits alone take 4 bytes × tokens × 32000. CPU runs float32; CUDA bf16 autocast,
+as bf16-mixed training does. Peak memory: CUDA max_memory_allocated, minus what was allocated before;
+CPU the resident-set growth of one call in a fresh process (common.resident_growth).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from common import Settings, print_table, probe_in_fresh_process, resident_growth, speedup, time_peers
+from minillm.kernels import linear_cross_entropy
+
+PEERS = ("fused", "unfused")
+
+
+def shapes(device: torch.device, quick: bool) -> list[tuple[int, int, int]]:
+    """(tokens, d_model, vocab) per case."""
+    if quick:
+        return [(64, 16, 128)]
+    if device.type == "cuda":
+        return [(16384, 768, 32000), (16384, 2048, 128256)]
+    return [(4096, 128, 4096), (2048, 384, 4096), (2048, 512, 32000)]
+
+
+def inputs(tokens: int, dim: int, vocab: int, device: torch.device):
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(tokens, dim, generator=g).to(device).requires_grad_()
+    weight = (torch.randn(vocab, dim, generator=g) * dim ** -0.5).to(device).requires_grad_()
+    targets = torch.randint(0, vocab, (tokens,), generator=g).to(device)
+    return hidden, weight, targets
+
+
+def loss_step(peer: str, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor):
+    """One forward + backward of `peer`; returns the loss. Gradients land in hidden.grad and weight.grad."""
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if hidden.is_cuda else contextlib.nullcontext
+
+    def step() -> torch.Tensor:
+        hidden.grad = weight.grad = None
+        with autocast():
+            if peer == "fused":
+                loss = linear_cross_entropy(hidden, weight, targets)
+            else:
+                loss = F.cross_entropy((hidden @ weight.T).float(), targets)
+        loss.backward()
+        return loss
+
+    return step
+
+
+def peak_memory(cases: list[tuple[str, int, int, int]], device: torch.device) -> dict[tuple, int]:
+    """Bytes per (peer, tokens, dim, vocab) that one forward + backward holds at its peak."""
+    if device.type == "cpu":
+        return {tuple(case): peak for *case, peak in probe_in_fresh_process(__file__, cases)}
+    peaks = {}
+    for peer, *shape in cases:
+        step = loss_step(peer, *inputs(*shape, device))
+        step()  # warm-up; its gradients are dropped by the next call
+        torch.cuda.synchronize(device)
+        hidden_grads_freed = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        peaks[(peer, *shape)] = torch.cuda.max_memory_allocated(device) - hidden_grads_freed
+    return peaks
+
+
+def _probe(cases: list[tuple[str, int, int, int]]) -> None:
+    """In a fresh CPU process: resident-set growth of each case, printed as JSON."""
+    print(json.dumps([(peer, *shape, resident_growth(loss_step(peer, *inputs(*shape, torch.device("cpu")))))
+                      for peer, *shape in cases]))
+
+
+def run(settings: Settings) -> dict:
+    device = settings.device
+    cases = shapes(device, settings.quick)
+    peaks = peak_memory([(peer, *shape) for shape in cases for peer in PEERS], device)
+    rows = []
+    for tokens, dim, vocab in cases:
+        hidden, weight, targets = inputs(tokens, dim, vocab, device)
+        steps = {peer: loss_step(peer, hidden, weight, targets) for peer in PEERS}
+        results = {}
+        for peer, step in steps.items():  # the same loss and gradients, or the timing means nothing
+            loss = step()
+            results[peer] = (loss.detach(), hidden.grad.clone(), weight.grad.clone())
+        tol = dict(rtol=1e-4, atol=1e-5) if device.type == "cpu" else dict(rtol=2e-2, atol=2e-3)
+        for ours, theirs in zip(results["fused"], results["unfused"]):
+            torch.testing.assert_close(ours.float(), theirs.float(), **tol)
+        timings = time_peers(steps, device, settings.rounds, settings.min_sample_s)
+        row = {"tokens": tokens, "d_model": dim, "vocab": vocab, "logits_bytes": 4 * tokens * vocab}
+        for peer in PEERS:
+            row[peer] = {**timings[peer].as_dict(), "peak_bytes": peaks[(peer, tokens, dim, vocab)],
+                         "tokens_per_s": tokens / timings[peer].median}
+        row["fused_speedup"] = speedup(timings, "fused", "unfused")
+        row["unfused_memory_over_fused"] = row["unfused"]["peak_bytes"] / max(row["fused"]["peak_bytes"], 1)
+        rows.append(row)
+    print_results(rows, device)
+    return {"rows": rows, "dtype": "bf16-autocast" if device.type == "cuda" else "float32",
+            "memory_measure": "cuda max_memory_allocated" if device.type == "cuda" else "resident-set growth"}
+
+
+def print_results(rows: list[dict], device: torch.device) -> None:
+    table = [[f"{r['tokens']} x {r['d_model']} -> {r['vocab']}", r["fused"]["median_s"] * 1e3,
+              r["unfused"]["median_s"] * 1e3, f"{r['fused_speedup']['wall']:.2f}x", f"{r['fused_speedup']['cpu']:.2f}x",
+              r["fused"]["peak_bytes"] / 2**20, r["unfused"]["peak_bytes"] / 2**20,
+              f"{r['unfused_memory_over_fused']:.1f}x"] for r in rows]
+    print_table(f"LM head + cross-entropy, forward + backward ({'bf16 autocast' if device.type == 'cuda' else 'float32'})",
+                ["tokens x d -> vocab", "fused ms", "unfused ms", "fused vs unfused", "(cpu time)", "fused MiB",
+                 "unfused MiB", "memory saved"], table,
+                ("unfused: logits = hidden @ W.T, then F.cross_entropy, as transformers' LlamaForCausalLM",))
+
+
+if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "--probe":
+    torch.set_num_threads(int(sys.argv[3]))
+    _probe([tuple(case) for case in json.loads(sys.argv[2])])
