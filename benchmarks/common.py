@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import multiprocessing
 import os
 import platform
 import statistics
@@ -65,29 +66,114 @@ class Timing:
                 "cpu_median_s": statistics.median(self.cpu)}
 
 
-def time_peers(peers: dict[str, Callable[[], object]], device: torch.device, rounds: int,
-               min_sample_s: float) -> dict[str, Timing]:
-    """Time each peer `rounds` times, interleaved; a sample repeats a call until it lasts min_sample_s."""
+def sample(fn: Callable[[], object], calls: int, device: torch.device) -> tuple[float, float]:
+    """(wall, CPU) seconds per call, over `calls` calls of fn."""
+    synchronize(device)
+    wall, cpu = time.perf_counter(), time.process_time()
+    for _ in range(calls):
+        fn()
+    synchronize(device)
+    return (time.perf_counter() - wall) / calls, (time.process_time() - cpu) / calls
+
+
+def time_samplers(samplers: dict[str, Callable[[int], tuple[float, float]]], rounds: int,
+                  min_sample_s: float) -> dict[str, Timing]:
+    """Time each peer `rounds` times, interleaved; a sample repeats a call until it lasts min_sample_s.
+    samplers[name](calls) runs that many calls and returns (wall, CPU) seconds per call."""
     calls = {}
-    for name, fn in peers.items():  # warm-up (allocator, kernels, caches), then size the sample
-        fn()
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        calls[name] = max(1, int(min_sample_s / max(time.perf_counter() - start, 1e-6)))
-    timings = {name: Timing() for name in peers}
-    names = list(peers)
+    for name, run_calls in samplers.items():  # warm-up (allocator, kernels, caches), then size the sample
+        run_calls(1)
+        wall, _ = run_calls(1)
+        calls[name] = max(1, int(min_sample_s / max(wall, 1e-6)))
+    timings = {name: Timing() for name in samplers}
+    names = list(samplers)
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
-            synchronize(device)
-            wall, cpu = time.perf_counter(), time.process_time()
-            for _ in range(calls[name]):
-                peers[name]()
-            synchronize(device)
-            timings[name].wall.append((time.perf_counter() - wall) / calls[name])
-            timings[name].cpu.append((time.process_time() - cpu) / calls[name])
+            wall, cpu = samplers[name](calls[name])
+            timings[name].wall.append(wall)
+            timings[name].cpu.append(cpu)
     return timings
+
+
+def time_peers(peers: dict[str, Callable[[], object]], device: torch.device, rounds: int,
+               min_sample_s: float) -> dict[str, Timing]:
+    """time_samplers over callables of this process."""
+    return time_samplers({name: (lambda calls, fn=fn: sample(fn, calls, device)) for name, fn in peers.items()},
+                         rounds, min_sample_s)
+
+
+class PeerProcess:
+    """One peer in a process of its own, driven round by round from this one.
+
+    Peers that allocate much (a whole training step) slow one another down when they share a process:
+    what a fresh allocation costs depends on what the others left in the heap. On 2 CPU cores a
+    transformers step measured beside our models ran 1.05x to 1.3x slower than alone, from run to run.
+    Only one peer runs at a time, so they never compete for the cores. A sample starts with one untimed
+    call: the first step after an idle turn pays to fault its memory back in (up to 1.4x on a VM), and
+    a training run is a stream of steps, so the steady state is what a sample times.
+
+    build(*args) runs in the child and returns (step, info): the callable to time and a dict of facts
+    about it (parameter count...); build must be a module-level function, so that it pickles by name.
+    """
+
+    def __init__(self, build: Callable, args: tuple, device: torch.device):
+        context = multiprocessing.get_context("spawn")
+        self._conn, child = context.Pipe()
+        self._process = context.Process(target=_serve, args=(child, build, args, torch.get_num_threads(), device),
+                                        daemon=True)
+        self._process.start()
+        child.close()
+        self.info = self._ask("info")
+
+    def _ask(self, *request):
+        self._conn.send(request)
+        status, value = self._conn.recv()
+        if status == "error":
+            raise RuntimeError(f"benchmark peer process failed:\n{value}")
+        return value
+
+    def sample(self, calls: int) -> tuple[float, float]:
+        return self._ask("sample", calls)
+
+    def apply(self, fn: Callable):
+        """fn(step) in the child (fn module-level), e.g. a profile of the step."""
+        return self._ask("apply", fn)
+
+    def close(self) -> None:
+        try:
+            self._conn.send(("close",))
+        except (BrokenPipeError, OSError):
+            pass
+        self._process.join(timeout=60)
+        if self._process.is_alive():
+            self._process.kill()
+
+
+def _serve(conn, build: Callable, args: tuple, threads: int, device: torch.device) -> None:
+    import traceback
+
+    torch.set_num_threads(threads)
+    try:
+        step, info = build(*args)
+    except Exception:
+        step, info = None, traceback.format_exc()
+    while True:
+        request = conn.recv()
+        if request[0] == "close":
+            return
+        try:
+            if step is None:
+                raise RuntimeError(info)
+            if request[0] == "info":
+                reply = info
+            elif request[0] == "sample":
+                step()  # untimed: back to the steady state after the idle turn (see PeerProcess)
+                reply = sample(step, request[1], device)
+            else:
+                reply = request[1](step)
+            conn.send(("ok", reply))
+        except Exception:
+            conn.send(("error", traceback.format_exc()))
 
 
 def speedup(timings: dict[str, Timing], ours: str, peer: str) -> dict:

@@ -15,14 +15,13 @@ against the data-sheet peak (minillm.task.GPU_PEAK_FLOPS).
 from __future__ import annotations
 
 import contextlib
-import gc
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from common import Settings, print_table, speedup, time_peers
+from common import PeerProcess, Settings, optional_transformers, print_table, speedup, time_samplers
 from minillm.config import ModelConfig
 from minillm.model import Transformer
 from minillm.task import parameter_groups, peak_flops_for
@@ -75,21 +74,60 @@ def with_layout(cfg: ModelConfig, variant: str) -> ModelConfig:
     return ModelConfig.from_dict({**cfg.to_dict(), "rope": {**cfg.to_dict()["rope"], "variant": variant}})
 
 
-def measure(name: str, cfg: ModelConfig, batch: int, seq: int, settings: Settings, compiled: bool) -> dict:
-    """Ours (complex RoPE) against transformers, timed in rounds of their own; in eager runs, then our
-    three layouts in rounds of theirs. Each group is built, timed and freed alone, so no peer's step runs
-    beside another group's live models (their memory changes what a fresh allocation costs on CPU)."""
-    device, transformers = settings.device, settings.transformers
-    peak_flops = peak_flops_for(device) if device.type == "cuda" else None
+def build_step(peer: str, cfg: ModelConfig, batch: int, seq: int, device: torch.device, compiled: bool):
+    """In the peer's own process: its model, the shared tokens and targets, and one training step.
+
+    peer: "transformers", "ours" (complex RoPE) or "ours:<layout>". Returns (step, info)."""
     torch.manual_seed(0)
     g = torch.Generator(device).manual_seed(0)
     x = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g, device=device)
     y = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g, device=device)
-    ours = Transformer(cfg).to(device)
-    params = sum(p.numel() for p in ours.parameters())
-    record = {"model": name, "batch": batch, "seq": seq, "tokens_per_step": batch * seq, "params": params,
-              "dtype": "bf16-autocast" if device.type == "cuda" else "float32", "compiled": compiled,
-              "flops_per_token": ours.flops_per_token(seq), "peak_flops": peak_flops}
+    if peer == "transformers":
+        hf = llama_like(optional_transformers(), cfg, device)
+
+        def hf_loss(x, y):
+            logits = hf(input_ids=x).logits
+            return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+
+        step = trainer_step(hf, torch.compile(hf_loss) if compiled else hf_loss, x, y, device)
+        return step, {"params": sum(p.numel() for p in hf.parameters())}
+    model = Transformer(with_layout(cfg, peer.partition(":")[2] or "complex")).to(device)
+    if compiled:
+        model.compile_blocks()
+    return trainer_step(model, model.loss, x, y, device), {"params": sum(p.numel() for p in model.parameters()),
+                                                           "flops_per_token": model.flops_per_token(seq)}
+
+
+def time_group(peers: list[str], cfg: ModelConfig, batch: int, seq: int, settings: Settings, compiled: bool,
+               split: bool) -> tuple[dict, dict, dict]:
+    """Timings, infos and (CPU, split=True) time splits of peers, each in a process of its own."""
+    device = settings.device
+    workers = {}
+    try:
+        for peer in peers:
+            workers[peer] = PeerProcess(build_step, (peer, cfg, batch, seq, device, compiled), device)
+        timings = time_samplers({peer: w.sample for peer, w in workers.items()}, settings.rounds,
+                                settings.min_sample_s)
+        splits = {peer: w.apply(time_split) for peer, w in workers.items()} if split else {}
+        return timings, {peer: w.info for peer, w in workers.items()}, splits
+    finally:
+        for w in workers.values():
+            w.close()
+
+
+def measure(name: str, cfg: ModelConfig, batch: int, seq: int, settings: Settings, compiled: bool) -> dict:
+    """Ours (complex RoPE) against transformers, timed in rounds of their own; in eager runs, then our
+    three layouts in rounds of theirs. Every peer runs in a process of its own (common.PeerProcess)."""
+    device = settings.device
+    peak_flops = peak_flops_for(device) if device.type == "cuda" else None
+    peers = ["ours"] + (["transformers"] if settings.transformers is not None else [])
+    timings, infos, splits = time_group(peers, cfg, batch, seq, settings, compiled, split=device.type == "cpu")
+    if "transformers" in infos:
+        assert infos["transformers"]["params"] == infos["ours"]["params"], \
+            f"parameter counts differ: ours {infos['ours']['params']}, transformers {infos['transformers']['params']}"
+    record = {"model": name, "batch": batch, "seq": seq, "tokens_per_step": batch * seq,
+              "params": infos["ours"]["params"], "dtype": "bf16-autocast" if device.type == "cuda" else "float32",
+              "compiled": compiled, "flops_per_token": infos["ours"]["flops_per_token"], "peak_flops": peak_flops}
 
     def add(timings: dict) -> None:
         for peer, timing in timings.items():
@@ -98,38 +136,16 @@ def measure(name: str, cfg: ModelConfig, batch: int, seq: int, settings: Setting
             record[peer] = {**timing.as_dict(), "tokens_per_s": tokens_per_s, "model_flops_per_s": flops_per_s,
                             "mfu": flops_per_s / peak_flops if peak_flops else None}
 
-    if compiled:
-        ours.compile_blocks()
-    steps = {"ours": trainer_step(ours, ours.loss, x, y, device)}
-    if transformers is not None:
-        hf = llama_like(transformers, cfg, device)
-        hf_params = sum(p.numel() for p in hf.parameters())
-        assert hf_params == params, f"parameter counts differ: ours {params}, transformers {hf_params}"
-
-        def hf_loss(x, y, hf=hf):
-            logits = hf(input_ids=x).logits
-            return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
-
-        steps["transformers"] = trainer_step(hf, torch.compile(hf_loss) if compiled else hf_loss, x, y, device)
-    timings = time_peers(steps, device, settings.rounds, settings.min_sample_s)
     add(timings)
-    record["speedup_vs_transformers"] = speedup(timings, "ours", "transformers") if transformers else None
-    if device.type == "cpu":
-        for peer, step in steps.items():
-            record[peer]["time_split"] = time_split(step)
-    steps = ours = hf = hf_loss = None  # freed before the next group is built
-    release(device)
-
+    for peer, time_shares in splits.items():
+        record[peer]["time_split"] = time_shares
+    record["speedup_vs_transformers"] = speedup(timings, "ours", "transformers") if "transformers" in timings else None
     if not compiled and not settings.quick:
-        layouts = {f"ours:{variant}": Transformer(with_layout(cfg, variant)).to(device)
-                   for variant in ("complex", "interleaved", "rotate_half")}
-        timings = time_peers({peer: trainer_step(m, m.loss, x, y, device) for peer, m in layouts.items()},
-                             device, settings.rounds, settings.min_sample_s)
+        layouts = [f"ours:{variant}" for variant in ("complex", "interleaved", "rotate_half")]
+        timings, _, _ = time_group(layouts, cfg, batch, seq, settings, compiled, split=False)
         add(timings)
         medians = [t.median for t in timings.values()]
         record["layout_spread"] = max(medians) / min(medians)  # slowest layout's step over the fastest's
-        layouts = None
-        release(device)
     return record
 
 
@@ -150,12 +166,6 @@ def time_split(step, steps: int = 2) -> dict:
     per_step = 1e6 * steps  # the profiler counts microseconds
     return {"matmul_s": matmul / per_step, "attention_s": attention / per_step,
             "other_s": (total - matmul - attention) / per_step}
-
-
-def release(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def run(settings: Settings) -> dict:

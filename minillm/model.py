@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from minillm.config import ModelConfig
-from minillm.kernels import linear_cross_entropy
+from minillm.kernels import linear_cross_entropy, split_linear
 from minillm.rope import PositionEncoding, build_position_encoding
 
 
@@ -112,6 +112,7 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
         self.qkv = nn.Linear(cfg.d_model, (cfg.n_heads + 2 * cfg.kv_heads) * cfg.head_dim, bias=cfg.bias)
+        self.qkv_sizes = (cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim)
         self.proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=cfg.bias)
         # QK-norm (as in FLUX): RMSNorm over each head's channels keeps attention logits bounded.
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
@@ -121,8 +122,7 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, position: PositionEncoding, mask: Optional[Tensor],
                 cache: Optional[KVCache] = None, layer: int = 0, offset: int = 0) -> Tensor:
         batch, seq, _ = x.shape
-        q, k, v = self.qkv(x).split([self.n_heads * self.head_dim, self.kv_heads * self.head_dim,
-                                     self.kv_heads * self.head_dim], dim=-1)
+        q, k, v = split_linear(x, self.qkv.weight, self.qkv.bias, self.qkv_sizes)
         q = self.q_norm(q.view(batch, seq, self.n_heads, self.head_dim)).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_norm(k.view(batch, seq, self.kv_heads, self.head_dim)).transpose(1, 2)  # (B, Hkv, T, hd)
         v = v.view(batch, seq, self.kv_heads, self.head_dim).transpose(1, 2)
@@ -142,14 +142,14 @@ class FeedForward(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.gated = cfg.ffn == "swiglu"
-        hidden = cfg.hidden_dim
+        self.hidden = hidden = cfg.hidden_dim
         # Gate and up projections fused in one matmul: rows [0, hidden) gate, [hidden, 2·hidden) up.
         self.up = nn.Linear(cfg.d_model, 2 * hidden if self.gated else hidden, bias=cfg.bias)
         self.down = nn.Linear(hidden, cfg.d_model, bias=cfg.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.gated:
-            gate, up = self.up(x).chunk(2, dim=-1)
+            gate, up = split_linear(x, self.up.weight, self.up.bias, (self.hidden, self.hidden))
             return self.down(F.silu(gate) * up)
         return self.down(F.gelu(self.up(x), approximate="tanh"))
 

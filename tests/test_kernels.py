@@ -1,5 +1,6 @@
 """The fused kernels equal their reference formulas, forward and backward: the rotations against rope.py on
-every input layout, the fused LM head + cross-entropy against F.cross_entropy on full logits."""
+every input layout, the fused LM head + cross-entropy against F.cross_entropy on full logits, the split
+projection against F.linear then split."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import torch
 
 import torch.nn.functional as F
 
-from minillm.kernels import TRITON_AVAILABLE, linear_cross_entropy, rotate_half_fused, rotate_pairs, rotate_triton
+from minillm.kernels import (TRITON_AVAILABLE, linear_cross_entropy, rotate_half_fused, rotate_pairs, rotate_triton,
+                             split_linear)
 from minillm.rope import rotate_half, rotate_interleaved
 
 
@@ -217,3 +219,65 @@ def test_linear_cross_entropy_names_bad_shapes():
         linear_cross_entropy(hidden, weight, targets[:9])
     with pytest.raises(ValueError, match="no tokens"):
         linear_cross_entropy(hidden[:0], weight, targets[:0])
+
+
+# ----------------------------------------------------------------------------------------------
+# Split projection
+
+
+def projection(dtype=torch.float32, bias: bool = True):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 5, 6, generator=g, dtype=dtype, requires_grad=True)
+    weight = torch.randn(9, 6, generator=g, dtype=dtype, requires_grad=True)
+    b = torch.randn(9, generator=g, dtype=dtype, requires_grad=True) if bias else None
+    return x, weight, b
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_split_linear_equals_linear_then_split(bias):
+    x, weight, b = projection(bias=bias)
+    sizes = (4, 2, 3)
+    grads = [torch.randn(2, 5, n) for n in sizes]
+    inputs = [t for t in (x, weight, b) if t is not None]
+    ours = split_linear(x, weight, b, sizes)
+    theirs = F.linear(x, weight, b).split(sizes, dim=-1)
+    for a, c in zip(ours, theirs):
+        torch.testing.assert_close(a, c)
+    ours_grads = torch.autograd.grad(ours, inputs, grads)
+    theirs_grads = torch.autograd.grad(theirs, inputs, grads)
+    for a, c in zip(ours_grads, theirs_grads):
+        torch.testing.assert_close(a, c)
+
+
+def test_split_linear_passes_gradcheck_with_a_part_left_unused():
+    x, weight, b = projection(torch.float64)
+    # the middle part feeds nothing: its weight rows and bias entries get exactly zero gradient
+    assert torch.autograd.gradcheck(lambda x, w, b: [split_linear(x, w, b, (4, 2, 3))[i] for i in (0, 2)], (x, weight, b))
+    first, _, last = split_linear(x, weight, b, (4, 2, 3))
+    grad_weight, grad_bias = torch.autograd.grad(first.sum() + last.sum(), (weight, b))
+    assert torch.equal(grad_weight[4:6], torch.zeros(2, 6, dtype=torch.float64))
+    assert torch.equal(grad_bias[4:6], torch.zeros(2, dtype=torch.float64))
+
+
+def test_split_linear_under_bf16_autocast_matches_the_autocast_reference():
+    x, weight, b = projection()
+    sizes = (4, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = split_linear(x, weight, b, sizes)
+        theirs = F.linear(x, weight, b).split(sizes, dim=-1)
+    assert all(t.dtype == torch.bfloat16 for t in ours)
+    loss_ours = sum((t.float() ** 2).sum() for t in ours)
+    loss_theirs = sum((t.float() ** 2).sum() for t in theirs)
+    ours_grads = torch.autograd.grad(loss_ours, (x, weight, b))
+    theirs_grads = torch.autograd.grad(loss_theirs, (x, weight, b))
+    for a, c in zip(ours_grads, theirs_grads):
+        assert a.dtype == c.dtype == torch.float32
+        torch.testing.assert_close(a, c, rtol=2e-2, atol=2e-2)
+
+
+def test_split_linear_without_autograd_is_the_plain_split():
+    x, weight, b = projection()
+    with torch.no_grad():
+        parts = split_linear(x, weight, b, (4, 5))
+    assert all(p.grad_fn is None for p in parts)
+    torch.testing.assert_close(torch.cat(parts, dim=-1), F.linear(x, weight, b).detach())
