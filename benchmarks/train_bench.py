@@ -15,6 +15,7 @@ against the data-sheet peak (minillm.task.GPU_PEAK_FLOPS).
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 
 import torch
@@ -152,11 +153,24 @@ def measure(name: str, cfg: ModelConfig, batch: int, seq: int, settings: Setting
 MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm"}
 
 
+@contextlib.contextmanager
+def quiet_stderr():
+    """File descriptor 2 to /dev/null: the profiler's C++ side logs two lines per session there."""
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def time_split(step, steps: int = 2) -> dict:
     """Seconds per step in matrix multiplications, in attention (SDPA, forward and backward) and in
     everything else, from torch.profiler's self time of each op (CPU only; the profiler adds a few
     microseconds to every op, which lands in "other")."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    with quiet_stderr(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             step()
     events = prof.key_averages()

@@ -166,26 +166,37 @@ def atomic_checkpoint_io():
             if storage_options is not None:
                 raise TypeError(f"{type(self).__name__} takes no storage_options")
             path = Path(path)
-            tmp = path.with_name(f".{path.name}.partial")  # no .ckpt suffix: never mistaken for a checkpoint
             # Serialised in memory first, as Lightning's own writer does: torch.save straight to a file turns a
             # full disk into "[enforce fail at inline_container.cc] unexpected pos"; f.write raises ENOSPC itself.
             buffer = io.BytesIO()
             torch.save(checkpoint, buffer)
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                with open(tmp, "wb") as f:
-                    f.write(buffer.getbuffer())
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
+                write_atomic(path, buffer.getbuffer())
             except OSError as error:
-                tmp.unlink(missing_ok=True)
                 kept = f"; the previous {path.name} is unchanged" if path.is_file() else ""
                 raise CheckpointWriteError(f"checkpoint {path} could not be written "
                                            f"({error.strerror or error}){kept}") from error
-            _fsync_folder(path.parent)  # make the rename itself durable
 
     return AtomicCheckpointIO()
+
+
+def write_atomic(path: Path, data) -> None:
+    """Write str or bytes to a temporary file beside `path`, fsync it, rename it over `path`, fsync the folder.
+    Readers, kills and full disks see the old file or the new one, never part of either; the temporary file
+    (".<name>.partial": no suffix a reader would take for the real file) is removed on failure."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        with open(tmp, "w" if isinstance(data, str) else "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_folder(path.parent)  # make the rename itself durable
 
 
 def _fsync_folder(folder: Path) -> None:

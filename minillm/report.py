@@ -6,21 +6,15 @@ import csv
 import io
 import json
 import math
-import os
 from collections import defaultdict
 from pathlib import Path
 from statistics import mean, stdev
 from typing import Optional
 
+from minillm.checkpoint import write_atomic
 from minillm.config import SCALING_CONFIGS
 
 PASSKEY_COLUMNS = ("model", "run", "seed", "method", "length", "depth", "trials", "exact_match", "key_logprob")
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def flat_rows(records: list[dict]) -> list[dict]:
@@ -287,11 +281,11 @@ def write_report(records: list[dict], passkey: list[dict], theory: list[dict], o
         "passkey_csv": out_dir / "passkey.csv",
         "markdown": out_dir / "report.md",
     }
-    _atomic_write(files["json"], json.dumps({"perplexity": records, "passkey": passkey, "theory": theory},
+    write_atomic(files["json"], json.dumps({"perplexity": records, "passkey": passkey, "theory": theory},
                                             indent=1, default=str))
-    _atomic_write(files["csv"], _csv(flat_rows(records)))
-    _atomic_write(files["positions_csv"], _csv(position_rows(records)))
-    _atomic_write(files["passkey_csv"], _csv(passkey, PASSKEY_COLUMNS))
+    write_atomic(files["csv"], _csv(flat_rows(records)))
+    write_atomic(files["positions_csv"], _csv(position_rows(records)))
+    write_atomic(files["passkey_csv"], _csv(passkey, PASSKEY_COLUMNS))
     sections = [header, "## Perplexity against evaluation length\n", perplexity_table(records)]
     if passkey:
         sections += ["\n## Passkey retrieval\n", passkey_table(passkey)]
@@ -299,7 +293,7 @@ def write_report(records: list[dict], passkey: list[dict], theory: list[dict], o
         sections += ["\n## RoPE theory beside the measurement\n", theory_table(theory)]
     figures = plot(records, out_dir)
     sections += [f"\n![{path.stem.replace('_', ' ')}]({path.name})\n" for path in figures]
-    _atomic_write(files["markdown"], "\n".join(sections) + "\n")
+    write_atomic(files["markdown"], "\n".join(sections) + "\n")
     files.update({path.stem: path for path in figures})
     return files
 

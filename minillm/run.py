@@ -15,6 +15,7 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from minillm.checkpoint import write_atomic
 from minillm.config import RunConfig
 
 from minillm.task import LanguageModelTask, NonFiniteLossError
@@ -38,16 +39,6 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
         raise ConfigError(f"{key}: {str(error).splitlines()[0]}" if key else str(error).splitlines()[0]) from error
     except ValueError as error:  # a dataclass's __post_init__ check, raised as is: it names the setting
         raise ConfigError(str(error).splitlines()[0]) from error
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def run_tags(run: RunConfig) -> list[str]:

@@ -34,6 +34,14 @@ from test_train_script import REPO, RESULT_LINE, SMALL, assert_ok, compose_run, 
 from test_train_script import cache_dir, env, shared, small_corpus  # noqa: F401  (fixtures of the script tests)
 
 
+def finished_small_run(tmp_path: Path, env, cache_dir, small_corpus) -> tuple[Path, tuple[str, ...], Path]:
+    """A completed small run: its folder, the overrides it ran with, its checkpoint folder."""
+    run_dir = tmp_path / "run"
+    common = (f"data.path={small_corpus}", "logger=none")
+    assert_ok(small_run(env, cache_dir, run_dir, *common))
+    return run_dir, common, run_dir / "checkpoints"
+
+
 def state(path: Path) -> dict[str, torch.Tensor]:
     return load_checkpoint(path)["state_dict"]
 
@@ -216,10 +224,7 @@ def test_resolving_a_corrupt_checkpoint_names_the_newest_good_one(tmp_path):
 
 @pytest.mark.slow
 def test_resume_from_a_truncated_last_checkpoint_names_it_and_the_good_one(tmp_path, env, cache_dir, small_corpus):
-    run_dir = tmp_path / "run"
-    common = (f"data.path={small_corpus}", "logger=none")
-    assert_ok(small_run(env, cache_dir, run_dir, *common))
-    folder = run_dir / "checkpoints"
+    run_dir, common, folder = finished_small_run(tmp_path, env, cache_dir, small_corpus)
     assert not list(folder.glob(".*"))  # every write was renamed into place
     last = folder / "last.ckpt"
     assert load_checkpoint(last)["global_step"] == 6
@@ -463,10 +468,7 @@ def test_full_disk_exits_naming_the_checkpoint_and_loses_none_already_written(tm
 
 @pytest.mark.slow
 def test_read_only_checkpoint_folder_exits_naming_it_and_keeps_the_checkpoints(tmp_path, env, cache_dir, small_corpus):
-    run_dir = tmp_path / "run"
-    common = (f"data.path={small_corpus}", "logger=none")
-    assert_ok(small_run(env, cache_dir, run_dir, *common))
-    folder = run_dir / "checkpoints"
+    run_dir, common, folder = finished_small_run(tmp_path, env, cache_dir, small_corpus)
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
     with immutable(folder):
         result = small_run(env, cache_dir, run_dir, *common, "ckpt_path=last", "trainer.max_steps=9")
