@@ -1,14 +1,14 @@
 """Training-step throughput of our Transformer against transformers.LlamaForCausalLM of the same shape.
 
-Both models: the same parameter count (asserted), batch, sequence, tokens and targets, AdamW with the
-task's parameter groups (decay on matrices only), the loss as next-token cross-entropy on precomputed
+Both models: the same parameter count (asserted), batch, sequence, tokens and targets, AdamW as the task
+builds it (fused, decay on matrices only), the loss as next-token cross-entropy on precomputed
 targets. A step is forward + loss + backward + optimizer step + zero_grad.
 
 CPU: float32. Eager first, then our three rotary layouts against one another (the layout target is about
 a whole step). Then both compiled: our blocks through Transformer.compile_blocks (what
 trainer.compile does), transformers' whole loss function through torch.compile. Model FLOP/s only: a
 matmul peak measured on a shared machine moves with the load, so a CPU MFU would not mean much.
-CUDA: bf16 autocast (as Lightning's bf16-mixed), fused AdamW, compiled as above, flash SDPA, and MFU
+CUDA: bf16 autocast (as Lightning's bf16-mixed), compiled as above, flash SDPA, and MFU
 against the data-sheet peak (minillm.task.GPU_PEAK_FLOPS).
 """
 
@@ -58,7 +58,7 @@ def llama_like(transformers, cfg: ModelConfig, device: torch.device) -> torch.nn
 
 def trainer_step(model: torch.nn.Module, loss_of, x: torch.Tensor, y: torch.Tensor, device: torch.device):
     optimizer = torch.optim.AdamW(parameter_groups(model, 0.1), lr=3e-4, betas=(0.9, 0.95), eps=1e-8,
-                                  fused=device.type == "cuda")
+                                  fused=True)  # as LanguageModelTask builds it
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
 
     def step():

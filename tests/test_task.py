@@ -244,6 +244,7 @@ def test_logged_lr_follows_the_schedule(trained):
 
 def test_optimizer_decays_only_the_matrices(trained):
     optimizer = trained.trainer.optimizers[0]
+    assert optimizer.defaults["fused"] is True  # the one-kernel AdamW, on CPU as on CUDA
     assert [g["weight_decay"] for g in optimizer.param_groups] == [OPTIM.weight_decay, 0.0]
     decay, no_decay = expected_groups(trained.task.model)
     assert {id(p) for p in optimizer.param_groups[0]["params"]} == decay
