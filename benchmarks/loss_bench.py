@@ -8,8 +8,10 @@ checked equal first):
 
 Shapes: the training steps of model=tiny and model=small with the 4k vocabulary, and a 32k vocabulary
 (LLaMA 2's) at which the logits alone take 4 bytes × tokens × 32000. CPU runs float32; CUDA bf16 autocast,
-as bf16-mixed training does. Peak memory: CUDA max_memory_allocated, minus what was allocated before;
-CPU the resident-set growth of one call in a fresh process (common.resident_growth).
+as bf16-mixed training does. Each peer is timed in a process of its own (common.PeerProcess): beside each
+other, the unfused peer's step moved between 0.6x and 1.3x of its own speed from run to run. Peak memory:
+CUDA max_memory_allocated, minus what was allocated before; CPU the resident-set growth of one call in a
+fresh process (common.resident_growth).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from common import Settings, print_table, probe_in_fresh_process, resident_growth, speedup, time_peers
+from common import (PeerProcess, Settings, print_table, probe_in_fresh_process, resident_growth, speedup,
+                    time_samplers)
 from minillm.kernels import linear_cross_entropy
 
 PEERS = ("fused", "unfused")
@@ -61,6 +64,11 @@ def loss_step(peer: str, hidden: torch.Tensor, weight: torch.Tensor, targets: to
     return step
 
 
+def build_loss_step(peer: str, tokens: int, dim: int, vocab: int, device: torch.device):
+    """In the peer's own process: its inputs and its step (common.PeerProcess)."""
+    return loss_step(peer, *inputs(tokens, dim, vocab, device)), {}
+
+
 def peak_memory(cases: list[tuple[str, int, int, int]], device: torch.device) -> dict[tuple, int]:
     """Bytes per (peer, tokens, dim, vocab) that one forward + backward holds at its peak."""
     if device.type == "cpu":
@@ -98,7 +106,16 @@ def run(settings: Settings) -> dict:
         tol = dict(rtol=1e-4, atol=1e-5) if device.type == "cpu" else dict(rtol=2e-2, atol=2e-3)
         for ours, theirs in zip(results["fused"], results["unfused"]):
             torch.testing.assert_close(ours.float(), theirs.float(), **tol)
-        timings = time_peers(steps, device, settings.rounds, settings.min_sample_s)
+        del steps, results, hidden, weight, targets
+        workers = {}
+        try:
+            for peer in PEERS:
+                workers[peer] = PeerProcess(build_loss_step, (peer, tokens, dim, vocab, device), device)
+            timings = time_samplers({peer: w.sample for peer, w in workers.items()}, settings.rounds,
+                                    settings.min_sample_s)
+        finally:
+            for w in workers.values():
+                w.close()
         row = {"tokens": tokens, "d_model": dim, "vocab": vocab, "logits_bytes": 4 * tokens * vocab}
         for peer in PEERS:
             row[peer] = {**timings[peer].as_dict(), "peak_bytes": peaks[(peer, tokens, dim, vocab)],
