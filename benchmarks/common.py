@@ -116,18 +116,30 @@ class PeerProcess:
     about it (parameter count...); build must be a module-level function, so that it pickles by name.
     """
 
-    def __init__(self, build: Callable, args: tuple, device: torch.device):
+    def __init__(self, build: Callable, args: tuple, device: torch.device, timeout_s: float = 1800.0):
         context = multiprocessing.get_context("spawn")
         self._conn, child = context.Pipe()
         self._process = context.Process(target=_serve, args=(child, build, args, torch.get_num_threads(), device),
                                         daemon=True)
         self._process.start()
         child.close()
-        self.info = self._ask("info")
+        self._timeout_s = timeout_s
+        try:
+            self.info = self._ask("info")
+        except BaseException:
+            self.close()
+            raise
 
     def _ask(self, *request):
-        self._conn.send(request)
-        status, value = self._conn.recv()
+        try:
+            self._conn.send(request)
+            if not self._conn.poll(self._timeout_s):
+                raise RuntimeError(f"benchmark peer process gave no answer to {request[0]!r} in {self._timeout_s:.0f} s")
+            status, value = self._conn.recv()
+        except (EOFError, BrokenPipeError, ConnectionResetError):
+            self._process.join(timeout=5)
+            raise RuntimeError(f"benchmark peer process died (exit code {self._process.exitcode}) "
+                               f"during {request[0]!r}") from None
         if status == "error":
             raise RuntimeError(f"benchmark peer process failed:\n{value}")
         return value
@@ -147,6 +159,8 @@ class PeerProcess:
         self._process.join(timeout=60)
         if self._process.is_alive():
             self._process.kill()
+            self._process.join()
+        self._conn.close()
 
 
 def _serve(conn, build: Callable, args: tuple, threads: int, device: torch.device) -> None:
@@ -158,7 +172,10 @@ def _serve(conn, build: Callable, args: tuple, threads: int, device: torch.devic
     except Exception:
         step, info = None, traceback.format_exc()
     while True:
-        request = conn.recv()
+        try:
+            request = conn.recv()
+        except EOFError:  # the parent went away
+            return
         if request[0] == "close":
             return
         try:

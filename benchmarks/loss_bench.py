@@ -47,8 +47,9 @@ def inputs(tokens: int, dim: int, vocab: int, device: torch.device):
     return hidden, weight, targets
 
 
-def loss_step(peer: str, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor):
-    """One forward + backward of `peer`; returns the loss. Gradients land in hidden.grad and weight.grad."""
+def loss_step(peer: str, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, keep_grads: bool = True):
+    """One forward + backward of `peer`; returns the loss. Gradients land in hidden.grad and weight.grad, or are
+    dropped at the end (keep_grads=False: a memory probe's baseline then holds none from the call before)."""
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if hidden.is_cuda else contextlib.nullcontext
 
     def step() -> torch.Tensor:
@@ -59,6 +60,8 @@ def loss_step(peer: str, hidden: torch.Tensor, weight: torch.Tensor, targets: to
             else:
                 loss = F.cross_entropy((hidden @ weight.T).float(), targets)
         loss.backward()
+        if not keep_grads:
+            hidden.grad = weight.grad = None
         return loss
 
     return step
@@ -75,19 +78,22 @@ def peak_memory(cases: list[tuple[str, int, int, int]], device: torch.device) ->
         return {tuple(case): peak for *case, peak in probe_in_fresh_process(__file__, cases)}
     peaks = {}
     for peer, *shape in cases:
-        step = loss_step(peer, *inputs(*shape, device))
-        step()  # warm-up; its gradients are dropped by the next call
+        step = loss_step(peer, *inputs(*shape, device), keep_grads=False)
+        step()  # warm-up
         torch.cuda.synchronize(device)
-        hidden_grads_freed = torch.cuda.memory_allocated(device)
+        before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
         step()
-        peaks[(peer, *shape)] = torch.cuda.max_memory_allocated(device) - hidden_grads_freed
+        peaks[(peer, *shape)] = torch.cuda.max_memory_allocated(device) - before
+        del step
+    torch.cuda.empty_cache()  # the timed peers run in processes of their own
     return peaks
 
 
 def _probe(cases: list[tuple[str, int, int, int]]) -> None:
     """In a fresh CPU process: resident-set growth of each case, printed as JSON."""
-    print(json.dumps([(peer, *shape, resident_growth(loss_step(peer, *inputs(*shape, torch.device("cpu")))))
+    print(json.dumps([(peer, *shape, resident_growth(loss_step(peer, *inputs(*shape, torch.device("cpu")),
+                                                                keep_grads=False)))
                       for peer, *shape in cases]))
 
 
@@ -103,10 +109,13 @@ def run(settings: Settings) -> dict:
         for peer, step in steps.items():  # the same loss and gradients, or the timing means nothing
             loss = step()
             results[peer] = (loss.detach(), hidden.grad.clone(), weight.grad.clone())
-        tol = dict(rtol=1e-4, atol=1e-5) if device.type == "cpu" else dict(rtol=2e-2, atol=2e-3)
-        for ours, theirs in zip(results["fused"], results["unfused"]):
-            torch.testing.assert_close(ours.float(), theirs.float(), **tol)
+        # Gradients of a mean over N tokens are O(1/N): compared times N, so the tolerance means something.
+        tol = dict(rtol=1e-4, atol=1e-4) if device.type == "cpu" else dict(rtol=5e-2, atol=5e-2)
+        for ours, theirs, scale in zip(results["fused"], results["unfused"], (1, tokens, tokens)):
+            torch.testing.assert_close(ours.float() * scale, theirs.float() * scale, **tol)
         del steps, results, hidden, weight, targets
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         workers = {}
         try:
             for peer in PEERS:

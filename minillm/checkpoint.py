@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from minillm.config import ModelConfig
+from minillm.files import write_atomic
 from minillm.model import Transformer
 
 
@@ -172,41 +173,10 @@ def atomic_checkpoint_io():
             torch.save(checkpoint, buffer)
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                write_atomic(path, buffer.getbuffer())
+                write_atomic(path, buffer.getbuffer(), per_process=False)  # rank 0 alone writes checkpoints
             except OSError as error:
                 kept = f"; the previous {path.name} is unchanged" if path.is_file() else ""
                 raise CheckpointWriteError(f"checkpoint {path} could not be written "
                                            f"({error.strerror or error}){kept}") from error
 
     return AtomicCheckpointIO()
-
-
-def write_atomic(path: Path, data) -> None:
-    """Write str or bytes to a temporary file beside `path`, fsync it, rename it over `path`, fsync the folder.
-    Readers, kills and full disks see the old file or the new one, never part of either; the temporary file
-    (".<name>.partial": no suffix a reader would take for the real file) is removed on failure."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
-        with open(tmp, "w" if isinstance(data, str) else "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_folder(path.parent)  # make the rename itself durable
-
-
-def _fsync_folder(folder: Path) -> None:
-    try:
-        descriptor = os.open(folder, os.O_RDONLY)
-    except OSError:  # some file systems do not open folders; the rename is still atomic there
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)

@@ -10,7 +10,7 @@ import os
 import platform
 import sysconfig
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import datasets
 import lightning as L
@@ -21,6 +21,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset, get_worker_info
 
 from minillm.config import DataConfig, TokenizerConfig
+from minillm.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +215,8 @@ def build_tokenizer(cfg: TokenizerConfig, train_texts: Sequence[str], cache_dir:
             log.warning("cached tokenizer %s is unreadable (%s); training it again", path, error)
     log.info("training a %d-token byte-level BPE on %d documents", cfg.vocab_size, len(train_texts))
     tokenizer = train_tokenizer(train_texts, cfg.vocab_size, cfg.min_frequency)
-    _atomic_write(path, lambda f: f.write(tokenizer.to_str().encode()))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, tokenizer.to_str())
     return tokenizer
 
 
@@ -248,20 +250,6 @@ def _hash_json(value: dict) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
 
 
-def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Write through a temporary file in the same folder, so readers see the old file or the whole new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: concurrent ranks never collide
-    try:
-        with open(temporary, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
 def _describe(array: np.ndarray) -> dict:
     return {"dtype": str(array.dtype), "length": int(array.shape[0]), "sha256": hashlib.sha256(array).hexdigest()}
 
@@ -286,8 +274,9 @@ def cached_array(path: Path, build: Callable[[], np.ndarray]) -> np.ndarray:
     array = _load_verified(path)
     if array is None:
         built = build()
-        _atomic_write(path, lambda f: np.save(f, built))
-        _atomic_write(path.with_suffix(".json"), lambda f: f.write(json.dumps(_describe(built)).encode()))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, lambda f: np.save(f, built))
+        write_atomic(path.with_suffix(".json"), json.dumps(_describe(built)))
         array = np.load(path, mmap_mode="r")
     return array
 
@@ -456,5 +445,6 @@ class TextDataModule(L.LightningDataModule):
     def save_tokenizer(self, folder: str | Path) -> Path:
         """Write folder/tokenizer.json (loadable as tokenizer.path) and return its path."""
         path = Path(folder) / "tokenizer.json"
-        _atomic_write(path, lambda f: f.write(self.tokenizer.to_str().encode()))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, self.tokenizer.to_str())
         return path

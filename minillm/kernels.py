@@ -198,8 +198,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int) -> Tensor:
         device_type = hidden.device.type
-        # Mixed precision: matmuls in the autocast dtype (as nn.Linear would run), softmax in float32.
-        mm_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
+        mm_dtype = _matmul_dtype(hidden, weight)
         acc_dtype = torch.promote_types(mm_dtype, torch.float32)  # float32, or float64 for float64 inputs
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
@@ -212,29 +211,31 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 t = targets[start:start + chunk]
                 logits = (h @ w.T).to(acc_dtype)
                 target_logits = logits.gather(1, t[:, None]).squeeze(1)
-                # Softmax = e / s with e = exp(logits − max) kept unnormalised in the logits' buffer: the 1/s
-                # goes onto the (chunk, d) sides of the two matmuls instead, one pass fewer over the chunk.
+                # softmax − onehot = (e − s·onehot) / s, with e = exp(logits − max) kept unnormalised in the
+                # logits' buffer: the 1/s goes onto the (chunk, d) sides of the two matmuls instead, one pass
+                # fewer over the chunk. The one-hot comes off in acc_dtype, before any rounding to bf16: for a
+                # confident token e_target ≈ s, and subtracting after a bf16 matmul would leave its rounding error.
                 row_max = logits.amax(dim=-1, keepdim=True)
                 e = logits.sub_(row_max).exp_()
                 s = e.sum(dim=-1, keepdim=True)
                 total += (s.log() + row_max).squeeze(1).sub_(target_logits).sum()
+                e.scatter_add_(1, t[:, None], -s)
                 inv_s = s.reciprocal_()
                 e_mm = e.to(mm_dtype)
-                # ∂h = (e / s) W − W[target];  ∂W += eᵀ (h / s) − onehot(target)ᵀ h
+                # ∂h = ((e − s·onehot) W) / s;  ∂W += (e − s·onehot)ᵀ (h / s)
                 if need_hidden:
                     rows = grad_hidden[start:start + chunk]
                     if rows.dtype == mm_dtype:
                         torch.mm(e_mm, w, out=rows)
                     else:
                         rows.copy_(e_mm @ w)
-                    rows.mul_(inv_s).sub_(weight[t])
+                    rows.mul_(inv_s)
                 if need_weight:
                     scaled = h * inv_s.to(mm_dtype)
                     if mm_dtype == acc_dtype:
                         grad_weight.addmm_(e_mm.T, scaled)
                     else:
                         grad_weight += e_mm.T @ scaled
-                    grad_weight.index_add_(0, t, h.to(acc_dtype), alpha=-1.0)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.tokens = hidden.shape[0]
         ctx.weight_dtype = weight.dtype
@@ -263,9 +264,22 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_
     chunk = chunk_tokens or _chunk_tokens(weight.shape[0], hidden.device)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(hidden, weight, targets, chunk)
-    total = sum(F.cross_entropy((h @ weight.T).to(torch.promote_types(h.dtype, torch.float32)), t, reduction="sum")
-                for h, t in zip(hidden.split(chunk), targets.split(chunk)))
+    mm_dtype = _matmul_dtype(hidden, weight)
+    acc_dtype = torch.promote_types(mm_dtype, torch.float32)
+    with torch.autocast(hidden.device.type, enabled=False):
+        w = weight.to(mm_dtype)
+        total = sum(F.cross_entropy((h.to(mm_dtype) @ w.T).to(acc_dtype), t, reduction="sum")
+                    for h, t in zip(hidden.split(chunk), targets.split(chunk)))
     return total / hidden.shape[0]
+
+
+def _matmul_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
+    """The dtype nn.Linear would multiply in: autocast's where it is on (float64 stays float64, as autocast
+    leaves it), else the weight's."""
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type) and weight.dtype != torch.float64:
+        return torch.get_autocast_dtype(device_type)
+    return weight.dtype
 
 
 # ----------------------------------------------------------------------------------------------
@@ -282,42 +296,51 @@ class _SplitLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], sizes: tuple[int, ...]) -> tuple[Tensor, ...]:
-        ctx.save_for_backward(x, weight)
-        ctx.sizes, ctx.has_bias = sizes, bias is not None
-        return (F.linear(x, weight, bias)).split(sizes, dim=-1)
+        # Under autocast, keep x in the matmul dtype, as F.linear's own autograd would: half the saved bytes.
+        x_mm = x.to(_matmul_dtype(x, weight))
+        ctx.save_for_backward(x_mm, weight)
+        ctx.sizes, ctx.x_dtype = sizes, x.dtype
+        ctx.set_materialize_grads(False)  # an unused part's gradient stays None: no matmul on zeros
+        return F.linear(x_mm, weight, bias).split(sizes, dim=-1)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, *grads: Optional[Tensor]) -> tuple[Optional[Tensor], Tensor, Optional[Tensor], None]:
+    def backward(ctx, *grads: Optional[Tensor]) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor], None]:
         x, weight = ctx.saved_tensors
+        need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
         # Under autocast the parts' gradients come in the autocast dtype; so does every matmul here.
-        dtype = next(g.dtype for g in grads if g is not None)
+        dtype = next((g.dtype for g in grads if g is not None), x.dtype)
         flat_x = x.reshape(-1, x.shape[-1]).to(dtype)
-        grad_x = None
-        grad_weight = torch.empty_like(weight)
-        grad_bias = torch.empty(weight.shape[0], dtype=weight.dtype, device=weight.device) if ctx.has_bias else None
+        flat_grad_x = None  # Σ_p ∂y_p W_p: the first part's product, then accumulated in place
+        grad_weight = torch.empty_like(weight) if need_weight else None
+        grad_bias = torch.empty(weight.shape[0], dtype=weight.dtype, device=weight.device) if need_bias else None
         start = 0
         for grad, size in zip(grads, ctx.sizes):
             rows = slice(start, start + size)
             start += size
             if grad is None:  # a part nobody used: zero gradient for its rows
-                grad_weight[rows] = 0.0
+                if grad_weight is not None:
+                    grad_weight[rows] = 0.0
                 if grad_bias is not None:
                     grad_bias[rows] = 0.0
                 continue
             flat_grad = grad.reshape(-1, size)
-            w = weight[rows].to(dtype)
-            if grad_x is None:
-                grad_x = flat_grad @ w
-            else:
-                grad_x.addmm_(flat_grad, w)
-            if grad_weight.dtype == dtype:
-                torch.mm(flat_grad.T, flat_x, out=grad_weight[rows])
-            else:
-                grad_weight[rows] = flat_grad.T @ flat_x
+            if need_x and flat_grad_x is None:
+                flat_grad_x = flat_grad @ weight[rows].to(dtype)
+            elif need_x:
+                flat_grad_x.addmm_(flat_grad, weight[rows].to(dtype))
+            if grad_weight is not None:
+                if grad_weight.dtype == dtype:
+                    torch.mm(flat_grad.T, flat_x, out=grad_weight[rows])
+                else:
+                    grad_weight[rows] = flat_grad.T @ flat_x
             if grad_bias is not None:
                 grad_bias[rows] = flat_grad.sum(0)
-        return grad_x.view(x.shape).to(x.dtype), grad_weight, grad_bias, None
+        grad_x = None
+        if need_x:
+            grad_x = torch.zeros(x.shape, dtype=ctx.x_dtype, device=x.device) if flat_grad_x is None \
+                else flat_grad_x.view(x.shape).to(ctx.x_dtype)
+        return grad_x, grad_weight, grad_bias, None
 
 
 def split_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], sizes: tuple[int, ...]) -> tuple[Tensor, ...]:

@@ -11,7 +11,7 @@ from pathlib import Path
 from statistics import mean, stdev
 from typing import Optional
 
-from minillm.checkpoint import write_atomic
+from minillm.files import write_atomic
 from minillm.config import SCALING_CONFIGS
 
 PASSKEY_COLUMNS = ("model", "run", "seed", "method", "length", "depth", "trials", "exact_match", "key_logprob")

@@ -15,7 +15,7 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from minillm.checkpoint import write_atomic
+from minillm.files import write_atomic
 from minillm.config import RunConfig
 
 from minillm.task import LanguageModelTask, NonFiniteLossError

@@ -178,9 +178,12 @@ class LanguageModelTask(L.LightningModule):
 
     def configure_optimizers(self):
         cfg = self.optim_cfg
+        # Fused AdamW: one kernel per step, on CPU too (13 ms against the for-loop's 37 ms for model=small).
+        # Not where torch has no fused kernel (MPS, XLA), nor under 16-mixed: its gradient scaler refuses to
+        # clip for an optimizer that unscales the gradients itself.
+        fused = self.device.type in ("cpu", "cuda") and str(self.trainer.precision) not in ("16-mixed", "16")
         optimizer = torch.optim.AdamW(parameter_groups(self.model, cfg.weight_decay), lr=cfg.lr,
-                                      betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                                      fused=True)  # one kernel per step on CPU too: 2.8x the for-loop's speed
+                                      betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
         total = self.trainer.max_steps
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(step, cfg.warmup_steps, total, cfg.min_lr_ratio))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import operator
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -125,3 +127,13 @@ def test_block_compiles_to_one_graph_and_matches_eager(name):
         (compiled_grad,) = torch.autograd.grad(out, x, grad)
         (eager_grad,) = torch.autograd.grad(eager, x, grad)
         torch.testing.assert_close(compiled_grad, eager_grad, rtol=1e-4, atol=1e-5)
+
+
+def test_a_peer_process_surfaces_a_failed_build_and_a_dead_child():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from common import PeerProcess
+
+    with pytest.raises(RuntimeError, match="ZeroDivisionError"):  # the child's traceback, not a hang
+        PeerProcess(operator.truediv, (1, 0), torch.device("cpu"))
+    with pytest.raises(RuntimeError, match=r"died \(exit code 3\)"):
+        PeerProcess(os._exit, (3,), torch.device("cpu"))

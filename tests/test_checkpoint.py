@@ -10,7 +10,7 @@ import re
 import pytest
 import torch
 
-from minillm.checkpoint import CheckpointError, Run, find_runs, load_checkpoint, load_model, write_atomic
+from minillm.checkpoint import CheckpointError, Run, find_runs, load_checkpoint, load_model
 from minillm.model import Transformer
 
 from test_eval_script import tiny_runs  # noqa: F401  (the session's trained runs, shared with the script tests)
@@ -165,18 +165,3 @@ def test_weights_that_do_not_fit_the_config_are_refused(tiny_runs, tmp_path):  #
     with pytest.raises(CheckpointError, match=pattern):
         load_model(tmp_path / "config.ckpt")
 
-
-def test_write_atomic_replaces_whole_files_and_leaves_nothing_behind_a_failure(tmp_path, monkeypatch):
-    target = tmp_path / "summary.json"
-    write_atomic(target, "first")
-    write_atomic(target, b"second")
-    assert target.read_bytes() == b"second"
-
-    def no_space(fd):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(os, "fsync", no_space)
-    with pytest.raises(OSError, match="No space"):
-        write_atomic(target, "third")
-    assert target.read_text() == "second"  # the old file, whole
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]  # no temporary file left

@@ -281,3 +281,32 @@ def test_split_linear_without_autograd_is_the_plain_split():
         parts = split_linear(x, weight, b, (4, 5))
     assert all(p.grad_fn is None for p in parts)
     torch.testing.assert_close(torch.cat(parts, dim=-1), F.linear(x, weight, b).detach())
+
+
+def test_linear_cross_entropy_gradients_stay_accurate_in_bf16_for_confident_tokens():
+    """softmax − onehot is small where the model is sure; it must be formed before rounding to bf16,
+    or the one-hot would cancel against a rounded e_target and leave only rounding error."""
+    g = torch.Generator().manual_seed(7)
+    weight = torch.randn(1024, 64, generator=g)
+    targets = torch.randint(0, 1024, (512,), generator=g)
+    hidden = weight[targets] * 0.5 + torch.randn(512, 64, generator=g) * 0.1  # p(target) near 1
+    reference_inputs = (hidden.double().requires_grad_(), weight.double().requires_grad_())
+    reference = torch.autograd.grad(F.cross_entropy(reference_inputs[0] @ reference_inputs[1].T, targets),
+                                    reference_inputs)
+    p_target = (reference_inputs[0] @ reference_inputs[1].T).softmax(-1).gather(1, targets[:, None]).mean()
+    assert p_target > 0.99
+    hidden.requires_grad_(), weight.requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = torch.autograd.grad(linear_cross_entropy(hidden, weight, targets, 128), (hidden, weight))
+    for grad, expected in zip(ours, reference):
+        relative_error = ((grad.double() - expected).norm() / expected.norm()).item()
+        assert relative_error < 0.1, relative_error
+
+
+def test_split_linear_with_a_frozen_weight_grads_the_input_only():
+    x, weight, b = projection()
+    weight.requires_grad_(False)
+    ours = split_linear(x, weight, b, (4, 5))
+    (grad_x,) = torch.autograd.grad(ours[0].sum() + 2 * ours[1].sum(), (x,))
+    expected = torch.cat((torch.ones(4), 2 * torch.ones(5))) @ weight
+    torch.testing.assert_close(grad_x, expected.expand(2, 5, 6))

@@ -134,6 +134,14 @@ def test_compile_compiles_the_blocks_training_runs_through(monkeypatch):
     assert compiled == [task.model]
 
 
+@pytest.mark.parametrize("precision, fused", [("32-true", True), ("bf16-mixed", True), ("16-mixed", False)])
+def test_adamw_is_fused_except_under_16_mixed(precision, fused):
+    task = LanguageModelTask(tiny_model_config().to_dict(), dataclasses.asdict(OptimConfig()))
+    task.trainer = SimpleNamespace(precision=precision, max_steps=10)
+    optimizer = task.configure_optimizers()["optimizer"]
+    assert bool(optimizer.defaults["fused"]) is fused
+
+
 # ----------------------------------------------------------------------------------------------
 # A real Trainer on the CPU
 

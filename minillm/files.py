@@ -1,0 +1,50 @@
+"""Files written whole: a temporary file beside the target, fsynced, renamed over it, the folder fsynced."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import BinaryIO, Callable, Union
+
+Payload = Union[str, bytes, memoryview, Callable[[BinaryIO], object]]
+
+
+def write_atomic(path: Path, data: Payload, *, per_process: bool = True) -> None:
+    """Write `data` (str as UTF-8, bytes, or a function that writes to the open binary file) to `path`.
+
+    Readers, kills and full disks see the old file or the new one, never part of either; on failure the
+    temporary file is removed and the error raised. The temporary name has no suffix a reader would take
+    for the real file. per_process=True (the default) gives each process its own temporary name, so that
+    ranks writing one file at once never share one; a file with a single writer (checkpoints, written by
+    rank 0) passes False, and its next write then replaces whatever a killed write left behind.
+    """
+    path = Path(path)
+    owner = f".{socket.gethostname()}-{os.getpid()}" if per_process else ""
+    tmp = path.with_name(f".{path.name}{owner}.partial")
+    try:
+        with open(tmp, "wb") as f:
+            if callable(data):
+                data(f)
+            else:
+                f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_folder(path.parent)  # make the rename itself durable
+
+
+def _fsync_folder(folder: Path) -> None:
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:  # some file systems do not open folders; the rename is still atomic there
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)

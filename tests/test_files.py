@@ -1,0 +1,50 @@
+"""write_atomic: whole files or none, one temporary name per process, nothing left behind a failure."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from minillm.files import write_atomic
+
+
+def test_text_bytes_and_writer_functions_all_land_whole(tmp_path):
+    target = tmp_path / "summary.json"
+    write_atomic(target, "pi ≈ 3.14")
+    assert target.read_bytes() == "pi ≈ 3.14".encode("utf-8")  # UTF-8 whatever the locale
+    write_atomic(target, b"second")
+    assert target.read_bytes() == b"second"
+    array = np.arange(5)
+    write_atomic(tmp_path / "a.npy", lambda f: np.save(f, array))
+    assert np.array_equal(np.load(tmp_path / "a.npy"), array)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npy", "summary.json"]
+
+
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+    target = tmp_path / "summary.json"
+    write_atomic(target, "old")
+
+    def no_space(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    with pytest.raises(OSError, match="No space"):
+        write_atomic(target, "new")
+    assert target.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
+
+
+def test_each_process_writes_through_its_own_temporary_name(tmp_path, monkeypatch):
+    """Two ranks writing one file at once must not share a temporary file (one would rename the other's
+    half-written bytes into place); a single writer uses one fixed name, so a killed write is replaced."""
+    seen = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: seen.append(os.path.basename(src)) or real_replace(src, dst))
+    write_atomic(tmp_path / "config.yaml", "a")
+    monkeypatch.setattr(os, "getpid", lambda: 999999)
+    write_atomic(tmp_path / "config.yaml", "b")
+    write_atomic(tmp_path / "last.ckpt", b"c", per_process=False)
+    assert seen[0] != seen[1] and seen[0].startswith(".config.yaml.") and seen[0].endswith(".partial")
+    assert "999999" in seen[1] and seen[2] == ".last.ckpt.partial"
