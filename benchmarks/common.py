@@ -10,6 +10,7 @@ processes: when wall-clock ratios scatter, the CPU-time ratio says whether the d
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import multiprocessing
@@ -161,6 +162,19 @@ class PeerProcess:
             self._process.kill()
             self._process.join()
         self._conn.close()
+
+
+@contextlib.contextmanager
+def peer_processes(builds: dict[str, tuple[Callable, tuple]], device: torch.device):
+    """{peer: PeerProcess(build, args)} for the block's duration; every process started is closed after it."""
+    workers = {}
+    try:
+        for peer, (build, args) in builds.items():
+            workers[peer] = PeerProcess(build, args, device)
+        yield workers
+    finally:
+        for worker in workers.values():
+            worker.close()
 
 
 def _serve(conn, build: Callable, args: tuple, threads: int, device: torch.device) -> None:

@@ -23,7 +23,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from common import (PeerProcess, Settings, print_table, probe_in_fresh_process, resident_growth, speedup,
+from common import (Settings, peer_processes, print_table, probe_in_fresh_process, resident_growth, speedup,
                     time_samplers)
 from minillm.kernels import linear_cross_entropy
 
@@ -116,15 +116,10 @@ def run(settings: Settings) -> dict:
         del steps, results, hidden, weight, targets
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        workers = {}
-        try:
-            for peer in PEERS:
-                workers[peer] = PeerProcess(build_loss_step, (peer, tokens, dim, vocab, device), device)
+        builds = {peer: (build_loss_step, (peer, tokens, dim, vocab, device)) for peer in PEERS}
+        with peer_processes(builds, device) as workers:
             timings = time_samplers({peer: w.sample for peer, w in workers.items()}, settings.rounds,
                                     settings.min_sample_s)
-        finally:
-            for w in workers.values():
-                w.close()
         row = {"tokens": tokens, "d_model": dim, "vocab": vocab, "logits_bytes": 4 * tokens * vocab}
         for peer in PEERS:
             row[peer] = {**timings[peer].as_dict(), "peak_bytes": peaks[(peer, tokens, dim, vocab)],

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from common import PeerProcess, Settings, optional_transformers, print_table, speedup, time_samplers
+from common import Settings, optional_transformers, peer_processes, print_table, speedup, time_samplers
 from minillm.config import ModelConfig
 from minillm.model import Transformer
 from minillm.task import parameter_groups, peak_flops_for
@@ -102,18 +102,12 @@ def build_step(peer: str, cfg: ModelConfig, batch: int, seq: int, device: torch.
 def time_group(peers: list[str], cfg: ModelConfig, batch: int, seq: int, settings: Settings, compiled: bool,
                split: bool) -> tuple[dict, dict, dict]:
     """Timings, infos and (CPU, split=True) time splits of peers, each in a process of its own."""
-    device = settings.device
-    workers = {}
-    try:
-        for peer in peers:
-            workers[peer] = PeerProcess(build_step, (peer, cfg, batch, seq, device, compiled), device)
+    builds = {peer: (build_step, (peer, cfg, batch, seq, settings.device, compiled)) for peer in peers}
+    with peer_processes(builds, settings.device) as workers:
         timings = time_samplers({peer: w.sample for peer, w in workers.items()}, settings.rounds,
                                 settings.min_sample_s)
         splits = {peer: w.apply(time_split) for peer, w in workers.items()} if split else {}
         return timings, {peer: w.info for peer, w in workers.items()}, splits
-    finally:
-        for w in workers.values():
-            w.close()
 
 
 def measure(name: str, cfg: ModelConfig, batch: int, seq: int, settings: Settings, compiled: bool) -> dict:

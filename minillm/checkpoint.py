@@ -171,7 +171,6 @@ def atomic_checkpoint_io():
             buffer = io.BytesIO()
             torch.save(checkpoint, buffer)
             try:
-                path.parent.mkdir(parents=True, exist_ok=True)
                 write_atomic(path, buffer.getbuffer(), per_process=False)  # rank 0 alone writes checkpoints
             except OSError as error:
                 kept = f"; the previous {path.name} is unchanged" if path.is_file() else ""

@@ -215,7 +215,6 @@ def build_tokenizer(cfg: TokenizerConfig, train_texts: Sequence[str], cache_dir:
             log.warning("cached tokenizer %s is unreadable (%s); training it again", path, error)
     log.info("training a %d-token byte-level BPE on %d documents", cfg.vocab_size, len(train_texts))
     tokenizer = train_tokenizer(train_texts, cfg.vocab_size, cfg.min_frequency)
-    path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, tokenizer.to_str())
     return tokenizer
 
@@ -274,7 +273,6 @@ def cached_array(path: Path, build: Callable[[], np.ndarray]) -> np.ndarray:
     array = _load_verified(path)
     if array is None:
         built = build()
-        path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, lambda f: np.save(f, built))
         write_atomic(path.with_suffix(".json"), json.dumps(_describe(built)))
         array = np.load(path, mmap_mode="r")
@@ -445,6 +443,5 @@ class TextDataModule(L.LightningDataModule):
     def save_tokenizer(self, folder: str | Path) -> Path:
         """Write folder/tokenizer.json (loadable as tokenizer.path) and return its path."""
         path = Path(folder) / "tokenizer.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, self.tokenizer.to_str())
         return path

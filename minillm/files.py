@@ -11,7 +11,8 @@ Payload = Union[str, bytes, memoryview, Callable[[BinaryIO], object]]
 
 
 def write_atomic(path: Path, data: Payload, *, per_process: bool = True) -> None:
-    """Write `data` (str as UTF-8, bytes, or a function that writes to the open binary file) to `path`.
+    """Write `data` (str as UTF-8, bytes, or a function that writes to the open binary file) to `path`,
+    creating its folder if needed.
 
     Readers, kills and full disks see the old file or the new one, never part of either; on failure the
     temporary file is removed and the error raised. The temporary name has no suffix a reader would take
@@ -23,6 +24,7 @@ def write_atomic(path: Path, data: Payload, *, per_process: bool = True) -> None
     owner = f".{socket.gethostname()}-{os.getpid()}" if per_process else ""
     tmp = path.with_name(f".{path.name}{owner}.partial")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
             if callable(data):
                 data(f)

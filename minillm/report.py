@@ -11,8 +11,8 @@ from pathlib import Path
 from statistics import mean, stdev
 from typing import Optional
 
-from minillm.files import write_atomic
 from minillm.config import SCALING_CONFIGS
+from minillm.files import write_atomic
 
 PASSKEY_COLUMNS = ("model", "run", "seed", "method", "length", "depth", "trials", "exact_match", "key_logprob")
 

@@ -20,6 +20,8 @@ def test_text_bytes_and_writer_functions_all_land_whole(tmp_path):
     write_atomic(tmp_path / "a.npy", lambda f: np.save(f, array))
     assert np.array_equal(np.load(tmp_path / "a.npy"), array)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npy", "summary.json"]
+    write_atomic(tmp_path / "new" / "folder" / "config.yaml", "x: 1\n")  # missing folders are created
+    assert (tmp_path / "new" / "folder" / "config.yaml").read_text() == "x: 1\n"
 
 
 def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monkeypatch):
