@@ -8,8 +8,10 @@ CPU: float32. Eager first, then our three rotary layouts against one another (th
 a whole step). Then both compiled: our blocks through Transformer.compile_blocks (what
 trainer.compile does), transformers' whole loss function through torch.compile. Model FLOP/s only: a
 matmul peak measured on a shared machine moves with the load, so a CPU MFU would not mean much.
-CUDA: bf16 autocast (as Lightning's bf16-mixed), compiled as above, flash SDPA, and MFU
-against the data-sheet peak (minillm.task.GPU_PEAK_FLOPS).
+CUDA: bf16 autocast (as Lightning's bf16-mixed), compiled as above, and MFU against the data-sheet peak
+(minillm.task.GPU_PEAK_FLOPS). Our steps run with SDPA held to its flash backend on both devices, so a
+change that kept attention off the flash kernels (a dtype or shape they lack; on CUDA, any explicit mask)
+fails here instead of being timed on a slower one; transformers' steps keep its own dispatch.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from common import Settings, optional_transformers, peer_processes, print_table, speedup, time_samplers
 from minillm.config import ModelConfig
@@ -95,7 +98,12 @@ def build_step(peer: str, cfg: ModelConfig, batch: int, seq: int, device: torch.
     model = Transformer(with_layout(cfg, peer.partition(":")[2] or "complex")).to(device)
     if compiled:
         model.compile_blocks()
-    return trainer_step(model, model.loss, x, y, device), {"params": sum(p.numel() for p in model.parameters()),
+
+    def flash_loss(x, y):
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return model.loss(x, y)
+
+    return trainer_step(model, flash_loss, x, y, device), {"params": sum(p.numel() for p in model.parameters()),
                                                            "flops_per_token": model.flops_per_token(seq)}
 
 
@@ -122,7 +130,8 @@ def measure(name: str, cfg: ModelConfig, batch: int, seq: int, settings: Setting
             f"parameter counts differ: ours {infos['ours']['params']}, transformers {infos['transformers']['params']}"
     record = {"model": name, "batch": batch, "seq": seq, "tokens_per_step": batch * seq,
               "params": infos["ours"]["params"], "dtype": "bf16-autocast" if device.type == "cuda" else "float32",
-              "compiled": compiled, "flops_per_token": infos["ours"]["flops_per_token"], "peak_flops": peak_flops}
+              "compiled": compiled, "sdpa_backend_ours": "flash (enforced)",
+              "flops_per_token": infos["ours"]["flops_per_token"], "peak_flops": peak_flops}
 
     def add(timings: dict) -> None:
         for peer, timing in timings.items():
