@@ -400,6 +400,22 @@ def test_rmsnorm_backward_passes_gradcheck():
     assert torch.autograd.gradcheck(lambda x, g: torch.func.functional_call(norm, {"weight": g}, (x,)), (x, gain))
 
 
+def test_rmsnorm_backward_grads_only_what_requires_them():
+    """A frozen gain (or an input that needs no gradient) gets none, and the other gradient is unchanged."""
+    x = torch.randn(4, 3, 16)
+    grad = torch.randn(4, 3, 16)
+    both = RMSNorm(16)
+    x_both = x.clone().requires_grad_()
+    both(x_both).backward(grad)
+    frozen = RMSNorm(16).requires_grad_(False)
+    x_only = x.clone().requires_grad_()
+    frozen(x_only).backward(grad)
+    torch.testing.assert_close(x_only.grad, x_both.grad)
+    gain_only = RMSNorm(16)
+    gain_only(x).backward(grad)
+    torch.testing.assert_close(gain_only.weight.grad, both.weight.grad)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rmsnorm_gradients_equal_autograd_of_the_formula_on_strided_views(dtype):
     norm = RMSNorm(8, eps=1e-5)
