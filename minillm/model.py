@@ -111,6 +111,50 @@ class KVCache:
         return k, v
 
 
+MASK_BUDGET = 2**24  # elements of an attention mask held at once (64 MiB in float32); larger ones go by blocks
+
+
+class BlockedMask:
+    """An attention mask too large to hold whole, built for one block of queries at a time and shared by
+    every layer: ALiBi at 16k tokens and 12 heads would otherwise be a 13 GB (heads, q_len, k_len) tensor.
+
+    Each block covers the keys up to the last one its queries may see (for causal patterns, up to the
+    block's own last position), so a block of B queries holds at most B · k_len mask elements per head.
+    """
+
+    def __init__(self, position: PositionEncoding, q_len: int, k_len: int, device: torch.device,
+                 dtype: torch.dtype, allowed: Optional[Tensor], rows_per_block: int):
+        self.position, self.q_len, self.k_len = position, q_len, k_len
+        self.device, self.dtype, self.allowed = device, dtype, allowed
+        self.rows_per_block = max(1, rows_per_block)
+
+    def blocks(self):
+        """(query rows, key count, mask) per block; the mask is (…, len(rows), key count)."""
+        first = self.k_len - self.q_len  # key position of query 0 (after a cache)
+        for start in range(0, self.q_len, self.rows_per_block):
+            rows = range(start, min(start + self.rows_per_block, self.q_len))
+            if self.allowed is None:  # causal: keys after the block's last query are never seen
+                keys = first + rows.stop
+                visible = None
+            else:
+                visible = self.allowed[rows.start:rows.stop]
+                seen = visible.any(0).nonzero()
+                keys = int(seen[-1]) + 1 if len(seen) else 1  # a row that sees nothing still needs one key
+                visible = visible[:, :keys]
+            bias = self.position.attention_bias(range(first + rows.start, first + rows.stop), keys,
+                                                self.device, self.dtype)
+            if visible is None:
+                mask = bias if bias is not None else _causal_rows(first + rows.start, len(rows), keys, self.device)
+            else:
+                mask = visible if bias is None else bias.masked_fill(~visible, float("-inf"))
+            yield rows, keys, mask
+
+
+def _causal_rows(first_query: int, n_queries: int, k_len: int, device: torch.device) -> Tensor:
+    """Query i (at key position first_query + i) sees keys up to its own position."""
+    return torch.ones(n_queries, k_len, dtype=torch.bool, device=device).tril(diagonal=first_query)
+
+
 class Attention(nn.Module):
     """Causal self-attention: fused qkv projection, grouped-query heads, optional QK-norm, SDPA."""
 
@@ -125,7 +169,7 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
         self.dropout = cfg.attn_dropout
 
-    def forward(self, x: Tensor, position: PositionEncoding, mask: Optional[Tensor],
+    def forward(self, x: Tensor, position: PositionEncoding, mask: "Optional[Tensor | BlockedMask]",
                 cache: Optional[KVCache] = None, layer: int = 0, offset: int = 0) -> Tensor:
         batch, seq, _ = x.shape
         q, k, v = split_linear(x, self.qkv.weight, self.qkv.bias, self.qkv_sizes)
@@ -135,10 +179,15 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, k, v)
         q, k = position.rotate(q, k, offset)
-        # No mask and as many keys as queries: the fused causal kernels apply (flash / memory-efficient).
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and seq == k.shape[-2] and seq > 1,
-            dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.kv_heads != self.n_heads)
+        dropout, gqa = self.dropout if self.training else 0.0, self.kv_heads != self.n_heads
+        if isinstance(mask, BlockedMask):
+            y = torch.cat([F.scaled_dot_product_attention(q[:, :, rows.start:rows.stop], k[:, :, :keys], v[:, :, :keys],
+                                                          attn_mask=rows_mask, dropout_p=dropout, enable_gqa=gqa)
+                           for rows, keys, rows_mask in mask.blocks()], dim=2)
+        else:
+            # No mask and as many keys as queries: the fused causal kernels apply (flash / memory-efficient).
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and seq == k.shape[-2] and seq > 1,
+                                               dropout_p=dropout, enable_gqa=gqa)
         return self.proj(y.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim))
 
 
@@ -222,21 +271,26 @@ class Transformer(nn.Module):
         return 6 * self.num_params() + 12 * self.cfg.n_layers * self.cfg.d_model * seq_len
 
     def _mask(self, q_len: int, k_len: int, device: torch.device, dtype: torch.dtype,
-              allowed: Optional[Tensor] = None) -> Optional[Tensor]:
-        """The attention mask shared by all layers; None when SDPA's own causal flag suffices.
+              allowed: Optional[Tensor] = None) -> "Optional[Tensor | BlockedMask]":
+        """The attention mask shared by all layers: None when SDPA's own causal flag suffices, a BlockedMask
+        when the whole mask would hold more than MASK_BUDGET elements, the mask itself otherwise.
 
         allowed: an optional (q_len, k_len) bool pattern (True = may attend) that replaces plain causal
         attention, e.g. the sliding or blockwise windows of the extrapolation evaluation.
         """
-        bias = self.position.attention_bias(q_len, k_len, device, dtype)
+        if allowed is not None and allowed.shape != (q_len, k_len):
+            raise ValueError(f"attention_mask: expected shape {(q_len, k_len)}, got {tuple(allowed.shape)}")
+        queries = range(k_len - q_len, k_len)  # after a cache, the queries are the last q_len keys
+        last_row = self.position.attention_bias(queries[-1:], k_len, device, dtype)  # a bias? of how many heads?
+        if allowed is None and last_row is None and (q_len == k_len or q_len == 1):
+            return None
+        per_row = k_len * (1 if last_row is None else last_row.shape[0])
+        if q_len * per_row > MASK_BUDGET:
+            return BlockedMask(self.position, q_len, k_len, device, dtype, allowed, MASK_BUDGET // per_row)
+        bias = self.position.attention_bias(queries, k_len, device, dtype)
         if allowed is not None:
-            if allowed.shape != (q_len, k_len):
-                raise ValueError(f"attention_mask: expected shape {(q_len, k_len)}, got {tuple(allowed.shape)}")
             return allowed if bias is None else bias.masked_fill(~allowed, float("-inf"))
-        if bias is not None or q_len == k_len or q_len == 1:
-            return bias
-        # Queries continuing a cache: query i sees keys up to k_len − q_len + i.
-        return torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(diagonal=k_len - q_len)
+        return bias if bias is not None else _causal_rows(queries.start, q_len, k_len, device)
 
     def hidden_states(self, idx: Tensor, cache: Optional[KVCache] = None,
                       attention_mask: Optional[Tensor] = None) -> Tensor:

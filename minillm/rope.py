@@ -3,7 +3,7 @@
 Every encoding answers the same three questions, so the transformer has no special cases:
     embed(x, offset)                  absolute encodings add to the token embeddings (identity otherwise)
     rotate(q, k, offset)              rotary encodings turn queries and keys (identity otherwise)
-    attention_bias(q_len, k_len, ...) ALiBi adds a bias to the attention scores (None otherwise)
+    attention_bias(queries, k_len, ...) ALiBi adds a bias to the attention scores (None otherwise)
 Adding an encoding means one class registered here with `@register_position` and one YAML in conf/rope.
 """
 
@@ -184,7 +184,9 @@ class PositionEncoding(nn.Module):
     def rotate(self, q: Tensor, k: Tensor, offset: int = 0) -> tuple[Tensor, Tensor]:
         return q, k
 
-    def attention_bias(self, q_len: int, k_len: int, device: torch.device, dtype: torch.dtype) -> Optional[Tensor]:
+    def attention_bias(self, queries: range, k_len: int, device: torch.device, dtype: torch.dtype) -> Optional[Tensor]:
+        """(heads, len(queries), k_len) additive scores for queries at key positions `queries` (the last
+        q_len of k_len when continuing a cache; a block of them when the mask is built block by block)."""
         return None
 
     @classmethod
@@ -436,9 +438,9 @@ class ALiBi(PositionEncoding):
     def from_config(cls, cfg: "ModelConfig") -> "ALiBi":
         return cls(cfg.n_heads)
 
-    def attention_bias(self, q_len: int, k_len: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-        """(heads, q_len, k_len) additive bias with the causal mask folded in (−inf on future keys)."""
-        q_pos = torch.arange(k_len - q_len, k_len, device=device)
+    def attention_bias(self, queries: range, k_len: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """(heads, len(queries), k_len) additive bias with the causal mask folded in (−inf on future keys)."""
+        q_pos = torch.arange(queries.start, queries.stop, device=device)
         distance = (q_pos[:, None] - torch.arange(k_len, device=device)[None, :]).float()
         bias = -self.slopes.to(device)[:, None, None] * distance
         return bias.masked_fill(distance < 0, float("-inf")).to(dtype)

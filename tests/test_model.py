@@ -131,6 +131,60 @@ def test_cached_chunk_needs_the_bottom_right_mask():
     assert model._mask(1, 9, idx.device, torch.float32) is None  # one query sees every key
 
 
+def windows(length: int, window: int) -> torch.Tensor:
+    """A sliding causal window, and in the first half of the rows one non-causal key (to check that a
+    block's keys reach the last one any of its rows may see, not just its own last position)."""
+    q, k = torch.arange(length)[:, None], torch.arange(length)[None, :]
+    allowed = (k <= q) & (q - k < window)
+    allowed[: length // 2, length - 1] = True
+    return allowed
+
+
+@pytest.mark.parametrize("case", ["alibi_gqa_qknorm", "complex_gqa_qknorm"])
+@pytest.mark.parametrize("pattern", ["causal", "windows"])
+def test_blocked_masks_equal_whole_masks(case, pattern, monkeypatch):
+    """Over MASK_BUDGET, masks are built per block of queries; losses and gradients stay those of the whole mask."""
+    import minillm.model
+
+    model = tiny(**MODEL_CASES[case]).train()
+    idx, targets = tokens(2, 16), tokens(2, 16, seed=2)
+    allowed = windows(16, 5) if pattern == "windows" else None
+    whole_loss = model.token_losses(idx, targets, attention_mask=allowed).mean()
+    whole_grads = torch.autograd.grad(whole_loss, list(model.parameters()), allow_unused=True)
+    per_row = 16 * (4 if case.startswith("alibi") else 1)
+    monkeypatch.setattr(minillm.model, "MASK_BUDGET", 3 * per_row)  # blocks of 3 queries: 6 blocks, the last of 1
+    mask = model._mask(16, 16, idx.device, torch.float32, allowed)
+    if allowed is None and not case.startswith("alibi"):
+        assert mask is None  # plain causal attention needs no mask, however long
+        return
+    assert isinstance(mask, minillm.model.BlockedMask)
+    blocks = list(mask.blocks())
+    assert [len(rows) for rows, _, _ in blocks] == [3, 3, 3, 3, 3, 1]
+    blocked_loss = model.token_losses(idx, targets, attention_mask=allowed).mean()
+    torch.testing.assert_close(blocked_loss, whole_loss)
+    blocked_grads = torch.autograd.grad(blocked_loss, list(model.parameters()), allow_unused=True)
+    for blocked, whole in zip(blocked_grads, whole_grads):
+        if whole is not None:
+            torch.testing.assert_close(blocked, whole)
+    if allowed is not None:  # the first blocks reach the non-causal key; the later ones stop at their own rows
+        assert [keys for _, keys, _ in blocks] == [16, 16, 16, 12, 15, 16]
+
+
+@pytest.mark.parametrize("case", ["alibi_gqa_qknorm", "complex"])
+def test_blocked_masks_continue_a_cache(case, monkeypatch):
+    import minillm.model
+
+    model = tiny(**MODEL_CASES[case])
+    idx = tokens(2, 16)
+    with torch.no_grad():
+        full = model(idx)
+        monkeypatch.setattr(minillm.model, "MASK_BUDGET", 2 * 16 * 4)
+        cache = KVCache(model.cfg.n_layers)
+        model(idx[:, :6], cache)
+        assert isinstance(model._mask(10, 16, idx.device, torch.float32), minillm.model.BlockedMask)
+        torch.testing.assert_close(model(idx[:, 6:], cache), full[:, 6:], atol=2e-5, rtol=1e-5)
+
+
 def prefix_logits(model: Transformer, idx: torch.Tensor, chunks: list[int]) -> torch.Tensor:
     """Each chunk's logits from the full forward over everything up to the chunk's end."""
     ends = torch.tensor(chunks).cumsum(0).tolist()

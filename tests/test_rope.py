@@ -572,7 +572,7 @@ def test_alibi_slopes_follow_the_reference_algorithm():
 
 def test_alibi_bias_is_linear_in_distance_and_causal():
     alibi = ALiBi(8)
-    bias = alibi.attention_bias(5, 5, torch.device("cpu"), torch.float32)
+    bias = alibi.attention_bias(range(5), 5, torch.device("cpu"), torch.float32)
     assert bias.shape == (8, 5, 5)
     slopes = torch.tensor(alibi_slopes(8))
     for m in range(5):
@@ -581,9 +581,10 @@ def test_alibi_bias_is_linear_in_distance_and_causal():
                 assert bool((bias[:, m, n] == float("-inf")).all())
             else:
                 torch.testing.assert_close(bias[:, m, n], -slopes * (m - n))
-    # cache layout: 2 new queries against 5 keys are the last 2 rows of the full bias
-    torch.testing.assert_close(alibi.attention_bias(2, 5, torch.device("cpu"), torch.float32), bias[:, 3:, :])
-    assert alibi.attention_bias(2, 5, torch.device("cpu"), torch.bfloat16).dtype == torch.bfloat16
+    # cache layout: 2 new queries against 5 keys are the last 2 rows of the full bias; a block of queries its rows
+    torch.testing.assert_close(alibi.attention_bias(range(3, 5), 5, torch.device("cpu"), torch.float32), bias[:, 3:, :])
+    torch.testing.assert_close(alibi.attention_bias(range(1, 3), 3, torch.device("cpu"), torch.float32), bias[:, 1:3, :3])
+    assert alibi.attention_bias(range(3, 5), 5, torch.device("cpu"), torch.bfloat16).dtype == torch.bfloat16
 
 
 def test_sinusoidal_embedding_at_an_offset_is_rows_of_the_full_one():
