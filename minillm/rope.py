@@ -440,10 +440,11 @@ class ALiBi(PositionEncoding):
 
     def attention_bias(self, queries: range, k_len: int, device: torch.device, dtype: torch.dtype) -> Tensor:
         """(heads, len(queries), k_len) additive bias with the causal mask folded in (−inf on future keys)."""
-        q_pos = torch.arange(queries.start, queries.stop, device=device)
-        distance = (q_pos[:, None] - torch.arange(k_len, device=device)[None, :]).float()
-        bias = -self.slopes.to(device)[:, None, None] * distance
-        return bias.masked_fill(distance < 0, float("-inf")).to(dtype)
+        # float32 positions are exact below 2^24; built in place, as long evaluations rebuild it per block and layer
+        q_pos = torch.arange(queries.start, queries.stop, device=device, dtype=torch.float32)
+        distance = q_pos[:, None] - torch.arange(k_len, device=device, dtype=torch.float32)[None, :]
+        bias = distance * -self.slopes.to(device)[:, None, None]
+        return bias.masked_fill_(distance < 0, float("-inf")).to(dtype)
 
 
 def alibi_slopes(n_heads: int) -> list[float]:

@@ -170,6 +170,24 @@ def test_blocked_masks_equal_whole_masks(case, pattern, monkeypatch):
         assert [keys for _, keys, _ in blocks] == [16, 16, 16, 12, 15, 16]
 
 
+@pytest.mark.parametrize("case", ["alibi_gqa_qknorm", "complex", "xpos_gqa"])
+@pytest.mark.parametrize("budget", ["whole", "blocked"])
+def test_every_mask_keeps_sdpa_on_its_flash_kernel(case, budget, monkeypatch):
+    """Flash (CPU's fused kernel) accepts 2-d and 4-d masks only; anything else would fall back to the math path."""
+    import minillm.model
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from minillm.evaluation import attention_mask
+
+    if budget == "blocked":
+        monkeypatch.setattr(minillm.model, "MASK_BUDGET", 4 * 16 * 4)
+    model = tiny(**MODEL_CASES[case]).train()
+    idx, targets = tokens(2, 16), tokens(2, 16, seed=2)
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        for allowed in (None, attention_mask("sliding", 16, 5, idx.device)):
+            model.token_losses(idx, targets, attention_mask=allowed).mean().backward()
+
+
 @pytest.mark.parametrize("case", ["alibi_gqa_qknorm", "complex"])
 def test_blocked_masks_continue_a_cache(case, monkeypatch):
     import minillm.model
