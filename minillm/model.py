@@ -133,21 +133,24 @@ class BlockedMask:
         first = self.k_len - self.q_len  # key position of query 0 (after a cache)
         for start in range(0, self.q_len, self.rows_per_block):
             rows = range(start, min(start + self.rows_per_block, self.q_len))
-            if self.allowed is None:  # causal: keys after the block's last query are never seen
-                keys = first + rows.stop
-                visible = None
+            queries = range(first + rows.start, first + rows.stop)
+            if self.allowed is None:  # causal: no key after the block's last query is seen
+                keys, visible = queries.stop, None
             else:
-                visible = self.allowed[rows.start:rows.stop]
-                seen = visible.any(0).nonzero()
-                keys = int(seen[-1]) + 1 if len(seen) else 1  # a row that sees nothing still needs one key
-                visible = visible[:, :keys]
-            bias = _batched_bias(self.position, range(first + rows.start, first + rows.stop), keys,
-                                 self.device, self.dtype)
-            if visible is None:
-                mask = bias if bias is not None else _causal_rows(first + rows.start, len(rows), keys, self.device)
-            else:
-                mask = visible if bias is None else bias.masked_fill(~visible, float("-inf"))
-            yield rows, keys, mask
+                seen = self.allowed[rows.start:rows.stop].any(0).nonzero()
+                keys = int(seen[-1]) + 1 if len(seen) else 1  # a block that sees nothing still needs one key
+                visible = self.allowed[rows.start:rows.stop, :keys]
+            yield rows, keys, _mask_rows(self.position, queries, keys, self.device, self.dtype, visible)
+
+
+def _mask_rows(position: PositionEncoding, queries: range, k_len: int, device: torch.device, dtype: torch.dtype,
+               allowed: Optional[Tensor]) -> Tensor:
+    """The mask of queries at key positions `queries` over keys [0, k_len): the encoding's bias (the causal
+    mask folded in) restricted to `allowed` where given, else `allowed`, else plain causal rows."""
+    bias = _batched_bias(position, queries, k_len, device, dtype)
+    if allowed is not None:
+        return allowed if bias is None else bias.masked_fill(~allowed, float("-inf"))
+    return bias if bias is not None else _causal_rows(queries.start, len(queries), k_len, device)
 
 
 def _batched_bias(position: PositionEncoding, queries: range, k_len: int, device: torch.device,
@@ -295,10 +298,7 @@ class Transformer(nn.Module):
         per_row = k_len * (1 if last_row is None else last_row.shape[1])
         if q_len * per_row > MASK_BUDGET:
             return BlockedMask(self.position, q_len, k_len, device, dtype, allowed, MASK_BUDGET // per_row)
-        bias = _batched_bias(self.position, queries, k_len, device, dtype)
-        if allowed is not None:
-            return allowed if bias is None else bias.masked_fill(~allowed, float("-inf"))
-        return bias if bias is not None else _causal_rows(queries.start, q_len, k_len, device)
+        return _mask_rows(self.position, queries, k_len, device, dtype, allowed)
 
     def hidden_states(self, idx: Tensor, cache: Optional[KVCache] = None,
                       attention_mask: Optional[Tensor] = None) -> Tensor:
