@@ -15,7 +15,7 @@ $(BIN)/.installed: pyproject.toml
 .PHONY: setup train test extrapolation bench
 setup: $(BIN)/.installed
 
-train: setup  ## train the default model on the embedded corpus (~10 min on 2 CPU cores)
+train: setup  ## train the default model on the embedded corpus (~4 min on 2 CPU cores)
 	$(BIN)/python scripts/train.py $(ARGS)
 
 test: setup  ## the whole test suite
