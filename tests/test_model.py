@@ -186,6 +186,8 @@ def test_every_mask_keeps_sdpa_on_its_flash_kernel(case, budget, monkeypatch):
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
         for allowed in (None, attention_mask("sliding", 16, 5, idx.device)):
             model.token_losses(idx, targets, attention_mask=allowed).mean().backward()
+        with torch.no_grad():
+            decode(model.eval(), idx, CHUNKINGS["prefill4_chunk5_singles"])  # a chunk continuing a cache
 
 
 @pytest.mark.parametrize("case", ["alibi_gqa_qknorm", "complex"])
