@@ -3,7 +3,7 @@
 Peers, the same tiny model (random weights: time and memory do not depend on them), batch 1, inference_mode:
     sdpa        rotary (complex) model as it is: no mask, SDPA's fused causal kernel (flash on CPU and CUDA)
     naive       the same weights with NaiveAttention: an explicit (L, L) float mask, scores, softmax; up to
-                NAIVE_MAX_LENGTH (quadratic: on CPU 1.4 s and 0.6 GB at 4096 tokens, 4x more per doubling)
+                NAIVE_MAX_LENGTH (quadratic: on CPU 1.4 s and 0.6 GB at 4096 tokens, 4x the memory per doubling)
     alibi-sdpa  an ALiBi model: its bias goes to SDPA through attn_mask, whole up to minillm.model.MASK_BUDGET
                 elements (quadratic), then by blocks of queries (model.BlockedMask)
 

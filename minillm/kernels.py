@@ -7,7 +7,7 @@ mapping whose pages fault in on first touch. These kernels write one output buff
 
     rotate_pairs       adjacent pairs (complex, interleaved) as one complex multiplication: one pass.
     rotate_half_fused  pairs (i, i + d/2): one full-width multiply, then a fused multiply-add into each
-                       half of that buffer. It stays slower than rotate_pairs in eager torch (2-3x on
+                       half of that buffer. It stays slower than rotate_pairs in eager torch (1.5-3x on
                        CPU): no complex view exists for pairs d/2 apart, and an op on half-width views
                        runs one inner loop per row of d/2 floats, whose overhead exceeds the arithmetic.
                        Under torch.compile, or with the Triton kernel below, it is one pass like the others.

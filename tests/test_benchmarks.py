@@ -129,6 +129,31 @@ def test_block_compiles_to_one_graph_and_matches_eager(name):
         torch.testing.assert_close(compiled_grad, eager_grad, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("pattern", ["alibi", "sliding"])
+@pytest.mark.parametrize("grad", [False, True])
+def test_block_compiles_to_one_graph_with_a_blocked_mask(pattern, grad, monkeypatch):
+    """Long masks go by blocks of queries (model.BlockedMask): still one graph, and no recompilation for
+    the fresh mask every forward builds."""
+    import minillm.model
+    from minillm.evaluation import attention_mask
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(minillm.model, "MASK_BUDGET", 4 * 24 * 4)  # blocks of 4 (ALiBi) or 16 queries
+    rope = PositionConfig("alibi") if pattern == "alibi" else RotaryConfig("complex")
+    model = Transformer(ModelConfig(vocab_size=64, d_model=64, n_heads=4, n_kv_heads=2, n_layers=1, rope=rope))
+    block, position = model.blocks[0], model.position
+    allowed = attention_mask("sliding", 24, 5, torch.device("cpu")) if pattern == "sliding" else None
+    x = torch.randn(2, 24, 64, generator=torch.Generator().manual_seed(0))
+    compiled = torch.compile(block, fullgraph=True)
+    with torch.set_grad_enabled(grad), torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(2):
+            mask = model._mask(24, 24, x.device, x.dtype, allowed)
+            assert isinstance(mask, minillm.model.BlockedMask)
+            eager = block(x, position, mask)  # first: builds the rotary tables, which the compiled graph guards on
+            torch.testing.assert_close(compiled(x, position, mask), eager, rtol=1e-5, atol=1e-5)
+
+
 def test_a_peer_process_surfaces_a_failed_build_and_a_dead_child():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from common import PeerProcess

@@ -170,6 +170,45 @@ def test_blocked_masks_equal_whole_masks(case, pattern, monkeypatch):
         assert [keys for _, keys, _ in blocks] == [16, 16, 16, 12, 15, 16]
 
 
+@pytest.mark.parametrize("case", ["alibi_gqa_qknorm", "complex_gqa_qknorm"])
+def test_blocked_masks_with_a_pattern_continue_a_cache_and_survive_blind_rows(case, monkeypatch):
+    """A pattern over a cache continuation, rows (and a whole block) that see no key, a budget under one row."""
+    import minillm.model
+
+    model = tiny(**MODEL_CASES[case])
+    idx = tokens(2, 16)
+    allowed = windows(16, 5)[6:]  # the last 10 queries after a cache of 6
+    allowed[:3] = False  # the first blocks see nothing at all
+
+    def continued():
+        cache = KVCache(model.cfg.n_layers)
+        model(idx[:, :6], cache)
+        return model.hidden_states(idx[:, 6:], cache, attention_mask=allowed)
+
+    with torch.no_grad():
+        expected = continued()
+        monkeypatch.setattr(minillm.model, "MASK_BUDGET", 3)  # under one row: blocks of one query
+        mask = model._mask(10, 16, idx.device, torch.float32, allowed)
+        assert isinstance(mask, minillm.model.BlockedMask) and len(mask.spans) == 10
+        assert [keys for _, _, keys in mask.spans[:4]] == [1, 1, 1, 10]  # blind rows keep one key
+        torch.testing.assert_close(continued(), expected, equal_nan=True)
+
+
+def test_blocked_masks_are_built_once_for_every_layer_under_autograd_and_per_layer_without(monkeypatch):
+    """With autograd, SDPA keeps each layer's mask: one shared set of blocks costs at most the whole mask."""
+    import minillm.model
+
+    model = tiny(**MODEL_CASES["alibi_gqa_qknorm"])
+    monkeypatch.setattr(minillm.model, "MASK_BUDGET", 4 * 16 * 4)
+    first_masks = lambda mask: [m for _, _, m in mask.blocks()]  # noqa: E731
+    trained = model._mask(16, 16, torch.device("cpu"), torch.float32)
+    assert all(a is b for a, b in zip(first_masks(trained), first_masks(trained)))
+    with torch.no_grad():
+        evaluated = model._mask(16, 16, torch.device("cpu"), torch.float32)
+        assert evaluated.prebuilt is None
+        assert not any(a is b for a, b in zip(first_masks(evaluated), first_masks(evaluated)))
+
+
 @pytest.mark.parametrize("case", ["alibi_gqa_qknorm", "complex", "xpos_gqa"])
 @pytest.mark.parametrize("budget", ["whole", "blocked"])
 def test_every_mask_keeps_sdpa_on_its_flash_kernel(case, budget, monkeypatch):
@@ -472,6 +511,27 @@ def test_rmsnorm_backward_passes_gradcheck():
     x = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
     gain = torch.linspace(0.5, 2.0, 6, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x, g: torch.func.functional_call(norm, {"weight": g}, (x,)), (x, gain))
+
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+
+
+@pytest.mark.parametrize("x_dtype", DTYPES)
+@pytest.mark.parametrize("weight_dtype", DTYPES)
+def test_rmsnorm_gradients_for_every_pair_of_input_and_gain_dtypes(x_dtype, weight_dtype):
+    norm = RMSNorm(16).to(weight_dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(0.5, 2.0, 16))
+    x = torch.randn(3, 4, 16).to(x_dtype).requires_grad_()
+    grad = torch.randn(3, 4, 16).to(x_dtype)
+    norm(x).backward(grad)
+    x64, w64 = x.detach().double().requires_grad_(), norm.weight.detach().double().requires_grad_()
+    (x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-5) * w64).backward(grad.double())
+    assert x.grad.dtype == x_dtype and norm.weight.grad.dtype == weight_dtype
+    low = {torch.bfloat16, torch.float16} & {x_dtype, weight_dtype}
+    tol = dict(rtol=2e-2, atol=2e-2) if low else dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(x.grad.double(), x64.grad, **tol)
+    torch.testing.assert_close(norm.weight.grad.double(), w64.grad, **tol)
 
 
 def test_rmsnorm_backward_grads_only_what_requires_them():
