@@ -1,9 +1,10 @@
 """The benchmark suite: one command, tables on stdout, every figure in a JSON file.
 
-    python benchmarks/run.py [--quick] [--out results.json] [--only rope,loss,train,longctx] [--device cpu|cuda]
+    python benchmarks/run.py [--quick] [--out results.json] [--only rope,loss,norm,train,longctx] [--device cpu|cuda]
 
     rope     rotary application to q and k, forward and backward, every layout and XPos (rope_bench.py)
     loss     the fused LM head + cross-entropy against logits then F.cross_entropy: time, memory (loss_bench.py)
+    norm     RMSNorm forward + backward against autograd's formula, F.rms_norm, LlamaRMSNorm (norm_bench.py)
     train    training-step tokens/s against transformers' LlamaForCausalLM of the same shape (train_bench.py)
     longctx  long-context evaluation time and peak memory against length, SDPA against naive (longctx_bench.py)
 
@@ -26,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sections, when r
 
 from common import Settings, environment, optional_transformers  # noqa: E402
 
-SECTIONS = {"rope": "rope_bench", "loss": "loss_bench", "train": "train_bench", "longctx": "longctx_bench"}  # imported when run
+SECTIONS = {"rope": "rope_bench", "loss": "loss_bench", "norm": "norm_bench", "train": "train_bench",
+            "longctx": "longctx_bench"}  # imported when run
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -54,6 +54,11 @@ def test_quick_suite_reports_every_section_with_its_ratios(tmp_path):
         assert loss_case[peer]["median_s"] > 0 and loss_case[peer]["peak_bytes"] >= 0
     assert loss_case["fused_speedup"]["wall"] > 0 and loss_case["logits_bytes"] == 4 * 64 * 128
 
+    (norm_case,) = results["norm"]["rows"]
+    assert (norm_case["tokens"], norm_case["dim"]) == (64, 32)
+    assert set(norm_case["speedup"]) == {"formula", "torch", "transformers"}
+    assert all(ratio["wall"] > 0 for ratio in norm_case["speedup"].values()) and norm_case["ours"]["median_s"] > 0
+
     (model,) = results["train"]["models"]
     assert model["ours"]["tokens_per_s"] > 0 and model["transformers"]["tokens_per_s"] > 0
     assert model["speedup_vs_transformers"]["wall"] > 0 and model["ours"]["model_flops_per_s"] > 0
@@ -73,18 +78,20 @@ def test_quick_suite_reports_every_section_with_its_ratios(tmp_path):
         assert row["sdpa_speedup_vs_naive"]["wall"] > 0 and row["naive_memory_over_sdpa"] > 0
     assert set(results["longctx"]["memory_exponent"]) == {"sdpa", "naive", "alibi-sdpa"}
 
-    for title in ("rope forward:", "rope forward_backward:", "LM head + cross-entropy", "train step", "where a train step's time goes",
+    for title in ("rope forward:", "rope forward_backward:", "LM head + cross-entropy", "RMSNorm, forward + backward",
+                  "train step", "where a train step's time goes",
                   "long-context evaluation"):
         assert title in stdout
 
 
 @pytest.mark.slow
 def test_suite_without_the_transformers_peers_says_so(tmp_path):
-    results, stdout = run_suite(tmp_path, "--only", "rope,train", "--skip-transformers")
+    results, stdout = run_suite(tmp_path, "--only", "rope,norm,train", "--skip-transformers")
     assert "its peers are skipped" in stdout
     assert results["transformers_peers"] is False and "longctx" not in results
     mode = results["rope"]["cases"][0]["modes"]["forward_backward"]
     assert "transformers" not in mode["peers"] and "vs_transformers" not in mode["ratios"]["ours:complex"]
+    assert set(results["norm"]["rows"][0]["speedup"]) == {"formula", "torch"}
     (model,) = results["train"]["models"]
     assert "transformers" not in model and model["speedup_vs_transformers"] is None
     assert model["ours"]["time_split"]["matmul_s"] > 0 and "speedup_ceiling" not in model
