@@ -140,8 +140,8 @@ def perplexity_at_length(model: Transformer, tokens: Tensor, length: int, *, att
     S targets are scored, so every scored token but those of the first window sees ≥ length − S tokens.
 
     batch_size: windows per forward pass, at most; fewer for long windows, so that a pass never holds
-    more than MAX_ATTENTION_PAIRS query-key pairs (an additive bias such as ALiBi's makes SDPA
-    materialise batch × heads × length² scores).
+    more than MAX_ATTENTION_PAIRS query-key pairs: SDPA's fused kernels hold no scores, but its math path,
+    taken wherever no fused kernel fits the device, dtype or mask, holds batch × heads × length² of them.
 
     seconds: wall time of the forward passes. peak_memory_mb: on CUDA the peak allocated GPU memory; on
     CPU the process's peak resident memory while this length ran (weights, data and interpreter
