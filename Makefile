@@ -12,8 +12,15 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e ".[test]"
 	touch $@
 
-.PHONY: setup train test extrapolation bench
+.PHONY: setup compare train test extrapolation bench
 setup: $(BIN)/.installed
+
+# The first command: four encodings trained briefly, then perplexity at 1x..16x their training length.
+COMPARE := outputs/compare/$(shell date +%Y-%m-%d_%H-%M-%S)
+compare: setup  ## complex RoPE, XPos, ALiBi and NoPE compared past their training length (~10 min on 2 CPU cores)
+	$(BIN)/python scripts/train.py -m experiment=quickstart hydra.sweep.dir=$(COMPARE)/train $(ARGS)
+	$(BIN)/python scripts/eval_extrapolate.py ckpt=$(COMPARE)/train scalings=[none,yarn] passkey_trials=0 \
+		hydra.run.dir=$(COMPARE)/eval
 
 train: setup  ## train the default model on the embedded corpus (~4 min on 2 CPU cores)
 	$(BIN)/python scripts/train.py $(ARGS)

@@ -25,9 +25,9 @@ import sys
 import torch
 
 from common import Settings, print_table, probe_in_fresh_process, resident_growth, speedup, time_peers
-from minillm.config import ModelConfig, PositionConfig
+from minillm.config import ModelConfig
 from minillm.model import Attention, KVCache, Transformer
-from minillm.rope import PositionEncoding
+from minillm.rope import Rotation, position_config
 
 PEERS = ("sdpa", "naive", "alibi-sdpa")
 NAIVE_MAX_LENGTH = {"cpu": 4096, "cuda": 16384}
@@ -36,9 +36,9 @@ NAIVE_MAX_LENGTH = {"cpu": 4096, "cuda": 16384}
 class NaiveAttention(Attention):
     """Attention.forward with the SDPA call replaced by the textbook computation (no KV cache)."""
 
-    def forward(self, x: torch.Tensor, position: PositionEncoding, mask, cache: KVCache | None = None,
-                layer: int = 0, offset: int = 0) -> torch.Tensor:
-        if cache is not None or offset:
+    def forward(self, x: torch.Tensor, rotation: Rotation | None, mask, cache: KVCache | None = None,
+                layer: int = 0) -> torch.Tensor:
+        if cache is not None:
             raise ValueError("NaiveAttention: full sequences only")
         batch, seq, _ = x.shape
         q, k, v = self.qkv(x).split([self.n_heads * self.head_dim, self.kv_heads * self.head_dim,
@@ -46,7 +46,8 @@ class NaiveAttention(Attention):
         q = self.q_norm(q.view(batch, seq, self.n_heads, self.head_dim)).transpose(1, 2)
         k = self.k_norm(k.view(batch, seq, self.kv_heads, self.head_dim)).transpose(1, 2)
         v = v.view(batch, seq, self.kv_heads, self.head_dim).transpose(1, 2)
-        q, k = position.rotate(q, k)
+        if rotation is not None:
+            q, k = rotation(q, k)
         if self.kv_heads != self.n_heads:
             k, v = (t.repeat_interleave(self.n_heads // self.kv_heads, dim=1) for t in (k, v))
         float_mask = torch.zeros(seq, seq, dtype=q.dtype, device=q.device)
@@ -60,7 +61,7 @@ class NaiveAttention(Attention):
 
 def build(peer: str, device: torch.device) -> Transformer:
     torch.manual_seed(0)
-    cfg = ModelConfig(rope=PositionConfig("alibi")) if peer == "alibi-sdpa" else ModelConfig()
+    cfg = ModelConfig(rope=position_config("alibi")) if peer == "alibi-sdpa" else ModelConfig()
     model = Transformer(cfg).to(device).eval()
     if peer == "naive":
         for block in model.blocks:

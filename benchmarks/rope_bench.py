@@ -8,6 +8,9 @@ Peers measured in the same run, on the same q, k and output gradients:
     copy                  q and k cloned (and the output gradients, with backward): torch's copy kernel
                           moving the same bytes, the attainable bandwidth of this device
 
+Ours apply the tables of one forward, built once by RotaryEmbedding.rotation (as the transformer builds
+them once per forward for every layer); the time to build them is measured on its own ("tables").
+
 Bytes that must move: q and k read once and written once (forward), the output gradients read once
 and the input gradients written once (backward), plus one read of the cos/sin tables each way (two
 tables per side with XPos, whose scales differ for q and k). Achieved bandwidth = those bytes / time.
@@ -19,7 +22,8 @@ import torch
 
 from common import Settings, print_table, speedup, time_peers
 from minillm.kernels import triton_applies
-from minillm.rope import ROTARY_FUNCTIONS, ROTARY_LAYOUTS, RotaryEmbedding, rotary_inv_freq
+from minillm.rope import ROTARY_FUNCTIONS, ROTARY_LAYOUTS, Positions, RotaryEmbedding
+from minillm.scaling import rotary_inv_freq
 
 HEADS = 8
 XPOS_SCALE_BASE = 512.0
@@ -72,10 +76,12 @@ def run(settings: Settings) -> dict:
         q, k, grad_q, grad_k = (torch.randn(batch, HEADS, seq, head_dim, generator=g, device=device, dtype=dtype)
                                 for _ in range(4))
         q.requires_grad_(), k.requires_grad_()
-        functions = {}
+        functions, positions = {}, Positions.contiguous(0, seq, device)
+        encodings = {}
         for layout in ROTARY_LAYOUTS:
-            functions[f"ours:{layout}"] = RotaryEmbedding(head_dim, layout).to(device)
-            functions[f"ours:{layout}+xpos"] = RotaryEmbedding(head_dim, layout, xpos_scale_base=XPOS_SCALE_BASE).to(device)
+            encodings[f"ours:{layout}"] = RotaryEmbedding(head_dim, layout).to(device)
+            encodings[f"ours:{layout}+xpos"] = RotaryEmbedding(head_dim, layout, xpos_scale_base=XPOS_SCALE_BASE).to(device)
+        functions.update({name: encoding.rotation(positions) for name, encoding in encodings.items()})
         for layout in ROTARY_LAYOUTS:
             functions[f"reference:{layout}"] = reference_peer(layout, seq, head_dim, device)
         if transformers is not None:
@@ -129,6 +135,9 @@ def run(settings: Settings) -> dict:
                     ratios[name]["vs_transformers_apply"] = speedup(timings, name, "transformers-apply")
             plain = [timings[f"ours:{layout}"].median for layout in ROTARY_LAYOUTS]
             case["modes"][mode] = {"peers": peers, "ratios": ratios, "layout_spread": max(plain) / min(plain)}
+        tables = time_peers({name: (lambda e=e: e.rotation(positions)) for name, e in encodings.items()
+                             if name.startswith("ours:complex")}, device, rounds, min_sample_s)
+        case["tables_s"] = {name: timing.median for name, timing in tables.items()}
         cases.append(case)
         print_case(case, peak is not None)
     return {"heads": HEADS, "xpos_scale_base": XPOS_SCALE_BASE, "peak_bandwidth": peak, "cases": cases}
@@ -150,8 +159,11 @@ def print_case(case: dict, with_peak: bool) -> None:
             rows.append(row)
         title = (f"rope {mode}: q and k ({case['batch']}, {case['heads']}, {case['seq']}, {case['head_dim']}) "
                  f"{case['dtype']}, our {case['ours_kernel']} kernels; layouts spread {result['layout_spread']:.2f}x")
+        tables = ", ".join(f"{name.removeprefix('ours:')} {seconds * 1e3:.3f} ms"
+                           for name, seconds in case["tables_s"].items())
         print_table(title, header, rows, ("vs X: times faster than X (median of per-round ratios); of copy: "
-                                          "copy time / our time, the fraction of the attainable bandwidth",))
+                                          "copy time / our time, the fraction of the attainable bandwidth",
+                                          f"tables (built once per forward, not included above): {tables}"))
 
 
 def _times(ratio) -> str | None:

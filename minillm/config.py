@@ -5,10 +5,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
-from minillm.rope import BASELINES, ROTARY_LAYOUTS, SCALINGS
+from minillm.attention import ATTENTION_PATTERNS
+from minillm.rope import POSITION_ENCODINGS, ModelShape, RotaryConfig, position_config
+from minillm.scaling import SCALINGS, Scaling, scaling_config
 
 
 def _require(condition: bool, name: str, message: str) -> None:
@@ -18,167 +22,6 @@ def _require(condition: bool, name: str, message: str) -> None:
 
 def _choice(value: str, name: str, allowed) -> None:
     _require(value in allowed, name, f"got {value!r}, expected one of {sorted(allowed)}")
-
-
-# ----------------------------------------------------------------------------------------------
-# Position encodings (conf/rope) and frequency scalings (conf/rope_scaling)
-
-
-@dataclass
-class PositionConfig:
-    """A non-rotary position encoding: none (NoPE), alibi, sinusoidal or learned absolute."""
-
-    variant: str = "none"
-
-    def __post_init__(self) -> None:
-        _choice(self.variant, "rope.variant", BASELINES)
-
-    @property
-    def is_rotary(self) -> bool:
-        return False
-
-
-@dataclass
-class RotaryConfig:
-    """Rotary position embedding (Su et al. 2021, arXiv:2104.09864), optionally with XPos."""
-
-    variant: str = "complex"
-    theta: float = 10000.0
-    rotary_dim: Optional[int] = None  # None: the whole head dimension
-    xpos_scale_base: Optional[float] = None  # None: plain RoPE; a number turns XPos on
-
-    def __post_init__(self) -> None:
-        _choice(self.variant, "rope.variant", ROTARY_LAYOUTS)
-        _require(math.isfinite(self.theta) and self.theta > 0, "rope.theta", f"must be positive, got {self.theta}")
-        if self.rotary_dim is not None:
-            _require(self.rotary_dim > 0 and self.rotary_dim % 2 == 0, "rope.rotary_dim",
-                     f"must be a positive even number, got {self.rotary_dim}")
-        if self.xpos_scale_base is not None:
-            _require(self.xpos_scale_base > 0, "rope.xpos_scale_base", f"must be positive, got {self.xpos_scale_base}")
-
-    @property
-    def is_rotary(self) -> bool:
-        return True
-
-
-@dataclass
-class ScalingConfig:
-    """No frequency scaling: the rotary frequencies the model was built with."""
-
-    type: str = "none"
-    factor: float = 1.0
-    # Length the model was trained at; None means the model's context_length.
-    original_max_position: Optional[int] = None
-
-    def __post_init__(self) -> None:
-        _choice(self.type, "rope_scaling.type", SCALINGS)
-        _require(math.isfinite(self.factor) and self.factor > 0, "rope_scaling.factor",
-                 f"must be positive, got {self.factor}")
-        if self.original_max_position is not None:
-            _require(self.original_max_position > 0, "rope_scaling.original_max_position",
-                     f"must be positive, got {self.original_max_position}")
-
-    def as_dict(self) -> Optional[dict]:
-        """The dict `RotaryEmbedding(scaling=...)` takes; None for no scaling."""
-        return None if self.type == "none" else dataclasses.asdict(self)
-
-
-@dataclass
-class LinearScaling(ScalingConfig):
-    """Position interpolation (Chen et al. 2023, arXiv:2306.15595): positions divided by factor."""
-
-    type: str = "linear"
-    factor: float = 4.0
-
-
-@dataclass
-class NTKScaling(ScalingConfig):
-    """NTK-aware scaling (bloc97, 2023): theta multiplied by factor^(d/(d-2))."""
-
-    type: str = "ntk"
-    factor: float = 4.0
-
-
-@dataclass
-class DynamicNTKScaling(ScalingConfig):
-    """Dynamic NTK (emozilla, 2023): NTK scaling whose factor grows with the current length."""
-
-    type: str = "dynamic_ntk"
-    factor: float = 4.0
-
-
-@dataclass
-class YarnScaling(ScalingConfig):
-    """YaRN (Peng et al. 2023, arXiv:2309.00071): per-frequency ramp plus attention temperature."""
-
-    type: str = "yarn"
-    factor: float = 4.0
-    beta_fast: float = 32.0
-    beta_slow: float = 1.0
-    attention_factor: Optional[float] = None  # None: 0.1 * ln(factor) + 1
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _require(self.beta_fast > self.beta_slow > 0, "rope_scaling.beta_fast",
-                 f"need beta_fast > beta_slow > 0, got {self.beta_fast} and {self.beta_slow}")
-        if self.attention_factor is not None:
-            _require(self.attention_factor > 0, "rope_scaling.attention_factor",
-                     f"must be positive, got {self.attention_factor}")
-
-
-@dataclass
-class Llama3Scaling(ScalingConfig):
-    """Llama 3.1 scaling (Meta 2024): low frequencies divided by factor, high kept, a ramp between."""
-
-    type: str = "llama3"
-    factor: float = 8.0
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _require(self.high_freq_factor > self.low_freq_factor > 0, "rope_scaling.high_freq_factor",
-                 f"need high_freq_factor > low_freq_factor > 0, got {self.high_freq_factor} "
-                 f"and {self.low_freq_factor}")
-
-
-SCALING_CONFIGS: dict[str, type[ScalingConfig]] = {
-    "none": ScalingConfig,
-    "linear": LinearScaling,
-    "ntk": NTKScaling,
-    "dynamic_ntk": DynamicNTKScaling,
-    "yarn": YarnScaling,
-    "llama3": Llama3Scaling,
-}
-
-
-def position_config(d: dict | PositionConfig | RotaryConfig) -> PositionConfig | RotaryConfig:
-    """Rebuild a position config from its plain dict (as stored in checkpoints)."""
-    if isinstance(d, (PositionConfig, RotaryConfig)):
-        return d
-    d = dict(d)
-    variant = d.get("variant", RotaryConfig.variant)
-    _choice(variant, "rope.variant", ROTARY_LAYOUTS + BASELINES)
-    cls = RotaryConfig if variant in ROTARY_LAYOUTS else PositionConfig
-    return cls(**_known_fields(cls, d, "rope"))
-
-
-def _known_fields(cls: type, d: dict, prefix: str) -> dict:
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    _require(not unknown, f"{prefix}.{unknown[0] if unknown else ''}",
-             f"not a setting of {cls.__name__} (it has {sorted(names)})")
-    return d
-
-
-def scaling_config(d: dict | ScalingConfig | None) -> ScalingConfig:
-    """Rebuild a scaling config from its plain dict (or None for no scaling)."""
-    if isinstance(d, ScalingConfig):
-        return d
-    d = dict(d or {})
-    kind = d.get("type", "none")
-    _choice(kind, "rope_scaling.type", SCALING_CONFIGS)
-    return SCALING_CONFIGS[kind](**_known_fields(SCALING_CONFIGS[kind], d, "rope_scaling"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -205,15 +48,13 @@ class ModelConfig:
     attn_dropout: float = 0.0
     resid_dropout: float = 0.0
     init_std: float = 0.02
-    rope: Any = field(default_factory=RotaryConfig)
-    rope_scaling: Any = field(default_factory=ScalingConfig)
+    rope: Any = field(default_factory=RotaryConfig)  # a registered PositionConfig (minillm.rope)
+    rope_scaling: Any = field(default_factory=Scaling)  # a registered Scaling (minillm.scaling)
 
     def __post_init__(self) -> None:
         # Hydra hands nested configs over as DictConfig or dict; normalise to the dataclasses.
-        if not isinstance(self.rope, (PositionConfig, RotaryConfig)):
-            self.rope = position_config(self.rope)
-        if not isinstance(self.rope_scaling, ScalingConfig):
-            self.rope_scaling = scaling_config(self.rope_scaling)
+        self.rope = position_config(self.rope)
+        self.rope_scaling = scaling_config(self.rope_scaling)
         for name in ("vocab_size", "context_length", "d_model", "n_layers", "n_heads"):
             _require(getattr(self, name) > 0, f"model.{name}", f"must be positive, got {getattr(self, name)}")
         _require(self.d_model % self.n_heads == 0, "model.n_heads",
@@ -228,17 +69,17 @@ class ModelConfig:
             _require(0.0 <= getattr(self, name) < 1.0, f"model.{name}", f"must be in [0, 1), got {getattr(self, name)}")
         _require(self.norm_eps > 0, "model.norm_eps", f"must be positive, got {self.norm_eps}")
         _require(self.init_std > 0, "model.init_std", f"must be positive, got {self.init_std}")
-        if self.rope.is_rotary:
-            _require(self.head_dim % 2 == 0, "model.d_model",
-                     f"rotary needs an even head_dim, got d_model/n_heads = {self.head_dim}")
-            _require(self.rope.rotary_dim is None or self.rope.rotary_dim <= self.head_dim, "rope.rotary_dim",
-                     f"{self.rope.rotary_dim} exceeds head_dim={self.head_dim}")
-            if self.rope_scaling.type in ("ntk", "dynamic_ntk"):
-                _require((self.rope.rotary_dim or self.head_dim) > 2, "rope.rotary_dim",
-                         f"{self.rope_scaling.type} scales theta by factor^(d/(d-2)) and needs d > 2")
-        elif self.rope_scaling.type != "none":
-            raise ValueError(f"rope_scaling.type: {self.rope_scaling.type!r} scales rotary frequencies, "
-                             f"but rope.variant={self.rope.variant!r} is not rotary; use rope_scaling=none")
+        self.rope.validate(self.shape, self.rope_scaling)
+
+    @property
+    def shape(self) -> ModelShape:
+        """What the position encoding is told of the model."""
+        return ModelShape(self.d_model, self.n_heads, self.head_dim, self.context_length, self.init_std)
+
+    @property
+    def label(self) -> str:
+        """A short name for what a model was trained with: 'complex θ=1e+04', 'xpos(complex) γ=512', 'alibi', ..."""
+        return self.rope.label + self.rope_scaling.label
 
     @property
     def head_dim(self) -> int:
@@ -283,6 +124,9 @@ class DataConfig:
     path: str = "stdlib"
     name: Optional[str] = None  # the hub dataset's config name
     split: str = "train"
+    # The split to validate on; None: a local dataset's "validation" split if it has one, else documents of
+    # data.split held out by hash (val_fraction).
+    val_split: Optional[str] = None
     text_field: str = "text"
     streaming: bool = False  # hub sets too large to download whole
     max_documents: Optional[int] = None  # None: all; required with streaming
@@ -296,6 +140,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         _require(bool(self.path), "data.path", "must name a dataset, a file or 'stdlib'")
         _require(0.0 < self.val_fraction < 1.0, "data.val_fraction", f"must be in (0, 1), got {self.val_fraction}")
+        _require(self.val_split is None or (bool(self.val_split) and self.val_split != self.split), "data.val_split",
+                 f"must name a split other than data.split ({self.split!r}), got {self.val_split!r}")
         for name in ("val_windows", "batch_size", "long_documents"):
             _require(getattr(self, name) > 0, f"data.{name}", f"must be positive, got {getattr(self, name)}")
         _require(self.num_workers >= 0, "data.num_workers", f"must be >= 0, got {self.num_workers}")
@@ -414,8 +260,8 @@ class RunConfig:
     """The whole training run, as Hydra composes it from conf/."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
-    rope: Any = None  # a RotaryConfig or PositionConfig (conf/rope picks one); None: RoPE defaults
-    rope_scaling: Any = None  # one of SCALING_CONFIGS (conf/rope_scaling picks one); None: no scaling
+    rope: Any = None  # a registered PositionConfig (conf/rope picks one); None: RoPE defaults
+    rope_scaling: Any = None  # a registered Scaling (conf/rope_scaling picks one); None: no scaling
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -423,12 +269,13 @@ class RunConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     seed: int = 0
     ckpt_path: Optional[str] = None  # "last" resumes this run folder's last checkpoint; or a path
+    verbose: bool = False  # show the libraries' console lines too (devices, tips, deprecations)
 
     def __post_init__(self) -> None:
         # The top-level rope / rope_scaling groups are the source; the model carries them.
         self.rope = RotaryConfig() if self.rope is None else position_config(self.rope)
         self.rope_scaling = scaling_config(self.rope_scaling)
-        for name, default in (("rope", RotaryConfig()), ("rope_scaling", ScalingConfig())):
+        for name, default in (("rope", RotaryConfig()), ("rope_scaling", Scaling())):
             given = getattr(self.model, name)
             if given != default and given != getattr(self, name):
                 raise ValueError(f"model.{name}: set the top-level {name} group instead (e.g. {name}.<field>=...)")
@@ -436,30 +283,56 @@ class RunConfig:
 
 
 def folder_name(override_dirname: str, limit: int = 200) -> str:
-    """Hydra's override_dirname as one folder name: '/' in a value (data.path=/x/y) would nest folders,
-    and a name over the file systems' 255-byte limit cannot be created; long names keep a hash for uniqueness."""
-    name = override_dirname.replace("/", "_")
+    """Hydra's override_dirname as one folder name that a command line can pass back unquoted
+    (hydra.run.dir=<job folder>, ckpt=<job folder>): 'rope=alibi,seed=1' -> 'rope-alibi__seed-1'. '/' in a value
+    would nest folders and '=', ',' or brackets would need quoting; a name over the file systems' 255-byte
+    limit cannot be created, so long names keep a hash for uniqueness."""
+    name = re.sub(r"[^\w.+\-]", "_", override_dirname.replace(",", "__").replace("=", "-"))
     if len(name.encode()) <= limit:
         return name
     digest = hashlib.sha1(name.encode()).hexdigest()[:8]
-    return f"{name.encode()[:limit - 9].decode(errors='ignore')}~{digest}"
+    return f"{name.encode()[:limit - 9].decode(errors='ignore')}-{digest}"
 
 
-def register_configs() -> None:
-    """Put the schemas in Hydra's ConfigStore: conf/ YAML files extend them and never restate defaults."""
+HELP = """{script}: {purpose}
+
+Choose an option of a group with group=option, set any value with key=value (the defaults are below).
+{groups}
+Every group and setting is described in the README ("Configuration groups"); the dataclasses in minillm/
+hold the defaults and checks.
+
+== Config ==
+$CONFIG
+"""
+
+
+def help_text(conf_dir: Path, script: str, purpose: str, groups: list[str]) -> str:
+    """--help for a script: its groups and their options (the files in conf/), without internal schemas."""
+    lines = [f"  {group}: {', '.join(sorted(p.stem for p in (conf_dir / group).glob('*.yaml')))}" for group in groups]
+    return HELP.format(script=script, purpose=purpose, groups="\n".join(["Groups:", *lines]))
+
+
+def register_configs(conf_dir: Optional[Path] = None) -> None:
+    """Put the schemas in Hydra's ConfigStore (conf/ YAML files extend them and never restate defaults), and
+    the resolvers the YAML uses (folder names; --help from conf_dir's groups)."""
     from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
 
     if not OmegaConf.has_resolver("folder_name"):
         OmegaConf.register_new_resolver("folder_name", folder_name)
+    if conf_dir is not None:
+        OmegaConf.register_new_resolver(
+            "help", lambda script, purpose, *groups: help_text(conf_dir, script, purpose, list(groups)), replace=True)
 
     store = ConfigStore.instance()
     store.store(name="run_schema", node=RunConfig)
     store.store(name="eval_schema", node=EvalConfig)
-    store.store(group="rope", name="rotary_schema", node=RotaryConfig)
-    store.store(group="rope", name="baseline_schema", node=PositionConfig)
-    for name, cls in SCALING_CONFIGS.items():
-        store.store(group="rope_scaling", name=f"{name}_schema", node=cls)
+    # One schema per registered name, derived from its class: conf/rope/<name>.yaml extends /schema/rope/<name>.
+    # Their own group, so that rope= offers the YAML files only.
+    for name, cls in POSITION_ENCODINGS.items():
+        store.store(group="schema/rope", name=name, node=cls(variant=name))
+    for name, cls in SCALINGS.items():
+        store.store(group="schema/rope_scaling", name=name, node=cls)
 
 
 @dataclass
@@ -468,9 +341,9 @@ class EvalConfig:
 
     ckpt: Any = None  # a .ckpt, a run folder, a multirun folder, or a list of these
     lengths: Optional[list[int]] = None  # None: 1, 2, 4, 8, 16 × each model's training length
-    scalings: list[str] = field(default_factory=lambda: ["none", "linear", "ntk", "dynamic_ntk", "yarn", "llama3"])
+    scalings: list[str] = field(default_factory=lambda: list(SCALINGS))  # applied to rotary models only
     scaling_factor: Optional[float] = None  # None: eval length / trained length (dynamic_ntk: 1)
-    attention: list[str] = field(default_factory=lambda: ["full"])  # full | sliding | blockwise
+    attention: list[str] = field(default_factory=lambda: ["full"])  # names in minillm.attention
     stride: Optional[int] = None  # sliding-window evaluation (ALiBi paper); None: non-overlapping windows
     max_documents: int = 8  # long validation documents evaluated at every length
     batch_size: int = 4
@@ -480,6 +353,7 @@ class EvalConfig:
     device: str = "auto"  # auto: cuda when available
     seed: int = 0
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    verbose: bool = False  # show the libraries' console lines too
 
     def __post_init__(self) -> None:
         _require(self.ckpt not in (None, "", []), "ckpt", "name a checkpoint, a run folder or a multirun folder")
@@ -487,9 +361,9 @@ class EvalConfig:
             _require(len(self.lengths) > 0 and all(n >= 1 for n in self.lengths), "lengths",
                      f"must be positive token counts, got {list(self.lengths)}")
         for method in self.scalings:
-            _choice(method, "scalings", SCALING_CONFIGS)
-        for mode in self.attention:
-            _choice(mode, "attention", ("full", "sliding", "blockwise"))
+            _choice(method, "scalings", SCALINGS)
+        for pattern in self.attention:
+            _choice(pattern, "attention", ATTENTION_PATTERNS)
         if self.scaling_factor is not None:
             _require(self.scaling_factor > 0, "scaling_factor", f"must be positive, got {self.scaling_factor}")
         if self.stride is not None:
@@ -504,3 +378,24 @@ class EvalConfig:
     @property
     def checkpoints(self) -> list[str]:
         return [self.ckpt] if isinstance(self.ckpt, str) else list(self.ckpt)
+
+
+class ConfigError(ValueError):
+    """A configuration that composed but does not make sense; the message names the setting."""
+
+
+def to_run_config(cfg):
+    """Hydra's tree (a DictConfig) -> the validated dataclasses (each __post_init__ checks its own fields)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as error:  # our ValueError may arrive wrapped; unwrap it for a clean message
+        if isinstance(error.__cause__, ValueError):
+            raise ConfigError(str(error.__cause__).splitlines()[0]) from error
+        # OmegaConf's own (e.g. "Interpolation key 'x' not found") names the setting on a later line: lead with it.
+        key = getattr(error, "full_key", None)
+        raise ConfigError(f"{key}: {str(error).splitlines()[0]}" if key else str(error).splitlines()[0]) from error
+    except ValueError as error:  # a dataclass's __post_init__ check, raised as is: it names the setting
+        raise ConfigError(str(error).splitlines()[0]) from error

@@ -1,18 +1,19 @@
-"""Extrapolation measurements: perplexity and loss against length and position, passkey retrieval, RoPE theory.
+"""Extrapolation measurements: perplexity and loss against length and position, passkey retrieval, RoPE theory,
+and the evaluation loop over checkpoints × scalings × attention patterns × lengths.
 
-Everything here returns plain records (dicts); minillm.report turns them into tables and plots.
+Everything here returns typed records (dataclasses); minillm.report turns them into tables and plots.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import functools
+import logging
 import math
 import re
 import resource
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -20,64 +21,137 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from minillm.config import scaling_config
+from minillm.attention import attention_mask
+from minillm.config import EvalConfig
 from minillm.model import Transformer
-from minillm.rope import RotaryEmbedding, rotary_inv_freq
+from minillm.scaling import SCALINGS, Scaling
+from minillm.theory import critical_dimension, minimum_base, supported_length
 
-ATTENTION_MODES = ("full", "sliding", "blockwise")
+log = logging.getLogger("minillm")
 
 
 # ----------------------------------------------------------------------------------------------
-# Attention patterns at evaluation time (bool masks: True = may attend)
+# Records
 
 
-def attention_mask(mode: str, length: int, window: int, device: torch.device) -> Optional[Tensor]:
-    """full: plain causal. sliding: each query sees the last `window` keys, itself included.
-    blockwise (Sun et al. 2022, arXiv:2212.10554, sec. 3.3): blocks of window/2 tokens attend causally
-    to their own block and the one before, so no query sees keys `window` or more positions back.
-    None wherever the pattern is plain causal attention, so SDPA keeps its fused causal kernels."""
-    if mode not in ATTENTION_MODES:
-        raise ValueError(f"attention: got {mode!r}, expected one of {list(ATTENTION_MODES)}")
-    block = max(window // 2, 1)
-    if mode == "full" or (mode == "sliding" and length <= window) or (mode == "blockwise" and length <= 2 * block):
-        return None
-    query = torch.arange(length, device=device)[:, None]
-    key = torch.arange(length, device=device)[None, :]
-    causal = key <= query
-    if mode == "sliding":
-        return causal & (query - key < window)
-    return causal & (query // block - key // block <= 1)
+@dataclass
+class PositionBucket:
+    """Mean loss of the targets at window positions [position_start, position_end)."""
+
+    position_start: int
+    position_end: int
+    loss: float
+    tokens: int
+
+
+@dataclass
+class Perplexity:
+    """One model at one length: the measurement itself."""
+
+    length: int
+    loss: Optional[float]
+    ppl: Optional[float]
+    loss_beyond_train: Optional[float] = None  # mean loss of targets past the training length
+    tokens: int = 0
+    seconds: float = 0.0
+    peak_memory_mb: float = 0.0
+    by_position: list[PositionBucket] = field(default_factory=list)
+
+
+@dataclass
+class ModelInfo:
+    """Which model was measured: its label, run folder name, seed, training length, encoding, checkpoint."""
+
+    model: str
+    run: str
+    seed: int
+    trained_length: int
+    variant: str
+    checkpoint: str
+
+
+@dataclass
+class PerplexityRecord(Perplexity):
+    """A Perplexity with what was measured: the model and the evaluation setting."""
+
+    model: str = ""
+    run: str = ""
+    seed: int = 0
+    trained_length: int = 0
+    variant: str = ""
+    checkpoint: str = ""
+    method: str = "none"  # the frequency scaling at evaluation
+    attention: str = "full"
+    stride: Optional[int] = None
+    factor: Optional[float] = None
+    applicable: bool = True  # False: the encoding is undefined at this length (see note)
+    note: Optional[str] = None
+
+
+@dataclass
+class PasskeyRecord:
+    """Passkey retrieval of one model at one (scaling, length, depth)."""
+
+    model: str
+    run: str
+    seed: int
+    method: str
+    length: int
+    depth: float
+    trials: int
+    exact_match: float
+    key_logprob: float  # mean log-probability of the key's tokens (nats)
+
+
+@dataclass
+class TheoryRecord:
+    """What the RoPE-base literature predicts for one rotary model at one length."""
+
+    model: str
+    run: str
+    rotary_dim: int
+    theta: float
+    trained_length: int
+    critical_dim: int  # Liu et al. 2023
+    extrapolation_bound: float  # Liu et al. 2023: T_extra
+    length: int
+    min_base: float  # Men et al. 2024
+    supported_length: int  # Men et al. 2024: the longest length this base supports, up to `length`
+
+
+@dataclass
+class Results:
+    """Everything one evaluation measured."""
+
+    perplexity: list[PerplexityRecord] = field(default_factory=list)
+    passkey: list[PasskeyRecord] = field(default_factory=list)
+    theory: list[TheoryRecord] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------------------------
 # Inference-time frequency scaling of a trained rotary model (no retraining)
 
 
+def scaling_for(method: str, length: int, trained_length: int, given: Optional[float]) -> Scaling:
+    """The scaling `method` for an evaluation at `length`: factor = given, else the method's own rule
+    (length / trained length; dynamic NTK: 1)."""
+    cls = SCALINGS[method]
+    if cls.name == "none":
+        return cls()
+    factor = given if given is not None else cls().factor_for(length, trained_length)
+    return cls(factor=factor, original_max_position=trained_length)
+
+
 @contextlib.contextmanager
-def scaled_rope(model: Transformer, method: str, factor: float) -> Iterator[Transformer]:
+def scaled_rope(model: Transformer, scaling: Scaling) -> Iterator[Transformer]:
     """Temporarily give a rotary model another frequency scaling; its weights are untouched. "none" keeps
     the encoding the model was built with (its training-time scaling, if it had one)."""
     original = model.position
-    if method != "none":
-        if not isinstance(original, RotaryEmbedding):
-            raise ValueError(f"scaling: {method!r} needs a rotary model, this one uses {model.cfg.rope.variant!r}")
-        params = {"type": method, "factor": factor, "original_max_position": model.cfg.context_length}
-        cfg = dataclasses.replace(model.cfg, rope_scaling=scaling_config(params))
-        model.position = RotaryEmbedding.from_config(cfg).to(original.inv_freq.device)
+    model.position = original.rescaled(scaling)
     try:
         yield model
     finally:
         model.position = original
-
-
-def scaling_factor(method: str, length: int, trained_length: int, given: Optional[float]) -> float:
-    """factor = eval length / trained length unless given. Dynamic NTK gets 1: its base already follows
-    the length, base·(L/L0)^(d/(d−2)), and a second factor would scale twice."""
-    if given is not None:
-        return given
-    if method == "dynamic_ntk":
-        return 1.0
-    return max(1.0, length / trained_length)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -131,7 +205,7 @@ MAX_ATTENTION_PAIRS = 2**24  # per forward pass: 4 windows of 2048 tokens, 1 of 
 
 @torch.inference_mode()
 def perplexity_at_length(model: Transformer, tokens: Tensor, length: int, *, attention: str = "full",
-                         stride: Optional[int] = None, batch_size: int = 4, buckets: int = 16) -> dict:
+                         stride: Optional[int] = None, batch_size: int = 4, buckets: int = 16) -> "Perplexity":
     """Mean loss over the targets of `tokens` (n_docs, T + 1) scored with windows of `length` tokens.
 
     stride=None (or ≥ length): non-overlapping windows (each token sees its window's past), whole
@@ -179,19 +253,18 @@ def perplexity_at_length(model: Transformer, tokens: Tensor, length: int, *, att
     for lo, hi in zip(edges[:-1], edges[1:]):
         inside = (positions >= lo) & (positions < hi)
         if inside.any():
-            by_position.append({"position_start": int(lo), "position_end": int(hi),
-                                "loss": float(losses[inside].mean()), "tokens": int(inside.sum())})
+            by_position.append(PositionBucket(int(lo), int(hi), float(losses[inside].mean()), int(inside.sum())))
     loss = float(losses.mean())
-    return {
-        "length": length,
-        "loss": loss,
-        "ppl": math.exp(loss) if loss < 700 else math.inf,  # exp overflows a float past ~709
-        "loss_beyond_train": float(losses[beyond].mean()) if beyond.any() else None,
-        "tokens": int(losses.numel()),
-        "seconds": round(seconds, 3),
-        "peak_memory_mb": round(_peak_memory_mb(device), 1),
-        "by_position": by_position,
-    }
+    return Perplexity(
+        length=length,
+        loss=loss,
+        ppl=math.exp(loss) if loss < 700 else math.inf,  # exp overflows a float past ~709
+        loss_beyond_train=float(losses[beyond].mean()) if beyond.any() else None,
+        tokens=int(losses.numel()),
+        seconds=round(seconds, 3),
+        peak_memory_mb=round(_peak_memory_mb(device), 1),
+        by_position=by_position,
+    )
 
 
 def _window_plan(total: int, length: int, stride: Optional[int]) -> list[tuple[int, int, int]]:
@@ -211,6 +284,8 @@ def _window_plan(total: int, length: int, stride: Optional[int]) -> list[tuple[i
     return plan
 
 
+
+
 # ----------------------------------------------------------------------------------------------
 # Passkey retrieval (Mohtashami & Jaggi 2023, arXiv:2305.16300)
 
@@ -222,7 +297,7 @@ class PasskeyDoesNotFit(ValueError):
     """A passkey prompt of the requested length leaves no room for filler (or the corpus has too little)."""
 
 
-@dataclasses.dataclass
+@dataclass
 class PasskeyPrompt:
     tokens: Tensor  # prompt followed by the key's tokens
     answer_start: int  # index of the key's first token (the answer)
@@ -267,73 +342,114 @@ def passkey_trial(model: Transformer, prompt: PasskeyPrompt) -> tuple[bool, floa
     return bool((logits.argmax(-1) == answer).all()), float(log_probs.sum())
 
 
+
 # ----------------------------------------------------------------------------------------------
-# Theory from the RoPE-base literature
+# The evaluation loop
 
 
-def critical_dimension(rotary_dim: int, theta: float, trained_length: int) -> tuple[int, float]:
-    """Liu et al. 2023 (arXiv:2310.05209, eq. 8): d_extra = 2⌈(d/2)·log_θ(T_train / 2π)⌉ dimensions complete a
-    full period within the training length; the others never saw a whole turn. Extrapolation is expected
-    to hold up to T_extra = 2π·θ^(d_extra/d) tokens. (LLaMA 2: d = 128, θ = 1e4, T = 4096 -> 92.)"""
-    d_extra = 2 * math.ceil(rotary_dim / 2 * math.log(trained_length / (2 * math.pi)) / math.log(theta))
-    d_extra = min(max(d_extra, 0), rotary_dim)
-    return d_extra, 2 * math.pi * theta ** (d_extra / rotary_dim)
+def _passkey(model: Transformer, tokenizer, filler: np.ndarray, lengths: list[int], methods: list[str],
+             config: EvalConfig, info: ModelInfo, progress) -> list[PasskeyRecord]:
+    """Passkey retrieval at each (scaling, length, depth); a length too short for the prompt is skipped."""
+    rng = np.random.default_rng(config.seed)
+    trained = model.cfg.context_length
+    records, skipped = [], set()
+    for method in methods:
+        for length in lengths:
+            if length in skipped:
+                continue
+            with scaled_rope(model, scaling_for(method, length, trained, config.scaling_factor)):
+                for depth in config.passkey_depths:
+                    try:
+                        prompts = [passkey_prompt(tokenizer, filler, length, depth, rng)
+                                   for _ in range(config.passkey_trials)]
+                    except PasskeyDoesNotFit as error:
+                        log.warning("passkey at length %d skipped for %s: %s", length, info.run, error)
+                        skipped.add(length)
+                        break
+                    trials = [passkey_trial(model, prompt) for prompt in prompts]
+                    records.append(PasskeyRecord(info.model, info.run, info.seed, method, length, depth, len(trials),
+                                                 sum(t[0] for t in trials) / len(trials),
+                                                 sum(t[1] for t in trials) / len(trials)))
+                    progress.update(len(trials))
+    return records
 
 
-def _decay_sums(inv_freq: Tensor, distances: Tensor) -> Tensor:
-    """B(m) = Σ_i cos(m·θ_i) for each row of inv_freq (bases, d/2) and each distance: (bases, distances)."""
-    return torch.cos(distances[None, :, None] * inv_freq[:, None, :]).sum(-1)
+def _theory(model: Transformer, info: ModelInfo, lengths: list[int]) -> list[TheoryRecord]:
+    rope, trained = model.cfg.rope, model.cfg.context_length
+    rotary_dim = rope.rotary_dim or model.cfg.head_dim
+    critical, bound = critical_dimension(rotary_dim, rope.theta, trained)
+    return [TheoryRecord(info.model, info.run, rotary_dim, rope.theta, trained, critical, bound, length,
+                         minimum_base(rotary_dim, length), supported_length(rotary_dim, rope.theta, length))
+            for length in lengths]
 
 
-def supported_length(rotary_dim: int, theta: float, limit: int) -> int:
-    """Men et al. 2024 (arXiv:2405.14591): the longest L ≤ limit with B(m) = Σ_i cos(m·θ^(−2i/d)) ≥ 0 for
-    every distance m ≤ L. B(m) ∝ how much more attention a token similar to the query gets than a random
-    one at distance m; where it turns negative, the base no longer supports that context length."""
-    inv_freq = rotary_inv_freq(theta, rotary_dim)[None]
-    for distances in torch.arange(1, limit + 1, dtype=torch.float64).split(8192):  # B(0) = d/2 > 0
-        negative = (_decay_sums(inv_freq, distances)[0] < 0).nonzero()
-        if len(negative):
-            return int(distances[negative[0, 0]]) - 1
-    return limit
+def evaluate_run(run, config: EvalConfig, device: torch.device) -> Results:
+    """Every (scaling × attention × length) measurement of one trained run (a minillm.checkpoint.Run)."""
+    from omegaconf import OmegaConf
+    from tqdm.auto import tqdm
+
+    from minillm.checkpoint import load_model
+    from minillm.config import DataConfig, TokenizerConfig
+    from minillm.data import TextDataModule
+
+    model = load_model(run.checkpoint).to(device)
+    trained = model.cfg.context_length
+    if not run.config.is_file() or not run.tokenizer.is_file():
+        raise ValueError(f"ckpt: {run.folder} lacks config.yaml or tokenizer.json (not a training run folder)")
+    run_cfg = OmegaConf.load(run.config)
+    data = TextDataModule(DataConfig(**run_cfg.data), TokenizerConfig(path=str(run.tokenizer)),
+                          seq_len=trained, seed=int(run_cfg.seed))
+    data.setup("validate")
+    lengths = sorted(config.lengths or [trained * m for m in (1, 2, 4, 8, 16)])
+    longest_documents = data.long_documents(min_tokens=1)  # longest first
+    longest = len(longest_documents[0]) - 1 if longest_documents else 0  # targets in the longest document
+    documents = [d for d in longest_documents if len(d) >= min(lengths) + 1]
+    usable = [n for n in lengths if n <= longest]
+    for n in sorted(set(lengths) - set(usable)):
+        log.warning("length %d skipped for %s: the longest validation document has %d tokens", n, run.name, longest + 1)
+    if not usable:
+        raise ValueError(f"lengths: none of {lengths} fits the validation documents of {run.name} "
+                         f"(longest: {longest + 1} tokens)")
+    tokens = evaluation_tokens(documents, max(usable), config.max_documents)
+    info = ModelInfo(model.cfg.label, run.name, int(run_cfg.seed), trained, model.cfg.rope.variant, str(run.checkpoint))
+    methods = config.scalings if model.cfg.rope.is_rotary else ["none"]
+    ignored = sorted(set(config.scalings) - set(methods))
+    if ignored:
+        log.warning("scalings %s skipped for %s: %s is not rotary", ignored, run.name, model.cfg.rope.variant)
+    limit = model.position.max_length  # the encoding's own limit (learned positions: the training length)
+    results = Results()
+    plan = [(m, a, n) for m in methods for a in config.attention for n in usable]
+    for method, attention, length in tqdm(plan, desc=f"perplexity {run.name}", unit="length"):
+        setting = dict(vars(info), method=method, attention=attention, stride=config.stride)
+        if limit is not None and length > limit:
+            results.perplexity.append(PerplexityRecord(length=length, loss=None, ppl=None, applicable=False,
+                                                       note=f"{info.variant} positions stop at {limit}", **setting))
+            continue
+        scaling = scaling_for(method, length, trained, config.scaling_factor)
+        with scaled_rope(model, scaling):
+            measured = perplexity_at_length(model, tokens, length, attention=attention, stride=config.stride,
+                                            batch_size=config.batch_size, buckets=config.buckets)
+        results.perplexity.append(PerplexityRecord(**vars(measured), factor=scaling.factor, **setting))
+    if config.passkey_trials:
+        passkey_lengths = [n for n in usable if limit is None or n <= limit]
+        total = len(methods) * len(passkey_lengths) * len(config.passkey_depths) * config.passkey_trials
+        with tqdm(total=total, desc=f"passkey {run.name}", unit="trial") as progress:
+            results.passkey = _passkey(model, data.tokenizer, np.concatenate(documents), passkey_lengths, methods,
+                                       config, info, progress)
+    if model.cfg.rope.is_rotary:
+        results.theory = _theory(model, info, usable)
+    return results
 
 
-MIN_BASE_STEP = 1e-3  # relative spacing of the bases minimum_base tries
+def evaluate(config: EvalConfig, device: torch.device) -> Results:
+    """Every (checkpoint × scaling × attention × length) measurement of the checkpoints config names."""
+    from minillm.checkpoint import find_runs
 
-
-@functools.lru_cache(maxsize=None)
-def minimum_base(rotary_dim: int, length: int) -> float:
-    """Men et al. 2024 (arXiv:2405.14591, Table 1): the smallest base θ with B(m) ≥ 0 for every distance
-    m ≤ length (see supported_length), over bases 0.1% apart from 2 to 1e12; inf when none holds.
-
-    The bases that hold do not form an interval. Below a threshold they come in narrow windows between
-    bases that fail (d = 128, 2048 tokens: 1.161e4–1.166e4 holds, 1.2e4 fails, 1.53e4–1.68e4 holds, ...),
-    so this is the start of the first window the grid meets, and a base above it may still fail: ask
-    supported_length about a given base. For d = 128 it gives 4.3e3 (1024 tokens), 1.16e4 (2048),
-    2.70e4 (4096), 8.38e4 (8192), 2.34e5 (16384), 6.30e5 (32768), 2.09e6 (65536); the paper lists 4.3e3,
-    1.6e4, 2.7e4, 8.4e4, 3.1e5, 6.4e5, 2.1e6. Its 2k and 16k values lie in later windows (both hold):
-    a coarser search over bases, which steps over the first windows, finds those.
-
-    Fast: bases are screened in float32, rejected only where B < −(a bound on float32's error). The
-    distances go every 16th first (a failing base is usually negative over a stretch of distances, so
-    most fail within the first pass), in chunks that grow as bases drop out; every distance is checked
-    before a base survives, and the first survivor is confirmed in float64.
-    """
-    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim
-    distances = torch.arange(1, length + 1, dtype=torch.float32)
-    distances = torch.cat([distances[offset::16] for offset in range(16)])  # a permutation: all are checked
-    # Each float32 term errs by at most two roundings of an angle ≤ length (relative 2^-24 each), plus cos's own.
-    margin = len(exponents) * (2 * length * 2.0**-24 + 1e-4)
-    log_bases = torch.arange(math.log(2.0), math.log(1e12), math.log1p(MIN_BASE_STEP), dtype=torch.float64)
-    for batch in log_bases.split(256):
-        inv_freq = torch.exp(-batch[:, None] * exponents[None, :]).float()
-        alive, start, chunk = torch.arange(len(batch)), 0, 64
-        while start < length and len(alive):
-            sums = _decay_sums(inv_freq[alive], distances[start:start + chunk])
-            alive = alive[(sums >= -margin).all(1)]
-            start += chunk
-            chunk = max(64, min(2 * chunk, (1 << 20) // max(len(alive) * len(exponents), 1)))
-        for index in alive.tolist():
-            base = math.exp(float(batch[index]))
-            if supported_length(rotary_dim, base, length) >= length:
-                return base
-    return math.inf
+    results = Results()
+    for path in config.checkpoints:
+        for run in find_runs(path):
+            measured = evaluate_run(run, config, device)
+            results.perplexity += measured.perplexity
+            results.passkey += measured.passkey
+            results.theory += measured.theory
+    return results

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -42,7 +41,7 @@ def _check_architecture(model: Transformer) -> RotaryEmbedding:
     # The encoding the model runs with: evaluation may have swapped model.position since cfg was written.
     position = model.position
     if not isinstance(position, RotaryEmbedding):
-        raise _incompatible("rope.variant", getattr(cfg.rope, "variant", type(position).__name__), "rotary")
+        raise _incompatible("rope.variant", cfg.rope.variant, "rotary")
     if position.xpos_scale_base is not None:
         raise _incompatible("rope.xpos_scale_base", position.xpos_scale_base, "plain rotary, no XPos")
     return position
@@ -83,50 +82,27 @@ def _permute_heads(weight: torch.Tensor, heads: int, perm: torch.Tensor) -> torc
 
 
 def _rope_parameters(position: RotaryEmbedding, head_dim: int, context_length: int) -> tuple[dict, int]:
-    """HF `rope_parameters` reproducing the model's frequencies, and max_position_embeddings."""
-    theta, rotary_dim, scaling = position.theta, position.rotary_dim, position.scaling
-    kind, factor = position.scaling_type, float(scaling.get("factor", 1.0))
-    original = int(scaling.get("original_max_position") or context_length)
-    # HF's convention: max_position_embeddings is the length the scaled model is meant for.
-    extended = max(context_length, math.ceil(original * factor))
-    partial = rotary_dim < head_dim
-    if partial and kind not in ("none", "linear", "ntk"):
+    """HF `rope_parameters` reproducing the model's frequencies (each scaling states its own), and
+    max_position_embeddings."""
+    scaling, rotary_dim = position.scaling, position.rotary_dim
+    params, max_positions = scaling.hf_parameters(position.theta, rotary_dim, context_length)
+    if rotary_dim == head_dim:
+        return params, max_positions
+    if not scaling.partial_rotary_in_hf:
         # LLaMA rotates every channel; only HF's `proportional` type leaves some unrotated (zero
         # frequencies), and it has no yarn / llama3 / dynamic variant.
-        raise ValueError(f"rope_scaling.type={kind!r} with rope.rotary_dim={rotary_dim} < head_dim={head_dim} "
+        raise ValueError(f"rope_scaling.type={scaling.name!r} with rope.rotary_dim={rotary_dim} < head_dim={head_dim} "
                          "is not LLaMA-compatible (HF LLaMA rotates part of a head only with plain, linear or "
                          "NTK frequencies, through its 'proportional' RoPE type)")
-    if kind == "ntk":
-        # Static NTK is plain RoPE with a larger base (bloc97 2023): base · factor^(d/(d−2)).
-        theta, kind = theta * factor ** (rotary_dim / (rotary_dim - 2)), "none"
-    if partial:
-        # `proportional` spaces the r/2 frequencies over head_dim: base'^(−2i/head_dim) = base^(−2i/r).
-        base = theta ** (head_dim / rotary_dim)
-        if not base < torch.finfo(torch.float32).max:  # HF raises the base to its powers in float32
-            raise ValueError(f"rope.rotary_dim={rotary_dim}: HF's partial rotary base theta^(head_dim/rotary_dim) "
-                             f"= {base:g} overflows float32; use a larger rotary_dim or a smaller theta")
-        params = {"rope_type": "proportional", "rope_theta": base, "partial_rotary_factor": rotary_dim / head_dim}
-        if kind == "linear":
-            params["factor"] = factor  # HF logs it as unrecognised, yet divides the frequencies by it
-        return params, extended if kind == "linear" else context_length
-    if kind == "none":
-        return {"rope_type": "default", "rope_theta": theta}, context_length
-    if kind == "linear":
-        return {"rope_type": "linear", "rope_theta": theta, "factor": factor}, extended
-    if kind == "dynamic_ntk":
-        # HF's dynamic NTK takes the trained length L0 from max_position_embeddings.
-        return {"rope_type": "dynamic", "rope_theta": theta, "factor": factor}, original
-    if kind == "yarn":
-        return {"rope_type": "yarn", "rope_theta": theta, "factor": factor,
-                "original_max_position_embeddings": original,
-                "beta_fast": float(scaling.get("beta_fast", 32.0)), "beta_slow": float(scaling.get("beta_slow", 1.0)),
-                "attention_factor": float(position.attention_factor)}, extended
-    if kind == "llama3":
-        return {"rope_type": "llama3", "rope_theta": theta, "factor": factor,
-                "original_max_position_embeddings": original,
-                "low_freq_factor": float(scaling.get("low_freq_factor", 1.0)),
-                "high_freq_factor": float(scaling.get("high_freq_factor", 4.0))}, extended
-    raise ValueError(f"rope_scaling.type={kind!r} has no HF LLaMA equivalent")
+    # `proportional` spaces the r/2 frequencies over head_dim: base'^(−2i/head_dim) = base^(−2i/r).
+    base = params["rope_theta"] ** (head_dim / rotary_dim)
+    if not base < torch.finfo(torch.float32).max:  # HF raises the base to its powers in float32
+        raise ValueError(f"rope.rotary_dim={rotary_dim}: HF's partial rotary base theta^(head_dim/rotary_dim) "
+                         f"= {base:g} overflows float32; use a larger rotary_dim or a smaller theta")
+    partial = {"rope_type": "proportional", "rope_theta": base, "partial_rotary_factor": rotary_dim / head_dim}
+    if "factor" in params:
+        partial["factor"] = params["factor"]  # HF logs it as unrecognised, yet divides the frequencies by it
+    return partial, max_positions
 
 
 def _rope_kwargs(transformers, params: dict) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -11,20 +12,22 @@ from pathlib import Path
 from statistics import mean, stdev
 from typing import Optional
 
-from minillm.config import SCALING_CONFIGS
+from minillm.attention import ATTENTION_PATTERNS
+from minillm.evaluation import PasskeyRecord, PerplexityRecord, Results, TheoryRecord
 from minillm.files import write_atomic
+from minillm.scaling import SCALINGS
 
-PASSKEY_COLUMNS = ("model", "run", "seed", "method", "length", "depth", "trials", "exact_match", "key_logprob")
+PASSKEY_COLUMNS = tuple(f.name for f in dataclasses.fields(PasskeyRecord))
 
 
-def flat_rows(records: list[dict]) -> list[dict]:
+def flat_rows(records: list[PerplexityRecord]) -> list[dict]:
     """One row per (run, method, attention, length), without the nested per-position losses."""
-    return [{k: v for k, v in r.items() if k != "by_position"} for r in records]
+    return [{k: v for k, v in dataclasses.asdict(r).items() if k != "by_position"} for r in records]
 
 
-def position_rows(records: list[dict]) -> list[dict]:
-    return [{**{k: r[k] for k in ("model", "run", "seed", "method", "attention", "length")}, **bucket}
-            for r in records for bucket in r.get("by_position", [])]
+def position_rows(records: list[PerplexityRecord]) -> list[dict]:
+    return [{"model": r.model, "run": r.run, "seed": r.seed, "method": r.method, "attention": r.attention,
+             "length": r.length, **dataclasses.asdict(bucket)} for r in records for bucket in r.by_position]
 
 
 def _csv(rows: list[dict], columns: tuple[str, ...] = ()) -> str:
@@ -48,8 +51,8 @@ def _fmt(values: list[Optional[float]]) -> str:
     return f"{mean(values):.3g} ± {stdev(values):.2g}"
 
 
-SCALING_ORDER = tuple(SCALING_CONFIGS)  # none first, then the registry's order
-ATTENTION_ORDER = ("full", "blockwise", "sliding")
+SCALING_ORDER = tuple(SCALINGS)  # none first, then the registry's order
+ATTENTION_ORDER = tuple(ATTENTION_PATTERNS)  # full first, then the registry's order
 
 
 def _rank(value, order: tuple) -> tuple:
@@ -62,22 +65,22 @@ def _row_order(key: tuple) -> tuple:
     return str(model), trained or 0, _rank(method, SCALING_ORDER), _rank(attention, ATTENTION_ORDER), str(run)
 
 
-def table_groups(records: list[dict]) -> dict[tuple, list[dict]]:
+def table_groups(records: list[PerplexityRecord]) -> dict[tuple, list[PerplexityRecord]]:
     """The rows of the perplexity table: (model, trained length, scaling, attention, run) -> records.
 
     Runs that differ only in seed share a row (run None) and are averaged. Two runs with the same label,
     trained length and seed are different models (another size, another corpus), so they get a row each.
     """
-    def base(r: dict) -> tuple:
-        return r["model"], r.get("trained_length"), r["method"], r["attention"]
+    def base(r: PerplexityRecord) -> tuple:
+        return r.model, r.trained_length, r.method, r.attention
 
     runs_by_seed: dict[tuple, dict] = defaultdict(lambda: defaultdict(set))
     for r in records:
-        runs_by_seed[base(r)][r.get("seed")].add(r.get("run"))
+        runs_by_seed[base(r)][r.seed].add(r.run)
     clash = {key for key, by_seed in runs_by_seed.items() if any(len(runs) > 1 for runs in by_seed.values())}
-    groups: dict[tuple, list[dict]] = defaultdict(list)
+    groups: dict[tuple, list[PerplexityRecord]] = defaultdict(list)
     for r in records:
-        groups[base(r) + (r.get("run") if base(r) in clash else None,)].append(r)
+        groups[base(r) + (r.run if base(r) in clash else None,)].append(r)
     return dict(sorted(groups.items(), key=lambda item: _row_order(item[0])))
 
 
@@ -95,50 +98,50 @@ def series_label(key: tuple) -> str:
     return " / ".join(parts)
 
 
-def perplexity_table(records: list[dict]) -> str:
+def perplexity_table(records: list[PerplexityRecord]) -> str:
     """Markdown: perplexity per length (mean ± std over seeds); n/a where the model cannot run that long."""
-    lengths = sorted({r["length"] for r in records})
+    lengths = sorted({r.length for r in records})
     header = ["model", "trained", "scaling", "attention", "seeds"] + [f"ppl @ {n}" for n in lengths]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for key, group in table_groups(records).items():
         model, trained, method, attention, run = key
         by_length: dict[int, list] = defaultdict(list)
         for r in group:
-            by_length[r["length"]].append(r["ppl"] if r.get("applicable", True) else None)
-        seeds = len({r.get("seed") for r in group})
+            by_length[r.length].append(r.ppl if r.applicable else None)
+        seeds = len({r.seed for r in group})
         cells = [model_name(model, run), str(trained), method, attention, str(seeds)] + [_fmt(by_length.get(n, [])) for n in lengths]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def passkey_table(rows: list[dict]) -> str:
+def passkey_table(rows: list[PasskeyRecord]) -> str:
     """Markdown: exact-match accuracy per depth and overall, and the mean key log-probability, per
     model × scaling × length (seeds pooled)."""
     if not rows:
         return ""
-    depths = sorted({r["depth"] for r in rows})
-    groups: dict[tuple, list[dict]] = defaultdict(list)
+    depths = sorted({r.depth for r in rows})
+    groups: dict[tuple, list[PasskeyRecord]] = defaultdict(list)
     for r in rows:
-        groups[(r["model"], r["method"], r["length"])].append(r)
+        groups[(r.model, r.method, r.length)].append(r)
     header = ["model", "scaling", "length", "trials"] + [f"depth {d:g}" for d in depths] + \
              ["exact match", "key log-prob (nats)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     ordered = sorted(groups.items(), key=lambda item: (str(item[0][0]), _rank(item[0][1], SCALING_ORDER), item[0][2]))
     for (model, method, length), group in ordered:
-        trials = sum(g["trials"] for g in group)
+        trials = sum(g.trials for g in group)
         per_depth = []
         for depth in depths:
-            at = [g for g in group if g["depth"] == depth]
-            n = sum(g["trials"] for g in at)
-            per_depth.append(f"{sum(g['exact_match'] * g['trials'] for g in at) / n:.0%}" if n else "n/a")
-        accuracy = sum(g["exact_match"] * g["trials"] for g in group) / trials
-        logprob = sum(g["key_logprob"] * g["trials"] for g in group) / trials
+            at = [g for g in group if g.depth == depth]
+            n = sum(g.trials for g in at)
+            per_depth.append(f"{sum(g.exact_match * g.trials for g in at) / n:.0%}" if n else "n/a")
+        accuracy = sum(g.exact_match * g.trials for g in group) / trials
+        logprob = sum(g.key_logprob * g.trials for g in group) / trials
         lines.append("| " + " | ".join([model, method, str(length), str(trials), *per_depth,
                                         f"{accuracy:.0%}", f"{logprob:.2f}"]) + " |")
     return "\n".join(lines)
 
 
-def theory_table(theory: list[dict]) -> str:
+def theory_table(theory: list[TheoryRecord]) -> str:
     """Markdown: the critical dimension (Liu et al. 2023) and the base bound (Men et al. 2024) per model and
     length. predicted: 'ok' when the model's base keeps B(m) ≥ 0 up to the length (supported_length when
     the record has it, else θ ≥ the minimum base)."""
@@ -148,31 +151,30 @@ def theory_table(theory: list[dict]) -> str:
              "base supports (Men 2024) | predicted |", "|---|---|---|---|---|---|---|---|---|"]
     seen = set()
     for t in theory:
-        key = (t["model"], t["rotary_dim"], t["theta"], t.get("trained_length"), t["length"])
+        key = (t.model, t.rotary_dim, t.theta, t.trained_length, t.length)
         if key in seen:  # one row for all seeds of a model
             continue
         seen.add(key)
-        supported = t.get("supported_length")
-        ok = supported >= t["length"] if supported is not None else t["theta"] >= t["min_base"]
-        lines.append(f"| {t['model']} | {t['rotary_dim']} | {t['theta']:g} | {t['critical_dim']} | "
-                     f"{t['extrapolation_bound']:.0f} | {t['length']} | {t['min_base']:.3g} | "
-                     f"{'n/a' if supported is None else supported} | {'ok' if ok else 'base too small'} |")
+        ok = t.supported_length >= t.length
+        lines.append(f"| {t.model} | {t.rotary_dim} | {t.theta:g} | {t.critical_dim} | "
+                     f"{t.extrapolation_bound:.0f} | {t.length} | {t.min_base:.3g} | "
+                     f"{t.supported_length} | {'ok' if ok else 'base too small'} |")
     return "\n".join(lines)
 
 
-def _draw_lengths(ax, groups: dict[tuple, list[dict]], label) -> None:
+def _draw_lengths(ax, groups: dict[tuple, list[PerplexityRecord]], label) -> None:
     """One line per group: mean perplexity over seeds at each applicable length."""
     for key, group in groups.items():
         by_length: dict[int, list] = defaultdict(list)
         for r in group:
-            if r.get("applicable", True) and r["ppl"] is not None and math.isfinite(r["ppl"]):
-                by_length[r["length"]].append(r["ppl"])
+            if r.applicable and r.ppl is not None and math.isfinite(r.ppl):
+                by_length[r.length].append(r.ppl)
         if by_length:
             lengths = sorted(by_length)
             ax.plot(lengths, [mean(by_length[n]) for n in lengths], marker="o", label=label(key))
 
 
-def _length_axes(ax, records: list[dict], trained: list[int], title: str) -> None:
+def _length_axes(ax, records: list[PerplexityRecord], trained: list[int], title: str) -> None:
     from matplotlib import ticker
 
     for n in trained:
@@ -180,7 +182,7 @@ def _length_axes(ax, records: list[dict], trained: list[int], title: str) -> Non
     ax.set(xscale="log", yscale="log", xlabel="evaluation length (tokens)", ylabel="perplexity", title=title)
     ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:g}"))  # not 2.96×10²
     ax.xaxis.set_minor_formatter(ticker.NullFormatter())
-    ax.set_xticks(sorted({r["length"] for r in records}))
+    ax.set_xticks(sorted({r.length for r in records}))
     ax.yaxis.set_major_formatter(ticker.LogFormatter(labelOnlyBase=False))
     ax.yaxis.set_minor_formatter(ticker.LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
     if ax.get_legend_handles_labels()[0]:
@@ -198,7 +200,7 @@ def _panels(n: int, width: float = 6.0, height: float = 4.5):
     return fig, list(axes.flat[:n])
 
 
-def plot(records: list[dict], out_dir: Path) -> list[Path]:
+def plot(records: list[PerplexityRecord], out_dir: Path) -> list[Path]:
     """The report's figures, each a grid of panels so that no panel holds more lines than it can show:
 
     ppl_vs_length.png     every model as trained (no inference-time scaling), one panel per attention pattern
@@ -212,7 +214,7 @@ def plot(records: list[dict], out_dir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     groups = table_groups(records)
-    trained = sorted({r["trained_length"] for r in records if r.get("trained_length")})
+    trained = sorted({r.trained_length for r in records if r.trained_length})
     attentions = sorted({key[3] for key in groups}, key=lambda a: _rank(a, ATTENTION_ORDER)) or ["full"]
     first = attentions[0]
     paths = []
@@ -241,15 +243,15 @@ def plot(records: list[dict], out_dir: Path) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(8, 5))
     for key, group in groups.items():
-        usable = [r for r in group if r.get("applicable", True) and r.get("by_position")]
+        usable = [r for r in group if r.applicable and r.by_position]
         if key[2] != "none" or key[3] != first or not usable:
             continue
-        longest = max(r["length"] for r in usable)
+        longest = max(r.length for r in usable)
         by_start: dict[int, list] = defaultdict(list)
         for r in usable:
-            if r["length"] == longest:
-                for bucket in r["by_position"]:
-                    by_start[bucket["position_start"]].append(bucket["loss"])
+            if r.length == longest:
+                for bucket in r.by_position:
+                    by_start[bucket.position_start].append(bucket.loss)
         starts = sorted(by_start)
         ax.plot(starts, [mean(by_start[s]) for s in starts], label=f"{model_name(key[0], key[4])} @ {longest}")
     for n in trained:
@@ -265,14 +267,14 @@ def plot(records: list[dict], out_dir: Path) -> list[Path]:
     return paths
 
 
-def write_report(records: list[dict], passkey: list[dict], theory: list[dict], out_dir: Path,
-                 header: str = "") -> dict[str, Path]:
+def write_report(results: Results, out_dir: Path, header: str = "") -> dict[str, Path]:
     """Every number as JSON and CSV, the tables as markdown, the plots as PNG; each file written atomically.
 
     results.json: {"perplexity": records (with by_position), "passkey": ..., "theory": ...};
     results.csv: one row per record; loss_by_position.csv: one row per record and position bucket;
     passkey.csv: one row per (run, scaling, length, depth); report.md; the PNGs of plot().
     """
+    records, passkey, theory = results.perplexity, results.passkey, results.theory
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {
         "json": out_dir / "results.json",
@@ -281,11 +283,10 @@ def write_report(records: list[dict], passkey: list[dict], theory: list[dict], o
         "passkey_csv": out_dir / "passkey.csv",
         "markdown": out_dir / "report.md",
     }
-    write_atomic(files["json"], json.dumps({"perplexity": records, "passkey": passkey, "theory": theory},
-                                            indent=1, default=str))
+    write_atomic(files["json"], json.dumps(dataclasses.asdict(results), indent=1, default=str))
     write_atomic(files["csv"], _csv(flat_rows(records)))
     write_atomic(files["positions_csv"], _csv(position_rows(records)))
-    write_atomic(files["passkey_csv"], _csv(passkey, PASSKEY_COLUMNS))
+    write_atomic(files["passkey_csv"], _csv([dataclasses.asdict(p) for p in passkey], PASSKEY_COLUMNS))
     sections = [header, "## Perplexity against evaluation length\n", perplexity_table(records)]
     if passkey:
         sections += ["\n## Passkey retrieval\n", passkey_table(passkey)]
@@ -305,13 +306,13 @@ def _table(rows: list[dict]):
     return wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows], allow_mixed_types=True)
 
 
-def log_to_wandb(records: list[dict], passkey: list[dict], out_dir: Path, project: str,
-                 group: Optional[str], mode: str, theory: Optional[list[dict]] = None) -> Path:
+def log_to_wandb(results: Results, out_dir: Path, project: str, group: Optional[str], mode: str) -> Path:
     """One evaluation run in the training runs' group (job_type eval_extrapolate), files under out_dir/wandb:
     tables of every number, line plots (one line per model × scaling × attention) and the PNGs.
     Returns the run's local folder."""
     import wandb
 
+    records, passkey, theory = results.perplexity, results.passkey, results.theory
     run = wandb.init(project=project, group=group, job_type="eval_extrapolate", dir=str(out_dir), mode=mode,
                      settings=wandb.Settings(init_timeout=60, silent=True))
     label = {id(r): series_label(key) for key, group_records in table_groups(records).items() for r in group_records}
@@ -320,7 +321,7 @@ def log_to_wandb(records: list[dict], passkey: list[dict], out_dir: Path, projec
     run.log({"extrapolation/perplexity": table,
              "extrapolation/ppl_vs_length": wandb.plot.line(table, "length", "ppl", stroke="series",
                                                             title="Perplexity against length")})
-    positions = [{"series": f"{label[id(r)]} @ {r['length']}", **row}
+    positions = [{"series": f"{label[id(r)]} @ {r.length}", **row}
                  for r in records for row in position_rows([r])]
     if positions:
         ptable = _table(positions)
@@ -328,9 +329,9 @@ def log_to_wandb(records: list[dict], passkey: list[dict], out_dir: Path, projec
                  "extrapolation/loss_vs_position": wandb.plot.line(ptable, "position_start", "loss", stroke="series",
                                                                    title="Loss against position")})
     if passkey:
-        run.log({"extrapolation/passkey": _table(passkey)})
+        run.log({"extrapolation/passkey": _table([dataclasses.asdict(p) for p in passkey])})
     if theory:
-        run.log({"extrapolation/theory": _table(theory)})
+        run.log({"extrapolation/theory": _table([dataclasses.asdict(t) for t in theory])})
     for image in sorted(out_dir.glob("*.png")):  # the figures write_report drew
         run.log({f"extrapolation/{image.stem}_png": wandb.Image(str(image))})
     folder = Path(run.dir).parent  # out_dir/wandb/<offline-|>run-<time>-<id>

@@ -5,175 +5,102 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import netrc
 import os
+import sys
+import tempfile
 import time
+import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NoReturn, Sequence
 
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
+from minillm.config import ConfigError, RunConfig, to_run_config
 from minillm.files import write_atomic
-from minillm.config import RunConfig
-
+from minillm.loggers import make_loggers, wandb_mode
+from minillm.resume import configure, resolve_checkpoint  # noqa: F401  (resolve_checkpoint: part of run's API)
 from minillm.task import LanguageModelTask, NonFiniteLossError
 
 log = logging.getLogger("minillm")
 
 
-class ConfigError(ValueError):
-    """A configuration that composed but does not make sense; the message names the setting."""
-
-
-def to_run_config(cfg: DictConfig) -> RunConfig:
-    """Hydra's tree -> the validated dataclasses (each __post_init__ checks its own fields)."""
+def check_writable(folder: Path) -> None:
+    """Raise, naming the folder, unless files can be written in it (before any work is done)."""
     try:
-        return OmegaConf.to_object(cfg)
-    except OmegaConfBaseException as error:  # our ValueError may arrive wrapped; unwrap it for a clean message
-        if isinstance(error.__cause__, ValueError):
-            raise ConfigError(str(error.__cause__).splitlines()[0]) from error
-        # OmegaConf's own (e.g. "Interpolation key 'x' not found") names the setting on a later line: lead with it.
-        key = getattr(error, "full_key", None)
-        raise ConfigError(f"{key}: {str(error).splitlines()[0]}" if key else str(error).splitlines()[0]) from error
-    except ValueError as error:  # a dataclass's __post_init__ check, raised as is: it names the setting
-        raise ConfigError(str(error).splitlines()[0]) from error
-
-
-def run_tags(run: RunConfig) -> list[str]:
-    rope, scaling = run.rope, run.rope_scaling
-    tags = [f"rope={rope.variant}", f"scaling={scaling.type}"]
-    if rope.is_rotary:
-        tags += [f"theta={rope.theta:g}", f"xpos={rope.xpos_scale_base or 'off'}"]
-    return tags + list(run.logger.tags)
-
-
-def wandb_mode(requested: str) -> str:
-    """auto: online only with credentials (an API key or a netrc entry), so a laptop never waits on a login."""
-    if requested != "auto":
-        return requested
-    if os.environ.get("WANDB_API_KEY"):
-        return "online"
-    try:
-        if netrc.netrc().authenticators("api.wandb.ai"):
-            return "online"
-    except (FileNotFoundError, netrc.NetrcParseError):
-        pass
-    return "offline"
-
-
-def _appending_csv_logger(run_dir: Path):
-    """Lightning's CSVLogger writing run_dir/metrics.csv, except that a resumed run appends to the rows
-    it already has instead of deleting them (the stock writer starts the file afresh)."""
-    import csv
-
-    from lightning.fabric.loggers.logger import rank_zero_experiment
-    from lightning.pytorch.loggers import CSVLogger
-    from lightning.pytorch.loggers.csv_logs import ExperimentWriter
-
-    class AppendingWriter(ExperimentWriter):
-        def _check_log_dir_exists(self) -> None:
-            if os.path.isfile(self.metrics_file_path):
-                with open(self.metrics_file_path, newline="") as f:
-                    self.metrics_keys = next(csv.reader(f), [])
-
-    class AppendingCSVLogger(CSVLogger):
-        @property
-        @rank_zero_experiment
-        def experiment(self) -> ExperimentWriter:
-            if self._experiment is None:
-                self._fs.makedirs(self.root_dir, exist_ok=True)
-                self._experiment = AppendingWriter(log_dir=self.log_dir)
-            return self._experiment
-
-    return AppendingCSVLogger(save_dir=str(run_dir), name="", version="")
-
-
-def make_loggers(run: RunConfig, run_dir: Path, config: dict) -> list:
-    from lightning.pytorch.loggers import WandbLogger
-
-    if run.logger.kind == "none":
-        return []
-    loggers: list = [_appending_csv_logger(run_dir)]  # run_dir/metrics.csv
-    if run.logger.kind == "wandb":
-        import wandb
-
-        mode = wandb_mode(run.logger.mode)
-        settings = wandb.Settings(init_timeout=60, silent=True)
-        wandb_logger = WandbLogger(project=run.logger.project, group=run.logger.group, tags=run_tags(run),
-                                   save_dir=str(run_dir), mode=mode, settings=settings, config=config)
-        try:
-            wandb_logger.experiment  # start now, so a failure to reach W&B falls back here and not mid-run
-        except Exception as error:  # any failure of the service: keep training, offline
-            log.warning("W&B %s start failed (%s); logging offline to %s", mode, error, run_dir / "wandb")
-            wandb_logger = WandbLogger(project=run.logger.project, group=run.logger.group, tags=run_tags(run),
-                                       save_dir=str(run_dir), mode="offline", config=config)
-        loggers.append(wandb_logger)
-    return loggers
-
-
-def resolve_checkpoint(ckpt_path: Optional[str], run_dir: Path) -> Optional[str]:
-    """'last' -> this run folder's last checkpoint; a run folder -> its last; a file -> itself.
-    The file must load: a corrupt one fails here, naming the newest checkpoint beside it that does load."""
-    from minillm.checkpoint import CheckpointError, last_good_checkpoint, load_checkpoint
-
-    if ckpt_path is None:
-        return None
-    path = run_dir if ckpt_path == "last" else Path(ckpt_path).expanduser()
-    if path.is_dir():
-        path = path / "checkpoints" / "last.ckpt"
-    if not path.is_file():
-        raise ConfigError(f"ckpt_path: no checkpoint at {path} (to resume a run, start it again in its folder: "
-                          f"hydra.run.dir=<run folder> ckpt_path=last)")
-    try:
-        load_checkpoint(path)
-    except CheckpointError as error:
-        good = last_good_checkpoint(path.parent, skip=path)
-        hint = (f"the newest checkpoint that loads is {good[0]} (step {good[1]}): resume from it with "
-                f"ckpt_path={good[0]}" if good else f"no other checkpoint in {path.parent} loads")
-        raise CheckpointError(f"ckpt_path: {error}; {hint}") from error
-    return str(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise ConfigError(f"hydra.run.dir={str(folder)!r}: the output folder cannot be written "
+                          f"({error.strerror or error})") from error
 
 
 def load_data(run: RunConfig):
-    """The run's TextDataModule, set up for fitting; any failure to read the data names data.path."""
-    from minillm.data import TextDataModule
+    """The run's TextDataModule, set up for fitting; any failure to read the data names its setting."""
+    from minillm.data import DataError, TextDataModule
 
     data = TextDataModule(run.data, run.tokenizer, seq_len=run.model.context_length, seed=run.seed)
     try:
         data.prepare_data()
         data.setup("fit")
-    except ValueError as error:  # every data failure names the dataset, whichever layer noticed it
-        if isinstance(error, UnicodeDecodeError):  # pyarrow checks UTF-8 only when a string is read
-            detail = (f"data.text_field={run.data.text_field!r} holds bytes that are not UTF-8 text "
-                      f"({error.reason} at byte {error.start})")
-        elif f"data.path={run.data.path!r}" in str(error):
-            raise
-        else:
-            detail = str(error)
-        raise ValueError(f"data.path={run.data.path!r}: {detail}") from error
+    except DataError:  # names its setting (data.*, tokenizer.path) already
+        raise
+    except ValueError as error:  # any other layer's failure: name the dataset
+        raise ValueError(f"data.path={run.data.path!r}: {error}") from error
     return data
 
 
-def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    """Train one model as `cfg` says; everything it writes goes under run_dir. Returns the summary."""
+def train(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Train one model as `cfg` says; everything it writes goes under run_dir. Returns the summary.
+
+    overrides: the command line's (Hydra's overrides.task), which a resume checks against the run's settings."""
+    from minillm.checkpoint import load_checkpoint
+    from minillm.resume import wandb_run_id
+
     started = time.time()
-    run = to_run_config(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path = resolve_checkpoint(run.ckpt_path, run_dir)  # before the data: a wrong path fails at once
-    L.seed_everything(run.seed, workers=True)
+    if not cfg.get("verbose", False):
+        quiet_libraries()
+    check_writable(run_dir)
+    run, resolved, ckpt_path = configure(cfg, run_dir, overrides)
+    fresh_folder_taken = (run_dir / "config.yaml").is_file() or any(run_dir.glob("checkpoints/*.ckpt"))
+    if ckpt_path is None and fresh_folder_taken and rank_zero():  # DDP's other ranks find rank 0's files
+        raise ConfigError(f"hydra.run.dir={str(run_dir)!r}: already holds a run (config.yaml, checkpoints); "
+                          f"continue it with ckpt_path=last, or train a new one in another folder")
+    done = int(load_checkpoint(ckpt_path).get("global_step", 0)) if ckpt_path is not None else None
+    if done is not None and done >= run.trainer.max_steps:  # nothing to train: leave the run's files as they are
+        previous = run_dir / "summary.json"
+        summary = json.loads(previous.read_text()) if previous.is_file() else {}
+        return {**summary, "finished": True, "steps": done, "max_steps": run.trainer.max_steps}
+    trainer_args = trainer_kwargs(run, run_dir)
+    try:  # before the data: a device that is not there fails at once
+        L.Trainer(**trainer_args, logger=False)
+    except Exception as error:  # Lightning's MisconfigurationException and friends, one line naming the devices
+        raise ConfigError(f"trainer.accelerator={run.trainer.accelerator!r} with trainer.devices="
+                          f"{run.trainer.devices!r}: {str(error).splitlines()[0]}") from error
+    L.seed_everything(run.seed, workers=True, verbose=False)
+    log.info("%s %s: %s, %d steps of %d × %d tokens, in %s", "resuming" if ckpt_path else "training", run.model.label,
+             f"d_model {run.model.d_model} × {run.model.n_layers} layers", run.trainer.max_steps, run.data.batch_size,
+             run.model.context_length, run_dir)
 
     data = load_data(run)
+    if ckpt_path is not None and data.vocab_size != run.model.vocab_size:
+        raise ConfigError(f"tokenizer.path: the run's tokenizer has {data.vocab_size} tokens, its checkpoint "
+                          f"{run.model.vocab_size}")
     run.model = dataclasses.replace(run.model, vocab_size=data.vocab_size)  # the tokenizer decides
-    data.save_tokenizer(run_dir)
-    resolved = OmegaConf.to_container(OmegaConf.structured(run))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if ckpt_path is None:
+        resolved = OmegaConf.to_container(OmegaConf.structured(run))
+        data.save_tokenizer(run_dir)
+    elif not (run_dir / "tokenizer.json").is_file():  # continued in another folder: it gets the tokenizer too
+        data.save_tokenizer(run_dir)
     write_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(resolved))
 
     task = LanguageModelTask(run.model.to_dict(), dataclasses.asdict(run.optim), compile=run.trainer.compile,
                              peak_flops=run.trainer.peak_flops, max_bad_steps=run.trainer.max_bad_steps)
-    loggers = make_loggers(run, run_dir, {**resolved, "data_fingerprint": data.fingerprint})
-    trainer = L.Trainer(**trainer_kwargs(run, run_dir), logger=loggers or False)
+    resume_id = wandb_run_id(run_dir) if ckpt_path is not None else None  # the same W&B run, not a second one
+    loggers = make_loggers(run, run_dir, {**resolved, "data_fingerprint": data.fingerprint}, resume_id, done)
+    trainer = L.Trainer(**trainer_args, logger=loggers or False)
     try:
         trainer.fit(task, datamodule=data, ckpt_path=ckpt_path)
     except NonFiniteLossError as error:  # say where to resume from: the checkpoints after a blow-up hold inf
@@ -227,6 +154,7 @@ def trainer_kwargs(run: RunConfig, run_dir: Path) -> dict[str, Any]:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from minillm.checkpoint import atomic_checkpoint_io
+    from minillm.progress import progress_callbacks
 
     t = run.trainer
     best = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val/loss", mode="min",
@@ -241,8 +169,49 @@ def trainer_kwargs(run: RunConfig, run_dir: Path) -> dict[str, Any]:
                 val_check_interval=min(t.val_check_interval, t.max_steps),  # a short run still validates once
                 check_val_every_n_epoch=None, limit_val_batches=t.limit_val_batches,
                 log_every_n_steps=t.log_every_n_steps, gradient_clip_val=t.gradient_clip_val or None,
-                callbacks=[best, periodic], plugins=[atomic_checkpoint_io()], default_root_dir=str(run_dir),
+                callbacks=[best, periodic, *progress_callbacks()], plugins=[atomic_checkpoint_io()], default_root_dir=str(run_dir),
                 enable_model_summary=False)
+
+
+def quiet_libraries() -> None:
+    """Only minillm's own lines on the console: the libraries' notices (devices, tips, deprecations, W&B's
+    login advice) go unshown unless verbose=true. Their errors still surface, as exceptions."""
+    warnings.filterwarnings("ignore")
+    warnings.filterwarnings("default", module="minillm")
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "torch", "wandb", "datasets", "hydra"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("WANDB_SILENT", "true")
+
+
+def fail(error: Exception, run_dir: Path) -> NoReturn:
+    """A failed command: one line on stderr (and in the run folder's log), exit 2. A run folder the command
+    made and left holding nothing but its log is removed instead, so failures leave no empty folders."""
+    message = f"error: {error}"
+    print(message, file=sys.stderr)
+    logs = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+    leftovers = [p for p in run_dir.iterdir() if p.suffix != ".log"] if run_dir.is_dir() else []
+    if run_dir.is_dir() and not leftovers:
+        for handler in logs:
+            handler.close()
+        for path in run_dir.glob("*.log"):
+            path.unlink()
+        run_dir.rmdir()
+    else:
+        record = logging.makeLogRecord({"name": "minillm", "levelname": "ERROR", "levelno": logging.ERROR,
+                                        "msg": message})
+        for handler in logs:
+            try:
+                handler.emit(record)
+            except OSError:  # a folder that cannot be written: stderr has it
+                pass
+    sys.exit(2)
+
+
+def rank_zero() -> bool:
+    """Whether this process is rank 0 (the only one under DDP that reports)."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    return rank_zero_only.rank == 0
 
 
 def _device(requested: str):
@@ -250,123 +219,31 @@ def _device(requested: str):
 
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}.get(requested, True)
+    if not available:
+        raise ConfigError(f"device={requested!r}: torch {torch.__version__} sees no {requested} device here; "
+                          f"use device=cpu (or device=auto)")
     return torch.device(requested)
-
-
-def model_label(rope, scaling) -> str:
-    """A short name for what a model was trained with: 'complex θ=1e+04', 'xpos', 'alibi', ..."""
-    if not rope.is_rotary:
-        return rope.variant
-    label = f"{rope.variant} θ={rope.theta:g}"
-    if rope.xpos_scale_base is not None:
-        label = f"xpos({rope.variant}) γ={rope.xpos_scale_base:g}"
-    if rope.rotary_dim is not None:
-        label += f" r={rope.rotary_dim}"
-    if scaling.type != "none":
-        label += f" +{scaling.type}×{scaling.factor:g}"
-    return label
-
-
-def _passkey_rows(model, tokenizer, filler, lengths: list[int], methods: list[str], config, meta: dict) -> list[dict]:
-    """Passkey retrieval at each (scaling, length, depth); a length too short for the prompt is skipped."""
-    import numpy as np
-
-    from minillm import evaluation as ev
-
-    rng = np.random.default_rng(config.seed)
-    trained = model.cfg.context_length
-    rows, skipped = [], set()
-    for method in methods:
-        for length in lengths:
-            if length in skipped:
-                continue
-            factor = ev.scaling_factor(method, length, trained, config.scaling_factor)
-            with ev.scaled_rope(model, method, factor):
-                for depth in config.passkey_depths:
-                    try:
-                        prompts = [ev.passkey_prompt(tokenizer, filler, length, depth, rng)
-                                   for _ in range(config.passkey_trials)]
-                    except ev.PasskeyDoesNotFit as error:
-                        log.warning("passkey at length %d skipped for %s: %s", length, meta["run"], error)
-                        skipped.add(length)
-                        break
-                    trials = [ev.passkey_trial(model, prompt) for prompt in prompts]
-                    rows.append({**meta, "method": method, "length": length, "depth": depth, "trials": len(trials),
-                                 "exact_match": sum(t[0] for t in trials) / len(trials),
-                                 "key_logprob": sum(t[1] for t in trials) / len(trials)})
-    return rows
 
 
 def evaluate(cfg: DictConfig, out_dir: Path) -> dict[str, Path]:
     """Every (checkpoint × scaling × attention × length) measurement, written as one report in out_dir."""
-    import numpy as np
-    from tqdm.auto import tqdm
-
-    from minillm import evaluation as ev
-    from minillm.checkpoint import find_runs, load_model
-    from minillm.config import DataConfig, EvalConfig, TokenizerConfig
-    from minillm.data import TextDataModule
+    from minillm import evaluation
+    from minillm.checkpoint import find_runs
+    from minillm.config import EvalConfig
     from minillm.report import log_to_wandb, write_report
 
+    if not cfg.get("verbose", False):
+        quiet_libraries()
+    check_writable(out_dir)
     config: EvalConfig = to_run_config(cfg)
     device = _device(config.device)
-    runs = [run for path in config.checkpoints for run in find_runs(path)]
-    records, passkey, theory = [], [], []
-    for run in runs:
-        model = load_model(run.checkpoint).to(device)
-        trained = model.cfg.context_length
-        if not run.config.is_file() or not run.tokenizer.is_file():
-            raise ConfigError(f"ckpt: {run.folder} lacks config.yaml or tokenizer.json (not a training run folder)")
-        run_cfg = OmegaConf.load(run.config)
-        data = TextDataModule(DataConfig(**run_cfg.data), TokenizerConfig(path=str(run.tokenizer)),
-                              seq_len=trained, seed=int(run_cfg.seed))
-        data.setup("validate")
-        lengths = sorted(config.lengths or [trained * m for m in (1, 2, 4, 8, 16)])
-        documents = data.long_documents(min_tokens=min(lengths) + 1)
-        longest = max((len(d) for d in documents), default=0) - 1
-        usable = [n for n in lengths if n <= longest]
-        for n in sorted(set(lengths) - set(usable)):
-            log.warning("length %d skipped for %s: the longest validation document has %d tokens", n, run.name, longest + 1)
-        if not usable:
-            raise ConfigError(f"lengths: none of {lengths} fits the validation documents of {run.name} "
-                              f"(longest: {longest + 1} tokens)")
-        tokens = ev.evaluation_tokens(documents, max(usable), config.max_documents)
-        label = model_label(model.cfg.rope, model.cfg.rope_scaling)
-        meta = {"model": label, "run": run.name, "seed": int(run_cfg.seed), "trained_length": trained,
-                "variant": model.cfg.rope.variant, "checkpoint": str(run.checkpoint)}
-        rotary = model.cfg.rope.is_rotary
-        methods = config.scalings if rotary else ["none"]
-        plan = [(m, a, n) for m in methods for a in config.attention for n in usable]
-        for method, attention, length in tqdm(plan, desc=f"eval {run.name}", unit="length"):
-            row = {**meta, "method": method, "attention": attention, "stride": config.stride}
-            if model.cfg.rope.variant == "learned" and length > trained:
-                records.append({**row, "length": length, "applicable": False, "ppl": None, "loss": None,
-                                "by_position": [], "note": f"learned positions stop at {trained}"})
-                continue
-            factor = ev.scaling_factor(method, length, trained, config.scaling_factor)
-            with ev.scaled_rope(model, method, factor):
-                result = ev.perplexity_at_length(model, tokens, length, attention=attention, stride=config.stride,
-                                                 batch_size=config.batch_size, buckets=config.buckets)
-            records.append({**row, "factor": factor, "applicable": True, **result})
-        if config.passkey_trials:
-            filler = np.concatenate(documents)
-            lengths_for_passkey = [n for n in usable if model.cfg.rope.variant != "learned" or n <= trained]
-            passkey += _passkey_rows(model, data.tokenizer, filler, lengths_for_passkey, methods, config,
-                                     {k: meta[k] for k in ("model", "run", "seed")})
-        if rotary:
-            rotary_dim = model.cfg.rope.rotary_dim or model.cfg.head_dim
-            critical, bound = ev.critical_dimension(rotary_dim, model.cfg.rope.theta, trained)
-            for length in usable:
-                theory.append({"model": label, "run": run.name, "rotary_dim": rotary_dim, "theta": model.cfg.rope.theta,
-                               "trained_length": trained, "critical_dim": critical, "extrapolation_bound": bound,
-                               "length": length, "min_base": ev.minimum_base(rotary_dim, length),
-                               "supported_length": ev.supported_length(rotary_dim, model.cfg.rope.theta, length)})
+    results = evaluation.evaluate(config, device)
     header = (f"# Length extrapolation\n\nCheckpoints: {', '.join(config.checkpoints)}; device: {device}; "
               f"attention: {', '.join(config.attention)}; stride: {config.stride}.\n")
-    files = write_report(records, passkey, theory, out_dir, header)
+    files = write_report(results, out_dir, header)
     if config.logger.kind == "wandb":
-        groups = {OmegaConf.load(r.config).logger.get("group") for r in runs}
-        log_to_wandb(records, passkey, out_dir, config.logger.project,
-                     config.logger.group or (groups.pop() if len(groups) == 1 else None), wandb_mode(config.logger.mode),
-                     theory=theory)
+        groups = {OmegaConf.load(run.config).logger.get("group") for path in config.checkpoints for run in find_runs(path)}
+        log_to_wandb(results, out_dir, config.logger.project,
+                     config.logger.group or (groups.pop() if len(groups) == 1 else None), wandb_mode(config.logger.mode))
     return files

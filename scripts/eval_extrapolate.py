@@ -1,6 +1,5 @@
 """Measure length extrapolation: python scripts/eval_extrapolate.py ckpt=<checkpoint, run or multirun folder>."""
 
-import sys
 from pathlib import Path
 
 import hydra
@@ -8,19 +7,19 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from minillm.config import register_configs
-from minillm.run import evaluate
 
-register_configs()
+register_configs(Path(__file__).resolve().parents[1] / "conf")
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
+    from minillm.run import evaluate, fail  # here, not above: --help needs neither torch nor Lightning
+
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         files = evaluate(cfg, out_dir)
-    except (ValueError, FileNotFoundError) as error:  # bad checkpoint, config or length: the message names it
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    except (ValueError, OSError) as error:  # bad checkpoint, config, length or folder: the message names it
+        fail(error, out_dir)
     print(open(files["markdown"]).read())
     print(f"results in {out_dir}")
 

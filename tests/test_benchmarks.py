@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from minillm.config import ModelConfig, PositionConfig, RotaryConfig
+from minillm.config import ModelConfig
+from minillm.rope import Positions, RotaryConfig, position_config
 from minillm.model import Transformer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -110,7 +111,7 @@ COMPILED = {  # name: (position encoding, also compile the backward)
     "complex": (RotaryConfig("complex"), False),
     "rotate_half_xpos": (RotaryConfig("rotate_half", xpos_scale_base=16.0), True),
     "interleaved_partial": (RotaryConfig("interleaved", rotary_dim=8), False),
-    "alibi": (PositionConfig("alibi"), False),
+    "alibi": (position_config("alibi"), False),
 }
 
 
@@ -120,14 +121,16 @@ def test_block_compiles_to_one_graph_and_matches_eager(name):
     torch._dynamo.reset()
     position_cfg, backward = COMPILED[name]
     model = Transformer(ModelConfig(vocab_size=64, d_model=64, n_heads=4, n_kv_heads=2, n_layers=1, rope=position_cfg))
-    block, position = model.blocks[0], model.position
+    block = model.blocks[0]
     x = torch.randn(2, 24, 64, generator=torch.Generator().manual_seed(0), requires_grad=backward)
-    mask = model._mask(24, 24, x.device, x.dtype)  # None for the rotary models, ALiBi's bias otherwise
-    # fullgraph=True raises on any graph break; the rotary tables are built inside the compiled region
+    positions = Positions.contiguous(0, 24, x.device)
+    rotation = model.position.rotation(positions)  # built once per forward, outside the blocks, as the model does
+    mask = model._mask(positions, x.dtype)  # None for the rotary models, ALiBi's bias otherwise
+    # fullgraph=True raises on any graph break: the rotation and the rest of the block are one graph
     compiled = torch.compile(block, fullgraph=True)
     with torch.set_grad_enabled(backward):
-        out = compiled(x, position, mask)
-        eager = block(x, position, mask)
+        out = compiled(x, rotation, mask)
+        eager = block(x, rotation, mask)
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
     if backward:
         grad = torch.randn_like(out)
@@ -143,22 +146,23 @@ def test_block_compiles_to_one_graph_with_a_blocked_mask(pattern, grad, monkeypa
     """Long masks go by blocks of queries (model.BlockedMask): still one graph, and no recompilation for
     the fresh mask every forward builds."""
     import minillm.model
-    from minillm.evaluation import attention_mask
+    from minillm.attention import attention_mask
 
     torch._dynamo.reset()
     monkeypatch.setattr(minillm.model, "MASK_BUDGET", 4 * 24 * 4)  # blocks of 4 (ALiBi) or 16 queries
-    rope = PositionConfig("alibi") if pattern == "alibi" else RotaryConfig("complex")
+    rope = position_config("alibi") if pattern == "alibi" else RotaryConfig("complex")
     model = Transformer(ModelConfig(vocab_size=64, d_model=64, n_heads=4, n_kv_heads=2, n_layers=1, rope=rope))
-    block, position = model.blocks[0], model.position
+    block = model.blocks[0]
     allowed = attention_mask("sliding", 24, 5, torch.device("cpu")) if pattern == "sliding" else None
     x = torch.randn(2, 24, 64, generator=torch.Generator().manual_seed(0))
     compiled = torch.compile(block, fullgraph=True)
     with torch.set_grad_enabled(grad), torch._dynamo.config.patch(error_on_recompile=True):
-        for _ in range(2):
-            mask = model._mask(24, 24, x.device, x.dtype, allowed)
+        for _ in range(2):  # each forward builds its positions, rotary tables and mask afresh
+            positions = Positions.contiguous(0, 24, x.device)
+            rotation, mask = model.position.rotation(positions), model._mask(positions, x.dtype, allowed)
             assert isinstance(mask, minillm.model.BlockedMask)
-            eager = block(x, position, mask)  # first: builds the rotary tables, which the compiled graph guards on
-            torch.testing.assert_close(compiled(x, position, mask), eager, rtol=1e-5, atol=1e-5)
+            eager = block(x, rotation, mask)
+            torch.testing.assert_close(compiled(x, rotation, mask), eager, rtol=1e-5, atol=1e-5)
 
 
 def test_a_peer_process_surfaces_a_failed_build_and_a_dead_child():

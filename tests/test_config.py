@@ -10,26 +10,14 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from minillm.config import (
-    SCALING_CONFIGS,
-    DataConfig,
-    DynamicNTKScaling,
-    LinearScaling,
-    Llama3Scaling,
-    ModelConfig,
-    NTKScaling,
-    PositionConfig,
-    RotaryConfig,
-    ScalingConfig,
-    TokenizerConfig,
-    YarnScaling,
-    position_config,
-    scaling_config,
-)
+from minillm.config import DataConfig, ModelConfig, TokenizerConfig
 from minillm.model import Transformer
-from minillm.rope import BASELINES, ROTARY_LAYOUTS
+from minillm.rope import POSITION_ENCODINGS, ROTARY_LAYOUTS, PositionConfig, RotaryConfig, position_config
+from minillm.scaling import (SCALINGS, DynamicNTKScaling, LinearScaling, Llama3Scaling, NTKScaling, Scaling,
+                             YarnScaling, scaling_config)
 
-ALL_VARIANTS = sorted(ROTARY_LAYOUTS + BASELINES)
+ALL_VARIANTS = sorted(POSITION_ENCODINGS)
+BASELINES = tuple(name for name in ALL_VARIANTS if name not in ROTARY_LAYOUTS)
 
 
 def raises_naming(field: str):
@@ -60,7 +48,7 @@ INVALID_MODEL = {
     "init_std zero": (dict(init_std=0.0), "model.init_std"),
     "odd head_dim for rotary": (dict(d_model=12, n_heads=4), "model.d_model"),
     "rotary_dim above head_dim": (dict(d_model=64, n_heads=4, rope=RotaryConfig(rotary_dim=32)), "rope.rotary_dim"),
-    "scaling on alibi": (dict(rope=PositionConfig("alibi"), rope_scaling=LinearScaling()), "rope_scaling.type"),
+    "scaling on alibi": (dict(rope=position_config("alibi"), rope_scaling=LinearScaling()), "rope_scaling.type"),
     "scaling on learned": (dict(rope={"variant": "learned"}, rope_scaling={"type": "yarn"}), "rope_scaling.type"),
     "unknown scaling type in a dict": (dict(rope_scaling={"type": "ntk_by_parts"}), "rope_scaling.type"),
     "invalid rope dict": (dict(rope={"variant": "complex", "theta": -1.0}), "rope.theta"),
@@ -77,12 +65,13 @@ def test_invalid_model_config_names_its_field(case):
 
 def test_odd_head_dim_is_fine_without_rotary():
     for variant in BASELINES:
-        assert ModelConfig(d_model=12, n_heads=4, rope=PositionConfig(variant)).head_dim == 3
+        assert ModelConfig(d_model=12, n_heads=4, rope=position_config(variant)).head_dim == 3
 
 
 INVALID_POSITION = {
     "unknown rotary variant": (lambda: RotaryConfig(variant="alibi"), "rope.variant"),
-    "unknown baseline variant": (lambda: PositionConfig(variant="complex"), "rope.variant"),
+    "another encoding's variant": (lambda: PositionConfig(variant="complex"), "rope.variant"),
+    "max_period one": (lambda: position_config({"variant": "sinusoidal", "max_period": 1.0}), "rope.max_period"),
     "theta zero": (lambda: RotaryConfig(theta=0.0), "rope.theta"),
     "theta negative": (lambda: RotaryConfig(theta=-10000.0), "rope.theta"),
     "theta nan": (lambda: RotaryConfig(theta=float("nan")), "rope.theta"),
@@ -107,9 +96,12 @@ def test_unknown_variant_lists_the_valid_ones():
     with pytest.raises(ValueError) as rotary:
         RotaryConfig(variant="rope")
     assert all(name in str(rotary.value) for name in ROTARY_LAYOUTS)
-    with pytest.raises(ValueError) as baseline:
-        PositionConfig(variant="nope")
-    assert all(name in str(baseline.value) for name in BASELINES)
+
+
+def test_another_encodings_variant_says_which_group_option_to_choose():
+    with raises_naming("rope.variant") as error:
+        RotaryConfig(variant="alibi")
+    assert "rope=alibi" in str(error.value) and all(name in str(error.value) for name in ROTARY_LAYOUTS)
 
 
 def test_unknown_variant_in_a_dict_lists_every_encoding():
@@ -123,8 +115,8 @@ INVALID_SCALING = {
     "factor negative": (lambda: NTKScaling(factor=-2.0), "rope_scaling.factor"),
     "factor nan": (lambda: YarnScaling(factor=float("nan")), "rope_scaling.factor"),
     "factor infinite": (lambda: DynamicNTKScaling(factor=float("inf")), "rope_scaling.factor"),
-    "factor zero on none": (lambda: ScalingConfig(factor=0.0), "rope_scaling.factor"),
-    "unknown type": (lambda: ScalingConfig(type="rope2"), "rope_scaling.type"),
+    "factor zero on none": (lambda: Scaling(factor=0.0), "rope_scaling.factor"),
+    "another scaling's type": (lambda: Scaling(type="yarn"), "rope_scaling.type"),
     "unknown type in a dict": (lambda: scaling_config({"type": "rope2"}), "rope_scaling.type"),
     "original_max_position zero": (lambda: Llama3Scaling(original_max_position=0), "rope_scaling.original_max_position"),
     "yarn beta_fast below beta_slow": (lambda: YarnScaling(beta_fast=1.0, beta_slow=32.0), "rope_scaling.beta_fast"),
@@ -231,8 +223,8 @@ ROUND_TRIP = {
         attn_dropout=0.1, resid_dropout=0.2, init_std=0.01,
         rope=RotaryConfig("rotate_half", theta=500000.0, rotary_dim=8, xpos_scale_base=256.0),
         rope_scaling=YarnScaling(factor=8.0, original_max_position=64, beta_fast=16.0, attention_factor=1.2)),
-    **{f"rope {v}": ModelConfig(rope=PositionConfig(v)) for v in BASELINES},
-    **{f"scaling {name}": ModelConfig(rope_scaling=cls()) for name, cls in SCALING_CONFIGS.items()},
+    **{f"rope {v}": ModelConfig(rope=position_config(v)) for v in BASELINES},
+    **{f"scaling {name}": ModelConfig(rope_scaling=cls()) for name, cls in SCALINGS.items()},
 }
 
 
@@ -257,11 +249,10 @@ def test_nested_configs_given_as_plain_dicts():
                       rope_scaling={"type": "llama3", "factor": 2.0, "high_freq_factor": 8.0})
     assert cfg.rope == RotaryConfig("interleaved", theta=500.0)
     assert cfg.rope_scaling == Llama3Scaling(factor=2.0, high_freq_factor=8.0)
-    assert ModelConfig(rope={"variant": "sinusoidal"}, rope_scaling=None).rope == PositionConfig("sinusoidal")
+    assert ModelConfig(rope={"variant": "sinusoidal"}, rope_scaling=None).rope == position_config("sinusoidal")
     assert ModelConfig(rope={}).rope == RotaryConfig()  # the default variant is rotary
     assert position_config(cfg.rope) is cfg.rope and scaling_config(cfg.rope_scaling) is cfg.rope_scaling
-    assert scaling_config(None) == ScalingConfig() and ScalingConfig().as_dict() is None
-    assert LinearScaling(factor=2.0).as_dict() == {"type": "linear", "factor": 2.0, "original_max_position": None}
+    assert scaling_config(None) == Scaling()
 
 
 def test_from_dict_with_an_unknown_key_names_it():
@@ -276,12 +267,12 @@ def test_from_dict_with_an_unknown_key_names_it():
 
 
 ROPES = st.one_of(
-    st.builds(PositionConfig, variant=st.sampled_from(BASELINES)),
+    st.builds(position_config, st.sampled_from(BASELINES)),
     st.builds(RotaryConfig, variant=st.sampled_from(ROTARY_LAYOUTS), theta=st.sampled_from([10.0, 10000.0, 1e6]),
               rotary_dim=st.sampled_from([None, 2, 4, 6, 8, 16]), xpos_scale_base=st.sampled_from([None, 4.0, 512.0])),
 )
 SCALINGS = st.one_of(
-    st.just(ScalingConfig()),
+    st.just(Scaling()),
     st.builds(LinearScaling, factor=st.sampled_from([0.5, 2.0, 8.0])),
     st.builds(NTKScaling, factor=st.sampled_from([2.0, 8.0])),
     st.builds(DynamicNTKScaling, factor=st.sampled_from([2.0, 8.0])),

@@ -6,10 +6,13 @@ import json
 import logging
 import math
 import shutil
+import socket
 import sysconfig
+import time
 from pathlib import Path
 
 import datasets
+import huggingface_hub
 import huggingface_hub.constants
 import lightning as L
 import numpy as np
@@ -21,8 +24,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from minillm import data as data_module
 from minillm.config import DataConfig, TokenizerConfig
-from minillm.data import (EOS_TOKEN, TextDataModule, TrainWindows, build_tokenizer, load_documents, unigram_entropy,
-                          split_documents, stdlib_fingerprint)
+from minillm.data import (EOS_TOKEN, DataError, TextDataModule, TrainWindows, build_tokenizer, document_texts,
+                          load_corpus, load_documents, split_documents, stdlib_fingerprint, unigram_entropy)
 
 SEQ_LEN = 32
 SMALL_VOCAB = TokenizerConfig(vocab_size=400)
@@ -143,14 +146,15 @@ def test_max_documents_truncates(stdlib_docs, tmp_path):
 
 def test_missing_local_file_names_the_path(tmp_path):
     missing = tmp_path / "nowhere" / "corpus.jsonl"
-    with pytest.raises(FileNotFoundError, match=str(missing)):
+    with pytest.raises(DataError, match=str(missing)):
         load_documents(DataConfig(path=str(missing), cache_dir=str(tmp_path)))
 
 
 def test_missing_text_field_lists_the_columns(tmp_path):
     path = tmp_path / "docs.jsonl"
     path.write_text(json.dumps({"body": "hello", "title": "t"}) + "\n")
-    with pytest.raises(ValueError, match=r"data.text_field='text'.*available columns: \['body', 'title'\]"):
+    with pytest.raises(DataError, match=r"^data.text_field='text' is not a column of data.path=.*: none of its 1 "
+                                        r"rows has it; the rows have fields \['body', 'title'\]$"):
         load_documents(DataConfig(path=str(path), cache_dir=str(tmp_path / "cache")))
 
 
@@ -186,10 +190,268 @@ def test_streamed_hub_dataset_is_cut_at_max_documents(tmp_path, monkeypatch):
         return stream
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    monkeypatch.setattr(data_module, "_check_hub_reachable", lambda cfg, local: None)  # no network in tests
     docs = load_documents(DataConfig(path="someone/corpus", name="en", streaming=True, max_documents=3,
                                      cache_dir=str(tmp_path)))
     assert calls == [("someone/corpus", "en", "train", True)]
     assert list(docs["text"]) == [f"streamed document {i}" for i in range(3)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Errors that name their setting, and the splits local data brings
+
+
+def write_jsonl(path: Path, rows: list) -> list:
+    """rows as JSON lines (a str is the row {"text": str}); returns rows."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"text": r} if isinstance(r, str) else r) + "\n" for r in rows))
+    return rows
+
+
+def stories(kind: str, count: int) -> list[str]:
+    return [f"{kind} story {i}: the {kind} fox jumps over the lazy dog {i} times.\n" for i in range(count)]
+
+
+def local(path: Path, tmp_path: Path, **overrides) -> DataConfig:
+    """A DataConfig for path; val_split is set as an attribute until DataConfig declares the field."""
+    val_split = overrides.pop("val_split", None)
+    cfg = DataConfig(path=str(path), cache_dir=str(tmp_path / "cache"), val_windows=2, batch_size=2, **overrides)
+    if val_split is not None:
+        cfg.val_split = val_split
+    return cfg
+
+
+def refuse_hub(monkeypatch) -> None:
+    def refuse(*args, **kwargs):
+        raise AssertionError("the hub was asked although the name is a local path")
+
+    monkeypatch.setattr(datasets, "load_dataset", refuse)
+    monkeypatch.setattr(huggingface_hub, "get_session", refuse)
+
+
+def test_corrupt_tokenizer_path_names_tokenizer_path_not_data_path(tmp_path):
+    write_jsonl(tmp_path / "docs.jsonl", stories("plain", 6))
+    (tmp_path / "tokenizer.json").write_text('{"model": ')
+    tokenizer = TokenizerConfig(path=str(tmp_path / "tokenizer.json"))
+    dm = TextDataModule(local(tmp_path / "docs.jsonl", tmp_path), tokenizer, seq_len=8)
+    with pytest.raises(DataError) as caught:
+        dm.setup()
+    assert str(caught.value).startswith(f"tokenizer.path={str(tmp_path / 'tokenizer.json')!r}: not a valid "
+                                        f"tokenizer.json (")
+    assert "data.path" not in str(caught.value)
+
+
+def test_malformed_jsonl_names_the_file_and_line(tmp_path):
+    path = tmp_path / "train.jsonl"
+    write_jsonl(path, stories("plain", 6))
+    with path.open("a") as f:
+        f.write('{"text": "seventh, cut short\n{"text": "eighth"}\n')
+    with pytest.raises(DataError) as caught:
+        load_documents(local(path, tmp_path))
+    message = str(caught.value)
+    assert message.startswith(f"data.path={str(path)!r}: line 7 is not valid JSON (") and "\n" not in message
+    # In a folder the file is named too; the first row of a file and a pretty-printed .json are located as well.
+    folder = tmp_path / "corpus"
+    write_jsonl(folder / "a.jsonl", stories("a", 3))
+    (folder / "b.jsonl").write_text('not json\n{"text": "fine"}\n')
+    with pytest.raises(DataError, match=rf"^data.path={str(folder)!r}: b.jsonl line 1 is not valid JSON \("):
+        load_documents(local(folder, tmp_path))
+    (folder / "b.jsonl").write_text('{"text": "fine"}\n["a list"]\n')
+    with pytest.raises(DataError, match=rf"^data.path={str(folder)!r}: b.jsonl line 2 is JSON but not an object"):
+        load_documents(local(folder, tmp_path))
+    pretty = tmp_path / "docs.json"
+    pretty.write_text('[\n  {"text": "one"},\n  {"text" "two"}\n]\n')
+    with pytest.raises(DataError, match=rf"^data.path={str(pretty)!r}: line 3 is not valid JSON \("):
+        load_documents(local(pretty, tmp_path))
+    pretty.write_text('[\n  {"text": "one"},\n  {"text": "two"}\n]\n')
+    assert list(load_documents(local(pretty, tmp_path))["text"]) == ["one", "two"]
+
+
+@pytest.mark.parametrize("name", ["mydata.jsonl", "mydata.csv", "./mydata", "../elsewhere/mydata", "a/b/mydata",
+                                  "~/no-such-minillm-folder"])
+def test_missing_local_path_fails_at_once_naming_where_it_looked(tmp_path, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)
+    refuse_hub(monkeypatch)
+    with pytest.raises(DataError) as caught:
+        load_documents(DataConfig(path=name, cache_dir=str(tmp_path / "cache")))
+    resolved = Path(name).expanduser().resolve()
+    assert str(caught.value) == f"data.path={name!r}: no such file or folder (resolved to {resolved})"
+
+
+def test_bare_name_fails_fast_when_offline_or_the_hub_is_unreachable(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with socket.socket() as probe:  # a port nobody listens on: connections are refused at once
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setattr(datasets.config, "HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("load_dataset after a failed probe"))
+    started = time.monotonic()
+    with pytest.raises(DataError) as caught:
+        load_documents(DataConfig(path="mydata", cache_dir=str(tmp_path / "cache")))
+    assert time.monotonic() - started < data_module.HUB_PROBE_TIMEOUT
+    assert str(caught.value).startswith(f"data.path='mydata': neither a local file or folder (resolved to "
+                                        f"{(tmp_path / 'mydata').resolve()}) nor loadable from the hub: "
+                                        f"http://127.0.0.1:{port} cannot be reached (")
+    assert str(caught.value).endswith("set HF_HUB_OFFLINE=1 to use a copy cached earlier")
+    monkeypatch.undo()
+    # Offline, datasets looks in its cache only: no probe, no retries.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub, "get_session", lambda: pytest.fail("probed the hub while offline"))
+    started = time.monotonic()
+    with pytest.raises(DataError, match=r"^data.path='mydata': neither a local file or folder nor a dataset the "
+                                        r"HuggingFace hub could serve \(HF_HUB_OFFLINE is set"):
+        load_documents(DataConfig(path="mydata", cache_dir=str(tmp_path / "cache")))
+    assert time.monotonic() - started < 5
+
+
+def decoded_documents(dm: TextDataModule, tokens: np.ndarray) -> list[str]:
+    """The documents of a packed stream, decoded: EOS ends each."""
+    ends = np.flatnonzero(np.asarray(tokens) == dm.eos_id)
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    return [dm.tokenizer.decode(np.asarray(tokens[s:e], dtype=np.int64).tolist()) for s, e in zip(starts, ends)]
+
+
+def test_validation_file_beside_train_file_is_the_validation_split(tmp_path):
+    folder = tmp_path / "corpus"
+    train = write_jsonl(folder / "train.jsonl", stories("training", 12))
+    val = write_jsonl(folder / "validation.jsonl", stories("held-out", 4))
+    write_jsonl(folder / "test.jsonl", stories("test", 3))
+    dm = TextDataModule(local(folder, tmp_path), TokenizerConfig(vocab_size=300, min_frequency=1), seq_len=8)
+    dm.setup()
+    assert decoded_documents(dm, dm.train_tokens) == train  # every training row, and no other
+    assert decoded_documents(dm, dm.val_tokens) == val
+    assert dm.fingerprint["split"] == {"val_split": "validation", "val_fraction": None, "train_documents": 12,
+                                       "val_documents": 4}
+    # The same documents hash-split are another cache entry, never the one above.
+    mixed = tmp_path / "mixed.jsonl"
+    write_jsonl(mixed, train + val)
+    other = TextDataModule(local(mixed, tmp_path), TokenizerConfig(vocab_size=300, min_frequency=1), seq_len=8)
+    other.setup()
+    assert other.fingerprint["split"]["val_split"] is None and other._train_path != dm._train_path
+
+
+@pytest.mark.parametrize("layout", ["valid.jsonl", "val.jsonl", "dev.jsonl", "validation/part-a.jsonl",
+                                    "data/validation-00000-of-00001.jsonl"])
+def test_datasets_names_for_the_validation_split_are_recognised(tmp_path, layout):
+    folder = tmp_path / "corpus"
+    train_name = "data/train-00000-of-00001.jsonl" if layout.startswith("data/") else \
+        "train/part-a.jsonl" if "/" in layout else "train.jsonl"
+    train = write_jsonl(folder / train_name, stories("training", 5))
+    val = write_jsonl(folder / layout, stories("held-out", 2))
+    corpus = load_corpus(local(folder, tmp_path))
+    assert corpus.val_split == "validation"
+    assert list(corpus.train["text"]) == train and list(corpus.val["text"]) == val
+
+
+def test_saved_dataset_dict_validation_split_and_data_split_are_honoured(tmp_path):
+    splits = {"train": stories("training", 4), "validation": stories("held-out", 2), "extra": stories("extra", 3)}
+    datasets.DatasetDict({name: datasets.Dataset.from_dict({"text": texts}) for name, texts in splits.items()}
+                         ).save_to_disk(str(tmp_path / "dict"))
+    corpus = load_corpus(local(tmp_path / "dict", tmp_path))
+    assert (list(corpus.train["text"]), list(corpus.val["text"])) == (splits["train"], splits["validation"])
+    corpus = load_corpus(local(tmp_path / "dict", tmp_path, split="extra"))
+    assert (list(corpus.train["text"]), list(corpus.val["text"])) == (splits["extra"], splits["validation"])
+    corpus = load_corpus(local(tmp_path / "dict", tmp_path, val_split="extra"))
+    assert corpus.val_split == "extra" and list(corpus.val["text"]) == splits["extra"]
+    with pytest.raises(DataError, match=r"^data.val_split='nope': not a split of data.path=.*; its splits: "
+                                        r"\['extra', 'train', 'validation'\]$"):
+        load_corpus(local(tmp_path / "dict", tmp_path, val_split="nope"))
+    with pytest.raises(DataError, match=r"^data.val_split='train': is also data.split"):
+        load_corpus(local(tmp_path / "dict", tmp_path, val_split="train"))
+
+
+def test_a_split_the_local_data_lacks_is_refused_naming_data_split(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    write_jsonl(path, stories("plain", 3))
+    with pytest.raises(DataError, match=rf"^data.split='bogus': not a split of data.path={str(path)!r}; its splits: "
+                                        r"\['train'\]$"):
+        load_documents(local(path, tmp_path, split="bogus"))
+    with pytest.raises(DataError, match=r"^data.split='validation': .*its splits: \['train'\]$"):
+        load_documents(local("stdlib", tmp_path, split="validation"))
+    folder = tmp_path / "corpus"
+    write_jsonl(folder / "train.jsonl", stories("training", 3))
+    write_jsonl(folder / "test.jsonl", stories("test", 2))
+    with pytest.raises(DataError, match=r"^data.split='bogus': .*its splits: \['test', 'train'\]$"):
+        load_documents(local(folder, tmp_path, split="bogus"))
+
+
+def test_without_a_validation_split_documents_are_hash_split_and_unused_splits_named(tmp_path, caplog):
+    folder = tmp_path / "corpus"
+    write_jsonl(folder / "train.jsonl", stories("training", 6))
+    test = write_jsonl(folder / "test.jsonl", stories("test", 2))
+    with caplog.at_level(logging.WARNING, logger="minillm.data"):
+        corpus = load_corpus(local(folder, tmp_path))
+    assert corpus.val is None and corpus.val_split is None and len(corpus.train) == 6
+    assert "its splits ['test'] are unused (data.val_split=<split> validates on one)" in caplog.text
+    assert list(load_corpus(local(folder, tmp_path, val_split="test")).val["text"]) == test
+
+
+def test_files_named_for_a_split_beside_unnamed_ones_are_refused(tmp_path):
+    folder = tmp_path / "corpus"
+    write_jsonl(folder / "train.jsonl", stories("training", 3))
+    write_jsonl(folder / "notes.jsonl", stories("notes", 2))
+    with pytest.raises(DataError, match=r"some files are named for a split \(e.g. train.jsonl\) and 1 are not "
+                                        r"\(e.g. notes.jsonl\)"):
+        load_documents(local(folder, tmp_path))
+    # Names that merely contain a keyword are documents like any other.
+    other = tmp_path / "documents"
+    other.mkdir()
+    for name in ("unit_test.txt", "devices.txt", "a.txt"):
+        (other / name).write_text(f"the text of {name}\n")
+    corpus = load_corpus(local(other, tmp_path))
+    assert corpus.val is None and len(corpus.train) == 3
+
+
+def test_hub_validation_split_is_loaded_only_when_named(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_load_dataset(path, name=None, *, split, streaming, cache_dir):
+        calls.append(split)
+        return datasets.Dataset.from_dict({"text": [f"{split} document {i}" for i in range(3)]})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    monkeypatch.setattr(data_module, "_check_hub_reachable", lambda cfg, local: None)
+    corpus = load_corpus(local("someone/corpus", tmp_path))
+    assert calls == ["train"] and corpus.val is None
+    corpus = load_corpus(local("someone/corpus", tmp_path, val_split="validation"))
+    assert calls == ["train", "train", "validation"] and corpus.val["text"][0] == "validation document 0"
+
+
+def test_rows_without_the_text_field_are_counted_and_skipped(tmp_path, caplog):
+    path = tmp_path / "docs.jsonl"
+    rows = write_jsonl(path, [{"text": t} if i % 40 else {"title": "no text here"}
+                              for i, t in enumerate(stories("plain", 120))])
+    cfg = local(path, tmp_path)
+    with caplog.at_level(logging.WARNING, logger="minillm.data"):
+        docs = load_documents(cfg)
+    assert f"data.text_field='text': 3 of 120 rows of data.path={str(path)!r} lack it or are not text; skipped" \
+        in caplog.text
+    assert document_texts(docs, cfg) == [row["text"] for row in rows if "text" in row]
+    # Values of another kind are skipped the same way (datasets reads such a column as JSON values).
+    write_jsonl(path, ["first", {"text": 5}, {"text": {"nested": "no"}}, "last"])
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="minillm.data"):
+        assert document_texts(load_documents(cfg), cfg) == ["first", "last"]
+    assert "2 of 4 rows" in caplog.text
+    # No row has it: the error lists the fields the rows do have.
+    write_jsonl(path, [{"text": None, "body": "b", "title": "t"}] * 3)
+    with pytest.raises(DataError, match=r"^data.text_field='text': none of the 3 rows of data.path=.* has it; "
+                                        r"the rows have fields \['body', 'title'\]$"):
+        load_documents(cfg)
+    pq.write_table(pa.table({"text": pa.array([None, None], pa.string()), "n": [1, 2]}), tmp_path / "docs.parquet")
+    with pytest.raises(DataError, match=r"^data.text_field='text': none of the 2 rows .* fields \['n'\]$"):
+        load_documents(local(tmp_path / "docs.parquet", tmp_path))
+
+
+def test_text_that_is_not_utf8_names_data_text_field(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_bytes(b'{"text": "\xc1 not utf-8"}\n{"text": "fine"}\n')
+    cfg = local(path, tmp_path)
+    with pytest.raises(DataError, match=rf"^data.text_field='text': data.path={str(path)!r} holds bytes that are "
+                                        r"not UTF-8 text"):
+        document_texts(load_documents(cfg), cfg)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -258,10 +520,10 @@ def test_tokenizer_from_a_path(tmp_path, dm):
     saved = dm.save_tokenizer(tmp_path / "run")
     loaded = build_tokenizer(TokenizerConfig(path=str(saved)), [], tmp_path / "unused")
     assert loaded.to_str() == dm.tokenizer.to_str()
-    with pytest.raises(FileNotFoundError, match="missing.json"):
+    with pytest.raises(DataError, match="^tokenizer.path='.*missing.json': no such file"):
         build_tokenizer(TokenizerConfig(path=str(tmp_path / "missing.json")), [], tmp_path)
     (tmp_path / "bad.json").write_text("{not json")
-    with pytest.raises(ValueError, match="bad.json.*not a valid tokenizer"):
+    with pytest.raises(DataError, match="^tokenizer.path='.*bad.json': not a valid tokenizer"):
         build_tokenizer(TokenizerConfig(path=str(tmp_path / "bad.json")), [], tmp_path)
 
 
@@ -333,7 +595,7 @@ def test_cache_writes_leave_no_temporary_files(tmp_path):
 def test_validation_stream_shorter_than_a_window_is_refused(tmp_path, dm):
     shutil.copytree(dm.cache_dir, tmp_path, dirs_exist_ok=True)
     too_long = TextDataModule(small_stdlib(tmp_path), SMALL_VOCAB, seq_len=10_000_000)
-    with pytest.raises(ValueError, match=r"validation split has \d+ tokens, fewer than seq_len \+ 1 = 10000001"):
+    with pytest.raises(ValueError, match=r"validation split has \d+ tokens, fewer than model\.context_length \+ 1 = 10000001"):
         too_long.setup()
 
 

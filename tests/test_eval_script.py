@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import os
 import subprocess
 import sys
@@ -207,8 +208,10 @@ def test_length_past_longest_document_is_skipped(tiny_runs, tmp_path):
     assert {int(r["length"]) for r in rows} == {64}
 
     cfg = compose_eval(f"ckpt={quoted(tiny_runs['alibi'])}", *FAST, "lengths=[10000000]", "passkey_trials=0")
-    with pytest.raises(ValueError, match=r"lengths: none of \[10000000\] fits the validation documents"):
+    with pytest.raises(ValueError, match=r"lengths: none of \[10000000\] fits the validation documents") as error:
         run_evaluate(cfg, tmp_path / "none_left")
+    longest = int(re.search(r"longest: (\d+) tokens", str(error.value)).group(1))
+    assert longest > 64  # the real longest document, not those past the shortest length asked for
 
 
 @pytest.mark.slow

@@ -16,10 +16,12 @@ import torch
 from torch import nn
 
 from minillm import evaluation as ev
-from minillm.config import ModelConfig, PositionConfig
+from minillm.attention import attention_mask
+from minillm.config import ModelConfig
 from minillm.data import train_tokenizer
 from minillm.model import Transformer
-from minillm.rope import ALiBi, RotaryEmbedding
+from minillm.rope import ALiBi, RotaryEmbedding, position_config
+from minillm.scaling import LinearScaling, Scaling, YarnScaling
 
 CPU = torch.device("cpu")
 
@@ -40,42 +42,10 @@ def random_tokens(n_docs: int, total: int, vocab: int = 64, seed: int = 0) -> to
 
 
 # ----------------------------------------------------------------------------------------------
-# Attention patterns
+# Attention patterns inside the evaluation
 
 
-def test_attention_mask_patterns_by_hand():
-    allowed = lambda mask, q: [k for k in range(mask.shape[1]) if mask[q, k]]  # noqa: E731
-    sliding = ev.attention_mask("sliding", 8, 3, CPU)
-    assert allowed(sliding, 0) == [0]
-    assert allowed(sliding, 2) == [0, 1, 2]
-    assert allowed(sliding, 5) == [3, 4, 5]
-    assert allowed(sliding, 7) == [5, 6, 7]
-    blockwise = ev.attention_mask("blockwise", 10, 4, CPU)  # blocks of 2: {0,1} {2,3} {4,5} {6,7} {8,9}
-    assert allowed(blockwise, 1) == [0, 1]
-    assert allowed(blockwise, 2) == [0, 1, 2]
-    assert allowed(blockwise, 3) == [0, 1, 2, 3]
-    assert allowed(blockwise, 4) == [2, 3, 4]
-    assert allowed(blockwise, 7) == [4, 5, 6, 7]
-    assert allowed(blockwise, 9) == [6, 7, 8, 9]
-    for mask, window in ((sliding, 3), (blockwise, 4)):
-        assert mask.dtype == torch.bool
-        query, key = torch.meshgrid(torch.arange(mask.shape[0]), torch.arange(mask.shape[1]), indexing="ij")
-        assert not mask[key > query].any()  # causal
-        assert (query - key)[mask].max() < window  # never further back than the window
-        assert mask.diagonal().all()  # every token sees itself
-
-
-def test_attention_mask_is_none_where_plain_causal_suffices():
-    assert ev.attention_mask("full", 64, 8, CPU) is None
-    assert ev.attention_mask("sliding", 8, 8, CPU) is None
-    assert ev.attention_mask("blockwise", 8, 8, CPU) is None  # two blocks of 4: the second sees the first
-    assert ev.attention_mask("sliding", 9, 8, CPU) is not None
-    assert ev.attention_mask("blockwise", 9, 8, CPU) is not None
-    with pytest.raises(ValueError, match="attention: got 'dilated'"):
-        ev.attention_mask("dilated", 8, 4, CPU)
-
-
-@pytest.mark.parametrize("rope", [None, PositionConfig("alibi")], ids=["complex", "alibi"])
+@pytest.mark.parametrize("rope", [None, position_config("alibi")], ids=["complex", "alibi"])
 def test_restricted_attention_within_the_window_equals_full(rope):
     model = tiny_model(rope)
     tokens = random_tokens(2, 32)
@@ -83,12 +53,12 @@ def test_restricted_attention_within_the_window_equals_full(rope):
         for length in (4, 8):  # ≤ the training length (8)
             full = ev.perplexity_at_length(model, tokens, length, attention="full")
             restricted = ev.perplexity_at_length(model, tokens, length, attention=mode)
-            assert restricted["loss"] == pytest.approx(full["loss"], abs=1e-6)
+            assert restricted.loss == pytest.approx(full.loss, abs=1e-6)
     # Past the window the patterns differ, but only for queries that could see further back than it.
     x, y = tokens[:, :16], tokens[:, 1:17]
     with torch.inference_mode():
         full = model.token_losses(x, y)
-        sliding = model.token_losses(x, y, attention_mask=ev.attention_mask("sliding", 16, 8, CPU))
+        sliding = model.token_losses(x, y, attention_mask=attention_mask("sliding", 16, 8, CPU))
     torch.testing.assert_close(sliding[:, :8], full[:, :8])
     assert not torch.allclose(sliding[:, 8:], full[:, 8:])
 
@@ -156,17 +126,17 @@ def test_perplexity_equals_a_hand_computation():
         window_losses = torch.cat([model.token_losses(tokens[:, b:b + 16], tokens[:, b + 1:b + 17])
                                    for b in range(0, 64, 16)])  # (windows·docs, 16)
     result = ev.perplexity_at_length(model, tokens, 16, batch_size=2, buckets=4)
-    assert result["loss"] == pytest.approx(float(window_losses.mean()), rel=1e-6)
-    assert result["ppl"] == pytest.approx(math.exp(result["loss"]))
-    assert result["tokens"] == 3 * 64
-    assert result["loss_beyond_train"] == pytest.approx(float(window_losses[:, 8:].mean()), rel=1e-6)
-    buckets = [(b["position_start"], b["position_end"]) for b in result["by_position"]]
+    assert result.loss == pytest.approx(float(window_losses.mean()), rel=1e-6)
+    assert result.ppl == pytest.approx(math.exp(result.loss))
+    assert result.tokens == 3 * 64
+    assert result.loss_beyond_train == pytest.approx(float(window_losses[:, 8:].mean()), rel=1e-6)
+    buckets = [(b.position_start, b.position_end) for b in result.by_position]
     assert buckets == [(0, 4), (4, 8), (8, 12), (12, 16)]
-    for bucket in result["by_position"]:
-        lo, hi = bucket["position_start"], bucket["position_end"]
-        assert bucket["loss"] == pytest.approx(float(window_losses[:, lo:hi].mean()), rel=1e-6)
-        assert bucket["tokens"] == 3 * 4 * (hi - lo)
-    assert result["seconds"] >= 0 and result["peak_memory_mb"] > 0
+    for bucket in result.by_position:
+        lo, hi = bucket.position_start, bucket.position_end
+        assert bucket.loss == pytest.approx(float(window_losses[:, lo:hi].mean()), rel=1e-6)
+        assert bucket.tokens == 3 * 4 * (hi - lo)
+    assert result.seconds >= 0 and result.peak_memory_mb > 0
 
 
 def test_perplexity_scores_only_whole_windows():
@@ -176,8 +146,8 @@ def test_perplexity_scores_only_whole_windows():
     with torch.inference_mode():
         hand = torch.cat([model.token_losses(tokens[:, b:b + 24], tokens[:, b + 1:b + 25]) for b in (0, 24)])
     result = ev.perplexity_at_length(model, tokens, 24)
-    assert result["tokens"] == 2 * 48
-    assert result["loss"] == pytest.approx(float(hand.mean()), rel=1e-6)
+    assert result.tokens == 2 * 48
+    assert result.loss == pytest.approx(float(hand.mean()), rel=1e-6)
 
 
 def test_perplexity_with_stride_equals_a_hand_computation():
@@ -189,10 +159,10 @@ def test_perplexity_with_stride_equals_a_hand_computation():
             losses.append(model.token_losses(tokens[:, begin:begin + 16], tokens[:, begin + 1:begin + 17])[:, 8:])
         hand = torch.cat(losses, dim=1)
     result = ev.perplexity_at_length(model, tokens, 16, stride=8)
-    assert result["tokens"] == 2 * 64
-    assert result["loss"] == pytest.approx(float(hand.mean()), rel=1e-6)
+    assert result.tokens == 2 * 64
+    assert result.loss == pytest.approx(float(hand.mean()), rel=1e-6)
     beyond = torch.cat([losses[0][:, 8:], *losses[1:]], dim=1)  # positions 8.. of each window (trained length 8)
-    assert result["loss_beyond_train"] == pytest.approx(float(beyond.mean()), rel=1e-6)
+    assert result.loss_beyond_train == pytest.approx(float(beyond.mean()), rel=1e-6)
 
 
 def test_long_windows_go_through_in_smaller_batches(monkeypatch):
@@ -206,16 +176,16 @@ def test_long_windows_go_through_in_smaller_batches(monkeypatch):
     monkeypatch.setattr(ev, "MAX_ATTENTION_PAIRS", 2 * 16**2)
     result = ev.perplexity_at_length(model, tokens, 16, batch_size=4)
     assert set(batches) == {2}
-    assert result["loss"] == pytest.approx(reference["loss"], rel=1e-6)
+    assert result.loss == pytest.approx(reference.loss, rel=1e-6)
 
 
 def test_loss_beyond_train_counts_only_positions_past_the_trained_length():
     model = tiny_model()
     tokens = random_tokens(2, 32)
-    assert ev.perplexity_at_length(model, tokens, 8)["loss_beyond_train"] is None  # nothing past 8 in a window of 8
+    assert ev.perplexity_at_length(model, tokens, 8).loss_beyond_train is None  # nothing past 8 in a window of 8
     result = ev.perplexity_at_length(model, tokens, 32, buckets=32)
-    per_position = {b["position_start"]: b["loss"] for b in result["by_position"]}
-    assert result["loss_beyond_train"] == pytest.approx(np.mean([per_position[p] for p in range(8, 32)]), rel=1e-6)
+    per_position = {b.position_start: b.loss for b in result.by_position}
+    assert result.loss_beyond_train == pytest.approx(np.mean([per_position[p] for p in range(8, 32)]), rel=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -227,40 +197,42 @@ def test_scaled_rope_swaps_the_encoding_and_restores_it():
     original = model.position
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     tokens = random_tokens(1, 32)
-    plain = ev.perplexity_at_length(model, tokens, 32)["loss"]
-    with ev.scaled_rope(model, "linear", 4.0) as scaled:
+    plain = ev.perplexity_at_length(model, tokens, 32).loss
+    with ev.scaled_rope(model, LinearScaling(factor=4.0, original_max_position=8)) as scaled:
         assert scaled is model and isinstance(model.position, RotaryEmbedding) and model.position is not original
-        assert model.position.scaling_type == "linear" and model.position.scaling["factor"] == 4.0
-        assert model.position.scaling["original_max_position"] == 8
+        assert model.position.scaling == LinearScaling(factor=4.0, original_max_position=8)
         torch.testing.assert_close(model.position.inv_freq, original.inv_freq / 4)
-        assert ev.perplexity_at_length(model, tokens, 32)["loss"] != pytest.approx(plain)
+        assert ev.perplexity_at_length(model, tokens, 32).loss != pytest.approx(plain)
     assert model.position is original
-    assert ev.perplexity_at_length(model, tokens, 32)["loss"] == pytest.approx(plain)
+    assert ev.perplexity_at_length(model, tokens, 32).loss == pytest.approx(plain)
     for name, value in model.state_dict().items():
         assert torch.equal(value, weights[name]), name
-    with pytest.raises(RuntimeError, match="boom"), ev.scaled_rope(model, "yarn", 4.0):
+    with pytest.raises(RuntimeError, match="boom"), ev.scaled_rope(model, YarnScaling(original_max_position=8)):
         raise RuntimeError("boom")
     assert model.position is original  # restored on errors too
-    with ev.scaled_rope(model, "none", 4.0):
+    with ev.scaled_rope(model, Scaling()):
         assert model.position is original
 
 
 def test_scaled_rope_needs_a_rotary_model():
-    model = tiny_model(PositionConfig("alibi"))
-    with pytest.raises(ValueError, match="scaling: 'linear' needs a rotary model, this one uses 'alibi'"):
-        with ev.scaled_rope(model, "linear", 2.0):
+    model = tiny_model(position_config("alibi"))
+    with pytest.raises(ValueError, match="scaling: 'linear' needs a rotary model, this one uses ALiBi"):
+        with ev.scaled_rope(model, LinearScaling(factor=2.0)):
             pass
-    with ev.scaled_rope(model, "none", 2.0):
+    with ev.scaled_rope(model, Scaling()):
         assert isinstance(model.position, ALiBi)
 
 
 def test_scaling_factor_rules():
-    assert ev.scaling_factor("linear", 64, 16, None) == 4.0
-    assert ev.scaling_factor("yarn", 24, 16, None) == 1.5
-    assert ev.scaling_factor("ntk", 8, 16, None) == 1.0  # never below 1: no compression at short lengths
-    assert ev.scaling_factor("dynamic_ntk", 64, 16, None) == 1.0  # its base follows the length already
-    assert ev.scaling_factor("linear", 64, 16, 2.5) == 2.5
-    assert ev.scaling_factor("dynamic_ntk", 64, 16, 2.5) == 2.5
+    factor = lambda *args: ev.scaling_for(*args).factor  # noqa: E731
+    assert factor("linear", 64, 16, None) == 4.0
+    assert factor("yarn", 24, 16, None) == 1.5
+    assert factor("ntk", 8, 16, None) == 1.0  # never below 1: no compression at short lengths
+    assert factor("dynamic_ntk", 64, 16, None) == 1.0  # its base follows the length already
+    assert factor("linear", 64, 16, 2.5) == 2.5
+    assert factor("dynamic_ntk", 64, 16, 2.5) == 2.5
+    assert ev.scaling_for("yarn", 64, 16, None).original_max_position == 16  # the trained length
+    assert ev.scaling_for("none", 64, 16, 2.5) == Scaling()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -358,65 +330,3 @@ def test_passkey_trial_equals_a_hand_computation_with_a_real_model(tokenizer, fi
     rows = logits[prompt.answer_start - 1:].log_softmax(-1)
     assert logprob == pytest.approx(float(rows.gather(-1, answer[:, None]).sum()), rel=1e-5) and logprob <= 0
     assert exact == bool((rows.argmax(-1) == answer).all())
-
-
-# ----------------------------------------------------------------------------------------------
-# RoPE theory
-
-
-def test_critical_dimension_hand_values():
-    d_extra, bound = ev.critical_dimension(128, 10000.0, 4096)  # LLaMA 2 (Liu et al. 2023, sec. 3)
-    assert d_extra == 92
-    assert bound == pytest.approx(2 * math.pi * 10000 ** (92 / 128)) and 4096 < bound < 4800
-    assert ev.critical_dimension(16, 10000.0, 32)[0] == 4  # 2⌈8·log_1e4(32/2π)⌉ = 2⌈1.41⌉
-    assert ev.critical_dimension(128, 500000.0, 4096)[0] == 2 * math.ceil(64 * math.log(4096 / (2 * math.pi), 5e5))
-    assert ev.critical_dimension(16, 10000.0, 4)[0] == 0  # shorter than one period of the fastest pair
-
-
-def brute_force_b(rotary_dim: int, theta: float, length: int) -> np.ndarray:
-    """B(m) = Σ_i cos(m·θ^(−2i/d)) for m = 0 .. length, in numpy float64."""
-    i = np.arange(rotary_dim // 2)
-    return np.cos(np.arange(length + 1)[:, None] * theta ** (-2 * i / rotary_dim)[None, :]).sum(-1)
-
-
-@pytest.mark.parametrize("rotary_dim,theta", [(16, 100.0), (16, 10000.0), (64, 2000.0), (128, 1.2e4)])
-def test_supported_length_is_the_last_distance_before_b_turns_negative(rotary_dim, theta):
-    limit = 4096
-    b = brute_force_b(rotary_dim, theta, limit)
-    negative = np.nonzero(b < 0)[0]
-    expected = int(negative[0]) - 1 if len(negative) else limit
-    assert ev.supported_length(rotary_dim, theta, limit) == expected
-
-
-@pytest.mark.parametrize("rotary_dim,length", [(16, 32), (16, 512), (64, 1024), (128, 1024), (128, 4096)])
-def test_minimum_base_holds_and_the_base_just_below_fails(rotary_dim, length):
-    base = ev.minimum_base(rotary_dim, length)
-    assert (brute_force_b(rotary_dim, base, length) >= 0).all()
-    below = base / (1 + ev.MIN_BASE_STEP)  # the grid point before it
-    assert (brute_force_b(rotary_dim, below, length) < 0).any()
-
-
-def test_minimum_base_grows_with_length():
-    for rotary_dim in (16, 64):
-        bases = [ev.minimum_base(rotary_dim, 2**k) for k in range(3, 12)]
-        assert bases == sorted(bases)  # a longer context is a stricter condition
-        assert bases[-1] > 10 * bases[0]
-
-
-def test_minimum_base_against_men_et_al_table():
-    """Men et al. 2024 (arXiv:2405.14591), Table 1, d = 128: 1k 4.3e3, 2k 1.6e4, 4k 2.7e4, 8k 8.4e4."""
-    assert ev.minimum_base(128, 1024) == pytest.approx(4.3e3, rel=0.02)
-    assert ev.minimum_base(128, 4096) == pytest.approx(2.7e4, rel=0.02)
-    assert ev.minimum_base(128, 8192) == pytest.approx(8.4e4, rel=0.02)
-    # 2k: the bases that hold are not an interval. The first window starts at 1.16e4; 1.2e4 fails again,
-    # and the paper's 1.6e4 lies in a later window.
-    assert ev.minimum_base(128, 2048) == pytest.approx(1.16e4, rel=0.01)
-    assert ev.supported_length(128, 1.2e4, 2048) < 2048
-    assert ev.supported_length(128, 1.6e4, 2048) == 2048
-
-
-def test_minimum_base_is_fast():
-    ev.minimum_base.cache_clear()
-    started = time.perf_counter()
-    ev.minimum_base(128, 4096)
-    assert time.perf_counter() - started < 3.0  # ~0.3 s alone; slack for a busy machine

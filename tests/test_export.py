@@ -7,17 +7,10 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from minillm.config import (  # noqa: E402  (after the importorskip)
-    DynamicNTKScaling,
-    Llama3Scaling,
-    LinearScaling,
-    ModelConfig,
-    NTKScaling,
-    PositionConfig,
-    RotaryConfig,
-    ScalingConfig,
-    YarnScaling,
-)
+from minillm.config import ModelConfig  # noqa: E402  (after the importorskip)
+from minillm.rope import RotaryConfig, position_config  # noqa: E402
+from minillm.scaling import (DynamicNTKScaling, LinearScaling, Llama3Scaling, NTKScaling, Scaling,  # noqa: E402
+                             YarnScaling)
 from minillm.export import rotary_permutation, to_hf_llama  # noqa: E402
 from minillm.model import Transformer  # noqa: E402
 
@@ -29,7 +22,7 @@ LONG = 40  # past the training length, where the scalings act
 ATOL = 1e-4
 
 SCALINGS = {
-    "none": (ScalingConfig(), 10000.0),
+    "none": (Scaling(), 10000.0),
     "linear": (LinearScaling(factor=4.0), 10000.0),
     "ntk": (NTKScaling(factor=4.0), 10000.0),
     "dynamic_ntk": (DynamicNTKScaling(factor=4.0), 10000.0),
@@ -205,10 +198,10 @@ INCOMPATIBLE = [
     (dict(ffn="gelu"), "model.ffn='gelu'"),
     (dict(bias=True), "model.bias=True"),
     (dict(qk_norm=True), "model.qk_norm=True"),
-    (dict(rope=PositionConfig("alibi")), "rope.variant='alibi'"),
-    (dict(rope=PositionConfig("sinusoidal")), "rope.variant='sinusoidal'"),
-    (dict(rope=PositionConfig("learned")), "rope.variant='learned'"),
-    (dict(rope=PositionConfig("none")), "rope.variant='none'"),
+    (dict(rope=position_config("alibi")), "rope.variant='alibi'"),
+    (dict(rope=position_config("sinusoidal")), "rope.variant='sinusoidal'"),
+    (dict(rope=position_config("learned")), "rope.variant='learned'"),
+    (dict(rope=position_config("none")), "rope.variant='none'"),
     (dict(rope=RotaryConfig(xpos_scale_base=512.0)), "rope.xpos_scale_base=512.0"),
     (dict(rope=RotaryConfig(rotary_dim=8), rope_scaling=YarnScaling()), "rope_scaling.type='yarn'"),
     (dict(rope=RotaryConfig(rotary_dim=8), rope_scaling=Llama3Scaling()), "rope_scaling.type='llama3'"),

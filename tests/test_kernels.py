@@ -98,8 +98,8 @@ needs_triton = pytest.mark.skipif(not (TRITON_AVAILABLE and (torch.cuda.is_avail
 
 @contextlib.contextmanager
 def routed_to_triton():
-    """The tensors RotaryEmbedding sends to rotate_triton meanwhile; under the interpreter, CPU tensors too."""
-    import minillm.rope
+    """The tensors kernels.rotate sends to rotate_triton meanwhile; under the interpreter, CPU tensors too."""
+    import minillm.kernels
 
     calls = []
 
@@ -108,9 +108,9 @@ def routed_to_triton():
         return rotate_triton(*args, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(minillm.rope, "rotate_triton", counted)
+        patch.setattr(minillm.kernels, "rotate_triton", counted)
         if INTERPRETED:
-            patch.setattr(minillm.rope, "triton_applies", lambda x: x.dim() == 4)
+            patch.setattr(minillm.kernels, "triton_applies", lambda x: x.dim() == 4)
         yield calls
 
 

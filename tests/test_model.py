@@ -8,18 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minillm.config import (
-    DynamicNTKScaling,
-    LinearScaling,
-    Llama3Scaling,
-    ModelConfig,
-    NTKScaling,
-    PositionConfig,
-    RotaryConfig,
-    ScalingConfig,
-    YarnScaling,
-)
+from minillm.config import ModelConfig
 from minillm.model import KVCache, RMSNorm, Transformer
+from minillm.rope import Positions, RotaryConfig, position_config
+from minillm.scaling import DynamicNTKScaling, LinearScaling, Llama3Scaling, NTKScaling, Scaling, YarnScaling
 
 VOCAB = 61
 
@@ -30,10 +22,10 @@ ENCODINGS = {
     "rotate_half": RotaryConfig("rotate_half"),
     "partial_rotary": RotaryConfig("rotate_half", rotary_dim=4),
     "complex_xpos": RotaryConfig("complex", xpos_scale_base=16.0),  # small γ: the decay is visible in 16 tokens
-    "none": PositionConfig("none"),
-    "alibi": PositionConfig("alibi"),
-    "sinusoidal": PositionConfig("sinusoidal"),
-    "learned": PositionConfig("learned"),
+    "none": position_config("none"),
+    "alibi": position_config("alibi"),
+    "sinusoidal": position_config("sinusoidal"),
+    "learned": position_config("learned"),
 }
 SCALINGS = {
     "linear": LinearScaling(factor=2.0),
@@ -49,7 +41,7 @@ def tiny(rope=None, rope_scaling=None, seed: int = 0, **overrides) -> Transforme
     kwargs = dict(vocab_size=VOCAB, context_length=16, d_model=32, n_layers=2, n_heads=4, init_std=0.1)
     kwargs.update(overrides)
     cfg = ModelConfig(rope=rope if rope is not None else RotaryConfig(),
-                      rope_scaling=rope_scaling if rope_scaling is not None else ScalingConfig(), **kwargs)
+                      rope_scaling=rope_scaling if rope_scaling is not None else Scaling(), **kwargs)
     torch.manual_seed(seed)
     return Transformer(cfg).eval()
 
@@ -64,8 +56,8 @@ MODEL_CASES.update({f"complex_{name}": dict(rope=RotaryConfig("complex"), rope_s
 MODEL_CASES.update({
     "complex_gqa_qknorm": dict(rope=RotaryConfig("complex"), n_kv_heads=2, qk_norm=True),
     "xpos_gqa": dict(rope=RotaryConfig("rotate_half", xpos_scale_base=16.0), n_kv_heads=1),
-    "alibi_gqa_qknorm": dict(rope=PositionConfig("alibi"), n_kv_heads=2, qk_norm=True),
-    "learned_gelu_layernorm_bias": dict(rope=PositionConfig("learned"), ffn="gelu", norm="layernorm", bias=True),
+    "alibi_gqa_qknorm": dict(rope=position_config("alibi"), n_kv_heads=2, qk_norm=True),
+    "learned_gelu_layernorm_bias": dict(rope=position_config("learned"), ffn="gelu", norm="layernorm", bias=True),
 })
 
 
@@ -123,12 +115,12 @@ def test_cached_chunk_needs_the_bottom_right_mask():
         full = model(idx)
         cache = KVCache(model.cfg.n_layers)
         model(idx[:, :4], cache)
-        mask = model._mask(5, 9, idx.device, torch.float32)
+        mask = model._mask(Positions.contiguous(4, 5, idx.device), torch.float32)
         assert mask.dtype == torch.bool and mask.shape == (5, 9)
         assert mask.sum(-1).tolist() == [5, 6, 7, 8, 9]  # query i sees keys 0 .. 4 + i
         torch.testing.assert_close(model(idx[:, 4:], cache), full[:, 4:], atol=2e-5, rtol=1e-5)
-    assert model._mask(9, 9, idx.device, torch.float32) is None  # SDPA's own causal flag
-    assert model._mask(1, 9, idx.device, torch.float32) is None  # one query sees every key
+    assert model._mask(Positions.contiguous(0, 9, idx.device), torch.float32) is None  # SDPA's own causal flag
+    assert model._mask(Positions.contiguous(8, 1, idx.device), torch.float32) is None  # one query sees every key
 
 
 def windows(length: int, window: int) -> torch.Tensor:
@@ -153,7 +145,7 @@ def test_blocked_masks_equal_whole_masks(case, pattern, monkeypatch):
     whole_grads = torch.autograd.grad(whole_loss, list(model.parameters()), allow_unused=True)
     per_row = 16 * (4 if case.startswith("alibi") else 1)
     monkeypatch.setattr(minillm.model, "MASK_BUDGET", 3 * per_row)  # blocks of 3 queries: 6 blocks, the last of 1
-    mask = model._mask(16, 16, idx.device, torch.float32, allowed)
+    mask = model._mask(Positions.contiguous(0, 16, idx.device), torch.float32, allowed)
     if allowed is None and not case.startswith("alibi"):
         assert mask is None  # plain causal attention needs no mask, however long
         return
@@ -188,9 +180,9 @@ def test_blocked_masks_with_a_pattern_continue_a_cache_and_survive_blind_rows(ca
     with torch.no_grad():
         expected = continued()
         monkeypatch.setattr(minillm.model, "MASK_BUDGET", 3)  # under one row: blocks of one query
-        mask = model._mask(10, 16, idx.device, torch.float32, allowed)
+        mask = model._mask(Positions.contiguous(6, 10, idx.device), torch.float32, allowed)
         assert isinstance(mask, minillm.model.BlockedMask) and len(mask.spans) == 10
-        assert [keys for _, _, keys in mask.spans[:4]] == [1, 1, 1, 10]  # blind rows keep one key
+        assert [keys for _, keys in mask.spans[:4]] == [1, 1, 1, 10]  # blind rows keep one key
         torch.testing.assert_close(continued(), expected, equal_nan=True)
 
 
@@ -201,10 +193,10 @@ def test_blocked_masks_are_built_once_for_every_layer_under_autograd_and_per_lay
     model = tiny(**MODEL_CASES["alibi_gqa_qknorm"])
     monkeypatch.setattr(minillm.model, "MASK_BUDGET", 4 * 16 * 4)
     first_masks = lambda mask: [m for _, _, m in mask.blocks()]  # noqa: E731
-    trained = model._mask(16, 16, torch.device("cpu"), torch.float32)
+    trained = model._mask(Positions.contiguous(0, 16, torch.device("cpu")), torch.float32)
     assert all(a is b for a, b in zip(first_masks(trained), first_masks(trained)))
     with torch.no_grad():
-        evaluated = model._mask(16, 16, torch.device("cpu"), torch.float32)
+        evaluated = model._mask(Positions.contiguous(0, 16, torch.device("cpu")), torch.float32)
         assert evaluated.prebuilt is None
         assert not any(a is b for a, b in zip(first_masks(evaluated), first_masks(evaluated)))
 
@@ -216,7 +208,7 @@ def test_every_mask_keeps_sdpa_on_its_flash_kernel(case, budget, monkeypatch):
     import minillm.model
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from minillm.evaluation import attention_mask
+    from minillm.attention import attention_mask
 
     if budget == "blocked":
         monkeypatch.setattr(minillm.model, "MASK_BUDGET", 4 * 16 * 4)
@@ -240,7 +232,7 @@ def test_blocked_masks_continue_a_cache(case, monkeypatch):
         monkeypatch.setattr(minillm.model, "MASK_BUDGET", 2 * 16 * 4)
         cache = KVCache(model.cfg.n_layers)
         model(idx[:, :6], cache)
-        assert isinstance(model._mask(10, 16, idx.device, torch.float32), minillm.model.BlockedMask)
+        assert isinstance(model._mask(Positions.contiguous(6, 10, idx.device), torch.float32), minillm.model.BlockedMask)
         torch.testing.assert_close(model(idx[:, 6:], cache), full[:, 6:], atol=2e-5, rtol=1e-5)
 
 
@@ -586,7 +578,7 @@ def test_bf16_forward_is_finite_and_close_to_float32(case):
 
 
 def test_autocast_bf16_keeps_norm_outputs_in_bf16():
-    model = tiny(rope=PositionConfig("alibi"), qk_norm=True)
+    model = tiny(rope=position_config("alibi"), qk_norm=True)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         logits = model(tokens(2, 8))
         assert model.blocks[0].attn.q_norm(torch.randn(3, 8).bfloat16()).dtype == torch.bfloat16
@@ -599,7 +591,7 @@ def test_autocast_bf16_keeps_norm_outputs_in_bf16():
 
 def test_init_scales_residual_projections_by_depth():
     cfg = ModelConfig(vocab_size=512, context_length=64, d_model=256, n_layers=8, n_heads=4, init_std=0.05,
-                      bias=True, tie_embeddings=False, rope=PositionConfig("learned"))
+                      bias=True, tie_embeddings=False, rope=position_config("learned"))
     torch.manual_seed(0)
     model = Transformer(cfg)
     residual_std = 0.05 / math.sqrt(2 * 8)
@@ -694,7 +686,7 @@ def test_flops_per_token_hand_computed():
     n = 2 * per_layer + 16 + 64 * 16  # + final norm + the LM head (the tied embedding counts once)
     assert n == 9296
     expected = 6 * 9296 + 12 * 2 * 16 * 32
-    for tie, rope in ((True, RotaryConfig()), (False, RotaryConfig()), (True, PositionConfig("learned"))):
+    for tie, rope in ((True, RotaryConfig()), (False, RotaryConfig()), (True, position_config("learned"))):
         model = Transformer(ModelConfig(tie_embeddings=tie, rope=rope, **cfg))
         assert model.num_params() == n
         assert model.flops_per_token(32) == expected == 68064
@@ -702,7 +694,7 @@ def test_flops_per_token_hand_computed():
 
 
 def test_learned_positions_past_the_table_raise():
-    model = tiny(rope=PositionConfig("learned"), context_length=8)
+    model = tiny(rope=position_config("learned"), context_length=8)
     with torch.no_grad():
         assert model(tokens(1, 8)).shape == (1, 8, VOCAB)
         with pytest.raises(ValueError, match=r"0\.\.7"):

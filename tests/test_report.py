@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -10,28 +11,29 @@ from pathlib import Path
 import pytest
 
 from minillm import report
+from minillm.evaluation import PasskeyRecord, PerplexityRecord, PositionBucket, Results, TheoryRecord
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def record(run: str, seed: int, length: int, ppl: float | None, *, model: str = "complex θ=10000",
-           method: str = "none", attention: str = "full", trained: int = 32, applicable: bool = True) -> dict:
-    """One record shaped as minillm.run.evaluate writes them."""
-    row = {"model": model, "run": run, "seed": seed, "trained_length": trained, "variant": model.split()[0],
-           "checkpoint": f"/runs/{run}/checkpoints/best.ckpt", "method": method, "attention": attention,
-           "stride": None, "length": length, "applicable": applicable}
+           method: str = "none", attention: str = "full", trained: int = 32, applicable: bool = True) -> PerplexityRecord:
+    """One record shaped as minillm.evaluation.evaluate writes them."""
+    row = dict(model=model, run=run, seed=seed, trained_length=trained, variant=model.split()[0],
+               checkpoint=f"/runs/{run}/checkpoints/best.ckpt", method=method, attention=attention, length=length,
+               applicable=applicable)
     if not applicable:
-        return {**row, "ppl": None, "loss": None, "by_position": [], "note": f"learned positions stop at {trained}"}
+        return PerplexityRecord(ppl=None, loss=None, note=f"learned positions stop at {trained}", **row)
     loss = math.log(ppl)
-    return {**row, "factor": max(1.0, length / trained), "loss": loss, "ppl": ppl,
-            "loss_beyond_train": loss + 0.1 if length > trained else None, "tokens": 512, "seconds": 0.01,
-            "peak_memory_mb": 300.0,
-            "by_position": [{"position_start": 0, "position_end": length // 2, "loss": loss - 0.1, "tokens": 256},
-                            {"position_start": length // 2, "position_end": length, "loss": loss + 0.1, "tokens": 256}]}
+    return PerplexityRecord(factor=max(1.0, length / trained), loss=loss, ppl=ppl,
+                            loss_beyond_train=loss + 0.1 if length > trained else None, tokens=512, seconds=0.01,
+                            peak_memory_mb=300.0,
+                            by_position=[PositionBucket(0, length // 2, loss - 0.1, 256),
+                                         PositionBucket(length // 2, length, loss + 0.1, 256)], **row)
 
 
 @pytest.fixture
-def records() -> list[dict]:
+def records() -> list[PerplexityRecord]:
     rows = []
     for length in (32, 64):
         for seed, ppl in ((0, 10.0), (1, 14.0)):  # two seeds of one model: one row, mean ± std
@@ -43,17 +45,14 @@ def records() -> list[dict]:
 
 
 @pytest.fixture
-def passkey() -> list[dict]:
-    return [{"model": "complex θ=10000", "run": "complex_seed0", "seed": 0, "method": "none", "length": 64,
-             "depth": depth, "trials": 10, "exact_match": accuracy, "key_logprob": -3.5}
+def passkey() -> list[PasskeyRecord]:
+    return [PasskeyRecord("complex θ=10000", "complex_seed0", 0, "none", 64, depth, 10, accuracy, -3.5)
             for depth, accuracy in ((0.1, 0.2), (0.9, 0.6))]
 
 
 @pytest.fixture
-def theory() -> list[dict]:
-    return [{"model": "complex θ=10000", "run": f"complex_seed{seed}", "rotary_dim": 16, "theta": 10000.0,
-             "trained_length": 32, "critical_dim": 4, "extrapolation_bound": 63.0, "length": length,
-             "min_base": base, "supported_length": supported}
+def theory() -> list[TheoryRecord]:
+    return [TheoryRecord("complex θ=10000", f"complex_seed{seed}", 16, 10000.0, 32, 4, 63.0, length, base, supported)
             for seed in (0, 1) for length, base, supported in ((32, 208.5, 32), (64, 2.77e4, 55))]
 
 
@@ -64,7 +63,8 @@ def read_csv(path: Path) -> tuple[list[str], list[dict]]:
 
 
 def test_write_report_writes_every_file_with_its_columns(records, passkey, theory, tmp_path):
-    files = report.write_report(records, passkey, theory, tmp_path / "out", header="# Length extrapolation\n")
+    results = Results(records, passkey, theory)
+    files = report.write_report(results, tmp_path / "out", header="# Length extrapolation\n")
     out = tmp_path / "out"
     assert {path.name for path in files.values()} == {"results.json", "results.csv", "loss_by_position.csv",
                                                       "passkey.csv", "report.md", "ppl_vs_length.png",
@@ -73,7 +73,8 @@ def test_write_report_writes_every_file_with_its_columns(records, passkey, theor
     assert not list(out.glob(".*tmp*"))  # atomic writes leave no temporary files
 
     data = json.loads((out / "results.json").read_text())
-    assert data == json.loads(json.dumps({"perplexity": records, "passkey": passkey, "theory": theory}))
+    assert data == json.loads(json.dumps(dataclasses.asdict(results)))
+    assert set(data) == {"perplexity", "passkey", "theory"} and data["perplexity"][0]["by_position"][0]["tokens"] == 256
 
     columns, rows = read_csv(out / "results.csv")
     assert {"model", "run", "seed", "trained_length", "method", "attention", "stride", "factor", "applicable",
@@ -85,7 +86,7 @@ def test_write_report_writes_every_file_with_its_columns(records, passkey, theor
     columns, rows = read_csv(out / "loss_by_position.csv")
     assert columns == ["model", "run", "seed", "method", "attention", "length", "position_start", "position_end",
                        "loss", "tokens"]
-    assert len(rows) == sum(len(r["by_position"]) for r in records)
+    assert len(rows) == sum(len(r.by_position) for r in records)
 
     columns, rows = read_csv(out / "passkey.csv")
     assert columns == list(report.PASSKEY_COLUMNS) and len(rows) == 2
@@ -96,14 +97,14 @@ def test_write_report_writes_every_file_with_its_columns(records, passkey, theor
 
 
 def test_scaling_figure_only_when_scalings_were_evaluated(records, tmp_path):
-    plain = [r for r in records if r["method"] == "none"]
-    files = report.write_report(plain, [], [], tmp_path)
+    plain = [r for r in records if r.method == "none"]
+    files = report.write_report(Results(plain), tmp_path)
     assert "scaling_vs_length" not in files and not (tmp_path / "scaling_vs_length.png").exists()
     assert "scaling_vs_length" not in (tmp_path / "report.md").read_text()
 
 
 def test_markdown_averages_seeds_and_marks_what_does_not_apply(records, passkey, theory, tmp_path):
-    report.write_report(records, passkey, theory, tmp_path)
+    report.write_report(Results(records, passkey, theory), tmp_path)
     text = (tmp_path / "report.md").read_text()
     lines = text.splitlines()
     assert "| model | trained | scaling | attention | seeds | ppl @ 32 | ppl @ 64 |" in lines
@@ -129,7 +130,7 @@ def test_runs_sharing_a_label_and_a_seed_are_not_averaged():
 
 
 def test_empty_passkey_gives_a_header_only_csv_and_no_section(records, tmp_path):
-    report.write_report(records, [], [], tmp_path)
+    report.write_report(Results(records), tmp_path)
     assert (tmp_path / "passkey.csv").read_text().strip() == ",".join(report.PASSKEY_COLUMNS)
     text = (tmp_path / "report.md").read_text()
     assert "Passkey" not in text and "RoPE theory" not in text
@@ -138,7 +139,7 @@ def test_empty_passkey_gives_a_header_only_csv_and_no_section(records, tmp_path)
 def test_plots_survive_records_with_nothing_to_draw(tmp_path):
     """Only not-applicable rows (a learned model evaluated past its table): files still written."""
     records = [record("learned", 0, 64, None, model="learned", applicable=False)]
-    files = report.write_report(records, [], [], tmp_path)
+    files = report.write_report(Results(records), tmp_path)
     assert files["ppl_vs_length"].read_bytes()[:8] == PNG
     assert "| learned | 32 | none | full | 1 | n/a |" in (tmp_path / "report.md").read_text()
 
@@ -148,9 +149,9 @@ def test_log_to_wandb_offline_writes_a_local_run(records, passkey, theory, tmp_p
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     for name in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
         monkeypatch.setenv(name, str(tmp_path / "wandb_home"))
-    report.write_report(records, passkey, theory, tmp_path)
-    folder = report.log_to_wandb(records, passkey, tmp_path, project="minillm-test", group="sweep", mode="offline",
-                                 theory=theory)
+    results = Results(records, passkey, theory)
+    report.write_report(results, tmp_path)
+    folder = report.log_to_wandb(results, tmp_path, project="minillm-test", group="sweep", mode="offline")
     assert folder.parent == tmp_path / "wandb" and folder.name.startswith("offline-run-")
     assert list(folder.glob("run-*.wandb"))
 
@@ -172,8 +173,7 @@ def test_tables_order_lengths_by_value_and_scalings_as_registered():
     records = [record("run", 0, 32, 10.0, method=method) for method in ("yarn", "linear", "none")]
     rows = [line.split(" | ")[2] for line in report.perplexity_table(records).splitlines()[2:]]
     assert rows == ["none", "linear", "yarn"]
-    passkey = [{"model": "m", "run": "r", "seed": 0, "method": method, "length": length, "depth": 0.5,
-                "trials": 1, "exact_match": 0.0, "key_logprob": -1.0}
+    passkey = [PasskeyRecord("m", "r", 0, method, length, 0.5, 1, 0.0, -1.0)
                for method in ("yarn", "none") for length in (1024, 128, 64)]
     cells = [line.split(" | ")[1:3] for line in report.passkey_table(passkey).splitlines()[2:]]
     assert cells == [["none", "64"], ["none", "128"], ["none", "1024"], ["yarn", "64"], ["yarn", "128"], ["yarn", "1024"]]

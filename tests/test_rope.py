@@ -4,7 +4,6 @@ frequency scalings against hand-computed values and HF transformers, precision, 
 from __future__ import annotations
 
 import math
-import types
 
 import pytest
 import torch
@@ -12,17 +11,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minillm.rope import (
+    POSITION_ENCODINGS,
     ROTARY_LAYOUTS,
-    SCALING_FUNCTIONS,
     ALiBi,
     LearnedEmbedding,
     MultiAxisRotary,
+    Positions,
     RotaryEmbedding,
     SinusoidalEmbedding,
     alibi_slopes,
-    build_position_encoding,
+    position_config,
     xpos_max_length,
 )
+from minillm.scaling import scaling_config
 
 PROPERTY = settings(max_examples=30, deadline=None)
 THETAS = (10.0, 10000.0, 500000.0, 1e6)
@@ -236,13 +237,13 @@ def test_dynamic_ntk_scales_only_beyond_the_original_length():
     unscaled = [1.0, 0.1, 0.01, 0.001]
     torch.testing.assert_close(rope.inv_freq, torch.tensor(unscaled))  # the static frequencies: unscaled
     for length in (5, 16):  # up to the original length: plain RoPE
-        torch.testing.assert_close(SCALING_FUNCTIONS["dynamic_ntk"](10000.0, 8, params, length)[0],
+        torch.testing.assert_close(scaling_config(params).frequencies(10000.0, 8, length)[0],
                                    torch.tensor(unscaled, dtype=torch.float64))
         cos, sin = rotation_of(rope, length)
         torch.testing.assert_close((cos, sin), expected_rotation(unscaled, length), atol=1e-6, rtol=0)
     base = 10000.0 * (2 * 2 - 1) ** (8 / 6)  # L = 2·L0, factor 2: base · (factor·L/L0 − (factor − 1))^(d/(d−2))
     scaled = [base ** (-i / 4) for i in range(4)]
-    torch.testing.assert_close(SCALING_FUNCTIONS["dynamic_ntk"](10000.0, 8, params, 32)[0],
+    torch.testing.assert_close(scaling_config(params).frequencies(10000.0, 8, 32)[0],
                                torch.tensor(scaled, dtype=torch.float64))
     torch.testing.assert_close(rotation_of(rope, 32), expected_rotation(scaled, 32), atol=1e-6, rtol=0)
 
@@ -325,7 +326,7 @@ def test_frequencies_match_hf(case):
         hf_inv_freq, hf_factor = LlamaRotaryEmbedding.compute_default_rope_parameters(config)
     elif rope_type == "dynamic":  # beyond the original length, where dynamic NTK differs from plain RoPE
         hf_inv_freq, hf_factor = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu", seq_len=200)
-        ours_inv_freq = SCALING_FUNCTIONS["dynamic_ntk"](theta, rotary_dim, scaling, 200)[0]
+        ours_inv_freq = scaling_config(scaling).frequencies(theta, rotary_dim, 200)[0]
         torch.testing.assert_close(ours_inv_freq.float(), hf_inv_freq, rtol=1e-5, atol=0)
         assert not torch.allclose(ours_inv_freq.float(), ours.inv_freq)
         hf_inv_freq, hf_factor = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")  # at the original length
@@ -418,22 +419,7 @@ def test_xpos_finite_up_to_its_max_length_and_refuses_beyond(dtype):
 
 
 # ----------------------------------------------------------------------------------------------
-# Tables: grown on demand, device and dtype, KV-cache offsets, dynamic lengths
-
-
-def test_tables_grow_on_demand():
-    g = torch.Generator().manual_seed(0)
-    q, k = torch.randn(1, 2, 1000, 16, generator=g), torch.randn(1, 2, 1000, 16, generator=g)
-    for variant in ROTARY_LAYOUTS:
-        rope = RotaryEmbedding(16, variant, 10000.0)
-        short = rope(q[..., :10, :], k[..., :10, :])
-        long = rope(q, k)
-        again = rope(q[..., :10, :], k[..., :10, :])
-        fresh = RotaryEmbedding(16, variant, 10000.0)
-        for ours, theirs in zip(long, fresh(q, k)):
-            torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
-        for ours, theirs in zip(short + again, fresh(q[..., :10, :], k[..., :10, :]) * 2):
-            torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+# Tables: device and dtype, KV-cache offsets, dynamic lengths, built once per forward
 
 
 @pytest.mark.parametrize("xpos", XPOS_BASES)
@@ -570,56 +556,81 @@ def test_alibi_slopes_follow_the_reference_algorithm():
     assert alibi_slopes(16)[:2] == pytest.approx([2 ** -0.5, 2 ** -1.0])
 
 
-def test_alibi_bias_is_linear_in_distance_and_causal():
+def test_alibi_bias_is_linear_in_the_distance_between_positions():
     alibi = ALiBi(8)
-    bias = alibi.attention_bias(range(5), 5, torch.device("cpu"), torch.float32)
-    assert bias.shape == (8, 5, 5)
+    positions = torch.arange(5)[None]
+    bias = alibi.attention_bias(positions, positions)
+    assert bias.shape == (1, 8, 5, 5) and bias.dtype == torch.float32
     slopes = torch.tensor(alibi_slopes(8))
     for m in range(5):
-        for n in range(5):
-            if n > m:
-                assert bool((bias[:, m, n] == float("-inf")).all())
-            else:
-                torch.testing.assert_close(bias[:, m, n], -slopes * (m - n))
-    # cache layout: 2 new queries against 5 keys are the last 2 rows of the full bias; a block of queries its rows
-    torch.testing.assert_close(alibi.attention_bias(range(3, 5), 5, torch.device("cpu"), torch.float32), bias[:, 3:, :])
-    torch.testing.assert_close(alibi.attention_bias(range(1, 3), 3, torch.device("cpu"), torch.float32), bias[:, 1:3, :3])
-    assert alibi.attention_bias(range(3, 5), 5, torch.device("cpu"), torch.bfloat16).dtype == torch.bfloat16
+        for n in range(5):  # future keys too: causal masking is the attention's, by token index
+            torch.testing.assert_close(bias[0, :, m, n], -slopes * (m - n))
+    # relative: shifted positions give the same bias; per-batch positions give one bias per row
+    torch.testing.assert_close(alibi.attention_bias(positions + 1000, positions + 1000), bias)
+    grouped = torch.tensor([[0, 0, 1, 1, 2], [0, 1, 2, 3, 4]])
+    per_row = alibi.attention_bias(grouped, grouped)
+    assert per_row.shape == (2, 8, 5, 5)
+    torch.testing.assert_close(per_row[1:], bias)
+    torch.testing.assert_close(per_row[0, :, 4, 0], -slopes * 2)
+
+
+def test_alibi_mask_is_causal_by_token_index_with_the_cache_layout():
+    """The model's mask: ALiBi's bias where a key is visible, −inf on later tokens; a chunk after a cache
+    is the last rows of the whole mask."""
+    from minillm.config import ModelConfig
+    from minillm.model import mask_rows
+
+    model_cfg = ModelConfig(d_model=32, n_heads=8, rope=position_config("alibi"))
+    alibi = model_cfg.rope.build(model_cfg.shape, model_cfg.rope_scaling)
+    whole = mask_rows(alibi, Positions.contiguous(0, 5, torch.device("cpu")), range(5), 5, torch.float32, None)
+    assert whole.shape == (1, 8, 5, 5)
+    future = torch.ones(5, 5, dtype=torch.bool).triu(1)
+    assert bool((whole[0][:, future] == float("-inf")).all()) and bool(whole[0][:, ~future].isfinite().all())
+    chunk = mask_rows(alibi, Positions.contiguous(3, 2, torch.device("cpu")), range(2), 5, torch.float32, None)
+    torch.testing.assert_close(chunk, whole[:, :, 3:])
+    half = mask_rows(alibi, Positions.contiguous(3, 2, torch.device("cpu")), range(2), 5, torch.bfloat16, None)
+    assert half.dtype == torch.bfloat16
 
 
 def test_sinusoidal_embedding_at_an_offset_is_rows_of_the_full_one():
     sinusoidal = SinusoidalEmbedding(12)
     x = torch.zeros(2, 30, 12)
-    full = sinusoidal.embed(x)
-    torch.testing.assert_close(sinusoidal.embed(x[:, :7], offset=20), full[:, 20:27])
+    full = sinusoidal.embed(x, Positions.contiguous(0, 30, x.device))
+    torch.testing.assert_close(sinusoidal.embed(x[:, :7], Positions.contiguous(20, 7, x.device)), full[:, 20:27])
     m, omega = 3, 10000.0 ** (-1 / 6)  # row 3, channel pair i = 1 of 6: [cos(m·ω_i) ..., sin(m·ω_i) ...]
     torch.testing.assert_close(full[0, m, [1, 7]], torch.tensor([math.cos(m * omega), math.sin(m * omega)]))
-    assert SinusoidalEmbedding(5).embed(torch.zeros(1, 4, 5))[..., -1].abs().max() == 0  # odd width: zero channel
+    odd = SinusoidalEmbedding(5).embed(torch.zeros(1, 4, 5), Positions.contiguous(0, 4, x.device))
+    assert odd[..., -1].abs().max() == 0  # odd width: zero channel
 
 
 def test_sinusoidal_table_from_a_config_starts_at_the_token_embeddings_scale():
-    from minillm.config import ModelConfig, position_config
+    from minillm.config import ModelConfig
 
     cfg = ModelConfig(d_model=128, context_length=64, rope=position_config({"variant": "sinusoidal"}), init_std=0.02)
-    table = SinusoidalEmbedding.from_config(cfg).embed(torch.zeros(1, 4096, 128))[0]
+    positions = Positions.contiguous(0, 4096, torch.device("cpu"))
+    table = cfg.rope.build(cfg.shape, cfg.rope_scaling).embed(torch.zeros(1, 4096, 128), positions)[0]
     rms = table.pow(2).mean(0).sqrt()  # per channel, over positions
     torch.testing.assert_close(rms.mean(), torch.tensor(0.02), atol=1e-3, rtol=0)
-    torch.testing.assert_close(table / 0.02 / math.sqrt(2), SinusoidalEmbedding(128).embed(torch.zeros(1, 4096, 128))[0])
+    torch.testing.assert_close(table / 0.02 / math.sqrt(2), SinusoidalEmbedding(128).embed(torch.zeros(1, 4096, 128),
+                                                                                           positions)[0])
 
 
 def test_learned_embedding_refuses_positions_past_its_table():
     learned = LearnedEmbedding(8, 4)
-    torch.testing.assert_close(learned.embed(torch.zeros(1, 3, 4), offset=5)[0], learned.table.weight[5:8])
+    assert learned.max_length == 8  # the limit the evaluation reads
+    cpu = torch.device("cpu")
+    torch.testing.assert_close(learned.embed(torch.zeros(1, 3, 4), Positions.contiguous(5, 3, cpu))[0],
+                               learned.table.weight[5:8])
     with pytest.raises(ValueError, match=r"0\.\.7"):
-        learned.embed(torch.zeros(1, 4, 4), offset=5)
+        learned.embed(torch.zeros(1, 4, 4), Positions.contiguous(5, 4, cpu))
 
 
-def test_build_position_encoding_lists_valid_variants():
-    cfg = types.SimpleNamespace(rope=types.SimpleNamespace(variant="bogus"))
+def test_unknown_encoding_lists_valid_variants():
     with pytest.raises(ValueError, match="rope.variant") as error:
-        build_position_encoding(cfg)
+        position_config({"variant": "bogus"})
     for name in (*ROTARY_LAYOUTS, "alibi", "sinusoidal", "learned", "none"):
         assert repr(name) in str(error.value)
+    assert sorted(POSITION_ENCODINGS) == sorted((*ROTARY_LAYOUTS, "alibi", "sinusoidal", "learned", "none"))
 
 
 # ----------------------------------------------------------------------------------------------

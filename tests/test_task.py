@@ -10,16 +10,17 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from minillm import task as task_module
 from minillm.checkpoint import load_model
-from minillm.config import ModelConfig, OptimConfig, PositionConfig
+from minillm.config import ModelConfig, OptimConfig
 from minillm.model import Transformer
-from minillm.task import LanguageModelTask, measure_peak_flops, parameter_groups, peak_flops_for, warmup_cosine
+from minillm.task import (LanguageModelTask, TokenRate, measure_peak_flops, parameter_groups, peak_flops_for,
+                          training_dtype, warmup_cosine)
 
 # ----------------------------------------------------------------------------------------------
 # The schedule
@@ -74,7 +75,7 @@ def expected_groups(model: Transformer) -> tuple[set[int], set[int]]:
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
 @pytest.mark.parametrize("extras", [
     dict(),
-    dict(bias=True, norm="layernorm", qk_norm=True, rope=PositionConfig("learned")),
+    dict(bias=True, norm="layernorm", qk_norm=True, rope={"variant": "learned"}),  # as a checkpoint stores it
 ], ids=["plain", "biases-layernorm-qknorm-learned"])
 def test_parameter_groups_by_identity(tied, extras):
     model = Transformer(ModelConfig(vocab_size=50, context_length=16, d_model=32, n_layers=2, n_heads=2,
@@ -104,24 +105,72 @@ def test_parameter_groups_skip_frozen_parameters():
 # Peak FLOP/s for MFU
 
 
-def test_measure_peak_flops_is_positive_and_finite():
-    flops = measure_peak_flops(torch.device("cpu"), size=128, seconds=0.05)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_measure_peak_flops_is_positive_and_finite(dtype):
+    flops = measure_peak_flops(torch.device("cpu"), dtype, size=128, trials=2, seconds=0.02)
     assert math.isfinite(flops) and flops > 1e6  # even a slow core does more than a megaflop
+
+
+class ScriptedClock:
+    """time.perf_counter's stand-in: returns the given instants in order."""
+
+    def __init__(self, instants):
+        self.instants = list(instants)
+
+    def perf_counter(self) -> float:
+        return self.instants.pop(0)
+
+
+def test_measured_peak_is_the_fastest_of_several_timings(monkeypatch):
+    # seconds=0: each timing is one product; its clock reads start, the loop's check, the end.
+    durations = [0.4, 0.1, 0.3]  # the second timing ran alone; the others shared the machine
+    clock = ScriptedClock(t for i, d in enumerate(durations) for t in (i, i, i + d))
+    monkeypatch.setattr(task_module, "time", clock)
+    flops = measure_peak_flops(torch.device("cpu"), size=8, trials=3, seconds=0.0)
+    assert flops == pytest.approx(2 * 8**3 / 0.1)  # 2·n³ FLOP in the fastest timing
+    assert clock.instants == []  # every timing was read
+
+
+@pytest.mark.parametrize("precision, dtype", [("32-true", torch.float32), ("32", torch.float32),
+                                              ("bf16-mixed", torch.bfloat16), ("bf16-true", torch.bfloat16),
+                                              ("16-mixed", torch.float16), ("64-true", torch.float32)])
+def test_peak_is_measured_in_the_dtype_training_uses(monkeypatch, precision, dtype):
+    assert training_dtype(precision) == dtype
+    seen = []
+    monkeypatch.setattr(task_module, "measure_peak_flops", lambda device, dtype: seen.append((device, dtype)) or 5e9)
+    assert peak_flops_for(torch.device("cpu"), training_dtype(precision)) == 5e9
+    assert seen == [(torch.device("cpu"), dtype)]
 
 
 def test_known_gpu_peak_comes_from_the_data_sheet(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(task_module, "measure_peak_flops", lambda *args: pytest.fail("a known GPU is not timed"))
     assert peak_flops_for(torch.device("cuda", 0)) == 989e12
+    assert peak_flops_for(torch.device("cuda", 0), torch.bfloat16) == 989e12
 
 
-def test_peak_flops_is_measured_on_the_device_training_runs_on(monkeypatch):
+@pytest.mark.parametrize("precision, dtype", [("32-true", torch.float32), ("bf16-mixed", torch.bfloat16)])
+def test_peak_flops_is_measured_on_the_device_training_runs_on(monkeypatch, precision, dtype):
     # Lightning calls setup() before moving the module, so the module's own device is still the CPU there.
     seen = []
-    monkeypatch.setattr(task_module, "peak_flops_for", lambda device: seen.append(device) or 1e15)
+    monkeypatch.setattr(task_module, "peak_flops_for", lambda device, dtype: seen.append((device, dtype)) or 1e15)
     task = LanguageModelTask(tiny_model_config().to_dict(), dataclasses.asdict(OptimConfig()))
-    task.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cuda", 0)))
+    task.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cuda", 0)), precision=precision)
     task.setup("fit")
-    assert seen == [torch.device("cuda", 0)] and task.peak_flops == 1e15
+    assert seen == [(torch.device("cuda", 0), dtype)] and task.peak_flops == 1e15
+
+
+def test_token_rate_is_tokens_over_the_interval_less_its_pauses(monkeypatch):
+    clock = ScriptedClock([10.0, 11.0, 21.0, 24.0, 26.0])
+    monkeypatch.setattr(task_module, "time", clock)
+    rate = TokenRate(step=5)  # begins at 10 s
+    rate.tokens += 300
+    rate.pause()  # 11 s
+    rate.resume()  # 21 s: 10 s of validation, not training time
+    assert rate.restart(step=8) == pytest.approx(300 / (24 - 10 - (21 - 11)))  # 75 tokens/s
+    assert (rate.step, rate.tokens, rate.started, rate.paused) == (8, 0, 24.0, 0.0)  # the next begins at once
+    rate.tokens += 50
+    assert rate.restart(step=9) == pytest.approx(50 / (26 - 24))
 
 
 def test_compile_compiles_the_blocks_training_runs_through(monkeypatch):
@@ -189,15 +238,15 @@ class RecordingLogger(Logger):
         return [(step, row[key]) for step, row in self.rows if key in row]
 
 
-def fit(tmp_path, peak_flops, max_steps=MAX_STEPS):
+def fit(tmp_path, peak_flops, max_steps=MAX_STEPS, log_every_n_steps=1, callbacks=()):
     L.seed_everything(0)
     task = LanguageModelTask(tiny_model_config().to_dict(), dataclasses.asdict(OPTIM), peak_flops=peak_flops)
     logger = RecordingLogger()
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "checkpoints", filename="best", monitor="val/loss",
                                   mode="min", save_last=True)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, val_check_interval=VAL_EVERY,
-                        check_val_every_n_epoch=None, log_every_n_steps=1, gradient_clip_val=1.0,
-                        logger=logger, callbacks=[checkpoints], default_root_dir=tmp_path,
+                        check_val_every_n_epoch=None, log_every_n_steps=log_every_n_steps, gradient_clip_val=1.0,
+                        logger=logger, callbacks=[checkpoints, *callbacks], default_root_dir=tmp_path,
                         enable_progress_bar=False, enable_model_summary=False)
     windows = pattern_windows()
     train = DataLoader(windows, batch_size=BATCH, shuffle=True, generator=torch.Generator().manual_seed(0))
@@ -263,20 +312,77 @@ def test_mfu_uses_the_given_peak_flops(trained):
     flops_per_token = trained.task.model.flops_per_token(SEQ_LEN)
     assert trained.task.flops_per_token == flops_per_token and trained.task.peak_flops == PEAK
     rows = [row for _, row in trained.logger.rows if "train/mfu" in row]
-    assert len(rows) == MAX_STEPS - 1  # every step but the first, which has no timing yet
+    assert len(rows) == MAX_STEPS  # log_every_n_steps=1: every step, the first timed from the start of training
     for row in rows:
         assert row["train/tokens_per_s"] > 0
         assert row["train/mfu"] == pytest.approx(row["train/tokens_per_s"] * flops_per_token / PEAK, rel=1e-5)
+
+
+class StepClock(Callback):
+    """A stand-in for time.perf_counter that training steps and validation batches move forward by set amounts."""
+
+    VALIDATION_BATCH_SECONDS = 100.0  # far longer than the steps: counted, it would swamp the rate
+
+    def __init__(self):
+        self.now = 0.0
+        self.step_seconds: list[float] = []  # by global step
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        # Uneven steps, 10, 20, 30 ms, like a loader that stalls now and then: one step's rate is not the interval's.
+        seconds = 0.01 * (1 + trainer.global_step % 3)
+        self.now += seconds
+        self.step_seconds.append(seconds)
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if not trainer.sanity_checking:
+            self.now += self.VALIDATION_BATCH_SECONDS
+
+
+def test_tokens_per_s_is_the_rate_over_the_logging_interval(tmp_path, monkeypatch):
+    clock = StepClock()
+    monkeypatch.setattr(task_module, "time", clock)  # peak_flops is given, so nothing else here reads it
+    run = fit(tmp_path, peak_flops=PEAK, max_steps=20, log_every_n_steps=5, callbacks=[clock])
+    rates = run.logger.series("train/tokens_per_s")
+    assert [step for step, _ in rates] == [4, 9, 14, 19]  # the logger's steps count from 0: global steps 5, 10, ...
+    assert len(clock.step_seconds) == 20 and len(run.logger.series("val/loss")) == 1  # after step 12, in (10, 15]
+    for (step, rate), begun in zip(rates, [0, 5, 10, 15]):
+        ended = step + 1
+        tokens = (ended - begun) * BATCH * SEQ_LEN
+        assert rate == pytest.approx(tokens / sum(clock.step_seconds[begun:ended]), rel=1e-6), step  # float32 logs
+        assert rate != pytest.approx(BATCH * SEQ_LEN / clock.step_seconds[step], rel=1e-3)  # not the last step's
+    mfu = dict(run.logger.series("train/mfu"))
+    for step, rate in rates:
+        assert mfu[step] == pytest.approx(rate * run.task.flops_per_token / PEAK, rel=1e-6)  # the same figure
+
+
+def test_mfu_never_exceeds_one_when_the_peak_is_too_low(tmp_path):
+    tiny_peak = 1.0  # FLOP/s: any real step beats it
+    run = fit(tmp_path, peak_flops=tiny_peak, max_steps=6)
+    rates = [rate for _, rate in run.logger.series("train/tokens_per_s")]
+    mfu = [value for _, value in run.logger.series("train/mfu")]
+    assert len(rates) == len(mfu) == 6
+    peak = tiny_peak
+    for rate, value in zip(rates, mfu):  # the peak rises to the fastest rate seen so far
+        achieved = rate * run.task.flops_per_token
+        peak = max(peak, achieved)
+        assert value == pytest.approx(achieved / peak, rel=1e-6) and 0 < value <= 1
+    assert mfu[0] == 1.0 and max(mfu) == 1.0
+    assert run.task.peak_flops == pytest.approx(max(rates) * run.task.flops_per_token, rel=1e-6)
 
 
 def test_peak_flops_is_measured_when_not_given(tmp_path):
     run = fit(tmp_path, peak_flops=None, max_steps=3)
     peak = run.task.peak_flops
     assert peak is not None and math.isfinite(peak) and peak > 1e6
-    for _, row in run.logger.rows:
-        if "train/mfu" in row:
-            assert row["train/mfu"] == pytest.approx(row["train/tokens_per_s"] * run.task.flops_per_token / peak,
-                                                     rel=1e-5)
+    rows = [row for _, row in run.logger.rows if "train/mfu" in row]
+    assert len(rows) == 3
+    for row in rows:
+        assert 0 < row["train/mfu"] <= 1
+        assert row["train/mfu"] == pytest.approx(row["train/tokens_per_s"] * run.task.flops_per_token / peak,
+                                                 rel=1e-5)
 
 
 def test_checkpoint_is_plain_and_rebuilds_the_trained_model(trained):

@@ -24,21 +24,19 @@ from hydra import compose, initialize_config_dir
 from tokenizers import Tokenizer
 
 from minillm.config import (
-    SCALING_CONFIGS,
     DataConfig,
     EvalConfig,
     LoggerConfig,
     ModelConfig,
     OptimConfig,
-    PositionConfig,
-    RotaryConfig,
     RunConfig,
     TokenizerConfig,
     TrainerConfig,
     register_configs,
 )
 from minillm.model import Transformer
-from minillm.rope import POSITION_ENCODINGS, SCALING_FUNCTIONS
+from minillm.rope import POSITION_ENCODINGS, RotaryConfig
+from minillm.scaling import SCALINGS
 from minillm.run import ConfigError, to_run_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -278,7 +276,7 @@ def test_multirun_writes_one_folder_per_value(tmp_path, env, cache_dir, stdlib_r
     assert [p.name.split("_")[0] for p in runs] == ["0", "1"]
     assert sorted(Path(d) for _, _, d in RESULT_LINE.findall(result.out)) == runs
     for run_dir, variant in zip(runs, ("complex", "alibi")):
-        assert f"rope={variant}" in run_dir.name
+        assert f"rope-{variant}" in run_dir.name
         assert yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["rope"]["variant"] == variant
         done = summary(run_dir)
         assert done["steps"] == MAX_STEPS and math.isfinite(done["val_loss"])
@@ -484,9 +482,9 @@ def test_documented_command_xpos():
 
 def test_documented_command_yarn():
     run = compose_run("rope=complex", "rope_scaling=yarn", "rope_scaling.factor=4")
-    assert type(run.model.rope_scaling) is SCALING_CONFIGS["yarn"] and run.model.rope_scaling.factor == 4
+    assert type(run.model.rope_scaling) is SCALINGS["yarn"] and run.model.rope_scaling.factor == 4
     position = runs_model(run.model).position
-    assert position.scaling_type == "yarn" and position.scaling["original_max_position"] == run.model.context_length
+    assert position.scaling.name == "yarn" and position.scaling.original_max_position == run.model.context_length
     assert position.attention_factor == pytest.approx(0.1 * math.log(4) + 1)  # YaRN's temperature
 
 
@@ -515,7 +513,7 @@ def test_every_option_composes_into_the_dataclasses(group, option):
         assert run.rope.variant == ("complex" if option == "xpos" else option)
     if group == "rope_scaling":
         assert run.model.rope_scaling is run.rope_scaling
-        assert run.rope_scaling.type == option and type(run.rope_scaling) is SCALING_CONFIGS[option]
+        assert run.rope_scaling.type == option and type(run.rope_scaling) is SCALINGS[option]
 
 
 def test_eval_config_composes():
@@ -550,23 +548,27 @@ def test_invalid_override_raises_config_error(overrides, message):
 
 GROUP_SCHEMAS = {"model": ModelConfig, "data": DataConfig, "tokenizer": TokenizerConfig, "optim": OptimConfig,
                  "trainer": TrainerConfig, "logger": LoggerConfig}
-ROPE_SCHEMAS = {"rotary_schema": RotaryConfig, "baseline_schema": PositionConfig}
+def schema_name(group: str, default: str) -> str:
+    """'/schema/rope/alibi@_here_' -> 'alibi': the registered schema an option file extends."""
+    assert default.startswith(f"/schema/{group}/") and default.endswith("@_here_"), default
+    return default.removeprefix(f"/schema/{group}/").removesuffix("@_here_")
 
 
-def schema_of(group: str, option: str) -> type:
+def schema_of(group: str, option: str):
+    """The schema node an option file extends, with the code's defaults (the registry name's, for rope)."""
     if group in GROUP_SCHEMAS:
-        return GROUP_SCHEMAS[group]
+        return GROUP_SCHEMAS[group]()
     defaults = load_yaml(CONF / group / f"{option}.yaml").get("defaults")
     assert defaults and len(defaults) == 1, f"conf/{group}/{option}.yaml must name its schema"
+    name = schema_name(group, defaults[0])
     if group == "rope":
-        return ROPE_SCHEMAS[defaults[0]]
-    assert defaults[0].endswith("_schema")
-    return SCALING_CONFIGS[defaults[0].removesuffix("_schema")]
+        return POSITION_ENCODINGS[name](variant=name)
+    return SCALINGS[name]()
 
 
 @pytest.mark.parametrize("group, option", [(g, o) for g in GROUPS if g != "experiment" for o in options(g)])
 def test_option_files_restate_no_code_default(group, option):
-    defaults = schema_of(group, option)()
+    defaults = schema_of(group, option)
     restated = {k: v for k, v in leaves(load_yaml(CONF / group / f"{option}.yaml")).items()
                 if getattr(defaults, k) == v}
     assert not restated, f"conf/{group}/{option}.yaml restates code defaults: {restated}"
@@ -585,5 +587,145 @@ def test_experiments_restate_nothing_they_overlay(experiment):
 
 
 def test_registries_match_the_option_files():
+    """Every registered encoding and scaling has its YAML and every YAML names a registered schema
+    (xpos is a preset of the complex layout)."""
     assert sorted([*POSITION_ENCODINGS, "xpos"]) == options("rope")
-    assert sorted(SCALING_FUNCTIONS) == options("rope_scaling") == sorted(SCALING_CONFIGS)
+    assert sorted(SCALINGS) == options("rope_scaling")
+    for group, registry in (("rope", POSITION_ENCODINGS), ("rope_scaling", SCALINGS)):
+        for option in options(group):
+            schema = schema_name(group, load_yaml(CONF / group / f"{option}.yaml")["defaults"][0])
+            assert schema in registry and (schema == option or option == "xpos"), (group, option)
+
+
+# ----------------------------------------------------------------------------------------------
+# Resume continues the same run; failures are one line naming the culprit
+
+
+def folder_state(run_dir: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def alibi_run(tmp_path, env, cache_dir, small_corpus) -> Path:
+    """A finished 6-step ALiBi run on the small corpus, CSV metrics."""
+    run_dir = tmp_path / "alibi"
+    assert_ok(small_run(env, cache_dir, run_dir, f"data.path={small_corpus}", "rope=alibi", "logger=csv",
+                        "trainer.log_every_n_steps=1"))
+    return run_dir
+
+
+@pytest.mark.slow
+def test_resume_restores_the_runs_configuration_and_tokenizer(alibi_run, env, cache_dir):
+    """The README's resume command names no setting but the steps: the run goes on as it was (ALiBi, its data,
+    its tokenizer), not with the defaults."""
+    tokenizer = (alibi_run / "tokenizer.json").read_bytes()
+    resumed = train(env, f"hydra.run.dir={alibi_run}", "ckpt_path=last", "trainer.max_steps=9",
+                    f"data.cache_dir={cache_dir}")
+    assert_ok(resumed)
+    config = yaml.safe_load((alibi_run / "config.yaml").read_text())
+    assert config["rope"]["variant"] == "alibi" and config["model"]["d_model"] == 32
+    assert config["trainer"]["max_steps"] == 9 and config["tokenizer"]["path"] is None
+    assert (alibi_run / "tokenizer.json").read_bytes() == tokenizer
+    checkpoint = torch.load(alibi_run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 9 and checkpoint["hyper_parameters"]["model"]["rope"]["variant"] == "alibi"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("override, message", [
+    ("rope=complex", "error: rope.variant: the run was trained with 'alibi', this resume asks for 'complex'"),
+    ("model.d_model=64", "error: model.d_model: the run was trained with 32, this resume asks for 64"),
+    ("tokenizer.vocab_size=400", "error: tokenizer.vocab_size: the run was trained with 300, this resume asks for 400"),
+])
+def test_resume_that_contradicts_the_run_stops_and_changes_nothing(alibi_run, env, cache_dir, override, message):
+    before = folder_state(alibi_run)
+    result = small_run(env, cache_dir, alibi_run, "ckpt_path=last", "trainer.max_steps=9", override)
+    assert result.rc == 2 and "Traceback" not in result.err
+    assert result.err.strip().splitlines() == [next(line for line in result.err.splitlines() if line.startswith("error:"))]
+    assert result.err.startswith(message), result.err
+    assert folder_state(alibi_run) == {**before, "train.log": folder_state(alibi_run)["train.log"]}
+    assert message in (alibi_run / "train.log").read_text()  # the run's log has the reason too
+
+
+@pytest.mark.slow
+def test_resume_of_a_finished_run_says_so_and_keeps_its_files(alibi_run, env, cache_dir):
+    before = folder_state(alibi_run)
+    result = train(env, f"hydra.run.dir={alibi_run}", "ckpt_path=last", f"data.cache_dir={cache_dir}")
+    assert_ok(result)
+    assert f"the run in {alibi_run} has already trained {MAX_STEPS} steps" in result.out
+    assert {k: v for k, v in folder_state(alibi_run).items() if k != "train.log"} == \
+           {k: v for k, v in before.items() if k != "train.log"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("checkpoint", ["best.ckpt", "step-000003.ckpt"])
+def test_resume_from_any_checkpoint_numbers_steps_as_an_uninterrupted_run(checkpoint, tmp_path, env, cache_dir,
+                                                                         small_corpus):
+    """Rows of metrics.csv, and the W&B run, are those of one run whichever checkpoint it resumed from."""
+    common = (f"data.path={small_corpus}", "trainer.log_every_n_steps=1", "logger.mode=offline")
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert_ok(small_run(env, cache_dir, full, *common, "trainer.max_steps=9"))
+    assert_ok(small_run(env, cache_dir, part, *common))
+    assert_ok(small_run(env, cache_dir, part, *common, f"ckpt_path={part / 'checkpoints' / checkpoint}",
+                        "trainer.max_steps=9"))
+
+    def steps(run_dir: Path, key: str) -> list[int]:
+        return [int(r["step"]) for r in metric_rows(run_dir) if key in r]
+
+    assert steps(part, "train/loss") == steps(full, "train/loss") == list(range(9))
+    assert steps(part, "val/loss") == steps(full, "val/loss") == [2, 5, 8]
+    runs = sorted(p.name for p in (part / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and len({name.rsplit("-", 1)[-1] for name in runs}) == 1  # one W&B run, resumed
+
+
+@pytest.mark.slow
+def test_job_folders_of_a_sweep_pass_back_unquoted(tmp_path, env, cache_dir, small_corpus):
+    result = train(env, "-m", f"data.path={small_corpus}", *SMALL, "trainer.max_steps=3", "logger=csv",
+                   f"data.cache_dir={cache_dir}", f"hydra.sweep.dir={tmp_path}", "rope=alibi,none")
+    assert_ok(result)
+    jobs = sorted(p for p in tmp_path.iterdir() if p.is_dir())
+    assert len(jobs) == 2 and [job.name[:2] for job in jobs] == ["0_", "1_"]  # long names: cut, with a hash
+    assert not any(c in job.name for job in jobs for c in "=,[]'")
+    resumed = train(env, f"hydra.run.dir={jobs[0]}", "ckpt_path=last", "trainer.max_steps=4",
+                    f"data.cache_dir={cache_dir}")
+    assert_ok(resumed)
+    assert summary(jobs[0])["steps"] == 4
+
+
+FAILURES = {  # name: (arguments, the one line's start)
+    "setting that is no setting": (["+trainer.max_step=20"],
+                                   "error: trainer.max_step: not a setting of TrainerConfig (did you mean "
+                                   "trainer.max_steps?)"),
+    "another encoding's variant": (["rope.variant=alibi"], "error: rope.variant: got 'alibi', expected one of "
+                                                           "['complex', 'interleaved', 'rotate_half']; alibi is an "
+                                                           "encoding of its own: choose it with rope=alibi"),
+    "missing relative data file": (["data.path=mydata.jsonl"], "error: data.path='mydata.jsonl': no such file"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(FAILURES))
+def test_a_failed_command_prints_one_line_and_leaves_no_empty_folder(case, tmp_path, env, cache_dir):
+    args, message = FAILURES[case]
+    result = small_run(env, cache_dir, tmp_path / "run", *args)
+    assert result.rc == 2 and result.err.startswith(message), result.err
+    assert len(result.err.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")
+def test_gpu_trainer_without_a_gpu_is_one_line(tmp_path, env, cache_dir):
+    result = small_run(env, cache_dir, tmp_path / "run", "trainer=gpu")
+    assert result.rc == 2 and result.err.startswith("error: trainer.accelerator='gpu' with trainer.devices="), result.err
+    assert len(result.err.strip().splitlines()) == 1
+
+
+def test_help_lists_the_options_and_no_internal_names():
+    done = subprocess.run([sys.executable, "scripts/train.py", "--help"], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0
+    assert "  rope: alibi, complex, interleaved, learned, none, rotate_half, sinusoidal, xpos" in done.stdout
+    assert "schema" not in done.stdout
+    done = subprocess.run([sys.executable, "scripts/eval_extrapolate.py", "--help"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and "  logger: csv, none, wandb" in done.stdout
+    assert "rope:" not in done.stdout.split("== Config ==")[0]  # eval offers no training groups
