@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
@@ -139,9 +140,32 @@ def wandb_run_id(run_dir: Path) -> Optional[str]:
     return latest.resolve().name.rsplit("-", 1)[-1] or None
 
 
+@dataclass
+class Resume:
+    """Where a run continues: the checkpoint, and the step and model it holds."""
+
+    checkpoint: str
+    step: int
+    model: ModelConfig
+
+    def check_model(self, model: ModelConfig) -> None:
+        """Raise, naming the field, unless `model` is the one the checkpoint's weights belong to (loading them
+        into another fails deep inside Lightning with a page of size mismatches)."""
+        for f in dataclasses.fields(ModelConfig):
+            if getattr(self.model, f.name) != getattr(model, f.name):
+                raise ConfigError(f"model.{f.name}: the checkpoint {self.checkpoint} holds a model with "
+                                  f"{getattr(self.model, f.name)!r}, the run's config.yaml and tokenizer give "
+                                  f"{getattr(model, f.name)!r}")
+
+
 def resolve_checkpoint(ckpt_path: Optional[str], run_dir: Path) -> Optional[str]:
     """'last' -> this run folder's last checkpoint; a run folder -> its last; a file -> itself.
     The file must load: a corrupt one fails here, naming the newest checkpoint beside it that does load."""
+    found = _load_resumed(ckpt_path, run_dir)
+    return None if found is None else found[0]
+
+
+def _load_resumed(ckpt_path: Optional[str], run_dir: Path) -> Optional[tuple[str, dict]]:
     from minillm.checkpoint import CheckpointError, last_good_checkpoint, load_checkpoint
 
     if ckpt_path is None:
@@ -153,27 +177,32 @@ def resolve_checkpoint(ckpt_path: Optional[str], run_dir: Path) -> Optional[str]
         raise ConfigError(f"ckpt_path: no checkpoint at {path} (to resume a run, start it again in its folder: "
                           f"hydra.run.dir=<run folder> ckpt_path=last)")
     try:
-        load_checkpoint(path)
+        return str(path), load_checkpoint(path)
     except CheckpointError as error:
         good = last_good_checkpoint(path.parent, skip=path)
         hint = (f"the newest checkpoint that loads is {good[0]} (step {good[1]}): resume from it with "
                 f"ckpt_path={good[0]}" if good else f"no other checkpoint in {path.parent} loads")
         raise CheckpointError(f"ckpt_path: {error}; {hint}") from error
-    return str(path)
 
 
-def configure(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> tuple[RunConfig, dict, Optional[str]]:
-    """The run to train, its config.yaml contents, and the checkpoint to resume from (None: a new run).
+def configure(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> tuple[RunConfig, dict, Optional[Resume]]:
+    """The run to train, its config.yaml contents, and where it resumes (None: a new run).
 
     A resume continues the run the checkpoint belongs to: its config.yaml, with only the resumable command-line
-    overrides (steps, cadence, logging) applied; one that contradicts the run raises, naming the setting."""
+    overrides (steps, cadence, logging) applied; one that contradicts the run raises, naming the setting. A new
+    run is refused a folder that already holds one."""
     unknown = unknown_settings(cfg)
     if unknown:
         raise ConfigError(unknown[0])
     run = to_run_config(cfg)
-    ckpt_path = resolve_checkpoint(run.ckpt_path, run_dir)  # before the data: a wrong path fails at once
-    if ckpt_path is None:
+    found = _load_resumed(run.ckpt_path, run_dir)  # before the data: a wrong path fails at once
+    if found is None:
+        taken = (run_dir / "config.yaml").is_file() or any(run_dir.glob("checkpoints/*.ckpt"))
+        if taken and _rank_zero():  # DDP's other ranks find rank 0's files
+            raise ConfigError(f"hydra.run.dir={str(run_dir)!r}: already holds a run (config.yaml, checkpoints); "
+                              f"continue it with ckpt_path=last, or train a new one in another folder")
         return run, OmegaConf.to_container(OmegaConf.structured(run)), None
+    ckpt_path, checkpoint = found
     source = run_folder(Path(ckpt_path))
     if not (source / "config.yaml").is_file() or not (source / "tokenizer.json").is_file():
         raise ConfigError(f"ckpt_path: {source} lacks config.yaml or tokenizer.json, so the run it continues is "
@@ -182,4 +211,12 @@ def configure(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> 
     resumed_run = run_config(OmegaConf.to_container(merged))
     # The run's own tokenizer, whatever tokenizer.path says: the checkpoint's vocabulary is its.
     resumed_run.tokenizer = dataclasses.replace(resumed_run.tokenizer, path=str(source / "tokenizer.json"))
-    return resumed_run, OmegaConf.to_container(merged), ckpt_path
+    resume = Resume(ckpt_path, int(checkpoint.get("global_step", 0)),
+                    ModelConfig.from_dict(checkpoint["hyper_parameters"]["model"]))
+    return resumed_run, OmegaConf.to_container(merged), resume
+
+
+def _rank_zero() -> bool:
+    from minillm.run import rank_zero  # run imports this module
+
+    return rank_zero()

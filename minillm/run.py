@@ -55,23 +55,17 @@ def train(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> dict
     """Train one model as `cfg` says; everything it writes goes under run_dir. Returns the summary.
 
     overrides: the command line's (Hydra's overrides.task), which a resume checks against the run's settings."""
-    from minillm.checkpoint import load_checkpoint
     from minillm.resume import wandb_run_id
 
     started = time.time()
     if not cfg.get("verbose", False):
         quiet_libraries()
     check_writable(run_dir)
-    run, resolved, ckpt_path = configure(cfg, run_dir, overrides)
-    fresh_folder_taken = (run_dir / "config.yaml").is_file() or any(run_dir.glob("checkpoints/*.ckpt"))
-    if ckpt_path is None and fresh_folder_taken and rank_zero():  # DDP's other ranks find rank 0's files
-        raise ConfigError(f"hydra.run.dir={str(run_dir)!r}: already holds a run (config.yaml, checkpoints); "
-                          f"continue it with ckpt_path=last, or train a new one in another folder")
-    done = int(load_checkpoint(ckpt_path).get("global_step", 0)) if ckpt_path is not None else None
-    if done is not None and done >= run.trainer.max_steps:  # nothing to train: leave the run's files as they are
+    run, resolved, resume = configure(cfg, run_dir, overrides)
+    if resume is not None and resume.step >= run.trainer.max_steps:  # nothing to train: the run's files stay
         previous = run_dir / "summary.json"
         summary = json.loads(previous.read_text()) if previous.is_file() else {}
-        return {**summary, "finished": True, "steps": done, "max_steps": run.trainer.max_steps}
+        return {**summary, "finished": True, "steps": resume.step, "max_steps": run.trainer.max_steps}
     trainer_args = trainer_kwargs(run, run_dir)
     try:  # before the data: a device that is not there fails at once
         L.Trainer(**trainer_args, logger=False)
@@ -79,30 +73,28 @@ def train(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> dict
         raise ConfigError(f"trainer.accelerator={run.trainer.accelerator!r} with trainer.devices="
                           f"{run.trainer.devices!r}: {str(error).splitlines()[0]}") from error
     L.seed_everything(run.seed, workers=True, verbose=False)
-    log.info("%s %s: %s, %d steps of %d × %d tokens, in %s", "resuming" if ckpt_path else "training", run.model.label,
-             f"d_model {run.model.d_model} × {run.model.n_layers} layers", run.trainer.max_steps, run.data.batch_size,
-             run.model.context_length, run_dir)
+    log.info("%s %s: %d steps of %d × %d tokens, in %s", "resuming" if resume else "training", run.model.label,
+             run.trainer.max_steps, run.data.batch_size, run.model.context_length, run_dir)
 
     data = load_data(run)
-    if ckpt_path is not None and data.vocab_size != run.model.vocab_size:
-        raise ConfigError(f"tokenizer.path: the run's tokenizer has {data.vocab_size} tokens, its checkpoint "
-                          f"{run.model.vocab_size}")
     run.model = dataclasses.replace(run.model, vocab_size=data.vocab_size)  # the tokenizer decides
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if ckpt_path is None:
+    if resume is None:
         resolved = OmegaConf.to_container(OmegaConf.structured(run))
         data.save_tokenizer(run_dir)
-    elif not (run_dir / "tokenizer.json").is_file():  # continued in another folder: it gets the tokenizer too
-        data.save_tokenizer(run_dir)
+    else:
+        resume.check_model(run.model)
+        if not (run_dir / "tokenizer.json").is_file():  # continued in another folder: it gets the tokenizer too
+            data.save_tokenizer(run_dir)
     write_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(resolved))
 
     task = LanguageModelTask(run.model.to_dict(), dataclasses.asdict(run.optim), compile=run.trainer.compile,
                              peak_flops=run.trainer.peak_flops, max_bad_steps=run.trainer.max_bad_steps)
-    resume_id = wandb_run_id(run_dir) if ckpt_path is not None else None  # the same W&B run, not a second one
-    loggers = make_loggers(run, run_dir, {**resolved, "data_fingerprint": data.fingerprint}, resume_id, done)
+    resume_id = wandb_run_id(run_dir) if resume is not None else None  # the same W&B run, not a second one
+    loggers = make_loggers(run, run_dir, {**resolved, "data_fingerprint": data.fingerprint}, resume_id,
+                           resume.step if resume is not None else None)
     trainer = L.Trainer(**trainer_args, logger=loggers or False)
     try:
-        trainer.fit(task, datamodule=data, ckpt_path=ckpt_path)
+        trainer.fit(task, datamodule=data, ckpt_path=resume.checkpoint if resume is not None else None)
     except NonFiniteLossError as error:  # say where to resume from: the checkpoints after a blow-up hold inf
         from minillm.checkpoint import last_good_checkpoint
 
@@ -193,9 +185,12 @@ def fail(error: Exception, run_dir: Path) -> NoReturn:
     if run_dir.is_dir() and not leftovers:
         for handler in logs:
             handler.close()
-        for path in run_dir.glob("*.log"):
-            path.unlink()
-        run_dir.rmdir()
+        try:
+            for path in run_dir.glob("*.log"):
+                path.unlink()
+            run_dir.rmdir()
+        except OSError:  # a folder that cannot be written cannot be removed either: stderr has the line
+            pass
     else:
         record = logging.makeLogRecord({"name": "minillm", "levelname": "ERROR", "levelno": logging.ERROR,
                                         "msg": message})

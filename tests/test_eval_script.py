@@ -156,6 +156,7 @@ def test_checkpoint_list_attention_stride_and_passkey(tiny_runs, tmp_path):
                       "scalings=[none,yarn]", "attention=[full,blockwise,sliding]", "stride=16",
                       "passkey_trials=10", "passkey_depths=[0.5]")
     succeeded(result)
+    assert "scalings ['yarn'] skipped for" in result.stdout + result.stderr  # ALiBi has no rotary frequencies
     _, rows = read_csv(out / "results.csv")
     combos = {(r["variant"], r["method"], r["attention"], int(r["length"])) for r in rows}
     attention = {"full", "blockwise", "sliding"}
@@ -269,3 +270,10 @@ def test_wandb_offline_run_in_output_folder(tiny_runs, tmp_path):
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, list((out / "wandb").iterdir()) if (out / "wandb").exists() else "no wandb folder"
     assert list(runs[0].glob("run-*.wandb"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")
+def test_cuda_device_without_one_is_named(tmp_path):
+    cfg = compose_eval("ckpt=outputs/train/x", "device=cuda", "logger=none")
+    with pytest.raises(ValueError, match=r"^device='cuda': torch .* sees no cuda device here; use device=cpu"):
+        run_evaluate(cfg, tmp_path / "eval")

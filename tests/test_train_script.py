@@ -729,3 +729,19 @@ def test_help_lists_the_options_and_no_internal_names():
                           text=True, timeout=120)
     assert done.returncode == 0 and "  logger: csv, none, wandb" in done.stdout
     assert "rope:" not in done.stdout.split("== Config ==")[0]  # eval offers no training groups
+
+
+@pytest.mark.slow
+def test_an_output_folder_that_cannot_be_written_is_one_line(tmp_path, env, cache_dir):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    done = subprocess.run(["chattr", "+i", str(locked)], capture_output=True)  # refuses writes even to root
+    if done.returncode != 0:
+        pytest.skip(f"cannot make a folder immutable here: {done.stderr.decode().strip()}")
+    try:
+        result = small_run(env, cache_dir, locked, "logger=none")
+    finally:
+        subprocess.run(["chattr", "-i", str(locked)], check=True)
+    assert result.rc == 2 and "Traceback" not in result.err, result.err
+    assert result.err.strip() == f"error: hydra.run.dir={str(locked)!r}: the output folder cannot be written " \
+                                 f"(Operation not permitted)"
