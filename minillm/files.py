@@ -1,11 +1,13 @@
-"""Files written whole: a temporary file beside the target, fsynced, renamed over it, the folder fsynced."""
+"""Files written whole (a temporary file beside the target, fsynced, renamed over it, the folder fsynced), and
+the run folder's log file."""
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from pathlib import Path
-from typing import BinaryIO, Callable, Union
+from typing import BinaryIO, Callable, Optional, Union
 
 Payload = Union[str, bytes, memoryview, Callable[[BinaryIO], object]]
 
@@ -50,3 +52,17 @@ def _fsync_folder(folder: Path) -> None:
         pass
     finally:
         os.close(descriptor)
+
+
+class RunLog(logging.FileHandler):
+    """The run folder's log file (Hydra's job log), opened at its first line. Where the folder cannot be
+    written the lines are dropped instead of every logging call raising; minillm then stops, naming it."""
+
+    def __init__(self, filename: str, mode: str = "a", encoding: Optional[str] = None):
+        super().__init__(filename, mode, encoding, delay=True)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            super().emit(record)
+        except OSError:
+            pass

@@ -225,8 +225,8 @@ class Transformer(nn.Module):
         total = sum(p.numel() for p in self.parameters())
         if exclude_embeddings and not self.cfg.tie_embeddings:
             total -= self.embed.weight.numel()
-        if exclude_embeddings and hasattr(self.position, "table"):
-            total -= self.position.table.weight.numel()
+        if exclude_embeddings:  # an encoding's own lookup tables (learned positions) cost no FLOPs either
+            total -= sum(m.weight.numel() for m in self.position.modules() if isinstance(m, nn.Embedding))
         return total
 
     def flops_per_token(self, seq_len: int) -> float:

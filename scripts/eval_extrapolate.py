@@ -13,7 +13,8 @@ register_configs(Path(__file__).resolve().parents[1] / "conf")
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
-    from minillm.run import evaluate, fail  # here, not above: --help needs neither torch nor Lightning
+    from minillm.console import fail
+    from minillm.run import evaluate  # here, not above: --help needs no Lightning
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     try:

@@ -13,7 +13,8 @@ register_configs(Path(__file__).resolve().parents[1] / "conf")
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    from minillm.run import fail, rank_zero, train  # here, not above: --help needs neither torch nor Lightning
+    from minillm.console import fail, rank_zero
+    from minillm.run import train  # here, not above: --help needs no Lightning
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)

@@ -50,3 +50,19 @@ def test_each_process_writes_through_its_own_temporary_name(tmp_path, monkeypatc
     write_atomic(tmp_path / "last.ckpt", b"c", per_process=False)
     assert seen[0] != seen[1] and seen[0].startswith(".config.yaml.") and seen[0].endswith(".partial")
     assert "999999" in seen[1] and seen[2] == ".last.ckpt.partial"
+
+
+def test_run_log_opens_at_its_first_line_and_drops_lines_it_cannot_write(tmp_path):
+    import logging
+
+    from minillm.files import RunLog
+
+    log = RunLog(str(tmp_path / "train.log"))
+    assert not (tmp_path / "train.log").exists()  # nothing logged yet: no file
+    log.emit(logging.makeLogRecord({"msg": "first line", "levelname": "INFO"}))
+    log.flush()
+    assert (tmp_path / "train.log").read_text().strip() == "first line"
+    log.close()
+    missing = RunLog(str(tmp_path / "no_such_folder" / "train.log"))
+    missing.emit(logging.makeLogRecord({"msg": "dropped", "levelname": "INFO"}))  # no exception
+    assert not (tmp_path / "no_such_folder").exists()
