@@ -366,6 +366,45 @@ class RotaryEmbedding(PositionEncoding):
                 f"xpos_scale_base={self.xpos_scale_base}, scaling={self.scaling.name}")
 
 
+@register_position("p_rope")
+@dataclass
+class PRopeConfig(RotaryConfig):
+    """p-RoPE (Barbero et al. 2024, arXiv:2410.06205): only the fraction p of the highest rotary frequencies
+    θ_i = theta^(−2i/d), i < p·d/2, turn; the other channels rotate by 0 and carry no position (NoPE channels).
+    HF's `proportional` RoPE type is the same rotation, so the model exports to it."""
+
+    variant: str = "p_rope"
+    p: float = 0.75
+    layout: str = "rotate_half"  # pairing of the rotated channels: rotate_half (as Gemma), complex or interleaved
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(0 < self.p <= 1, "rope.p", f"must be in (0, 1], got {self.p}")
+        _require(self.layout in ROTARY_FUNCTIONS, "rope.layout",
+                 f"got {self.layout!r}, expected one of {sorted(ROTARY_FUNCTIONS)}")
+        _require(self.rotary_dim is None, "rope.rotary_dim", "p-RoPE rotates p·head_dim channels: set rope.p instead")
+
+    @property
+    def label(self) -> str:
+        return f"p_rope p={self.p:g} θ={self.theta:g}"
+
+    def rotated(self, head_dim: int) -> int:
+        return round(self.p * head_dim)
+
+    def validate(self, shape: ModelShape, scaling: Scaling) -> None:
+        rotated = self.p * shape.head_dim
+        _require(rotated == int(rotated) and int(rotated) % 2 == 0 and rotated > 0, "rope.p",
+                 f"p·head_dim = {rotated:g} must be a positive even number of channels (head_dim {shape.head_dim})")
+        super().validate(shape, scaling)
+        scaling.check_dim(self.rotated(shape.head_dim))
+
+    def build(self, shape: ModelShape, scaling: Scaling) -> "RotaryEmbedding":
+        # r = p·d channels at theta'^(−2i/r) with theta' = theta^(r/d): exactly theta^(−2i/d) for i < r/2.
+        r = self.rotated(shape.head_dim)
+        return RotaryEmbedding(shape.head_dim, self.layout, self.theta ** (r / shape.head_dim), r, self.xpos_scale_base,
+                               scaling.trained_at(shape.context_length))
+
+
 @register_position("alibi")
 @dataclass
 class ALiBiConfig(PositionConfig):
@@ -402,6 +441,91 @@ def alibi_slopes(n_heads: int) -> list[float]:
         return power_of_two(n_heads)
     closest = 2 ** math.floor(math.log2(n_heads))
     return power_of_two(closest) + alibi_slopes(2 * closest)[0::2][: n_heads - closest]
+
+
+@register_position("t5")
+@dataclass
+class T5Config(PositionConfig):
+    """T5's relative bias (Raffel et al. 2020, arXiv:1910.10683): a learned scalar per (distance bucket, head),
+    causal buckets as HF's `T5Attention._relative_position_bucket(bidirectional=False)`."""
+
+    variant: str = "t5"
+    num_buckets: int = 32
+    max_distance: int = 128
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(self.num_buckets >= 2, "rope.num_buckets", f"must be at least 2, got {self.num_buckets}")
+        _require(self.max_distance > self.num_buckets // 2, "rope.max_distance",
+                 f"must exceed num_buckets/2 = {self.num_buckets // 2} (the exact buckets), got {self.max_distance}")
+
+    def build(self, shape: ModelShape, scaling: Scaling) -> "T5Bias":
+        return T5Bias(shape.n_heads, self.num_buckets, self.max_distance, shape.init_std)
+
+
+def t5_bucket(distance: Tensor, num_buckets: int, max_distance: int) -> Tensor:
+    """Causal T5 bucket of distance n = max(i − j, 0): n itself below num_buckets/2, then logarithmically
+    spaced buckets up to max_distance, the last bucket beyond."""
+    exact = num_buckets // 2
+    n = distance.clamp(min=0)
+    log_bucket = exact + (torch.log(n.float().clamp(min=1) / exact) / math.log(max_distance / exact)
+                          * (num_buckets - exact)).long()
+    return torch.where(n < exact, n, log_bucket.clamp(max=num_buckets - 1))
+
+
+class T5Bias(PositionEncoding):
+    """score(i, j) += b[bucket(i − j), h], one table shared by every layer (as T5's first layer shares it)."""
+
+    def __init__(self, n_heads: int, num_buckets: int = 32, max_distance: int = 128, init_std: float = 0.02):
+        super().__init__()
+        self.num_buckets, self.max_distance = num_buckets, max_distance
+        self.table = nn.Embedding(num_buckets, n_heads)
+        nn.init.normal_(self.table.weight, std=init_std)
+
+    def attention_bias(self, query: Tensor, key: Tensor) -> Tensor:
+        buckets = t5_bucket(query[..., :, None] - key[..., None, :], self.num_buckets, self.max_distance)
+        return self.table(buckets).permute(0, 3, 1, 2).float()  # (P, q, k, heads) -> (P, heads, q, k)
+
+
+@register_position("kerple")
+@dataclass
+class KerpleConfig(PositionConfig):
+    """KERPLE (Chi et al. 2022, arXiv:2205.09921): a conditionally positive definite kernel of the distance as
+    the bias; log: −r₁·log(1 + r₂·|i − j|), power: −r₁·|i − j|^r₂, with r₁, r₂ > 0 learned per head."""
+
+    variant: str = "kerple"
+    kind: str = "log"  # log | power
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(self.kind in ("log", "power"), "rope.kind", f"got {self.kind!r}, expected 'log' or 'power'")
+
+    @property
+    def label(self) -> str:
+        return f"kerple-{self.kind}"
+
+    def build(self, shape: ModelShape, scaling: Scaling) -> "KerpleBias":
+        return KerpleBias(shape.n_heads, self.kind)
+
+
+class KerpleBias(PositionEncoding):
+    """The kernel's parameters, shared by every layer as in chijames/KERPLE, initialised as there (r₁ ~ U(0, 2),
+    r₂ ~ U(0, 1)) and kept positive by clamping at 0.01 in the forward (power: r₂ ≤ 2, the kernel's range)."""
+
+    MIN = 0.01
+
+    def __init__(self, n_heads: int, kind: str = "log"):
+        super().__init__()
+        self.kind = kind
+        self.r1 = nn.Parameter(torch.rand(n_heads) * 2)
+        self.r2 = nn.Parameter(torch.rand(n_heads))
+
+    def attention_bias(self, query: Tensor, key: Tensor) -> Tensor:
+        distance = (query[..., :, None] - key[..., None, :]).abs().float()[:, None]  # (P, 1, q, k)
+        r1 = self.r1.float().clamp(min=self.MIN)[:, None, None]
+        if self.kind == "log":
+            return -r1 * torch.log1p(self.r2.float().clamp(min=self.MIN)[:, None, None] * distance)
+        return -r1 * distance.pow(self.r2.float().clamp(self.MIN, 2.0)[:, None, None])
 
 
 @register_position("sinusoidal")

@@ -202,6 +202,8 @@ INCOMPATIBLE = [
     (dict(rope=position_config("sinusoidal")), "rope.variant='sinusoidal'"),
     (dict(rope=position_config("learned")), "rope.variant='learned'"),
     (dict(rope=position_config("none")), "rope.variant='none'"),
+    (dict(rope=position_config("t5")), "rope.variant='t5'"),
+    (dict(rope=position_config("kerple")), "rope.variant='kerple'"),
     (dict(rope=RotaryConfig(xpos_scale_base=512.0)), "rope.xpos_scale_base=512.0"),
     (dict(rope=RotaryConfig(rotary_dim=8), rope_scaling=YarnScaling()), "rope_scaling.type='yarn'"),
     (dict(rope=RotaryConfig(rotary_dim=8), rope_scaling=Llama3Scaling()), "rope_scaling.type='llama3'"),
@@ -222,3 +224,16 @@ def test_missing_transformers_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # makes `import transformers` raise ImportError
     with pytest.raises(ImportError, match=r"pip install minillm\[interop\]"):
         to_hf_llama(Transformer(tiny_config()))
+
+
+@pytest.mark.parametrize("p, layout", [(0.25, "rotate_half"), (0.75, "complex")])
+def test_p_rope_exports_to_hf_proportional(p, layout):
+    """p-RoPE is HF's `proportional` RoPE: rope_theta = theta, partial_rotary_factor = p; logits equal."""
+    cfg = tiny_config(rope=position_config({"variant": "p_rope", "p": p, "layout": layout, "theta": 500.0}))
+    model = random_model(cfg)
+    hf = to_hf_llama(model)
+    params = hf.config.rope_parameters
+    assert params["rope_type"] == "proportional" and params["partial_rotary_factor"] == p
+    assert params["rope_theta"] == pytest.approx(500.0, rel=1e-9)
+    ours, theirs = both(model, hf, tokens(LONG))
+    torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)

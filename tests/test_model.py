@@ -26,6 +26,10 @@ ENCODINGS = {
     "alibi": position_config("alibi"),
     "sinusoidal": position_config("sinusoidal"),
     "learned": position_config("learned"),
+    "t5": position_config("t5"),
+    "kerple_log": position_config("kerple"),
+    "kerple_power": position_config({"variant": "kerple", "kind": "power"}),
+    "p_rope": position_config({"variant": "p_rope", "p": 0.5}),
 }
 SCALINGS = {
     "linear": LinearScaling(factor=2.0),

@@ -12,6 +12,9 @@ from hypothesis import strategies as st
 
 from minillm.rope import (
     POSITION_ENCODINGS,
+    KerpleBias,
+    T5Bias,
+    t5_bucket,
     ROTARY_LAYOUTS,
     ALiBi,
     LearnedEmbedding,
@@ -630,7 +633,8 @@ def test_unknown_encoding_lists_valid_variants():
         position_config({"variant": "bogus"})
     for name in (*ROTARY_LAYOUTS, "alibi", "sinusoidal", "learned", "none"):
         assert repr(name) in str(error.value)
-    assert sorted(POSITION_ENCODINGS) == sorted((*ROTARY_LAYOUTS, "alibi", "sinusoidal", "learned", "none"))
+    assert sorted(POSITION_ENCODINGS) == sorted((*ROTARY_LAYOUTS, "alibi", "sinusoidal", "learned", "none", "t5",
+                                                 "kerple", "p_rope"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -669,3 +673,93 @@ def test_positions_are_checked():
         rope(q, q, positions=torch.tensor([-1, 0, 1, 2]))
     with pytest.raises(ValueError, match="key_positions"):
         rope(q, q, key_positions=torch.arange(3))
+
+
+# ----------------------------------------------------------------------------------------------
+# Learned relative biases (T5, KERPLE) and p-RoPE
+
+
+def test_t5_buckets_by_hand_and_against_transformers():
+    # 32 buckets, max_distance 128: exact below 16, then 16 + floor(log(n/16) / log(8) · 16), capped at 31
+    distances = torch.tensor([-5, 0, 1, 15, 16, 17, 31, 32, 64, 127, 128, 1000])
+    by_hand = [0, 0, 1, 15, 16, 16, 21, 21, 26, 31, 31, 31]
+    for n, bucket in zip(distances.tolist(), by_hand):
+        if n >= 16:
+            assert bucket == min(31, 16 + int(math.log(n / 16) / math.log(8) * 16))
+    assert t5_bucket(distances, 32, 128).tolist() == by_hand
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.t5.modeling_t5 import T5Attention
+
+    relative = -torch.arange(0, 3000)[None]  # key − query, as HF takes it: past keys are negative
+    for buckets, max_distance in ((32, 128), (16, 64), (8, 20)):
+        theirs = T5Attention._relative_position_bucket(relative, bidirectional=False, num_buckets=buckets,
+                                                       max_distance=max_distance)
+        assert torch.equal(t5_bucket(-relative, buckets, max_distance), theirs)
+    del transformers
+
+
+def test_t5_bias_is_its_table_at_the_bucket_and_relative():
+    t5 = T5Bias(4, num_buckets=8, max_distance=20)
+    positions = torch.arange(30)[None]
+    bias = t5.attention_bias(positions, positions)
+    assert bias.shape == (1, 4, 30, 30)
+    for i, j in ((0, 0), (5, 2), (29, 0), (10, 9)):
+        torch.testing.assert_close(bias[0, :, i, j], t5.table.weight[t5_bucket(torch.tensor(i - j), 8, 20)])
+    torch.testing.assert_close(t5.attention_bias(positions + 500, positions + 500), bias)
+    bias.sum().backward()
+    assert t5.table.weight.grad is not None and bool(t5.table.weight.grad.abs().sum() > 0)
+
+
+@pytest.mark.parametrize("kind", ["log", "power"])
+def test_kerple_bias_is_its_kernel_of_the_distance(kind):
+    torch.manual_seed(0)
+    kerple = KerpleBias(3, kind)
+    with torch.no_grad():
+        kerple.r1.copy_(torch.tensor([0.5, 1.5, 0.001]))  # the last is clamped to 0.01
+        kerple.r2.copy_(torch.tensor([0.2, 3.0, 0.7]))  # power: 3.0 is clamped to 2
+    positions = torch.arange(12)[None]
+    bias = kerple.attention_bias(positions, positions)
+    r1, r2 = [0.5, 1.5, 0.01], ([0.2, 3.0, 0.7] if kind == "log" else [0.2, 2.0, 0.7])
+    for h in range(3):
+        for i, j in ((0, 0), (7, 3), (3, 7), (11, 0)):
+            n = abs(i - j)
+            expected = -r1[h] * (math.log(1 + r2[h] * n) if kind == "log" else n ** r2[h])
+            assert bias[0, h, i, j].item() == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    torch.testing.assert_close(kerple.attention_bias(positions + 1000, positions + 1000), bias)
+    bias[0, :2].sum().backward()  # heads whose parameters are inside the clamp get gradients
+    assert bool((kerple.r1.grad[:2] != 0).all()) and bool((kerple.r2.grad[0] != 0))
+
+
+def test_p_rope_turns_the_highest_frequencies_only():
+    """p = 0.5 of head_dim 16: frequencies theta^(−2i/16) for i < 4 on 8 channels; the other 8 carry no position."""
+    from minillm.config import ModelConfig
+
+    cfg = ModelConfig(d_model=64, n_heads=4, rope=position_config({"variant": "p_rope", "p": 0.5, "theta": 100.0}))
+    rope = cfg.rope.build(cfg.shape, cfg.rope_scaling)
+    assert rope.rotary_dim == 8 and rope.variant == "rotate_half"
+    torch.testing.assert_close(rope.inv_freq, torch.tensor([100.0 ** (-2 * i / 16) for i in range(4)]))
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 2, 20, 16, generator=g), torch.randn(1, 2, 20, 16, generator=g)
+    q_rot, k_rot = rope(q, k, offset=7)
+    assert torch.equal(q_rot[..., 8:], q[..., 8:]) and not torch.allclose(q_rot[..., :8], q[..., :8])
+
+
+@pytest.mark.parametrize("setting, field", [
+    ({"variant": "p_rope", "p": 0.0}, "rope.p"),
+    ({"variant": "p_rope", "p": 1.5}, "rope.p"),
+    ({"variant": "p_rope", "layout": "spiral"}, "rope.layout"),
+    ({"variant": "p_rope", "rotary_dim": 8}, "rope.rotary_dim"),
+    ({"variant": "t5", "num_buckets": 1}, "rope.num_buckets"),
+    ({"variant": "t5", "max_distance": 10}, "rope.max_distance"),
+    ({"variant": "kerple", "kind": "gauss"}, "rope.kind"),
+])
+def test_bad_encoding_settings_name_themselves(setting, field):
+    with pytest.raises(ValueError, match=rf"^{field.replace('.', '[.]')}:"):
+        position_config(setting)
+
+
+def test_p_rope_needs_a_whole_even_number_of_channels():
+    from minillm.config import ModelConfig
+
+    with pytest.raises(ValueError, match=r"^rope\.p: p·head_dim = 5 must be a positive even number"):
+        ModelConfig(d_model=64, n_heads=4, rope=position_config({"variant": "p_rope", "p": 0.3125}))
