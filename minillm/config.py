@@ -44,6 +44,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     bias: bool = False
     qk_norm: bool = False
+    nope_every: Optional[int] = None  # every n-th layer (n, 2n, ...) sees no positions (Llama 4's iRoPE); None: none
     tie_embeddings: bool = True
     attn_dropout: float = 0.0
     resid_dropout: float = 0.0
@@ -69,6 +70,11 @@ class ModelConfig:
             _require(0.0 <= getattr(self, name) < 1.0, f"model.{name}", f"must be in [0, 1), got {getattr(self, name)}")
         _require(self.norm_eps > 0, "model.norm_eps", f"must be positive, got {self.norm_eps}")
         _require(self.init_std > 0, "model.init_std", f"must be positive, got {self.init_std}")
+        if self.nope_every is not None:
+            _require(self.nope_every >= 1, "model.nope_every", f"must be at least 1, got {self.nope_every}")
+            _require(not self.rope.absolute, "model.nope_every",
+                     f"position-free layers need a per-layer encoding (rotary or a bias); {self.rope.variant!r} "
+                     f"adds positions to the token embeddings, which every layer then sees")
         self.rope.validate(self.shape, self.rope_scaling)
 
     @property
@@ -79,7 +85,12 @@ class ModelConfig:
     @property
     def label(self) -> str:
         """A short name for what a model was trained with: 'complex θ=1e+04', 'xpos(complex) γ=512', 'alibi', ..."""
-        return self.rope.label + self.rope_scaling.label
+        nope = f" nope/{self.nope_every}" if self.nope_every is not None else ""
+        return self.rope.label + self.rope_scaling.label + nope
+
+    def position_free(self, layer: int) -> bool:
+        """Whether layer (0-based) is one of the nope_every-th layers, which see no positions."""
+        return self.nope_every is not None and (layer + 1) % self.nope_every == 0
 
     @property
     def head_dim(self) -> int:

@@ -64,6 +64,7 @@ class KVCache:
         return k, v
 
 
+NO_POSITIONS = PositionEncoding()  # what a position-free layer asks for its mask
 MASK_BUDGET = 2**24  # elements of an attention mask held at once (64 MiB in float32); larger ones go by blocks
 
 
@@ -233,24 +234,26 @@ class Transformer(nn.Module):
         """Training FLOPs per token: 6N + 12·n_layers·d_model·seq_len (PaLM, Chowdhery et al. 2022, app. B)."""
         return 6 * self.num_params() + 12 * self.cfg.n_layers * self.cfg.d_model * seq_len
 
-    def _mask(self, positions: Positions, dtype: torch.dtype,
-              allowed: Optional[Tensor] = None) -> "Optional[Tensor | BlockedMask]":
+    def _mask(self, positions: Positions, dtype: torch.dtype, allowed: Optional[Tensor] = None,
+              position: Optional[PositionEncoding] = None) -> "Optional[Tensor | BlockedMask]":
         """The attention mask shared by all layers: None when SDPA's own causal flag suffices, a BlockedMask
         when the whole mask would hold more than MASK_BUDGET elements, the mask itself otherwise.
 
         allowed: an optional (q_len, k_len) bool pattern (True = may attend) that replaces plain causal
         attention, e.g. the sliding or blockwise windows of the extrapolation evaluation.
+        position: the encoding whose bias the mask carries; the model's by default.
         """
+        position = self.position if position is None else position
         q_len, k_len = positions.query.shape[-1], positions.key.shape[-1]
         if allowed is not None and allowed.shape != (q_len, k_len):
             raise ValueError(f"attention_mask: expected shape {(q_len, k_len)}, got {tuple(allowed.shape)}")
-        last_row = self.position.attention_bias(positions.query[:, -1:], positions.key)  # a bias? of how many heads?
+        last_row = position.attention_bias(positions.query[:, -1:], positions.key)  # a bias? of how many heads?
         if allowed is None and last_row is None and (q_len == k_len or q_len == 1):
             return None
         per_row = k_len * (1 if last_row is None else last_row.shape[1])
         if q_len * per_row > MASK_BUDGET:
-            return BlockedMask(self.position, positions, dtype, allowed, MASK_BUDGET // per_row)
-        return mask_rows(self.position, positions, range(q_len), k_len, dtype, allowed)
+            return BlockedMask(position, positions, dtype, allowed, MASK_BUDGET // per_row)
+        return mask_rows(position, positions, range(q_len), k_len, dtype, allowed)
 
     def hidden_states(self, idx: Tensor, cache: Optional[KVCache] = None, attention_mask: Optional[Tensor] = None,
                       positions: Optional[Positions] = None) -> Tensor:
@@ -264,8 +267,11 @@ class Transformer(nn.Module):
         x = self.position.embed(self.embed(idx), positions)
         rotation = self.position.rotation(positions)
         mask = self._mask(positions, x.dtype, attention_mask)
+        # Position-free layers (model.nope_every): no rotation, and the mask without the encoding's bias.
+        plain = self._mask(positions, x.dtype, attention_mask, NO_POSITIONS) if self.cfg.nope_every else None
         for layer, block in enumerate(self.blocks):
-            x = block(x, rotation, mask, cache, layer)
+            free = self.cfg.position_free(layer)
+            x = block(x, None if free else rotation, plain if free else mask, cache, layer)
         return self.norm(x)
 
     def forward(self, idx: Tensor, cache: Optional[KVCache] = None) -> Tensor:

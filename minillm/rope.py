@@ -148,6 +148,7 @@ class PositionConfig:
     variant: str = "none"
 
     rotary: ClassVar[bool] = False
+    absolute: ClassVar[bool] = False  # positions added to the token embeddings, so no layer can do without them
 
     def __post_init__(self) -> None:
         own = sorted(name for name, cls in POSITION_ENCODINGS.items() if cls is type(self))
@@ -542,6 +543,8 @@ class SinusoidalConfig(PositionConfig):
     variant: str = "sinusoidal"
     max_period: float = 10000.0
 
+    absolute: ClassVar[bool] = True
+
     def __post_init__(self) -> None:
         super().__post_init__()
         _require(self.max_period > 1, "rope.max_period", f"must be above 1, got {self.max_period}")
@@ -574,6 +577,8 @@ class LearnedConfig(PositionConfig):
     """Learned absolute positions (GPT-2): one trained vector per position up to the training length."""
 
     variant: str = "learned"
+
+    absolute: ClassVar[bool] = True
 
     def build(self, shape: ModelShape, scaling: Scaling) -> "LearnedEmbedding":
         return LearnedEmbedding(shape.context_length, shape.d_model, shape.init_std)

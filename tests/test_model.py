@@ -62,6 +62,8 @@ MODEL_CASES.update({
     "xpos_gqa": dict(rope=RotaryConfig("rotate_half", xpos_scale_base=16.0), n_kv_heads=1),
     "alibi_gqa_qknorm": dict(rope=position_config("alibi"), n_kv_heads=2, qk_norm=True),
     "learned_gelu_layernorm_bias": dict(rope=position_config("learned"), ffn="gelu", norm="layernorm", bias=True),
+    "complex_nope_every_2": dict(rope=RotaryConfig("complex"), nope_every=2),
+    "alibi_nope_every_2": dict(rope=position_config("alibi"), nope_every=2),
 })
 
 
@@ -707,3 +709,37 @@ def test_learned_positions_past_the_table_raise():
         model(tokens(1, 8), cache)
         with pytest.raises(ValueError, match="asked for position 8"):
             model(tokens(1, 1), cache)
+
+
+@pytest.mark.parametrize("rope", ["complex", "alibi", "t5"])
+def test_nope_every_one_is_nope_with_the_same_weights(rope):
+    """model.nope_every=1 makes every layer position-free: the model is NoPE, whatever its encoding."""
+    free = tiny(rope=position_config(rope), nope_every=1)
+    nope = tiny(rope=position_config("none"))
+    nope.load_state_dict({k: v for k, v in free.state_dict().items() if not k.startswith("position.")})
+    idx = tokens(2, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(free(idx), nope(idx), rtol=0, atol=0)
+
+
+def test_nope_every_leaves_the_other_layers_their_positions():
+    """nope_every=2 over 2 layers: layer 0 rotates, layer 1 does not. The same weights with nope_every=None differ,
+    and so do those with every layer free."""
+    cases = {every: tiny(rope=RotaryConfig("complex"), nope_every=every, seed=3) for every in (None, 1, 2)}
+    for model in cases.values():
+        model.load_state_dict(cases[None].state_dict())
+    assert [cases[2].cfg.position_free(layer) for layer in range(2)] == [False, True]
+    idx = tokens(1, 16)
+    with torch.no_grad():
+        logits = {every: model(idx) for every, model in cases.items()}
+    assert not torch.allclose(logits[2], logits[None]) and not torch.allclose(logits[2], logits[1])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(nope_every=0), r"^model\.nope_every: must be at least 1"),
+    (dict(nope_every=2, rope=position_config("sinusoidal")), r"^model\.nope_every: position-free layers need"),
+    (dict(nope_every=2, rope=position_config("learned")), r"^model\.nope_every: position-free layers need"),
+])
+def test_nope_every_settings_are_checked(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig(**kwargs)
