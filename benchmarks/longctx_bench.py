@@ -37,7 +37,7 @@ class NaiveAttention(Attention):
     """Attention.forward with the SDPA call replaced by the textbook computation (no KV cache)."""
 
     def forward(self, x: torch.Tensor, rotation: Rotation | None, mask, cache: KVCache | None = None,
-                layer: int = 0) -> torch.Tensor:
+                layer: int = 0, query_positions: torch.Tensor | None = None) -> torch.Tensor:
         if cache is not None:
             raise ValueError("NaiveAttention: full sequences only")
         batch, seq, _ = x.shape

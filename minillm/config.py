@@ -45,6 +45,7 @@ class ModelConfig:
     bias: bool = False
     qk_norm: bool = False
     nope_every: Optional[int] = None  # every n-th layer (n, 2n, ...) sees no positions (Llama 4's iRoPE); None: none
+    attn_temperature: str = "none"  # none | logn (Qwen's log-n) | ssmax (Scalable-Softmax): queries scaled by position
     tie_embeddings: bool = True
     attn_dropout: float = 0.0
     resid_dropout: float = 0.0
@@ -70,6 +71,9 @@ class ModelConfig:
             _require(0.0 <= getattr(self, name) < 1.0, f"model.{name}", f"must be in [0, 1), got {getattr(self, name)}")
         _require(self.norm_eps > 0, "model.norm_eps", f"must be positive, got {self.norm_eps}")
         _require(self.init_std > 0, "model.init_std", f"must be positive, got {self.init_std}")
+        _choice(self.attn_temperature, "model.attn_temperature", ("none", "logn", "ssmax"))
+        _require(self.attn_temperature == "none" or self.context_length >= 2, "model.attn_temperature",
+                 f"scales by log_L with L = model.context_length, which must be at least 2 (got {self.context_length})")
         if self.nope_every is not None:
             _require(self.nope_every >= 1, "model.nope_every", f"must be at least 1, got {self.nope_every}")
             _require(not self.rope.absolute, "model.nope_every",
@@ -86,7 +90,8 @@ class ModelConfig:
     def label(self) -> str:
         """A short name for what a model was trained with: 'complex θ=1e+04', 'xpos(complex) γ=512', 'alibi', ..."""
         nope = f" nope/{self.nope_every}" if self.nope_every is not None else ""
-        return self.rope.label + self.rope_scaling.label + nope
+        temperature = f" {self.attn_temperature}" if self.attn_temperature != "none" else ""
+        return self.rope.label + self.rope_scaling.label + nope + temperature
 
     def position_free(self, layer: int) -> bool:
         """Whether layer (0-based) is one of the nope_every-th layers, which see no positions."""

@@ -40,6 +40,8 @@ def _check_architecture(model: Transformer) -> RotaryEmbedding:
         raise _incompatible("model.qk_norm", cfg.qk_norm, "no QK-norm")
     if cfg.nope_every is not None:
         raise _incompatible("model.nope_every", cfg.nope_every, "rotary positions in every layer")
+    if cfg.attn_temperature != "none":
+        raise _incompatible("model.attn_temperature", cfg.attn_temperature, "no query temperature")
     # The encoding the model runs with: evaluation may have swapped model.position since cfg was written.
     position = model.position
     if not isinstance(position, RotaryEmbedding):

@@ -118,8 +118,30 @@ def mask_rows(position: PositionEncoding, positions: Positions, rows: range, key
     return visible if bias is None else bias.masked_fill_(~visible, float("-inf")).to(dtype)
 
 
+class QueryTemperature(nn.Module):
+    """A factor on each query by its position m, so that attention stays as sharp past the training length L as
+    within it (scores scale with q):
+        logn   max(1, log_L(m + 1)), Qwen's log-n attention (1 up to the training length);
+        ssmax  s_h · log(m + 1), Scalable-Softmax (Nakanishi 2025, arXiv:2501.19399): log n for a query that
+               sees n keys, times a learned s per head, initialised to 1/log L (a factor of 1 at the training length).
+    """
+
+    def __init__(self, kind: str, n_heads: int, trained_length: int):
+        super().__init__()
+        self.kind, self.log_trained = kind, math.log(trained_length)
+        if kind == "ssmax":
+            self.s = nn.Parameter(torch.full((n_heads,), 1 / self.log_trained))
+
+    def forward(self, query_positions: Tensor) -> Tensor:
+        """(batch or 1, q_len) positions -> (batch or 1, heads or 1, q_len, 1) float32 factors."""
+        log_n = torch.log1p(query_positions.float())[:, None, :, None]
+        if self.kind == "logn":
+            return (log_n / self.log_trained).clamp(min=1.0)
+        return log_n * self.s.float()[None, :, None, None]
+
+
 class Attention(nn.Module):
-    """Causal self-attention: fused qkv projection, grouped-query heads, optional QK-norm, SDPA."""
+    """Causal self-attention: fused qkv projection, grouped-query heads, optional QK-norm and query temperature, SDPA."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -131,9 +153,11 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
         self.dropout = cfg.attn_dropout
+        self.temperature = None if cfg.attn_temperature == "none" else \
+            QueryTemperature(cfg.attn_temperature, cfg.n_heads, cfg.context_length)
 
     def forward(self, x: Tensor, rotation: Optional[Rotation], mask: "Optional[Tensor | BlockedMask]",
-                cache: Optional[KVCache] = None, layer: int = 0) -> Tensor:
+                cache: Optional[KVCache] = None, layer: int = 0, query_positions: Optional[Tensor] = None) -> Tensor:
         batch, seq, _ = x.shape
         q, k, v = split_linear(x, self.qkv.weight, self.qkv.bias, self.qkv_sizes)
         q = self.q_norm(q.view(batch, seq, self.n_heads, self.head_dim)).transpose(1, 2)  # (B, H, T, hd)
@@ -143,6 +167,8 @@ class Attention(nn.Module):
             k, v = cache.update(layer, k, v)
         if rotation is not None:
             q, k = rotation(q, k)
+        if self.temperature is not None:
+            q = q * self.temperature(query_positions).to(q.dtype)
         dropout, gqa = self.dropout if self.training else 0.0, self.kv_heads != self.n_heads
         if isinstance(mask, BlockedMask):
             y = torch.cat([F.scaled_dot_product_attention(q[:, :, rows.start:rows.stop], k[:, :, :keys], v[:, :, :keys],
@@ -183,8 +209,8 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(cfg.resid_dropout)
 
     def forward(self, x: Tensor, rotation: Optional[Rotation], mask: "Optional[Tensor | BlockedMask]",
-                cache: Optional[KVCache] = None, layer: int = 0) -> Tensor:
-        x = x + self.dropout(self.attn(self.attn_norm(x), rotation, mask, cache, layer))
+                cache: Optional[KVCache] = None, layer: int = 0, query_positions: Optional[Tensor] = None) -> Tensor:
+        x = x + self.dropout(self.attn(self.attn_norm(x), rotation, mask, cache, layer, query_positions))
         return x + self.dropout(self.ffn(self.ffn_norm(x)))
 
 
@@ -271,7 +297,7 @@ class Transformer(nn.Module):
         plain = self._mask(positions, x.dtype, attention_mask, NO_POSITIONS) if self.cfg.nope_every else None
         for layer, block in enumerate(self.blocks):
             free = self.cfg.position_free(layer)
-            x = block(x, None if free else rotation, plain if free else mask, cache, layer)
+            x = block(x, None if free else rotation, plain if free else mask, cache, layer, positions.query)
         return self.norm(x)
 
     def forward(self, idx: Tensor, cache: Optional[KVCache] = None) -> Tensor:

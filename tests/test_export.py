@@ -204,6 +204,7 @@ INCOMPATIBLE = [
     (dict(rope=position_config("none")), "rope.variant='none'"),
     (dict(rope=position_config("t5")), "rope.variant='t5'"),
     (dict(nope_every=2), "model.nope_every=2"),
+    (dict(attn_temperature="logn"), "model.attn_temperature='logn'"),
     (dict(rope=position_config("kerple")), "rope.variant='kerple'"),
     (dict(rope=RotaryConfig(xpos_scale_base=512.0)), "rope.xpos_scale_base=512.0"),
     (dict(rope=RotaryConfig(rotary_dim=8), rope_scaling=YarnScaling()), "rope_scaling.type='yarn'"),

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from minillm.config import ModelConfig
-from minillm.model import KVCache, RMSNorm, Transformer
+from minillm.model import KVCache, QueryTemperature, RMSNorm, Transformer
 from minillm.rope import Positions, RotaryConfig, position_config
 from minillm.scaling import DynamicNTKScaling, LinearScaling, Llama3Scaling, NTKScaling, Scaling, YarnScaling
 
@@ -63,6 +63,8 @@ MODEL_CASES.update({
     "alibi_gqa_qknorm": dict(rope=position_config("alibi"), n_kv_heads=2, qk_norm=True),
     "learned_gelu_layernorm_bias": dict(rope=position_config("learned"), ffn="gelu", norm="layernorm", bias=True),
     "complex_nope_every_2": dict(rope=RotaryConfig("complex"), nope_every=2),
+    "complex_logn": dict(rope=RotaryConfig("complex"), attn_temperature="logn", context_length=6),
+    "alibi_ssmax": dict(rope=position_config("alibi"), attn_temperature="ssmax", context_length=6),
     "alibi_nope_every_2": dict(rope=position_config("alibi"), nope_every=2),
 })
 
@@ -741,5 +743,39 @@ def test_nope_every_leaves_the_other_layers_their_positions():
     (dict(nope_every=2, rope=position_config("learned")), r"^model\.nope_every: position-free layers need"),
 ])
 def test_nope_every_settings_are_checked(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig(**kwargs)
+
+
+def test_query_temperatures_by_hand():
+    positions = torch.tensor([[0, 15, 16, 31, 255]])
+    logn = QueryTemperature("logn", 4, trained_length=16)(positions)
+    assert logn.shape == (1, 1, 5, 1)  # one factor for every head
+    expected = [1.0, 1.0, math.log(17) / math.log(16), 1.25, 2.0]  # max(1, log_16(m + 1))
+    torch.testing.assert_close(logn[0, 0, :, 0], torch.tensor(expected))
+    ssmax = QueryTemperature("ssmax", 4, trained_length=16)
+    factors = ssmax(positions)
+    assert factors.shape == (1, 4, 5, 1)
+    torch.testing.assert_close(factors[0, :, 1, 0], torch.ones(4))  # s = 1/log L: 1 for a query that sees L keys
+    torch.testing.assert_close(factors[0, 2, :, 0], torch.log1p(positions[0].float()) / math.log(16))
+    factors.sum().backward()
+    assert ssmax.s.grad is not None and bool((ssmax.s.grad != 0).all())
+
+
+def test_logn_changes_nothing_within_the_training_length():
+    plain = tiny(context_length=16)
+    logn = tiny(context_length=16, attn_temperature="logn")
+    logn.load_state_dict(plain.state_dict())
+    idx = tokens(2, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(logn(idx)[:, :16], plain(idx)[:, :16], rtol=0, atol=0)
+        assert not torch.allclose(logn(idx)[:, 17:], plain(idx)[:, 17:])  # past it, sharper attention
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(attn_temperature="cubic"), r"^model\.attn_temperature: got 'cubic'"),
+    (dict(attn_temperature="logn", context_length=1), r"^model\.attn_temperature: scales by log_L"),
+])
+def test_attention_temperature_settings_are_checked(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ModelConfig(**kwargs)
