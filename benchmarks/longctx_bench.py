@@ -6,6 +6,7 @@ Peers, the same tiny model (random weights: time and memory do not depend on the
                 NAIVE_MAX_LENGTH (quadratic: on CPU 1.4 s and 0.6 GB at 4096 tokens, 4x the memory per doubling)
     alibi-sdpa  an ALiBi model: its bias goes to SDPA through attn_mask, whole up to minillm.model.MASK_BUDGET
                 elements (quadratic), then by blocks of queries (model.BlockedMask)
+    t5-sdpa, kerple-sdpa  the learned relative biases, through the same path
 
 Peak memory. CUDA: torch.cuda.max_memory_allocated during the call, minus what was allocated before it.
 CPU: torch keeps no allocation statistics there, so each (peer, length) runs in a fresh subprocess that
@@ -29,7 +30,8 @@ from minillm.config import ModelConfig
 from minillm.model import Attention, KVCache, Transformer
 from minillm.rope import Rotation, position_config
 
-PEERS = ("sdpa", "naive", "alibi-sdpa")
+BIASES = ("alibi", "t5", "kerple")  # encodings whose bias reaches SDPA as attn_mask
+PEERS = ("sdpa", "naive", *(f"{name}-sdpa" for name in BIASES))
 NAIVE_MAX_LENGTH = {"cpu": 4096, "cuda": 16384}
 
 
@@ -61,7 +63,8 @@ class NaiveAttention(Attention):
 
 def build(peer: str, device: torch.device) -> Transformer:
     torch.manual_seed(0)
-    cfg = ModelConfig(rope=position_config("alibi")) if peer == "alibi-sdpa" else ModelConfig()
+    encoding = peer.removesuffix("-sdpa")
+    cfg = ModelConfig(rope=position_config(encoding)) if encoding in BIASES else ModelConfig()
     model = Transformer(cfg).to(device).eval()
     if peer == "naive":
         for block in model.blocks:

@@ -4,8 +4,9 @@ Both models: the same parameter count (asserted), batch, sequence, tokens and ta
 builds it (fused, decay on matrices only), the loss as next-token cross-entropy on precomputed
 targets. A step is forward + loss + backward + optimizer step + zero_grad.
 
-CPU: float32. Eager first, then our three rotary layouts against one another (the layout target is about
-a whole step). Then both compiled: our blocks through Transformer.compile_blocks (what
+CPU: float32. Eager first, then our encodings against one another in rounds of their own (ENCODINGS: the
+three rotary layouts, p-RoPE, ALiBi, T5 and KERPLE; the layout target is about a whole step; T5 and KERPLE
+run on SDPA's default kernel, as CPU flash attention has no backward into a learned bias). Then both compiled: our blocks through Transformer.compile_blocks (what
 trainer.compile does), transformers' whole loss function through torch.compile. Model FLOP/s only: a
 matmul peak measured on a shared machine moves with the load, so a CPU MFU would not mean much.
 CUDA: bf16 autocast (as Lightning's bf16-mixed), compiled as above, and MFU against the data-sheet peak
@@ -74,14 +75,24 @@ def trainer_step(model: torch.nn.Module, loss_of, x: torch.Tensor, y: torch.Tens
     return step
 
 
-def with_layout(cfg: ModelConfig, variant: str) -> ModelConfig:
-    return ModelConfig.from_dict({**cfg.to_dict(), "rope": {**cfg.to_dict()["rope"], "variant": variant}})
+ENCODINGS = ("complex", "interleaved", "rotate_half", "p_rope", "alibi", "t5", "kerple")  # timed against complex
+LAYOUTS = ENCODINGS[:3]
+
+
+def with_encoding(cfg: ModelConfig, name: str) -> ModelConfig:
+    return ModelConfig.from_dict({**cfg.to_dict(), "rope": {"variant": name}})
+
+
+def learned_bias(model: Transformer) -> bool:
+    """A bias with parameters: SDPA's CPU flash kernel has no backward into attn_mask, so such a step runs on
+    SDPA's own choice of kernel (the math path), not held to flash."""
+    return not model.cfg.rope.is_rotary and any(True for _ in model.position.parameters())
 
 
 def build_step(peer: str, cfg: ModelConfig, batch: int, seq: int, device: torch.device, compiled: bool):
     """In the peer's own process: its model, the shared tokens and targets, and one training step.
 
-    peer: "transformers", "ours" (complex RoPE) or "ours:<layout>". Returns (step, info)."""
+    peer: "transformers", "ours" (complex RoPE) or "ours:<encoding>". Returns (step, info)."""
     torch.manual_seed(0)
     g = torch.Generator(device).manual_seed(0)
     x = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g, device=device)
@@ -95,16 +106,18 @@ def build_step(peer: str, cfg: ModelConfig, batch: int, seq: int, device: torch.
 
         step = trainer_step(hf, torch.compile(hf_loss) if compiled else hf_loss, x, y, device)
         return step, {"params": sum(p.numel() for p in hf.parameters())}
-    model = Transformer(with_layout(cfg, peer.partition(":")[2] or "complex")).to(device)
+    model = Transformer(with_encoding(cfg, peer.partition(":")[2] or "complex")).to(device)
     if compiled:
         model.compile_blocks()
+    held = contextlib.nullcontext if learned_bias(model) else lambda: sdpa_kernel(SDPBackend.FLASH_ATTENTION)
 
-    def flash_loss(x, y):
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+    def loss(x, y):
+        with held():
             return model.loss(x, y)
 
-    return trainer_step(model, flash_loss, x, y, device), {"params": sum(p.numel() for p in model.parameters()),
-                                                           "flops_per_token": model.flops_per_token(seq)}
+    return trainer_step(model, loss, x, y, device), {"params": sum(p.numel() for p in model.parameters()),
+                                                     "flops_per_token": model.flops_per_token(seq),
+                                                     "sdpa": "default" if learned_bias(model) else "flash (enforced)"}
 
 
 def time_group(peers: list[str], cfg: ModelConfig, batch: int, seq: int, settings: Settings, compiled: bool,
@@ -120,7 +133,7 @@ def time_group(peers: list[str], cfg: ModelConfig, batch: int, seq: int, setting
 
 def measure(name: str, cfg: ModelConfig, batch: int, seq: int, settings: Settings, compiled: bool) -> dict:
     """Ours (complex RoPE) against transformers, timed in rounds of their own; in eager runs, then our
-    three layouts in rounds of theirs. Every peer runs in a process of its own (common.PeerProcess)."""
+    encodings in rounds of theirs. Every peer runs in a process of its own (common.PeerProcess)."""
     device = settings.device
     peak_flops = peak_flops_for(device) if device.type == "cuda" else None
     peers = ["ours"] + (["transformers"] if settings.transformers is not None else [])
@@ -145,11 +158,15 @@ def measure(name: str, cfg: ModelConfig, batch: int, seq: int, settings: Setting
         record[peer]["time_split"] = time_shares
     record["speedup_vs_transformers"] = speedup(timings, "ours", "transformers") if "transformers" in timings else None
     if not compiled and not settings.quick:
-        layouts = [f"ours:{variant}" for variant in ("complex", "interleaved", "rotate_half")]
-        timings, _, _ = time_group(layouts, cfg, batch, seq, settings, compiled, split=False)
+        timings, infos, _ = time_group([f"ours:{name}" for name in ENCODINGS], cfg, batch, seq, settings, compiled,
+                                       split=False)
         add(timings)
-        medians = [t.median for t in timings.values()]
+        for peer, info in infos.items():
+            record[peer]["sdpa"] = info["sdpa"]
+        medians = [timings[f"ours:{name}"].median for name in LAYOUTS]
         record["layout_spread"] = max(medians) / min(medians)  # slowest layout's step over the fastest's
+        # each encoding's step over complex RoPE's, median of the per-round ratios (>1: slower)
+        record["cost_vs_complex"] = {name: speedup(timings, "ours:complex", f"ours:{name}")["wall"] for name in ENCODINGS}
     return record
 
 
@@ -198,7 +215,7 @@ def run(settings: Settings) -> dict:
 def print_results(results: list[dict]) -> None:
     rows = []
     for r in results:
-        peers = [p for p in ("ours", "transformers", "ours:complex", "ours:interleaved", "ours:rotate_half") if p in r]
+        peers = [p for p in ("ours", "transformers", *(f"ours:{name}" for name in ENCODINGS)) if p in r]
         for peer in peers:
             ratio = r["speedup_vs_transformers"] if peer == "ours" else None
             mfu = r[peer]["mfu"]
@@ -222,10 +239,14 @@ def print_results(results: list[dict]) -> None:
                                    f"{(split['matmul_s'] + split['attention_s']) / sum(split.values()):.0%}",
                                    None if ceiling is None else f"{ceiling:.2f}x"])
     spreads = ", ".join(f"{r['model']} {r['layout_spread']:.2f}x" for r in results if "layout_spread" in r)
+    costs = "; ".join(f"{r['model']}: " + ", ".join(f"{name} {cost:.2f}x" for name, cost in r["cost_vs_complex"].items()
+                                                     if name != "complex") for r in results if "cost_vs_complex" in r)
     print_table("train step (forward + backward + AdamW)", ["model:peer", "batch", "seq", "params", "ms/step",
                 "tokens/s", "GFLOP/s", "MFU", "vs hf", "vs hf (cpu time)"], rows,
                 ("vs hf: how many times faster than transformers, median of per-round ratios; MFU on GPUs only",
-                 "ours = complex RoPE" + (f"; slowest layout over fastest (same rounds): {spreads}" if spreads else "")))
+                 "ours = complex RoPE" + (f"; slowest layout over fastest (same rounds): {spreads}" if spreads else ""),
+                 *([f"step time over complex RoPE's (same rounds; t5 and kerple on SDPA's default kernel): {costs}"]
+                   if costs else [])))
     if split_rows:
         print_table("where a train step's time goes (torch.profiler, ms per step)",
                     ["model:peer", "matmul", "attention", "other", "matmul+attention", "ceiling"], split_rows,

@@ -74,10 +74,10 @@ def test_quick_suite_reports_every_section_with_its_ratios(tmp_path):
     rows = results["longctx"]["rows"]
     assert [row["length"] for row in rows] == [64, 128]
     for row in rows:
-        for peer in ("sdpa", "naive", "alibi-sdpa"):
+        for peer in ("sdpa", "naive", "alibi-sdpa", "t5-sdpa", "kerple-sdpa"):
             assert row[peer]["median_s"] > 0 and row[peer]["peak_bytes"] > 0
         assert row["sdpa_speedup_vs_naive"]["wall"] > 0 and row["naive_memory_over_sdpa"] > 0
-    assert set(results["longctx"]["memory_exponent"]) == {"sdpa", "naive", "alibi-sdpa"}
+    assert set(results["longctx"]["memory_exponent"]) == {"sdpa", "naive", "alibi-sdpa", "t5-sdpa", "kerple-sdpa"}
 
     for title in ("rope forward:", "rope forward_backward:", "LM head + cross-entropy", "RMSNorm, forward + backward",
                   "train step", "where a train step's time goes",
