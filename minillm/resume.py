@@ -11,6 +11,7 @@ from typing import Any, Iterator, Optional, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from minillm.config import ConfigError, ModelConfig, RunConfig, to_run_config
+from minillm.console import rank_zero
 
 # What a resumed run may change: how long it trains and how it reports. Everything else (shape, encoding,
 # data, tokenizer, optimiser, seed) is the run's own, read from its config.yaml.
@@ -72,15 +73,6 @@ def _as_plain(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
 
 
-def _differences(requested: Any, saved: Any, key: str) -> Iterator[tuple[str, Any, Any]]:
-    """(setting, saved value, requested value) wherever requested differs, leaf by leaf."""
-    if isinstance(requested, dict) and isinstance(saved, dict):
-        for name, value in requested.items():
-            yield from _differences(value, saved.get(name), f"{key}.{name}")
-    elif requested != saved:
-        yield key, saved, requested
-
-
 def resumed(cfg: DictConfig, saved: DictConfig, overrides: Sequence[str], defaults: DictConfig) -> DictConfig:
     """The run's saved configuration with the resumable overrides of cfg applied. An override that would change
     anything else, and differs from the run's value, raises ConfigError naming it, the run's value and the asked one.
@@ -88,7 +80,7 @@ def resumed(cfg: DictConfig, saved: DictConfig, overrides: Sequence[str], defaul
     defaults: the code's defaults, to tell what a global overlay (experiment=...) sets from what it leaves.
     """
     merged = OmegaConf.create(OmegaConf.to_container(saved, resolve=True))
-    plain_saved = OmegaConf.to_container(saved, resolve=True)
+    saved_leaves = dict(_leaves(OmegaConf.to_container(saved, resolve=True)))
     for key in override_keys(overrides):
         if _resumable(key):
             OmegaConf.update(merged, key, _as_plain(OmegaConf.select(cfg, key)), merge=False, force_add=True)
@@ -98,14 +90,14 @@ def resumed(cfg: DictConfig, saved: DictConfig, overrides: Sequence[str], defaul
             leaves = {k: v for k, v in _leaves(OmegaConf.to_container(cfg, resolve=True)) if base.get(k) != v}
         else:
             leaves = dict(_leaves(_as_plain(OmegaConf.select(cfg, key)), f"{key}."))
-        saved_leaves = dict(_leaves(plain_saved))
         for setting, value in leaves.items():
             if _resumable(setting) or any(setting == d or setting.startswith(d + ".") for d in DERIVED):
                 continue
             if saved_leaves.get(setting) != value:
                 raise ConfigError(f"{setting}: the run was trained with {saved_leaves.get(setting)!r}, this resume "
                                   f"asks for {value!r}; a resumed run keeps its settings (it may change "
-                                  f"{', '.join(RESUMABLE[:-2])}); start a new run to train another")
+                                  f"{', '.join(r for r in RESUMABLE if r not in ('ckpt_path', 'verbose'))}); start a new "
+                                  f"run to train another")
     return merged
 
 
@@ -158,14 +150,10 @@ class Resume:
                                   f"{getattr(model, f.name)!r}")
 
 
-def resolve_checkpoint(ckpt_path: Optional[str], run_dir: Path) -> Optional[str]:
-    """'last' -> this run folder's last checkpoint; a run folder -> its last; a file -> itself.
-    The file must load: a corrupt one fails here, naming the newest checkpoint beside it that does load."""
-    found = _load_resumed(ckpt_path, run_dir)
-    return None if found is None else found[0]
-
-
-def _load_resumed(ckpt_path: Optional[str], run_dir: Path) -> Optional[tuple[str, dict]]:
+def resolve_checkpoint(ckpt_path: Optional[str], run_dir: Path) -> Optional[tuple[str, dict]]:
+    """ckpt_path -> (the checkpoint's path, its contents): 'last' -> this run folder's last checkpoint; a run
+    folder -> its last; a file -> itself; None -> None. A corrupt one fails here, naming the newest checkpoint
+    beside it that does load."""
     from minillm.checkpoint import CheckpointError, last_good_checkpoint, load_checkpoint
 
     if ckpt_path is None:
@@ -195,10 +183,10 @@ def configure(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> 
     if unknown:
         raise ConfigError(unknown[0])
     run = to_run_config(cfg)
-    found = _load_resumed(run.ckpt_path, run_dir)  # before the data: a wrong path fails at once
+    found = resolve_checkpoint(run.ckpt_path, run_dir)  # before the data: a wrong path fails at once
     if found is None:
         taken = (run_dir / "config.yaml").is_file() or any(run_dir.glob("checkpoints/*.ckpt"))
-        if taken and _rank_zero():  # DDP's other ranks find rank 0's files
+        if taken and rank_zero():  # DDP's other ranks find rank 0's files
             raise ConfigError(f"hydra.run.dir={str(run_dir)!r}: already holds a run (config.yaml, checkpoints); "
                               f"continue it with ckpt_path=last, or train a new one in another folder")
         return run, OmegaConf.to_container(OmegaConf.structured(run)), None
@@ -214,9 +202,3 @@ def configure(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> 
     resume = Resume(ckpt_path, int(checkpoint.get("global_step", 0)),
                     ModelConfig.from_dict(checkpoint["hyper_parameters"]["model"]))
     return resumed_run, OmegaConf.to_container(merged), resume
-
-
-def _rank_zero() -> bool:
-    from minillm.run import rank_zero  # run imports this module
-
-    return rank_zero()

@@ -231,10 +231,10 @@ class Rotation:
 
     def __call__(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
         """Rotate q (batch, heads, q_len, head_dim) and k (batch, kv_heads, k_len, head_dim)."""
-        if self.xpos_scale_base is not None and self.length > xpos_max_length(self.xpos_scale_base, q.dtype):
-            raise ValueError(f"xpos_scale_base: XPos factors overflow {q.dtype} past "
-                             f"{xpos_max_length(self.xpos_scale_base, q.dtype)} positions (asked for {self.length}); "
-                             f"use a wider dtype or a larger xpos_scale_base")
+        limit = None if self.xpos_scale_base is None else xpos_max_length(self.xpos_scale_base, q.dtype)
+        if limit is not None and self.length > limit:
+            raise ValueError(f"xpos_scale_base: XPos factors overflow {q.dtype} past {limit} positions (asked for "
+                             f"{self.length}); use a wider dtype or a larger xpos_scale_base")
         formula = rotate_interleaved if self.adjacent else rotate_half  # the real-valued form of the pairing
         return (rotate(q, *self.query, self.rotary_dim, self.adjacent, formula),
                 rotate(k, *self.key, self.rotary_dim, self.adjacent, formula))

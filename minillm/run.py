@@ -17,7 +17,7 @@ from minillm.config import ConfigError, RunConfig, to_run_config
 from minillm.console import quiet_libraries, rank_zero
 from minillm.files import write_atomic
 from minillm.loggers import make_loggers, wandb_mode
-from minillm.resume import configure, resolve_checkpoint  # noqa: F401  (resolve_checkpoint: part of run's API)
+from minillm.resume import configure
 from minillm.task import LanguageModelTask, NonFiniteLossError
 
 log = logging.getLogger("minillm")

@@ -28,7 +28,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from minillm.checkpoint import (CheckpointError, CheckpointWriteError, atomic_checkpoint_io, last_good_checkpoint,
                                 load_checkpoint)
 from minillm.config import DataConfig, ModelConfig, OptimConfig, RunConfig, TokenizerConfig
-from minillm.run import ConfigError, load_data, resolve_checkpoint, to_run_config, trainer_kwargs
+from minillm.resume import resolve_checkpoint
+from minillm.run import ConfigError, load_data, to_run_config, trainer_kwargs
 from minillm.task import LanguageModelTask, NonFiniteLossError
 from test_train_script import REPO, RESULT_LINE, SMALL, assert_ok, compose_run, hydra_conf, small_run, summary
 from test_train_script import cache_dir, env, shared, small_corpus  # noqa: F401  (fixtures of the script tests)
