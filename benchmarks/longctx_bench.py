@@ -6,7 +6,10 @@ Peers, the same tiny model (random weights: time and memory do not depend on the
                 NAIVE_MAX_LENGTH (quadratic: on CPU 1.4 s and 0.6 GB at 4096 tokens, 4x the memory per doubling)
     alibi-sdpa  an ALiBi model: its bias goes to SDPA through attn_mask, whole up to minillm.model.MASK_BUDGET
                 elements (quadratic), then by blocks of queries (model.BlockedMask)
-    t5-sdpa, kerple-sdpa  the learned relative biases, through the same path
+    t5-sdpa, kerple-sdpa, fire-sdpa  the learned relative biases, through the same path (FIRE: one MLP per
+                layer, its hidden activations by blocks of rows too)
+    cope-explicit  CoPE: its logits depend on the scores, so attention is written out (model.contextual_attention),
+                by blocks of queries; like naive, up to EXPLICIT_MAX_LENGTH
 
 Peak memory. CUDA: torch.cuda.max_memory_allocated during the call, minus what was allocated before it.
 CPU: torch keeps no allocation statistics there, so each (peer, length) runs in a fresh subprocess that
@@ -30,16 +33,20 @@ from minillm.config import ModelConfig
 from minillm.model import Attention, KVCache, Transformer
 from minillm.rope import Rotation, position_config
 
-BIASES = ("alibi", "t5", "kerple")  # encodings whose bias reaches SDPA as attn_mask
-PEERS = ("sdpa", "naive", *(f"{name}-sdpa" for name in BIASES))
+BIASES = ("alibi", "t5", "kerple", "fire")  # encodings whose bias reaches SDPA as attn_mask
+PEERS = ("sdpa", "naive", *(f"{name}-sdpa" for name in BIASES), "cope-explicit")
 NAIVE_MAX_LENGTH = {"cpu": 4096, "cuda": 16384}
+# Quadratic work beyond SDPA's kernels (FIRE's MLP over every (query, key) pair, CoPE's explicit attention):
+# each doubling costs 4x, so CPU runs stop at the 4096 tokens the comparison needs.
+EXPLICIT_MAX_LENGTH = {"cpu": 4096, "cuda": 16384}
+QUADRATIC = ("naive", "fire-sdpa", "cope-explicit")
 
 
 class NaiveAttention(Attention):
     """Attention.forward with the SDPA call replaced by the textbook computation (no KV cache)."""
 
     def forward(self, x: torch.Tensor, rotation: Rotation | None, mask, cache: KVCache | None = None,
-                layer: int = 0, query_positions: torch.Tensor | None = None) -> torch.Tensor:
+                layer: int = 0, query_positions: torch.Tensor | None = None, context=None) -> torch.Tensor:
         if cache is not None:
             raise ValueError("NaiveAttention: full sequences only")
         batch, seq, _ = x.shape
@@ -63,8 +70,8 @@ class NaiveAttention(Attention):
 
 def build(peer: str, device: torch.device) -> Transformer:
     torch.manual_seed(0)
-    encoding = peer.removesuffix("-sdpa")
-    cfg = ModelConfig(rope=position_config(encoding)) if encoding in BIASES else ModelConfig()
+    encoding = peer.removesuffix("-sdpa").removesuffix("-explicit")
+    cfg = ModelConfig(rope=position_config(encoding)) if encoding in (*BIASES, "cope") else ModelConfig()
     model = Transformer(cfg).to(device).eval()
     if peer == "naive":
         for block in model.blocks:
@@ -80,7 +87,8 @@ def lengths(device: torch.device, quick: bool) -> list[int]:
 
 
 def peers_at(length: int, device: torch.device, quick: bool) -> list[str]:
-    return [peer for peer in PEERS if peer != "naive" or quick or length <= NAIVE_MAX_LENGTH[device.type]]
+    limit = {"naive": NAIVE_MAX_LENGTH[device.type], **{p: EXPLICIT_MAX_LENGTH[device.type] for p in QUADRATIC[1:]}}
+    return [peer for peer in PEERS if quick or length <= limit.get(peer, length)]
 
 
 def tokens(length: int, vocab: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,8 +5,9 @@ builds it (fused, decay on matrices only), the loss as next-token cross-entropy 
 targets. A step is forward + loss + backward + optimizer step + zero_grad.
 
 CPU: float32. Eager first, then our encodings against one another in rounds of their own (ENCODINGS: the
-three rotary layouts, p-RoPE, ALiBi, T5 and KERPLE; the layout target is about a whole step; T5 and KERPLE
-run on SDPA's default kernel, as CPU flash attention has no backward into a learned bias). Then both compiled: our blocks through Transformer.compile_blocks (what
+three rotary layouts, p-RoPE, ALiBi, T5, KERPLE, FIRE and CoPE; the layout target is about a whole step; the
+learned biases run on SDPA's default kernel, as CPU flash attention has no backward into a learned bias, and CoPE
+writes its attention out). Then both compiled: our blocks through Transformer.compile_blocks (what
 trainer.compile does), transformers' whole loss function through torch.compile. Model FLOP/s only: a
 matmul peak measured on a shared machine moves with the load, so a CPU MFU would not mean much.
 CUDA: bf16 autocast (as Lightning's bf16-mixed), compiled as above, and MFU against the data-sheet peak
@@ -75,7 +76,7 @@ def trainer_step(model: torch.nn.Module, loss_of, x: torch.Tensor, y: torch.Tens
     return step
 
 
-ENCODINGS = ("complex", "interleaved", "rotate_half", "p_rope", "alibi", "t5", "kerple")  # timed against complex
+ENCODINGS = ("complex", "interleaved", "rotate_half", "p_rope", "alibi", "t5", "kerple", "fire", "cope")  # vs complex
 LAYOUTS = ENCODINGS[:3]
 
 
@@ -245,7 +246,7 @@ def print_results(results: list[dict]) -> None:
                 "tokens/s", "GFLOP/s", "MFU", "vs hf", "vs hf (cpu time)"], rows,
                 ("vs hf: how many times faster than transformers, median of per-round ratios; MFU on GPUs only",
                  "ours = complex RoPE" + (f"; slowest layout over fastest (same rounds): {spreads}" if spreads else ""),
-                 *([f"step time over complex RoPE's (same rounds; t5 and kerple on SDPA's default kernel): {costs}"]
+                 *([f"step time over complex RoPE's (same rounds; learned biases on SDPA's default kernel, cope explicit): {costs}"]
                    if costs else [])))
     if split_rows:
         print_table("where a train step's time goes (torch.profiler, ms per step)",

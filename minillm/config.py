@@ -84,7 +84,7 @@ class ModelConfig:
     @property
     def shape(self) -> ModelShape:
         """What the position encoding is told of the model."""
-        return ModelShape(self.d_model, self.n_heads, self.head_dim, self.context_length, self.init_std)
+        return ModelShape(self.d_model, self.n_heads, self.head_dim, self.context_length, self.init_std, self.n_layers)
 
     @property
     def label(self) -> str:

@@ -157,7 +157,9 @@ class Attention(nn.Module):
             QueryTemperature(cfg.attn_temperature, cfg.n_heads, cfg.context_length)
 
     def forward(self, x: Tensor, rotation: Optional[Rotation], mask: "Optional[Tensor | BlockedMask]",
-                cache: Optional[KVCache] = None, layer: int = 0, query_positions: Optional[Tensor] = None) -> Tensor:
+                cache: Optional[KVCache] = None, layer: int = 0, query_positions: Optional[Tensor] = None,
+                context: Optional[PositionEncoding] = None) -> Tensor:
+        """context: a contextual encoding (CoPE) for this layer; mask is then a BlockedMask of visible keys."""
         batch, seq, _ = x.shape
         q, k, v = split_linear(x, self.qkv.weight, self.qkv.bias, self.qkv_sizes)
         q = self.q_norm(q.view(batch, seq, self.n_heads, self.head_dim)).transpose(1, 2)  # (B, H, T, hd)
@@ -170,7 +172,9 @@ class Attention(nn.Module):
         if self.temperature is not None:
             q = q * self.temperature(query_positions).to(q.dtype)
         dropout, gqa = self.dropout if self.training else 0.0, self.kv_heads != self.n_heads
-        if isinstance(mask, BlockedMask):
+        if context is not None:
+            y = contextual_attention(q, k, v, mask, context, dropout)
+        elif isinstance(mask, BlockedMask):
             y = torch.cat([F.scaled_dot_product_attention(q[:, :, rows.start:rows.stop], k[:, :, :keys], v[:, :, :keys],
                                                           attn_mask=rows_mask, dropout_p=dropout, enable_gqa=gqa)
                            for rows, keys, rows_mask in mask.blocks()], dim=2)
@@ -179,6 +183,25 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and seq == k.shape[-2] and seq > 1,
                                                dropout_p=dropout, enable_gqa=gqa)
         return self.proj(y.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim))
+
+
+def contextual_attention(q: Tensor, k: Tensor, v: Tensor, mask: BlockedMask, context: PositionEncoding,
+                         dropout: float) -> Tensor:
+    """softmax(s + context_logits(q, s)) v with s = q·kᵀ/√d (−inf at keys not seen), one block of queries at a time.
+
+    Written out rather than through SDPA: CoPE's logits are a function of the scores themselves, which SDPA's
+    attn_mask cannot express. Scores and softmax in float32.
+    """
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:  # grouped-query heads: each key/value head serves `groups` query heads
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scale, out = q.shape[-1] ** -0.5, []
+    for rows, keys, visible in mask.blocks():
+        q_rows = q[:, :, rows.start:rows.stop].float()
+        scores = (q_rows @ k[:, :, :keys].float().transpose(-1, -2) * scale).masked_fill(~visible, float("-inf"))
+        weights = F.dropout((scores + context.context_logits(q_rows, scores)).softmax(-1), dropout)
+        out.append(weights.to(v.dtype) @ v[:, :, :keys])
+    return torch.cat(out, dim=2)
 
 
 class FeedForward(nn.Module):
@@ -209,8 +232,9 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(cfg.resid_dropout)
 
     def forward(self, x: Tensor, rotation: Optional[Rotation], mask: "Optional[Tensor | BlockedMask]",
-                cache: Optional[KVCache] = None, layer: int = 0, query_positions: Optional[Tensor] = None) -> Tensor:
-        x = x + self.dropout(self.attn(self.attn_norm(x), rotation, mask, cache, layer, query_positions))
+                cache: Optional[KVCache] = None, layer: int = 0, query_positions: Optional[Tensor] = None,
+                context: Optional[PositionEncoding] = None) -> Tensor:
+        x = x + self.dropout(self.attn(self.attn_norm(x), rotation, mask, cache, layer, query_positions, context))
         return x + self.dropout(self.ffn(self.ffn_norm(x)))
 
 
@@ -262,17 +286,20 @@ class Transformer(nn.Module):
 
     def _mask(self, positions: Positions, dtype: torch.dtype, allowed: Optional[Tensor] = None,
               position: Optional[PositionEncoding] = None) -> "Optional[Tensor | BlockedMask]":
-        """The attention mask shared by all layers: None when SDPA's own causal flag suffices, a BlockedMask
-        when the whole mask would hold more than MASK_BUDGET elements, the mask itself otherwise.
+        """The attention mask of the layers that use `position`: None when SDPA's own causal flag suffices, a
+        BlockedMask when the whole mask would hold more than MASK_BUDGET elements (always, for a contextual
+        encoding: its attention goes by blocks), the mask itself otherwise.
 
         allowed: an optional (q_len, k_len) bool pattern (True = may attend) that replaces plain causal
         attention, e.g. the sliding or blockwise windows of the extrapolation evaluation.
-        position: the encoding whose bias the mask carries; the model's by default.
+        position: the layer encoding whose bias the mask carries; by default the model's, at its first layer.
         """
-        position = self.position if position is None else position
+        position = self.position.for_layer(0) if position is None else position
         q_len, k_len = positions.query.shape[-1], positions.key.shape[-1]
         if allowed is not None and allowed.shape != (q_len, k_len):
             raise ValueError(f"attention_mask: expected shape {(q_len, k_len)}, got {tuple(allowed.shape)}")
+        if position.contextual:  # the attention is explicit, by blocks of queries: its scores are the budget
+            return BlockedMask(position, positions, dtype, allowed, MASK_BUDGET // (k_len * self.cfg.n_heads))
         last_row = position.attention_bias(positions.query[:, -1:], positions.key)  # a bias? of how many heads?
         if allowed is None and last_row is None and (q_len == k_len or q_len == 1):
             return None
@@ -292,12 +319,15 @@ class Transformer(nn.Module):
             positions = Positions.contiguous(cache.length if cache is not None else 0, idx.shape[1], idx.device)
         x = self.position.embed(self.embed(idx), positions)
         rotation = self.position.rotation(positions)
-        mask = self._mask(positions, x.dtype, attention_mask)
-        # Position-free layers (model.nope_every): no rotation, and the mask without the encoding's bias.
-        plain = self._mask(positions, x.dtype, attention_mask, NO_POSITIONS) if self.cfg.nope_every else None
+        masks: dict[PositionEncoding, "Optional[Tensor | BlockedMask]"] = {}  # one per distinct layer encoding
         for layer, block in enumerate(self.blocks):
+            # Position-free layers (model.nope_every): no rotation, and the mask without the encoding's bias.
             free = self.cfg.position_free(layer)
-            x = block(x, None if free else rotation, plain if free else mask, cache, layer, positions.query)
+            encoding = NO_POSITIONS if free else self.position.for_layer(layer)
+            if encoding not in masks:
+                masks[encoding] = self._mask(positions, x.dtype, attention_mask, encoding)
+            x = block(x, None if free else rotation, masks[encoding], cache, layer, positions.query,
+                      encoding if encoding.contextual else None)
         return self.norm(x)
 
     def forward(self, idx: Tensor, cache: Optional[KVCache] = None) -> Tensor:

@@ -1,9 +1,13 @@
 """Position encodings: rotary layouts, XPos, non-rotary baselines; one config class and one module each, their registry.
 
-Every encoding answers the same three questions, so the transformer has no special cases:
+Every encoding answers the same questions, so the transformer has no special cases:
     embed(x, positions)                  absolute encodings add to the token embeddings (identity otherwise)
     rotation(positions)                  rotary encodings build the tables that turn q and k (None otherwise)
     attention_bias(q_positions, k_positions)  ALiBi adds a bias to the attention scores (None otherwise)
+    for_layer(layer)                     encodings with parameters of their own per layer (FIRE, CoPE) answer
+                                         the questions above through that layer's part (themselves otherwise)
+    context_logits(q, scores)            contextual encodings (CoPE) add logits computed from the scores
+                                         themselves, which the attention then computes explicitly
 The transformer computes the `Positions` of a forward once and hands them to its encoding; nothing here keeps
 position state between calls. Adding an encoding means one config class registered with `@register_position`
 (its fields, checks and `build`), its module, and one YAML in conf/rope.
@@ -122,6 +126,7 @@ class ModelShape:
     head_dim: int
     context_length: int  # the training length
     init_std: float
+    n_layers: int
 
 
 # ----------------------------------------------------------------------------------------------
@@ -195,6 +200,11 @@ class PositionEncoding(nn.Module):
     """No position information at all: every answer is the identity (NoPE)."""
 
     max_length: Optional[int] = None  # the longest sequence the encoding is defined for; None: any
+    contextual: bool = False  # positions from the attention scores: the layer adds context_logits (CoPE)
+
+    def for_layer(self, layer: int) -> "PositionEncoding":
+        """The part of the encoding that layer `layer` (0-based) uses; the whole encoding when layers share it."""
+        return self
 
     def embed(self, x: Tensor, positions: Positions) -> Tensor:
         return x
@@ -527,6 +537,128 @@ class KerpleBias(PositionEncoding):
         if self.kind == "log":
             return -r1 * torch.log1p(self.r2.float().clamp(min=self.MIN)[:, None, None] * distance)
         return -r1 * distance.pow(self.r2.float().clamp(self.MIN, 2.0)[:, None, None])
+
+
+@register_position("fire")
+@dataclass
+class FireConfig(PositionConfig):
+    """FIRE (Li et al. 2023, arXiv:2310.04418): a learned function of the progressively normalised distance,
+    b(i, j) = f_θ(ψ(i − j) / ψ(max(L, i))), ψ(x) = log(c·x + 1), f_θ an MLP 1 → mlp_width → heads; one per layer."""
+
+    variant: str = "fire"
+    mlp_width: int = 32
+    init_c: float = 0.1
+    init_threshold: Optional[float] = None  # L before its learned multiplier; None: the training length
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(self.mlp_width >= 1, "rope.mlp_width", f"must be at least 1, got {self.mlp_width}")
+        _require(self.init_c > 0, "rope.init_c", f"must be positive, got {self.init_c}")
+        _require(self.init_threshold is None or self.init_threshold > 0, "rope.init_threshold",
+                 f"must be positive (or null: the training length), got {self.init_threshold}")
+
+    def build(self, shape: ModelShape, scaling: Scaling) -> "Fire":
+        threshold = float(self.init_threshold if self.init_threshold is not None else shape.context_length)
+        return Fire(shape.n_layers, shape.n_heads, self.mlp_width, self.init_c, threshold)
+
+
+class Fire(PositionEncoding):
+    """One FireBias per layer, as in the reference (mcleish7/arithmetic, cramming/architectures/embeddings.py)."""
+
+    def __init__(self, n_layers: int, n_heads: int, mlp_width: int = 32, init_c: float = 0.1, init_threshold: float = 512.0):
+        super().__init__()
+        self.layers = nn.ModuleList(FireBias(n_heads, mlp_width, init_c, init_threshold) for _ in range(n_layers))
+
+    def for_layer(self, layer: int) -> "FireBias":
+        return self.layers[layer]
+
+
+class FireBias(PositionEncoding):
+    """b(i, j) = MLP(log(|c·(i − j)| + 1) / (log(|c|·max(i, |λ·L|) + 1) + ε)) per head.
+
+    The normaliser is the query's own position past the threshold L (learned through its multiplier λ): the
+    farthest key is always at 1, so the MLP's input stays in [0, 1] at any length (the paper's "progressive
+    interpolation"); below L it is a fixed ψ(L), and the bias depends on i − j only.
+    """
+
+    EPS = 1e-6
+    HIDDEN_BUDGET = 2**22  # MLP hidden activations held at once, so long evaluations stay in bounded memory
+
+    def __init__(self, n_heads: int, mlp_width: int = 32, init_c: float = 0.1, init_threshold: float = 512.0):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(1, mlp_width), nn.ReLU(), nn.Linear(mlp_width, n_heads))
+        self.c = nn.Parameter(torch.tensor(float(init_c)))
+        self.register_buffer("init_threshold", torch.tensor(float(init_threshold)))
+        self.threshold_multiplier = nn.Parameter(torch.tensor(1.0))
+
+    def normalised_distance(self, query: Tensor, key: Tensor) -> Tensor:
+        """(P, q_len), (P, k_len) positions -> (P, q_len, k_len) MLP inputs, float32."""
+        i, j = query.float()[..., :, None], key.float()[..., None, :]
+        threshold = (self.threshold_multiplier * self.init_threshold).abs()
+        c = self.c.float()
+        normaliser = torch.log(torch.abs(c * torch.maximum(i, threshold)) + 1)
+        return torch.log(torch.abs(c * (i - j)) + 1) / (normaliser + self.EPS)
+
+    def attention_bias(self, query: Tensor, key: Tensor) -> Tensor:
+        x = self.normalised_distance(query, key)
+        rows = max(1, self.HIDDEN_BUDGET // (x.shape[0] * x.shape[-1] * self.mlp[0].out_features))
+        bias = torch.cat([self.mlp(x[:, start:start + rows, :, None]) for start in range(0, x.shape[1], rows)], dim=1)
+        return bias.float().permute(0, 3, 1, 2)  # (P, q, k, heads) -> (P, heads, q, k)
+
+
+@register_position("cope")
+@dataclass
+class CoPEConfig(PositionConfig):
+    """CoPE (Golovneva et al. 2024, arXiv:2405.18719): positions counted by gates on the context, one table per layer.
+
+    g_ij = σ(q_i·k_j/√d), p_ij = Σ_{t=j..i} g_it, and the logit of (i, j) gains q_i·e[p_ij] (interpolated between
+    ⌊p⌋ and ⌈p⌉), e a head_dim × npos table shared by the heads of a layer; positions past npos − 1 are clamped.
+    """
+
+    variant: str = "cope"
+    npos: Optional[int] = None  # None: the training length + 1 (position 0 is possible), as the reference
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(self.npos is None or self.npos >= 2, "rope.npos", f"must be at least 2 (or null), got {self.npos}")
+
+    def build(self, shape: ModelShape, scaling: Scaling) -> "CoPE":
+        return CoPE(shape.n_layers, shape.head_dim, self.npos if self.npos is not None else shape.context_length + 1)
+
+
+class CoPE(PositionEncoding):
+    """One ContextPosition per layer, as in the reference (facebookresearch/RAM, projects/cope)."""
+
+    def __init__(self, n_layers: int, head_dim: int, npos: int):
+        super().__init__()
+        self.layers = nn.ModuleList(ContextPosition(head_dim, npos) for _ in range(n_layers))
+
+    def for_layer(self, layer: int) -> "ContextPosition":
+        return self.layers[layer]
+
+
+class ContextPosition(PositionEncoding):
+    """The logits one layer's CoPE adds: (q_i·e[p_ij]) / √d, e initialised to zeros as in the reference."""
+
+    contextual = True
+
+    def __init__(self, head_dim: int, npos: int):
+        super().__init__()
+        self.npos, self.scale = npos, head_dim ** -0.5
+        self.embedding = nn.Parameter(torch.zeros(head_dim, npos))
+
+    def context_logits(self, q: Tensor, scores: Tensor) -> Tensor:
+        """q (B, H, rows, head_dim) float32; scores (B, H, rows, keys) = q·kᵀ/√d, −inf at keys not seen
+        (their gate is then 0, so a reverse cumulative sum over the row counts keys j..i)."""
+        gates = torch.sigmoid(scores)
+        positions = gates.flip(-1).cumsum(-1).flip(-1).clamp(max=self.npos - 1)
+        # NaN scores (a row that saw no key, upstream) index position 0: the logits stay NaN, as SDPA's would.
+        positions = positions.nan_to_num(0.0)
+        fixed = q @ self.embedding.float()  # q·e[p] at every integer p: (B, H, rows, npos)
+        floor = positions.floor()
+        weight = positions - floor  # the gradient reaches the gates through this weight
+        below, above = fixed.gather(-1, floor.long()), fixed.gather(-1, positions.ceil().long())
+        return (above * weight + below * (1 - weight)) * self.scale
 
 
 @register_position("sinusoidal")

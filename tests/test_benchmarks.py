@@ -74,10 +74,11 @@ def test_quick_suite_reports_every_section_with_its_ratios(tmp_path):
     rows = results["longctx"]["rows"]
     assert [row["length"] for row in rows] == [64, 128]
     for row in rows:
-        for peer in ("sdpa", "naive", "alibi-sdpa", "t5-sdpa", "kerple-sdpa"):
+        for peer in ("sdpa", "naive", "alibi-sdpa", "t5-sdpa", "kerple-sdpa", "fire-sdpa", "cope-explicit"):
             assert row[peer]["median_s"] > 0 and row[peer]["peak_bytes"] > 0
         assert row["sdpa_speedup_vs_naive"]["wall"] > 0 and row["naive_memory_over_sdpa"] > 0
-    assert set(results["longctx"]["memory_exponent"]) == {"sdpa", "naive", "alibi-sdpa", "t5-sdpa", "kerple-sdpa"}
+    assert set(results["longctx"]["memory_exponent"]) == {"sdpa", "naive", "alibi-sdpa", "t5-sdpa", "kerple-sdpa",
+                                                          "fire-sdpa", "cope-explicit"}
 
     for title in ("rope forward:", "rope forward_backward:", "LM head + cross-entropy", "RMSNorm, forward + backward",
                   "train step", "where a train step's time goes",
@@ -140,7 +141,7 @@ def test_block_compiles_to_one_graph_and_matches_eager(name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("pattern", ["alibi", "sliding"])
+@pytest.mark.parametrize("pattern", ["alibi", "sliding", "fire", "cope"])
 @pytest.mark.parametrize("grad", [False, True])
 def test_block_compiles_to_one_graph_with_a_blocked_mask(pattern, grad, monkeypatch):
     """Long masks go by blocks of queries (model.BlockedMask): still one graph, and no recompilation for
@@ -150,7 +151,7 @@ def test_block_compiles_to_one_graph_with_a_blocked_mask(pattern, grad, monkeypa
 
     torch._dynamo.reset()
     monkeypatch.setattr(minillm.model, "MASK_BUDGET", 4 * 24 * 4)  # blocks of 4 (ALiBi) or 16 queries
-    rope = position_config("alibi") if pattern == "alibi" else RotaryConfig("complex")
+    rope = RotaryConfig("complex") if pattern == "sliding" else position_config(pattern)
     model = Transformer(ModelConfig(vocab_size=64, d_model=64, n_heads=4, n_kv_heads=2, n_layers=1, rope=rope))
     block = model.blocks[0]
     allowed = attention_mask("sliding", 24, 5, torch.device("cpu")) if pattern == "sliding" else None
@@ -161,8 +162,9 @@ def test_block_compiles_to_one_graph_with_a_blocked_mask(pattern, grad, monkeypa
             positions = Positions.contiguous(0, 24, x.device)
             rotation, mask = model.position.rotation(positions), model._mask(positions, x.dtype, allowed)
             assert isinstance(mask, minillm.model.BlockedMask)
-            eager = block(x, rotation, mask)
-            torch.testing.assert_close(compiled(x, rotation, mask), eager, rtol=1e-5, atol=1e-5)
+            context = model.position.for_layer(0) if pattern == "cope" else None
+            eager = block(x, rotation, mask, context=context)
+            torch.testing.assert_close(compiled(x, rotation, mask, context=context), eager, rtol=1e-5, atol=1e-5)
 
 
 def test_a_peer_process_surfaces_a_failed_build_and_a_dead_child():

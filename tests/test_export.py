@@ -206,6 +206,8 @@ INCOMPATIBLE = [
     (dict(nope_every=2), "model.nope_every=2"),
     (dict(attn_temperature="logn"), "model.attn_temperature='logn'"),
     (dict(rope=position_config("kerple")), "rope.variant='kerple'"),
+    (dict(rope=position_config("fire")), "rope.variant='fire'"),
+    (dict(rope=position_config("cope")), "rope.variant='cope'"),
     (dict(rope=RotaryConfig(xpos_scale_base=512.0)), "rope.xpos_scale_base=512.0"),
     (dict(rope=RotaryConfig(rotary_dim=8), rope_scaling=YarnScaling()), "rope_scaling.type='yarn'"),
     (dict(rope=RotaryConfig(rotary_dim=8), rope_scaling=Llama3Scaling()), "rope_scaling.type='llama3'"),

@@ -30,6 +30,8 @@ ENCODINGS = {
     "kerple_log": position_config("kerple"),
     "kerple_power": position_config({"variant": "kerple", "kind": "power"}),
     "p_rope": position_config({"variant": "p_rope", "p": 0.5}),
+    "fire": position_config("fire"),
+    "cope": position_config("cope"),
 }
 SCALINGS = {
     "linear": LinearScaling(factor=2.0),
@@ -66,6 +68,10 @@ MODEL_CASES.update({
     "complex_logn": dict(rope=RotaryConfig("complex"), attn_temperature="logn", context_length=6),
     "alibi_ssmax": dict(rope=position_config("alibi"), attn_temperature="ssmax", context_length=6),
     "alibi_nope_every_2": dict(rope=position_config("alibi"), nope_every=2),
+    "cope_gqa_qknorm": dict(rope=position_config("cope"), n_kv_heads=2, qk_norm=True),
+    "fire_gqa_qknorm": dict(rope=position_config("fire"), n_kv_heads=2, qk_norm=True),
+    "fire_nope_every_2": dict(rope=position_config("fire"), nope_every=2),
+    "cope_logn": dict(rope=position_config("cope"), attn_temperature="logn", context_length=6),
 })
 
 
@@ -140,7 +146,7 @@ def windows(length: int, window: int) -> torch.Tensor:
     return allowed
 
 
-@pytest.mark.parametrize("case", ["alibi_gqa_qknorm", "complex_gqa_qknorm"])
+@pytest.mark.parametrize("case", ["alibi_gqa_qknorm", "complex_gqa_qknorm", "fire_gqa_qknorm", "cope_gqa_qknorm"])
 @pytest.mark.parametrize("pattern", ["causal", "windows"])
 def test_blocked_masks_equal_whole_masks(case, pattern, monkeypatch):
     """Over MASK_BUDGET, masks are built per block of queries; losses and gradients stay those of the whole mask."""
@@ -151,10 +157,11 @@ def test_blocked_masks_equal_whole_masks(case, pattern, monkeypatch):
     allowed = windows(16, 5) if pattern == "windows" else None
     whole_loss = model.token_losses(idx, targets, attention_mask=allowed).mean()
     whole_grads = torch.autograd.grad(whole_loss, list(model.parameters()), allow_unused=True)
-    per_row = 16 * (4 if case.startswith("alibi") else 1)
+    positional = not case.startswith("complex")  # a bias per head, or CoPE's explicit attention over every head
+    per_row = 16 * (4 if positional else 1)
     monkeypatch.setattr(minillm.model, "MASK_BUDGET", 3 * per_row)  # blocks of 3 queries: 6 blocks, the last of 1
     mask = model._mask(Positions.contiguous(0, 16, idx.device), torch.float32, allowed)
-    if allowed is None and not case.startswith("alibi"):
+    if allowed is None and not positional:
         assert mask is None  # plain causal attention needs no mask, however long
         return
     assert isinstance(mask, minillm.model.BlockedMask)
@@ -170,7 +177,7 @@ def test_blocked_masks_equal_whole_masks(case, pattern, monkeypatch):
         assert [keys for _, keys, _ in blocks] == [16, 16, 16, 12, 15, 16]
 
 
-@pytest.mark.parametrize("case", ["alibi_gqa_qknorm", "complex_gqa_qknorm"])
+@pytest.mark.parametrize("case", ["alibi_gqa_qknorm", "complex_gqa_qknorm", "cope_gqa_qknorm"])
 def test_blocked_masks_with_a_pattern_continue_a_cache_and_survive_blind_rows(case, monkeypatch):
     """A pattern over a cache continuation, rows (and a whole block) that see no key, a budget under one row."""
     import minillm.model
@@ -192,6 +199,49 @@ def test_blocked_masks_with_a_pattern_continue_a_cache_and_survive_blind_rows(ca
         assert isinstance(mask, minillm.model.BlockedMask) and len(mask.spans) == 10
         assert [keys for _, keys in mask.spans[:4]] == [1, 1, 1, 10]  # blind rows keep one key
         torch.testing.assert_close(continued(), expected, equal_nan=True)
+
+
+def test_cope_attention_is_the_reference_formula():
+    """One layer against facebookresearch/RAM's ContextPosSelfAttn, written out: gates σ(q·kᵀ/√d) on the causal mask,
+    positions their reverse cumulative sum, logits (q·kᵀ + q·e[p]) / √d + log(mask), softmax, times v."""
+    model = tiny(rope=position_config("cope"), n_layers=1)
+    attention, cope = model.blocks[0].attn, model.position.for_layer(0)
+    with torch.no_grad():
+        cope.embedding.normal_(generator=torch.Generator().manual_seed(3))
+        x = torch.randn(2, 12, 32, generator=torch.Generator().manual_seed(4))
+        mask = model._mask(Positions.contiguous(0, 12, x.device), torch.float32, None, cope)
+        ours = attention(x, None, mask, context=cope)
+        q, k, v = (t.view(2, 12, 4, 8).transpose(1, 2) for t in attention.qkv(x).split(32, dim=-1))
+        causal = torch.ones(12, 12).tril()
+        gates = torch.sigmoid(q @ k.transpose(-1, -2) / math.sqrt(8)) * causal
+        positions = gates.flip(-1).cumsum(-1).flip(-1).clamp(max=cope.npos - 1)
+        fixed = q @ cope.embedding
+        floor = positions.floor().long()
+        weight = positions - floor
+        position_logits = fixed.gather(-1, positions.ceil().long()) * weight + fixed.gather(-1, floor) * (1 - weight)
+        logits = (q @ k.transpose(-1, -2) + position_logits) / math.sqrt(8) + causal.log()
+        reference = attention.proj((logits.softmax(-1) @ v).transpose(1, 2).reshape(2, 12, 32))
+    assert cope.npos == 17  # the training length + 1
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rope", ["fire", "cope", "t5", "kerple"])
+def test_learned_relative_encodings_are_defined_past_the_training_length(rope):
+    """8x the training length: finite losses, gradients still reaching the encoding's parameters."""
+    model = tiny(rope=position_config(rope)).train()
+    idx, targets = tokens(2, 128), tokens(2, 128, seed=2)
+    loss = model.token_losses(idx, targets).mean()
+    assert bool(loss.isfinite())
+    loss.backward()
+    assert any(float(p.grad.abs().sum()) > 0 for p in model.position.parameters() if p.grad is not None)
+
+
+def test_fire_and_cope_keep_one_part_per_layer():
+    for rope in ("fire", "cope"):
+        model = tiny(rope=position_config(rope), n_layers=3)
+        parts = [model.position.for_layer(layer) for layer in range(3)]
+        assert len({id(part) for part in parts}) == 3
+        assert all(any(True for _ in part.parameters()) for part in parts)
 
 
 def test_blocked_masks_are_built_once_for_every_layer_under_autograd_and_per_layer_without(monkeypatch):

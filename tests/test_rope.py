@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 
 from minillm.rope import (
     POSITION_ENCODINGS,
+    ContextPosition,
+    FireBias,
     KerpleBias,
     T5Bias,
     t5_bucket,
@@ -634,7 +636,7 @@ def test_unknown_encoding_lists_valid_variants():
     for name in (*ROTARY_LAYOUTS, "alibi", "sinusoidal", "learned", "none"):
         assert repr(name) in str(error.value)
     assert sorted(POSITION_ENCODINGS) == sorted((*ROTARY_LAYOUTS, "alibi", "sinusoidal", "learned", "none", "t5",
-                                                 "kerple", "p_rope"))
+                                                 "kerple", "p_rope", "fire", "cope"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -730,6 +732,95 @@ def test_kerple_bias_is_its_kernel_of_the_distance(kind):
     assert bool((kerple.r1.grad[:2] != 0).all()) and bool((kerple.r2.grad[0] != 0))
 
 
+def fire_by_hand(fire: FireBias, i: int, j: int) -> list[float]:
+    """FIRE's bias per head from the paper's definition, in plain Python: f(ψ(i − j) / ψ(max(L, i))), ψ(x) = log(cx + 1)."""
+    c, threshold = fire.c.item(), abs(fire.threshold_multiplier.item() * fire.init_threshold.item())
+    x = math.log(abs(c * (i - j)) + 1) / (math.log(abs(c * max(i, threshold)) + 1) + 1e-6)
+    first, second = fire.mlp[0], fire.mlp[2]
+    hidden = [max(0.0, w * x + b) for w, b in zip(first.weight[:, 0].tolist(), first.bias.tolist())]
+    return [sum(h * w for h, w in zip(hidden, row)) + b for row, b in zip(second.weight.tolist(), second.bias.tolist())]
+
+
+def test_fire_bias_is_its_mlp_of_the_normalised_distance():
+    torch.manual_seed(0)
+    fire = FireBias(3, mlp_width=8, init_c=0.3, init_threshold=16.0)
+    with torch.no_grad():
+        fire.threshold_multiplier.fill_(1.25)  # L = 20
+    positions = torch.arange(64)[None]
+    bias = fire.attention_bias(positions, positions)
+    assert bias.shape == (1, 3, 64, 64) and bias.dtype == torch.float32
+    for i, j in ((0, 0), (5, 2), (19, 0), (20, 3), (63, 0), (63, 62), (40, 41)):
+        assert bias[0, :, i, j].tolist() == pytest.approx(fire_by_hand(fire, i, j), rel=1e-5, abs=1e-6)
+
+
+def test_fire_normalisation_keeps_the_mlp_input_in_the_unit_range_and_is_relative_below_the_threshold(monkeypatch):
+    """Not relative in general (the normaliser is the query's own position past L); the paper's guarantee instead:
+    the farthest key maps to 1 at any length, so the MLP never reads an input it was not trained on."""
+    fire = FireBias(2, init_threshold=16.0)
+    positions = torch.arange(2048)[None]
+    with torch.no_grad():
+        x = fire.normalised_distance(positions, positions)[0]
+    causal = torch.ones(2048, 2048, dtype=torch.bool).tril()
+    assert float(x[causal].min()) == 0.0 and float(x[causal].max()) <= 1.0
+    torch.testing.assert_close(x[16:, 0], torch.ones(2032), atol=1e-5, rtol=0)  # i ≥ L: the first key sits at 1
+    assert float(x[8, 0]) < 1.0  # below L the normaliser is ψ(L) > ψ(i)
+    low = torch.arange(10)[None]
+    torch.testing.assert_close(fire.attention_bias(low + 5, low + 5), fire.attention_bias(low, low))
+    assert not torch.allclose(fire.attention_bias(low + 100, low + 100), fire.attention_bias(low, low))
+    whole = fire.attention_bias(positions[:, :300], positions[:, :300])
+    monkeypatch.setattr(FireBias, "HIDDEN_BUDGET", 5000)  # the MLP over blocks of rows gives the same bias
+    torch.testing.assert_close(fire.attention_bias(positions[:, :300], positions[:, :300]), whole)
+
+
+def test_fire_gradients_reach_every_parameter():
+    fire = FireBias(2, mlp_width=8, init_threshold=8.0)
+    positions = torch.arange(24)[None]  # rows below and above the threshold
+    (fire.attention_bias(positions, positions).tril() ** 2).sum().backward()
+    for name, parameter in fire.named_parameters():
+        assert parameter.grad is not None and float(parameter.grad.abs().sum()) > 0, name
+
+
+def cope_by_hand(embedding: torch.Tensor, q: torch.Tensor, scores: torch.Tensor, npos: int) -> torch.Tensor:
+    """CoPE's added logits by loops over (i, j) from the paper: p_ij = Σ_{t=j..i} σ(s_it), clamped to npos − 1,
+    q_i·e interpolated between ⌊p⌋ and ⌈p⌉, divided by √d."""
+    rows, keys = scores.shape
+    out = torch.zeros(rows, keys, dtype=torch.float64)
+    for i in range(rows):
+        for j in range(keys):
+            p = min(sum(1 / (1 + math.exp(-float(s))) for s in scores[i, j:] if s != float("-inf")), npos - 1)
+            lo, hi = math.floor(p), math.ceil(p)
+            at = lambda n: float(q[i].double() @ embedding[:, n].double())  # noqa: E731
+            out[i, j] = ((1 - (p - lo)) * at(lo) + (p - lo) * at(hi)) / math.sqrt(q.shape[-1])
+    return out
+
+
+def test_cope_logits_count_the_gates_from_each_key_to_the_query():
+    g = torch.Generator().manual_seed(0)
+    cope = ContextPosition(head_dim=4, npos=4)  # few positions: long rows clamp
+    with torch.no_grad():
+        cope.embedding.copy_(torch.randn(4, 4, generator=g))
+    q = torch.randn(1, 2, 7, 4, generator=g)
+    scores = torch.randn(1, 2, 7, 9, generator=g).masked_fill(~torch.ones(7, 9, dtype=torch.bool).tril(2), float("-inf"))
+    logits = cope.context_logits(q, scores)
+    assert logits.shape == (1, 2, 7, 9) and bool(logits.isfinite().all())
+    for head in range(2):
+        torch.testing.assert_close(logits[0, head].double(), cope_by_hand(cope.embedding.detach(), q[0, head], scores[0, head], 4),
+                                   atol=1e-5, rtol=1e-5)
+    (logits * torch.randn(logits.shape, generator=g)).sum().backward()
+    assert float(cope.embedding.grad.abs().sum()) > 0
+
+
+def test_cope_gates_reach_the_scores():
+    """The interpolation weight carries the gradient to the gates (floor and ceil do not)."""
+    cope = ContextPosition(head_dim=4, npos=16)
+    with torch.no_grad():
+        cope.embedding.copy_(torch.randn(4, 16, generator=torch.Generator().manual_seed(1)))
+    scores = torch.randn(1, 1, 5, 5).masked_fill(~torch.ones(5, 5, dtype=torch.bool).tril(), float("-inf"))
+    scores.requires_grad_(True)
+    cope.context_logits(torch.randn(1, 1, 5, 4), scores).tril().sum().backward()
+    assert bool((scores.grad.tril() != 0).any()) and bool((scores.grad.triu(1) == 0).all())
+
+
 def test_p_rope_turns_the_highest_frequencies_only():
     """p = 0.5 of head_dim 16: frequencies theta^(−2i/16) for i < 4 on 8 channels; the other 8 carry no position."""
     from minillm.config import ModelConfig
@@ -752,6 +843,11 @@ def test_p_rope_turns_the_highest_frequencies_only():
     ({"variant": "t5", "num_buckets": 1}, "rope.num_buckets"),
     ({"variant": "t5", "max_distance": 10}, "rope.max_distance"),
     ({"variant": "kerple", "kind": "gauss"}, "rope.kind"),
+    ({"variant": "fire", "mlp_width": 0}, "rope.mlp_width"),
+    ({"variant": "fire", "init_c": 0.0}, "rope.init_c"),
+    ({"variant": "fire", "init_c": -0.1}, "rope.init_c"),
+    ({"variant": "fire", "init_threshold": -4.0}, "rope.init_threshold"),
+    ({"variant": "cope", "npos": 1}, "rope.npos"),
 ])
 def test_bad_encoding_settings_name_themselves(setting, field):
     with pytest.raises(ValueError, match=rf"^{field.replace('.', '[.]')}:"):
