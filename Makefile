@@ -31,14 +31,22 @@ test: setup  ## the whole test suite
 bench: setup  ## the benchmark suite against its peers: tables on stdout, figures in benchmark_results.json
 	$(BIN)/python benchmarks/run.py $(ARGS)
 
-# The comparison of docs/extrapolation.md: every scaling method under full attention, then every attention
-# pattern with passkey retrieval (no scaling), so neither pass multiplies the other's cost.
+# The comparison of docs/extrapolation.md: every encoding and setting trained at 64 tokens (3 seeds), then every
+# scaling method under full attention, then every training-free attention method (no scaling), then ReRoPE's
+# log-n variant, so that no pass multiplies another's cost.
 SWEEP ?= outputs/extrapolation
-extrapolation: setup  ## train the comparison set (6 encodings + complex θ=500k, 3 seeds each) and evaluate it
-	$(BIN)/python scripts/train.py -m experiment=extrapolation hydra.sweep.dir=$(SWEEP)/train $(ARGS)
-	$(BIN)/python scripts/train.py -m experiment=extrapolation rope=complex rope.theta=500000 \
-		hydra.sweep.dir=$(SWEEP)/train_theta500k $(ARGS)
-	$(BIN)/python scripts/eval_extrapolate.py ckpt=[$(SWEEP)/train,$(SWEEP)/train_theta500k] passkey_trials=0 \
-		hydra.run.dir=$(SWEEP)/eval_scalings
-	$(BIN)/python scripts/eval_extrapolate.py ckpt=[$(SWEEP)/train,$(SWEEP)/train_theta500k] scalings=[none] \
-		attention=[full,blockwise,sliding] hydra.run.dir=$(SWEEP)/eval_attention
+TRAIN_EXTRAPOLATION = $(BIN)/python scripts/train.py -m experiment=extrapolation $(ARGS)
+EVAL_EXTRAPOLATION = $(BIN)/python scripts/eval_extrapolate.py ckpt=[$(SWEEP)/train,$(SWEEP)/train_theta500k,$(SWEEP)/train_kerple_power,$(SWEEP)/train_p_rope_quarter,$(SWEEP)/train_nope_layers,$(SWEEP)/train_temperature]
+extrapolation: setup  ## train the comparison set (11 encodings + 6 variants, 3 seeds each) and evaluate it
+	$(TRAIN_EXTRAPOLATION) hydra.sweep.dir=$(SWEEP)/train
+	$(TRAIN_EXTRAPOLATION) rope=complex rope.theta=500000 hydra.sweep.dir=$(SWEEP)/train_theta500k
+	$(TRAIN_EXTRAPOLATION) rope=kerple rope.kind=power hydra.sweep.dir=$(SWEEP)/train_kerple_power
+	$(TRAIN_EXTRAPOLATION) rope=p_rope rope.p=0.25 hydra.sweep.dir=$(SWEEP)/train_p_rope_quarter
+	$(TRAIN_EXTRAPOLATION) rope=complex model.nope_every=4 hydra.sweep.dir=$(SWEEP)/train_nope_layers
+	$(TRAIN_EXTRAPOLATION) rope=complex model.attn_temperature=logn,ssmax hydra.sweep.dir=$(SWEEP)/train_temperature
+	$(EVAL_EXTRAPOLATION) passkey_trials=0 hydra.run.dir=$(SWEEP)/eval_scalings
+	$(EVAL_EXTRAPOLATION) scalings=[none] \
+		attention=[full,blockwise,sliding,self_extend,rerope,leaky_rerope,lm_infinite,sinks] \
+		hydra.run.dir=$(SWEEP)/eval_attention
+	$(EVAL_EXTRAPOLATION) scalings=[none] attention=[full,rerope,leaky_rerope] logn=true passkey_trials=0 \
+		hydra.run.dir=$(SWEEP)/eval_logn

@@ -10,6 +10,10 @@ Peers, the same tiny model (random weights: time and memory do not depend on the
                 layer, its hidden activations by blocks of rows too)
     cope-explicit  CoPE: its logits depend on the scores, so attention is written out (model.contextual_attention),
                 by blocks of queries; like naive, up to EXPLICIT_MAX_LENGTH
+    self_extend, rerope, leaky_rerope, lm_infinite, sinks  the sdpa model read with a training-free attention
+                method (minillm.attention, defaults at the model's training length): two score sets, each through
+                SDPA's flash kernel with its log-sum-exp, merged; `time_over_sdpa` is each one's time over plain
+                attention's in the same rounds (target ≤ 2.5x at 4096 tokens)
 
 Peak memory. CUDA: torch.cuda.max_memory_allocated during the call, minus what was allocated before it.
 CPU: torch keeps no allocation statistics there, so each (peer, length) runs in a fresh subprocess that
@@ -29,12 +33,14 @@ import sys
 import torch
 
 from common import Settings, print_table, probe_in_fresh_process, resident_growth, speedup, time_peers
+from minillm.attention import attention_method
 from minillm.config import ModelConfig
 from minillm.model import Attention, KVCache, Transformer
 from minillm.rope import Rotation, position_config
 
 BIASES = ("alibi", "t5", "kerple", "fire")  # encodings whose bias reaches SDPA as attn_mask
-PEERS = ("sdpa", "naive", *(f"{name}-sdpa" for name in BIASES), "cope-explicit")
+METHODS = ("self_extend", "rerope", "leaky_rerope", "lm_infinite", "sinks")  # on the sdpa peer's model
+PEERS = ("sdpa", "naive", *(f"{name}-sdpa" for name in BIASES), "cope-explicit", *METHODS)
 NAIVE_MAX_LENGTH = {"cpu": 4096, "cuda": 16384}
 # Quadratic work beyond SDPA's kernels (FIRE's MLP over every (query, key) pair, CoPE's explicit attention):
 # each doubling costs 4x, so CPU runs stop at the 4096 tokens the comparison needs.
@@ -46,7 +52,7 @@ class NaiveAttention(Attention):
     """Attention.forward with the SDPA call replaced by the textbook computation (no KV cache)."""
 
     def forward(self, x: torch.Tensor, rotation: Rotation | None, mask, cache: KVCache | None = None,
-                layer: int = 0, query_positions: torch.Tensor | None = None, context=None) -> torch.Tensor:
+                layer: int = 0, query_positions: torch.Tensor | None = None, context=None, parts=None) -> torch.Tensor:
         if cache is not None:
             raise ValueError("NaiveAttention: full sequences only")
         batch, seq, _ = x.shape
@@ -73,6 +79,8 @@ def build(peer: str, device: torch.device) -> Transformer:
     encoding = peer.removesuffix("-sdpa").removesuffix("-explicit")
     cfg = ModelConfig(rope=position_config(encoding)) if encoding in (*BIASES, "cope") else ModelConfig()
     model = Transformer(cfg).to(device).eval()
+    if peer in METHODS:  # what evaluate() reads the model with
+        model.benchmark_method = attention_method(peer)
     if peer == "naive":
         for block in model.blocks:
             block.attn.__class__ = NaiveAttention
@@ -99,7 +107,7 @@ def tokens(length: int, vocab: int, device: torch.device) -> tuple[torch.Tensor,
 
 def evaluate(model: Transformer, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     with torch.inference_mode():
-        return model.token_losses(idx, targets)
+        return model.token_losses(idx, targets, attention=getattr(model, "benchmark_method", None))
 
 
 def peak_memory(cases: list[tuple[str, int]], device: torch.device) -> dict[tuple[str, int], int]:
@@ -145,6 +153,7 @@ def run(settings: Settings) -> dict:
         row = {"length": length}
         for peer, timing in timings.items():
             row[peer] = {**timing.as_dict(), "peak_bytes": peaks[peer, length], "tokens_per_s": length / timing.median}
+        row["time_over_sdpa"] = {peer: speedup(timings, "sdpa", peer)["wall"] for peer in METHODS if peer in timings}
         if "naive" in row:
             row["sdpa_speedup_vs_naive"] = speedup(timings, "sdpa", "naive")
             row["naive_memory_over_sdpa"] = row["naive"]["peak_bytes"] / max(row["sdpa"]["peak_bytes"], 1)
@@ -170,7 +179,10 @@ def print_results(rows: list[dict], exponents: dict) -> None:
                 ["length", *(f"{p} ms" for p in PEERS), *(f"{p} MiB" for p in PEERS), "sdpa vs naive",
                  "naive/sdpa mem"], table,
                 ("memory growth exponents over each peer's two longest lengths (1 linear, 2 quadratic): "
-                 + ", ".join(f"{p} {e:.2f}" for p, e in exponents.items()),))
+                 + ", ".join(f"{p} {e:.2f}" for p, e in exponents.items()),
+                 "attention methods' time over plain attention's (same rounds): "
+                 + "; ".join(f"{r['length']}: " + ", ".join(f"{p} {t:.2f}x" for p, t in r["time_over_sdpa"].items())
+                             for r in rows)))
 
 
 if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "--probe":

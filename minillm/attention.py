@@ -1,63 +1,265 @@
-"""Attention patterns at evaluation time: which keys each query may see (bool masks, True = may attend).
+"""Attention methods at evaluation time: which keys each query sees, and at which positions (training-free extension).
 
-Each pattern is one function `(length, window, device) -> mask or None`, registered with `@register_pattern`;
-None wherever the pattern is plain causal attention, so SDPA keeps its fused causal kernels.
-`window` is the model's training length.
+A method turns a forward's `Positions` into one or more `Part`s. Each part is a set of attention scores computed
+with its own query and key positions over the (query, key) pairs its pattern admits; the parts of one query never
+overlap, and their union is attended with a single softmax (the model merges the parts by their log-sum-exp,
+which is exact). One part at the model's own positions is a plain mask (sliding, blockwise); two parts are how
+Self-Extend, ReRoPE, LM-Infinite and StreamingLLM's positions are computed without retraining.
+
+Patterns are functions of query and key *indices* (i, j: the token's place in the sequence, cache included), so
+the model evaluates them a block of rows at a time and never holds a whole (length × length) mask. Every pattern
+is a subset of causal attention. Adding a method means one config class registered with `@register_method`:
+its knobs (defaults stated as rules of the training length L), `check` and `parts`.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+import math
+from dataclasses import dataclass
+from typing import Callable, ClassVar, Optional
 
 import torch
 from torch import Tensor
 
-Pattern = Callable[[int, int, torch.device], Optional[Tensor]]
-ATTENTION_PATTERNS: dict[str, Pattern] = {}
+from minillm.rope import Positions
+
+Pattern = Callable[[Tensor, Tensor], Tensor]  # (query index (q, 1), key index (1, k)) -> bool, True = in this part
 
 
-def register_pattern(name: str):
-    def add(fn: Pattern) -> Pattern:
-        ATTENTION_PATTERNS[name] = fn
-        return fn
+@dataclass
+class Part:
+    """Scores of queries at positions.query against keys at positions.key, over the pairs `pattern` admits
+    (None: every causal pair)."""
+
+    positions: Positions
+    pattern: Optional[Pattern] = None
+
+
+def _require(condition: bool, name: str, message: str) -> None:
+    if not condition:
+        raise ValueError(f"{name}: {message}")
+
+
+def _causal(i: Tensor, j: Tensor) -> Tensor:
+    return j <= i
+
+
+def _at(query: Tensor, key: Tensor, like: Positions) -> Positions:
+    """Positions for one part; `length` stays the sequence's, so dynamic scalings and XPos see the real length."""
+    return Positions(query, key, like.length)
+
+
+ATTENTION_METHODS: dict[str, type["AttentionMethod"]] = {}
+
+
+def register_method(name: str):
+    def add(cls: type[AttentionMethod]) -> type[AttentionMethod]:
+        cls.name = name
+        ATTENTION_METHODS[name] = cls
+        return cls
 
     return add
 
 
-def _grid(length: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Query and key indices as a (length, 1) and a (1, length) tensor."""
-    index = torch.arange(length, device=device)
-    return index[:, None], index[None, :]
+@register_method("full")
+@dataclass
+class AttentionMethod:
+    """Plain causal attention over the whole sequence, at the model's own positions."""
+
+    name: ClassVar[str] = "full"
+    # What the encoding must be for the method to mean anything: "any"; "relative" (positions enter attention in
+    # every layer: rotary, a bias or none at all, not absolute embeddings nor CoPE's counted positions); "rotary".
+    needs: ClassVar[str] = "any"
+
+    def check(self, trained_length: int) -> None:
+        """Raise, naming the setting, if the knobs make no sense for a model trained at `trained_length`
+        (knobs that need no length are checked when the config is built)."""
+
+    def parts(self, positions: Positions, trained_length: int) -> list[Part]:
+        return [Part(positions)]
+
+    def knob(self, value: Optional[int], default: int) -> int:
+        return default if value is None else int(value)
 
 
-@register_pattern("full")
-def full(length: int, window: int, device: torch.device) -> Optional[Tensor]:
-    """Plain causal attention over the whole sequence."""
-    return None
+@register_method("blockwise")
+@dataclass
+class Blockwise(AttentionMethod):
+    """Blockwise causal (Sun et al. 2022, arXiv:2212.10554, sec. 3.3): blocks of L/2 tokens attend causally to
+    their own block and the one before, so no query sees keys L or more positions back."""
+
+    def parts(self, positions: Positions, trained_length: int) -> list[Part]:
+        block = max(trained_length // 2, 1)
+        return [Part(positions, lambda i, j: (j <= i) & (i // block - j // block <= 1))]
 
 
-@register_pattern("blockwise")
-def blockwise(length: int, window: int, device: torch.device) -> Optional[Tensor]:
-    """Blockwise causal (Sun et al. 2022, arXiv:2212.10554, sec. 3.3): blocks of window/2 tokens attend
-    causally to their own block and the one before, so no query sees keys `window` or more positions back."""
-    block = max(window // 2, 1)
-    if length <= 2 * block:
-        return None
-    query, key = _grid(length, device)
-    return (key <= query) & (query // block - key // block <= 1)
+@register_method("sliding")
+@dataclass
+class Sliding(AttentionMethod):
+    """Sliding window: each query sees the last `window` keys, itself included (default: the training length)."""
+
+    window: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        _require(self.window is None or self.window >= 1, "methods.sliding.window", f"must be at least 1, got {self.window}")
+
+    def parts(self, positions: Positions, trained_length: int) -> list[Part]:
+        window = self.knob(self.window, trained_length)
+        return [Part(positions, lambda i, j: (j <= i) & (i - j < window))]
 
 
-@register_pattern("sliding")
-def sliding(length: int, window: int, device: torch.device) -> Optional[Tensor]:
-    """Sliding window: each query sees the last `window` keys, itself included."""
-    if length <= window:
-        return None
-    query, key = _grid(length, device)
-    return (key <= query) & (query - key < window)
+@register_method("self_extend")
+@dataclass
+class SelfExtend(AttentionMethod):
+    """Self-Extend (Jin et al. 2024, arXiv:2401.01325; datamllab/LongLM `self_extend_patch/Llama.py`).
+
+    Neighbour attention at the model's positions where i − j < W; beyond, grouped positions: ⌊j/G⌋ for keys and
+    ⌊i/G⌋ + W − ⌊W/G⌋ for queries, so that the grouped distances continue the neighbour ones. Both score sets
+    share one softmax. Defaults: G = 8, W = L/2 (the paper's rule: it reaches (L − W)·G + W tokens).
+    """
+
+    group: int = 8
+    window: Optional[int] = None
+
+    needs: ClassVar[str] = "relative"
+
+    def __post_init__(self) -> None:
+        _require(self.group >= 1, "methods.self_extend.group", f"must be at least 1, got {self.group}")
+        _require(self.window is None or self.window >= 1, "methods.self_extend.window",
+                 f"must be at least 1, got {self.window}")
+
+    def check(self, trained_length: int) -> None:
+        window = self.knob(self.window, trained_length // 2)
+        _require(1 <= window < trained_length, "methods.self_extend.window",
+                 f"must lie in [1, {trained_length}) (below the training length), got {window}")
+
+    def parts(self, positions: Positions, trained_length: int) -> list[Part]:
+        group, window = self.group, self.knob(self.window, trained_length // 2)
+        grouped = _at(torch.div(positions.query, group, rounding_mode="floor") + window - window // group,
+                      torch.div(positions.key, group, rounding_mode="floor"), positions)
+        return [Part(positions, lambda i, j: (j <= i) & (i - j < window)),
+                Part(grouped, lambda i, j: i - j >= window)]
 
 
-def attention_mask(pattern: str, length: int, window: int, device: torch.device) -> Optional[Tensor]:
-    """The (length, length) mask of a registered pattern, or None for plain causal attention."""
-    if pattern not in ATTENTION_PATTERNS:
-        raise ValueError(f"attention: got {pattern!r}, expected one of {sorted(ATTENTION_PATTERNS)}")
-    return ATTENTION_PATTERNS[pattern](length, window, device)
+@register_method("rerope")
+@dataclass
+class ReRoPE(AttentionMethod):
+    """ReRoPE (Su 2023, bojone/rerope; jquesnelle/yarn `scaled_rope/LlamaReRoPE.py`): relative distance
+    r' = min(r, w). Past w the query is turned by w and the key not at all. Default w = L/2."""
+
+    window: Optional[int] = None
+
+    needs: ClassVar[str] = "rotary"
+
+    def __post_init__(self) -> None:
+        _require(self.window is None or self.window >= 1, f"methods.{self.name}.window",
+                 f"must be at least 1, got {self.window}")
+
+    def check(self, trained_length: int) -> None:
+        window = self.knob(self.window, trained_length // 2)
+        _require(1 <= window < trained_length, f"methods.{self.name}.window",
+                 f"must lie in [1, {trained_length}) (below the training length), got {window}")
+
+    def far(self, positions: Positions, window: int) -> Positions:
+        return _at(torch.full_like(positions.query, window), torch.zeros_like(positions.key), positions)
+
+    def parts(self, positions: Positions, trained_length: int) -> list[Part]:
+        window = self.knob(self.window, trained_length // 2)
+        return [Part(positions, lambda i, j: (j <= i) & (i - j < window)),
+                Part(self.far(positions, window), lambda i, j: i - j >= window)]
+
+
+@register_method("leaky_rerope")
+@dataclass
+class LeakyReRoPE(ReRoPE):
+    """Leaky ReRoPE (Su 2023): r' = w + (r − w)/k past w, i.e. queries at i/k + w(1 − 1/k) and keys at j/k
+    (fractional positions); k = 16 by default, w = L/2."""
+
+    k: float = 16.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(self.k > 0 and math.isfinite(self.k), "methods.leaky_rerope.k", f"must be positive, got {self.k}")
+
+    def far(self, positions: Positions, window: int) -> Positions:
+        return _at(positions.query.double() / self.k + window * (1 - 1 / self.k), positions.key.double() / self.k,
+                   positions)
+
+
+@register_method("lm_infinite")
+@dataclass
+class LMInfinite(AttentionMethod):
+    """LM-Infinite (Han et al. 2024, arXiv:2308.16137; Glaciohound/LM-Infinite `models/llama.py`): a Λ-shaped
+    pattern, the first n_global tokens and the last n_local; global keys outside the local window sit at
+    distance `limit` (the query turned by it, the key not at all). Defaults: n_global 10, n_local = limit = L."""
+
+    n_global: int = 10
+    n_local: Optional[int] = None
+    limit: Optional[int] = None
+
+    needs: ClassVar[str] = "relative"
+
+    def __post_init__(self) -> None:
+        _require(self.n_global >= 0, "methods.lm_infinite.n_global", f"must be >= 0, got {self.n_global}")
+
+    def check(self, trained_length: int) -> None:
+        for name in ("n_local", "limit"):
+            value = self.knob(getattr(self, name), trained_length)
+            _require(1 <= value <= trained_length, f"methods.lm_infinite.{name}",
+                     f"must lie in [1, {trained_length}] (the training length), got {value}")
+
+    def parts(self, positions: Positions, trained_length: int) -> list[Part]:
+        n_global, n_local = self.n_global, self.knob(self.n_local, trained_length)
+        limit = self.knob(self.limit, trained_length)
+        far = _at(torch.full_like(positions.query, limit), torch.zeros_like(positions.key), positions)
+        return [Part(positions, lambda i, j: (j <= i) & (i - j < n_local)),
+                Part(far, lambda i, j: (j < n_global) & (i - j >= n_local))]
+
+
+@register_method("sinks")
+@dataclass
+class AttentionSinks(AttentionMethod):
+    """StreamingLLM (Xiao et al. 2024, arXiv:2309.17453; mit-han-lab/streaming-llm `kv_cache.py`): the first
+    `start` tokens and the last `recent` keys, positions re-assigned inside that cache (pos-shift): recent keys
+    keep their distance, a sink j is seen from position min(i, start + recent − 1). Defaults: start 4,
+    recent = L − 4, so the cache holds L tokens."""
+
+    start: int = 4
+    recent: Optional[int] = None
+
+    needs: ClassVar[str] = "relative"
+
+    def __post_init__(self) -> None:
+        _require(self.start >= 0, "methods.sinks.start", f"must be >= 0, got {self.start}")
+        _require(self.recent is None or self.recent >= 1, "methods.sinks.recent", f"must be at least 1, got {self.recent}")
+
+    def check(self, trained_length: int) -> None:
+        recent = self.knob(self.recent, trained_length - self.start)
+        _require(recent >= 1, "methods.sinks.recent", f"must be at least 1, got {recent}")
+
+    def parts(self, positions: Positions, trained_length: int) -> list[Part]:
+        start, recent = self.start, self.knob(self.recent, trained_length - self.start)
+        shifted = _at(positions.query.clamp(max=start + recent - 1), positions.key, positions)
+        return [Part(positions, lambda i, j: (j <= i) & (i - j < recent)),
+                Part(shifted, lambda i, j: (j < start) & (i - j >= recent))]
+
+
+def attention_method(name: str, settings: "dict | AttentionMethod | None" = None) -> AttentionMethod:
+    """The registered method `name` with its knobs (a dict as Hydra gives it, or the config itself)."""
+    _require(name in ATTENTION_METHODS, "attention", f"got {name!r}, expected one of {sorted(ATTENTION_METHODS)}")
+    if isinstance(settings, AttentionMethod):
+        return settings
+    return ATTENTION_METHODS[name](**dict(settings or {}))
+
+
+def check_encoding(method: AttentionMethod, rope, trained_length: int) -> None:
+    """Raise, naming the method, if the model's encoding (its PositionConfig) cannot serve it."""
+    method.check(trained_length)
+    multi = method.needs != "any"
+    if method.needs == "rotary":
+        _require(rope.is_rotary, "attention", f"{method.name} turns rotary positions; rope.variant={rope.variant!r} "
+                                              f"is not rotary")
+    if multi:
+        _require(not rope.absolute and not rope.contextual, "attention",
+                 f"{method.name} gives parts of the scores their own positions, which rope.variant={rope.variant!r} "
+                 f"cannot take ({'positions are added to the tokens' if rope.absolute else 'positions are counted from the scores'})")

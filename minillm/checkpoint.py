@@ -107,11 +107,23 @@ def load_checkpoint(path: str | Path) -> dict:
     return checkpoint
 
 
+def _model_config(checkpoint: dict, path: str | Path) -> ModelConfig:
+    try:
+        return ModelConfig.from_dict(checkpoint["hyper_parameters"]["model"])
+    except (ValueError, TypeError) as error:
+        raise CheckpointError(f"checkpoint {path} holds an invalid model config: {_reason(error)}") from error
+
+
+def run_model_config(run: Run) -> ModelConfig:
+    """The model config a run's checkpoint was trained with (the checks an evaluation makes before measuring)."""
+    return _model_config(load_checkpoint(run.checkpoint), run.checkpoint)
+
+
 def load_model(path: str | Path) -> Transformer:
     """Rebuild the Transformer stored in a training checkpoint, in eval mode, on the CPU."""
     checkpoint = load_checkpoint(path)
     try:
-        model = Transformer(ModelConfig.from_dict(checkpoint["hyper_parameters"]["model"]))
+        model = Transformer(_model_config(checkpoint, path))
     except (ValueError, TypeError) as error:
         raise CheckpointError(f"checkpoint {path} holds an invalid model config: {_reason(error)}") from error
     prefix = "model."

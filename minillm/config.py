@@ -6,11 +6,11 @@ import dataclasses
 import hashlib
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from minillm.attention import ATTENTION_PATTERNS
+from minillm.attention import ATTENTION_METHODS
 from minillm.rope import POSITION_ENCODINGS, ModelShape, RotaryConfig, position_config
 from minillm.scaling import SCALINGS, Scaling, scaling_config
 
@@ -351,15 +351,24 @@ def register_configs(conf_dir: Optional[Path] = None) -> None:
         store.store(group="schema/rope_scaling", name=name, node=cls)
 
 
+# Every attention method's knobs, one field per registered method (its config class): the schema of `methods`.
+AttentionSettings = make_dataclass("AttentionSettings", [(name, cls, field(default_factory=cls))
+                                                         for name, cls in ATTENTION_METHODS.items()])
+
+
 @dataclass
 class EvalConfig:
     """Length-extrapolation evaluation of trained checkpoints (scripts/eval_extrapolate.py)."""
 
     ckpt: Any = None  # a .ckpt, a run folder, a multirun folder, or a list of these
     lengths: Optional[list[int]] = None  # None: 1, 2, 4, 8, 16 × each model's training length
-    scalings: list[str] = field(default_factory=lambda: list(SCALINGS))  # applied to rotary models only
+    # applied to rotary models only; every scaling a factor defines (not longrope: its factors are searched per model)
+    scalings: list[str] = field(default_factory=lambda: [name for name, cls in SCALINGS.items() if cls.from_factor])
     scaling_factor: Optional[float] = None  # None: eval length / trained length (dynamic_ntk: 1)
-    attention: list[str] = field(default_factory=lambda: ["full"])  # names in minillm.attention
+    attention: list[str] = field(default_factory=lambda: ["full"])  # methods in minillm.attention
+    methods: "AttentionSettings" = field(default_factory=lambda: AttentionSettings())  # methods.self_extend.group=4
+    logn: bool = False  # scale queries by max(1, log_L(i + 1)) (Qwen's log-n) under every method and scaling
+    tail_loss: bool = True  # also the loss on each document's last L tokens with 1x..16x L of context (ReRoPE's)
     stride: Optional[int] = None  # sliding-window evaluation (ALiBi paper); None: non-overlapping windows
     max_documents: int = 8  # long validation documents evaluated at every length
     batch_size: int = 4
@@ -378,8 +387,10 @@ class EvalConfig:
                      f"must be positive token counts, got {list(self.lengths)}")
         for method in self.scalings:
             _choice(method, "scalings", SCALINGS)
-        for pattern in self.attention:
-            _choice(pattern, "attention", ATTENTION_PATTERNS)
+            _require(SCALINGS[method].from_factor, "scalings", f"{method} needs factors searched for the model (a "
+                     f"checkpoint trained or imported with rope_scaling={method} keeps them: evaluate it with none)")
+        for method in self.attention:
+            _choice(method, "attention", ATTENTION_METHODS)
         if self.scaling_factor is not None:
             _require(self.scaling_factor > 0, "scaling_factor", f"must be positive, got {self.scaling_factor}")
         if self.stride is not None:
@@ -390,6 +401,10 @@ class EvalConfig:
         _require(all(0 <= d <= 1 for d in self.passkey_depths), "passkey_depths",
                  f"must lie in [0, 1], got {list(self.passkey_depths)}")
         _choice(self.device, "device", ("auto", "cpu", "cuda", "mps"))
+
+    def method(self, name: str):
+        """The attention method `name` with its knobs from `methods`."""
+        return getattr(self.methods, name)
 
     @property
     def checkpoints(self) -> list[str]:

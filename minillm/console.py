@@ -47,6 +47,20 @@ def fail(error: Exception, run_dir: Path) -> NoReturn:
     sys.exit(2)
 
 
+def check_overrides(argv: list[str]) -> None:
+    """Refuse a malformed command-line override in one line that quotes it (exit 2), before Hydra composes:
+    Hydra's own grammar error names the text it stopped at, not the override it sits in."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    overrides = [arg for arg in argv if "=" in arg and not arg.startswith("-")]
+    try:
+        OverridesParser.create().parse_overrides(overrides)
+    except OverrideParseException as error:
+        print(f"error: override {error.override!r}: {str(error).splitlines()[0]}", file=sys.stderr)
+        sys.exit(2)
+
+
 def rank_zero() -> bool:
     """Whether this process is rank 0 (the only one under DDP that reports)."""
     from lightning.pytorch.utilities import rank_zero_only

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from minillm.attention import attention_mask
+from minillm.attention import AttentionMethod, attention_method, check_encoding
 from minillm.config import EvalConfig
-from minillm.model import Transformer
+from minillm.model import QueryTemperature, Transformer
 from minillm.scaling import SCALINGS, Scaling
 from minillm.theory import critical_dimension, minimum_base, supported_length
 
@@ -120,12 +120,35 @@ class TheoryRecord:
 
 
 @dataclass
+class TailLossRecord:
+    """ReRoPE's protocol: the mean loss on the same last `targets` tokens of each document, read with `length`
+    tokens of context in all (targets = the training length). More context helping lowers it; windowed
+    perplexity mixes that with position."""
+
+    model: str
+    run: str
+    seed: int
+    trained_length: int
+    method: str
+    attention: str
+    length: int
+    targets: int
+    loss: float
+    tokens: int
+
+
+@dataclass
 class Results:
     """Everything one evaluation measured."""
 
     perplexity: list[PerplexityRecord] = field(default_factory=list)
     passkey: list[PasskeyRecord] = field(default_factory=list)
     theory: list[TheoryRecord] = field(default_factory=list)
+    tail: list[TailLossRecord] = field(default_factory=list)
+
+    def extend(self, other: "Results") -> None:
+        for name in ("perplexity", "passkey", "theory", "tail"):
+            getattr(self, name).extend(getattr(other, name))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -140,6 +163,28 @@ def scaling_for(method: str, length: int, trained_length: int, given: Optional[f
         return cls()
     factor = given if given is not None else cls().factor_for(length, trained_length)
     return cls(factor=factor, original_max_position=trained_length)
+
+
+@contextlib.contextmanager
+def log_n_queries(model: Transformer, enabled: bool) -> Iterator[Transformer]:
+    """Temporarily scale a model's queries by max(1, log_L(i + 1)) (Qwen's log-n, L the training length), as
+    ReRoPE's evaluation does; a model that already scales its queries is refused."""
+    if not enabled:
+        yield model
+        return
+    trained = model.cfg.context_length
+    if model.cfg.attn_temperature != "none" or trained < 2:
+        raise ValueError(f"logn: the model already scales its queries (model.attn_temperature="
+                         f"{model.cfg.attn_temperature!r})" if trained >= 2 else
+                         f"logn: needs a training length of at least 2, got {trained}")
+    device = next(model.parameters()).device
+    for block in model.blocks:
+        block.attn.temperature = QueryTemperature("logn", model.cfg.n_heads, trained).to(device)
+    try:
+        yield model
+    finally:
+        for block in model.blocks:
+            block.attn.temperature = None
 
 
 @contextlib.contextmanager
@@ -204,7 +249,7 @@ MAX_ATTENTION_PAIRS = 2**24  # per forward pass: 4 windows of 2048 tokens, 1 of 
 
 
 @torch.inference_mode()
-def perplexity_at_length(model: Transformer, tokens: Tensor, length: int, *, attention: str = "full",
+def perplexity_at_length(model: Transformer, tokens: Tensor, length: int, *, attention: "str | AttentionMethod" = "full",
                          stride: Optional[int] = None, batch_size: int = 4, buckets: int = 16) -> "Perplexity":
     """Mean loss over the targets of `tokens` (n_docs, T + 1) scored with windows of `length` tokens.
 
@@ -223,23 +268,21 @@ def perplexity_at_length(model: Transformer, tokens: Tensor, length: int, *, att
     """
     device = next(model.parameters()).device
     trained = model.cfg.context_length
+    method = attention_method(attention) if isinstance(attention, str) else attention
     n_docs, total = tokens.shape[0], tokens.shape[1] - 1
     plan = _window_plan(total, length, stride)
     if not plan:
         raise ValueError(f"length: {length} is longer than the {total} targets per document")
     losses = torch.zeros(n_docs, total)
     positions = torch.full((n_docs, total), -1, dtype=torch.long)  # target's position in its window; −1: unscored
-    masks: dict[int, Optional[Tensor]] = {}  # one pattern per window size (a stride's last window is shorter)
     _reset_peak_memory(device)
     started = time.perf_counter()
     for begin, end, scored_from in plan:
         size = end - begin
-        if size not in masks:
-            masks[size] = attention_mask(attention, size, trained, device)
         for rows in torch.arange(n_docs).split(max(1, min(batch_size, MAX_ATTENTION_PAIRS // size**2))):
             x = tokens[rows, begin:end].to(device)
             y = tokens[rows, begin + 1:end + 1].to(device)
-            window_losses = model.token_losses(x, y, attention_mask=masks[size])
+            window_losses = model.token_losses(x, y, attention=method)
             losses[rows, begin + scored_from:end] = window_losses[:, scored_from:].float().cpu()
             positions[rows, begin + scored_from:end] = torch.arange(scored_from, size)
     if device.type == "cuda":
@@ -265,6 +308,25 @@ def perplexity_at_length(model: Transformer, tokens: Tensor, length: int, *, att
         peak_memory_mb=round(_peak_memory_mb(device), 1),
         by_position=by_position,
     )
+
+
+@torch.inference_mode()
+def tail_loss(model: Transformer, tokens: Tensor, length: int, targets: int, *,
+              attention: "str | AttentionMethod" = "full", batch_size: int = 4) -> tuple[float, int]:
+    """Mean loss (and count) of the last `targets` targets of each document of `tokens` (n_docs, T + 1), read
+    by one window of `length` tokens ending at the document's end: the same targets at every length."""
+    device = next(model.parameters()).device
+    method = attention_method(attention) if isinstance(attention, str) else attention
+    total = tokens.shape[1] - 1
+    if not targets <= length <= total:
+        raise ValueError(f"length: a window of {length} tokens cannot score the last {targets} of {total} targets")
+    losses = []
+    for rows in torch.arange(tokens.shape[0]).split(max(1, min(batch_size, MAX_ATTENTION_PAIRS // length**2))):
+        x = tokens[rows, total - length:total].to(device)
+        y = tokens[rows, total - length + 1:total + 1].to(device)
+        losses.append(model.token_losses(x, y, attention=method)[:, -targets:].float().cpu())
+    scored = torch.cat(losses)
+    return float(scored.mean()), int(scored.numel())
 
 
 def _window_plan(total: int, length: int, stride: Optional[int]) -> list[tuple[int, int, int]]:
@@ -417,19 +479,31 @@ def evaluate_run(run, config: EvalConfig, device: torch.device) -> Results:
     if ignored:
         log.warning("scalings %s skipped for %s: %s is not rotary", ignored, run.name, model.cfg.rope.variant)
     limit = model.position.max_length  # the encoding's own limit (learned positions: the training length)
+    served, refused = served_methods(config, model.cfg)
+    for name, reason in refused.items():
+        log.warning("attention %s skipped for %s: %s", name, run.name, reason)
+    suffix = "+logn" if config.logn else ""
     results = Results()
     plan = [(m, a, n) for m in methods for a in config.attention for n in usable]
-    for method, attention, length in tqdm(plan, desc=f"perplexity {run.name}", unit="length"):
-        setting = dict(vars(info), method=method, attention=attention, stride=config.stride)
-        if limit is not None and length > limit:
-            results.perplexity.append(PerplexityRecord(length=length, loss=None, ppl=None, applicable=False,
-                                                       note=f"{info.variant} positions stop at {limit}", **setting))
-            continue
-        scaling = scaling_for(method, length, trained, config.scaling_factor)
-        with scaled_rope(model, scaling):
-            measured = perplexity_at_length(model, tokens, length, attention=attention, stride=config.stride,
-                                            batch_size=config.batch_size, buckets=config.buckets)
-        results.perplexity.append(PerplexityRecord(**vars(measured), factor=scaling.factor, **setting))
+    with log_n_queries(model, config.logn):
+        for method, attention, length in tqdm(plan, desc=f"perplexity {run.name}", unit="length"):
+            setting = dict(vars(info), method=method, attention=attention + suffix, stride=config.stride)
+            if attention in refused or (limit is not None and length > limit):
+                note = refused.get(attention) or f"{info.variant} positions stop at {limit}"
+                results.perplexity.append(PerplexityRecord(length=length, loss=None, ppl=None, applicable=False,
+                                                           note=note, **setting))
+                continue
+            scaling = scaling_for(method, length, trained, config.scaling_factor)
+            with scaled_rope(model, scaling):
+                measured = perplexity_at_length(model, tokens, length, attention=served[attention],
+                                                stride=config.stride, batch_size=config.batch_size,
+                                                buckets=config.buckets)
+                if config.tail_loss and length >= trained:  # the same last `trained` targets at every length
+                    loss, count = tail_loss(model, tokens, length, trained, attention=served[attention],
+                                            batch_size=config.batch_size)
+                    results.tail.append(TailLossRecord(info.model, info.run, info.seed, trained, method,
+                                                       attention + suffix, length, trained, loss, count))
+            results.perplexity.append(PerplexityRecord(**vars(measured), factor=scaling.factor, **setting))
     if config.passkey_trials:
         passkey_lengths = [n for n in usable if limit is None or n <= limit]
         total = len(methods) * len(passkey_lengths) * len(config.passkey_depths) * config.passkey_trials
@@ -441,15 +515,41 @@ def evaluate_run(run, config: EvalConfig, device: torch.device) -> Results:
     return results
 
 
-def evaluate(config: EvalConfig, device: torch.device) -> Results:
-    """Every (checkpoint × scaling × attention × length) measurement of the checkpoints config names."""
-    from minillm.checkpoint import find_runs
+def served_methods(config: EvalConfig, model_cfg) -> tuple[dict[str, AttentionMethod], dict[str, str]]:
+    """The requested attention methods this model can serve (name -> method), and why the others cannot."""
+    served, refused = {}, {}
+    for name in config.attention:
+        method = config.method(name)
+        try:
+            check_encoding(method, model_cfg.rope, model_cfg.context_length)
+            served[name] = method
+        except ValueError as error:
+            refused[name] = str(error)
+    return served, refused
 
+
+def evaluate(config: EvalConfig, device: torch.device) -> Results:
+    """Every (checkpoint × scaling × attention × length) measurement of the checkpoints config names.
+
+    Before measuring anything: an attention method that none of the runs can serve (or whose knobs fit none of
+    their training lengths) is an error naming it; one that some runs cannot serve is skipped for those."""
+    from minillm.checkpoint import find_runs, run_model_config
+
+    runs = [run for path in config.checkpoints for run in find_runs(path)]
+    refusals = [served_methods(config, run_model_config(run))[1] for run in runs]
+    for name in config.attention:
+        if runs and all(name in refused for refused in refusals):
+            raise ValueError(refusals[0][name])
+    if config.logn:  # a model trained with its own query temperature is skipped; with every one so, refused
+        scaling = {run.name: run_model_config(run).attn_temperature for run in runs}
+        if runs and all(value != "none" for value in scaling.values()):
+            raise ValueError(f"logn: every run already scales its queries (model.attn_temperature="
+                             f"{scaling[runs[0].name]!r} in {runs[0].name})")
+        for run in [run for run in runs if scaling[run.name] != "none"]:
+            log.warning("logn: %s skipped: it already scales its queries (model.attn_temperature=%r)",
+                        run.name, scaling[run.name])
+        runs = [run for run in runs if scaling[run.name] == "none"]
     results = Results()
-    for path in config.checkpoints:
-        for run in find_runs(path):
-            measured = evaluate_run(run, config, device)
-            results.perplexity += measured.perplexity
-            results.passkey += measured.passkey
-            results.theory += measured.theory
+    for run in runs:
+        results.extend(evaluate_run(run, config, device))
     return results

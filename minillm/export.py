@@ -94,7 +94,7 @@ def _rope_parameters(position: RotaryEmbedding, head_dim: int, context_length: i
         return params, max_positions
     if not scaling.partial_rotary_in_hf:
         # LLaMA rotates every channel; only HF's `proportional` type leaves some unrotated (zero
-        # frequencies), and it has no yarn / llama3 / dynamic variant.
+        # frequencies), and it has no yarn / llama3 / dynamic / longrope variant.
         raise ValueError(f"rope_scaling.type={scaling.name!r} with rope.rotary_dim={rotary_dim} < head_dim={head_dim} "
                          "is not LLaMA-compatible (HF LLaMA rotates part of a head only with plain, linear or "
                          "NTK frequencies, through its 'proportional' RoPE type)")
@@ -126,11 +126,12 @@ def _rope_kwargs(transformers, params: dict) -> dict:
 def to_hf_llama(model: Transformer, attn_implementation: str = "sdpa") -> "transformers.LlamaForCausalLM":
     """A float32 LlamaForCausalLM in eval mode, on the model's device, whose logits equal `model`'s; raises
     ValueError naming the first setting LLaMA cannot express (layernorm, gelu, biases, QK-norm, non-rotary
-    encodings, XPos, partial rotary with yarn / llama3 / dynamic NTK).
+    encodings, XPos, dynamic YaRN, which HF lacks, partial rotary with yarn / llama3 / dynamic NTK / LongRoPE).
 
     Deliberate omissions: dropout (inference only) and special-token ids (bos/eos/pad are left None; set
-    them from the tokenizer). Dynamic NTK matches a forward over a whole sequence; HF's decoding differs,
-    because HF caches rotated keys and keeps the frequencies of the longest length seen so far.
+    them from the tokenizer). Dynamic NTK and LongRoPE match a forward over a whole sequence; HF's decoding
+    differs, because HF caches rotated keys: dynamic NTK keeps the frequencies of the longest length seen so
+    far, and LongRoPE's keys from before the sequence passed L0 stay rotated with the short factors.
     """
     transformers = _import_transformers()
     position = _check_architecture(model)

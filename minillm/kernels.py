@@ -22,6 +22,10 @@ the (tokens, vocab) logits, their log-softmax or their gradient at full size (se
 
 split_linear is a fused projection (q, k, v; gate, up) whose backward never concatenates its parts'
 gradients into one buffer.
+
+attention_with_lse is SDPA that also returns each query's log-sum-exp of its scores, what merging disjoint
+score sets into one softmax needs (evaluation's attention methods): on CPU SDPA's flash kernel, which computes
+it anyway; elsewhere the explicit formula (inference only: no backward is needed there).
 """
 
 from __future__ import annotations
@@ -422,3 +426,37 @@ def split_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], sizes: tuple
     if torch.compiler.is_compiling() or not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
         return F.linear(x, weight, bias).split(sizes, dim=-1)
     return _SplitLinear.apply(x, weight, bias, tuple(sizes))
+
+
+def attention_with_lse(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """softmax(q·kᵀ/√d + mask)·v and each query's log-sum-exp of its scores, float32 (batch, heads, q_len).
+
+    q (B, H, q_len, d); k, v (B, H_kv, k_len, d), grouped-query heads repeated here. mask: None (causal when
+    q_len == k_len, else every key), bool (True = attend) or additive (−inf = not). A query that sees no key
+    gets log-sum-exp −inf (its output is then meaningless: a merge gives it weight 0).
+    """
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    seen = None
+    if mask is not None:
+        seen = mask.any(-1) if mask.dtype == torch.bool else (mask > float("-inf")).any(-1)
+        if mask.dtype == torch.bool:
+            mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+        mask = mask.to(q.dtype)
+    causal = mask is None and q.shape[-2] == k.shape[-2] and q.shape[-2] > 1
+    if q.device.type == "cpu" and not torch.is_grad_enabled():
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=mask)
+    else:
+        scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
+        if causal:
+            scores = scores.masked_fill(torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).triu(1),
+                                        float("-inf"))
+        elif mask is not None:
+            scores = scores + mask.float()
+        lse = scores.logsumexp(-1)
+        out = ((scores - lse[..., None]).exp().nan_to_num(0.0) @ v.float()).to(v.dtype)
+    lse = lse.float()
+    if seen is not None:  # the flash kernel reports 0 for a row it saw nothing of
+        lse = lse.masked_fill(~seen, float("-inf"))
+    return out, lse

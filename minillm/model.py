@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from minillm.config import ModelConfig
-from minillm.kernels import linear_cross_entropy, rms_norm, split_linear
+from minillm.kernels import attention_with_lse, linear_cross_entropy, rms_norm, split_linear
 from minillm.rope import PositionEncoding, Positions, Rotation
+
+if TYPE_CHECKING:
+    from minillm.attention import AttentionMethod
+
+Allowed = "Optional[Tensor | Callable[[Tensor, Tensor], Tensor]]"  # a (q_len, k_len) bool mask or a pattern of indices
 
 
 class RMSNorm(nn.Module):
@@ -80,7 +86,7 @@ class BlockedMask:
     """
 
     def __init__(self, position: PositionEncoding, positions: Positions, dtype: torch.dtype,
-                 allowed: Optional[Tensor], rows_per_block: int):
+                 allowed: Allowed, rows_per_block: int):
         self.position, self.positions, self.dtype, self.allowed = position, positions, dtype, allowed
         q_len, k_len = positions.query.shape[-1], positions.key.shape[-1]
         step = max(1, rows_per_block)
@@ -90,7 +96,7 @@ class BlockedMask:
             if allowed is None:  # causal: no key after the block's last query is seen
                 keys = k_len - q_len + rows.stop
             else:
-                seen = allowed[rows.start:rows.stop].any(0).nonzero()
+                seen = visible_keys(allowed, positions, rows, k_len).any(0).nonzero()
                 keys = int(seen[-1]) + 1 if len(seen) else 1  # a block that sees nothing still needs one key
             self.spans.append((rows, keys))
         self.prebuilt = [self._build(*span) for span in self.spans] if torch.is_grad_enabled() else None
@@ -104,16 +110,26 @@ class BlockedMask:
             yield rows, keys, self.prebuilt[i] if self.prebuilt is not None else self._build(rows, keys)
 
 
-def mask_rows(position: PositionEncoding, positions: Positions, rows: range, keys: int, dtype: torch.dtype,
-              allowed: Optional[Tensor]) -> Tensor:
-    """The mask of query rows `rows` over keys [0, keys): the encoding's bias at those positions with the
-    visible keys kept (`allowed`, else causal: query i, the (k_len − q_len + i)-th key, sees keys up to
-    itself), -inf elsewhere; the bool mask of visible keys where the encoding has no bias."""
+def visible_keys(allowed: Allowed, positions: Positions, rows: range, keys: int) -> Tensor:
+    """(len(rows), keys) bool: which of keys [0, keys) the query rows `rows` see. allowed: None (causal: query
+    row r is the (k_len − q_len + r)-th token and sees the keys up to itself), a (q_len, k_len) bool mask, or a
+    pattern of (query index, key index), indices counting the cache."""
     first = positions.key.shape[-1] - positions.query.shape[-1]  # key index of query 0 (after a cache)
-    if allowed is not None:
-        visible = allowed[rows.start:rows.stop, :keys]
-    else:
-        visible = torch.ones(len(rows), keys, dtype=torch.bool, device=positions.query.device).tril(first + rows.start)
+    device = positions.query.device
+    if allowed is None:
+        return torch.ones(len(rows), keys, dtype=torch.bool, device=device).tril(first + rows.start)
+    if isinstance(allowed, Tensor):
+        return allowed[rows.start:rows.stop, :keys]
+    query = torch.arange(first + rows.start, first + rows.stop, device=device)[:, None]
+    return allowed(query, torch.arange(keys, device=device)[None, :])
+
+
+def mask_rows(position: PositionEncoding, positions: Positions, rows: range, keys: int, dtype: torch.dtype,
+              allowed: Allowed) -> Tensor:
+    """The mask of query rows `rows` over keys [0, keys): the encoding's bias at those positions with the
+    visible keys kept (see visible_keys), -inf elsewhere; the bool mask of visible keys where the encoding has
+    no bias."""
+    visible = visible_keys(allowed, positions, rows, keys)
     bias = position.attention_bias(positions.query[:, rows.start:rows.stop], positions.key[:, :keys])
     return visible if bias is None else bias.masked_fill_(~visible, float("-inf")).to(dtype)
 
@@ -158,8 +174,10 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, rotation: Optional[Rotation], mask: "Optional[Tensor | BlockedMask]",
                 cache: Optional[KVCache] = None, layer: int = 0, query_positions: Optional[Tensor] = None,
-                context: Optional[PositionEncoding] = None) -> Tensor:
-        """context: a contextual encoding (CoPE) for this layer; mask is then a BlockedMask of visible keys."""
+                context: Optional[PositionEncoding] = None, parts: Optional[list["ScoreSet"]] = None) -> Tensor:
+        """context: a contextual encoding (CoPE) for this layer; mask is then a BlockedMask of visible keys.
+        parts: disjoint score sets, each with its own rotation and mask, attended with one softmax (an evaluation's
+        attention method); rotation and mask are then unused."""
         batch, seq, _ = x.shape
         q, k, v = split_linear(x, self.qkv.weight, self.qkv.bias, self.qkv_sizes)
         q = self.q_norm(q.view(batch, seq, self.n_heads, self.head_dim)).transpose(1, 2)  # (B, H, T, hd)
@@ -167,10 +185,14 @@ class Attention(nn.Module):
         v = v.view(batch, seq, self.kv_heads, self.head_dim).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(layer, k, v)
+        temperature = None if self.temperature is None else self.temperature(query_positions).to(q.dtype)
+        if parts is not None:
+            y = merged_attention(q, k, v, parts, temperature)
+            return self.proj(y.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim))
         if rotation is not None:
             q, k = rotation(q, k)
-        if self.temperature is not None:
-            q = q * self.temperature(query_positions).to(q.dtype)
+        if temperature is not None:
+            q = q * temperature
         dropout, gqa = self.dropout if self.training else 0.0, self.kv_heads != self.n_heads
         if context is not None:
             y = contextual_attention(q, k, v, mask, context, dropout)
@@ -183,6 +205,37 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and seq == k.shape[-2] and seq > 1,
                                                dropout_p=dropout, enable_gqa=gqa)
         return self.proj(y.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim))
+
+
+@dataclass
+class ScoreSet:
+    """One set of a layer's attention scores: q and k turned by `rotation` (None: as they are), restricted by `mask`
+    (None: causal), a BlockedMask when long."""
+
+    rotation: Optional[Rotation]
+    mask: "Optional[Tensor | BlockedMask]"
+
+
+def merged_attention(q: Tensor, k: Tensor, v: Tensor, parts: list[ScoreSet], temperature: Optional[Tensor]) -> Tensor:
+    """One softmax over the union of disjoint score sets, computed set by set: each set's attention output is
+    weighted by exp(lse_p − logsumexp_p(lse_p)), its share of the softmax's normaliser (exact, and each set keeps
+    SDPA's fused kernel: the two-pass merge of ReRoPE and Self-Extend). Queries that no set sees get zeros."""
+    outputs, lses = [], []
+    for part in parts:
+        q_part, k_part = part.rotation(q, k) if part.rotation is not None else (q, k)
+        if temperature is not None:
+            q_part = q_part * temperature
+        if isinstance(part.mask, BlockedMask):
+            blocks = [attention_with_lse(q_part[:, :, rows.start:rows.stop], k_part[:, :, :keys], v[:, :, :keys], mask)
+                      for rows, keys, mask in part.mask.blocks()]
+            out, lse = torch.cat([b[0] for b in blocks], dim=2), torch.cat([b[1] for b in blocks], dim=2)
+        else:
+            out, lse = attention_with_lse(q_part, k_part, v, part.mask)
+        outputs.append(out)
+        lses.append(lse)
+    lse = torch.stack(lses)  # (parts, batch, heads, q_len), −inf where a part sees no key
+    shares = (lse - lse.logsumexp(0)).exp().nan_to_num(0.0)
+    return sum(share[..., None].to(out.dtype) * out for share, out in zip(shares, outputs))
 
 
 def contextual_attention(q: Tensor, k: Tensor, v: Tensor, mask: BlockedMask, context: PositionEncoding,
@@ -233,8 +286,8 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, rotation: Optional[Rotation], mask: "Optional[Tensor | BlockedMask]",
                 cache: Optional[KVCache] = None, layer: int = 0, query_positions: Optional[Tensor] = None,
-                context: Optional[PositionEncoding] = None) -> Tensor:
-        x = x + self.dropout(self.attn(self.attn_norm(x), rotation, mask, cache, layer, query_positions, context))
+                context: Optional[PositionEncoding] = None, parts: Optional[list[ScoreSet]] = None) -> Tensor:
+        x = x + self.dropout(self.attn(self.attn_norm(x), rotation, mask, cache, layer, query_positions, context, parts))
         return x + self.dropout(self.ffn(self.ffn_norm(x)))
 
 
@@ -284,19 +337,19 @@ class Transformer(nn.Module):
         """Training FLOPs per token: 6N + 12·n_layers·d_model·seq_len (PaLM, Chowdhery et al. 2022, app. B)."""
         return 6 * self.num_params() + 12 * self.cfg.n_layers * self.cfg.d_model * seq_len
 
-    def _mask(self, positions: Positions, dtype: torch.dtype, allowed: Optional[Tensor] = None,
+    def _mask(self, positions: Positions, dtype: torch.dtype, allowed: Allowed = None,
               position: Optional[PositionEncoding] = None) -> "Optional[Tensor | BlockedMask]":
         """The attention mask of the layers that use `position`: None when SDPA's own causal flag suffices, a
         BlockedMask when the whole mask would hold more than MASK_BUDGET elements (always, for a contextual
         encoding: its attention goes by blocks), the mask itself otherwise.
 
-        allowed: an optional (q_len, k_len) bool pattern (True = may attend) that replaces plain causal
-        attention, e.g. the sliding or blockwise windows of the extrapolation evaluation.
+        allowed: an optional (q_len, k_len) bool mask (True = may attend), or a pattern of (query index, key
+        index), that replaces plain causal attention, e.g. the windows of an evaluation's attention method.
         position: the layer encoding whose bias the mask carries; by default the model's, at its first layer.
         """
         position = self.position.for_layer(0) if position is None else position
         q_len, k_len = positions.query.shape[-1], positions.key.shape[-1]
-        if allowed is not None and allowed.shape != (q_len, k_len):
+        if isinstance(allowed, Tensor) and allowed.shape != (q_len, k_len):
             raise ValueError(f"attention_mask: expected shape {(q_len, k_len)}, got {tuple(allowed.shape)}")
         if position.contextual:  # the attention is explicit, by blocks of queries: its scores are the budget
             return BlockedMask(position, positions, dtype, allowed, MASK_BUDGET // (k_len * self.cfg.n_heads))
@@ -308,37 +361,48 @@ class Transformer(nn.Module):
             return BlockedMask(position, positions, dtype, allowed, MASK_BUDGET // per_row)
         return mask_rows(position, positions, range(q_len), k_len, dtype, allowed)
 
-    def hidden_states(self, idx: Tensor, cache: Optional[KVCache] = None, attention_mask: Optional[Tensor] = None,
-                      positions: Optional[Positions] = None) -> Tensor:
+    def hidden_states(self, idx: Tensor, cache: Optional[KVCache] = None, attention_mask: Allowed = None,
+                      positions: Optional[Positions] = None, attention: Optional["AttentionMethod"] = None) -> Tensor:
         """(batch, seq) token ids -> (batch, seq, d_model) after the final norm.
 
         positions: where the tokens sit; by default after the cache, 0, 1, 2, ... Computed once here and
         handed to the encoding, whose rotary tables are then shared by every layer.
+        attention: an evaluation's attention method (minillm.attention), its parts computed here once; it
+        replaces attention_mask. Its check against the encoding is the caller's (attention.check_encoding).
         """
         if positions is None:
             positions = Positions.contiguous(cache.length if cache is not None else 0, idx.shape[1], idx.device)
         x = self.position.embed(self.embed(idx), positions)
-        rotation = self.position.rotation(positions)
-        masks: dict[PositionEncoding, "Optional[Tensor | BlockedMask]"] = {}  # one per distinct layer encoding
+        if attention is not None:
+            parts = [(part.positions, part.pattern) for part in attention.parts(positions, self.cfg.context_length)]
+        else:
+            parts = [(positions, attention_mask)]
+        rotations = [self.position.rotation(where) for where, _ in parts]
+        masks: dict[tuple[PositionEncoding, int], "Optional[Tensor | BlockedMask]"] = {}  # per layer encoding, part
         for layer, block in enumerate(self.blocks):
             # Position-free layers (model.nope_every): no rotation, and the mask without the encoding's bias.
             free = self.cfg.position_free(layer)
             encoding = NO_POSITIONS if free else self.position.for_layer(layer)
-            if encoding not in masks:
-                masks[encoding] = self._mask(positions, x.dtype, attention_mask, encoding)
-            x = block(x, None if free else rotation, masks[encoding], cache, layer, positions.query,
-                      encoding if encoding.contextual else None)
+            for p, (where, allowed) in enumerate(parts):
+                if (encoding, p) not in masks:
+                    masks[encoding, p] = self._mask(where, x.dtype, allowed, encoding)
+            context = encoding if encoding.contextual else None
+            if len(parts) == 1:
+                x = block(x, None if free else rotations[0], masks[encoding, 0], cache, layer, positions.query, context)
+            else:
+                score_sets = [ScoreSet(None if free else rotation, masks[encoding, p]) for p, rotation in enumerate(rotations)]
+                x = block(x, None, None, cache, layer, positions.query, context, score_sets)
         return self.norm(x)
 
     def forward(self, idx: Tensor, cache: Optional[KVCache] = None) -> Tensor:
         """Logits (batch, seq, vocab)."""
         return self.head(self.hidden_states(idx, cache))
 
-    def token_losses(self, idx: Tensor, targets: Tensor, chunk_tokens: int = 8192,
-                     attention_mask: Optional[Tensor] = None) -> Tensor:
+    def token_losses(self, idx: Tensor, targets: Tensor, chunk_tokens: int = 8192, attention_mask: Allowed = None,
+                     attention: Optional["AttentionMethod"] = None) -> Tensor:
         """Cross-entropy of each target (batch, seq) in float32; the LM head runs over chunks of tokens
         so that long evaluations never hold a (batch·seq, vocab) logit matrix at once."""
-        hidden = self.hidden_states(idx, attention_mask=attention_mask).flatten(0, 1)
+        hidden = self.hidden_states(idx, attention_mask=attention_mask, attention=attention).flatten(0, 1)
         flat_targets = targets.flatten()
         losses = [F.cross_entropy(self.head(h).float(), t, reduction="none")
                   for h, t in zip(hidden.split(chunk_tokens), flat_targets.split(chunk_tokens))]

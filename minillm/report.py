@@ -12,12 +12,13 @@ from pathlib import Path
 from statistics import mean, stdev
 from typing import Optional
 
-from minillm.attention import ATTENTION_PATTERNS
-from minillm.evaluation import PasskeyRecord, PerplexityRecord, Results, TheoryRecord
+from minillm.attention import ATTENTION_METHODS
+from minillm.evaluation import PasskeyRecord, PerplexityRecord, Results, TailLossRecord, TheoryRecord
 from minillm.files import write_atomic
 from minillm.scaling import SCALINGS
 
 PASSKEY_COLUMNS = tuple(f.name for f in dataclasses.fields(PasskeyRecord))
+TAIL_COLUMNS = tuple(f.name for f in dataclasses.fields(TailLossRecord))
 
 
 def flat_rows(records: list[PerplexityRecord]) -> list[dict]:
@@ -52,7 +53,7 @@ def _fmt(values: list[Optional[float]]) -> str:
 
 
 SCALING_ORDER = tuple(SCALINGS)  # none first, then the registry's order
-ATTENTION_ORDER = tuple(ATTENTION_PATTERNS)  # full first, then the registry's order
+ATTENTION_ORDER = tuple(ATTENTION_METHODS)  # full first, then the registry's order
 
 
 def _rank(value, order: tuple) -> tuple:
@@ -138,6 +139,31 @@ def passkey_table(rows: list[PasskeyRecord]) -> str:
         logprob = sum(g.key_logprob * g.trials for g in group) / trials
         lines.append("| " + " | ".join([model, method, str(length), str(trials), *per_depth,
                                         f"{accuracy:.0%}", f"{logprob:.2f}"]) + " |")
+    return "\n".join(lines)
+
+
+def tail_groups(tail: list[TailLossRecord]) -> dict[tuple, list[TailLossRecord]]:
+    """(model, trained length, scaling, attention) -> records of every seed, in the perplexity table's order."""
+    groups: dict[tuple, list[TailLossRecord]] = defaultdict(list)
+    for r in tail:
+        groups[(r.model, r.trained_length, r.method, r.attention)].append(r)
+    return dict(sorted(groups.items(), key=lambda item: _row_order(item[0] + (None,))))
+
+
+def tail_table(tail: list[TailLossRecord]) -> str:
+    """Markdown: the loss on each document's last L tokens (L = training length) against the context read
+    before and with them (mean ± std over seeds); falling along a row means the extra context helps."""
+    if not tail:
+        return ""
+    lengths = sorted({r.length for r in tail})
+    header = ["model", "trained", "scaling", "attention", "seeds"] + [f"context {n}" for n in lengths]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for (model, trained, method, attention), group in tail_groups(tail).items():
+        by_length: dict[int, list] = defaultdict(list)
+        for r in group:
+            by_length[r.length].append(r.loss)
+        cells = [model, str(trained), method, attention, str(len({r.seed for r in group}))]
+        lines.append("| " + " | ".join(cells + [_fmt(by_length.get(n, [])) for n in lengths]) + " |")
     return "\n".join(lines)
 
 
@@ -267,32 +293,75 @@ def plot(records: list[PerplexityRecord], out_dir: Path) -> list[Path]:
     return paths
 
 
+def plot_tail(tail: list[TailLossRecord], out_dir: Path) -> Optional[Path]:
+    """tail_loss.png: one panel per attention method, one line per model × scaling: the loss on the same last
+    L tokens against the context length."""
+    if not tail:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib import ticker
+
+    groups = tail_groups(tail)
+    attentions = sorted({key[3] for key in groups}, key=lambda a: _rank(a, ATTENTION_ORDER))
+    fig, axes = _panels(len(attentions))
+    for ax, attention in zip(axes, attentions):
+        for (model, _, method, at), group in groups.items():
+            if at != attention:
+                continue
+            by_length: dict[int, list] = defaultdict(list)
+            for r in group:
+                by_length[r.length].append(r.loss)
+            lengths = sorted(by_length)
+            ax.plot(lengths, [mean(by_length[n]) for n in lengths], marker="o",
+                    label=model if method == "none" else f"{model} / {method}")
+        ax.set(xscale="log", xlabel="context read (tokens)", ylabel="loss on the last L tokens (nats)",
+               title=f"{attention} attention: the same targets, more context")
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:g}"))
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+        ax.set_xticks(sorted({r.length for r in tail}))
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    path = out_dir / "tail_loss.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_report(results: Results, out_dir: Path, header: str = "") -> dict[str, Path]:
     """Every number as JSON and CSV, the tables as markdown, the plots as PNG; each file written atomically.
 
     results.json: {"perplexity": records (with by_position), "passkey": ..., "theory": ...};
     results.csv: one row per record; loss_by_position.csv: one row per record and position bucket;
-    passkey.csv: one row per (run, scaling, length, depth); report.md; the PNGs of plot().
+    passkey.csv: one row per (run, scaling, length, depth); tail_loss.csv: one row per (run, scaling, attention,
+    context length); report.md; the PNGs of plot() and plot_tail().
     """
-    records, passkey, theory = results.perplexity, results.passkey, results.theory
+    records, passkey, theory, tail = results.perplexity, results.passkey, results.theory, results.tail
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {
         "json": out_dir / "results.json",
         "csv": out_dir / "results.csv",
         "positions_csv": out_dir / "loss_by_position.csv",
         "passkey_csv": out_dir / "passkey.csv",
+        "tail_csv": out_dir / "tail_loss.csv",
         "markdown": out_dir / "report.md",
     }
     write_atomic(files["json"], json.dumps(dataclasses.asdict(results), indent=1, default=str))
     write_atomic(files["csv"], _csv(flat_rows(records)))
     write_atomic(files["positions_csv"], _csv(position_rows(records)))
     write_atomic(files["passkey_csv"], _csv([dataclasses.asdict(p) for p in passkey], PASSKEY_COLUMNS))
+    write_atomic(files["tail_csv"], _csv([dataclasses.asdict(t) for t in tail], TAIL_COLUMNS))
     sections = [header, "## Perplexity against evaluation length\n", perplexity_table(records)]
+    if tail:
+        sections += [f"\n## Loss on the last {tail[0].targets} tokens against the context read (ReRoPE's protocol)\n",
+                     tail_table(tail)]
     if passkey:
         sections += ["\n## Passkey retrieval\n", passkey_table(passkey)]
     if theory:
         sections += ["\n## RoPE theory beside the measurement\n", theory_table(theory)]
-    figures = plot(records, out_dir)
+    figures = plot(records, out_dir) + [path for path in (plot_tail(tail, out_dir),) if path is not None]
     sections += [f"\n![{path.stem.replace('_', ' ')}]({path.name})\n" for path in figures]
     write_atomic(files["markdown"], "\n".join(sections) + "\n")
     files.update({path.stem: path for path in figures})
@@ -332,6 +401,13 @@ def log_to_wandb(results: Results, out_dir: Path, project: str, group: Optional[
         run.log({"extrapolation/passkey": _table([dataclasses.asdict(p) for p in passkey])})
     if theory:
         run.log({"extrapolation/theory": _table([dataclasses.asdict(t) for t in theory])})
+    if results.tail:
+        tail_rows = [{"series": series_label(key + (None,)), **dataclasses.asdict(r)}
+                     for key, group in tail_groups(results.tail).items() for r in group]
+        ttable = _table(tail_rows)
+        run.log({"extrapolation/tail_loss": ttable,
+                 "extrapolation/tail_loss_vs_context": wandb.plot.line(ttable, "length", "loss", stroke="series",
+                                                                       title="Loss on the last L tokens against context")})
     for image in sorted(out_dir.glob("*.png")):  # the figures write_report drew
         run.log({f"extrapolation/{image.stem}_png": wandb.Image(str(image))})
     folder = Path(run.dir).parent  # out_dir/wandb/<offline-|>run-<time>-<id>

@@ -154,6 +154,7 @@ class PositionConfig:
 
     rotary: ClassVar[bool] = False
     absolute: ClassVar[bool] = False  # positions added to the token embeddings, so no layer can do without them
+    contextual: ClassVar[bool] = False  # positions counted from the attention scores (CoPE), not given
 
     def __post_init__(self) -> None:
         own = sorted(name for name, cls in POSITION_ENCODINGS.items() if cls is type(self))
@@ -295,6 +296,9 @@ class RotaryEmbedding(PositionEncoding):
 
     Angles are built in float64 from integer positions and cast to float32 tables, whatever the
     activation dtype: bf16 cannot tell position 2048 from 2049.
+
+    `inv_freq` and `attention_factor` are the frequencies and factor at the training length; a dynamic
+    scaling (dynamic NTK or YaRN, LongRoPE) changes both with the length: `inv_freq_at(length)`.
     """
 
     def __init__(self, head_dim: int, variant: str = "complex", theta: float = 10000.0,
@@ -315,9 +319,12 @@ class RotaryEmbedding(PositionEncoding):
         self.variant, self.theta, self.head_dim, self.rotary_dim = variant, float(theta), head_dim, rotary_dim
         self.xpos_scale_base = xpos_scale_base
         self.adjacent = variant in ("complex", "interleaved")
-        # Plain attributes, not buffers: module.to(bfloat16) would round them and skew every angle.
-        self._inv_freq64, self.attention_factor = self.scaling.frequencies(self.theta, rotary_dim, 0)
-        self.register_buffer("inv_freq", self._inv_freq64.float(), persistent=False)  # for reading, not computing
+        # Plain attributes, not buffers: module.to(bfloat16) would round them and skew every angle. Both at the
+        # training length (0 when the scaling has none: only formulas that need no length run without one).
+        self._inv_freq64, self.attention_factor = self.scaling.frequencies(
+            self.theta, rotary_dim, self.scaling.original_max_position or 0)
+        # For reading, not computing: the frequencies at the training length (at length L: inv_freq_at(L)).
+        self.register_buffer("inv_freq", self._inv_freq64.float(), persistent=False)
         if xpos_scale_base is not None:
             self._log_zeta = ((torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim + 0.4) / 1.4).log()
 
@@ -331,11 +338,23 @@ class RotaryEmbedding(PositionEncoding):
         return RotaryEmbedding(self.head_dim, self.variant, self.theta, self.rotary_dim, self.xpos_scale_base,
                                scaling).to(self.inv_freq.device)
 
-    def _side(self, positions: Tensor, inv_freq: Tensor, centre: int, sign: float) -> tuple[Tensor, Tensor]:
+    def _frequencies(self, length: int) -> tuple[Tensor, float]:
+        """(inv_freq float64, attention_factor) for a sequence of `length` positions."""
+        if not self.scaling.dynamic:
+            return self._inv_freq64, self.attention_factor
+        return self.scaling.frequencies(self.theta, self.rotary_dim, length)
+
+    def inv_freq_at(self, length: int) -> Tensor:
+        """The frequencies (float32, (rotary_dim/2,)) a sequence of `length` positions is rotated with:
+        `inv_freq` unless the scaling is dynamic."""
+        return self._frequencies(length)[0].float().to(self.inv_freq.device)
+
+    def _side(self, positions: Tensor, inv_freq: Tensor, attention_factor: float, centre: int,
+              sign: float) -> tuple[Tensor, Tensor]:
         """cos and sin (P, 1, seq, r/2) of one side; XPos scales by ζ^(±(m − c)/γ), centred on the sequence
         so that both signs stay within range."""
         angles = positions.double()[..., None] * inv_freq  # (P, seq, r/2), exact for positions below 2^53
-        magnitude = torch.full_like(angles[..., :1], self.attention_factor)
+        magnitude = torch.full_like(angles[..., :1], attention_factor)
         if self.xpos_scale_base is not None:
             exponent = (positions.double()[..., None] - centre) * (sign / self.xpos_scale_base)
             magnitude = magnitude * torch.exp(exponent * self._log_zeta.to(positions.device))
@@ -343,12 +362,11 @@ class RotaryEmbedding(PositionEncoding):
 
     def rotation(self, positions: Positions) -> Rotation:
         length = positions.length
-        inv_freq = self.scaling.frequencies(self.theta, self.rotary_dim, length)[0] if self.scaling.dynamic \
-            else self._inv_freq64
+        inv_freq, attention_factor = self._frequencies(length)  # dynamic YaRN's factor follows the length too
         inv_freq, centre = inv_freq.to(positions.query.device), length // 2
-        query = self._side(positions.query, inv_freq, centre, 1.0)
+        query = self._side(positions.query, inv_freq, attention_factor, centre, 1.0)
         shared = positions.key is positions.query and self.xpos_scale_base is None
-        key = query if shared else self._side(positions.key, inv_freq, centre, -1.0)
+        key = query if shared else self._side(positions.key, inv_freq, attention_factor, centre, -1.0)
         return Rotation(query, key, self.rotary_dim, self.adjacent, length, self.xpos_scale_base)
 
     def forward(self, q: Tensor, k: Tensor, positions: Optional[Tensor] = None, offset: int = 0,
@@ -617,6 +635,8 @@ class CoPEConfig(PositionConfig):
 
     variant: str = "cope"
     npos: Optional[int] = None  # None: the training length + 1 (position 0 is possible), as the reference
+
+    contextual: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -52,6 +52,7 @@ class Scaling:
     needs_original: ClassVar[bool] = False  # the formula reads the trained length
     dynamic: ClassVar[bool] = False  # the frequencies depend on the current length
     partial_rotary_in_hf: ClassVar[bool] = True  # HF's `proportional` type can express it for partial rotary
+    from_factor: ClassVar[bool] = True  # a factor alone defines it, so evaluation can apply it to any checkpoint
 
     def __post_init__(self) -> None:
         _require(self.type == self.name, "rope_scaling.type",
@@ -171,9 +172,10 @@ class DynamicNTKScaling(NTKScaling):
         return {"rope_type": "dynamic", "rope_theta": theta, "factor": self.factor}, self.original
 
 
-def yarn_attention_factor(factor: float) -> float:
-    """YaRN's temperature: sqrt(1/t) = 0.1·ln(s) + 1 (Peng et al. 2023, eq. 22), applied to q and k alike."""
-    return 1.0 if factor <= 1 else 0.1 * math.log(factor) + 1.0
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's temperature sqrt(1/t) = 0.1·mscale·ln(s) + 1 for s > 1, else 1 (Peng et al. 2023, arXiv:2309.00071,
+    eq. 22, mscale 1; DeepSeek-V2, arXiv:2405.04434, mscale 0.707), applied to q and k alike."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0  # HF's get_mscale, term for term
 
 
 @register_scaling("yarn")
@@ -190,7 +192,12 @@ class YarnScaling(Scaling):
     factor: float = 4.0
     beta_fast: float = 32.0
     beta_slow: float = 1.0
-    attention_factor: Optional[float] = None  # None: 0.1 * ln(factor) + 1
+    # None: mscale(factor, mscale) / mscale(factor, mscale_all_dim) if those are set (DeepSeek), else
+    # 0.1·ln(factor) + 1. Given, it wins over mscale, as in HF.
+    attention_factor: Optional[float] = None
+    mscale: Optional[float] = None  # set both or neither: HF reads them only as a pair
+    mscale_all_dim: Optional[float] = None
+    truncate: bool = True  # round the ramp's ends out to whole dimensions; False: as computed (gpt-oss)
 
     needs_original: ClassVar[bool] = True
     partial_rotary_in_hf: ClassVar[bool] = False
@@ -202,28 +209,101 @@ class YarnScaling(Scaling):
         if self.attention_factor is not None:
             _require(self.attention_factor > 0, "rope_scaling.attention_factor",
                      f"must be positive, got {self.attention_factor}")
+        # HF uses mscale only when mscale_all_dim is set too (DeepSeek's reference defaults the latter to 0):
+        # one without the other would mean different temperatures to HF and to DeepSeek.
+        _require((self.mscale is None) == (self.mscale_all_dim is None), "rope_scaling.mscale",
+                 f"set mscale and mscale_all_dim together, got {self.mscale} and {self.mscale_all_dim}")
+        for name in ("mscale", "mscale_all_dim"):
+            value = getattr(self, name)
+            _require(value is None or (math.isfinite(value) and value > 0), f"rope_scaling.{name}",
+                     f"must be positive, got {value}")
+
+    def temperature_at(self, factor: float) -> float:
+        """The attention factor when the frequencies are interpolated by `factor`."""
+        if self.attention_factor is not None:
+            return float(self.attention_factor)
+        if self.mscale is not None:  # DeepSeek (arXiv:2405.04434): the ratio of two YaRN temperatures
+            return float(yarn_mscale(factor, self.mscale) / yarn_mscale(factor, self.mscale_all_dim))
+        return yarn_mscale(factor)
 
     @property
     def temperature(self) -> float:
-        return yarn_attention_factor(self.factor) if self.attention_factor is None else float(self.attention_factor)
+        return self.temperature_at(self.factor)
 
-    def frequencies(self, theta: float, dim: int, length: int) -> tuple[Tensor, float]:
+    def correction_range(self, theta: float, dim: int) -> tuple[float, float]:
+        """(low, high): the ramp's ends in pair indices, HF's `find_correction_range` (clamped to [0, dim − 1],
+        HF's bound, not dim/2 − 1)."""
         def correction_dim(rotations: float) -> float:  # the dimension that turns `rotations` times over L0
             return dim * math.log(self.original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
 
-        low = max(math.floor(correction_dim(self.beta_fast)), 0)
-        high = min(math.ceil(correction_dim(self.beta_slow)), dim - 1)
+        low, high = correction_dim(self.beta_fast), correction_dim(self.beta_slow)
+        if self.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        return max(low, 0), min(high, dim - 1)
+
+    def interpolated(self, theta: float, dim: int, factor: float) -> Tensor:
+        """Pairs below the ramp keep θ_i, those above it get θ_i / factor, linear in between (eq. 18-20)."""
+        low, high = self.correction_range(theta, dim)
         if low == high:
             high += 0.001  # avoid a zero-width ramp (as the reference does)
         ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
         extrapolate = 1 - ramp  # 1: keep the frequency, 0: interpolate it
         inv_freq = rotary_inv_freq(theta, dim)
-        return inv_freq / self.factor * (1 - extrapolate) + inv_freq * extrapolate, self.temperature
+        return inv_freq / factor * (1 - extrapolate) + inv_freq * extrapolate
+
+    def frequencies(self, theta: float, dim: int, length: int) -> tuple[Tensor, float]:
+        return self.interpolated(theta, dim, self.factor), self.temperature
 
     def hf_parameters(self, theta: float, dim: int, context_length: int) -> tuple[dict, int]:
-        return {"rope_type": "yarn", "rope_theta": theta, "factor": self.factor,
-                "original_max_position_embeddings": self.original, "beta_fast": self.beta_fast,
-                "beta_slow": self.beta_slow, "attention_factor": self.temperature}, self.extended_length(context_length)
+        # The settings as they are, so that HF derives the temperature by its own formula; truncate only when
+        # off (HF's default is on), as gpt-oss's config has it.
+        params = {"rope_type": "yarn", "rope_theta": theta, "factor": self.factor,
+                  "original_max_position_embeddings": self.original, "beta_fast": self.beta_fast,
+                  "beta_slow": self.beta_slow}
+        optional = {"attention_factor": self.attention_factor, "mscale": self.mscale,
+                    "mscale_all_dim": self.mscale_all_dim}
+        params.update({k: float(v) for k, v in optional.items() if v is not None})
+        if not self.truncate:
+            params["truncate"] = False
+        return params, self.extended_length(context_length)
+
+
+@register_scaling("dynamic_yarn")
+@dataclass
+class DynamicYarnScaling(YarnScaling):
+    """Dynamic YaRN (Peng et al. 2023, arXiv:2309.00071, sec. 3.3 "Dynamic Scaling"; jquesnelle/yarn
+    `LlamaDynamicYaRNScaledRotaryEmbedding`): YaRN with s = max(factor, L/L0) for a sequence of L positions.
+
+    factor is the scale the model was fine-tuned at (the reference's finetuned=True), 1 for a model that was
+    not: plain RoPE up to L0, then YaRN at s = L/L0, its temperature included. An explicit attention_factor
+    replaces the temperature as in static YaRN (the reference multiplies it instead). HF has no dynamic YaRN.
+    """
+
+    type: str = "dynamic_yarn"
+    factor: float = 1.0
+
+    dynamic: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(self.factor >= 1, "rope_scaling.factor",
+                 f"dynamic_yarn's factor is the scale the model was fine-tuned at, at least 1; got {self.factor}")
+
+    def scale_at(self, length: int) -> float:
+        """s = max(factor, L/L0): the fine-tuned scale, growing with the length past factor·L0."""
+        return max(self.factor, length / self.original)
+
+    def frequencies(self, theta: float, dim: int, length: int) -> tuple[Tensor, float]:
+        scale = self.scale_at(length)
+        return self.interpolated(theta, dim, scale), self.temperature_at(scale)
+
+    def factor_for(self, length: int, trained_length: int) -> float:
+        # Its scale already follows the length: a factor of length / trained length would scale twice.
+        return 1.0
+
+    def hf_parameters(self, theta: float, dim: int, context_length: int) -> tuple[dict, int]:
+        raise ValueError(f"rope_scaling.type={self.name!r} is not LLaMA-compatible (HF transformers has no dynamic "
+                         f"YaRN; LLaMA uses a static scaling: export with rope_scaling=yarn at a fixed factor)")
 
 
 @register_scaling("llama3")
@@ -258,6 +338,74 @@ class Llama3Scaling(Scaling):
         return {"rope_type": "llama3", "rope_theta": theta, "factor": self.factor,
                 "original_max_position_embeddings": self.original, "low_freq_factor": self.low_freq_factor,
                 "high_freq_factor": self.high_freq_factor}, self.extended_length(context_length)
+
+
+@register_scaling("longrope")
+@dataclass
+class LongRopeScaling(Scaling):
+    """LongRoPE (Ding et al. 2024, arXiv:2402.13753; HF `_compute_longrope_parameters`): θ_i / λ_i with a
+    searched rescale factor λ_i per frequency, `short_factor` for sequences up to L0, `long_factor` beyond.
+
+    The switch follows the length of the sequence: long factors when L > L0 (HF's forward and Phi-3's
+    modeling code; HF's init-time table is the short one, as our `inv_freq` at the training length).
+    factor = the extended length / L0 (HF's max_position_embeddings / original_max_position_embeddings, what
+    HF derives when `factor` is absent); it sets the attention factor sqrt(1 + ln(factor)/ln(L0)) (Phi-3's
+    modeling code, arXiv:2404.14219), applied at every length, unless attention_factor is given.
+    """
+
+    type: str = "longrope"
+    factor: float = 4.0
+    short_factor: Optional[list[float]] = None  # rotary_dim/2 values: checked against the model in check_dim
+    long_factor: Optional[list[float]] = None
+    attention_factor: Optional[float] = None
+
+    needs_original: ClassVar[bool] = True
+    dynamic: ClassVar[bool] = True
+    partial_rotary_in_hf: ClassVar[bool] = False
+    from_factor: ClassVar[bool] = False  # its per-frequency factors are searched for one model
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("short_factor", "long_factor"):
+            values = getattr(self, name)
+            if values is None:
+                continue
+            values = [float(v) for v in values]  # a plain list (Hydra hands over a ListConfig)
+            _require(len(values) > 0 and all(math.isfinite(v) and v > 0 for v in values), f"rope_scaling.{name}",
+                     f"must be positive rescale factors, got {values}")
+            setattr(self, name, values)
+        if self.attention_factor is not None:
+            _require(self.attention_factor > 0, "rope_scaling.attention_factor",
+                     f"must be positive, got {self.attention_factor}")
+
+    def check_dim(self, rotary_dim: int) -> None:
+        for name in ("short_factor", "long_factor"):
+            values = getattr(self, name)
+            _require(values is not None, f"rope_scaling.{name}",
+                     f"longrope needs its searched factors, one per frequency: {rotary_dim // 2} values")
+            _require(len(values) == rotary_dim // 2, f"rope_scaling.{name}",
+                     f"needs one factor per frequency, rotary_dim/2 = {rotary_dim // 2}, got {len(values)}")
+
+    @property
+    def temperature(self) -> float:
+        if self.attention_factor is not None:
+            return float(self.attention_factor)
+        if self.factor <= 1.0:
+            return 1.0
+        return math.sqrt(1 + math.log(self.factor) / math.log(self.original))  # HF's, term for term
+
+    def frequencies(self, theta: float, dim: int, length: int) -> tuple[Tensor, float]:
+        self.check_dim(dim)
+        factors = self.long_factor if length > self.original else self.short_factor
+        return rotary_inv_freq(theta, dim) / torch.tensor(factors, dtype=torch.float64), self.temperature
+
+    def hf_parameters(self, theta: float, dim: int, context_length: int) -> tuple[dict, int]:
+        params = {"rope_type": "longrope", "rope_theta": theta, "factor": self.factor,
+                  "original_max_position_embeddings": self.original, "short_factor": list(self.short_factor),
+                  "long_factor": list(self.long_factor)}
+        if self.attention_factor is not None:
+            params["attention_factor"] = float(self.attention_factor)
+        return params, self.extended_length(context_length)
 
 
 def known_fields(cls: type, d: dict, prefix: str) -> dict:

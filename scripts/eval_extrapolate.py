@@ -1,5 +1,6 @@
 """Measure length extrapolation: python scripts/eval_extrapolate.py ckpt=<checkpoint, run or multirun folder>."""
 
+import sys
 from pathlib import Path
 
 import hydra
@@ -7,6 +8,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from minillm.config import register_configs
+from minillm.console import check_overrides
 
 register_configs(Path(__file__).resolve().parents[1] / "conf")
 
@@ -26,4 +28,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_overrides(sys.argv[1:])
     main()

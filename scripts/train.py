@@ -1,5 +1,6 @@
 """Train one model (or, with -m, a sweep of them): python scripts/train.py rope=xpos trainer.max_steps=500."""
 
+import sys
 from pathlib import Path
 
 import hydra
@@ -7,6 +8,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from minillm.config import register_configs
+from minillm.console import check_overrides
 
 register_configs(Path(__file__).resolve().parents[1] / "conf")
 
@@ -33,4 +35,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_overrides(sys.argv[1:])
     main()

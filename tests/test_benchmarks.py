@@ -74,11 +74,15 @@ def test_quick_suite_reports_every_section_with_its_ratios(tmp_path):
     rows = results["longctx"]["rows"]
     assert [row["length"] for row in rows] == [64, 128]
     for row in rows:
-        for peer in ("sdpa", "naive", "alibi-sdpa", "t5-sdpa", "kerple-sdpa", "fire-sdpa", "cope-explicit"):
+        for peer in ("sdpa", "naive", "alibi-sdpa", "t5-sdpa", "kerple-sdpa", "fire-sdpa", "cope-explicit",
+                     "self_extend", "rerope", "leaky_rerope", "lm_infinite", "sinks"):
             assert row[peer]["median_s"] > 0 and row[peer]["peak_bytes"] > 0
         assert row["sdpa_speedup_vs_naive"]["wall"] > 0 and row["naive_memory_over_sdpa"] > 0
+        assert set(row["time_over_sdpa"]) == {"self_extend", "rerope", "leaky_rerope", "lm_infinite", "sinks"}
+        assert all(ratio > 0 for ratio in row["time_over_sdpa"].values())
     assert set(results["longctx"]["memory_exponent"]) == {"sdpa", "naive", "alibi-sdpa", "t5-sdpa", "kerple-sdpa",
-                                                          "fire-sdpa", "cope-explicit"}
+                                                          "fire-sdpa", "cope-explicit", "self_extend", "rerope",
+                                                          "leaky_rerope", "lm_infinite", "sinks"}
 
     for title in ("rope forward:", "rope forward_backward:", "LM head + cross-entropy", "RMSNorm, forward + backward",
                   "train step", "where a train step's time goes",
@@ -147,14 +151,15 @@ def test_block_compiles_to_one_graph_with_a_blocked_mask(pattern, grad, monkeypa
     """Long masks go by blocks of queries (model.BlockedMask): still one graph, and no recompilation for
     the fresh mask every forward builds."""
     import minillm.model
-    from minillm.attention import attention_mask
+    from minillm.attention import attention_method
 
     torch._dynamo.reset()
     monkeypatch.setattr(minillm.model, "MASK_BUDGET", 4 * 24 * 4)  # blocks of 4 (ALiBi) or 16 queries
     rope = RotaryConfig("complex") if pattern == "sliding" else position_config(pattern)
     model = Transformer(ModelConfig(vocab_size=64, d_model=64, n_heads=4, n_kv_heads=2, n_layers=1, rope=rope))
     block = model.blocks[0]
-    allowed = attention_mask("sliding", 24, 5, torch.device("cpu")) if pattern == "sliding" else None
+    allowed = attention_method("sliding", {"window": 5}).parts(Positions.contiguous(0, 24, torch.device("cpu")), 24)[0].pattern \
+        if pattern == "sliding" else None
     x = torch.randn(2, 24, 64, generator=torch.Generator().manual_seed(0))
     compiled = torch.compile(block, fullgraph=True)
     with torch.set_grad_enabled(grad), torch._dynamo.config.patch(error_on_recompile=True):

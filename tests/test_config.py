@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from minillm.config import DataConfig, ModelConfig, TokenizerConfig
 from minillm.model import Transformer
 from minillm.rope import POSITION_ENCODINGS, ROTARY_LAYOUTS, PositionConfig, RotaryConfig, position_config
-from minillm.scaling import (SCALINGS, DynamicNTKScaling, LinearScaling, Llama3Scaling, NTKScaling, Scaling,
-                             YarnScaling, scaling_config)
+from minillm.scaling import (SCALINGS, DynamicNTKScaling, DynamicYarnScaling, LinearScaling, Llama3Scaling,
+                             LongRopeScaling, NTKScaling, Scaling, YarnScaling, scaling_config)
 
 ALL_VARIANTS = sorted(POSITION_ENCODINGS)
 BASELINES = tuple(name for name in ALL_VARIANTS if name not in ROTARY_LAYOUTS)
@@ -224,7 +224,12 @@ ROUND_TRIP = {
         rope=RotaryConfig("rotate_half", theta=500000.0, rotary_dim=8, xpos_scale_base=256.0),
         rope_scaling=YarnScaling(factor=8.0, original_max_position=64, beta_fast=16.0, attention_factor=1.2)),
     **{f"rope {v}": ModelConfig(rope=position_config(v)) for v in BASELINES},
-    **{f"scaling {name}": ModelConfig(rope_scaling=cls()) for name, cls in SCALINGS.items()},
+    **{f"scaling {name}": ModelConfig(rope_scaling=cls()) for name, cls in SCALINGS.items() if name != "longrope"},
+    # LongRoPE has no default factors: one per frequency of the default model (rotary_dim 32), lists round-tripped.
+    "scaling longrope": ModelConfig(rope_scaling=LongRopeScaling(short_factor=[1.0 + i / 16 for i in range(16)],
+                                                                 long_factor=[2.0 + i for i in range(16)])),
+    "scaling yarn deepseek": ModelConfig(rope_scaling=YarnScaling(factor=40.0, mscale=0.707, mscale_all_dim=0.707,
+                                                                  truncate=False)),
 }
 
 
@@ -278,6 +283,10 @@ SCALINGS = st.one_of(
     st.builds(DynamicNTKScaling, factor=st.sampled_from([2.0, 8.0])),
     st.builds(YarnScaling, factor=st.sampled_from([2.0, 16.0]), original_max_position=st.sampled_from([None, 3, 64])),
     st.builds(Llama3Scaling, factor=st.sampled_from([2.0, 8.0])),
+    st.builds(DynamicYarnScaling, factor=st.sampled_from([1.0, 4.0]), truncate=st.booleans()),
+    # Factor lists of 1 to 4 values: the configuration is valid when that is rotary_dim/2.
+    st.integers(1, 4).flatmap(lambda n: st.builds(LongRopeScaling, short_factor=st.just([1.0] * n),
+                                                  long_factor=st.just([float(2 + i) for i in range(n)]))),
 )
 
 

@@ -30,7 +30,7 @@ RESULT_COLUMNS = {"model", "run", "seed", "trained_length", "variant", "checkpoi
                   "peak_memory_mb"}
 POSITION_COLUMNS = {"model", "run", "seed", "method", "attention", "length", "position_start", "position_end", "loss"}
 PASSKEY_COLUMNS = ["model", "run", "seed", "method", "length", "depth", "trials", "exact_match", "key_logprob"]
-SCALINGS = {"none", "linear", "ntk", "dynamic_ntk", "yarn", "llama3"}
+SCALINGS = {"none", "linear", "ntk", "dynamic_ntk", "yarn", "dynamic_yarn", "llama3"}
 
 
 def script_env(home: Path) -> dict[str, str]:
@@ -134,8 +134,12 @@ def test_multirun_folder_default_lengths(tiny_runs, tmp_path):
     assert learned_line.count("n/a") == 4
 
     data = json.loads((out / "results.json").read_text())
-    assert set(data) == {"perplexity", "passkey", "theory"}
+    assert set(data) == {"perplexity", "passkey", "theory", "tail"}
     assert len(data["perplexity"]) == len(rows) and data["passkey"] == []
+    complex_tail = [t for t in data["tail"] if t["run"] == tiny_runs["complex"].name]
+    assert {(t["method"], t["length"]) for t in complex_tail} == {(m, n) for m in SCALINGS for n in default_lengths}
+    assert {t["targets"] for t in data["tail"]} == {TRAINED}  # the same last L targets at every context length
+    assert {t["length"] for t in data["tail"] if t["model"] == "learned"} == {TRAINED}  # its table stops there
     assert {t["length"] for t in data["theory"]} == default_lengths
     assert {t["run"] for t in data["theory"]} == {tiny_runs["complex"].name}  # rotary models only
     assert all(len(r["by_position"]) <= 4 for r in data["perplexity"])
@@ -177,6 +181,48 @@ def test_checkpoint_list_attention_stride_and_passkey(tiny_runs, tmp_path):
     for row in passkey:
         assert int(row["trials"]) == 10 and float(row["depth"]) == 0.5
         assert 0 <= float(row["exact_match"]) <= 1 and float(row["key_logprob"]) <= 0
+
+
+@pytest.mark.slow
+def test_training_free_methods_with_their_knobs_skip_what_an_encoding_cannot_serve(tiny_runs, tmp_path):
+    """attention=[...] with methods.<name>.<knob>: every run gets a row per method, n/a (with the reason) where its
+    encoding cannot serve it; the tail loss (ReRoPE's protocol) comes along, logn labels the attention."""
+    out = tmp_path / "eval"
+    result = evaluate(out, f"ckpt={quoted(tiny_runs['multirun'])}", *FAST, "lengths=[32,128]", "scalings=[none]",
+                      "attention=[full,self_extend,rerope]", "methods.self_extend.group=4", "logn=true",
+                      "passkey_trials=0")
+    succeeded(result)
+    _, rows = read_csv(out / "results.csv")
+    got = {(r["variant"], r["attention"]): r for r in rows if r["length"] == "128"}
+    assert set(got) == {(v, a + "+logn") for v in ("complex", "alibi", "learned") for a in ("full", "self_extend", "rerope")}
+    assert got["alibi", "rerope+logn"]["applicable"] == "False"
+    assert "rerope turns rotary positions" in got["alibi", "rerope+logn"]["note"]
+    assert got["learned", "self_extend+logn"]["applicable"] == "False"  # positions added to the tokens
+    assert got["complex", "self_extend+logn"]["applicable"] == "True"
+    assert float(got["complex", "self_extend+logn"]["ppl"]) != float(got["complex", "full+logn"]["ppl"])
+    assert "attention rerope skipped for" in result.stdout + result.stderr
+    _, tail = read_csv(out / "tail_loss.csv")
+    assert {(r["model"], r["attention"], int(r["length"]), int(r["targets"])) for r in tail if r["model"] == "alibi"} == \
+           {("alibi", a, n, TRAINED) for a in ("full+logn", "self_extend+logn") for n in (32, 128)}
+    assert "## Loss on the last 32 tokens against the context read" in (out / "report.md").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides, message", [
+    (["attention=[rerope]"], "attention: rerope turns rotary positions; rope.variant='alibi' is not rotary"),
+    (["attention=[self_extend]", "methods.self_extend.window=32"], "methods.self_extend.window: must lie in [1, 32)"),
+    (["attention=[self_extend]", "methods.self_extend.group=0"], "methods.self_extend.group: must be at least 1"),
+    (["attention=[self_extend]", "methods.self_extend.grop=2"], "Key 'grop' not in 'SelfExtend'"),  # Hydra's own
+    (["attention=[dilated]"], "attention: got 'dilated'"),
+])
+def test_bad_attention_settings_exit_naming_them(overrides, message, tiny_runs, tmp_path):
+    """Exit 2 with our one line; an unknown knob is Hydra's own refusal (exit 1, the key named)."""
+    out = tmp_path / "eval"
+    result = evaluate(out, f"ckpt={quoted(tiny_runs['alibi'])}", *FAST, "lengths=[64]", *overrides)
+    expected = 1 if "grop" in message else 2
+    assert result.returncode == expected, result.stdout[-2000:] + result.stderr[-3000:]
+    assert message in result.stderr, result.stderr[-3000:]
+    assert not (out / "results.csv").exists()
 
 
 @pytest.mark.slow

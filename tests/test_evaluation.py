@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from minillm import evaluation as ev
-from minillm.attention import attention_mask
+from minillm.attention import attention_method
 from minillm.config import ModelConfig
 from minillm.data import train_tokenizer
 from minillm.model import Transformer
@@ -58,9 +58,56 @@ def test_restricted_attention_within_the_window_equals_full(rope):
     x, y = tokens[:, :16], tokens[:, 1:17]
     with torch.inference_mode():
         full = model.token_losses(x, y)
-        sliding = model.token_losses(x, y, attention_mask=attention_mask("sliding", 16, 8, CPU))
+        sliding = model.token_losses(x, y, attention=attention_method("sliding"))
     torch.testing.assert_close(sliding[:, :8], full[:, :8])
     assert not torch.allclose(sliding[:, 8:], full[:, 8:])
+
+
+@pytest.mark.parametrize("name", ["self_extend", "rerope", "lm_infinite", "sinks"])
+def test_training_free_methods_leave_the_training_length_alone(name):
+    """Below the training length every method is plain attention (ReRoPE's and Self-Extend's windows are L/2, so
+    theirs only below that)."""
+    model = tiny_model(context_length=16)
+    tokens = random_tokens(2, 32)
+    within = 8 if name in ("self_extend", "rerope") else 12
+    full = ev.perplexity_at_length(model, tokens, within, attention="full")
+    method = ev.perplexity_at_length(model, tokens, within, attention=name)
+    assert method.loss == pytest.approx(full.loss, abs=1e-5)
+    assert ev.perplexity_at_length(model, tokens, 32, attention=name).loss != \
+        pytest.approx(ev.perplexity_at_length(model, tokens, 32, attention="full").loss, abs=1e-4)
+
+
+def test_tail_loss_scores_the_same_last_targets_at_every_length():
+    model = tiny_model()
+    tokens = random_tokens(3, 32)
+    for length in (8, 16, 32):
+        loss, count = ev.tail_loss(model, tokens, length, 8)
+        with torch.inference_mode():
+            direct = model.token_losses(tokens[:, 32 - length:32], tokens[:, 33 - length:33])[:, -8:]
+        assert count == 24 and loss == pytest.approx(float(direct.mean()), rel=1e-6)
+    # at the shortest context the targets are a whole window: the same as the last window's perplexity targets
+    with torch.inference_mode():
+        last_window = model.token_losses(tokens[:, 24:32], tokens[:, 25:33]).mean()
+    assert ev.tail_loss(model, tokens, 8, 8)[0] == pytest.approx(float(last_window), rel=1e-6)
+    with pytest.raises(ValueError, match="length: a window of 4 tokens cannot score the last 8"):
+        ev.tail_loss(model, tokens, 4, 8)
+
+
+def test_log_n_queries_equal_a_model_built_with_them_and_are_undone():
+    model = tiny_model(context_length=8)
+    built = Transformer(ModelConfig(**{**model.cfg.to_dict(), "attn_temperature": "logn"})).eval()
+    built.load_state_dict(model.state_dict())
+    tokens = random_tokens(1, 32)
+    with torch.inference_mode():
+        plain = model.token_losses(tokens[:, :32], tokens[:, 1:])
+        with ev.log_n_queries(model, True):
+            scaled = model.token_losses(tokens[:, :32], tokens[:, 1:])
+        torch.testing.assert_close(scaled, built.token_losses(tokens[:, :32], tokens[:, 1:]))
+        torch.testing.assert_close(model.token_losses(tokens[:, :32], tokens[:, 1:]), plain)
+    torch.testing.assert_close(scaled[:, :8], plain[:, :8])  # a factor of 1 up to the training length
+    with pytest.raises(ValueError, match="logn: the model already scales its queries"):
+        with ev.log_n_queries(built, True):
+            pass
 
 
 # ----------------------------------------------------------------------------------------------

@@ -9,8 +9,8 @@ transformers = pytest.importorskip("transformers")
 
 from minillm.config import ModelConfig  # noqa: E402  (after the importorskip)
 from minillm.rope import RotaryConfig, position_config  # noqa: E402
-from minillm.scaling import (DynamicNTKScaling, LinearScaling, Llama3Scaling, NTKScaling, Scaling,  # noqa: E402
-                             YarnScaling)
+from minillm.scaling import (DynamicNTKScaling, DynamicYarnScaling, LinearScaling, Llama3Scaling,  # noqa: E402
+                             LongRopeScaling, NTKScaling, Scaling, YarnScaling)
 from minillm.export import rotary_permutation, to_hf_llama  # noqa: E402
 from minillm.model import Transformer  # noqa: E402
 
@@ -33,6 +33,12 @@ SCALINGS = {
     "llama3": (Llama3Scaling(factor=8.0), 10000.0),
     "llama3_custom": (Llama3Scaling(factor=4.0, low_freq_factor=0.5, high_freq_factor=2.0,
                                     original_max_position=12), 100.0),
+    # DeepSeek's temperature ratio (here not 1) and gpt-oss's untruncated ramp.
+    "yarn_mscale": (YarnScaling(factor=4.0, mscale=1.0, mscale_all_dim=0.5), 10000.0),
+    "yarn_untruncated": (YarnScaling(factor=3.0, truncate=False, original_max_position=12), 100.0),
+    # head_dim 16: 8 factors each; lengths 10 and 40 use the short, then the long ones (L0 = 16).
+    "longrope": (LongRopeScaling(factor=4.0, short_factor=[1.0, 1.1, 1.2, 1.4, 1.7, 2.0, 2.4, 3.0],
+                                 long_factor=[1.0, 1.5, 2.5, 4.0, 6.0, 9.0, 13.0, 16.0]), 10000.0),
 }
 
 
@@ -75,8 +81,9 @@ def test_logits_match(variant, scaling):
     hf = to_hf_llama(model)
     assert not hf.training and hf.dtype == torch.float32
     assert (hf.lm_head.weight is hf.model.embed_tokens.weight) == tied
-    # Short, long, short again: HF's dynamic NTK grows its frequencies, then resets them below L0. (Between
-    # L0 and the longest length seen, HF keeps the grown frequencies where ours follow the length; 10 < L0.)
+    # Short, long, short again: HF's dynamic NTK grows its frequencies, then resets them below L0 (between L0
+    # and the longest length seen, HF keeps the grown frequencies where ours follow the length; 10 < L0);
+    # LongRoPE switches to its long factors and back.
     for length in (10, LONG, 10):
         ours, theirs = both(model, hf, tokens(length))
         torch.testing.assert_close(theirs, ours, atol=ATOL, rtol=0)
@@ -150,14 +157,31 @@ def test_scaled_config_lengths():
     yarn = to_hf_llama(random_model(tiny_config(rope_scaling=YarnScaling(factor=4.0))))
     assert yarn.config.max_position_embeddings == 4 * CONTEXT
     assert yarn.config.rope_parameters["original_max_position_embeddings"] == CONTEXT
-    assert yarn.config.rope_parameters["attention_factor"] == pytest.approx(0.1 * torch.tensor(4.0).log().item() + 1)
+    # No attention_factor in the config: HF derives YaRN's temperature itself.
+    assert "attention_factor" not in yarn.config.rope_parameters
+    assert yarn.model.rotary_emb.attention_scaling == pytest.approx(0.1 * torch.tensor(4.0).log().item() + 1)
+    # gpt-oss's switch, written only when off (HF's default is on); DeepSeek's pair as given.
+    untruncated = to_hf_llama(random_model(tiny_config(rope_scaling=SCALINGS["yarn_untruncated"][0])))
+    assert untruncated.config.rope_parameters["truncate"] is False
+    assert "truncate" not in yarn.config.rope_parameters
+    mscale = to_hf_llama(random_model(tiny_config(rope_scaling=SCALINGS["yarn_mscale"][0]))).config.rope_parameters
+    assert (mscale["mscale"], mscale["mscale_all_dim"]) == (1.0, 0.5)
+    # LongRoPE: factor = max_position_embeddings / original_max_position_embeddings, both lists.
+    longrope_scaling = SCALINGS["longrope"][0]
+    longrope = to_hf_llama(random_model(tiny_config(rope_scaling=longrope_scaling))).config
+    assert (longrope.max_position_embeddings, longrope.rope_parameters["original_max_position_embeddings"]) == \
+        (4 * CONTEXT, CONTEXT)
+    assert longrope.rope_parameters["rope_type"] == "longrope" and longrope.rope_parameters["factor"] == 4.0
+    assert longrope.rope_parameters["short_factor"] == longrope_scaling.short_factor
+    assert longrope.rope_parameters["long_factor"] == longrope_scaling.long_factor
     # HF's dynamic NTK reads the trained length from max_position_embeddings.
     dynamic_ntk = DynamicNTKScaling(factor=2.0, original_max_position=12)
     dynamic = to_hf_llama(random_model(tiny_config(rope_scaling=dynamic_ntk)))
     assert dynamic.config.max_position_embeddings == 12
 
 
-@pytest.mark.parametrize("scaling", ["yarn_custom", "llama3", "dynamic_ntk"])
+@pytest.mark.parametrize("scaling", ["yarn_custom", "yarn_mscale", "yarn_untruncated", "llama3", "dynamic_ntk",
+                                     "longrope"])
 def test_save_and_reload(tmp_path, scaling):
     """The rope parameters survive config.json: a reloaded model computes the same logits."""
     rope_scaling, theta = SCALINGS[scaling]
@@ -212,6 +236,9 @@ INCOMPATIBLE = [
     (dict(rope=RotaryConfig(rotary_dim=8), rope_scaling=YarnScaling()), "rope_scaling.type='yarn'"),
     (dict(rope=RotaryConfig(rotary_dim=8), rope_scaling=Llama3Scaling()), "rope_scaling.type='llama3'"),
     (dict(rope=RotaryConfig(rotary_dim=8), rope_scaling=DynamicNTKScaling()), "rope_scaling.type='dynamic_ntk'"),
+    (dict(rope=RotaryConfig(rotary_dim=8), rope_scaling=LongRopeScaling(short_factor=[1.0] * 4, long_factor=[2.0] * 4)),
+     "rope_scaling.type='longrope'"),
+    (dict(rope_scaling=DynamicYarnScaling()), "rope_scaling.type='dynamic_yarn'"),  # HF has no dynamic YaRN
     (dict(rope=RotaryConfig(rotary_dim=2, theta=1e6)), "rope.rotary_dim=2"),  # base 1e6^8 overflows float32
 ]
 

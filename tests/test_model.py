@@ -266,15 +266,15 @@ def test_every_mask_keeps_sdpa_on_its_flash_kernel(case, budget, monkeypatch):
     import minillm.model
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from minillm.attention import attention_mask
+    from minillm.attention import attention_method
 
     if budget == "blocked":
         monkeypatch.setattr(minillm.model, "MASK_BUDGET", 4 * 16 * 4)
     model = tiny(**MODEL_CASES[case]).train()
     idx, targets = tokens(2, 16), tokens(2, 16, seed=2)
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-        for allowed in (None, attention_mask("sliding", 16, 5, idx.device)):
-            model.token_losses(idx, targets, attention_mask=allowed).mean().backward()
+        for method in (None, attention_method("sliding", {"window": 5})):
+            model.token_losses(idx, targets, attention=method).mean().backward()
         with torch.no_grad():
             decode(model.eval(), idx, CHUNKINGS["prefill4_chunk5_singles"])  # a chunk continuing a cache
 

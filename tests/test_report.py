@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from minillm import report
-from minillm.evaluation import PasskeyRecord, PerplexityRecord, PositionBucket, Results, TheoryRecord
+from minillm.evaluation import PasskeyRecord, PerplexityRecord, PositionBucket, Results, TailLossRecord, TheoryRecord
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -67,14 +67,14 @@ def test_write_report_writes_every_file_with_its_columns(records, passkey, theor
     files = report.write_report(results, tmp_path / "out", header="# Length extrapolation\n")
     out = tmp_path / "out"
     assert {path.name for path in files.values()} == {"results.json", "results.csv", "loss_by_position.csv",
-                                                      "passkey.csv", "report.md", "ppl_vs_length.png",
+                                                      "passkey.csv", "tail_loss.csv", "report.md", "ppl_vs_length.png",
                                                       "scaling_vs_length.png", "loss_vs_position.png"}
     assert all(path.parent == out and path.is_file() for path in files.values())
     assert not list(out.glob(".*tmp*"))  # atomic writes leave no temporary files
 
     data = json.loads((out / "results.json").read_text())
     assert data == json.loads(json.dumps(dataclasses.asdict(results)))
-    assert set(data) == {"perplexity", "passkey", "theory"} and data["perplexity"][0]["by_position"][0]["tokens"] == 256
+    assert set(data) == {"perplexity", "passkey", "theory", "tail"} and data["perplexity"][0]["by_position"][0]["tokens"] == 256
 
     columns, rows = read_csv(out / "results.csv")
     assert {"model", "run", "seed", "trained_length", "method", "attention", "stride", "factor", "applicable",
@@ -94,6 +94,25 @@ def test_write_report_writes_every_file_with_its_columns(records, passkey, theor
     for image in ("ppl_vs_length.png", "scaling_vs_length.png", "loss_vs_position.png"):
         assert (out / image).read_bytes()[:8] == PNG
         assert f"]({image})" in (out / "report.md").read_text()
+
+
+def tail(seed: int, length: int, loss: float, attention: str = "full") -> TailLossRecord:
+    return TailLossRecord("complex θ=10000", f"complex_seed{seed}", seed, 32, "none", attention, length, 32, loss, 256)
+
+
+def test_tail_loss_table_csv_and_figure(tmp_path):
+    records = [tail(seed, length, loss + seed * 0.2, attention)
+               for seed in (0, 1) for attention in ("full", "self_extend")
+               for length, loss in ((32, 4.0), (64, 3.8), (128, 4.4 if attention == "full" else 3.7))]
+    files = report.write_report(Results(tail=records), tmp_path)
+    lines = (tmp_path / "report.md").read_text().splitlines()
+    assert "## Loss on the last 32 tokens against the context read (ReRoPE's protocol)" in lines
+    assert "| model | trained | scaling | attention | seeds | context 32 | context 64 | context 128 |" in lines
+    assert "| complex θ=10000 | 32 | none | full | 2 | 4.1 ± 0.14 | 3.9 ± 0.14 | 4.5 ± 0.14 |" in lines
+    assert "| complex θ=10000 | 32 | none | self_extend | 2 | 4.1 ± 0.14 | 3.9 ± 0.14 | 3.8 ± 0.14 |" in lines
+    columns, rows = read_csv(tmp_path / "tail_loss.csv")
+    assert columns == list(report.TAIL_COLUMNS) and len(rows) == 12
+    assert files["tail_loss"].read_bytes()[:8] == PNG and "](tail_loss.png)" in (tmp_path / "report.md").read_text()
 
 
 def test_scaling_figure_only_when_scalings_were_evaluated(records, tmp_path):

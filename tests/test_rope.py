@@ -655,7 +655,7 @@ def test_unknown_encoding_lists_valid_variants():
     (dict(head_dim=8, xpos_scale_base=-512.0), "xpos_scale_base"),
     (dict(head_dim=8, scaling={"type": "linear", "factor": 0.0}), "factor"),
     (dict(head_dim=8, scaling={"type": "yarn", "factor": -2.0, "original_max_position": 64}), "factor"),
-    (dict(head_dim=8, scaling={"type": "longrope", "factor": 2.0}), r"scaling.type.*'yarn'"),
+    (dict(head_dim=8, scaling={"type": "ntk_by_parts", "factor": 2.0}), r"scaling.type.*'yarn'"),
     (dict(head_dim=8, scaling={"type": "yarn", "factor": 2.0}), "original_max_position"),
     (dict(head_dim=8, scaling={"type": "llama3", "factor": 2.0}), "original_max_position"),
     (dict(head_dim=8, scaling={"type": "dynamic_ntk", "factor": 2.0}), "original_max_position"),
@@ -859,3 +859,38 @@ def test_p_rope_needs_a_whole_even_number_of_channels():
 
     with pytest.raises(ValueError, match=r"^rope\.p: p·head_dim = 5 must be a positive even number"):
         ModelConfig(d_model=64, n_heads=4, rope=position_config({"variant": "p_rope", "p": 0.3125}))
+
+
+def test_inv_freq_at_gives_the_frequencies_a_length_is_rotated_with():
+    """`inv_freq` holds the frequencies at the training length (L0 = 16) and stays so after longer calls;
+    `inv_freq_at(L)` gives those a sequence of L positions is rotated with (dim 8: θ = [1, 0.1, 0.01, 0.001])."""
+    plain = [1.0, 0.1, 0.01, 0.001]
+    ntk_base = 10000.0 * (2 * 40 / 16 - 1) ** (8 / 6)  # dynamic NTK, factor 2 at L = 40
+    # Dynamic YaRN at L = 64, s = 4: correction dims log10(16/(2π·r)) -> ramp [0, 1, 1, 1] (pairs 1-3 divided by s).
+    cases = {  # scaling: {length: (inv_freq, attention factor)}
+        "dynamic_ntk": ({"type": "dynamic_ntk", "factor": 2.0, "original_max_position": 16},
+                        {16: (plain, 1.0), 40: ([ntk_base ** (-i / 4) for i in range(4)], 1.0)}),
+        "dynamic_yarn": ({"type": "dynamic_yarn", "original_max_position": 16},
+                         {10: (plain, 1.0), 64: ([1.0, 0.025, 0.0025, 0.00025], 0.1 * math.log(4) + 1)}),
+        "longrope": ({"type": "longrope", "factor": 4.0, "original_max_position": 16,
+                      "short_factor": [1.0, 2.0, 4.0, 8.0], "long_factor": [1.0, 10.0, 100.0, 1000.0]},
+                     {16: ([1.0, 0.05, 0.0025, 0.000125], math.sqrt(1.5)),  # sqrt(1 + ln 4 / ln 16)
+                      17: ([1.0, 0.01, 1e-4, 1e-6], math.sqrt(1.5))}),
+        "linear": ({"type": "linear", "factor": 4.0}, {10: ([0.25, 0.025, 0.0025, 0.00025], 1.0),
+                                                       64: ([0.25, 0.025, 0.0025, 0.00025], 1.0)}),  # static
+    }
+    for name, (params, at) in cases.items():
+        rope = RotaryEmbedding(8, "complex", scaling=params)
+        at_training_length = rope.inv_freq.clone()
+        torch.testing.assert_close(rope.inv_freq_at(16), at_training_length, rtol=0, atol=0)
+        for length, (expected, factor) in at.items():
+            inv_freq = rope.inv_freq_at(length)
+            assert inv_freq.dtype == torch.float32, name
+            torch.testing.assert_close(inv_freq, torch.tensor(expected), rtol=1e-6, atol=0, msg=f"{name} at {length}")
+            # What the rotation of such a sequence applies: these angles, scaled by that length's factor.
+            cos, sin = rotation_of(rope, length)
+            expected_cos, expected_sin = expected_rotation(inv_freq.tolist(), length)
+            torch.testing.assert_close((cos, sin), (expected_cos * factor, expected_sin * factor), atol=1e-6, rtol=0)
+        torch.testing.assert_close(rope.inv_freq, at_training_length, rtol=0, atol=0)  # unchanged by longer calls
+    # The dynamic scalings do leave the training-length frequencies past L0.
+    assert not torch.allclose(RotaryEmbedding(8, scaling=cases["dynamic_yarn"][0]).inv_freq_at(64), torch.tensor(plain))
