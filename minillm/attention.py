@@ -234,6 +234,8 @@ class AttentionSinks(AttentionMethod):
         _require(self.recent is None or self.recent >= 1, "methods.sinks.recent", f"must be at least 1, got {self.recent}")
 
     def check(self, trained_length: int) -> None:
+        _require(self.start < trained_length, "methods.sinks.start",
+                 f"must be below the training length {trained_length}, got {self.start}")
         recent = self.knob(self.recent, trained_length - self.start)
         _require(recent >= 1, "methods.sinks.recent", f"must be at least 1, got {recent}")
 

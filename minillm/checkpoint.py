@@ -122,8 +122,9 @@ def run_model_config(run: Run) -> ModelConfig:
 def load_model(path: str | Path) -> Transformer:
     """Rebuild the Transformer stored in a training checkpoint, in eval mode, on the CPU."""
     checkpoint = load_checkpoint(path)
+    cfg = _model_config(checkpoint, path)
     try:
-        model = Transformer(_model_config(checkpoint, path))
+        model = Transformer(cfg)
     except (ValueError, TypeError) as error:
         raise CheckpointError(f"checkpoint {path} holds an invalid model config: {_reason(error)}") from error
     prefix = "model."

@@ -84,7 +84,8 @@ class ModelConfig:
     @property
     def shape(self) -> ModelShape:
         """What the position encoding is told of the model."""
-        return ModelShape(self.d_model, self.n_heads, self.head_dim, self.context_length, self.init_std, self.n_layers)
+        return ModelShape(self.d_model, self.n_heads, self.head_dim, self.context_length, self.init_std,
+                          tuple(layer for layer in range(self.n_layers) if not self.position_free(layer)))
 
     @property
     def label(self) -> str:

@@ -536,19 +536,20 @@ def evaluate(config: EvalConfig, device: torch.device) -> Results:
     from minillm.checkpoint import find_runs, run_model_config
 
     runs = [run for path in config.checkpoints for run in find_runs(path)]
-    refusals = [served_methods(config, run_model_config(run))[1] for run in runs]
+    configs = {run.checkpoint: run_model_config(run) for run in runs}
+    if config.logn:  # a model trained with its own query temperature is skipped; with every one so, refused
+        scaled = [run for run in runs if configs[run.checkpoint].attn_temperature != "none"]
+        if runs and len(scaled) == len(runs):
+            raise ValueError(f"logn: every run already scales its queries (model.attn_temperature="
+                             f"{configs[runs[0].checkpoint].attn_temperature!r} in {runs[0].name})")
+        for run in scaled:
+            log.warning("logn: %s skipped: it already scales its queries (model.attn_temperature=%r)",
+                        run.name, configs[run.checkpoint].attn_temperature)
+        runs = [run for run in runs if run not in scaled]
+    refusals = [served_methods(config, configs[run.checkpoint])[1] for run in runs]
     for name in config.attention:
         if runs and all(name in refused for refused in refusals):
             raise ValueError(refusals[0][name])
-    if config.logn:  # a model trained with its own query temperature is skipped; with every one so, refused
-        scaling = {run.name: run_model_config(run).attn_temperature for run in runs}
-        if runs and all(value != "none" for value in scaling.values()):
-            raise ValueError(f"logn: every run already scales its queries (model.attn_temperature="
-                             f"{scaling[runs[0].name]!r} in {runs[0].name})")
-        for run in [run for run in runs if scaling[run.name] != "none"]:
-            log.warning("logn: %s skipped: it already scales its queries (model.attn_temperature=%r)",
-                        run.name, scaling[run.name])
-        runs = [run for run in runs if scaling[run.name] == "none"]
     results = Results()
     for run in runs:
         results.extend(evaluate_run(run, config, device))

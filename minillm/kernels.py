@@ -24,8 +24,10 @@ split_linear is a fused projection (q, k, v; gate, up) whose backward never conc
 gradients into one buffer.
 
 attention_with_lse is SDPA that also returns each query's log-sum-exp of its scores, what merging disjoint
-score sets into one softmax needs (evaluation's attention methods): on CPU SDPA's flash kernel, which computes
-it anyway; elsewhere the explicit formula (inference only: no backward is needed there).
+score sets into one softmax needs (evaluation's attention methods): on CPU without autograd SDPA's flash kernel,
+which computes it anyway; elsewhere (CUDA, or with autograd) the explicit formula, in float32, whose scores are
+as large as the block of queries the caller gives it. A fused CUDA path (the memory-efficient kernel's
+log-sum-exp) is not written yet.
 """
 
 from __future__ import annotations

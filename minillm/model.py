@@ -14,6 +14,8 @@ from minillm.config import ModelConfig
 from minillm.kernels import attention_with_lse, linear_cross_entropy, rms_norm, split_linear
 from minillm.rope import PositionEncoding, Positions, Rotation
 
+from minillm.attention import check_encoding
+
 if TYPE_CHECKING:
     from minillm.attention import AttentionMethod
 
@@ -218,8 +220,9 @@ class ScoreSet:
 
 def merged_attention(q: Tensor, k: Tensor, v: Tensor, parts: list[ScoreSet], temperature: Optional[Tensor]) -> Tensor:
     """One softmax over the union of disjoint score sets, computed set by set: each set's attention output is
-    weighted by exp(lse_p − logsumexp_p(lse_p)), its share of the softmax's normaliser (exact, and each set keeps
-    SDPA's fused kernel: the two-pass merge of ReRoPE and Self-Extend). Queries that no set sees get zeros."""
+    weighted by exp(lse_p − logsumexp_p(lse_p)), its share of the softmax's normaliser (exact: the two-pass merge
+    of ReRoPE and Self-Extend; each set through kernels.attention_with_lse, SDPA's fused kernel on CPU).
+    Queries that no set sees get zeros."""
     outputs, lses = [], []
     for part in parts:
         q_part, k_part = part.rotation(q, k) if part.rotation is not None else (q, k)
@@ -243,17 +246,19 @@ def contextual_attention(q: Tensor, k: Tensor, v: Tensor, mask: BlockedMask, con
     """softmax(s + context_logits(q, s)) v with s = q·kᵀ/√d (−inf at keys not seen), one block of queries at a time.
 
     Written out rather than through SDPA: CoPE's logits are a function of the scores themselves, which SDPA's
-    attn_mask cannot express. Scores and softmax in float32.
+    attn_mask cannot express. Scores and softmax in float32, autocast or not; a query that sees no key gets
+    zeros, as from SDPA.
     """
     groups = q.shape[1] // k.shape[1]
     if groups > 1:  # grouped-query heads: each key/value head serves `groups` query heads
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     scale, out = q.shape[-1] ** -0.5, []
-    for rows, keys, visible in mask.blocks():
-        q_rows = q[:, :, rows.start:rows.stop].float()
-        scores = (q_rows @ k[:, :, :keys].float().transpose(-1, -2) * scale).masked_fill(~visible, float("-inf"))
-        weights = F.dropout((scores + context.context_logits(q_rows, scores)).softmax(-1), dropout)
-        out.append(weights.to(v.dtype) @ v[:, :, :keys])
+    with torch.autocast(q.device.type, enabled=False):
+        for rows, keys, visible in mask.blocks():
+            q_rows = q[:, :, rows.start:rows.stop].float()
+            scores = (q_rows @ k[:, :, :keys].float().transpose(-1, -2) * scale).masked_fill(~visible, float("-inf"))
+            weights = (scores + context.context_logits(q_rows, scores)).softmax(-1).nan_to_num(0.0)
+            out.append(F.dropout(weights, dropout).to(v.dtype) @ v[:, :, :keys])
     return torch.cat(out, dim=2)
 
 
@@ -368,12 +373,13 @@ class Transformer(nn.Module):
         positions: where the tokens sit; by default after the cache, 0, 1, 2, ... Computed once here and
         handed to the encoding, whose rotary tables are then shared by every layer.
         attention: an evaluation's attention method (minillm.attention), its parts computed here once; it
-        replaces attention_mask. Its check against the encoding is the caller's (attention.check_encoding).
+        replaces attention_mask. One this model's encoding cannot serve raises, naming it.
         """
         if positions is None:
             positions = Positions.contiguous(cache.length if cache is not None else 0, idx.shape[1], idx.device)
         x = self.position.embed(self.embed(idx), positions)
         if attention is not None:
+            check_encoding(attention, self.cfg.rope, self.cfg.context_length)
             parts = [(part.positions, part.pattern) for part in attention.parts(positions, self.cfg.context_length)]
         else:
             parts = [(positions, attention_mask)]

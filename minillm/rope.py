@@ -126,7 +126,7 @@ class ModelShape:
     head_dim: int
     context_length: int  # the training length
     init_std: float
-    n_layers: int
+    positional_layers: tuple[int, ...]  # the layers that see positions (all but model.nope_every's)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -577,18 +577,20 @@ class FireConfig(PositionConfig):
 
     def build(self, shape: ModelShape, scaling: Scaling) -> "Fire":
         threshold = float(self.init_threshold if self.init_threshold is not None else shape.context_length)
-        return Fire(shape.n_layers, shape.n_heads, self.mlp_width, self.init_c, threshold)
+        return Fire(shape.positional_layers, shape.n_heads, self.mlp_width, self.init_c, threshold)
 
 
 class Fire(PositionEncoding):
-    """One FireBias per layer, as in the reference (mcleish7/arithmetic, cramming/architectures/embeddings.py)."""
+    """One FireBias per layer that sees positions, as in the reference (mcleish7/arithmetic,
+    cramming/architectures/embeddings.py); a position-free layer (model.nope_every) has none to leave untrained."""
 
-    def __init__(self, n_layers: int, n_heads: int, mlp_width: int = 32, init_c: float = 0.1, init_threshold: float = 512.0):
+    def __init__(self, layers: tuple[int, ...], n_heads: int, mlp_width: int = 32, init_c: float = 0.1,
+                 init_threshold: float = 512.0):
         super().__init__()
-        self.layers = nn.ModuleList(FireBias(n_heads, mlp_width, init_c, init_threshold) for _ in range(n_layers))
+        self.layers = nn.ModuleDict({str(layer): FireBias(n_heads, mlp_width, init_c, init_threshold) for layer in layers})
 
     def for_layer(self, layer: int) -> "FireBias":
-        return self.layers[layer]
+        return self.layers[str(layer)]
 
 
 class FireBias(PositionEncoding):
@@ -643,18 +645,19 @@ class CoPEConfig(PositionConfig):
         _require(self.npos is None or self.npos >= 2, "rope.npos", f"must be at least 2 (or null), got {self.npos}")
 
     def build(self, shape: ModelShape, scaling: Scaling) -> "CoPE":
-        return CoPE(shape.n_layers, shape.head_dim, self.npos if self.npos is not None else shape.context_length + 1)
+        return CoPE(shape.positional_layers, shape.head_dim,
+                    self.npos if self.npos is not None else shape.context_length + 1)
 
 
 class CoPE(PositionEncoding):
-    """One ContextPosition per layer, as in the reference (facebookresearch/RAM, projects/cope)."""
+    """One ContextPosition per layer that sees positions, as in the reference (facebookresearch/RAM, projects/cope)."""
 
-    def __init__(self, n_layers: int, head_dim: int, npos: int):
+    def __init__(self, layers: tuple[int, ...], head_dim: int, npos: int):
         super().__init__()
-        self.layers = nn.ModuleList(ContextPosition(head_dim, npos) for _ in range(n_layers))
+        self.layers = nn.ModuleDict({str(layer): ContextPosition(head_dim, npos) for layer in layers})
 
     def for_layer(self, layer: int) -> "ContextPosition":
-        return self.layers[layer]
+        return self.layers[str(layer)]
 
 
 class ContextPosition(PositionEncoding):
@@ -672,7 +675,7 @@ class ContextPosition(PositionEncoding):
         (their gate is then 0, so a reverse cumulative sum over the row counts keys j..i)."""
         gates = torch.sigmoid(scores)
         positions = gates.flip(-1).cumsum(-1).flip(-1).clamp(max=self.npos - 1)
-        # NaN scores (a row that saw no key, upstream) index position 0: the logits stay NaN, as SDPA's would.
+        # NaN scores (from a row upstream that saw no key) would be an out-of-range index: read position 0.
         positions = positions.nan_to_num(0.0)
         fixed = q @ self.embedding.float()  # q·e[p] at every integer p: (B, H, rows, npos)
         floor = positions.floor()

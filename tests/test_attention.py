@@ -128,6 +128,38 @@ def test_merged_parts_equal_one_explicit_softmax(name, grad):
     torch.testing.assert_close(ours, reference, atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["self_extend", "lm_infinite", "sinks"])
+def test_merged_parts_with_a_bias_and_a_query_temperature_equal_one_explicit_softmax(name):
+    """ALiBi's bias taken at each part's own positions, queries scaled per position (logn at evaluation)."""
+    from minillm.model import QueryTemperature
+    from minillm.rope import alibi_slopes
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 4, 30, 8, generator=g) for _ in range(3))
+    method = attention_method(name, {"window": 3} if name == "self_extend" else {})
+    model = Transformer(ModelConfig(vocab_size=16, d_model=32, n_heads=4, n_layers=1, rope=position_config("alibi")))
+    positions = Positions.contiguous(0, 30, CPU)
+    temperature = QueryTemperature("logn", 4, TRAINED)(positions.query)
+    parts = method.parts(positions, TRAINED)
+    with torch.no_grad():
+        ours = merged_attention(q, k, v, [ScoreSet(None, model._mask(p.positions, torch.float32, p.pattern,
+                                                                     model.position)) for p in parts], temperature)
+    i, j = torch.arange(30)[:, None], torch.arange(30)[None, :]
+    slopes = torch.tensor(alibi_slopes(4))[:, None, None]
+    scores = torch.full((1, 4, 30, 30), float("-inf"))
+    for p in parts:
+        distance = (p.positions.query[0][:, None] - p.positions.key[0][None, :]).float()
+        part = (q * temperature) @ k.transpose(-1, -2) / math.sqrt(8) - slopes * distance
+        scores = torch.where(p.pattern(i, j), part, scores)
+    torch.testing.assert_close(ours, scores.softmax(-1) @ v, atol=2e-5, rtol=1e-5)
+
+
+def test_the_model_refuses_a_method_its_encoding_cannot_serve():
+    model = Transformer(ModelConfig(vocab_size=16, d_model=32, n_heads=2, n_layers=1, rope=position_config("cope")))
+    with pytest.raises(ValueError, match="^attention: self_extend gives parts of the scores their own positions"):
+        model.hidden_states(torch.zeros(1, 12, dtype=torch.long), attention=attention_method("self_extend"))
+
+
 def test_attention_with_lse_reports_rows_that_see_nothing():
     g = torch.Generator().manual_seed(1)
     q, k, v = torch.randn(1, 2, 4, 8, generator=g), torch.randn(1, 1, 6, 8, generator=g), torch.randn(1, 1, 6, 8, generator=g)
@@ -220,6 +252,7 @@ def test_bad_knobs_name_themselves(name, settings, setting):
     ("rerope", {"window": 9}, "methods.rerope.window"),
     ("lm_infinite", {"n_local": 9}, "methods.lm_infinite.n_local"),
     ("lm_infinite", {"limit": 12}, "methods.lm_infinite.limit"),
+    ("sinks", {"start": 8}, "methods.sinks.start"),
 ])
 def test_knobs_past_the_training_length_name_themselves(name, settings, setting):
     with pytest.raises(ValueError, match=rf"^{setting.replace('.', '[.]')}:"):

@@ -244,6 +244,17 @@ def test_fire_and_cope_keep_one_part_per_layer():
         assert all(any(True for _ in part.parameters()) for part in parts)
 
 
+@pytest.mark.parametrize("rope", ["fire", "cope"])
+def test_position_free_layers_hold_no_encoding_parameters(rope):
+    """Every parameter trains (DDP, which does not look for unused ones, would stop otherwise)."""
+    model = tiny(rope=position_config(rope), n_layers=4, nope_every=2).train()
+    assert sorted(model.position.layers) == ["0", "2"]  # layers 1 and 3 see no positions
+    model.token_losses(tokens(2, 16), tokens(2, 16, seed=2)).mean().backward()
+    with torch.no_grad():  # CoPE's tables start at zero; any nonzero gradient shows they are used
+        unused = [name for name, p in model.named_parameters() if p.grad is None or not bool(p.grad.abs().sum() > 0)]
+    assert unused == []
+
+
 def test_blocked_masks_are_built_once_for_every_layer_under_autograd_and_per_layer_without(monkeypatch):
     """With autograd, SDPA keeps each layer's mask: one shared set of blocks costs at most the whole mask."""
     import minillm.model
