@@ -31,12 +31,16 @@ test: setup  ## the whole test suite
 bench: setup  ## the benchmark suite against its peers: tables on stdout, figures in benchmark_results.json
 	$(BIN)/python benchmarks/run.py $(ARGS)
 
-# The comparison of docs/extrapolation.md: every encoding and setting trained at 64 tokens (3 seeds), then every
-# scaling method under full attention, then every training-free attention method (no scaling), then ReRoPE's
-# log-n variant, so that no pass multiplies another's cost.
+# The comparison of docs/extrapolation.md: every encoding and setting trained at 64 tokens (3 seeds); then every
+# checkpoint under full, blockwise and sliding attention; the training-free methods on the rotary checkpoints
+# (and ALiBi for the methods that take any relative encoding); the inference-time scalings on the rotary ones;
+# ReRoPE's log-n variant. Each pass measures perplexity and the fixed-target loss; no pass multiplies another.
 SWEEP ?= outputs/extrapolation
 TRAIN_EXTRAPOLATION = $(BIN)/python scripts/train.py -m experiment=extrapolation $(ARGS)
-EVAL_EXTRAPOLATION = $(BIN)/python scripts/eval_extrapolate.py ckpt=[$(SWEEP)/train,$(SWEEP)/train_theta500k,$(SWEEP)/train_kerple_power,$(SWEEP)/train_p_rope_quarter,$(SWEEP)/train_nope_layers,$(SWEEP)/train_temperature]
+EVAL_EXTRAPOLATION = $(BIN)/python scripts/eval_extrapolate.py $(ARGS) passkey_trials=0
+ALL_RUNS = [$(SWEEP)/train,$(SWEEP)/train_theta500k,$(SWEEP)/train_kerple_power,$(SWEEP)/train_p_rope_quarter,$(SWEEP)/train_nope_layers,$(SWEEP)/train_temperature]
+ROTARY_RUNS = $(SWEEP)/train/*rope-complex__*,$(SWEEP)/train/*rope-xpos__*,$(SWEEP)/train/*rope-p_rope__*
+METHODS = [full,self_extend,rerope,leaky_rerope,lm_infinite,sinks]
 extrapolation: setup  ## train the comparison set (11 encodings + 6 variants, 3 seeds each) and evaluate it
 	$(TRAIN_EXTRAPOLATION) hydra.sweep.dir=$(SWEEP)/train
 	$(TRAIN_EXTRAPOLATION) rope=complex rope.theta=500000 hydra.sweep.dir=$(SWEEP)/train_theta500k
@@ -44,9 +48,10 @@ extrapolation: setup  ## train the comparison set (11 encodings + 6 variants, 3 
 	$(TRAIN_EXTRAPOLATION) rope=p_rope rope.p=0.25 hydra.sweep.dir=$(SWEEP)/train_p_rope_quarter
 	$(TRAIN_EXTRAPOLATION) rope=complex model.nope_every=4 hydra.sweep.dir=$(SWEEP)/train_nope_layers
 	$(TRAIN_EXTRAPOLATION) rope=complex model.attn_temperature=logn,ssmax hydra.sweep.dir=$(SWEEP)/train_temperature
-	$(EVAL_EXTRAPOLATION) passkey_trials=0 hydra.run.dir=$(SWEEP)/eval_scalings
-	$(EVAL_EXTRAPOLATION) scalings=[none] \
-		attention=[full,blockwise,sliding,self_extend,rerope,leaky_rerope,lm_infinite,sinks] \
-		hydra.run.dir=$(SWEEP)/eval_attention
-	$(EVAL_EXTRAPOLATION) scalings=[none] attention=[full,rerope,leaky_rerope] logn=true passkey_trials=0 \
+	$(EVAL_EXTRAPOLATION) ckpt=$(ALL_RUNS) scalings=[none] attention=[full,blockwise,sliding] hydra.run.dir=$(SWEEP)/eval_attention
+	$(EVAL_EXTRAPOLATION) "ckpt=[$(ROTARY_RUNS),$(SWEEP)/train/*rope-alibi__*]" scalings=[none] attention=$(METHODS) \
+		hydra.run.dir=$(SWEEP)/eval_methods
+	$(EVAL_EXTRAPOLATION) "ckpt=[$(ROTARY_RUNS),$(SWEEP)/train_theta500k]" scalings=[none,linear,ntk,dynamic_ntk,yarn,dynamic_yarn,llama3] \
+		hydra.run.dir=$(SWEEP)/eval_scalings
+	$(EVAL_EXTRAPOLATION) "ckpt=[$(ROTARY_RUNS)]" scalings=[none] attention=[full,rerope,leaky_rerope] logn=true \
 		hydra.run.dir=$(SWEEP)/eval_logn

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import io
 import re
 import warnings
@@ -54,8 +55,14 @@ def _natural_key(path: Path) -> list:
 
 
 def find_runs(path: str | Path) -> list[Run]:
-    """A .ckpt file, a run folder, or a folder of run folders (a multirun, one level deep) -> the runs in it.
+    """A .ckpt file, a run folder, or a folder of run folders (a multirun, one level deep) -> the runs in it;
+    a glob pattern (`sweep/*rope-alibi__*`) -> the runs of every path it matches, in natural order.
     A run folder's checkpoint is checkpoints/best.ckpt, else checkpoints/last.ckpt."""
+    if any(char in str(path) for char in "*?[") and not Path(path).expanduser().exists():
+        matches = sorted(glob.glob(str(Path(path).expanduser())), key=lambda p: _natural_key(Path(p)))
+        if not matches:
+            raise CheckpointError(f"ckpt: nothing matches {path}")
+        return [run for match in matches for run in find_runs(match)]
     path = Path(path).expanduser()
     if path.is_file():
         folder = path.parent.parent if path.parent.name == "checkpoints" else path.parent

@@ -165,3 +165,13 @@ def test_weights_that_do_not_fit_the_config_are_refused(tiny_runs, tmp_path):  #
     with pytest.raises(CheckpointError, match=pattern):
         load_model(tmp_path / "config.ckpt")
 
+
+
+def test_find_runs_expands_a_glob_in_natural_order(tmp_path):
+    for name in ("0_rope-alibi__seed-0", "2_rope-alibi__seed-1", "10_rope-alibi__seed-2", "1_rope-complex__seed-0"):
+        (tmp_path / "sweep" / name / "checkpoints").mkdir(parents=True)
+        (tmp_path / "sweep" / name / "checkpoints" / "last.ckpt").write_bytes(b"")
+    runs = find_runs(tmp_path / "sweep" / "*rope-alibi__*")
+    assert [run.name for run in runs] == ["0_rope-alibi__seed-0", "2_rope-alibi__seed-1", "10_rope-alibi__seed-2"]
+    with pytest.raises(CheckpointError, match=r"ckpt: nothing matches .*\*rope-xpos__\*"):
+        find_runs(tmp_path / "sweep" / "*rope-xpos__*")
