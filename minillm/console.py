@@ -57,7 +57,12 @@ def check_overrides(argv: list[str]) -> None:
     try:
         OverridesParser.create().parse_overrides(overrides)
     except OverrideParseException as error:
-        print(f"error: override {error.override!r}: {str(error).splitlines()[0]}", file=sys.stderr)
+        message = str(error).removeprefix(f"LexerNoViableAltException: {error.override}")
+        reason = message.strip().splitlines()[0] if message.strip() else ""
+        if reason.startswith("^") or reason.startswith("See https"):  # the lexer's caret line: nothing to add
+            reason = ""
+        shown = error.override.encode("unicode_escape").decode("ascii")  # one line, whatever the value holds
+        print(f"error: override '{shown}' does not parse" + (f": {reason}" if reason else ""), file=sys.stderr)
         sys.exit(2)
 
 

@@ -352,6 +352,8 @@ OVERRIDES = st.lists(st.tuples(st.sampled_from(SETTINGS), VALUES), min_size=1, m
 @example(overrides=[("trainer.precision", "8")])
 @example(overrides=[("model.d_model", "48"), ("model.n_heads", "5")])
 @example(overrides=[("trainer.max_steps", "[")])  # Hydra's grammar error names only the "[": ours quotes the override
+@example(overrides=[("trainer.max_steps", "'")])
+@example(overrides=[("trainer.max_steps", "\n")])
 def test_fuzzed_overrides_compose_or_fail_naming_the_setting(overrides):
     keys = [key for key, _ in overrides]
     names = [key.split(".")[-1] for key in keys]
