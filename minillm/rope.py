@@ -575,21 +575,22 @@ class FireConfig(PositionConfig):
         _require(self.init_threshold is None or self.init_threshold > 0, "rope.init_threshold",
                  f"must be positive (or null: the training length), got {self.init_threshold}")
 
-    def build(self, shape: ModelShape, scaling: Scaling) -> "Fire":
+    def build(self, shape: ModelShape, scaling: Scaling) -> "PerLayer":
         threshold = float(self.init_threshold if self.init_threshold is not None else shape.context_length)
-        return Fire(shape.positional_layers, shape.n_heads, self.mlp_width, self.init_c, threshold)
+        # One per layer, as in the reference (mcleish7/arithmetic, cramming/architectures/embeddings.py).
+        return PerLayer(shape.positional_layers,
+                        lambda: FireBias(shape.n_heads, self.mlp_width, self.init_c, threshold))
 
 
-class Fire(PositionEncoding):
-    """One FireBias per layer that sees positions, as in the reference (mcleish7/arithmetic,
-    cramming/architectures/embeddings.py); a position-free layer (model.nope_every) has none to leave untrained."""
+class PerLayer(PositionEncoding):
+    """An encoding with parameters of its own in each layer that sees positions (FIRE, CoPE): one part per such
+    layer, built by `make`; a position-free layer (model.nope_every) has none to leave untrained."""
 
-    def __init__(self, layers: tuple[int, ...], n_heads: int, mlp_width: int = 32, init_c: float = 0.1,
-                 init_threshold: float = 512.0):
+    def __init__(self, layers: tuple[int, ...], make: Callable[[], PositionEncoding]):
         super().__init__()
-        self.layers = nn.ModuleDict({str(layer): FireBias(n_heads, mlp_width, init_c, init_threshold) for layer in layers})
+        self.layers = nn.ModuleDict({str(layer): make() for layer in layers})
 
-    def for_layer(self, layer: int) -> "FireBias":
+    def for_layer(self, layer: int) -> PositionEncoding:
         return self.layers[str(layer)]
 
 
@@ -644,20 +645,10 @@ class CoPEConfig(PositionConfig):
         super().__post_init__()
         _require(self.npos is None or self.npos >= 2, "rope.npos", f"must be at least 2 (or null), got {self.npos}")
 
-    def build(self, shape: ModelShape, scaling: Scaling) -> "CoPE":
-        return CoPE(shape.positional_layers, shape.head_dim,
-                    self.npos if self.npos is not None else shape.context_length + 1)
-
-
-class CoPE(PositionEncoding):
-    """One ContextPosition per layer that sees positions, as in the reference (facebookresearch/RAM, projects/cope)."""
-
-    def __init__(self, layers: tuple[int, ...], head_dim: int, npos: int):
-        super().__init__()
-        self.layers = nn.ModuleDict({str(layer): ContextPosition(head_dim, npos) for layer in layers})
-
-    def for_layer(self, layer: int) -> "ContextPosition":
-        return self.layers[str(layer)]
+    def build(self, shape: ModelShape, scaling: Scaling) -> "PerLayer":
+        # One per layer, as in the reference (facebookresearch/RAM, projects/cope).
+        npos = self.npos if self.npos is not None else shape.context_length + 1
+        return PerLayer(shape.positional_layers, lambda: ContextPosition(shape.head_dim, npos))
 
 
 class ContextPosition(PositionEncoding):
