@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import os
 import re
 from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
@@ -216,7 +217,9 @@ def _valid_devices(devices: Any, cpu: bool) -> bool:
     if isinstance(devices, bool) or not isinstance(devices, (int, list, tuple, str)):
         return False
     if isinstance(devices, int):
-        return devices > 0 or (devices == -1 and not cpu)
+        if cpu:  # one process per count: more than the machine's cores only oversubscribes (and a huge count exhausts memory)
+            return 0 < devices <= (os.cpu_count() or 1)
+        return devices > 0 or devices == -1
     if cpu:
         return False
     indices = devices.split(",") if isinstance(devices, str) else devices
@@ -250,7 +253,8 @@ class TrainerConfig:
         _choice(self.accelerator, "trainer.accelerator", ("auto", "cpu", "gpu", "cuda", "mps", "tpu"))
         _require(_valid_devices(self.devices, cpu=self.accelerator == "cpu"), "trainer.devices",
                  f"got {self.devices!r}, expected 'auto', a positive count" +
-                 (" (the CPU takes a count of processes)" if self.accelerator == "cpu" else
+                 (f" (the CPU takes a count of processes, at most this machine's {os.cpu_count() or 1} cores)"
+                  if self.accelerator == "cpu" else
                   ", -1 for all, or a list of device indices"))
         _choice(self.precision, "trainer.precision", ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "64-true"))
         if self.peak_flops is not None:

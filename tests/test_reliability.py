@@ -349,6 +349,7 @@ OVERRIDES = st.lists(st.tuples(st.sampled_from(SETTINGS), VALUES), min_size=1, m
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(overrides=st.one_of(OVERRIDES, OVERRIDES, OVERRIDES, st.lists(st.tuples(KEYS, VALUES), min_size=1, max_size=2)))
 @example(overrides=[("trainer.devices", "abc")])
+@example(overrides=[("trainer.devices", "3265949860")])  # on CPU a process per count: refused past the cores
 @example(overrides=[("trainer.precision", "8")])
 @example(overrides=[("model.d_model", "48"), ("model.n_heads", "5")])
 @example(overrides=[("trainer.max_steps", "[")])  # Hydra's grammar error names only the "[": ours quotes the override
