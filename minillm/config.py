@@ -39,12 +39,14 @@ class ModelConfig:
     n_layers: int = 4
     n_heads: int = 4
     n_kv_heads: Optional[int] = None  # None: as many as n_heads (multi-head); fewer: grouped-query
+    head_size: Optional[int] = None  # channels per head; None: d_model / n_heads (Qwen3 sets it apart)
     ffn: str = "swiglu"  # swiglu (LLaMA) | gelu (GPT-2)
     ffn_hidden: Optional[int] = None  # None: 4*d_model for gelu, 8/3*d_model rounded to 64 for swiglu
     norm: str = "rmsnorm"  # rmsnorm | layernorm
     norm_eps: float = 1e-5
-    bias: bool = False
-    qk_norm: bool = False
+    bias: bool = False  # biases in every linear layer and LayerNorm
+    qkv_bias: bool = False  # biases on the query, key and value projections only (Qwen2)
+    qk_norm: bool = False  # RMSNorm over each head's queries and keys before the rotation (Qwen3)
     nope_every: Optional[int] = None  # every n-th layer (n, 2n, ...) sees no positions (Llama 4's iRoPE); None: none
     attn_temperature: str = "none"  # none | logn (Qwen's log-n) | ssmax (Scalable-Softmax): queries scaled by position
     tie_embeddings: bool = True
@@ -60,8 +62,11 @@ class ModelConfig:
         self.rope_scaling = scaling_config(self.rope_scaling)
         for name in ("vocab_size", "context_length", "d_model", "n_layers", "n_heads"):
             _require(getattr(self, name) > 0, f"model.{name}", f"must be positive, got {getattr(self, name)}")
-        _require(self.d_model % self.n_heads == 0, "model.n_heads",
-                 f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        if self.head_size is None:
+            _require(self.d_model % self.n_heads == 0, "model.n_heads",
+                     f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        else:
+            _require(self.head_size > 0, "model.head_size", f"must be positive, got {self.head_size}")
         _require(self.kv_heads > 0 and self.n_heads % self.kv_heads == 0, "model.n_kv_heads",
                  f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
         _choice(self.ffn, "model.ffn", ("swiglu", "gelu"))
@@ -101,7 +106,7 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        return self.d_model // self.n_heads if self.head_size is None else self.head_size
 
     @property
     def kv_heads(self) -> int:
@@ -365,7 +370,12 @@ AttentionSettings = make_dataclass("AttentionSettings", [(name, cls, field(defau
 class EvalConfig:
     """Length-extrapolation evaluation of trained checkpoints (scripts/eval_extrapolate.py)."""
 
-    ckpt: Any = None  # a .ckpt, a run folder, a multirun folder, or a list of these
+    # a .ckpt, a run folder, a multirun folder (or a glob of them); hf:<folder or hub id>, or a .gguf file, to
+    # import a pretrained model (minillm.pretrained); or a list of these
+    ckpt: Any = None
+    # The text imported models are read on (trained runs read their own run's validation documents).
+    data: DataConfig = field(default_factory=DataConfig)
+    trained_length: Optional[int] = None  # imported models' 1x; None: their config's (original) context length
     lengths: Optional[list[int]] = None  # None: 1, 2, 4, 8, 16 × each model's training length
     # applied to rotary models only; every scaling a factor defines (not longrope: its factors are searched per model)
     scalings: list[str] = field(default_factory=lambda: [name for name, cls in SCALINGS.items() if cls.from_factor])
@@ -390,6 +400,9 @@ class EvalConfig:
         if self.lengths is not None:
             _require(len(self.lengths) > 0 and all(n >= 1 for n in self.lengths), "lengths",
                      f"must be positive token counts, got {list(self.lengths)}")
+        if self.trained_length is not None:
+            _require(self.trained_length >= 1, "trained_length", f"must be a positive token count, got "
+                     f"{self.trained_length}")
         for method in self.scalings:
             _choice(method, "scalings", SCALINGS)
             _require(SCALINGS[method].from_factor, "scalings", f"{method} needs factors searched for the model (a "

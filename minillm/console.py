@@ -15,9 +15,11 @@ def quiet_libraries() -> None:
     login advice) go unshown unless verbose=true. Their errors still surface, as exceptions."""
     warnings.filterwarnings("ignore")
     warnings.filterwarnings("default", module="minillm")
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "torch", "wandb", "datasets", "hydra"):
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "torch", "wandb", "datasets", "hydra",
+                 "transformers"):
         logging.getLogger(name).setLevel(logging.ERROR)
     os.environ.setdefault("WANDB_SILENT", "true")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' loading bars (GGUF, weights) too
 
 
 def fail(error: Exception, run_dir: Path) -> NoReturn:

@@ -445,48 +445,98 @@ def _theory(model: Transformer, info: ModelInfo, lengths: list[int]) -> list[The
             for length in lengths]
 
 
-def evaluate_run(run, config: EvalConfig, device: torch.device) -> Results:
-    """Every (scaling × attention × length) measurement of one trained run (a minillm.checkpoint.Run)."""
+@dataclass
+class Subject:
+    """One model to measure and the text it reads: a trained run and its validation documents, or an imported
+    model and the documents of `data`, tokenized by its own tokenizer."""
+
+    model: Transformer
+    tokenizer: object  # a tokenizers.Tokenizer
+    documents: list[np.ndarray]  # token ids of each document, longest first
+    info: ModelInfo
+
+
+def trained_subject(run, device: torch.device) -> Subject:
+    """A training run (a minillm.checkpoint.Run): its model, tokenizer and validation documents."""
     from omegaconf import OmegaConf
-    from tqdm.auto import tqdm
 
     from minillm.checkpoint import load_model
     from minillm.config import DataConfig, TokenizerConfig
     from minillm.data import TextDataModule
 
     model = load_model(run.checkpoint).to(device)
-    trained = model.cfg.context_length
     if not run.config.is_file() or not run.tokenizer.is_file():
         raise ValueError(f"ckpt: {run.folder} lacks config.yaml or tokenizer.json (not a training run folder)")
     run_cfg = OmegaConf.load(run.config)
     data = TextDataModule(DataConfig(**run_cfg.data), TokenizerConfig(path=str(run.tokenizer)),
-                          seq_len=trained, seed=int(run_cfg.seed))
+                          seq_len=model.cfg.context_length, seed=int(run_cfg.seed))
     data.setup("validate")
+    info = ModelInfo(model.cfg.label, run.name, int(run_cfg.seed), model.cfg.context_length, model.cfg.rope.variant,
+                     str(run.checkpoint))
+    return Subject(model, data.tokenizer, data.long_documents(min_tokens=1), info)
+
+
+def pretrained_subject(source, config: EvalConfig, device: torch.device) -> Subject:
+    """An imported model (a minillm.pretrained.PretrainedSource) and the longest documents of config.data."""
+    imported = source.load(config.trained_length)
+    model = imported.model.to(device)
+    info = ModelInfo(source.name, source.name, 0, model.cfg.context_length, model.cfg.rope.variant, source.location)
+    return Subject(model, imported.tokenizer, pretrained_documents(imported.tokenizer, config.data), info)
+
+
+def pretrained_documents(tokenizer, data) -> list[np.ndarray]:
+    """The longest data.long_documents documents, longest first, tokenized without special tokens. All of
+    data.split (and its validation split, if it has one) is read: nothing here was trained on it by us."""
+    from minillm.data import document_texts, load_corpus
+
+    corpus = load_corpus(data)
+    texts = document_texts(corpus.train, data) + (document_texts(corpus.val, data) if corpus.val is not None else [])
+    longest = sorted(range(len(texts)), key=lambda i: (-len(texts[i]), i))[:4 * data.long_documents]
+    encoded = [np.asarray(e.ids, dtype=np.int64)
+               for e in tokenizer.encode_batch([texts[i] for i in longest], add_special_tokens=False)]
+    encoded.sort(key=lambda ids: -len(ids))  # longest in characters is not always longest in tokens
+    return [ids for ids in encoded if len(ids)][:data.long_documents]
+
+
+def evaluate_run(run, config: EvalConfig, device: torch.device) -> Results:
+    """Every (scaling × attention × length) measurement of one trained run or imported model."""
+    from minillm.pretrained import PretrainedSource
+
+    subject = pretrained_subject(run, config, device) if isinstance(run, PretrainedSource) else \
+        trained_subject(run, device)
+    return measure(subject, config)
+
+
+def measure(subject: Subject, config: EvalConfig) -> Results:
+    """Every (scaling × attention × length) measurement of one model on its documents."""
+    from tqdm.auto import tqdm
+
+    model, info = subject.model, subject.info
+    trained = model.cfg.context_length
     lengths = sorted(config.lengths or [trained * m for m in (1, 2, 4, 8, 16)])
-    longest_documents = data.long_documents(min_tokens=1)  # longest first
+    longest_documents = subject.documents  # longest first
     longest = len(longest_documents[0]) - 1 if longest_documents else 0  # targets in the longest document
     documents = [d for d in longest_documents if len(d) >= min(lengths) + 1]
     usable = [n for n in lengths if n <= longest]
     for n in sorted(set(lengths) - set(usable)):
-        log.warning("length %d skipped for %s: the longest validation document has %d tokens", n, run.name, longest + 1)
+        log.warning("length %d skipped for %s: the longest document has %d tokens", n, info.run, longest + 1)
     if not usable:
-        raise ValueError(f"lengths: none of {lengths} fits the validation documents of {run.name} "
+        raise ValueError(f"lengths: none of {lengths} fits the documents of {info.run} "
                          f"(longest: {longest + 1} tokens)")
     tokens = evaluation_tokens(documents, max(usable), config.max_documents)
-    info = ModelInfo(model.cfg.label, run.name, int(run_cfg.seed), trained, model.cfg.rope.variant, str(run.checkpoint))
     methods = config.scalings if model.cfg.rope.is_rotary else ["none"]
     ignored = sorted(set(config.scalings) - set(methods))
     if ignored:
-        log.warning("scalings %s skipped for %s: %s is not rotary", ignored, run.name, model.cfg.rope.variant)
+        log.warning("scalings %s skipped for %s: %s is not rotary", ignored, info.run, model.cfg.rope.variant)
     limit = model.position.max_length  # the encoding's own limit (learned positions: the training length)
     served, refused = served_methods(config, model.cfg)
     for name, reason in refused.items():
-        log.warning("attention %s skipped for %s: %s", name, run.name, reason)
+        log.warning("attention %s skipped for %s: %s", name, info.run, reason)
     suffix = "+logn" if config.logn else ""
     results = Results()
     plan = [(m, a, n) for m in methods for a in config.attention for n in usable]
     with log_n_queries(model, config.logn):
-        for method, attention, length in tqdm(plan, desc=f"perplexity {run.name}", unit="length"):
+        for method, attention, length in tqdm(plan, desc=f"perplexity {info.run}", unit="length"):
             setting = dict(vars(info), method=method, attention=attention + suffix, stride=config.stride)
             if attention in refused or (limit is not None and length > limit):
                 note = refused.get(attention) or f"{info.variant} positions stop at {limit}"
@@ -507,8 +557,8 @@ def evaluate_run(run, config: EvalConfig, device: torch.device) -> Results:
     if config.passkey_trials:
         passkey_lengths = [n for n in usable if limit is None or n <= limit]
         total = len(methods) * len(passkey_lengths) * len(config.passkey_depths) * config.passkey_trials
-        with tqdm(total=total, desc=f"passkey {run.name}", unit="trial") as progress:
-            results.passkey = _passkey(model, data.tokenizer, np.concatenate(documents), passkey_lengths, methods,
+        with tqdm(total=total, desc=f"passkey {info.run}", unit="trial") as progress:
+            results.passkey = _passkey(model, subject.tokenizer, np.concatenate(documents), passkey_lengths, methods,
                                        config, info, progress)
     if model.cfg.rope.is_rotary:
         results.theory = _theory(model, info, usable)
@@ -528,25 +578,47 @@ def served_methods(config: EvalConfig, model_cfg) -> tuple[dict[str, AttentionMe
     return served, refused
 
 
+def model_sources(config: EvalConfig) -> list:
+    """What config.ckpt names: training runs (minillm.checkpoint.Run) and models to import
+    (minillm.pretrained.PretrainedSource), in order."""
+    from minillm.checkpoint import find_runs
+    from minillm.pretrained import PretrainedSource, is_pretrained
+
+    return [source for path in config.checkpoints
+            for source in ([PretrainedSource.parse(path)] if is_pretrained(path) else find_runs(path))]
+
+
+def source_config(source, config: EvalConfig):
+    """The ModelConfig a source will be measured with, read without loading its weights."""
+    from minillm.checkpoint import run_model_config
+    from minillm.pretrained import PretrainedSource
+
+    if isinstance(source, PretrainedSource):
+        return source.config(config.trained_length)
+    if config.trained_length is not None:
+        log.warning("trained_length=%d ignored for %s: a trained run's length is the one it was trained at",
+                    config.trained_length, source.name)
+    return run_model_config(source)
+
+
 def evaluate(config: EvalConfig, device: torch.device) -> Results:
     """Every (checkpoint × scaling × attention × length) measurement of the checkpoints config names.
 
     Before measuring anything: an attention method that none of the runs can serve (or whose knobs fit none of
     their training lengths) is an error naming it; one that some runs cannot serve is skipped for those."""
-    from minillm.checkpoint import find_runs, run_model_config
-
-    runs = [run for path in config.checkpoints for run in find_runs(path)]
-    configs = {run.checkpoint: run_model_config(run) for run in runs}
+    runs = model_sources(config)
+    configs = [source_config(run, config) for run in runs]
     if config.logn:  # a model trained with its own query temperature is skipped; with every one so, refused
-        scaled = [run for run in runs if configs[run.checkpoint].attn_temperature != "none"]
+        scaled = [i for i, cfg in enumerate(configs) if cfg.attn_temperature != "none"]
         if runs and len(scaled) == len(runs):
             raise ValueError(f"logn: every run already scales its queries (model.attn_temperature="
-                             f"{configs[runs[0].checkpoint].attn_temperature!r} in {runs[0].name})")
-        for run in scaled:
+                             f"{configs[0].attn_temperature!r} in {runs[0].name})")
+        for i in scaled:
             log.warning("logn: %s skipped: it already scales its queries (model.attn_temperature=%r)",
-                        run.name, configs[run.checkpoint].attn_temperature)
-        runs = [run for run in runs if run not in scaled]
-    refusals = [served_methods(config, configs[run.checkpoint])[1] for run in runs]
+                        runs[i].name, configs[i].attn_temperature)
+        runs, configs = [r for i, r in enumerate(runs) if i not in scaled], [c for i, c in enumerate(configs)
+                                                                           if i not in scaled]
+    refusals = [served_methods(config, cfg)[1] for cfg in configs]
     for name in config.attention:
         if runs and all(name in refused for refused in refusals):
             raise ValueError(refusals[0][name])

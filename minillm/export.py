@@ -34,8 +34,9 @@ def _check_architecture(model: Transformer) -> RotaryEmbedding:
         raise _incompatible("model.norm", cfg.norm, "rmsnorm")
     if cfg.ffn != "swiglu":
         raise _incompatible("model.ffn", cfg.ffn, "swiglu")
-    if cfg.bias:
-        raise _incompatible("model.bias", cfg.bias, "no biases")
+    if cfg.bias or cfg.qkv_bias:
+        setting = "model.bias" if cfg.bias else "model.qkv_bias"
+        raise _incompatible(setting, True, "no biases")
     if cfg.qk_norm:
         raise _incompatible("model.qk_norm", cfg.qk_norm, "no QK-norm")
     if cfg.nope_every is not None:

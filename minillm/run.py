@@ -178,7 +178,7 @@ def _device(requested: str):
 def evaluate(cfg: DictConfig, out_dir: Path) -> dict[str, Path]:
     """Every (checkpoint × scaling × attention × length) measurement, written as one report in out_dir."""
     from minillm import evaluation
-    from minillm.checkpoint import find_runs
+    from minillm.checkpoint import Run
     from minillm.config import EvalConfig
     from minillm.report import log_to_wandb, write_report
 
@@ -188,11 +188,12 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict[str, Path]:
     config: EvalConfig = to_run_config(cfg)
     device = _device(config.device)
     results = evaluation.evaluate(config, device)
-    header = (f"# Length extrapolation\n\nCheckpoints: {', '.join(config.checkpoints)}; device: {device}; "
+    header = (f"# Length extrapolation\n\nModels: {', '.join(config.checkpoints)}; device: {device}; "
               f"attention: {', '.join(config.attention)}; stride: {config.stride}.\n")
     files = write_report(results, out_dir, header)
     if config.logger.kind == "wandb":
-        groups = {OmegaConf.load(run.config).logger.get("group") for path in config.checkpoints for run in find_runs(path)}
+        groups = {OmegaConf.load(run.config).logger.get("group") for run in evaluation.model_sources(config)
+                  if isinstance(run, Run)}
         log_to_wandb(results, out_dir, config.logger.project,
                      config.logger.group or (groups.pop() if len(groups) == 1 else None), wandb_mode(config.logger.mode))
     return files

@@ -255,7 +255,7 @@ def test_length_past_longest_document_is_skipped(tiny_runs, tmp_path):
     assert {int(r["length"]) for r in rows} == {64}
 
     cfg = compose_eval(f"ckpt={quoted(tiny_runs['alibi'])}", *FAST, "lengths=[10000000]", "passkey_trials=0")
-    with pytest.raises(ValueError, match=r"lengths: none of \[10000000\] fits the validation documents") as error:
+    with pytest.raises(ValueError, match=r"lengths: none of \[10000000\] fits the documents") as error:
         run_evaluate(cfg, tmp_path / "none_left")
     longest = int(re.search(r"longest: (\d+) tokens", str(error.value)).group(1))
     assert longest > 64  # the real longest document, not those past the shortest length asked for
@@ -323,3 +323,68 @@ def test_cuda_device_without_one_is_named(tmp_path):
     cfg = compose_eval("ckpt=outputs/train/x", "device=cuda", "logger=none")
     with pytest.raises(ValueError, match=r"^device='cuda': torch .* sees no cuda device here; use device=cpu"):
         run_evaluate(cfg, tmp_path / "eval")
+
+
+# ----------------------------------------------------------------------------------------------
+# Imported models (minillm.pretrained): ckpt=hf:<folder> beside a trained run
+
+
+@pytest.fixture
+def hf_folder(tmp_path):
+    pytest.importorskip("transformers")
+    from test_pretrained import family_config, random_hf, save_with_tokenizer
+
+    hf = random_hf(family_config("qwen2"))
+    return save_with_tokenizer(hf, tmp_path / "tiny-qwen2"), hf
+
+
+@pytest.mark.slow
+def test_imported_model_is_measured_on_the_given_text_beside_a_trained_run(hf_folder, tiny_runs, tmp_path):
+    """ckpt=[hf:<folder>, <run>] data.path=<file>: the imported model reads the file through its own tokenizer,
+    at 1x = its max_position_embeddings; its perplexity equals transformers' own, computed here."""
+    import argparse
+
+    import transformers
+
+    folder, hf = hf_folder
+    text = Path(argparse.__file__).read_text()[:6000]
+    (tmp_path / "text.txt").write_text(text)
+    out = tmp_path / "eval"
+    result = evaluate(out, f"ckpt=[{quoted(Path('hf:' + str(folder)))},{quoted(tiny_runs['complex'])}]", *FAST,
+                      f"data.path={tmp_path / 'text.txt'}", "lengths=[32,64]", "scalings=[none,yarn]",
+                      "passkey_trials=0")
+    succeeded(result)
+    _, rows = read_csv(out / "results.csv")
+    imported = {(r["method"], int(r["length"])): r for r in rows if r["run"] == "tiny-qwen2"}
+    assert set(imported) == {(m, n) for m in ("none", "yarn") for n in (32, 64)}
+    assert {r["trained_length"] for r in imported.values()} == {"32"}
+    assert any(r["run"] != "tiny-qwen2" for r in rows)  # the trained run is in the same table
+
+    ids = transformers.AutoTokenizer.from_pretrained(folder).encode(text, add_special_tokens=False)
+    tokens = torch.tensor(ids[:65])
+    with torch.no_grad():  # non-overlapping windows of 32 over the first 64 targets
+        losses = [torch.nn.functional.cross_entropy(hf(tokens[None, start:start + 32]).logits[0],
+                                                    tokens[start + 1:start + 33]) for start in (0, 32)]
+    assert float(imported["none", 32]["ppl"]) == pytest.approx(float(torch.stack(losses).mean().exp()), rel=1e-4)
+
+
+@pytest.mark.parametrize("case", ["missing", "no_config", "truncated", "unsupported"])
+def test_bad_imports_exit_naming_the_file_or_field(case, hf_folder, tmp_path):
+    folder, _ = hf_folder
+    weights = folder / "model.safetensors"
+    ckpt, message = {
+        "missing": (f"hf:{tmp_path / 'absent'}", f"error: ckpt: {tmp_path / 'absent'} does not exist"),
+        "no_config": (f"hf:{tmp_path}", f"error: ckpt: {tmp_path} has no config.json"),
+        "truncated": (f"hf:{folder}", f"error: ckpt: {weights} is truncated"),
+        "unsupported": (f"hf:{folder}", "model_type='gpt2' is not supported"),
+    }[case]
+    if case == "truncated":
+        weights.write_bytes(weights.read_bytes()[:1000])
+    if case == "unsupported":
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    out = tmp_path / "eval"
+    result = evaluate(out, f"ckpt='{ckpt}'", *FAST, "passkey_trials=0")
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-3000:]
+    assert message in result.stderr and result.stderr.count("\n") == 1, result.stderr
+    assert not out.exists()

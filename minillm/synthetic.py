@@ -1,0 +1,487 @@
+"""Synthetic length-generalization tasks (needle, MQAR, copy, flip-flop), generated on the fly from a seed.
+
+Each task is one config class registered with `@register_task`: its knobs with their defaults, its token layout
+(a small fixed vocabulary, written in its docstring), how its sizes follow the sequence length, and `sample`.
+One example fills one window of exactly `length` tokens (as Zoology does): a longer evaluation length means a
+larger instance of the task (more pairs, a longer haystack, a longer sequence to copy), as each class states.
+
+An example is `length + 1` tokens: inputs are tokens[:-1], next-token targets tokens[1:] with IGNORE (-100, the
+default ignore_index of F.cross_entropy) at every position that is not an answer, so the ordinary language-model
+loss is the answer-only loss. Answers are numbered in reading order: `answers[t] = k` when target t belongs to
+the k-th answer, -1 elsewhere; exact match asks every token of an answer to be right.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import ClassVar, Iterator, NamedTuple, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import IterableDataset, TensorDataset, get_worker_info
+
+IGNORE = -100  # target of every non-answer position: F.cross_entropy's default ignore_index
+SPLITS = {"train": 0, "validation": 1, "test": 2}  # independent random streams under one seed
+
+
+def _require(condition: bool, name: str, message: str) -> None:
+    if not condition:
+        raise ValueError(f"{name}: {message}")
+
+
+@dataclass
+class Example:
+    """One window: `tokens` (length + 1,) int64 and `answers` (length,) int64, the answer each target belongs to
+    (-1: not an answer)."""
+
+    tokens: Tensor
+    answers: Tensor
+
+    @property
+    def inputs(self) -> Tensor:
+        return self.tokens[:-1]
+
+    @property
+    def targets(self) -> Tensor:
+        return torch.where(self.answers >= 0, self.tokens[1:], IGNORE)
+
+
+def _example(tokens: list[Tensor], answer_starts: Tensor, answer_length: int) -> Example:
+    """Concatenate the pieces; answer k covers targets answer_starts[k] .. + answer_length − 1 (in reading order)."""
+    tokens = torch.cat(tokens)
+    answers = torch.full((len(tokens) - 1,), -1, dtype=torch.int64)
+    starts = torch.sort(answer_starts).values
+    index = (starts[:, None] + torch.arange(answer_length)).flatten()
+    answers[index] = torch.arange(len(starts)).repeat_interleave(answer_length)
+    return Example(tokens, answers)
+
+
+def _fill(count: int, token: int) -> Tensor:
+    return torch.full((count,), token, dtype=torch.int64)
+
+
+SYNTHETIC_TASKS: dict[str, type["TaskConfig"]] = {}
+
+
+def register_task(name: str):
+    """Register a TaskConfig subclass under `name` (the value of data.task and its YAML's name)."""
+    def add(cls: type[TaskConfig]) -> type[TaskConfig]:
+        cls.name = name
+        SYNTHETIC_TASKS[name] = cls
+        return cls
+
+    return add
+
+
+@dataclass
+class TaskConfig:
+    """What every task provides; knobs are checked when the config is built, lengths by `check_length`."""
+
+    name: ClassVar[str] = ""
+
+    def knob(self, field: str) -> str:
+        return f"data.task.{field}"
+
+    @property
+    def vocab_size(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def min_length(self) -> int:
+        """The shortest sequence length at which the prompt and one answer fit."""
+        raise NotImplementedError
+
+    def sizes(self, length: int) -> dict[str, int]:
+        """The instance's sizes at `length` (pairs, copy length, ...): the task's length-scaling rule."""
+        raise NotImplementedError
+
+    def answer_length(self, length: int) -> int:
+        """Tokens per answer at `length`."""
+        return 1
+
+    def check_length(self, length: int) -> None:
+        _require(length >= self.min_length, "model.context_length",
+                 f"the {self.name} task needs sequences of at least {self.min_length} tokens with these knobs, "
+                 f"got {length}")
+
+    def sample(self, length: int, generator: torch.Generator) -> Example:
+        raise NotImplementedError
+
+
+@register_task("mqar")
+@dataclass
+class MQAR(TaskConfig):
+    """Multi-query associative recall (Arora et al. 2023, arXiv:2312.04927; HazyResearch/zoology
+    `zoology/data/multiquery_ar.py`): key–value pairs, then every key queried once, at power-law gaps.
+
+    Layout: 0 filler, 1 .. num_keys keys, then num_values values. The window is `k1 v1 k2 v2 ... kp vp` followed
+    by the query region of (length + 1 − 2p) // 2 two-token slots, filler except the p slots holding a query `k v`
+    (its answer: v, predicted at k), and one filler more when the region's size is odd. Keys are distinct, values
+    drawn with replacement. Slot s (0-based, counted from the end of the pairs) is chosen with weight
+    a·(s+1)^(a−1), a = power_a, p slots without replacement (Zoology's rule); unlike Zoology, which key goes
+    to which slot is shuffled, so the query order says nothing about the pairs' order.
+    Length scaling: p = length // tokens_per_pair pairs (Zoology's 8 pairs at 64 tokens by default), so 4x the
+    length holds 4x the pairs; p must not exceed num_keys, and a longer length is refused, not capped.
+    """
+
+    num_keys: int = 128
+    num_values: int = 64
+    tokens_per_pair: int = 8
+    power_a: float = 0.01
+
+    def __post_init__(self) -> None:
+        _require(self.num_keys >= 1, self.knob("num_keys"), f"must be at least 1, got {self.num_keys}")
+        _require(self.num_values >= 1, self.knob("num_values"), f"must be at least 1, got {self.num_values}")
+        # Each pair takes 2 tokens and its query a 2-token slot: below 4 tokens per pair the queries do not fit.
+        _require(self.tokens_per_pair >= 4, self.knob("tokens_per_pair"),
+                 f"must be at least 4 (2 tokens for a pair, 2 for its query), got {self.tokens_per_pair}")
+        _require(math.isfinite(self.power_a) and self.power_a > 0, self.knob("power_a"),
+                 f"must be positive, got {self.power_a}")
+
+    @property
+    def vocab_size(self) -> int:
+        return 1 + self.num_keys + self.num_values
+
+    @property
+    def min_length(self) -> int:
+        return self.tokens_per_pair
+
+    def sizes(self, length: int) -> dict[str, int]:
+        pairs = length // self.tokens_per_pair
+        return {"num_pairs": pairs, "query_slots": (length + 1 - 2 * pairs) // 2}
+
+    def check_length(self, length: int) -> None:
+        super().check_length(length)
+        pairs = self.sizes(length)["num_pairs"]
+        _require(pairs <= self.num_keys, self.knob("num_keys"),
+                 f"mqar at length {length} holds {pairs} pairs (one per data.task.tokens_per_pair="
+                 f"{self.tokens_per_pair} tokens) with distinct keys, but num_keys={self.num_keys}; "
+                 f"raise num_keys or tokens_per_pair, or use a shorter length")
+
+    def sample(self, length: int, generator: torch.Generator) -> Example:
+        self.check_length(length)
+        pairs, slots = self.sizes(length).values()
+        keys = 1 + torch.randperm(self.num_keys, generator=generator)[:pairs]
+        values = 1 + self.num_keys + torch.randint(self.num_values, (pairs,), generator=generator)
+        weights = self.power_a * torch.arange(1, slots + 1, dtype=torch.float64) ** (self.power_a - 1)
+        chosen = torch.multinomial(weights, pairs, replacement=False, generator=generator)
+        queried = torch.randperm(pairs, generator=generator)  # which pair each chosen slot asks for
+        region = _fill(length + 1 - 2 * pairs, 0)
+        region[2 * chosen], region[2 * chosen + 1] = keys[queried], values[queried]
+        context = torch.stack([keys, values], dim=1).flatten()
+        return _example([context, region], 2 * pairs + 2 * chosen, 1)
+
+
+@register_task("needle")
+@dataclass
+class Needle(TaskConfig):
+    """Key–value needle in a haystack of distractor pairs (RULER niah_single, Hsieh et al. 2024,
+    arXiv:2404.06654; NVIDIA/RULER `scripts/data/synthetic/niah.py`), the haystack itself made of pairs.
+
+    Layout: 0 filler, 1 query marker, 2 .. num_keys + 1 keys, then num_values values. The window is
+    `filler* (k v1..vn)*h  Q k* v*1..v*n`: h pairs of a key and n = value_length values, one of which is the needle,
+    then the query marker, the needle's key and its value (the answer, n tokens). The needle's key appears once in
+    the haystack; distractor keys are any other key, repeats allowed, so the vocabulary bounds no length. Fillers
+    pad the start to the exact length. The needle is pair round(depth·(h − 1)), or a uniform one when depth is None.
+    Length scaling: h = (length − 1 − n) // (1 + n) pairs, the haystack grows with the length.
+    """
+
+    num_keys: int = 64
+    num_values: int = 64
+    value_length: int = 2
+    depth: Optional[float] = None  # the needle's place as a fraction of the haystack; None: uniform
+
+    def __post_init__(self) -> None:
+        _require(self.num_keys >= 2, self.knob("num_keys"),
+                 f"must be at least 2 (the needle's key and another for distractors), got {self.num_keys}")
+        _require(self.num_values >= 1, self.knob("num_values"), f"must be at least 1, got {self.num_values}")
+        _require(self.value_length >= 1, self.knob("value_length"), f"must be at least 1, got {self.value_length}")
+        _require(self.depth is None or 0.0 <= self.depth <= 1.0, self.knob("depth"),
+                 f"must lie in [0, 1] or be None (uniform), got {self.depth}")
+
+    @property
+    def vocab_size(self) -> int:
+        return 2 + self.num_keys + self.num_values
+
+    @property
+    def min_length(self) -> int:
+        return 2 + 2 * self.value_length  # the needle alone, then the query and its answer
+
+    def sizes(self, length: int) -> dict[str, int]:
+        return {"haystack_pairs": (length - 1 - self.value_length) // (1 + self.value_length)}
+
+    def answer_length(self, length: int) -> int:
+        return self.value_length
+
+    def sample(self, length: int, generator: torch.Generator) -> Example:
+        self.check_length(length)
+        pairs, n = self.sizes(length)["haystack_pairs"], self.value_length
+        needle = torch.randint(self.num_keys, (1,), generator=generator)
+        keys = torch.randint(self.num_keys - 1, (pairs,), generator=generator)
+        keys = keys + (keys >= needle).long()  # every distractor key but the needle's
+        if self.depth is None:
+            at = int(torch.randint(pairs, (1,), generator=generator))
+        else:
+            at = round(self.depth * (pairs - 1))
+        keys[at] = needle
+        values = 2 + self.num_keys + torch.randint(self.num_values, (pairs, n), generator=generator)
+        haystack = torch.cat([2 + keys[:, None], values], dim=1).flatten()
+        pad = length + 1 - len(haystack) - 2 - n
+        query = torch.cat([torch.tensor([1]), 2 + needle, values[at]])
+        return _example([_fill(pad, 0), haystack, query], torch.tensor([length - n]), n)
+
+
+@register_task("copy")
+@dataclass
+class Copy(TaskConfig):
+    """Copy a random sequence (Jelassi et al. 2024, arXiv:2402.01032; reversed: Zhou et al. 2023,
+    arXiv:2310.16028's reversal variants): `s1..sn SEP s1..sn`, or `SEP sn..s1` with reverse; the answer is
+    the whole copy (n tokens, its first predicted at SEP).
+
+    Layout: 0 filler, 1 separator, 2 .. num_symbols + 1 symbols, drawn uniformly with replacement. One filler
+    at the start when the length is odd.
+    Length scaling: n = length // 2, the copy is half the window at every length.
+    """
+
+    num_symbols: int = 32
+    reverse: bool = False
+
+    def __post_init__(self) -> None:
+        _require(self.num_symbols >= 1, self.knob("num_symbols"), f"must be at least 1, got {self.num_symbols}")
+
+    @property
+    def vocab_size(self) -> int:
+        return 2 + self.num_symbols
+
+    @property
+    def min_length(self) -> int:
+        return 2
+
+    def sizes(self, length: int) -> dict[str, int]:
+        return {"copy_length": length // 2}
+
+    def answer_length(self, length: int) -> int:
+        return length // 2
+
+    def sample(self, length: int, generator: torch.Generator) -> Example:
+        self.check_length(length)
+        n = length // 2
+        sequence = 2 + torch.randint(self.num_symbols, (n,), generator=generator)
+        copy = sequence.flip(0) if self.reverse else sequence
+        pad = length + 1 - (2 * n + 1)
+        return _example([_fill(pad, 0), sequence, torch.tensor([1]), copy], torch.tensor([pad + n]), n)
+
+
+@register_task("flipflop")
+@dataclass
+class FlipFlop(TaskConfig):
+    """Flip-flop language (Liu et al. 2023, arXiv:2306.00946; CoPE's test, Golovneva et al. 2024,
+    arXiv:2405.18719): instruction–bit pairs, write (w), ignore (i) or read (r); a read's bit is the last written
+    bit, and each read's bit is an answer (predicted at the r).
+
+    Layout: 0 filler, 1 w, 2 i, 3 r, 4 bit 0, 5 bit 1. The first instruction is a write and the last a read; the
+    others are w, r or i with probabilities p_write, p_read and the rest (Liu's FFL(0.8): 0.1, 0.1); bits after w
+    and i are uniform. p_read = 0 leaves the final read only. One filler at the start when the length is even.
+    Length scaling: (length + 1) // 2 instructions at fixed probabilities: the density of reads and writes stays,
+    the sequence (and the farthest write a read may need) grows.
+    """
+
+    p_write: float = 0.1
+    p_read: float = 0.1
+
+    WRITE: ClassVar[int] = 1
+    IGNORE_OP: ClassVar[int] = 2
+    READ: ClassVar[int] = 3
+    BIT: ClassVar[int] = 4  # bit b is token BIT + b
+
+    def __post_init__(self) -> None:
+        for name in ("p_write", "p_read"):
+            value = getattr(self, name)
+            _require(0.0 <= value <= 1.0, self.knob(name), f"must lie in [0, 1], got {value}")
+        _require(self.p_write + self.p_read <= 1.0, self.knob("p_read"),
+                 f"p_write + p_read must be at most 1 (the rest are ignores), got {self.p_write} + {self.p_read}")
+
+    @property
+    def vocab_size(self) -> int:
+        return 6
+
+    @property
+    def min_length(self) -> int:
+        return 3  # two instructions: the first write and the final read
+
+    def sizes(self, length: int) -> dict[str, int]:
+        return {"instructions": (length + 1) // 2}
+
+    def sample(self, length: int, generator: torch.Generator) -> Example:
+        self.check_length(length)
+        count = self.sizes(length)["instructions"]
+        u = torch.rand(count - 2, generator=generator, dtype=torch.float64)
+        # u < p_write: write; u >= 1 − p_read: read; ignore between
+        middle = self.WRITE + (u >= self.p_write).long() + (u >= 1.0 - self.p_read).long()
+        ops = torch.cat([torch.tensor([self.WRITE]), middle, torch.tensor([self.READ])])
+        bits = torch.randint(2, (count,), generator=generator)
+        index = torch.arange(count)
+        last_write = torch.cummax(torch.where(ops == self.WRITE, index, -1), dim=0).values
+        reads = ops == self.READ
+        bits[reads] = bits[last_write[reads]]
+        pad = length + 1 - 2 * count
+        pairs = torch.stack([ops, self.BIT + bits], dim=1).flatten()
+        return _example([_fill(pad, 0), pairs], pad + 2 * index[reads], 1)
+
+
+def task_config(name: str, settings: "dict | TaskConfig | None" = None) -> TaskConfig:
+    """The registered task `name` with its knobs (a dict as Hydra gives it, or the config itself)."""
+    _require(name in SYNTHETIC_TASKS, "data.task", f"unknown task {name!r}; one of {sorted(SYNTHETIC_TASKS)}")
+    if isinstance(settings, TaskConfig):
+        _require(settings.name == name, "data.task", f"got a {settings.name!r} config for task {name!r}")
+        return settings
+    cls = SYNTHETIC_TASKS[name]
+    settings = dict(settings or {})
+    _require(settings.pop("name", name) == name, "data.task.name", f"settings for {name!r} name another task")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(settings) - fields)
+    _require(not unknown, f"data.task.{unknown[0] if unknown else ''}",
+             f"not a setting of the {name} task (it has {sorted(fields)})")
+    return cls(**settings)
+
+
+# ----------------------------------------------------------------------------------------------
+# Deterministic batches
+
+
+def example_generator(seed: int, index: int, split: str = "train") -> torch.Generator:
+    """The generator of sample `index`: a hash of (seed, split, index), the same on every machine and call order."""
+    _require(split in SPLITS, "split", f"got {split!r}, expected one of {sorted(SPLITS)}")
+    state = np.random.SeedSequence([seed, SPLITS[split], index]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+class Batch(NamedTuple):
+    inputs: Tensor  # (batch, length) int64
+    targets: Tensor  # (batch, length) int64, IGNORE except at answers
+    answers: Tensor  # (batch, length) int64, the answer each target belongs to, -1 elsewhere
+
+
+def examples(task: TaskConfig, length: int, batch_size: int, seed: int, index: int, split: str = "train") -> Batch:
+    """Batch `index`: samples index·batch_size .. (index + 1)·batch_size − 1 of the split's stream, stacked."""
+    task.check_length(length)
+    samples = [task.sample(length, example_generator(seed, i, split))
+               for i in range(index * batch_size, (index + 1) * batch_size)]
+    return Batch(torch.stack([s.inputs for s in samples]), torch.stack([s.targets for s in samples]),
+                 torch.stack([s.answers for s in samples]))
+
+
+def batch(task: TaskConfig, length: int, batch_size: int, seed: int, index: int,
+          split: str = "train") -> tuple[Tensor, Tensor]:
+    """(inputs, targets) of batch `index`, a pure function of its arguments (so a resumed run sees the same)."""
+    return tuple(examples(task, length, batch_size, seed, index, split)[:2])
+
+
+class SyntheticWindows(IterableDataset):
+    """Endless training batches of one example per window, as minillm.data.TrainWindows yields them: batch b is
+    `batch(task, seq_len, batch_size, seed, b)`; this loader yields first_batch, first_batch + stride, ... (stride =
+    world size, so ranks interleave), worker w of n taking every n-th of those."""
+
+    def __init__(self, task: TaskConfig, seq_len: int, batch_size: int, seed: int, first_batch: int = 0,
+                 stride: int = 1):
+        task.check_length(seq_len)
+        self.task, self.seq_len, self.batch_size, self.seed = task, seq_len, batch_size, seed
+        self.first_batch, self.stride = first_batch, stride
+
+    def batch(self, b: int) -> tuple[Tensor, Tensor]:
+        return batch(self.task, self.seq_len, self.batch_size, self.seed, b)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        worker = get_worker_info()
+        worker_id, workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
+        b = self.first_batch + self.stride * worker_id
+        while True:
+            yield self.batch(b)
+            b += self.stride * workers
+
+
+def validation_set(task: TaskConfig, length: int, count: int, seed: int, split: str = "validation") -> TensorDataset:
+    """`count` fixed examples (inputs, targets, answers) at `length`, from a stream the training batches never use."""
+    return TensorDataset(*examples(task, length, count, seed, 0, split))
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss and accuracy
+
+
+def answer_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean cross-entropy over answer tokens only (IGNORE targets drop out)."""
+    return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), ignore_index=IGNORE)
+
+
+def answer_ids(targets: Tensor, answer_length: int) -> Tensor:
+    """The answer map of targets whose answers are all `answer_length` tokens: the k-th run of that many
+    non-IGNORE targets of a row, in reading order, is answer k (what `Example.answers` holds)."""
+    answer = targets != IGNORE
+    ids = torch.div(torch.cumsum(answer.long(), dim=-1) - 1, answer_length, rounding_mode="floor")
+    return torch.where(answer, ids, -1)
+
+
+def wilson_interval(successes: int, trials: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a proportion (Wilson 1927; Brown, Cai & DasGupta 2001): (0, 1) without trials."""
+    if trials == 0:
+        return 0.0, 1.0
+    p, z2 = successes / trials, z * z
+    centre = (p + z2 / (2 * trials)) / (1 + z2 / trials)
+    half = z / (1 + z2 / trials) * math.sqrt(p * (1 - p) / trials + z2 / (4 * trials * trials))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+@dataclass
+class Accuracy:
+    """Counts of right answers (every token right) and right answer tokens."""
+
+    answers: int
+    answers_correct: int
+    tokens: int
+    tokens_correct: int
+
+    @property
+    def exact_match(self) -> float:
+        return self.answers_correct / self.answers if self.answers else float("nan")
+
+    @property
+    def token_accuracy(self) -> float:
+        return self.tokens_correct / self.tokens if self.tokens else float("nan")
+
+    def exact_match_interval(self, z: float = 1.96) -> tuple[float, float]:
+        return wilson_interval(self.answers_correct, self.answers, z)
+
+    def token_accuracy_interval(self, z: float = 1.96) -> tuple[float, float]:
+        # Tokens of one answer are not independent: this interval is too narrow where errors cluster.
+        return wilson_interval(self.tokens_correct, self.tokens, z)
+
+    def __add__(self, other: "Accuracy") -> "Accuracy":
+        return Accuracy(*(getattr(self, f.name) + getattr(other, f.name) for f in dataclasses.fields(self)))
+
+
+def accuracy(logits_or_predictions: Tensor, targets: Tensor, answers: Tensor) -> Accuracy:
+    """Exact match per answer and per-token accuracy of argmax predictions; logits (..., length, vocab) or
+    predicted ids (..., length), targets and answers (..., length) as `examples` gives them."""
+    predictions = logits_or_predictions
+    if predictions.is_floating_point():
+        predictions = predictions.argmax(dim=-1)
+    _require(predictions.shape == targets.shape == answers.shape, "accuracy",
+             f"predictions {tuple(predictions.shape)}, targets {tuple(targets.shape)} and answers "
+             f"{tuple(answers.shape)} must have one shape")
+    answer = answers >= 0
+    _require(bool(torch.equal(answer, targets != IGNORE)), "accuracy",
+             "answers and targets disagree on which positions are answers")
+    wrong = (predictions != targets) & answer
+    rows = answers.reshape(-1, answers.shape[-1])
+    groups = rows.max().item() + 1 if answer.any() else 1
+    group = (torch.arange(len(rows))[:, None] * groups + rows)[rows >= 0]
+    errors = torch.zeros(len(rows) * groups, dtype=torch.int64).index_add_(0, group, wrong.reshape(rows.shape)[rows >= 0].long())
+    present = torch.zeros(len(rows) * groups, dtype=torch.bool)
+    present[group] = True
+    return Accuracy(answers=int(present.sum()), answers_correct=int((present & (errors == 0)).sum()),
+                    tokens=int(answer.sum()), tokens_correct=int((answer & ~wrong).sum()))
