@@ -187,6 +187,16 @@ def log_n_queries(model: Transformer, enabled: bool) -> Iterator[Transformer]:
             block.attn.temperature = None
 
 
+def rotary_key(model: Transformer, length: int) -> Optional[tuple]:
+    """What a window of `length` tokens is rotated with (frequencies and temperature), hashable; None for a
+    model without rotary frequencies. Equal keys, equal measurements."""
+    frequencies = getattr(model.position, "_frequencies", None)
+    if frequencies is None:
+        return None
+    inv_freq, attention_factor = frequencies(length)
+    return inv_freq.cpu().numpy().tobytes(), float(attention_factor)
+
+
 @contextlib.contextmanager
 def scaled_rope(model: Transformer, scaling: Scaling) -> Iterator[Transformer]:
     """Temporarily give a rotary model another frequency scaling; its weights are untouched. "none" keeps
@@ -535,6 +545,7 @@ def measure(subject: Subject, config: EvalConfig) -> Results:
     suffix = "+logn" if config.logn else ""
     results = Results()
     plan = [(m, a, n) for m in methods for a in config.attention for n in usable]
+    done: dict[tuple, tuple[Perplexity, Optional[tuple[float, int]]]] = {}
     with log_n_queries(model, config.logn):
         for method, attention, length in tqdm(plan, desc=f"perplexity {info.run}", unit="length"):
             setting = dict(vars(info), method=method, attention=attention + suffix, stride=config.stride)
@@ -545,14 +556,22 @@ def measure(subject: Subject, config: EvalConfig) -> Results:
                 continue
             scaling = scaling_for(method, length, trained, config.scaling_factor)
             with scaled_rope(model, scaling):
-                measured = perplexity_at_length(model, tokens, length, attention=served[attention],
-                                                stride=config.stride, batch_size=config.batch_size,
-                                                buckets=config.buckets)
-                if config.tail_loss and length >= trained:  # the same last `trained` targets at every length
-                    loss, count = tail_loss(model, tokens, length, trained, attention=served[attention],
-                                            batch_size=config.batch_size)
-                    results.tail.append(TailLossRecord(info.model, info.run, info.seed, trained, method,
-                                                       attention + suffix, length, trained, loss, count))
+                # A scaling that leaves this length's frequencies as another left them (every static one at
+                # factor 1, i.e. up to the training length) computes the same numbers: reuse them.
+                key = (attention, length, rotary_key(model, length))
+                if key not in done:
+                    measured = perplexity_at_length(model, tokens, length, attention=served[attention],
+                                                    stride=config.stride, batch_size=config.batch_size,
+                                                    buckets=config.buckets)
+                    tail = None
+                    if config.tail_loss and length >= trained:  # the same last `trained` targets at every length
+                        tail = tail_loss(model, tokens, length, trained, attention=served[attention],
+                                         batch_size=config.batch_size)
+                    done[key] = measured, tail
+                measured, tail = done[key]
+            if tail is not None:
+                results.tail.append(TailLossRecord(info.model, info.run, info.seed, trained, method,
+                                                   attention + suffix, length, trained, *tail))
             results.perplexity.append(PerplexityRecord(**vars(measured), factor=scaling.factor, **setting))
     if config.passkey_trials:
         passkey_lengths = [n for n in usable if limit is None or n <= limit]

@@ -377,3 +377,23 @@ def test_passkey_trial_equals_a_hand_computation_with_a_real_model(tokenizer, fi
     rows = logits[prompt.answer_start - 1:].log_softmax(-1)
     assert logprob == pytest.approx(float(rows.gather(-1, answer[:, None]).sum()), rel=1e-5) and logprob <= 0
     assert exact == bool((rows.argmax(-1) == answer).all())
+
+
+def test_a_scaling_that_changes_nothing_at_a_length_reuses_the_measurement(monkeypatch):
+    """Up to the training length every static scaling has factor 1 and rotates as none does: one measurement
+    per distinct set of frequencies, the same numbers in every row, and past it each scaling its own."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=64, context_length=16, d_model=32, n_layers=1, n_heads=2)).eval()
+    documents = [np.random.default_rng(0).integers(0, 64, 200)]
+    subject = ev.Subject(model, None, documents, ev.ModelInfo("m", "m", 0, 16, "complex", "-"))
+    calls = []
+    measure = ev.perplexity_at_length
+    monkeypatch.setattr(ev, "perplexity_at_length", lambda *a, **k: calls.append(a[2]) or measure(*a, **k))
+    config = ev.EvalConfig(ckpt="-", lengths=[8, 16, 32], scalings=["none", "linear", "yarn", "dynamic_ntk"],
+                           passkey_trials=0, tail_loss=False)
+    results = ev.measure(subject, config)
+    assert sorted(calls) == [8, 16, 32, 32, 32, 32]  # dynamic NTK at factor 1 past L0 still changes the base
+    ppl = {(r.method, r.length): r.ppl for r in results.perplexity}
+    for length in (8, 16):
+        assert len({ppl[m, length] for m in config.scalings}) == 1
+    assert len({ppl[m, 32] for m in config.scalings}) == 4
