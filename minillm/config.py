@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 from minillm.attention import ATTENTION_METHODS
 from minillm.rope import POSITION_ENCODINGS, ModelShape, RotaryConfig, position_config
+from minillm.samplers import POSITION_SAMPLERS, sampler_config
 from minillm.scaling import SCALINGS, Scaling, scaling_config
 
 
@@ -288,6 +289,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     rope: Any = None  # a registered PositionConfig (conf/rope picks one); None: RoPE defaults
     rope_scaling: Any = None  # a registered Scaling (conf/rope_scaling picks one); None: no scaling
+    positions: Any = None  # a registered PositionSampler (conf/positions picks one); None: contiguous
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -295,6 +297,9 @@ class RunConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     seed: int = 0
     ckpt_path: Optional[str] = None  # "last" resumes this run folder's last checkpoint; or a path
+    # A run folder or .ckpt whose weights start this run (fresh optimizer and schedule): its shape, vocabulary,
+    # encoding and tokenizer are kept; the context length, scaling and positions are this run's (minillm.finetune).
+    init_from: Optional[str] = None
     verbose: bool = False  # show the libraries' console lines too (devices, tips, deprecations)
 
     def __post_init__(self) -> None:
@@ -306,6 +311,14 @@ class RunConfig:
             if given != default and given != getattr(self, name):
                 raise ValueError(f"model.{name}: set the top-level {name} group instead (e.g. {name}.<field>=...)")
         self.model = dataclasses.replace(self.model, rope=self.rope, rope_scaling=self.rope_scaling)
+        self.positions = sampler_config(self.positions)
+        if self.init_from is None:  # a fine-tuning is checked once its source's settings are in (minillm.finetune)
+            self.sampler.check(self.rope, self.model.context_length)
+
+    @property
+    def sampler(self):
+        """The position sampler with its reach resolved (PoSE's target: the scaling's extended length)."""
+        return self.positions.resolved(self.model.context_length, self.rope_scaling)
 
 
 def folder_name(override_dirname: str, limit: int = 200) -> str:
@@ -359,6 +372,8 @@ def register_configs(conf_dir: Optional[Path] = None) -> None:
         store.store(group="schema/rope", name=name, node=cls(variant=name))
     for name, cls in SCALINGS.items():
         store.store(group="schema/rope_scaling", name=name, node=cls)
+    for name, cls in POSITION_SAMPLERS.items():
+        store.store(group="schema/positions", name=name, node=cls)
 
 
 # Every attention method's knobs, one field per registered method (its config class): the schema of `methods`.

@@ -19,7 +19,11 @@ def quiet_libraries() -> None:
                  "transformers"):
         logging.getLogger(name).setLevel(logging.ERROR)
     os.environ.setdefault("WANDB_SILENT", "true")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' loading bars (GGUF, weights) too
+    try:  # the hub's progress bars, and with them transformers' (GGUF dequantization, weight loading)
+        from huggingface_hub.utils import disable_progress_bars
+        disable_progress_bars()
+    except ImportError:
+        pass
 
 
 def fail(error: Exception, run_dir: Path) -> NoReturn:

@@ -18,6 +18,10 @@ def run_tags(run: RunConfig) -> list[str]:
     tags = [f"rope={rope.variant}", f"scaling={scaling.type}"]
     if rope.is_rotary:
         tags += [f"theta={rope.theta:g}", f"xpos={rope.xpos_scale_base or 'off'}"]
+    if run.positions.name != "contiguous":
+        tags.append(f"positions={run.positions.name}")
+    if run.init_from is not None:  # a fine-tuning: its method is its scaling and positions
+        tags.append("finetuned")
     return tags + list(run.logger.tags)
 
 
@@ -79,9 +83,10 @@ def _appending_csv_logger(run_dir: Path, resume_step: Optional[int] = None):
 
 
 def make_loggers(run: RunConfig, run_dir: Path, config: dict, resume_id: Optional[str] = None,
-                 resume_step: Optional[int] = None) -> list:
+                 resume_step: Optional[int] = None, group: Optional[str] = None) -> list:
     """CSV (run_dir/metrics.csv) and, for logger.kind=wandb, W&B; resume_id continues that W&B run, and
-    resume_step (the checkpoint's step) is where metrics.csv continues."""
+    resume_step (the checkpoint's step) is where metrics.csv continues. group: the W&B group when
+    logger.group is unset (a fine-tuning's: its source's)."""
     from lightning.pytorch.loggers import WandbLogger
 
     if run.logger.kind == "none":
@@ -95,7 +100,7 @@ def make_loggers(run: RunConfig, run_dir: Path, config: dict, resume_id: Optiona
         resume = {"id": resume_id, "resume": "allow"} if resume_id else {}
 
         def start(mode: str) -> WandbLogger:
-            logger = WandbLogger(project=run.logger.project, group=run.logger.group, tags=run_tags(run),
+            logger = WandbLogger(project=run.logger.project, group=run.logger.group or group, tags=run_tags(run),
                                  save_dir=str(run_dir), mode=mode, settings=settings, config=config, **resume)
             logger._wandb_init.pop("anonymous", None)  # Lightning passes None, which W&B warns has no effect
             logger.experiment  # start now, so a failure to reach W&B falls back here and not mid-run

@@ -415,9 +415,10 @@ class Transformer(nn.Module):
                   for h, t in zip(hidden.split(chunk_tokens), flat_targets.split(chunk_tokens))]
         return torch.cat(losses).view_as(targets)
 
-    def loss(self, idx: Tensor, targets: Tensor) -> Tensor:
-        """Mean next-token cross-entropy (float32), the LM head fused with it: no full logit matrix."""
-        hidden = self.hidden_states(idx).flatten(0, 1)
+    def loss(self, idx: Tensor, targets: Tensor, positions: Optional[Positions] = None) -> Tensor:
+        """Mean next-token cross-entropy (float32), the LM head fused with it: no full logit matrix.
+        positions: the tokens' positions (a training sampler's); by default 0, 1, 2, ..."""
+        hidden = self.hidden_states(idx, positions=positions).flatten(0, 1)
         return linear_cross_entropy(hidden, self.head.weight, targets.flatten())
 
     @torch.inference_mode()

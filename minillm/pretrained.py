@@ -38,6 +38,10 @@ def _transformers():
     except ImportError as error:
         raise ImportError("importing pretrained models needs HF transformers: pip install minillm[interop] "
                           "(and minillm[real] for GGUF files: gguf, accelerate)") from error
+    from huggingface_hub.utils import are_progress_bars_disabled
+
+    if are_progress_bars_disabled():  # transformers reads the switch once, at its import
+        transformers.utils.logging.disable_progress_bar()
     return transformers
 
 

@@ -20,7 +20,10 @@ RESUMABLE = ("trainer.max_steps", "trainer.val_check_interval", "trainer.limit_v
              "trainer.compile", "trainer.peak_flops", "data.num_workers", "data.cache_dir", "logger", "ckpt_path",
              "verbose")
 DERIVED = ("model.vocab_size", "model.rope", "model.rope_scaling")  # set from the tokenizer and the groups
-GLOBAL_GROUPS = ("experiment",)  # overlays on the whole tree (`# @package _global_`)
+GLOBAL_GROUPS = ("experiment",)
+# Filled in by a new run where the command line leaves them unset (a fine-tuning's scaling takes its source's
+# length, minillm.finetune): asked again unset on resume, they match whatever the run filled in.
+FILLED = ("rope_scaling.original_max_position",)  # overlays on the whole tree (`# @package _global_`)
 
 
 def _resumable(key: str) -> bool:
@@ -92,6 +95,8 @@ def resumed(cfg: DictConfig, saved: DictConfig, overrides: Sequence[str], defaul
             leaves = dict(_leaves(_as_plain(OmegaConf.select(cfg, key)), f"{key}."))
         for setting, value in leaves.items():
             if _resumable(setting) or any(setting == d or setting.startswith(d + ".") for d in DERIVED):
+                continue
+            if value is None and setting in FILLED:
                 continue
             if saved_leaves.get(setting) != value:
                 raise ConfigError(f"{setting}: the run was trained with {saved_leaves.get(setting)!r}, this resume "

@@ -74,7 +74,16 @@ def train(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> dict
     log.info("%s %s: %d steps of %d × %d tokens, in %s", "resuming" if resume else "training", run.model.label,
              run.trainer.max_steps, run.data.batch_size, run.model.context_length, run_dir)
 
+    source = None
+    if resume is None and run.init_from is not None:  # a fine-tuning: the source's shape, encoding, tokenizer
+        from minillm.finetune import from_source, load_source
+
+        source = load_source(run.init_from)
+        run = from_source(run, source, overrides)
     data = load_data(run)
+    if source is not None and data.vocab_size != source.model.vocab_size:
+        raise ConfigError(f"init_from: {source.run.tokenizer} has {data.vocab_size} tokens, its checkpoint's model "
+                          f"{source.model.vocab_size}: the run folder's tokenizer is not the checkpoint's")
     run.model = dataclasses.replace(run.model, vocab_size=data.vocab_size)  # the tokenizer decides
     if resume is None:
         resolved = OmegaConf.to_container(OmegaConf.structured(run))
@@ -86,10 +95,21 @@ def train(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> dict
     write_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(resolved))
 
     task = LanguageModelTask(run.model.to_dict(), dataclasses.asdict(run.optim), compile=run.trainer.compile,
-                             peak_flops=run.trainer.peak_flops, max_bad_steps=run.trainer.max_bad_steps)
+                             peak_flops=run.trainer.peak_flops, max_bad_steps=run.trainer.max_bad_steps,
+                             positions=dataclasses.asdict(run.sampler), seed=run.seed)
+    origin = {}
+    if source is not None:
+        from minillm.finetune import load_weights, source_group
+
+        load_weights(task.model, source)
+        origin = {"init_from_source": source.record()}
+        write_atomic(run_dir / "init_from.json", json.dumps(source.record(), indent=2))  # before any step
+    elif run.init_from is not None and (run_dir / "init_from.json").is_file():  # resumed: the source as recorded
+        origin = {"init_from_source": json.loads((run_dir / "init_from.json").read_text())}
     resume_id = wandb_run_id(run_dir) if resume is not None else None  # the same W&B run, not a second one
-    loggers = make_loggers(run, run_dir, {**resolved, "data_fingerprint": data.fingerprint}, resume_id,
-                           resume.step if resume is not None else None)
+    group = source_group(source) if source is not None else None
+    loggers = make_loggers(run, run_dir, {**resolved, "data_fingerprint": data.fingerprint, **origin}, resume_id,
+                           resume.step if resume is not None else None, group=group)
     trainer = L.Trainer(**trainer_args, logger=loggers or False)
     try:
         trainer.fit(task, datamodule=data, ckpt_path=resume.checkpoint if resume is not None else None)
@@ -122,6 +142,7 @@ def train(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> dict
         "replica_spread": task.replica_spread,  # 0.0: every DDP rank ended with the same weights
         "wall_seconds": round(time.time() - started, 1),
         "data_fingerprint": data.fingerprint,
+        **origin,
     }
     if trainer.is_global_zero:
         write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2, default=str))

@@ -13,6 +13,7 @@ from torch import nn
 
 from minillm.config import ModelConfig, OptimConfig
 from minillm.model import Transformer
+from minillm.samplers import generator_for, sampler_config
 
 log = logging.getLogger("minillm")
 
@@ -123,13 +124,16 @@ class LanguageModelTask(L.LightningModule):
     """Next-token prediction on windows of context_length tokens."""
 
     def __init__(self, model: dict, optim: dict, compile: bool = False, peak_flops: Optional[float] = None,
-                 max_bad_steps: int = 0):
+                 max_bad_steps: int = 0, positions: Optional[dict] = None, seed: int = 0):
         super().__init__()
         # Plain dicts, so the checkpoint rebuilds the model with torch.load(weights_only=True).
         self.save_hyperparameters()
         self.model_cfg = ModelConfig.from_dict(model)
         self.optim_cfg = OptimConfig(**optim)
         self.model = Transformer(self.model_cfg)
+        # Training positions (minillm.samplers), drawn per step from (seed, step, rank): a resume draws the same.
+        self.sampler = sampler_config(positions)
+        self.seed = seed
         self.compile = compile
         self.peak_flops = peak_flops
         self.max_bad_steps = max_bad_steps
@@ -154,7 +158,11 @@ class LanguageModelTask(L.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch
-        loss = self.model.loss(x, y)
+        positions = None
+        if not self.sampler.contiguous:
+            generator = generator_for(self.seed, self.global_step, self.global_rank)
+            positions = self.sampler.positions(x.shape[0], x.shape[1], generator, x.device)
+        loss = self.model.loss(x, y, positions)
         if self._non_finite(loss):
             self.bad_steps += 1
             value = loss.item() if not math.isfinite(loss.item()) else "non-finite on another rank"
