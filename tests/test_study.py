@@ -1,0 +1,80 @@
+"""minillm.study: the context-extension report joins evaluation rows with the runs that produced them."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from minillm.study import context_extension_report, read_run
+
+REPO = Path(__file__).resolve().parents[1]
+COLUMNS = ["length", "ppl", "run", "seed", "checkpoint", "method", "applicable"]
+
+
+def make_run(root: Path, name: str, scaling: str, init_from, seed: int, sampler: str = "contiguous",
+             length: int = 256) -> Path:
+    folder = root / name
+    (folder / "checkpoints").mkdir(parents=True)
+    config = {"model": {"context_length": length}, "rope_scaling": {"type": scaling}, "positions": {"sampler": sampler},
+              "init_from": init_from, "seed": seed}
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    (folder / "summary.json").write_text(json.dumps({"steps": 50, "tokens": 204800, "wall_seconds": 40.0 + seed}))
+    with open(folder / "metrics.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, ["step", "train/loss", "val/loss"])
+        writer.writeheader()
+        writer.writerows([{"step": 9, "train/loss": 4.0 + seed, "val/loss": ""}, {"step": 19, "train/loss": "",
+                                                                                  "val/loss": 3.9}])
+    return folder
+
+
+def write_results(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, COLUMNS)
+        writer.writeheader()
+        writer.writerows({**row, "applicable": "True"} for row in rows)
+
+
+def test_report_groups_runs_by_method_with_mean_and_spread(tmp_path):
+    yarn = [make_run(tmp_path / "scaled", f"{s}_yarn", "yarn", "src", s) for s in (0, 1)]
+    pose = make_run(tmp_path / "pose", "0_pose", "yarn", "src", 0, sampler="pose", length=64)
+    scratch = make_run(tmp_path / "scratch", "0_scratch", "none", None, 0)
+    finetuned = [{"length": 256, "ppl": ppl, "run": run.name, "seed": 0, "checkpoint": str(run / "checkpoints/best.ckpt"),
+                  "method": "none"} for run, ppl in ((yarn[0], 10.0), (yarn[1], 12.0), (pose, 20.0), (scratch, 9.0))]
+    inference = [{"length": 256, "ppl": ppl, "run": "src", "seed": s, "checkpoint": "sweep/src/checkpoints/best.ckpt",
+                  "method": "yarn"} for s, ppl in ((0, 30.0), (1, 34.0))]
+    write_results(tmp_path / "eval_finetuned" / "results.csv", finetuned)
+    write_results(tmp_path / "eval_inference" / "results.csv", inference)
+
+    report = context_extension_report(tmp_path)
+    rows = {tuple(cell.strip() for cell in line.strip("|").split("|")[:2]): line for line in report.splitlines()}
+    assert "11.0 ± 1.4" in rows["YaRN", "fine-tuned"]  # mean of 10 and 12, sample standard deviation √2
+    assert "32.0 ± 2.8" in rows["YaRN", "inference only"]
+    assert "| 20.0 |" in rows["YaRN + PoSE", "fine-tuned"] and "| 9.0 |" in rows["scratch", "fine-tuned"]
+    assert "| YaRN | 256 | 50 | 204,800 | 40 | 2 |" in report  # wall time: the mean of 40 and 41, rounded
+    assert report.index("| scratch |") < report.index("| YaRN |") < report.index("| YaRN + PoSE |")
+
+
+def test_read_run_names_the_method_and_reads_the_loss_curve(tmp_path):
+    run = read_run(make_run(tmp_path, "r", "linear", "src", 1))
+    assert (run.method, run.context_length, run.curve) == ("PI (linear)", 256, [(9, 5.0)])
+    assert read_run(make_run(tmp_path, "d", "none", "src", 0)).method == "direct"
+
+
+def test_script_writes_the_report_and_plots(tmp_path):
+    run = make_run(tmp_path / "scaled", "0_linear", "linear", "src", 0)
+    rows = [{"length": n, "ppl": 10.0 + n / 64, "run": run.name, "seed": 0, "checkpoint": str(run / "checkpoints/x.ckpt"),
+             "method": "none"} for n in (64, 128)]
+    write_results(tmp_path / "eval_finetuned" / "results.csv", rows)
+    write_results(tmp_path / "eval_inference" / "results.csv", [{**r, "method": "linear"} for r in rows])
+    result = subprocess.run([sys.executable, "scripts/context_extension_report.py", str(tmp_path), str(tmp_path / "doc")],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "doc" / "results.md").read_text() in result.stdout
+    assert (tmp_path / "doc" / "ppl_vs_length.png").stat().st_size > 0
+    assert (tmp_path / "doc" / "finetune_loss.png").stat().st_size > 0
