@@ -179,27 +179,34 @@ class MQAR(TaskConfig):
 @register_task("needle")
 @dataclass
 class Needle(TaskConfig):
-    """Key–value needle in a haystack of distractor pairs (RULER niah_single, Hsieh et al. 2024,
-    arXiv:2404.06654; NVIDIA/RULER `scripts/data/synthetic/niah.py`), the haystack itself made of pairs.
+    """Key–value needle in a haystack of distractor pairs (RULER niah_single and its distractor needles, Hsieh
+    et al. 2024, arXiv:2404.06654; NVIDIA/RULER `scripts/data/synthetic/niah.py`).
 
     Layout: 0 filler, 1 query marker, 2 .. num_keys + 1 keys, then num_values values. The window is
-    `filler* (k v1..vn)*h  Q k* v*1..v*n`: h pairs of a key and n = value_length values, one of which is the needle,
-    then the query marker, the needle's key and its value (the answer, n tokens). The needle's key appears once in
-    the haystack; distractor keys are any other key, repeats allowed, so the vocabulary bounds no length. Fillers
-    pad the start to the exact length. The needle is pair round(depth·(h − 1)), or a uniform one when depth is None.
-    Length scaling: h = (length − 1 − n) // (1 + n) pairs, the haystack grows with the length.
+    `filler* slot*h  Q k* v*1..v*n`: h slots of tokens_per_pair tokens, each holding one pair (a key and
+    n = value_length values) at a uniform offset, filler around it; one pair is the needle. Then the query
+    marker, the needle's key and its value (the answer, n tokens). The needle's key appears once in the
+    haystack; distractor keys are any other key, repeats allowed, so the vocabulary bounds no length. Fillers pad
+    the start to the exact length. The needle is in slot round(depth·(h − 1)), or a uniform one when depth is
+    None. tokens_per_pair = 1 + n packs the haystack with pairs (no filler).
+    Length scaling: h = (length − 1 − n) // tokens_per_pair slots, so the haystack and its distractors grow with
+    the length at a fixed density.
     """
 
     num_keys: int = 64
     num_values: int = 64
     value_length: int = 2
-    depth: Optional[float] = None  # the needle's place as a fraction of the haystack; None: uniform
+    tokens_per_pair: int = 16  # one pair per 16 tokens: sparse enough to learn in minutes (see the tests' notes)
+    depth: Optional[float] = None  # the needle's slot as a fraction of the haystack; None: uniform
 
     def __post_init__(self) -> None:
         _require(self.num_keys >= 2, self.knob("num_keys"),
                  f"must be at least 2 (the needle's key and another for distractors), got {self.num_keys}")
         _require(self.num_values >= 1, self.knob("num_values"), f"must be at least 1, got {self.num_values}")
         _require(self.value_length >= 1, self.knob("value_length"), f"must be at least 1, got {self.value_length}")
+        _require(self.tokens_per_pair >= 1 + self.value_length, self.knob("tokens_per_pair"),
+                 f"must hold a key and its data.task.value_length={self.value_length} values, at least "
+                 f"{1 + self.value_length}, got {self.tokens_per_pair}")
         _require(self.depth is None or 0.0 <= self.depth <= 1.0, self.knob("depth"),
                  f"must lie in [0, 1] or be None (uniform), got {self.depth}")
 
@@ -209,17 +216,17 @@ class Needle(TaskConfig):
 
     @property
     def min_length(self) -> int:
-        return 2 + 2 * self.value_length  # the needle alone, then the query and its answer
+        return self.tokens_per_pair + 1 + self.value_length  # one slot, the query and its answer
 
     def sizes(self, length: int) -> dict[str, int]:
-        return {"haystack_pairs": (length - 1 - self.value_length) // (1 + self.value_length)}
+        return {"haystack_pairs": (length - 1 - self.value_length) // self.tokens_per_pair}
 
     def answer_length(self, length: int) -> int:
         return self.value_length
 
     def sample(self, length: int, generator: torch.Generator) -> Example:
         self.check_length(length)
-        pairs, n = self.sizes(length)["haystack_pairs"], self.value_length
+        pairs, n, size = self.sizes(length)["haystack_pairs"], self.value_length, self.tokens_per_pair
         needle = torch.randint(self.num_keys, (1,), generator=generator)
         keys = torch.randint(self.num_keys - 1, (pairs,), generator=generator)
         keys = keys + (keys >= needle).long()  # every distractor key but the needle's
@@ -229,10 +236,13 @@ class Needle(TaskConfig):
             at = round(self.depth * (pairs - 1))
         keys[at] = needle
         values = 2 + self.num_keys + torch.randint(self.num_values, (pairs, n), generator=generator)
-        haystack = torch.cat([2 + keys[:, None], values], dim=1).flatten()
-        pad = length + 1 - len(haystack) - 2 - n
+        offsets = torch.randint(size - n, (pairs,), generator=generator)  # the pair's place in its slot
+        slots = torch.zeros(pairs, size, dtype=torch.int64)
+        place = offsets[:, None] + torch.arange(1 + n)
+        slots.scatter_(1, place, torch.cat([2 + keys[:, None], values], dim=1))
+        pad = length + 1 - pairs * size - 2 - n
         query = torch.cat([torch.tensor([1]), 2 + needle, values[at]])
-        return _example([_fill(pad, 0), haystack, query], torch.tensor([length - n]), n)
+        return _example([_fill(pad, 0), slots.flatten(), query], torch.tensor([length - n]), n)
 
 
 @register_task("copy")

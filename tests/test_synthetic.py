@@ -29,7 +29,7 @@ TASKS = {
     "mqar": MQAR(),
     "mqar_uniform": MQAR(num_keys=60, num_values=5, tokens_per_pair=5, power_a=1.0),
     "needle": Needle(),
-    "needle_deep": Needle(num_keys=3, value_length=3, depth=0.5),
+    "needle_dense": Needle(num_keys=3, value_length=3, tokens_per_pair=4, depth=0.5),
     "copy": Copy(),
     "copy_reverse": Copy(num_symbols=3, reverse=True),
     "flipflop": FlipFlop(),
@@ -177,15 +177,30 @@ def test_mqar_refuses_more_pairs_than_keys_and_too_short_lengths():
 
 def test_needle_haystack_grows_with_the_length_and_its_depth_is_honoured():
     task = Needle(value_length=2)
-    assert [task.sizes(n)["haystack_pairs"] for n in (64, 256, 1024)] == [20, 84, 340]
-    for depth, pair in ((0.0, 0), (1.0, 19), (0.5, 10)):  # round(0.5 · 19) = 10 (banker's rounding of 9.5)
-        tokens = Needle(depth=depth).sample(64, example_generator(1, 0)).tokens
-        key = int(tokens[-3])
-        haystack = tokens[1:61].view(20, 3)  # one filler pads 64 + 1 − 20·3 − 4 = 1
-        assert int(tokens[0]) == 0 and torch.nonzero(haystack[:, 0] == key).flatten().tolist() == [pair]
-    places = {int(torch.nonzero(t[1:61].view(20, 3)[:, 0] == t[-3])) for t in
-              (task.sample(64, example_generator(2, i)).tokens for i in range(100))}
+    assert [task.sizes(n)["haystack_pairs"] for n in (64, 256, 1024)] == [3, 15, 63]  # (L − 3) // 16
+
+    def slots(task: Needle, tokens: torch.Tensor) -> torch.Tensor:
+        pairs, size = task.sizes(len(tokens) - 1)["haystack_pairs"], task.tokens_per_pair
+        pad = len(tokens) - pairs * size - 2 - task.value_length
+        assert bool((tokens[:pad] == 0).all())
+        return tokens[pad:pad + pairs * size].view(pairs, size)
+
+    for depth, slot in ((0.0, 0), (1.0, 14), (0.5, 7)):  # 15 slots of 8 tokens at length 128
+        task = Needle(depth=depth, tokens_per_pair=8)
+        tokens = task.sample(128, example_generator(1, 0)).tokens
+        assert torch.nonzero(slots(task, tokens) == tokens[-3])[:, 0].tolist() == [slot]
+    task, places, offsets = Needle(tokens_per_pair=8), set(), set()
+    for i in range(100):
+        tokens = task.sample(128, example_generator(2, i)).tokens
+        haystack = slots(task, tokens)
+        places.add(int(torch.nonzero(haystack == tokens[-3])[0, 0]))
+        for row in haystack:  # one pair per slot, filler around it
+            where = torch.nonzero(row).flatten()
+            assert torch.equal(where, where[0] + torch.arange(3))
+            assert 2 <= int(row[where[0]]) < 66 and bool((row[where[1:]] >= 66).all())
+            offsets.add(int(where[0]))
     assert len(places) > 12, "a uniform depth puts the needle all over the haystack"
+    assert offsets == set(range(6)), "a pair sits anywhere in its slot"
 
 
 def test_copy_copies_half_the_window_and_flipflop_has_an_instruction_per_two_tokens():
@@ -222,6 +237,7 @@ def test_flipflop_without_reads_asks_only_the_final_read_and_densities_are_kept(
     ("needle", {"num_values": 0}, "data.task.num_values"),
     ("needle", {"value_length": 0}, "data.task.value_length"),
     ("needle", {"depth": 1.5}, "data.task.depth"),
+    ("needle", {"value_length": 3, "tokens_per_pair": 3}, "data.task.tokens_per_pair"),
     ("copy", {"num_symbols": 0}, "data.task.num_symbols"),
     ("flipflop", {"p_write": -0.1}, "data.task.p_write"),
     ("flipflop", {"p_read": 1.1}, "data.task.p_read"),
