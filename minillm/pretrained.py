@@ -348,6 +348,13 @@ class PretrainedSource:
         return backend
 
 
+def load_pretrained(source: str, trained_length: Optional[int] = None) -> Pretrained:
+    """Import `source`: 'hf:<folder or hub id>', '<folder>' with a config.json, or '<file>.gguf'."""
+    if not is_pretrained(source) and Path(source).expanduser().is_dir():
+        source = HF_PREFIX + source
+    return PretrainedSource.parse(source).load(trained_length)
+
+
 def _check_gguf(file: Path) -> None:
     """A GGUF file that is foreign, or whose header or tensors run past its end, names itself. gguf's reader
     maps the file and views every tensor in it, so this reads the header only."""

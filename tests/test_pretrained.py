@@ -12,7 +12,7 @@ from minillm.config import ModelConfig  # noqa: E402
 from minillm.export import to_hf_llama  # noqa: E402
 from minillm.model import Transformer  # noqa: E402
 from minillm.pretrained import (PretrainedSource, UnsupportedModel, from_hf, is_pretrained,  # noqa: E402
-                                model_config, weight_bytes)
+                                load_pretrained, model_config, weight_bytes)
 
 VOCAB = 320  # a byte-level BPE needs 256 tokens before its first merge
 ATOL = 1e-4  # float32 rotary tables built in different orders differ by ~3e-5 (tests/test_export.py)
@@ -170,6 +170,7 @@ def test_trained_length_overrides_the_config(tmp_path):
     folder = save_with_tokenizer(random_hf(family_config("llama")), tmp_path / "m")
     source = PretrainedSource.parse(f"hf:{folder}")
     assert source.config().context_length == 32 and source.config(trained_length=16).context_length == 16
+    assert load_pretrained(str(folder), trained_length=16).model.cfg.context_length == 16  # a folder, no hf: prefix
 
 
 # ----------------------------------------------------------------------------------------------
