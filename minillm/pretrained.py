@@ -160,47 +160,64 @@ def model_config(hf) -> ModelConfig:
 def from_hf(hf_model, cfg: Optional[ModelConfig] = None) -> Transformer:
     """Our Transformer (float32, eval mode) holding an HF causal LM's weights; its logits equal the HF model's.
 
-    Tensors are copied one projection at a time into a freshly built model, so the import holds the HF
-    model, ours, and one layer's fused projection at most: about two copies of the weights."""
+    The HF model is consumed: our model is built without storage (meta) and takes the HF tensors themselves,
+    and the fused projections (qkv = [q | k | v], up = [gate | up]) are concatenated one layer at a time while
+    their parts are released, so the import holds one copy of the weights and one layer's fusion on top."""
     cfg = model_config(hf_model.config) if cfg is None else cfg
-    model = Transformer(cfg)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.position = cfg.rope.build(cfg.shape, cfg.rope_scaling)  # its tables, computed on the CPU
     weights = dict(hf_model.named_parameters())
-    weights.update(dict(hf_model.named_buffers()))
 
     def take(name: str) -> torch.Tensor:
         if name not in weights:
             raise UnsupportedModel(f"{name}: expected in a {hf_model.config.model_type} checkpoint, not found")
-        return weights[name].detach()
+        return weights[name].detach().float()
 
-    def fill(target: torch.Tensor, source: torch.Tensor, name: str) -> None:
-        if target.shape != source.shape:
-            raise UnsupportedModel(f"{name}: shape {tuple(source.shape)}, the config implies {tuple(target.shape)}")
-        target.copy_(source)
+    def release(*names: str) -> None:  # the HF parameters just fused: their storage goes with them
+        for name in names:
+            owner, attribute = name.rsplit(".", 1)
+            setattr(hf_model.get_submodule(owner), attribute, torch.nn.Parameter(torch.empty(0)))
+            weights.pop(name)
 
-    fill(model.embed.weight, take("model.embed_tokens.weight"), "model.embed_tokens.weight")
-    fill(model.norm.weight, take("model.norm.weight"), "model.norm.weight")
-    if not cfg.tie_embeddings:
-        fill(model.head.weight, take("lm_head.weight"), "lm_head.weight")
+    def put(module: torch.nn.Module, attribute: str, tensor: torch.Tensor, name: str) -> None:
+        expected = getattr(module, attribute).shape
+        if tensor.shape != expected:
+            raise UnsupportedModel(f"{name}: shape {tuple(tensor.shape)}, the config implies {tuple(expected)}")
+        setattr(module, attribute, torch.nn.Parameter(tensor, requires_grad=False))
+
+    def fused(module: torch.nn.Module, attribute: str, names: list[str], label: str) -> None:
+        put(module, attribute, torch.cat([take(n) for n in names]), label)
+        release(*names)
+
+    put(model.embed, "weight", take("model.embed_tokens.weight"), "model.embed_tokens.weight")
+    put(model.norm, "weight", take("model.norm.weight"), "model.norm.weight")
+    if cfg.tie_embeddings:
+        model.head.weight = model.embed.weight
+    else:
+        put(model.head, "weight", take("lm_head.weight"), "lm_head.weight")
     for i, block in enumerate(model.blocks):
         prefix = f"model.layers.{i}."
-        attention = prefix + "self_attn."
-        qkv = [take(attention + f"{p}_proj.weight") for p in "qkv"]
-        fill(block.attn.qkv.weight, torch.cat(qkv), attention + "{q,k,v}_proj.weight")
+        attention, mlp = prefix + "self_attn.", prefix + "mlp."
+        fused(block.attn.qkv, "weight", [attention + f"{p}_proj.weight" for p in "qkv"], attention + "{q,k,v}_proj.weight")
         if cfg.qkv_bias:
-            fill(block.attn.qkv.bias, torch.cat([take(attention + f"{p}_proj.bias") for p in "qkv"]),
-                 attention + "{q,k,v}_proj.bias")
+            fused(block.attn.qkv, "bias", [attention + f"{p}_proj.bias" for p in "qkv"], attention + "{q,k,v}_proj.bias")
         if cfg.qk_norm:
-            fill(block.attn.q_norm.weight, take(attention + "q_norm.weight"), attention + "q_norm.weight")
-            fill(block.attn.k_norm.weight, take(attention + "k_norm.weight"), attention + "k_norm.weight")
-        fill(block.attn.proj.weight, take(attention + "o_proj.weight"), attention + "o_proj.weight")
-        fill(block.attn_norm.weight, take(prefix + "input_layernorm.weight"), prefix + "input_layernorm.weight")
-        fill(block.ffn_norm.weight, take(prefix + "post_attention_layernorm.weight"),
-             prefix + "post_attention_layernorm.weight")
-        mlp = prefix + "mlp."
-        fill(block.ffn.up.weight, torch.cat((take(mlp + "gate_proj.weight"), take(mlp + "up_proj.weight"))),
-             mlp + "{gate,up}_proj.weight")
-        fill(block.ffn.down.weight, take(mlp + "down_proj.weight"), mlp + "down_proj.weight")
-    return model.float().eval()
+            put(block.attn.q_norm, "weight", take(attention + "q_norm.weight"), attention + "q_norm.weight")
+            put(block.attn.k_norm, "weight", take(attention + "k_norm.weight"), attention + "k_norm.weight")
+        put(block.attn.proj, "weight", take(attention + "o_proj.weight"), attention + "o_proj.weight")
+        put(block.attn_norm, "weight", take(prefix + "input_layernorm.weight"), prefix + "input_layernorm.weight")
+        put(block.ffn_norm, "weight", take(prefix + "post_attention_layernorm.weight"),
+            prefix + "post_attention_layernorm.weight")
+        fused(block.ffn.up, "weight", [mlp + "gate_proj.weight", mlp + "up_proj.weight"], mlp + "{gate,up}_proj.weight")
+        put(block.ffn.down, "weight", take(mlp + "down_proj.weight"), mlp + "down_proj.weight")
+    left = [name for name, p in model.named_parameters() if p.is_meta] + \
+        [name for name, b in model.named_buffers() if b.is_meta]
+    if left:
+        raise UnsupportedModel(f"{left[0]}: no weight for it in the {hf_model.config.model_type} checkpoint")
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model.eval()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -327,7 +344,7 @@ class PretrainedSource:
             raise CheckpointError(f"ckpt: the tokenizer of {self.describe()} has {tokenizer.get_vocab_size()} "
                                   f"tokens, more than the model's vocab_size={cfg.vocab_size}")
         try:
-            model = from_hf(hf, cfg)
+            model = from_hf(hf, cfg)  # consumes hf's tensors
         finally:
             del hf
         return Pretrained(model, tokenizer, self)

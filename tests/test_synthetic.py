@@ -136,12 +136,12 @@ def test_mqar_holds_one_pair_per_tokens_per_pair_and_queries_each_key_once():
     task = MQAR()
     for length in (64, 256, 1024):
         pairs = task.sizes(length)["num_pairs"]
-        assert pairs == length // 8
+        assert pairs == length // 16
         example = task.sample(length, example_generator(0, 0))
         context = example.tokens[:2 * pairs]
         keys, values = context[0::2], context[1::2]
-        assert bool(((1 <= keys) & (keys <= 128)).all()) and len(set(keys.tolist())) == pairs
-        assert bool((values > 128).all())
+        assert bool(((1 <= keys) & (keys <= 64)).all()) and len(set(keys.tolist())) == pairs
+        assert bool((values > 64).all())
         region = example.tokens[2 * pairs:]
         queries = region[0::2][region[0::2] != 0]
         assert sorted(queries.tolist()) == sorted(keys.tolist())
@@ -153,7 +153,7 @@ def test_mqar_holds_one_pair_per_tokens_per_pair_and_queries_each_key_once():
 
 def test_mqar_gaps_follow_the_power_law():
     def mean_slot(power_a: float) -> float:
-        task, slots = MQAR(power_a=power_a), []
+        task, slots = MQAR(tokens_per_pair=8, power_a=power_a), []
         for i in range(200):
             tokens = task.sample(128, example_generator(0, i)).tokens
             region = tokens[2 * 16:][0::2]
@@ -165,7 +165,7 @@ def test_mqar_gaps_follow_the_power_law():
 
 
 def test_mqar_refuses_more_pairs_than_keys_and_too_short_lengths():
-    task = MQAR(num_keys=16)
+    task = MQAR(num_keys=16, tokens_per_pair=8)
     task.check_length(128)  # 16 pairs, 16 keys
     with raises_naming("data.task.num_keys"):
         task.check_length(136)
