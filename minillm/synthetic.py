@@ -181,29 +181,33 @@ class MQAR(TaskConfig):
 @register_task("needle")
 @dataclass
 class Needle(TaskConfig):
-    """Key–value needle in a haystack of distractor pairs (RULER niah_single and its distractor needles, Hsieh
-    et al. 2024, arXiv:2404.06654; NVIDIA/RULER `scripts/data/synthetic/niah.py`).
+    """Key–value needles in a haystack of distractor pairs (RULER niah, Hsieh et al. 2024, arXiv:2404.06654;
+    NVIDIA/RULER `scripts/data/synthetic/niah.py`: niah_single with num_queries 1, niah_multiquery above).
 
     Layout: 0 filler, 1 query marker, 2 .. num_keys + 1 keys, then num_values values. The window is
-    `filler* slot*h  Q k* v*1..v*n`: h slots of tokens_per_pair tokens, each holding one pair (a key and
-    n = value_length values) at a uniform offset, filler around it; one pair is the needle. Then the query
-    marker, the needle's key and its value (the answer, n tokens). The needle's key appears once in the
-    haystack; distractor keys are any other key, repeats allowed, so the vocabulary bounds no length. Fillers pad
-    the start to the exact length. The needle is in slot round(depth·(h − 1)), or a uniform one when depth is
-    None. tokens_per_pair = 1 + n packs the haystack with pairs (no filler).
-    Length scaling: h = (length − 1 − n) // tokens_per_pair slots, so the haystack and its distractors grow with
-    the length at a fixed density.
+    `filler* slot*h (Q k v1..vn)*q`: h slots of tokens_per_pair tokens, each holding one pair (a key and
+    n = value_length values) at a uniform offset, filler around it; q = num_queries of the pairs are needles,
+    with distinct keys that appear once in the haystack; distractor keys are any other key, repeats allowed, so
+    the vocabulary bounds no length. Then each needle is queried once, in a shuffled order: the query marker, its
+    key and its value (an answer of n tokens). Fillers pad the start to the exact length. A single needle is in
+    slot round(depth·(h − 1)), or in uniform slots when depth is None. tokens_per_pair = 1 + n packs the
+    haystack with pairs (no filler).
+    Length scaling: h = (length + 1 − q·(2 + n)) // tokens_per_pair slots, so the haystack and its distractors
+    grow with the length at a fixed density; the needles and queries stay q.
     """
 
     num_keys: int = 64
     num_values: int = 64
     value_length: int = 2
-    tokens_per_pair: int = 16  # one pair per 16 tokens: sparse enough to learn in minutes (see the tests' notes)
+    num_queries: int = 1
+    tokens_per_pair: int = 16
     depth: Optional[float] = None  # the needle's slot as a fraction of the haystack; None: uniform
 
     def __post_init__(self) -> None:
-        _require(self.num_keys >= 2, self.knob("num_keys"),
-                 f"must be at least 2 (the needle's key and another for distractors), got {self.num_keys}")
+        _require(self.num_queries >= 1, self.knob("num_queries"), f"must be at least 1, got {self.num_queries}")
+        _require(self.num_keys > self.num_queries, self.knob("num_keys"),
+                 f"must exceed data.task.num_queries={self.num_queries} (a key for each needle and one for "
+                 f"distractors), got {self.num_keys}")
         _require(self.num_values >= 1, self.knob("num_values"), f"must be at least 1, got {self.num_values}")
         _require(self.value_length >= 1, self.knob("value_length"), f"must be at least 1, got {self.value_length}")
         _require(self.tokens_per_pair >= 1 + self.value_length, self.knob("tokens_per_pair"),
@@ -211,6 +215,12 @@ class Needle(TaskConfig):
                  f"{1 + self.value_length}, got {self.tokens_per_pair}")
         _require(self.depth is None or 0.0 <= self.depth <= 1.0, self.knob("depth"),
                  f"must lie in [0, 1] or be None (uniform), got {self.depth}")
+        _require(self.depth is None or self.num_queries == 1, self.knob("depth"),
+                 f"places a single needle; with data.task.num_queries={self.num_queries} leave it None (uniform)")
+
+    @property
+    def query_length(self) -> int:
+        return 2 + self.value_length
 
     @property
     def vocab_size(self) -> int:
@@ -218,33 +228,36 @@ class Needle(TaskConfig):
 
     @property
     def min_length(self) -> int:
-        return self.tokens_per_pair + 1 + self.value_length  # one slot, the query and its answer
+        return self.num_queries * (self.tokens_per_pair + self.query_length) - 1  # a slot per needle, the queries
 
     def sizes(self, length: int) -> dict[str, int]:
-        return {"haystack_pairs": (length - 1 - self.value_length) // self.tokens_per_pair}
+        return {"haystack_pairs": (length + 1 - self.num_queries * self.query_length) // self.tokens_per_pair}
 
     def answer_length(self, length: int) -> int:
         return self.value_length
 
     def sample(self, length: int, generator: torch.Generator) -> Example:
         self.check_length(length)
-        pairs, n, size = self.sizes(length)["haystack_pairs"], self.value_length, self.tokens_per_pair
-        needle = torch.randint(self.num_keys, (1,), generator=generator)
-        keys = torch.randint(self.num_keys - 1, (pairs,), generator=generator)
-        keys = keys + (keys >= needle).long()  # every distractor key but the needle's
+        pairs, n, size, q = self.sizes(length)["haystack_pairs"], self.value_length, self.tokens_per_pair, self.num_queries
+        needles = torch.randperm(self.num_keys, generator=generator)[:q]
+        others = torch.ones(self.num_keys, dtype=torch.bool).index_fill_(0, needles, False).nonzero().flatten()
+        keys = others[torch.randint(len(others), (pairs,), generator=generator)]  # distractors: any other key
         if self.depth is None:
-            at = int(torch.randint(pairs, (1,), generator=generator))
+            at = torch.randperm(pairs, generator=generator)[:q]
         else:
-            at = round(self.depth * (pairs - 1))
-        keys[at] = needle
+            at = torch.tensor([round(self.depth * (pairs - 1))])
+        keys[at] = needles
         values = 2 + self.num_keys + torch.randint(self.num_values, (pairs, n), generator=generator)
         offsets = torch.randint(size - n, (pairs,), generator=generator)  # the pair's place in its slot
         slots = torch.zeros(pairs, size, dtype=torch.int64)
-        place = offsets[:, None] + torch.arange(1 + n)
-        slots.scatter_(1, place, torch.cat([2 + keys[:, None], values], dim=1))
-        pad = length + 1 - pairs * size - 2 - n
-        query = torch.cat([torch.tensor([1]), 2 + needle, values[at]])
-        return _example([_fill(pad, 0), slots.flatten(), query], torch.tensor([length - n]), n)
+        slots.scatter_(1, offsets[:, None] + torch.arange(1 + n), torch.cat([2 + keys[:, None], values], dim=1))
+        asked = at[torch.randperm(q, generator=generator)]
+        queries = torch.cat([torch.ones(q, 1, dtype=torch.int64), 2 + keys[asked, None], values[asked]], dim=1)
+        pad = length + 1 - pairs * size - q * self.query_length
+        first_query = pad + pairs * size
+        # the answer of query j is predicted from its key, one token after its marker
+        starts = first_query + self.query_length * torch.arange(q) + 1
+        return _example([_fill(pad, 0), slots.flatten(), queries.flatten()], starts, n)
 
 
 @register_task("copy")
@@ -305,8 +318,7 @@ class FlipFlop(TaskConfig):
     p_write: float = 0.1
     p_read: float = 0.1
 
-    WRITE: ClassVar[int] = 1
-    IGNORE_OP: ClassVar[int] = 2
+    WRITE: ClassVar[int] = 1  # ignore is WRITE + 1
     READ: ClassVar[int] = 3
     BIT: ClassVar[int] = 4  # bit b is token BIT + b
 

@@ -13,6 +13,7 @@ from torch import nn
 
 from minillm.config import ModelConfig, OptimConfig
 from minillm.model import Transformer
+from minillm.rope import Positions
 from minillm.samplers import generator_for, sampler_config
 
 log = logging.getLogger("minillm")
@@ -158,11 +159,7 @@ class LanguageModelTask(L.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch
-        positions = None
-        if not self.sampler.contiguous:
-            generator = generator_for(self.seed, self.global_step, self.global_rank)
-            positions = self.sampler.positions(x.shape[0], x.shape[1], generator, x.device)
-        loss = self.model.loss(x, y, positions)
+        loss = self.model.loss(x, y, self.step_positions(x.shape[0], x.shape[1], x.device))
         if self._non_finite(loss):
             self.bad_steps += 1
             value = loss.item() if not math.isfinite(loss.item()) else "non-finite on another rank"
@@ -179,6 +176,14 @@ class LanguageModelTask(L.LightningModule):
         self.log("train/tokens", float((self.global_step + 1) * tokens_per_step))
         self.log("train/lr", self.optimizers().param_groups[0]["lr"])
         return loss
+
+    def step_positions(self, batch: int, length: int, device: torch.device) -> Optional[Positions]:
+        """This step's training positions: None for contiguous ones, else the sampler's, drawn from (seed, step,
+        rank) alone, so that a resumed run draws at step s what an uninterrupted one drew."""
+        if self.sampler.contiguous:
+            return None
+        generator = generator_for(self.seed, self.global_step, self.global_rank)
+        return self.sampler.positions(batch, length, generator, device)
 
     def _non_finite(self, loss: torch.Tensor) -> bool:
         bad = not bool(torch.isfinite(loss))

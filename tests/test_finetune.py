@@ -163,3 +163,21 @@ def test_fine_tuned_pi_beats_pi_at_inference_only_at_4x(env, source, tmp_path):
     assert inference_only.factor == 4.0 and load_model(out / "checkpoints" / "last.ckpt").cfg.rope_scaling.factor == 4
     assert tuned.tokens == inference_only.tokens
     assert tuned.ppl < 0.95 * inference_only.ppl, (tuned.ppl, inference_only.ppl)
+
+
+@pytest.mark.slow
+def test_a_pose_fine_tuning_resumed_mid_run_ends_where_an_uninterrupted_one_does(env, source, tmp_path):
+    """PoSE's positions come from (seed, step, rank): resumed from its step-2 checkpoint in another folder, a run
+    trains the same steps on the same positions and ends with the same weights, bit for bit."""
+    common = ["rope_scaling=yarn", "rope_scaling.factor=4", "positions=pose", "model.context_length=32",
+              "trainer.max_steps=4", "trainer.checkpoint_every_n_steps=2", "trainer.val_check_interval=2"]
+    whole = finetune(env, source, tmp_path / "whole", *common)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    step_2 = tmp_path / "whole" / "checkpoints" / "step-000002.ckpt"
+    resumed = finetune(env, source, tmp_path / "resumed", *common, f"ckpt_path={step_2}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a = load_checkpoint(tmp_path / "whole" / "checkpoints" / "last.ckpt")["state_dict"]
+    b = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.ckpt")["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    positions = load_checkpoint(tmp_path / "whole" / "checkpoints" / "last.ckpt")["hyper_parameters"]["positions"]
+    assert positions == {"sampler": "pose", "chunks": 2, "target_length": 128}  # resolved: 32 × 4

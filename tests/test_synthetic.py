@@ -30,6 +30,7 @@ TASKS = {
     "mqar_uniform": MQAR(num_keys=60, num_values=5, tokens_per_pair=5, power_a=1.0),
     "needle": Needle(),
     "needle_dense": Needle(num_keys=3, value_length=3, tokens_per_pair=4, depth=0.5),
+    "needle_queries": Needle(num_keys=4, value_length=1, num_queries=3, tokens_per_pair=5),
     "copy": Copy(),
     "copy_reverse": Copy(num_symbols=3, reverse=True),
     "flipflop": FlipFlop(),
@@ -52,9 +53,10 @@ def solve_mqar(task: MQAR, prompt: list[int]) -> list[int]:
 
 def solve_needle(task: Needle, prompt: list[int]) -> list[int]:
     assert prompt[-2] == 1, "the needle's key follows the query marker"
-    key, haystack = prompt[-1], prompt[:-2]
-    at = [i for i, t in enumerate(haystack) if t == key]
+    key, before = prompt[-1], prompt[:-2]  # the haystack and the queries answered so far
+    at = [i for i, t in enumerate(before) if t == key]
     assert len(at) == 1, "the needle's key appears once in the haystack"
+    haystack = before
     return haystack[at[0] + 1:at[0] + 1 + task.value_length]
 
 
@@ -104,7 +106,7 @@ def check_example(task, length: int, seed: int, index: int = 0) -> None:
 def test_a_reference_solver_recovers_every_answer_from_the_prompt(name, length):
     task = TASKS[name]
     for seed in range(8):
-        check_example(task, task.min_length if length is None else length, seed)
+        check_example(task, task.min_length if length is None else max(length, task.min_length), seed)
 
 
 @settings(max_examples=40, deadline=None)
@@ -181,7 +183,7 @@ def test_needle_haystack_grows_with_the_length_and_its_depth_is_honoured():
 
     def slots(task: Needle, tokens: torch.Tensor) -> torch.Tensor:
         pairs, size = task.sizes(len(tokens) - 1)["haystack_pairs"], task.tokens_per_pair
-        pad = len(tokens) - pairs * size - 2 - task.value_length
+        pad = len(tokens) - pairs * size - task.num_queries * (2 + task.value_length)
         assert bool((tokens[:pad] == 0).all())
         return tokens[pad:pad + pairs * size].view(pairs, size)
 
@@ -201,6 +203,12 @@ def test_needle_haystack_grows_with_the_length_and_its_depth_is_honoured():
             offsets.add(int(where[0]))
     assert len(places) > 12, "a uniform depth puts the needle all over the haystack"
     assert offsets == set(range(6)), "a pair sits anywhere in its slot"
+    task = Needle(num_queries=3, tokens_per_pair=8)  # several needles, each queried once at the end
+    assert task.sizes(128) == {"haystack_pairs": (129 - 12) // 8}
+    example = task.sample(128, example_generator(0, 0))
+    queries = example.tokens[-12:].view(3, 4)
+    assert bool((queries[:, 0] == 1).all()) and len(set(queries[:, 1].tolist())) == 3
+    assert int(example.answers.max()) == 2
 
 
 def test_copy_copies_half_the_window_and_flipflop_has_an_instruction_per_two_tokens():
@@ -234,6 +242,9 @@ def test_flipflop_without_reads_asks_only_the_final_read_and_densities_are_kept(
     ("mqar", {"power_a": 0.0}, "data.task.power_a"),
     ("mqar", {"power_a": float("nan")}, "data.task.power_a"),
     ("needle", {"num_keys": 1}, "data.task.num_keys"),
+    ("needle", {"num_keys": 3, "num_queries": 3}, "data.task.num_keys"),
+    ("needle", {"num_queries": 0}, "data.task.num_queries"),
+    ("needle", {"num_queries": 2, "depth": 0.5}, "data.task.depth"),
     ("needle", {"num_values": 0}, "data.task.num_values"),
     ("needle", {"value_length": 0}, "data.task.value_length"),
     ("needle", {"depth": 1.5}, "data.task.depth"),

@@ -401,3 +401,22 @@ def test_checkpoint_is_plain_and_rebuilds_the_trained_model(trained):
         assert torch.equal(rebuilt(x), trained.task.model(x))
     assert trained.checkpoints.best_model_path.endswith("best.ckpt")
     assert load_model(trained.checkpoints.best_model_path).cfg == tiny_model_config()
+
+
+def test_step_positions_depend_on_seed_step_and_rank_alone(monkeypatch):
+    """A resumed run draws at step s what an uninterrupted one drew; contiguous training draws nothing."""
+    from minillm.samplers import PoSESampler, generator_for
+
+    pose = {"sampler": "pose", "chunks": 2, "target_length": 64}
+    first = LanguageModelTask(tiny_model_config().to_dict(), dataclasses.asdict(OptimConfig()), positions=pose, seed=3)
+    second = LanguageModelTask(tiny_model_config().to_dict(), dataclasses.asdict(OptimConfig()), positions=pose, seed=3)
+    for task, step in ((first, 5), (second, 5)):
+        monkeypatch.setattr(type(task), "global_step", property(lambda self, s=step: s))
+    drawn = first.step_positions(4, 16, torch.device("cpu"))
+    assert torch.equal(drawn.query, second.step_positions(4, 16, torch.device("cpu")).query)
+    expected = PoSESampler(target_length=64).positions(4, 16, generator_for(3, 5, 0))
+    assert torch.equal(drawn.query, expected.query) and int(drawn.query.max()) < 64
+    monkeypatch.setattr(type(first), "global_step", property(lambda self: 6))
+    assert not torch.equal(drawn.query, first.step_positions(4, 16, torch.device("cpu")).query)
+    plain = LanguageModelTask(tiny_model_config().to_dict(), dataclasses.asdict(OptimConfig()))
+    assert plain.step_positions(4, 16, torch.device("cpu")) is None
