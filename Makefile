@@ -73,7 +73,7 @@ real-models: setup  ## SmolLM2-135M past its training length: every scaling, the
 
 # docs/context_extension.md: the 64-token complex-RoPE runs of the extrapolation study (trained first if absent)
 # fine-tuned to 256 tokens with each scaling at s = 4, YaRN + PoSE in the 64-token window, a 256-token run from
-# scratch on the same total tokens, then every model at 64..1024 tokens beside the sources with each scaling
+# scratch on the same total tokens (the source's 2048 tokens a step, 600 steps), then every model at 64..1024 tokens beside the sources with each scaling
 # applied at inference only. About 45 minutes on 2 CPU cores.
 EXTENSION ?= outputs/context_extension
 FINETUNE = $(BIN)/python scripts/train.py -m experiment=context_extension init_from='$(SWEEP)/train/*rope-complex__seed-$${seed}' $(ARGS)
@@ -85,8 +85,8 @@ context-extension: setup  ## fine-tune 64-token RoPE runs to 256 tokens: PI, NTK
 	$(FINETUNE) rope_scaling=linear,ntk,yarn,llama3 rope_scaling.factor=4 hydra.sweep.dir=$(EXTENSION)/scaled
 	$(FINETUNE) rope_scaling=yarn rope_scaling.factor=4 positions=pose model.context_length=64 data.batch_size=64 \
 		hydra.sweep.dir=$(EXTENSION)/pose
-	$(TRAIN_EXTRAPOLATION) rope=complex model.context_length=256 trainer.max_steps=150 trainer.checkpoint_every_n_steps=150 \
-		logger.group=context_extension hydra.sweep.dir=$(EXTENSION)/scratch
+	$(TRAIN_EXTRAPOLATION) rope=complex model.context_length=256 data.batch_size=8 trainer.max_steps=600 \
+		trainer.checkpoint_every_n_steps=600 logger.group=context_extension hydra.sweep.dir=$(EXTENSION)/scratch
 	$(EVAL_EXTRAPOLATION) ckpt=[$(EXTENSION)/direct,$(EXTENSION)/scaled,$(EXTENSION)/pose,$(EXTENSION)/scratch] \
 		scalings=[none] $(EXTENSION_LENGTHS) hydra.run.dir=$(EXTENSION)/eval_finetuned
 	$(EVAL_EXTRAPOLATION) "ckpt=[$(SWEEP)/train/*rope-complex__*]" scalings=[none,linear,ntk,yarn,llama3] scaling_factor=4 \

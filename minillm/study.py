@@ -67,7 +67,13 @@ def _run_folder(checkpoint: str) -> Path:
     return path.parent.parent if path.parent.name == "checkpoints" else path.parent
 
 
-ORDER = ("scratch", "direct", "PI (linear)", "NTK-aware", "YaRN", "Llama 3", "YaRN + PoSE")
+ORDER = ("scratch", "none", "direct", "PI (linear)", "NTK-aware", "YaRN", "Llama 3", "YaRN + PoSE")
+
+
+def _protocol(method: str, finetuned: bool) -> str:
+    if not finetuned:
+        return "source, no scaling" if method == "none" else "inference only"
+    return "trained at 256 from scratch" if method == "scratch" else "fine-tuned"
 
 
 def context_extension_report(folder: Path) -> str:
@@ -81,9 +87,11 @@ def context_extension_report(folder: Path) -> str:
 
     ppl: dict[tuple[str, str], dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in finetuned:
-        ppl[trained[str(_run_folder(r["checkpoint"]))].method, "fine-tuned"][int(r["length"])].append(float(r["ppl"]))
+        method = trained[str(_run_folder(r["checkpoint"]))].method
+        ppl[method, _protocol(method, True)][int(r["length"])].append(float(r["ppl"]))
     for r in inference:
-        ppl[SCALING_NAMES.get(r["method"], r["method"]), "inference only"][int(r["length"])].append(float(r["ppl"]))
+        method = SCALING_NAMES.get(r["method"], r["method"])
+        ppl[method, _protocol(method, False)][int(r["length"])].append(float(r["ppl"]))
     rank = {name: i for i, name in enumerate(ORDER)}
     keys = sorted(ppl, key=lambda k: (rank.get(k[0], len(ORDER)), k[1] != "fine-tuned"))
     lines = ["| method | protocol | " + " | ".join(f"ppl @ {n}" for n in lengths) + " |",
@@ -111,15 +119,14 @@ def _passkey(folder: Path, trained: dict[str, TrainedRun]) -> Optional[str]:
     """Mean log-probability of the passkey's tokens (nats) per method and length: exact match is 0 at this size."""
     values: dict[tuple[str, str], dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     by_run = {run.folder.name: run for run in trained.values()}
-    for protocol, name in (("fine-tuned", "eval_finetuned"), ("inference only", "eval_inference")):
+    for finetuned, name in ((True, "eval_finetuned"), (False, "eval_inference")):
         path = folder / name / "passkey.csv"
         if not path.is_file():
             continue
         with open(path, newline="") as f:
             for row in csv.DictReader(f):
-                method = by_run[row["run"]].method if protocol == "fine-tuned" else \
-                    SCALING_NAMES.get(row["method"], row["method"])
-                values[method, protocol][int(row["length"])].append(float(row["key_logprob"]))
+                method = by_run[row["run"]].method if finetuned else SCALING_NAMES.get(row["method"], row["method"])
+                values[method, _protocol(method, finetuned)][int(row["length"])].append(float(row["key_logprob"]))
     if not values:
         return None
     lengths = sorted({n for v in values.values() for n in v})
@@ -150,16 +157,19 @@ def plot_context_extension(folder: Path, out: Path) -> list[Path]:
     trained = {key: read_run(Path(key)) for key in trained}
     series: dict[tuple[str, str], dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in finetuned:
-        series[trained[str(_run_folder(r["checkpoint"]))].method, "fine-tuned"][int(r["length"])].append(float(r["ppl"]))
+        method = trained[str(_run_folder(r["checkpoint"]))].method
+        series[method, _protocol(method, True)][int(r["length"])].append(float(r["ppl"]))
     for r in inference:
-        series[SCALING_NAMES.get(r["method"], r["method"]), "inference only"][int(r["length"])].append(float(r["ppl"]))
+        method = SCALING_NAMES.get(r["method"], r["method"])
+        series[method, _protocol(method, False)][int(r["length"])].append(float(r["ppl"]))
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colours = {}
     for (method, protocol), points in sorted(series.items()):
         xs = sorted(points)
         colour = colours.setdefault(method, f"C{len(colours)}")
         ax.plot(xs, [statistics.fmean(points[x]) for x in xs], marker="o", color=colour,
-                linestyle="-" if protocol == "fine-tuned" else ":", label=f"{method} ({protocol})")
+                linestyle=":" if protocol in ("inference only", "source, no scaling") else "-",
+                label=f"{method} ({protocol})")
     ax.set(xscale="log", yscale="log", xlabel="evaluation length (tokens)", ylabel="perplexity",
            title="Fine-tuned to 256 tokens (solid) vs the 64-token source scaled at inference (dotted)")
     ax.set_xticks(sorted({n for p in series.values() for n in p}))

@@ -29,7 +29,7 @@ TASKS = {
     "mqar": MQAR(),
     "mqar_uniform": MQAR(num_keys=60, num_values=5, tokens_per_pair=5, power_a=1.0),
     "needle": Needle(),
-    "needle_dense": Needle(num_keys=3, value_length=3, tokens_per_pair=4, depth=0.5),
+    "needle_dense": Needle(num_keys=3, value_length=3, num_queries=1, tokens_per_pair=4, depth=0.5),
     "needle_queries": Needle(num_keys=4, value_length=1, num_queries=3, tokens_per_pair=5),
     "copy": Copy(),
     "copy_reverse": Copy(num_symbols=3, reverse=True),
@@ -178,8 +178,8 @@ def test_mqar_refuses_more_pairs_than_keys_and_too_short_lengths():
 
 
 def test_needle_haystack_grows_with_the_length_and_its_depth_is_honoured():
-    task = Needle(value_length=2)
-    assert [task.sizes(n)["haystack_pairs"] for n in (64, 256, 1024)] == [3, 15, 63]  # (L − 3) // 16
+    task = Needle()
+    assert [task.sizes(n)["haystack_pairs"] for n in (64, 256, 1024)] == [6, 30, 126]  # (L + 1 − 4·4) // 8
 
     def slots(task: Needle, tokens: torch.Tensor) -> torch.Tensor:
         pairs, size = task.sizes(len(tokens) - 1)["haystack_pairs"], task.tokens_per_pair
@@ -188,10 +188,10 @@ def test_needle_haystack_grows_with_the_length_and_its_depth_is_honoured():
         return tokens[pad:pad + pairs * size].view(pairs, size)
 
     for depth, slot in ((0.0, 0), (1.0, 14), (0.5, 7)):  # 15 slots of 8 tokens at length 128
-        task = Needle(depth=depth, tokens_per_pair=8)
+        task = Needle(num_queries=1, depth=depth)
         tokens = task.sample(128, example_generator(1, 0)).tokens
         assert torch.nonzero(slots(task, tokens) == tokens[-3])[:, 0].tolist() == [slot]
-    task, places, offsets = Needle(tokens_per_pair=8), set(), set()
+    task, places, offsets = Needle(num_queries=1), set(), set()
     for i in range(100):
         tokens = task.sample(128, example_generator(2, i)).tokens
         haystack = slots(task, tokens)
@@ -241,7 +241,7 @@ def test_flipflop_without_reads_asks_only_the_final_read_and_densities_are_kept(
     ("mqar", {"tokens_per_pair": 3}, "data.task.tokens_per_pair"),
     ("mqar", {"power_a": 0.0}, "data.task.power_a"),
     ("mqar", {"power_a": float("nan")}, "data.task.power_a"),
-    ("needle", {"num_keys": 1}, "data.task.num_keys"),
+    ("needle", {"num_keys": 1, "num_queries": 1}, "data.task.num_keys"),
     ("needle", {"num_keys": 3, "num_queries": 3}, "data.task.num_keys"),
     ("needle", {"num_queries": 0}, "data.task.num_queries"),
     ("needle", {"num_queries": 2, "depth": 0.5}, "data.task.depth"),
@@ -330,8 +330,8 @@ def test_the_validation_set_is_fixed_and_apart_from_training():
 
 
 def test_the_answer_only_loss_ignores_every_prompt_position():
-    x, y, answers = examples(TASKS["needle"], 40, 3, seed=0, index=0)
-    logits = torch.randn(3, 40, TASKS["needle"].vocab_size, requires_grad=True)
+    x, y, answers = examples(TASKS["needle"], 64, 3, seed=0, index=0)
+    logits = torch.randn(3, 64, TASKS["needle"].vocab_size, requires_grad=True)
     loss = answer_loss(logits, y)
     loss.backward()
     prompt = answers < 0
