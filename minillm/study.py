@@ -73,7 +73,7 @@ ORDER = ("scratch", "none", "direct", "PI (linear)", "NTK-aware", "YaRN", "Llama
 def _protocol(method: str, finetuned: bool) -> str:
     if not finetuned:
         return "source, no scaling" if method == "none" else "inference only"
-    return "trained at 256 from scratch" if method == "scratch" else "fine-tuned"
+    return "from scratch" if method == "scratch" else "fine-tuned"
 
 
 def context_extension_report(folder: Path) -> str:

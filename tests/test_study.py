@@ -55,7 +55,7 @@ def test_report_groups_runs_by_method_with_mean_and_spread(tmp_path):
     rows = {tuple(cell.strip() for cell in line.strip("|").split("|")[:2]): line for line in report.splitlines()}
     assert "11.0 ± 1.4" in rows["YaRN", "fine-tuned"]  # mean of 10 and 12, sample standard deviation √2
     assert "32.0 ± 2.8" in rows["YaRN", "inference only"]
-    assert "| 20.0 |" in rows["YaRN + PoSE", "fine-tuned"] and "| 9.0 |" in rows["scratch", "trained at 256 from scratch"]
+    assert "| 20.0 |" in rows["YaRN + PoSE", "fine-tuned"] and "| 9.0 |" in rows["scratch", "from scratch"]
     assert "| YaRN | 256 | 50 | 204,800 | 40 | 2 |" in report  # wall time: the mean of 40 and 41, rounded
     assert report.index("| scratch |") < report.index("| YaRN |") < report.index("| YaRN + PoSE |")
 
