@@ -103,7 +103,7 @@ class WeightsPerStep(L.Callback):
 def fit_with_nan_at(task: LanguageModelTask, bad: set[int], max_steps: int = 6) -> WeightsPerStep:
     """Train on random tokens, the loss multiplied by NaN at the global steps in `bad`."""
     clean = task.model.loss
-    task.model.loss = lambda x, y: clean(x, y) * (math.nan if task.global_step in bad else 1.0)
+    task.model.loss = lambda x, y, positions=None: clean(x, y, positions) * (math.nan if task.global_step in bad else 1.0)
     tokens = torch.randint(0, 64, (12, 17), generator=torch.Generator().manual_seed(0))
     loader = DataLoader(TensorDataset(tokens[:, :-1], tokens[:, 1:]), batch_size=2)
     weights = WeightsPerStep()
