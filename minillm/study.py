@@ -171,7 +171,7 @@ def plot_context_extension(folder: Path, out: Path) -> list[Path]:
                 linestyle=":" if protocol in ("inference only", "source, no scaling") else "-",
                 label=f"{method} ({protocol})")
     ax.set(xscale="log", yscale="log", xlabel="evaluation length (tokens)", ylabel="perplexity",
-           title="Fine-tuned to 256 tokens (solid) vs the 64-token source scaled at inference (dotted)")
+           title="Trained (solid) vs the 64-token source scaled at inference (dotted)")
     ax.set_xticks(sorted({n for p in series.values() for n in p}))
     ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.legend(fontsize=7, ncol=2)
