@@ -181,3 +181,15 @@ def test_a_pose_fine_tuning_resumed_mid_run_ends_where_an_uninterrupted_one_does
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     positions = load_checkpoint(tmp_path / "whole" / "checkpoints" / "last.ckpt")["hyper_parameters"]["positions"]
     assert positions == {"sampler": "pose", "chunks": 2, "target_length": 128}  # resolved: 32 × 4
+
+
+def test_load_weights_gives_the_source_weights_exactly(source):
+    from minillm.finetune import load_source, load_weights, source_group
+    from minillm.model import Transformer
+
+    loaded = load_source(str(source))
+    model = Transformer(loaded.model)
+    load_weights(model, loaded)
+    original = load_checkpoint(source / "checkpoints" / "best.ckpt")["state_dict"]
+    assert all(torch.equal(model.state_dict()[k.removeprefix("model.")], v) for k, v in original.items())
+    assert source_group(loaded) == source.name  # the source logged without a group: its folder names the group
