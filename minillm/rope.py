@@ -285,6 +285,7 @@ class RotaryConfig(PositionConfig):
         _require(self.rotary_dim is None or self.rotary_dim <= shape.head_dim, "rope.rotary_dim",
                  f"{self.rotary_dim} exceeds head_dim={shape.head_dim}")
         scaling.check_dim(self.rotary_dim or shape.head_dim)
+        scaling.check_length(scaling.original_max_position or shape.context_length)
 
     def build(self, shape: ModelShape, scaling: Scaling) -> "RotaryEmbedding":
         return RotaryEmbedding(shape.head_dim, self.variant, self.theta, self.rotary_dim, self.xpos_scale_base,
@@ -426,6 +427,7 @@ class PRopeConfig(RotaryConfig):
                  f"p·head_dim = {rotated:g} must be a positive even number of channels (head_dim {shape.head_dim})")
         super().validate(shape, scaling)
         scaling.check_dim(self.rotated(shape.head_dim))
+        scaling.check_length(scaling.original_max_position or shape.context_length)
 
     def build(self, shape: ModelShape, scaling: Scaling) -> "RotaryEmbedding":
         # r = p·d channels at theta'^(−2i/r) with theta' = theta^(r/d): exactly theta^(−2i/d) for i < r/2.

@@ -75,6 +75,9 @@ class Scaling:
             return self
         return dataclasses.replace(self, original_max_position=length)
 
+    def check_length(self, trained_length: int) -> None:
+        """Raise if the formula is undefined for this trained length (original_max_position, else the model's)."""
+
     def check_dim(self, rotary_dim: int) -> None:
         """Raise if the formula is undefined for this many rotary channels."""
 
@@ -385,6 +388,11 @@ class LongRopeScaling(Scaling):
                      f"longrope needs its searched factors, one per frequency: {rotary_dim // 2} values")
             _require(len(values) == rotary_dim // 2, f"rope_scaling.{name}",
                      f"needs one factor per frequency, rotary_dim/2 = {rotary_dim // 2}, got {len(values)}")
+
+    def check_length(self, trained_length: int) -> None:
+        _require(self.attention_factor is not None or self.factor <= 1.0 or trained_length >= 2,
+                 "rope_scaling.original_max_position", f"longrope's temperature sqrt(1 + ln s / ln L0) needs "
+                 f"L0 >= 2 (got {trained_length}; or set rope_scaling.attention_factor)")
 
     @property
     def temperature(self) -> float:

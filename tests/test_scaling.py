@@ -352,3 +352,14 @@ def test_real_model_settings_matter():
     short, long = phi.frequencies(theta, dim, 4096)[0], phi.frequencies(theta, dim, 4097)[0]
     assert (short / long).max() > 20  # long factors reach 64.8, short ones 2.8
     assert phi.temperature == pytest.approx(math.sqrt(1 + math.log(32) / math.log(4096)))  # sqrt(1 + 5/12)
+
+
+def test_longrope_temperature_needs_a_trained_length_of_two():
+    """sqrt(1 + ln s / ln L0) divides by ln 1 = 0 at L0 = 1: refused naming the setting, unless a factor is given."""
+    from minillm.config import ModelConfig
+    from minillm.scaling import LongRopeScaling
+
+    kwargs = dict(vocab_size=8, context_length=1, d_model=2, n_layers=1, n_heads=1)
+    with pytest.raises(ValueError, match="rope_scaling.original_max_position: longrope's temperature"):
+        ModelConfig(**kwargs, rope_scaling=LongRopeScaling(short_factor=[1.0], long_factor=[2.0]))
+    ModelConfig(**kwargs, rope_scaling=LongRopeScaling(short_factor=[1.0], long_factor=[2.0], attention_factor=1.2))
