@@ -76,15 +76,11 @@ def _protocol(method: str, finetuned: bool) -> str:
     return "from scratch" if method == "scratch" else "fine-tuned"
 
 
-def context_extension_report(folder: Path) -> str:
-    """Markdown: perplexity at each length of every fine-tuned model beside its method at inference only and the
-    from-scratch run; passkey log-probability; training cost. folder: `make context-extension`'s output."""
+def _perplexities(folder: Path) -> tuple[dict[str, TrainedRun], dict[tuple[str, str], dict[int, list[float]]]]:
+    """The trained runs behind eval_finetuned (by folder), and every (method, protocol) -> length -> ppl of seeds."""
     finetuned = _rows(folder / "eval_finetuned" / "results.csv")
     inference = _rows(folder / "eval_inference" / "results.csv")
-    runs = {str(_run_folder(r["checkpoint"])): None for r in finetuned}
-    trained = {key: read_run(Path(key)) for key in runs}
-    lengths = sorted({int(r["length"]) for r in finetuned + inference})
-
+    trained = {key: read_run(Path(key)) for key in dict.fromkeys(str(_run_folder(r["checkpoint"])) for r in finetuned)}
     ppl: dict[tuple[str, str], dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in finetuned:
         method = trained[str(_run_folder(r["checkpoint"]))].method
@@ -92,6 +88,14 @@ def context_extension_report(folder: Path) -> str:
     for r in inference:
         method = SCALING_NAMES.get(r["method"], r["method"])
         ppl[method, _protocol(method, False)][int(r["length"])].append(float(r["ppl"]))
+    return trained, ppl
+
+
+def context_extension_report(folder: Path) -> str:
+    """Markdown: perplexity at each length of every fine-tuned model beside its method at inference only and the
+    from-scratch run; passkey log-probability; training cost. folder: `make context-extension`'s output."""
+    trained, ppl = _perplexities(folder)
+    lengths = sorted({n for points in ppl.values() for n in points})
     rank = {name: i for i, name in enumerate(ORDER)}
     keys = sorted(ppl, key=lambda k: (rank.get(k[0], len(ORDER)), k[1] != "fine-tuned"))
     lines = ["| method | protocol | " + " | ".join(f"ppl @ {n}" for n in lengths) + " |",
@@ -151,17 +155,7 @@ def plot_context_extension(folder: Path, out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     out.mkdir(parents=True, exist_ok=True)
-    finetuned = _rows(folder / "eval_finetuned" / "results.csv")
-    inference = _rows(folder / "eval_inference" / "results.csv")
-    trained = {str(_run_folder(r["checkpoint"])): None for r in finetuned}
-    trained = {key: read_run(Path(key)) for key in trained}
-    series: dict[tuple[str, str], dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for r in finetuned:
-        method = trained[str(_run_folder(r["checkpoint"]))].method
-        series[method, _protocol(method, True)][int(r["length"])].append(float(r["ppl"]))
-    for r in inference:
-        method = SCALING_NAMES.get(r["method"], r["method"])
-        series[method, _protocol(method, False)][int(r["length"])].append(float(r["ppl"]))
+    trained, series = _perplexities(folder)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colours = {}
     for (method, protocol), points in sorted(series.items()):
