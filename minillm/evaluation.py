@@ -625,18 +625,17 @@ def evaluate(config: EvalConfig, device: torch.device) -> Results:
 
     Before measuring anything: an attention method that none of the runs can serve (or whose knobs fit none of
     their training lengths) is an error naming it; one that some runs cannot serve is skipped for those."""
-    runs = model_sources(config)
-    configs = [source_config(run, config) for run in runs]
+    sources = [(run, source_config(run, config)) for run in model_sources(config)]
     if config.logn:  # a model trained with its own query temperature is skipped; with every one so, refused
-        scaled = [i for i, cfg in enumerate(configs) if cfg.attn_temperature != "none"]
-        if runs and len(scaled) == len(runs):
+        scaled = [(run, cfg) for run, cfg in sources if cfg.attn_temperature != "none"]
+        if sources and len(scaled) == len(sources):
             raise ValueError(f"logn: every run already scales its queries (model.attn_temperature="
-                             f"{configs[0].attn_temperature!r} in {runs[0].name})")
-        for i in scaled:
+                             f"{scaled[0][1].attn_temperature!r} in {scaled[0][0].name})")
+        for run, cfg in scaled:
             log.warning("logn: %s skipped: it already scales its queries (model.attn_temperature=%r)",
-                        runs[i].name, configs[i].attn_temperature)
-        runs, configs = [r for i, r in enumerate(runs) if i not in scaled], [c for i, c in enumerate(configs)
-                                                                           if i not in scaled]
+                        run.name, cfg.attn_temperature)
+        sources = [(run, cfg) for run, cfg in sources if cfg.attn_temperature == "none"]
+    runs, configs = [run for run, _ in sources], [cfg for _, cfg in sources]
     refusals = [served_methods(config, cfg)[1] for cfg in configs]
     for name in config.attention:
         if runs and all(name in refused for refused in refusals):

@@ -427,7 +427,6 @@ class PRopeConfig(RotaryConfig):
                  f"p·head_dim = {rotated:g} must be a positive even number of channels (head_dim {shape.head_dim})")
         super().validate(shape, scaling)
         scaling.check_dim(self.rotated(shape.head_dim))
-        scaling.check_length(scaling.original_max_position or shape.context_length)
 
     def build(self, shape: ModelShape, scaling: Scaling) -> "RotaryEmbedding":
         # r = p·d channels at theta'^(−2i/r) with theta' = theta^(r/d): exactly theta^(−2i/d) for i < r/2.

@@ -103,7 +103,7 @@ def train(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> dict
 
         load_weights(task.model, source)
         origin = {"init_from_source": source.record()}
-        write_atomic(run_dir / "init_from.json", json.dumps(source.record(), indent=2))  # before any step
+        write_atomic(run_dir / "init_from.json", json.dumps(origin["init_from_source"], indent=2))  # before any step
     elif run.init_from is not None and (run_dir / "init_from.json").is_file():  # resumed: the source as recorded
         origin = {"init_from_source": json.loads((run_dir / "init_from.json").read_text())}
     resume_id = wandb_run_id(run_dir) if resume is not None else None  # the same W&B run, not a second one
@@ -199,8 +199,9 @@ def _device(requested: str):
 def evaluate(cfg: DictConfig, out_dir: Path) -> dict[str, Path]:
     """Every (checkpoint × scaling × attention × length) measurement, written as one report in out_dir."""
     from minillm import evaluation
-    from minillm.checkpoint import Run
+    from minillm.checkpoint import find_runs
     from minillm.config import EvalConfig
+    from minillm.pretrained import is_pretrained
     from minillm.report import log_to_wandb, write_report
 
     if not cfg.get("verbose", False):
@@ -213,8 +214,9 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict[str, Path]:
               f"attention: {', '.join(config.attention)}; stride: {config.stride}.\n")
     files = write_report(results, out_dir, header)
     if config.logger.kind == "wandb":
-        groups = {OmegaConf.load(run.config).logger.get("group") for run in evaluation.model_sources(config)
-                  if isinstance(run, Run)}
+        # The training runs' groups (imported models have none), read without re-checking imported files.
+        groups = {OmegaConf.load(run.config).logger.get("group") for path in config.checkpoints
+                  if not is_pretrained(path) for run in find_runs(path)}
         log_to_wandb(results, out_dir, config.logger.project,
                      config.logger.group or (groups.pop() if len(groups) == 1 else None), wandb_mode(config.logger.mode))
     return files
