@@ -15,6 +15,7 @@ from minillm.attention import ATTENTION_METHODS
 from minillm.rope import POSITION_ENCODINGS, ModelShape, RotaryConfig, position_config
 from minillm.samplers import POSITION_SAMPLERS, sampler_config
 from minillm.scaling import SCALINGS, Scaling, scaling_config
+from minillm.synthetic import SYNTHETIC_TASKS, TaskConfig
 
 
 def _require(condition: bool, name: str, message: str) -> None:
@@ -139,13 +140,24 @@ class ModelConfig:
 # Data and tokenizer (conf/data, conf/tokenizer)
 
 
+SYNTHETIC = "synthetic"  # data.path of the generated tasks
+
+# Every synthetic task's knobs, one field per registered task (its config class): the schema of `data.tasks`.
+TaskSettings = make_dataclass("TaskSettings", [(name, cls, field(default_factory=cls))
+                                               for name, cls in SYNTHETIC_TASKS.items()])
+
+
 @dataclass
 class DataConfig:
-    """Which text to train on and how it is cut into windows."""
+    """Which text (or synthetic task) to train on and how it is cut into windows."""
 
     # "stdlib" (the embedded corpus), a HuggingFace hub name, a local file (.txt, .jsonl, .json,
-    # .parquet), a folder of such files, or a folder written by Dataset.save_to_disk.
+    # .parquet), a folder of such files, or a folder written by Dataset.save_to_disk; "synthetic": data.task.
     path: str = "stdlib"
+    # With path=synthetic (data=synthetic): the task generated on the fly (minillm.synthetic), with its knobs
+    # under data.tasks.<task>, e.g. data.task=copy data.tasks.copy.num_symbols=16.
+    task: Optional[str] = None
+    tasks: "TaskSettings" = field(default_factory=lambda: TaskSettings())
     name: Optional[str] = None  # the hub dataset's config name
     split: str = "train"
     # The split to validate on; None: a local dataset's "validation" split if it has one, else documents of
@@ -155,14 +167,21 @@ class DataConfig:
     streaming: bool = False  # hub sets too large to download whole
     max_documents: Optional[int] = None  # None: all; required with streaming
     val_fraction: float = 0.05  # by document, chosen by a hash of its text
-    val_windows: int = 32  # fixed validation windows of context_length + 1 tokens
+    val_windows: int = 32  # fixed validation windows of context_length + 1 tokens (synthetic: examples)
     long_documents: int = 16  # longest validation documents kept for the extrapolation evaluation
     batch_size: int = 16
     num_workers: int = 0
     cache_dir: str = "~/.cache/minillm"
 
     def __post_init__(self) -> None:
-        _require(bool(self.path), "data.path", "must name a dataset, a file or 'stdlib'")
+        _require(bool(self.path), "data.path", "must name a dataset, a file, 'stdlib' or 'synthetic'")
+        if self.synthetic:
+            _require(self.task is not None, "data.task", f"data.path=synthetic needs a task: one of "
+                     f"{sorted(SYNTHETIC_TASKS)}")
+            _choice(self.task, "data.task", SYNTHETIC_TASKS)
+        else:
+            _require(self.task is None, "data.task", f"names a synthetic task, read only with data=synthetic "
+                     f"(data.path=synthetic), not data.path={self.path!r}")
         _require(0.0 < self.val_fraction < 1.0, "data.val_fraction", f"must be in (0, 1), got {self.val_fraction}")
         _require(self.val_split is None or (bool(self.val_split) and self.val_split != self.split), "data.val_split",
                  f"must name a split other than data.split ({self.split!r}), got {self.val_split!r}")
@@ -173,6 +192,15 @@ class DataConfig:
             _require(self.max_documents > 0, "data.max_documents", f"must be positive, got {self.max_documents}")
         _require(not self.streaming or self.max_documents is not None, "data.max_documents",
                  "must be set when data.streaming is true (a stream has no end to tokenize up to)")
+
+    @property
+    def synthetic(self) -> bool:
+        return self.path == SYNTHETIC
+
+    @property
+    def synthetic_task(self) -> TaskConfig:
+        """The synthetic task with its knobs (data=synthetic only)."""
+        return getattr(self.tasks, self.task)
 
 
 @dataclass
@@ -312,6 +340,8 @@ class RunConfig:
                 raise ValueError(f"model.{name}: set the top-level {name} group instead (e.g. {name}.<field>=...)")
         self.model = dataclasses.replace(self.model, rope=self.rope, rope_scaling=self.rope_scaling)
         self.positions = sampler_config(self.positions)
+        if self.data.synthetic:  # the task's prompt must fit the training windows (and its knobs agree)
+            self.data.synthetic_task.check_length(self.model.context_length)
         if self.init_from is None:  # a fine-tuning is checked once its source's settings are in (minillm.finetune)
             self.sampler.check(self.rope, self.model.context_length)
 
@@ -405,6 +435,9 @@ class EvalConfig:
     buckets: int = 16  # loss-against-position resolution
     passkey_trials: int = 10  # per (length, depth); 0 turns passkey retrieval off
     passkey_depths: list[float] = field(default_factory=lambda: [0.1, 0.5, 0.9])
+    # Runs trained on a synthetic task (data=synthetic) are scored on its test examples instead of on text.
+    task_examples: int = 64  # test examples per length
+    effective_threshold: float = 0.9  # effective length: the share of the 1x exact match each length up to it keeps
     device: str = "auto"  # auto: cuda when available
     seed: int = 0
     logger: LoggerConfig = field(default_factory=LoggerConfig)
@@ -428,11 +461,14 @@ class EvalConfig:
             _require(self.scaling_factor > 0, "scaling_factor", f"must be positive, got {self.scaling_factor}")
         if self.stride is not None:
             _require(self.stride > 0, "stride", f"must be positive, got {self.stride}")
-        for name in ("max_documents", "batch_size", "buckets"):
+        for name in ("max_documents", "batch_size", "buckets", "task_examples"):
             _require(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)}")
         _require(self.passkey_trials >= 0, "passkey_trials", f"must be >= 0, got {self.passkey_trials}")
         _require(all(0 <= d <= 1 for d in self.passkey_depths), "passkey_depths",
                  f"must lie in [0, 1], got {list(self.passkey_depths)}")
+        _require(0 < self.effective_threshold <= 1, "effective_threshold",
+                 f"must lie in (0, 1] (a share of the exact match at the training length), got "
+                 f"{self.effective_threshold}")
         _choice(self.device, "device", ("auto", "cpu", "cuda", "mps"))
 
     def method(self, name: str):

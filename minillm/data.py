@@ -1,7 +1,8 @@
-"""Corpora, tokenizer training/loading, token caches, the LightningDataModule."""
+"""Corpora, tokenizer training/loading, token caches, the LightningDataModules (text, synthetic tasks)."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -25,8 +26,10 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset, get_worker_info
 
+from minillm import synthetic
 from minillm.config import DataConfig, TokenizerConfig
 from minillm.files import write_atomic
+from minillm.synthetic import TaskConfig
 
 log = logging.getLogger(__name__)
 
@@ -462,12 +465,30 @@ def cached_array(path: Path, build: Callable[[], np.ndarray]) -> np.ndarray:
 # Windows
 
 
-class TrainWindows(IterableDataset):
-    """Endless batches of random windows; batch b is a pure function of (seed, b), so a run resumes exactly.
+class BatchStream(IterableDataset):
+    """Endless training batches, batch b a pure function of (seed, b) given by `batch`, so a run resumes exactly.
 
     This loader yields batches first_batch, first_batch + stride, ... (stride = world size, so ranks
     interleave); worker w of n takes every n-th of those, which the DataLoader yields back in order.
     """
+
+    first_batch: int
+    stride: int
+
+    def batch(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        worker = get_worker_info()
+        worker_id, workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
+        b = self.first_batch + self.stride * worker_id
+        while True:
+            yield self.batch(b)
+            b += self.stride * workers
+
+
+class TrainWindows(BatchStream):
+    """Random windows of a token stream: sample i starts where a generator seeded by (seed, i) says."""
 
     def __init__(self, tokens_path: Path, seq_len: int, batch_size: int, seed: int,
                  first_batch: int = 0, stride: int = 1):
@@ -495,13 +516,18 @@ class TrainWindows(IterableDataset):
         xs, ys = zip(*(self.window(i) for i in range(b * self.batch_size, (b + 1) * self.batch_size)))
         return torch.stack(xs), torch.stack(ys)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        worker = get_worker_info()
-        worker_id, workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
-        b = self.first_batch + self.stride * worker_id
-        while True:
-            yield self.batch(b)
-            b += self.stride * workers
+
+class SyntheticWindows(BatchStream):
+    """A synthetic task's examples, one per window: batch b is `synthetic.batch(task, seq_len, batch_size, seed, b)`."""
+
+    def __init__(self, task: TaskConfig, seq_len: int, batch_size: int, seed: int, first_batch: int = 0,
+                 stride: int = 1):
+        task.check_length(seq_len)
+        self.task, self.seq_len, self.batch_size, self.seed = task, seq_len, batch_size, seed
+        self.first_batch, self.stride = first_batch, stride
+
+    def batch(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return synthetic.batch(self.task, self.seq_len, self.batch_size, self.seed, b)
 
 
 def val_windows(tokens: np.ndarray, seq_len: int, count: int) -> TensorDataset:
@@ -515,7 +541,36 @@ def val_windows(tokens: np.ndarray, seq_len: int, count: int) -> TensorDataset:
 # The LightningDataModule
 
 
-class TextDataModule(L.LightningDataModule):
+class ResumableData(L.LightningDataModule):
+    """A data module whose training batches are numbered: its state is how many were consumed."""
+
+    start_batch = 0  # global index of the next training batch; set when resuming
+
+    def state_dict(self) -> dict:
+        """How many training batches (over all ranks) were consumed, so a resumed run continues after them."""
+        if self.trainer is None:
+            return {"batches_consumed": self.start_batch}
+        # Lightning restores this counter on resume, so it counts the batches of every run so far; `processed`
+        # (not `completed`) because checkpoints saved in on_train_batch_end count the batch that just ran.
+        processed = self.trainer.fit_loop.epoch_loop.batch_progress.total.processed
+        return {"batches_consumed": processed * self.trainer.world_size}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.start_batch = int(state_dict["batches_consumed"])
+
+    def rank_stride(self) -> tuple[int, int]:
+        """This rank's first batch and the stride between its batches."""
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
+        return self.start_batch + rank, world
+
+    def save_tokenizer(self, folder: str | Path) -> Path:
+        """Write folder/tokenizer.json (loadable as tokenizer.path) and return its path."""
+        path = Path(folder) / "tokenizer.json"
+        write_atomic(path, self.tokenizer.to_str())
+        return path
+
+
+class TextDataModule(ResumableData):
     """Documents -> split -> tokenizer -> cached token streams -> training and validation windows."""
 
     def __init__(self, data: DataConfig, tokenizer: TokenizerConfig, seq_len: int, seed: int = 0):
@@ -524,7 +579,6 @@ class TextDataModule(L.LightningDataModule):
             raise ValueError(f"seq_len: must be positive, got {seq_len}")
         self.data_config, self.tokenizer_config, self.seq_len, self.seed = data, tokenizer, seq_len, seed
         self.cache_dir = Path(data.cache_dir).expanduser()
-        self.start_batch = 0  # global index of the next training batch; set when resuming
         self.tokenizer: Optional[Tokenizer] = None
         self.train_tokens: Optional[np.ndarray] = None
         self.val_tokens: Optional[np.ndarray] = None
@@ -604,9 +658,9 @@ class TextDataModule(L.LightningDataModule):
         }
 
     def train_dataloader(self) -> DataLoader:
-        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
+        first, stride = self.rank_stride()
         windows = TrainWindows(self._train_path, self.seq_len, self.data_config.batch_size, self.seed,
-                               first_batch=self.start_batch + rank, stride=world)
+                               first_batch=first, stride=stride)
         return DataLoader(windows, batch_size=None, num_workers=self.data_config.num_workers,
                           pin_memory=torch.cuda.is_available())
 
@@ -615,17 +669,6 @@ class TextDataModule(L.LightningDataModule):
         return DataLoader(val_windows(self.val_tokens, self.seq_len, self.data_config.val_windows),
                           batch_size=self.data_config.batch_size, shuffle=False, pin_memory=torch.cuda.is_available())
 
-    def state_dict(self) -> dict:
-        """How many training batches (over all ranks) were consumed, so a resumed run continues after them."""
-        if self.trainer is None:
-            return {"batches_consumed": self.start_batch}
-        # Lightning restores this counter on resume, so it counts the batches of every run so far; `processed`
-        # (not `completed`) because checkpoints saved in on_train_batch_end count the batch that just ran.
-        processed = self.trainer.fit_loop.epoch_loop.batch_progress.total.processed
-        return {"batches_consumed": processed * self.trainer.world_size}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.start_batch = int(state_dict["batches_consumed"])
 
     def long_documents(self, min_tokens: int) -> list[np.ndarray]:
         """Validation documents of at least min_tokens tokens (EOS excluded), longest first, at most
@@ -635,8 +678,61 @@ class TextDataModule(L.LightningDataModule):
         return [np.asarray(self.val_tokens[self.val_starts[i]:self.val_starts[i] + lengths[i]], dtype=np.int64)
                 for i in chosen[:self.data_config.long_documents]]
 
-    def save_tokenizer(self, folder: str | Path) -> Path:
-        """Write folder/tokenizer.json (loadable as tokenizer.path) and return its path."""
-        path = Path(folder) / "tokenizer.json"
-        write_atomic(path, self.tokenizer.to_str())
-        return path
+
+
+class SyntheticDataModule(ResumableData):
+    """A synthetic task (data=synthetic): training batches generated from (seed, batch), fixed validation examples
+    from a stream training never draws, and the task's own vocabulary as a word-level tokenizer."""
+
+    def __init__(self, data: DataConfig, tokenizer: TokenizerConfig, seq_len: int, seed: int = 0):
+        super().__init__()
+        self.data_config, self.seq_len, self.seed = data, seq_len, seed
+        self.task = data.synthetic_task
+        self.task.check_length(seq_len)
+        self.tokenizer = task_tokenizer(self.task)
+        if tokenizer.path is not None:  # a fine-tuning's source tokenizer, say: it must be this task's vocabulary
+            given = Path(tokenizer.path).expanduser()
+            try:
+                same = Tokenizer.from_file(str(given)).get_vocab() == self.tokenizer.get_vocab()
+            except Exception as error:  # tokenizers raises its own Exception type for unreadable files
+                raise DataError(f"tokenizer.path={tokenizer.path!r}: not a readable tokenizer.json ({error})") from error
+            if not same:
+                raise DataError(f"tokenizer.path={tokenizer.path!r}: not the vocabulary of the {self.task.name} task "
+                                f"with these data.tasks.{self.task.name} knobs (data=synthetic brings its own)")
+        sha = hashlib.sha256(self.tokenizer.to_str().encode()).hexdigest()
+        self.fingerprint = {
+            "dataset": {"path": data.path, "task": self.task.name, "knobs": dataclasses.asdict(self.task),
+                        "sizes": self.task.sizes(seq_len), "seed": seed},
+            "tokenizer": {"path": tokenizer.path, "vocab_size": self.vocab_size, "sha256": sha},
+            "tokens": {"val_examples": data.val_windows, "unigram_entropy_nats": None},
+        }
+
+    @property
+    def vocab_size(self) -> int:
+        return self.task.vocab_size
+
+    def train_dataloader(self) -> DataLoader:
+        first, stride = self.rank_stride()
+        windows = SyntheticWindows(self.task, self.seq_len, self.data_config.batch_size, self.seed, first, stride)
+        return DataLoader(windows, batch_size=None, num_workers=self.data_config.num_workers,
+                          pin_memory=torch.cuda.is_available())
+
+    def val_dataloader(self) -> DataLoader:
+        examples = synthetic.validation_set(self.task, self.seq_len, self.data_config.val_windows, self.seed)
+        return DataLoader(examples, batch_size=self.data_config.batch_size, shuffle=False,
+                          pin_memory=torch.cuda.is_available())
+
+
+def task_tokenizer(task: TaskConfig) -> Tokenizer:
+    """The task's vocabulary as a word-level tokenizer (id i is the task's token i, named as its layout says), so
+    that a run folder holds a tokenizer.json as text runs do and examples decode to readable text."""
+    vocab = {name: i for i, name in enumerate(task.token_names())}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=None))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return tokenizer
+
+
+def data_module(data: DataConfig, tokenizer: TokenizerConfig, seq_len: int, seed: int = 0) -> ResumableData:
+    """The data module `data` asks for: a synthetic task or text."""
+    cls = SyntheticDataModule if data.synthetic else TextDataModule
+    return cls(data, tokenizer, seq_len=seq_len, seed=seed)

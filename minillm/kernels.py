@@ -275,7 +275,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int) -> Tensor:
+    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int, ignore_index: int) -> Tensor:
         device_type = hidden.device.type
         mm_dtype = _matmul_dtype(hidden, weight)
         acc_dtype = torch.promote_types(mm_dtype, torch.float32)  # float32, or float64 for float64 inputs
@@ -287,7 +287,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             w = weight.to(mm_dtype)
             for start in range(0, hidden.shape[0], chunk):
                 h = hidden[start:start + chunk].to(mm_dtype)
-                t = targets[start:start + chunk]
+                scored = targets[start:start + chunk] != ignore_index
+                t = targets[start:start + chunk].clamp(min=0)  # an ignored row's index only needs to be valid
                 logits = (h @ w.T).to(acc_dtype)
                 target_logits = logits.gather(1, t[:, None]).squeeze(1)
                 # softmax − onehot = (e − s·onehot) / s, with e = exp(logits − max) kept unnormalised in the
@@ -297,9 +298,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 row_max = logits.amax(dim=-1, keepdim=True)
                 e = logits.sub_(row_max).exp_()
                 s = e.sum(dim=-1, keepdim=True)
-                total += (s.log() + row_max).squeeze(1).sub_(target_logits).sum()
+                total += (s.log() + row_max).squeeze(1).sub_(target_logits).mul_(scored).sum()
                 e.scatter_add_(1, t[:, None], -s)
-                inv_s = s.reciprocal_()
+                # An ignored row's 1/s is 0: both of its gradients vanish without another pass over e.
+                inv_s = s.reciprocal_().mul_(scored[:, None])
                 e_mm = e.to(mm_dtype)
                 # ∂h = ((e − s·onehot) W) / s;  ∂W += (e − s·onehot)ᵀ (h / s)
                 if need_hidden:
@@ -315,25 +317,27 @@ class _LinearCrossEntropy(torch.autograd.Function):
                         grad_weight.addmm_(e_mm.T, scaled)
                     else:
                         grad_weight += e_mm.T @ scaled
-        ctx.save_for_backward(grad_hidden, grad_weight)
-        ctx.tokens = hidden.shape[0]
+        count = (targets != ignore_index).sum()  # 0 gives nan, as F.cross_entropy does
+        ctx.save_for_backward(grad_hidden, grad_weight, count)
         ctx.weight_dtype = weight.dtype
-        return total / hidden.shape[0]
+        return total / count
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_loss: Tensor) -> tuple[Optional[Tensor], Optional[Tensor], None, None]:
-        grad_hidden, grad_weight = ctx.saved_tensors
-        scale = grad_loss / ctx.tokens  # the mean's 1/N, and whatever multiplies the loss downstream
+    def backward(ctx, grad_loss: Tensor) -> tuple[Optional[Tensor], Optional[Tensor], None, None, None]:
+        grad_hidden, grad_weight, count = ctx.saved_tensors
+        scale = grad_loss / count  # the mean's 1/N, and whatever multiplies the loss downstream
         return (None if grad_hidden is None else grad_hidden * scale.to(grad_hidden.dtype),
-                None if grad_weight is None else (grad_weight * scale).to(ctx.weight_dtype), None, None)
+                None if grad_weight is None else (grad_weight * scale).to(ctx.weight_dtype), None, None, None)
 
 
-def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_tokens: Optional[int] = None) -> Tensor:
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_tokens: Optional[int] = None,
+                         ignore_index: int = -100) -> Tensor:
     """Mean over tokens of cross_entropy(hidden @ weight.T, targets), in float32 (float64 for float64 inputs).
 
-    hidden (tokens, d), weight (vocab, d), targets (tokens,) int64. Without autograd (evaluation,
-    no_grad) it scores chunk by chunk and computes no gradient.
+    hidden (tokens, d), weight (vocab, d), targets (tokens,) int64. Targets equal to ignore_index (F.cross_entropy's
+    default, -100) count neither in the mean nor in the gradients (answer-only losses). Without autograd
+    (evaluation, no_grad) it scores chunk by chunk and computes no gradient.
     """
     if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
         raise ValueError(f"linear_cross_entropy: expected hidden (tokens, d) and targets (tokens,), got "
@@ -342,14 +346,14 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_
         raise ValueError("linear_cross_entropy: no tokens to average over")
     chunk = chunk_tokens or _chunk_tokens(weight.shape[0], hidden.device)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return _LinearCrossEntropy.apply(hidden, weight, targets, chunk)
+        return _LinearCrossEntropy.apply(hidden, weight, targets, chunk, ignore_index)
     mm_dtype = _matmul_dtype(hidden, weight)
     acc_dtype = torch.promote_types(mm_dtype, torch.float32)
     with torch.autocast(hidden.device.type, enabled=False):
         w = weight.to(mm_dtype)
-        total = sum(F.cross_entropy((h.to(mm_dtype) @ w.T).to(acc_dtype), t, reduction="sum")
+        total = sum(F.cross_entropy((h.to(mm_dtype) @ w.T).to(acc_dtype), t, reduction="sum", ignore_index=ignore_index)
                     for h, t in zip(hidden.split(chunk), targets.split(chunk)))
-    return total / hidden.shape[0]
+    return total / (targets != ignore_index).sum()
 
 
 def _matmul_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:

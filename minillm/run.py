@@ -35,10 +35,11 @@ def check_writable(folder: Path) -> None:
 
 
 def load_data(run: RunConfig):
-    """The run's TextDataModule, set up for fitting; any failure to read the data names its setting."""
-    from minillm.data import DataError, TextDataModule
+    """The run's data module (text or a synthetic task), set up for fitting; any failure to read the data names
+    its setting."""
+    from minillm.data import DataError, data_module
 
-    data = TextDataModule(run.data, run.tokenizer, seq_len=run.model.context_length, seed=run.seed)
+    data = data_module(run.data, run.tokenizer, seq_len=run.model.context_length, seed=run.seed)
     try:
         data.prepare_data()
         data.setup("fit")
@@ -134,6 +135,7 @@ def train(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> dict
         "parameters": task.model.num_params(exclude_embeddings=False),
         "val_loss": metrics.get("val/loss"),
         "val_ppl": metrics.get("val/ppl"),
+        "val_exact_match": metrics.get("val/exact_match"),  # synthetic tasks only
         "best_val_loss": float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else None,
         "best_checkpoint": checkpoint.best_model_path or None,
         "last_checkpoint": str(run_dir / "checkpoints" / "last.ckpt"),

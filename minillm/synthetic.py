@@ -17,13 +17,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import ClassVar, Iterator, NamedTuple, Optional
+from typing import ClassVar, NamedTuple, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import IterableDataset, TensorDataset, get_worker_info
+from torch.utils.data import TensorDataset
 
 IGNORE = -100  # target of every non-answer position: F.cross_entropy's default ignore_index
 SPLITS = {"train": 0, "validation": 1, "test": 2}  # independent random streams under one seed
@@ -83,7 +83,8 @@ class TaskConfig:
     name: ClassVar[str] = ""
 
     def knob(self, field: str) -> str:
-        return f"data.task.{field}"
+        """The setting's name on the command line."""
+        return f"data.tasks.{self.name}.{field}"
 
     @property
     def vocab_size(self) -> int:
@@ -96,6 +97,10 @@ class TaskConfig:
 
     def sizes(self, length: int) -> dict[str, int]:
         """The instance's sizes at `length` (pairs, copy length, ...): the task's length-scaling rule."""
+        raise NotImplementedError
+
+    def token_names(self) -> list[str]:
+        """A name for each token id, as the layout in the class's docstring assigns them."""
         raise NotImplementedError
 
     def answer_length(self, length: int) -> int:
@@ -153,6 +158,9 @@ class MQAR(TaskConfig):
     def vocab_size(self) -> int:
         return 1 + self.num_keys + self.num_values
 
+    def token_names(self) -> list[str]:
+        return ["_", *(f"k{i}" for i in range(self.num_keys)), *(f"v{i}" for i in range(self.num_values))]
+
     @property
     def min_length(self) -> int:
         return self.tokens_per_pair
@@ -165,7 +173,7 @@ class MQAR(TaskConfig):
         super().check_length(length)
         pairs = self.sizes(length)["num_pairs"]
         _require(pairs <= self.num_keys, self.knob("num_keys"),
-                 f"mqar at length {length} holds {pairs} pairs (one per data.task.tokens_per_pair="
+                 f"mqar at length {length} holds {pairs} pairs (one per {self.knob('tokens_per_pair')}="
                  f"{self.tokens_per_pair} tokens) with distinct keys, but num_keys={self.num_keys}; "
                  f"raise num_keys or tokens_per_pair, or use a shorter length")
 
@@ -219,17 +227,17 @@ class Needle(TaskConfig):
     def __post_init__(self) -> None:
         _require(self.num_queries >= 1, self.knob("num_queries"), f"must be at least 1, got {self.num_queries}")
         _require(self.num_keys > self.num_queries, self.knob("num_keys"),
-                 f"must exceed data.task.num_queries={self.num_queries} (a key for each needle and one for "
+                 f"must exceed {self.knob('num_queries')}={self.num_queries} (a key for each needle and one for "
                  f"distractors), got {self.num_keys}")
         _require(self.num_values >= 1, self.knob("num_values"), f"must be at least 1, got {self.num_values}")
         _require(self.value_length >= 1, self.knob("value_length"), f"must be at least 1, got {self.value_length}")
         _require(self.tokens_per_pair >= 1 + self.value_length, self.knob("tokens_per_pair"),
-                 f"must hold a key and its data.task.value_length={self.value_length} values, at least "
+                 f"must hold a key and its {self.knob('value_length')}={self.value_length} values, at least "
                  f"{1 + self.value_length}, got {self.tokens_per_pair}")
         _require(self.depth is None or 0.0 <= self.depth <= 1.0, self.knob("depth"),
                  f"must lie in [0, 1] or be None (uniform), got {self.depth}")
         _require(self.depth is None or self.num_queries == 1, self.knob("depth"),
-                 f"places a single needle; with data.task.num_queries={self.num_queries} leave it None (uniform)")
+                 f"places a single needle; with {self.knob('num_queries')}={self.num_queries} leave it None (uniform)")
 
     @property
     def query_length(self) -> int:
@@ -238,6 +246,9 @@ class Needle(TaskConfig):
     @property
     def vocab_size(self) -> int:
         return 2 + self.num_keys + self.num_values
+
+    def token_names(self) -> list[str]:
+        return ["_", "?", *(f"k{i}" for i in range(self.num_keys)), *(f"v{i}" for i in range(self.num_values))]
 
     @property
     def min_length(self) -> int:
@@ -296,6 +307,9 @@ class Copy(TaskConfig):
     def vocab_size(self) -> int:
         return 2 + self.num_symbols
 
+    def token_names(self) -> list[str]:
+        return ["_", "|", *(f"s{i}" for i in range(self.num_symbols))]
+
     @property
     def min_length(self) -> int:
         return 2
@@ -347,6 +361,9 @@ class FlipFlop(TaskConfig):
     def vocab_size(self) -> int:
         return 6
 
+    def token_names(self) -> list[str]:
+        return ["_", "w", "i", "r", "0", "1"]
+
     @property
     def min_length(self) -> int:
         return 3  # two instructions: the first write and the final read
@@ -379,10 +396,10 @@ def task_config(name: str, settings: "dict | TaskConfig | None" = None) -> TaskC
         return settings
     cls = SYNTHETIC_TASKS[name]
     settings = dict(settings or {})
-    _require(settings.pop("name", name) == name, "data.task.name", f"settings for {name!r} name another task")
+    _require(settings.pop("name", name) == name, f"data.tasks.{name}.name", f"settings for {name!r} name another task")
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(settings) - fields)
-    _require(not unknown, f"data.task.{unknown[0] if unknown else ''}",
+    _require(not unknown, f"data.tasks.{name}.{unknown[0] if unknown else ''}",
              f"not a setting of the {name} task (it has {sorted(fields)})")
     return cls(**settings)
 
@@ -417,29 +434,6 @@ def batch(task: TaskConfig, length: int, batch_size: int, seed: int, index: int,
           split: str = "train") -> tuple[Tensor, Tensor]:
     """(inputs, targets) of batch `index`, a pure function of its arguments (so a resumed run sees the same)."""
     return tuple(examples(task, length, batch_size, seed, index, split)[:2])
-
-
-class SyntheticWindows(IterableDataset):
-    """Endless training batches of one example per window, as minillm.data.TrainWindows yields them: batch b is
-    `batch(task, seq_len, batch_size, seed, b)`; this loader yields first_batch, first_batch + stride, ... (stride =
-    world size, so ranks interleave), worker w of n taking every n-th of those."""
-
-    def __init__(self, task: TaskConfig, seq_len: int, batch_size: int, seed: int, first_batch: int = 0,
-                 stride: int = 1):
-        task.check_length(seq_len)
-        self.task, self.seq_len, self.batch_size, self.seed = task, seq_len, batch_size, seed
-        self.first_batch, self.stride = first_batch, stride
-
-    def batch(self, b: int) -> tuple[Tensor, Tensor]:
-        return batch(self.task, self.seq_len, self.batch_size, self.seed, b)
-
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        worker = get_worker_info()
-        worker_id, workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
-        b = self.first_batch + self.stride * worker_id
-        while True:
-            yield self.batch(b)
-            b += self.stride * workers
 
 
 def validation_set(task: TaskConfig, length: int, count: int, seed: int, split: str = "validation") -> TensorDataset:

@@ -9,12 +9,14 @@ from typing import Optional
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from minillm.config import ModelConfig, OptimConfig
 from minillm.model import Transformer
 from minillm.rope import Positions
 from minillm.samplers import generator_for, sampler_config
+from minillm.synthetic import IGNORE, accuracy
 
 log = logging.getLogger("minillm")
 
@@ -245,22 +247,32 @@ class LanguageModelTask(L.LightningModule):
             self._rate.resume()
 
     def on_validation_epoch_start(self) -> None:
-        self._val_loss_sum = torch.zeros((), device=self.device)
-        self._val_count = torch.zeros((), device=self.device)
+        # loss sum, scored targets, and (synthetic tasks) answers and answers right
+        self._val_sums = torch.zeros(4, device=self.device)
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        x, y = batch
-        self._val_loss_sum += self.model.token_losses(x, y).sum()
-        self._val_count += y.numel()
+        x, y = batch[:2]
+        if len(batch) == 2:  # text windows: every target counts
+            self._val_sums[0] += self.model.token_losses(x, y).sum()
+            self._val_sums[1] += y.numel()
+            return
+        # A synthetic task's (inputs, targets, answers): the answer tokens' loss, and exact match per answer.
+        logits = self.model(x).float()
+        loss_sum = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="sum")
+        counts = accuracy(logits, y, batch[2])
+        self._val_sums += torch.tensor([loss_sum.item(), counts.tokens, counts.answers, counts.answers_correct],
+                                       device=self.device)
 
     def on_validation_epoch_end(self) -> None:
         # Token-weighted mean over all windows (and ranks), then perplexity from that mean.
-        loss_sum, count = self._val_loss_sum, self._val_count
+        sums = self._val_sums
         if self.trainer.world_size > 1:
-            loss_sum, count = self.all_gather(loss_sum).sum(), self.all_gather(count).sum()
-        loss = loss_sum / count.clamp(min=1)
+            sums = self.all_gather(sums).sum(0)
+        loss = sums[0] / sums[1].clamp(min=1)
         self.log("val/loss", loss, prog_bar=True)
         self.log("val/ppl", torch.exp(loss))
+        if sums[2] > 0:
+            self.log("val/exact_match", sums[3] / sums[2], prog_bar=True)
 
     def configure_optimizers(self):
         cfg = self.optim_cfg

@@ -24,8 +24,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from minillm import data as data_module
 from minillm.config import DataConfig, TokenizerConfig
-from minillm.data import (EOS_TOKEN, DataError, TextDataModule, TrainWindows, build_tokenizer, document_texts,
-                          load_corpus, load_documents, split_documents, stdlib_fingerprint, unigram_entropy)
+from minillm import synthetic
+from minillm.data import (EOS_TOKEN, DataError, SyntheticDataModule, SyntheticWindows, TextDataModule, TrainWindows,
+                          build_tokenizer, data_module, document_texts, load_corpus, load_documents, split_documents,
+                          stdlib_fingerprint, task_tokenizer, unigram_entropy)
 
 SEQ_LEN = 32
 SMALL_VOCAB = TokenizerConfig(vocab_size=400)
@@ -715,3 +717,81 @@ def test_unigram_entropy_by_hand():
     assert unigram_entropy(np.array([0, 1, 2, 3], dtype=np.uint16), 8) == pytest.approx(math.log(4))
     # p = (3/4, 1/4): H = -(0.75 ln 0.75 + 0.25 ln 0.25)
     assert unigram_entropy(np.array([5, 5, 5, 2]), 8) == pytest.approx(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Synthetic tasks (data=synthetic)
+
+
+def synthetic_data(task: str = "flipflop", seq_len: int = 32, **knobs) -> DataConfig:
+    data = DataConfig(path="synthetic", task=task, batch_size=4, val_windows=6)
+    setattr(data.tasks, task, synthetic.task_config(task, knobs))
+    return data
+
+
+def test_synthetic_windows_yield_batches_from_first_batch_by_stride():
+    task = synthetic.task_config("flipflop")
+    windows = iter(SyntheticWindows(task, 32, 4, seed=7, first_batch=5, stride=2))
+    for b in (5, 7, 9):
+        x, y = next(windows)
+        assert x.shape == y.shape == (4, 32)
+        expected = synthetic.batch(task, 32, 4, seed=7, index=b)
+        assert torch.equal(x, expected[0]) and torch.equal(y, expected[1])
+    with pytest.raises(ValueError, match="model.context_length"):
+        SyntheticWindows(task, 2, 4, seed=7)
+
+
+@pytest.mark.parametrize("task", sorted(synthetic.SYNTHETIC_TASKS))
+def test_synthetic_module_serves_the_tasks_batches_and_a_fixed_validation_set(task):
+    data = synthetic_data(task)
+    dm = data_module(data, TokenizerConfig(), seq_len=64, seed=3)
+    assert isinstance(dm, SyntheticDataModule) and dm.vocab_size == data.synthetic_task.vocab_size
+    for b, (x, y) in enumerate(batches(dm.train_dataloader(), 2)):
+        expected = synthetic.batch(data.synthetic_task, 64, 4, seed=3, index=b)
+        assert torch.equal(x, expected[0]) and torch.equal(y, expected[1])
+    ((x, y, answers),) = batches(dm.val_dataloader(), 1)
+    reference = synthetic.validation_set(data.synthetic_task, 64, 6, seed=3).tensors
+    assert torch.equal(x, reference[0][:4]) and torch.equal(answers, reference[2][:4])
+    assert dm.fingerprint["dataset"]["task"] == task and dm.fingerprint["tokenizer"]["vocab_size"] == dm.vocab_size
+
+
+def test_synthetic_module_resumes_the_batch_sequence():
+    dm = data_module(synthetic_data(), TokenizerConfig(), seq_len=32)
+    uninterrupted = batches(dm.train_dataloader(), 5)
+    resumed = data_module(synthetic_data(), TokenizerConfig(), seq_len=32)
+    resumed.load_state_dict({"batches_consumed": 3})
+    for (x, y), (x_again, y_again) in zip(uninterrupted[3:], batches(resumed.train_dataloader(), 2)):
+        assert torch.equal(x, x_again) and torch.equal(y, y_again)
+
+
+@pytest.mark.parametrize("task", sorted(synthetic.SYNTHETIC_TASKS))
+def test_task_tokenizer_names_every_id_and_round_trips(task):
+    config = synthetic.task_config(task)
+    tokenizer = task_tokenizer(config)
+    assert tokenizer.get_vocab_size() == config.vocab_size == len(set(config.token_names()))
+    x = synthetic.examples(config, 64, 1, seed=0, index=0).inputs[0].tolist()
+    text = tokenizer.decode(x)
+    assert tokenizer.encode(text).ids == x
+
+
+def test_synthetic_module_takes_a_tokenizer_of_its_vocabulary_only(tmp_path):
+    data = synthetic_data("copy")
+    path = tmp_path / "tokenizer.json"
+    path.write_text(task_tokenizer(data.synthetic_task).to_str())
+    data_module(data, TokenizerConfig(path=str(path)), seq_len=32)  # a fine-tuning's source tokenizer: the same
+    other = synthetic_data("copy", num_symbols=5)
+    with pytest.raises(DataError, match=r"^tokenizer.path=.*not the vocabulary of the copy task"):
+        data_module(other, TokenizerConfig(path=str(path)), seq_len=32)
+    path.write_text("{not json")
+    with pytest.raises(DataError, match=r"^tokenizer.path=.*not a readable tokenizer.json"):
+        data_module(data, TokenizerConfig(path=str(path)), seq_len=32)
+
+
+@pytest.mark.parametrize("settings, name", [
+    ({"path": "synthetic"}, "data.task"),
+    ({"path": "synthetic", "task": "sorting"}, "data.task"),
+    ({"path": "stdlib", "task": "mqar"}, "data.task"),
+])
+def test_synthetic_data_settings_are_checked_naming_them(settings, name):
+    with pytest.raises(ValueError, match=rf"^{name}: "):
+        DataConfig(**settings)

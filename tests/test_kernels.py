@@ -218,6 +218,36 @@ def test_linear_cross_entropy_passes_gradcheck():
     assert torch.autograd.gradcheck(lambda h, w: linear_cross_entropy(h, w, targets, 4), (hidden, weight))
 
 
+@pytest.mark.parametrize("chunk_tokens", [1, 8, 37])
+def test_linear_cross_entropy_ignores_targets_at_ignore_index_as_cross_entropy_does(chunk_tokens):
+    # The answer-only loss of the synthetic tasks: ignored rows leave the mean and both gradients.
+    hidden, weight, targets = head_inputs(37, 16, 50)
+    targets[::3] = -100
+    targets[5:9] = -100
+    hidden.requires_grad_(), weight.requires_grad_()
+    ours = linear_cross_entropy(hidden, weight, targets, chunk_tokens)
+    ours_grads = torch.autograd.grad(ours * 2.0, (hidden, weight))
+    theirs = F.cross_entropy(hidden @ weight.T, targets)  # ignore_index=-100 by default
+    theirs_grads = torch.autograd.grad(theirs * 2.0, (hidden, weight))
+    torch.testing.assert_close(ours, theirs)
+    for a, b in zip(ours_grads, theirs_grads):
+        torch.testing.assert_close(a, b)
+    assert ours_grads[0][targets == -100].abs().max() == 0  # a prompt token gets no gradient through the head
+    with torch.no_grad():
+        torch.testing.assert_close(linear_cross_entropy(hidden, weight, targets, chunk_tokens), theirs)
+    # Every target ignored: nan, as F.cross_entropy gives, in both paths.
+    assert linear_cross_entropy(hidden, weight, torch.full_like(targets, -100), chunk_tokens).isnan()
+    with torch.no_grad():
+        assert linear_cross_entropy(hidden, weight, torch.full_like(targets, -100), chunk_tokens).isnan()
+
+
+def test_linear_cross_entropy_with_ignored_targets_passes_gradcheck():
+    hidden, weight, targets = head_inputs(9, 4, 7, torch.float64)
+    targets[[0, 4, 5]] = -100
+    hidden.requires_grad_(), weight.requires_grad_()
+    assert torch.autograd.gradcheck(lambda h, w: linear_cross_entropy(h, w, targets, 4), (hidden, weight))
+
+
 def test_linear_cross_entropy_grads_only_what_requires_them_and_nothing_without_autograd():
     hidden, weight, targets = head_inputs(20, 8, 30)
     expected = F.cross_entropy(hidden @ weight.T, targets)

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from minillm.config import ModelConfig
 from minillm.model import Transformer
-from minillm.synthetic import (IGNORE, MQAR, SYNTHETIC_TASKS, Accuracy, Copy, FlipFlop, Needle, SyntheticWindows,
+from minillm.synthetic import (IGNORE, MQAR, SYNTHETIC_TASKS, Accuracy, Copy, FlipFlop, Needle,
                                accuracy, answer_ids, answer_loss, batch, example_generator, examples, task_config,
                                validation_set, wilson_interval)
 
@@ -186,9 +186,9 @@ def test_mqar_gaps_follow_the_power_law():
 def test_mqar_refuses_more_pairs_than_keys_and_too_short_lengths():
     task = MQAR(num_keys=16, tokens_per_pair=8)
     task.check_length(128)  # 16 pairs, 16 keys
-    with raises_naming("data.task.num_keys"):
+    with raises_naming("data.tasks.mqar.num_keys"):
         task.check_length(136)
-    with raises_naming("data.task.num_keys"):
+    with raises_naming("data.tasks.mqar.num_keys"):
         examples(task, 1024, 1, 0, 0)
     with raises_naming("model.context_length"):
         task.check_length(7)
@@ -253,25 +253,25 @@ def test_flipflop_without_reads_asks_only_the_final_read_and_densities_are_kept(
 
 
 @pytest.mark.parametrize("name, knobs, field", [
-    ("mqar", {"num_keys": 0}, "data.task.num_keys"),
-    ("mqar", {"num_values": 0}, "data.task.num_values"),
-    ("mqar", {"tokens_per_pair": 3}, "data.task.tokens_per_pair"),
-    ("mqar", {"power_a": 0.0}, "data.task.power_a"),
-    ("mqar", {"power_a": float("nan")}, "data.task.power_a"),
-    ("needle", {"num_keys": 1, "num_queries": 1}, "data.task.num_keys"),
-    ("needle", {"num_keys": 3, "num_queries": 3}, "data.task.num_keys"),
-    ("needle", {"num_queries": 0}, "data.task.num_queries"),
-    ("needle", {"num_queries": 2, "depth": 0.5}, "data.task.depth"),
-    ("needle", {"num_values": 0}, "data.task.num_values"),
-    ("needle", {"value_length": 0}, "data.task.value_length"),
-    ("needle", {"depth": 1.5}, "data.task.depth"),
-    ("needle", {"value_length": 3, "tokens_per_pair": 3}, "data.task.tokens_per_pair"),
-    ("copy", {"num_symbols": 0}, "data.task.num_symbols"),
-    ("flipflop", {"p_write": -0.1}, "data.task.p_write"),
-    ("flipflop", {"p_read": 1.1}, "data.task.p_read"),
-    ("flipflop", {"p_write": 0.6, "p_read": 0.6}, "data.task.p_read"),
-    ("copy", {"symbols": 3}, "data.task.symbols"),
-    ("copy", {"name": "mqar"}, "data.task.name"),
+    ("mqar", {"num_keys": 0}, "data.tasks.mqar.num_keys"),
+    ("mqar", {"num_values": 0}, "data.tasks.mqar.num_values"),
+    ("mqar", {"tokens_per_pair": 3}, "data.tasks.mqar.tokens_per_pair"),
+    ("mqar", {"power_a": 0.0}, "data.tasks.mqar.power_a"),
+    ("mqar", {"power_a": float("nan")}, "data.tasks.mqar.power_a"),
+    ("needle", {"num_keys": 1, "num_queries": 1}, "data.tasks.needle.num_keys"),
+    ("needle", {"num_keys": 3, "num_queries": 3}, "data.tasks.needle.num_keys"),
+    ("needle", {"num_queries": 0}, "data.tasks.needle.num_queries"),
+    ("needle", {"num_queries": 2, "depth": 0.5}, "data.tasks.needle.depth"),
+    ("needle", {"num_values": 0}, "data.tasks.needle.num_values"),
+    ("needle", {"value_length": 0}, "data.tasks.needle.value_length"),
+    ("needle", {"depth": 1.5}, "data.tasks.needle.depth"),
+    ("needle", {"value_length": 3, "tokens_per_pair": 3}, "data.tasks.needle.tokens_per_pair"),
+    ("copy", {"num_symbols": 0}, "data.tasks.copy.num_symbols"),
+    ("flipflop", {"p_write": -0.1}, "data.tasks.flipflop.p_write"),
+    ("flipflop", {"p_read": 1.1}, "data.tasks.flipflop.p_read"),
+    ("flipflop", {"p_write": 0.6, "p_read": 0.6}, "data.tasks.flipflop.p_read"),
+    ("copy", {"symbols": 3}, "data.tasks.copy.symbols"),
+    ("copy", {"name": "mqar"}, "data.tasks.copy.name"),
 ])
 def test_bad_knobs_are_refused_naming_the_setting(name, knobs, field):
     with raises_naming(field):
@@ -318,18 +318,6 @@ def test_the_stream_is_the_same_on_every_machine():
     # The reproducibility contract, pinned: if this changes, resumed runs and shared seeds see other data.
     assert example_generator(0, 0).initial_seed() == 15793235383387715774
     assert window(Copy(num_symbols=8).sample(8, example_generator(0, 0))).tolist() == [6, 4, 3, 3, 1, 6, 4, 3, 3]
-
-
-def test_synthetic_windows_yield_batches_from_first_batch_by_stride():
-    task = TASKS["flipflop"]
-    windows = iter(SyntheticWindows(task, 32, 4, seed=7, first_batch=5, stride=2))
-    for b in (5, 7, 9):
-        x, y = next(windows)
-        assert x.shape == y.shape == (4, 32)
-        expected = batch(task, 32, 4, seed=7, index=b)
-        assert torch.equal(x, expected[0]) and torch.equal(y, expected[1])
-    with raises_naming("model.context_length"):
-        SyntheticWindows(task, 2, 4, seed=7)
 
 
 def test_the_validation_set_is_fixed_and_apart_from_training():
