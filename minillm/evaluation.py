@@ -1,5 +1,6 @@
 """Extrapolation measurements: perplexity and loss against length and position, passkey retrieval, RoPE theory,
-and the evaluation loop over checkpoints × scalings × attention patterns × lengths.
+the accuracy and effective length of runs trained on a synthetic task, and the evaluation loop over
+checkpoints × scalings × attention patterns × lengths.
 
 Everything here returns typed records (dataclasses); minillm.report turns them into tables and plots.
 """
@@ -7,6 +8,7 @@ Everything here returns typed records (dataclasses); minillm.report turns them i
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import re
@@ -19,12 +21,14 @@ from typing import Iterator, Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from minillm.attention import AttentionMethod, attention_method, check_encoding
 from minillm.config import EvalConfig
 from minillm.model import QueryTemperature, Transformer
 from minillm.scaling import SCALINGS, Scaling
+from minillm.synthetic import IGNORE, Accuracy, TaskConfig, accuracy, validation_set
 from minillm.theory import critical_dimension, minimum_base, supported_length
 
 log = logging.getLogger("minillm")
@@ -138,6 +142,54 @@ class TailLossRecord:
 
 
 @dataclass
+class AccuracyRecord:
+    """A run trained on a synthetic task, at one (scaling, attention, length) on the task's test examples: exact
+    match per answer and accuracy per answer token, each with its Wilson 95% interval, and the answer-only loss.
+    The measured fields are None where the setting does not apply (see note)."""
+
+    model: str
+    run: str
+    seed: int
+    trained_length: int
+    variant: str
+    task: str
+    method: str  # the frequency scaling at evaluation
+    attention: str
+    length: int
+    examples: int = 0
+    answers: int = 0
+    tokens: int = 0  # answer tokens
+    exact_match: Optional[float] = None
+    exact_match_low: Optional[float] = None
+    exact_match_high: Optional[float] = None
+    token_accuracy: Optional[float] = None
+    token_accuracy_low: Optional[float] = None
+    token_accuracy_high: Optional[float] = None
+    answer_loss: Optional[float] = None  # mean cross-entropy of the answer tokens (nats)
+    applicable: bool = True  # False: the task refuses this length or the encoding cannot reach it (see note)
+    note: Optional[str] = None
+    seconds: float = 0.0
+
+
+@dataclass
+class EffectiveLengthRecord:
+    """The effective length (see `effective_length`) of one run under one (scaling, attention)."""
+
+    model: str
+    run: str
+    seed: int
+    trained_length: int
+    variant: str
+    task: str
+    method: str
+    attention: str
+    threshold: float
+    reference_exact_match: Optional[float]  # the exact match at the training length; None: not evaluated there
+    effective_length: Optional[int]
+    longest_length: Optional[int]  # the longest length measured: an effective length equal to it is a lower bound
+
+
+@dataclass
 class Results:
     """Everything one evaluation measured."""
 
@@ -145,9 +197,11 @@ class Results:
     passkey: list[PasskeyRecord] = field(default_factory=list)
     theory: list[TheoryRecord] = field(default_factory=list)
     tail: list[TailLossRecord] = field(default_factory=list)
+    accuracy: list[AccuracyRecord] = field(default_factory=list)
+    effective_length: list[EffectiveLengthRecord] = field(default_factory=list)
 
     def extend(self, other: "Results") -> None:
-        for name in ("perplexity", "passkey", "theory", "tail"):
+        for name in (f.name for f in dataclasses.fields(self)):
             getattr(self, name).extend(getattr(other, name))
 
 
@@ -414,6 +468,103 @@ def passkey_trial(model: Transformer, prompt: PasskeyPrompt) -> tuple[bool, floa
     return bool((logits.argmax(-1) == answer).all()), float(log_probs.sum())
 
 
+# ----------------------------------------------------------------------------------------------
+# Accuracy of runs trained on a synthetic task (minillm.synthetic)
+
+
+@dataclass
+class TaskScore:
+    """One model on one set of task examples: the counts of right answers and tokens, and the answer-only loss."""
+
+    examples: int
+    counts: Accuracy
+    answer_loss: float  # mean cross-entropy of the answer tokens (nats)
+    seconds: float
+
+    def record(self, **setting) -> AccuracyRecord:
+        """The AccuracyRecord of this score in `setting` (the model and the evaluation setting)."""
+        exact_low, exact_high = self.counts.exact_match_interval()
+        token_low, token_high = self.counts.token_accuracy_interval()
+        return AccuracyRecord(examples=self.examples, answers=self.counts.answers, tokens=self.counts.tokens,
+                              exact_match=self.counts.exact_match, exact_match_low=exact_low,
+                              exact_match_high=exact_high, token_accuracy=self.counts.token_accuracy,
+                              token_accuracy_low=token_low, token_accuracy_high=token_high,
+                              answer_loss=self.answer_loss, seconds=self.seconds, **setting)
+
+
+@torch.inference_mode()
+def task_accuracy(model: Transformer, inputs: Tensor, targets: Tensor, answers: Tensor, *,
+                  attention: "str | AttentionMethod" = "full", batch_size: int = 4) -> TaskScore:
+    """Exact match, token accuracy and answer-only loss of argmax predictions from one teacher-forced pass over
+    examples (n, length) as minillm.synthetic.validation_set gives them; greedy decoding of an answer gives the
+    same tokens when each is the argmax given the right ones before it, as the targets are.
+
+    batch_size: examples per forward pass, at most; fewer for long ones, so that a pass never holds more than
+    MAX_ATTENTION_PAIRS query-key pairs (see perplexity_at_length). The LM head reads the answer positions only.
+    """
+    device = next(model.parameters()).device
+    method = attention_method(attention) if isinstance(attention, str) else attention
+    length = inputs.shape[1]
+    counts, loss_sum = Accuracy(0, 0, 0, 0), 0.0
+    started = time.perf_counter()
+    for rows in torch.arange(len(inputs)).split(max(1, min(batch_size, MAX_ATTENTION_PAIRS // length**2))):
+        y = targets[rows]
+        answer = y != IGNORE
+        hidden = model.hidden_states(inputs[rows].to(device), attention=method)[answer.to(device)]
+        logits = model.head(hidden).float().cpu()
+        predictions = torch.full_like(y, IGNORE)  # only the answer positions are compared
+        predictions[answer] = logits.argmax(-1)
+        counts = counts + accuracy(predictions, y, answers[rows])
+        loss_sum += float(F.cross_entropy(logits, y[answer], reduction="sum"))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - started
+    return TaskScore(len(inputs), counts, loss_sum / counts.tokens if counts.tokens else math.nan, round(seconds, 3))
+
+
+def effective_length(records: list[AccuracyRecord], threshold: float) -> Optional[int]:
+    """The effective length of one run under one (scaling, attention): the longest evaluated length L such that the
+    exact match at L and at every shorter evaluated length is at least threshold × the exact match at the training
+    length (1x). RULER's notion (Hsieh et al. 2024, arXiv:2404.06654), whose bar is a fixed score (Llama-2-7B's at
+    4k), is taken relative to the model's own score at its training length, as tasks differ in difficulty.
+
+    A dip ends it: a length that recovers after a failing one does not count. Lengths not applicable (refused by
+    the task, past the encoding's positions) are not evaluated lengths. None when the training length was not
+    evaluated, when nothing was right there (every length would pass a bar of 0), or when a length shorter than
+    the training length already fails.
+    """
+    measured = sorted((r for r in records if r.applicable and r.exact_match is not None), key=lambda r: r.length)
+    lengths = [r.length for r in measured]
+    if len(set(lengths)) < len(lengths):
+        raise ValueError("effective_length: takes the records of one run under one scaling and attention, got two "
+                         f"at one length ({sorted(n for n in set(lengths) if lengths.count(n) > 1)})")
+    reference = next((r.exact_match for r in measured if r.length == r.trained_length), None)
+    if not reference:
+        return None
+    bar = threshold * reference
+    longest = None
+    for r in measured:
+        if r.exact_match < bar:
+            break
+        longest = r.length
+    return longest
+
+
+def effective_lengths(records: list[AccuracyRecord], threshold: float) -> list[EffectiveLengthRecord]:
+    """One EffectiveLengthRecord per run under each (scaling, attention) in `records`, in their order."""
+    series: dict[tuple, list[AccuracyRecord]] = {}
+    for r in records:
+        key = (r.model, r.run, r.seed, r.trained_length, r.variant, r.task, r.method, r.attention)
+        series.setdefault(key, []).append(r)
+    out = []
+    for key, group in series.items():
+        measured = [r for r in group if r.applicable and r.exact_match is not None]
+        reference = next((r.exact_match for r in measured if r.length == r.trained_length), None)
+        out.append(EffectiveLengthRecord(*key, threshold=threshold, reference_exact_match=reference,
+                                         effective_length=effective_length(group, threshold),
+                                         longest_length=max((r.length for r in measured), default=None)))
+    return out
+
 
 # ----------------------------------------------------------------------------------------------
 # The evaluation loop
@@ -466,6 +617,11 @@ class Subject:
     info: ModelInfo
 
 
+def _run_info(run, model: Transformer, seed: int) -> ModelInfo:
+    return ModelInfo(model.cfg.label, run.name, seed, model.cfg.context_length, model.cfg.rope.variant,
+                     str(run.checkpoint))
+
+
 def trained_subject(run, device: torch.device) -> Subject:
     """A training run (a minillm.checkpoint.Run): its model, tokenizer and validation documents."""
     from omegaconf import OmegaConf
@@ -481,9 +637,49 @@ def trained_subject(run, device: torch.device) -> Subject:
     data = TextDataModule(DataConfig(**run_cfg.data), TokenizerConfig(path=str(run.tokenizer)),
                           seq_len=model.cfg.context_length, seed=int(run_cfg.seed))
     data.setup("validate")
-    info = ModelInfo(model.cfg.label, run.name, int(run_cfg.seed), model.cfg.context_length, model.cfg.rope.variant,
-                     str(run.checkpoint))
-    return Subject(model, data.tokenizer, data.long_documents(min_tokens=1), info)
+    return Subject(model, data.tokenizer, data.long_documents(min_tokens=1), _run_info(run, model, int(run_cfg.seed)))
+
+
+@dataclass
+class TaskSubject:
+    """A run trained on a synthetic task: its model and the task with the run's knobs."""
+
+    model: Transformer
+    task: TaskConfig
+    info: ModelInfo
+
+
+def run_task(run) -> Optional[TaskConfig]:
+    """The synthetic task a training run learned (data.path=synthetic), with its knobs; None for a text run (or a
+    folder without config.yaml, which trained_subject refuses)."""
+    from omegaconf import OmegaConf
+
+    from minillm.config import SYNTHETIC
+    from minillm.synthetic import task_config
+
+    if not run.config.is_file():
+        return None
+    data = OmegaConf.load(run.config).get("data") or {}
+    if data.get("path") != SYNTHETIC:
+        return None
+    name, tasks = data.get("task"), data.get("tasks") or {}
+    try:
+        return task_config(name, OmegaConf.to_container(tasks[name]) if name in tasks else None)
+    except ValueError as error:
+        raise ValueError(f"ckpt: {run.config}: {error}") from error
+
+
+def task_subject(run, task: TaskConfig, device: torch.device) -> TaskSubject:
+    """A run trained on `task`: its model, checked to cover the task's vocabulary."""
+    from omegaconf import OmegaConf
+
+    from minillm.checkpoint import load_model
+
+    model = load_model(run.checkpoint).to(device)
+    if model.cfg.vocab_size < task.vocab_size:
+        raise ValueError(f"ckpt: {run.checkpoint} has {model.cfg.vocab_size} tokens, the {task.name} task of its "
+                         f"config.yaml {task.vocab_size}: the run folder's config is not the checkpoint's")
+    return TaskSubject(model, task, _run_info(run, model, int(OmegaConf.load(run.config).seed)))
 
 
 def pretrained_subject(source, config: EvalConfig, device: torch.device) -> Subject:
@@ -509,12 +705,29 @@ def pretrained_documents(tokenizer, data) -> list[np.ndarray]:
 
 
 def evaluate_run(run, config: EvalConfig, device: torch.device) -> Results:
-    """Every (scaling × attention × length) measurement of one trained run or imported model."""
+    """Every (scaling × attention × length) measurement of one trained run or imported model: task accuracy for
+    a run trained on a synthetic task, perplexity and the rest otherwise."""
     from minillm.pretrained import PretrainedSource
 
-    subject = pretrained_subject(run, config, device) if isinstance(run, PretrainedSource) else \
-        trained_subject(run, device)
-    return measure(subject, config)
+    if isinstance(run, PretrainedSource):
+        return measure(pretrained_subject(run, config, device), config)
+    task = run_task(run)
+    if task is not None:
+        return measure_accuracy(task_subject(run, task, device), config)
+    return measure(trained_subject(run, device), config)
+
+
+def _lengths(config: EvalConfig, trained: int) -> list[int]:
+    return sorted(config.lengths or [trained * m for m in (1, 2, 4, 8, 16)])
+
+
+def _scalings(config: EvalConfig, model: Transformer, info: ModelInfo) -> list[str]:
+    """The scalings to evaluate: config.scalings for a rotary model, "none" for any other."""
+    methods = config.scalings if model.cfg.rope.is_rotary else ["none"]
+    ignored = sorted(set(config.scalings) - set(methods))
+    if ignored:
+        log.warning("scalings %s skipped for %s: %s is not rotary", ignored, info.run, model.cfg.rope.variant)
+    return methods
 
 
 def measure(subject: Subject, config: EvalConfig) -> Results:
@@ -523,7 +736,7 @@ def measure(subject: Subject, config: EvalConfig) -> Results:
 
     model, info = subject.model, subject.info
     trained = model.cfg.context_length
-    lengths = sorted(config.lengths or [trained * m for m in (1, 2, 4, 8, 16)])
+    lengths = _lengths(config, trained)
     longest_documents = subject.documents  # longest first
     longest = len(longest_documents[0]) - 1 if longest_documents else 0  # targets in the longest document
     documents = [d for d in longest_documents if len(d) >= min(lengths) + 1]
@@ -534,10 +747,7 @@ def measure(subject: Subject, config: EvalConfig) -> Results:
         raise ValueError(f"lengths: none of {lengths} fits the documents of {info.run} "
                          f"(longest: {longest + 1} tokens)")
     tokens = evaluation_tokens(documents, max(usable), config.max_documents)
-    methods = config.scalings if model.cfg.rope.is_rotary else ["none"]
-    ignored = sorted(set(config.scalings) - set(methods))
-    if ignored:
-        log.warning("scalings %s skipped for %s: %s is not rotary", ignored, info.run, model.cfg.rope.variant)
+    methods = _scalings(config, model, info)
     limit = model.position.max_length  # the encoding's own limit (learned positions: the training length)
     served, refused = served_methods(config, model.cfg)
     for name, reason in refused.items():
@@ -584,6 +794,57 @@ def measure(subject: Subject, config: EvalConfig) -> Results:
     return results
 
 
+def measure_accuracy(subject: TaskSubject, config: EvalConfig) -> Results:
+    """Every (scaling × attention × length) accuracy of one task-trained model on config.task_examples examples of
+    the task's test stream (never seen in training or validation), and its effective lengths. A length the task
+    refuses, or the encoding cannot reach, gives a record that does not apply, with the reason as its note."""
+    from tqdm.auto import tqdm
+
+    model, task, info = subject.model, subject.task, subject.info
+    trained = model.cfg.context_length
+    lengths = _lengths(config, trained)
+    methods = _scalings(config, model, info)
+    limit = model.position.max_length  # the encoding's own limit (learned positions: the training length)
+    served, refused = served_methods(config, model.cfg)
+    for name, reason in refused.items():
+        log.warning("attention %s skipped for %s: %s", name, info.run, reason)
+    unreachable = {}  # length -> why it cannot be measured
+    for length in lengths:
+        try:
+            task.check_length(length)
+        except ValueError as error:  # names the knob that bounds it
+            unreachable[length] = str(error)
+        if limit is not None and length > limit:
+            unreachable[length] = f"{info.variant} positions stop at {limit}"
+    suffix = "+logn" if config.logn else ""
+    results = Results()
+    examples: dict[int, tuple[Tensor, ...]] = {}  # length -> the test examples, drawn once for every setting
+    done: dict[tuple, TaskScore] = {}
+    plan = [(m, a, n) for m in methods for a in config.attention for n in lengths]
+    with log_n_queries(model, config.logn):
+        for method, attention, length in tqdm(plan, desc=f"accuracy {info.run}", unit="length"):
+            setting = dict(model=info.model, run=info.run, seed=info.seed, trained_length=trained,
+                           variant=info.variant, task=task.name, method=method, attention=attention + suffix,
+                           length=length)
+            note = refused.get(attention) or unreachable.get(length)
+            if note is not None:
+                results.accuracy.append(AccuracyRecord(applicable=False, note=note, **setting))
+                continue
+            with scaled_rope(model, scaling_for(method, length, trained, config.scaling_factor)):
+                key = (attention, length, rotary_key(model, length))  # the same frequencies: the same numbers
+                if key not in done:
+                    if length not in examples:
+                        examples[length] = validation_set(task, length, config.task_examples, config.seed,
+                                                          split="test").tensors
+                    done[key] = task_accuracy(model, *examples[length], attention=served[attention],
+                                              batch_size=config.batch_size)
+            results.accuracy.append(done[key].record(**setting))
+    results.effective_length = effective_lengths(results.accuracy, config.effective_threshold)
+    if model.cfg.rope.is_rotary:
+        results.theory = _theory(model, info, [n for n in lengths if n not in unreachable])
+    return results
+
+
 def served_methods(config: EvalConfig, model_cfg) -> tuple[dict[str, AttentionMethod], dict[str, str]]:
     """The requested attention methods this model can serve (name -> method), and why the others cannot."""
     served, refused = {}, {}
@@ -621,7 +882,8 @@ def source_config(source, config: EvalConfig):
 
 
 def evaluate(config: EvalConfig, device: torch.device) -> Results:
-    """Every (checkpoint × scaling × attention × length) measurement of the checkpoints config names.
+    """Every (checkpoint × scaling × attention × length) measurement of the checkpoints config names: each run
+    its own kind (task accuracy for runs trained on a synthetic task, perplexity and the rest otherwise).
 
     Before measuring anything: an attention method that none of the runs can serve (or whose knobs fit none of
     their training lengths) is an error naming it; one that some runs cannot serve is skipped for those."""

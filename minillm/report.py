@@ -13,12 +13,17 @@ from statistics import mean, stdev
 from typing import Optional
 
 from minillm.attention import ATTENTION_METHODS
-from minillm.evaluation import PasskeyRecord, PerplexityRecord, Results, TailLossRecord, TheoryRecord
+from minillm.evaluation import (AccuracyRecord, EffectiveLengthRecord, PasskeyRecord, PerplexityRecord, Results,
+                                TailLossRecord, TheoryRecord)
 from minillm.files import write_atomic
 from minillm.scaling import SCALINGS
 
+PERPLEXITY_COLUMNS = tuple(f.name for f in dataclasses.fields(PerplexityRecord) if f.name != "by_position")
+POSITION_COLUMNS = ("model", "run", "seed", "method", "attention", "length", "position_start", "position_end", "loss",
+                    "tokens")
 PASSKEY_COLUMNS = tuple(f.name for f in dataclasses.fields(PasskeyRecord))
 TAIL_COLUMNS = tuple(f.name for f in dataclasses.fields(TailLossRecord))
+ACCURACY_COLUMNS = tuple(f.name for f in dataclasses.fields(AccuracyRecord))
 
 
 def flat_rows(records: list[PerplexityRecord]) -> list[dict]:
@@ -66,22 +71,23 @@ def _row_order(key: tuple) -> tuple:
     return str(model), trained or 0, _rank(method, SCALING_ORDER), _rank(attention, ATTENTION_ORDER), str(run)
 
 
-def table_groups(records: list[PerplexityRecord]) -> dict[tuple, list[PerplexityRecord]]:
-    """The rows of the perplexity table: (model, trained length, scaling, attention, run) -> records.
-
-    Runs that differ only in seed share a row (run None) and are averaged. Two runs with the same label,
-    trained length and seed are different models (another size, another corpus), so they get a row each.
-    """
-    def base(r: PerplexityRecord) -> tuple:
-        return r.model, r.trained_length, r.method, r.attention
-
+def _row_key(records: list, base):
+    """The table row of a record: base(r) + (None,), so that runs differing only in seed share it and are averaged;
+    base(r) + (run,) where two runs of one base have one seed (different models: another size, another corpus)."""
     runs_by_seed: dict[tuple, dict] = defaultdict(lambda: defaultdict(set))
     for r in records:
         runs_by_seed[base(r)][r.seed].add(r.run)
     clash = {key for key, by_seed in runs_by_seed.items() if any(len(runs) > 1 for runs in by_seed.values())}
+    return lambda r: base(r) + (r.run if base(r) in clash else None,)
+
+
+def table_groups(records: list[PerplexityRecord]) -> dict[tuple, list[PerplexityRecord]]:
+    """The rows of the perplexity table: (model, trained length, scaling, attention, run) -> records (run: None
+    where seeds are averaged, see _row_key)."""
+    key = _row_key(records, lambda r: (r.model, r.trained_length, r.method, r.attention))
     groups: dict[tuple, list[PerplexityRecord]] = defaultdict(list)
     for r in records:
-        groups[base(r) + (r.run if base(r) in clash else None,)].append(r)
+        groups[key(r)].append(r)
     return dict(sorted(groups.items(), key=lambda item: _row_order(item[0])))
 
 
@@ -165,6 +171,87 @@ def tail_table(tail: list[TailLossRecord]) -> str:
         cells = [model, str(trained), method, attention, str(len({r.seed for r in group}))]
         lines.append("| " + " | ".join(cells + [_fmt(by_length.get(n, [])) for n in lengths]) + " |")
     return "\n".join(lines)
+
+
+def _accuracy_base(r: "AccuracyRecord | EffectiveLengthRecord") -> tuple:
+    return r.model, r.trained_length, r.task, r.method, r.attention
+
+
+def accuracy_groups(records: list[AccuracyRecord], effective: list[EffectiveLengthRecord] = ()) -> \
+        dict[tuple, tuple[list[AccuracyRecord], list[EffectiveLengthRecord]]]:
+    """The rows of the accuracy table: (model, trained length, task, scaling, attention, run) -> the records of
+    every seed and their effective lengths, seeds averaged as in the perplexity table (see _row_key)."""
+    key = _row_key(records, _accuracy_base)
+    groups: dict[tuple, tuple[list, list]] = defaultdict(lambda: ([], []))
+    for r in records:
+        groups[key(r)][0].append(r)
+    for e in effective:
+        if key(e) in groups:
+            groups[key(e)][1].append(e)
+
+    def order(item) -> tuple:
+        model, trained, task, method, attention, run = item[0]
+        return (str(task),) + _row_order((model, trained, method, attention, run))
+
+    return dict(sorted(groups.items(), key=order))
+
+
+def _exact_match_cell(records: list[AccuracyRecord]) -> str:
+    """One seed: '97% [89%–99%]', with its Wilson 95% interval; several: '95% (91%–98%)', their mean, min–max."""
+    measured = [r for r in records if r.applicable and r.exact_match is not None]
+    if not measured:
+        return "n/a"
+    if len(measured) == 1:
+        r = measured[0]
+        return f"{r.exact_match:.0%} [{r.exact_match_low:.0%}–{r.exact_match_high:.0%}]"
+    values = [r.exact_match for r in measured]
+    return f"{mean(values):.0%} ({min(values):.0%}–{max(values):.0%})"
+
+
+def _effective_cell(effective: list[EffectiveLengthRecord]) -> str:
+    """'256', or the seeds' min–max '128–512'; '≥1024' where it reached the longest length measured; n/a where
+    undefined (and the count of seeds it is defined for, when only some)."""
+    known = [e for e in effective if e.effective_length is not None]
+    if not known:
+        return "n/a"
+    text = {e.effective_length: ("≥" if e.effective_length == e.longest_length else "") + str(e.effective_length)
+            for e in known}
+    lo, hi = min(text), max(text)
+    cell = text[lo] if lo == hi else f"{text[lo]}–{text[hi]}"
+    return cell if len(known) == len(effective) else f"{cell} ({len(known)}/{len(effective)} seeds)"
+
+
+def accuracy_table(records: list[AccuracyRecord], effective: list[EffectiveLengthRecord] = ()) -> str:
+    """Markdown: exact match per length (see _exact_match_cell) and the effective length, per model × task ×
+    scaling × attention; n/a where the task or the encoding does not reach the length."""
+    if not records:
+        return ""
+    lengths = sorted({r.length for r in records})
+    header = ["model", "trained", "task", "scaling", "attention", "seeds"] + [f"EM @ {n}" for n in lengths] + \
+             ["effective length"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for (model, trained, task, method, attention, run), (group, effective_of) in \
+            accuracy_groups(records, effective).items():
+        by_length: dict[int, list] = defaultdict(list)
+        for r in group:
+            by_length[r.length].append(r)
+        cells = [model_name(model, run), str(trained), task, method, attention, str(len({r.seed for r in group}))]
+        cells += [_exact_match_cell(by_length.get(n, [])) for n in lengths] + [_effective_cell(effective_of)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def accuracy_section(records: list[AccuracyRecord], effective: list[EffectiveLengthRecord]) -> str:
+    """The accuracy table with a paragraph saying how to read it."""
+    examples = sorted({r.examples for r in records if r.applicable})
+    thresholds = sorted({e.threshold for e in effective})
+    rule = (f" Effective length (RULER, Hsieh et al. 2024, arXiv:2404.06654, against the model's own score): the "
+            f"longest length up to which every length measured keeps at least "
+            f"{' / '.join(f'{t:.0%}' for t in thresholds)} of the exact match at the training length; ≥: the "
+            f"longest length measured." if thresholds else "")
+    return (f"Exact match per answer on {' / '.join(map(str, examples)) or 'no'} test examples per length: one "
+            f"seed with its Wilson 95% interval [in brackets], several as their mean with the seeds' min–max "
+            f"(in parentheses).{rule}\n\n" + accuracy_table(records, effective))
 
 
 def theory_table(theory: list[TheoryRecord]) -> str:
@@ -330,15 +417,71 @@ def plot_tail(tail: list[TailLossRecord], out_dir: Path) -> Optional[Path]:
     return path
 
 
+def plot_accuracy(records: list[AccuracyRecord], out_dir: Path) -> Optional[Path]:
+    """accuracy_vs_length.png: one panel per task, one line per model × scaling × attention: the exact match (mean
+    over seeds) against the length on a log2 axis, with a band (one seed: its Wilson 95% interval; several: their
+    min–max), the training lengths dotted."""
+    if not records:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib import ticker
+
+    groups = accuracy_groups(records)
+    tasks = sorted({key[2] for key in groups})
+    fig, axes = _panels(len(tasks))
+    for ax, task in zip(axes, tasks):
+        for (model, _, of_task, method, attention, run), (group, _) in groups.items():
+            if of_task != task:
+                continue
+            by_length: dict[int, list] = defaultdict(list)
+            for r in group:
+                if r.applicable and r.exact_match is not None:
+                    by_length[r.length].append(r)
+            if not by_length:
+                continue
+            lengths = sorted(by_length)
+            centre = [mean(r.exact_match for r in by_length[n]) for n in lengths]
+            if all(len(by_length[n]) == 1 for n in lengths):
+                low = [by_length[n][0].exact_match_low for n in lengths]
+                high = [by_length[n][0].exact_match_high for n in lengths]
+            else:
+                low = [min(r.exact_match for r in by_length[n]) for n in lengths]
+                high = [max(r.exact_match for r in by_length[n]) for n in lengths]
+            line, = ax.plot(lengths, centre, marker="o", label=series_label((model, None, method, attention, run)))
+            ax.fill_between(lengths, low, high, color=line.get_color(), alpha=0.15, linewidth=0)
+        for n in sorted({r.trained_length for r in records if r.task == task}):
+            ax.axvline(n, color="grey", linestyle=":", linewidth=1)
+        ax.set(xlabel="evaluation length (tokens)", ylabel="exact match", ylim=(-0.02, 1.02),
+               title=f"{task}: exact match (dotted: training length)")
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:g}"))
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+        ax.set_xticks(sorted({r.length for r in records if r.task == task}))
+        ax.yaxis.set_major_formatter(ticker.PercentFormatter(1.0))
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out_dir / "accuracy_vs_length.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_report(results: Results, out_dir: Path, header: str = "") -> dict[str, Path]:
     """Every number as JSON and CSV, the tables as markdown, the plots as PNG; each file written atomically.
 
-    results.json: {"perplexity": records (with by_position), "passkey": ..., "theory": ...};
-    results.csv: one row per record; loss_by_position.csv: one row per record and position bucket;
-    passkey.csv: one row per (run, scaling, length, depth); tail_loss.csv: one row per (run, scaling, attention,
-    context length); report.md; the PNGs of plot() and plot_tail().
+    results.json: {"perplexity": records (with by_position), "passkey": ..., "theory": ..., "accuracy": ...,
+    "effective_length": ...}; results.csv: one row per perplexity record; loss_by_position.csv: one row per record
+    and position bucket; passkey.csv: one row per (run, scaling, length, depth); tail_loss.csv: one row per (run,
+    scaling, attention, context length); accuracy.csv: one row per accuracy record (runs trained on a synthetic
+    task); report.md; the PNGs of plot(), plot_tail() and plot_accuracy(). Every CSV is written, header only when
+    it has no rows; the perplexity section and figures are left out of an evaluation of task-trained runs only.
     """
     records, passkey, theory, tail = results.perplexity, results.passkey, results.theory, results.tail
+    task_records = results.accuracy
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {
         "json": out_dir / "results.json",
@@ -346,14 +489,22 @@ def write_report(results: Results, out_dir: Path, header: str = "") -> dict[str,
         "positions_csv": out_dir / "loss_by_position.csv",
         "passkey_csv": out_dir / "passkey.csv",
         "tail_csv": out_dir / "tail_loss.csv",
+        "accuracy_csv": out_dir / "accuracy.csv",
         "markdown": out_dir / "report.md",
     }
     write_atomic(files["json"], json.dumps(dataclasses.asdict(results), indent=1, default=str))
-    write_atomic(files["csv"], _csv(flat_rows(records)))
-    write_atomic(files["positions_csv"], _csv(position_rows(records)))
+    write_atomic(files["csv"], _csv(flat_rows(records), PERPLEXITY_COLUMNS))
+    write_atomic(files["positions_csv"], _csv(position_rows(records), POSITION_COLUMNS))
     write_atomic(files["passkey_csv"], _csv([dataclasses.asdict(p) for p in passkey], PASSKEY_COLUMNS))
     write_atomic(files["tail_csv"], _csv([dataclasses.asdict(t) for t in tail], TAIL_COLUMNS))
-    sections = [header, "## Perplexity against evaluation length\n", perplexity_table(records)]
+    write_atomic(files["accuracy_csv"], _csv([dataclasses.asdict(a) for a in task_records], ACCURACY_COLUMNS))
+    text = bool(records) or not task_records  # an evaluation of nothing still says so in an empty perplexity table
+    sections = [header]
+    if text:
+        sections += ["## Perplexity against evaluation length\n", perplexity_table(records)]
+    if task_records:
+        sections += [("\n" if text else "") + "## Task accuracy against evaluation length\n",
+                     accuracy_section(task_records, results.effective_length)]
     if tail:
         sections += [f"\n## Loss on the last {tail[0].targets} tokens against the context read (ReRoPE's protocol)\n",
                      tail_table(tail)]
@@ -361,7 +512,8 @@ def write_report(results: Results, out_dir: Path, header: str = "") -> dict[str,
         sections += ["\n## Passkey retrieval\n", passkey_table(passkey)]
     if theory:
         sections += ["\n## RoPE theory beside the measurement\n", theory_table(theory)]
-    figures = plot(records, out_dir) + [path for path in (plot_tail(tail, out_dir),) if path is not None]
+    figures = (plot(records, out_dir) if text else []) + \
+        [path for path in (plot_accuracy(task_records, out_dir), plot_tail(tail, out_dir)) if path is not None]
     sections += [f"\n![{path.stem.replace('_', ' ')}]({path.name})\n" for path in figures]
     write_atomic(files["markdown"], "\n".join(sections) + "\n")
     files.update({path.stem: path for path in figures})
@@ -377,7 +529,8 @@ def _table(rows: list[dict]):
 
 def log_to_wandb(results: Results, out_dir: Path, project: str, group: Optional[str], mode: str) -> Path:
     """One evaluation run in the training runs' group (job_type eval_extrapolate), files under out_dir/wandb:
-    tables of every number, line plots (one line per model × scaling × attention) and the PNGs.
+    tables of every number, line plots of perplexity and exact match against length (one line per model ×
+    scaling × attention, and task) and the PNGs.
     Returns the run's local folder."""
     import wandb
 
@@ -385,11 +538,24 @@ def log_to_wandb(results: Results, out_dir: Path, project: str, group: Optional[
     run = wandb.init(project=project, group=group, job_type="eval_extrapolate", dir=str(out_dir), mode=mode,
                      settings=wandb.Settings(init_timeout=60, silent=True))
     label = {id(r): series_label(key) for key, group_records in table_groups(records).items() for r in group_records}
-    rows = [{"series": label[id(r)], **row} for r, row in zip(records, flat_rows(records))]
-    table = _table(rows)
-    run.log({"extrapolation/perplexity": table,
-             "extrapolation/ppl_vs_length": wandb.plot.line(table, "length", "ppl", stroke="series",
-                                                            title="Perplexity against length")})
+    if records:
+        rows = [{"series": label[id(r)], **row} for r, row in zip(records, flat_rows(records))]
+        table = _table(rows)
+        run.log({"extrapolation/perplexity": table,
+                 "extrapolation/ppl_vs_length": wandb.plot.line(table, "length", "ppl", stroke="series",
+                                                                title="Perplexity against length")})
+    if results.accuracy:
+        accuracy_rows = [{"series": f"{task} / {series_label((model, None, method, attention, run_name))}",
+                          **dataclasses.asdict(r)}
+                         for (model, _, task, method, attention, run_name), (series, _)
+                         in accuracy_groups(results.accuracy).items() for r in series]
+        atable = _table(accuracy_rows)
+        run.log({"extrapolation/accuracy": atable,
+                 "extrapolation/exact_match_vs_length": wandb.plot.line(atable, "length", "exact_match",
+                                                                        stroke="series",
+                                                                        title="Exact match against length")})
+    if results.effective_length:
+        run.log({"extrapolation/effective_length": _table([dataclasses.asdict(e) for e in results.effective_length])})
     positions = [{"series": f"{label[id(r)]} @ {r.length}", **row}
                  for r in records for row in position_rows([r])]
     if positions:

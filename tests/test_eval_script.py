@@ -134,7 +134,7 @@ def test_multirun_folder_default_lengths(tiny_runs, tmp_path):
     assert learned_line.count("n/a") == 4
 
     data = json.loads((out / "results.json").read_text())
-    assert set(data) == {"perplexity", "passkey", "theory", "tail"}
+    assert set(data) == {"perplexity", "passkey", "theory", "tail", "accuracy", "effective_length"}
     assert len(data["perplexity"]) == len(rows) and data["passkey"] == []
     complex_tail = [t for t in data["tail"] if t["run"] == tiny_runs["complex"].name]
     assert {(t["method"], t["length"]) for t in complex_tail} == {(m, n) for m in SCALINGS for n in default_lengths}
@@ -388,3 +388,26 @@ def test_bad_imports_exit_naming_the_file_or_field(case, hf_folder, tmp_path):
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-3000:]
     assert message in result.stderr and result.stderr.count("\n") == 1, result.stderr
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_a_synthetic_task_run_is_scored_by_accuracy_at_every_length(synthetic_run, tmp_path):
+    """A copy-task run: exact match at 1x as high as it trained to, every length up to 16x measured (the copy
+    grows with the length), the report's accuracy table and plot, and no perplexity for a run without text."""
+    out = tmp_path / "eval"
+    succeeded(evaluate(out, f"ckpt={quoted(synthetic_run)}", "logger=csv", "scalings=[none,yarn]", "task_examples=32"))
+    columns, rows = read_csv(out / "accuracy.csv")
+    assert {"task", "length", "exact_match", "exact_match_low", "exact_match_high", "token_accuracy"} <= set(columns)
+    assert {(r["method"], int(r["length"])) for r in rows} == {(m, n) for m in ("none", "yarn")
+                                                             for n in (16, 32, 64, 128, 256)}
+    at_1x = {r["method"]: r for r in rows if int(r["length"]) == 16}
+    for row in at_1x.values():  # yarn at factor 1 is the unscaled model
+        assert row["task"] == "copy" and int(row["examples"]) == 32 and int(row["answers"]) == 32
+        assert float(row["exact_match"]) >= 0.9 and float(row["exact_match_low"]) <= float(row["exact_match"])
+    assert at_1x["none"]["exact_match"] == at_1x["yarn"]["exact_match"]
+    data = json.loads((out / "results.json").read_text())
+    assert data["perplexity"] == [] and len(data["accuracy"]) == len(rows)
+    effective = {e["method"]: e for e in data["effective_length"]}
+    assert set(effective) == {"none", "yarn"} and all(e["effective_length"] >= 16 for e in effective.values())
+    report = (out / "report.md").read_text()
+    assert "Task accuracy against evaluation length" in report and (out / "accuracy_vs_length.png").is_file()

@@ -1,8 +1,10 @@
-"""Extrapolation measurements in-process: attention patterns, windows, perplexity, scaling, passkey, RoPE theory."""
+"""Extrapolation measurements in-process: attention patterns, windows, perplexity, scaling, passkey, RoPE theory,
+task accuracy and effective length."""
 
 from __future__ import annotations
 
 import _pydecimal
+import dataclasses
 import inspect
 import json.decoder
 import math
@@ -17,11 +19,12 @@ from torch import nn
 
 from minillm import evaluation as ev
 from minillm.attention import attention_method
-from minillm.config import ModelConfig
+from minillm.config import EvalConfig, LoggerConfig, ModelConfig
 from minillm.data import train_tokenizer
 from minillm.model import Transformer
 from minillm.rope import ALiBi, RotaryEmbedding, position_config
 from minillm.scaling import LinearScaling, Scaling, YarnScaling
+from minillm.synthetic import IGNORE, MQAR, FlipFlop, Needle, accuracy, answer_loss, validation_set
 
 CPU = torch.device("cpu")
 
@@ -397,3 +400,227 @@ def test_a_scaling_that_changes_nothing_at_a_length_reuses_the_measurement(monke
     for length in (8, 16):
         assert len({ppl[m, length] for m in config.scalings}) == 1
     assert len({ppl[m, 32] for m in config.scalings}) == 4
+
+
+# ----------------------------------------------------------------------------------------------
+# Accuracy of task-trained models
+
+
+def task_model(task, context_length: int = 32, rope=None, seed: int = 0) -> Transformer:
+    """A real (untrained) model over the task's vocabulary, as a run trained on it would be."""
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=task.vocab_size, context_length=context_length, d_model=16, n_layers=1, n_heads=2,
+                      **({"rope": rope} if rope is not None else {}))
+    return Transformer(cfg).eval()
+
+
+def test_task_accuracy_equals_a_hand_count_on_planned_predictions(monkeypatch):
+    """A model whose argmax is planned per example: wrong on both tokens of some answers, on the last token of
+    others, right elsewhere; exact match, token accuracy and the loss are counted here by hand."""
+    task = Needle()  # answers of 2 tokens, 4 per example
+    inputs, targets, answers = validation_set(task, 64, 10, seed=5, split="test").tensors
+    vocab, margin = task.vocab_size, 5.0
+    plan = torch.where(targets == IGNORE, 0, targets)
+    both_wrong = last_wrong = 0
+    for k in range(len(inputs)):
+        for j in range(4):
+            where = (answers[k] == j).nonzero().flatten()
+            assert len(where) == 2
+            if (k + j) % 3 == 0:
+                plan[k, where] = (plan[k, where] + 1) % vocab
+                both_wrong += 1
+            elif (k + j) % 4 == 1:
+                plan[k, where[1]] = (plan[k, where[1]] + 1) % vocab
+                last_wrong += 1
+    lookup = {tuple(row.tolist()): row_plan for row, row_plan in zip(inputs, plan)}
+    assert len(lookup) == len(inputs)
+    model = task_model(task)
+    seen = []
+
+    def planned(x, attention=None, **_):
+        seen.append(len(x))
+        return margin * nn.functional.one_hot(torch.stack([lookup[tuple(row.tolist())] for row in x]), vocab).float()
+
+    monkeypatch.setattr(model, "hidden_states", planned)
+    model.head = nn.Identity()
+    monkeypatch.setattr(ev, "MAX_ATTENTION_PAIRS", 2 * 64**2)  # 2 examples per pass, whatever batch_size says
+    score = ev.task_accuracy(model, inputs, targets, answers, batch_size=3)
+    assert seen == [2] * 5
+    record = score.record(model="m", run="r", seed=0, trained_length=32, variant="complex", task="needle",
+                          method="none", attention="full", length=64)
+    wrong_tokens = 2 * both_wrong + last_wrong
+    assert (record.examples, record.answers, record.tokens) == (10, 40, 80)
+    assert (both_wrong, last_wrong) == (14, 6) and record.exact_match == (40 - 14 - 6) / 40
+    assert record.token_accuracy == (80 - wrong_tokens) / 80
+    # Wilson at 20/40: 0.5 ± 1.96/(1 + 1.96²/40) · sqrt(0.25/40 + 1.96²/6400)
+    assert (record.exact_match_low, record.exact_match_high) == pytest.approx((0.3520, 0.6480), abs=1e-4)
+    assert record.exact_match_low < record.exact_match < record.exact_match_high
+    assert record.token_accuracy_low < record.token_accuracy < record.token_accuracy_high
+    right = math.log(math.exp(margin) + vocab - 1) - margin  # the target holds the boosted logit
+    wrong = math.log(math.exp(margin) + vocab - 1)  # the target holds a logit of 0
+    assert record.answer_loss == pytest.approx(((80 - wrong_tokens) * right + wrong_tokens * wrong) / 80, rel=1e-6)
+    assert record.applicable and record.note is None and record.seconds >= 0
+
+
+def test_task_accuracy_of_a_real_model_equals_its_full_logits():
+    """Reading the head at the answers only gives what the whole logit matrix gives."""
+    task = FlipFlop(p_read=0.3)
+    model = task_model(task, context_length=32)
+    with torch.no_grad():  # the argmax is a bit, 0 or 1 as the hidden state says: some answers right, some wrong
+        model.head.weight[:FlipFlop.BIT] = 0
+        model.head.weight[FlipFlop.BIT + 1] = -model.head.weight[FlipFlop.BIT]
+    inputs, targets, answers = validation_set(task, 32, 12, seed=1, split="test").tensors
+    with torch.inference_mode():
+        logits = model(inputs)
+    expected = accuracy(logits, targets, answers)
+    score = ev.task_accuracy(model, inputs, targets, answers, batch_size=5)
+    assert score.counts == expected and expected.answers > 12 and 0 < expected.answers_correct < expected.answers
+    assert score.answer_loss == pytest.approx(float(answer_loss(logits, targets)), rel=1e-5)
+    # within the training length, sliding attention is full attention
+    assert ev.task_accuracy(model, inputs, targets, answers, attention="sliding").counts == expected
+
+
+def accuracy_record(length: int, exact_match: float | None, *, trained: int = 64, run: str = "run", seed: int = 0,
+                    method: str = "none", applicable: bool = True) -> ev.AccuracyRecord:
+    return ev.AccuracyRecord(model="complex θ=10000", run=run, seed=seed, trained_length=trained, variant="complex",
+                             task="mqar", method=method, attention="full", length=length, examples=64, answers=256,
+                             tokens=256, exact_match=exact_match if applicable else None, applicable=applicable,
+                             note=None if applicable else "data.tasks.mqar.num_keys: too many pairs")
+
+
+def test_effective_length_stops_at_the_first_dip():
+    scores = {32: 1.0, 64: 0.9, 128: 0.85, 256: 0.6, 512: 0.95, 1024: 0.2}  # a dip at 256, a recovery at 512
+    records = [accuracy_record(n, em) for n, em in scores.items()] + [accuracy_record(2048, None, applicable=False)]
+    assert ev.effective_length(records, 0.9) == 128  # bar 0.81: 256 fails, so 512 does not count
+    assert ev.effective_length(records, 0.5) == 512  # bar 0.45: 1024 fails
+    assert ev.effective_length(records, 0.2) == 1024  # not-applicable 2048 is not an evaluated length
+    assert ev.effective_length(records[::-1], 0.9) == 128  # the records' order does not matter
+    # Below the training length every length counts too: a failure there leaves no effective length.
+    assert ev.effective_length([accuracy_record(32, 0.5), accuracy_record(64, 1.0)], 0.9) is None
+    assert ev.effective_length([accuracy_record(64, 0.0), accuracy_record(128, 0.0)], 0.9) is None  # nothing right
+    assert ev.effective_length([accuracy_record(128, 1.0)], 0.9) is None  # the training length not evaluated
+    assert ev.effective_length([accuracy_record(64, 0.5), accuracy_record(128, 0.45)], 0.9) == 128  # relative bar
+    with pytest.raises(ValueError, match="effective_length: takes the records of one run"):
+        ev.effective_length([accuracy_record(64, 1.0), accuracy_record(64, 0.5, run="other")], 0.9)
+
+
+def test_effective_lengths_one_per_run_and_setting():
+    records = [accuracy_record(n, em, seed=seed, run=f"s{seed}", method=method)
+               for seed in (0, 1) for method in ("none", "yarn")
+               for n, em in ((64, 0.8), (128, 0.75 if method == "yarn" else 0.5), (256, 0.1))]
+    found = {(e.run, e.method): e for e in ev.effective_lengths(records, 0.9)}
+    assert list(found) == [("s0", "none"), ("s0", "yarn"), ("s1", "none"), ("s1", "yarn")]
+    assert found["s0", "none"].effective_length == 64 and found["s0", "yarn"].effective_length == 128
+    assert found["s1", "yarn"] == ev.EffectiveLengthRecord("complex θ=10000", "s1", 1, 64, "complex", "mqar", "yarn",
+                                                           "full", 0.9, 0.8, 128, 256)
+
+
+def test_measure_accuracy_refuses_what_the_task_cannot_hold_and_reuses_equal_frequencies(monkeypatch):
+    task = MQAR(num_keys=4, num_values=8, tokens_per_pair=16)  # 4 pairs at 64 tokens; 128 would need 8 keys
+    model = task_model(task, context_length=32)
+    subject = ev.TaskSubject(model, task, ev.ModelInfo(model.cfg.label, "mqar_run", 3, 32, "complex", "-"))
+    calls = []
+    score = ev.task_accuracy
+    monkeypatch.setattr(ev, "task_accuracy", lambda m, x, *a, **k: calls.append(x.shape[1]) or score(m, x, *a, **k))
+    config = EvalConfig(ckpt="-", lengths=[128, 8, 32, 64], scalings=["none", "linear"], task_examples=6)
+    results = ev.measure_accuracy(subject, config)
+    assert results.perplexity == results.passkey == results.tail == []
+    assert [(r.method, r.length) for r in results.accuracy] == [(m, n) for m in ("none", "linear")
+                                                                 for n in (8, 32, 64, 128)]
+    assert sorted(calls) == [32, 64, 64]  # linear at 32 is factor 1: the none measurement again
+    by_setting = {(r.method, r.length): r for r in results.accuracy}
+    for method in ("none", "linear"):
+        short, long = by_setting[method, 8], by_setting[method, 128]
+        assert not short.applicable and short.note.startswith("model.context_length: the mqar task needs sequences "
+                                                              "of at least 16 tokens")
+        assert not long.applicable and long.note.startswith("data.tasks.mqar.num_keys: mqar at length 128 holds 8 "
+                                                            "pairs")
+        assert long.exact_match is None and long.answer_loss is None and long.answers == 0
+    assert dataclasses.replace(by_setting["linear", 32], method="none") == by_setting["none", 32]
+    # the test stream, with the eval seed: the numbers a direct measurement gives
+    direct = ev.task_accuracy(model, *validation_set(task, 64, 6, seed=0, split="test").tensors)
+    none_64 = by_setting["none", 64]
+    assert (none_64.examples, none_64.answers, none_64.exact_match, none_64.token_accuracy, none_64.answer_loss) == \
+        (6, direct.counts.answers, direct.counts.exact_match, direct.counts.token_accuracy, direct.answer_loss)
+    assert none_64.answers == 6 * 4 and (none_64.run, none_64.seed, none_64.task, none_64.trained_length) == \
+        ("mqar_run", 3, "mqar", 32)
+    with ev.scaled_rope(model, LinearScaling(factor=2.0, original_max_position=32)):
+        scaled = ev.task_accuracy(model, *validation_set(task, 64, 6, seed=0, split="test").tensors)
+    assert by_setting["linear", 64].answer_loss == scaled.answer_loss != direct.answer_loss
+    assert [(e.method, e.reference_exact_match, e.longest_length) for e in results.effective_length] == \
+        [("none", by_setting["none", 32].exact_match, 64), ("linear", by_setting["linear", 32].exact_match, 64)]
+    assert {t.length for t in results.theory} == {32, 64}  # the lengths measured
+
+
+def test_measure_accuracy_past_learned_positions_does_not_apply():
+    task = FlipFlop()
+    model = task_model(task, context_length=16, rope=position_config("learned"))
+    subject = ev.TaskSubject(model, task, ev.ModelInfo(model.cfg.label, "learned", 0, 16, "learned", "-"))
+    config = EvalConfig(ckpt="-", scalings=["none", "yarn"], task_examples=4)
+    results = ev.measure_accuracy(subject, config)
+    assert [(r.method, r.length, r.applicable) for r in results.accuracy] == \
+        [("none", 16, True)] + [("none", n, False) for n in (32, 64, 128, 256)]  # not rotary: no yarn
+    assert all(r.note == "learned positions stop at 16" for r in results.accuracy[1:])
+    assert [e.effective_length for e in results.effective_length] == \
+        [16 if results.accuracy[0].exact_match else None]
+    assert results.theory == []
+
+
+def test_task_settings_are_checked_naming_the_field():
+    assert (EvalConfig(ckpt="-").task_examples, EvalConfig(ckpt="-").effective_threshold) == (64, 0.9)
+    assert EvalConfig(ckpt="-", effective_threshold=1.0).effective_threshold == 1.0
+    with pytest.raises(ValueError, match="^task_examples: must be positive, got 0$"):
+        EvalConfig(ckpt="-", task_examples=0)
+    for threshold in (0.0, 1.5, float("nan")):
+        with pytest.raises(ValueError, match=r"^effective_threshold: must lie in \(0, 1\]"):
+            EvalConfig(ckpt="-", effective_threshold=threshold)
+
+
+def save_run(folder: Path, model: Transformer, config: str) -> Path:
+    """A run folder as training writes it: checkpoints/last.ckpt and config.yaml."""
+    (folder / "checkpoints").mkdir(parents=True)
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+                "hyper_parameters": {"model": model.cfg.to_dict()}}, folder / "checkpoints" / "last.ckpt")
+    (folder / "config.yaml").write_text(textwrap.dedent(config))
+    return folder
+
+
+def test_a_sweep_of_text_and_task_runs_gets_each_its_own_measurement(tmp_path, monkeypatch):
+    """minillm.run.evaluate on a multirun folder holding a synthetic-task run and a text run: accuracy for the
+    first, perplexity for the second, one report with both."""
+    from omegaconf import OmegaConf
+
+    from minillm.run import evaluate
+
+    task = MQAR(num_keys=8, num_values=8, tokens_per_pair=8)
+    save_run(tmp_path / "sweep" / "0_task", task_model(task, context_length=16), """\
+        seed: 2
+        data:
+          path: synthetic
+          task: mqar
+          tasks:
+            mqar: {num_keys: 8, num_values: 8, tokens_per_pair: 8, power_a: 0.01, show_values: true}
+            copy: {num_symbols: 32, reverse: false}
+        logger: {group: null}
+        """)
+    text_model = tiny_model(context_length=16)
+    text_run = save_run(tmp_path / "sweep" / "1_text", text_model, "seed: 0\ndata: {path: stdlib}\n")
+    documents = [np.random.default_rng(0).integers(0, 64, 200)]
+    # The text run's documents without a corpus: what trained_subject reads is its own concern.
+    monkeypatch.setattr(ev, "trained_subject", lambda run, device: ev.Subject(
+        text_model, None, documents,
+        ev.ModelInfo(text_model.cfg.label, run.name, 0, 16, "complex", str(run.checkpoint))))
+    cfg = OmegaConf.structured(EvalConfig(ckpt=str(tmp_path / "sweep"), lengths=[16, 32, 64, 128], scalings=["none"],
+                                          passkey_trials=0, task_examples=4, device="cpu",
+                                          logger=LoggerConfig(kind="none")))
+    files = evaluate(cfg, tmp_path / "eval")
+    data = json.loads(files["json"].read_text())
+    assert {r["run"] for r in data["perplexity"]} == {text_run.name}
+    assert {r["run"] for r in data["accuracy"]} == {"0_task"} and len(data["accuracy"]) == 4
+    by_length = {r["length"]: r for r in data["accuracy"]}
+    assert [by_length[n]["applicable"] for n in (16, 32, 64, 128)] == [True, True, True, False]  # 16 pairs > 8 keys
+    assert by_length[16]["answers"] == 4 * 2 and by_length[64]["answers"] == 4 * 8
+    assert [e["run"] for e in data["effective_length"]] == ["0_task"]
+    text = files["markdown"].read_text()
+    assert "## Perplexity against evaluation length" in text and "## Task accuracy against evaluation length" in text
+    assert files["accuracy_vs_length"].is_file() and files["ppl_vs_length"].is_file()

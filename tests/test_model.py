@@ -709,6 +709,34 @@ def test_loss_gradients_equal_cross_entropy_on_full_logits(tie_embeddings):
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_answer_only_loss_ignores_the_prompt_tokens():
+    """A synthetic task's targets are IGNORE (-100) off its answers: the loss is the answers' mean, its gradients
+    those of F.cross_entropy's ignore_index, and a prompt position's target, whatever it says, changes nothing."""
+    from minillm.synthetic import IGNORE
+
+    model = tiny(tie_embeddings=False)
+    idx, targets = tokens(3, 11, seed=2), tokens(3, 11, seed=3)
+    answers = torch.zeros(3, 11, dtype=torch.bool)
+    answers[:, 7:] = True
+    answers[1, 2] = True
+    masked = torch.where(answers, targets, IGNORE)
+    loss = model.loss(idx, masked)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    logits = model(idx)
+    expected = F.cross_entropy(logits[answers], targets[answers])  # the answers' mean, nothing else
+    expected_grads = torch.autograd.grad(expected, list(model.parameters()))
+    torch.testing.assert_close(loss, expected)
+    for (name, _), ours, theirs in zip(model.named_parameters(), grads, expected_grads):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6, msg=name)
+    # The gradient reaching the logits of a prompt position is zero: no prompt target is learned.
+    hidden = model.hidden_states(idx).detach().requires_grad_()
+    from minillm.kernels import linear_cross_entropy
+
+    (grad_hidden,) = torch.autograd.grad(linear_cross_entropy(hidden.flatten(0, 1), model.head.weight, masked.flatten()),
+                                         hidden)
+    assert grad_hidden[~answers].abs().max() == 0 and grad_hidden[answers].abs().min() > 0
+
+
 def test_compiled_blocks_carry_the_training_loss():
     """compile_blocks puts every block's forward through torch.compile, on the path loss() takes."""
     graphs = []

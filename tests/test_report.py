@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from minillm import report
-from minillm.evaluation import PasskeyRecord, PerplexityRecord, PositionBucket, Results, TailLossRecord, TheoryRecord
+from minillm.evaluation import (AccuracyRecord, PasskeyRecord, PerplexityRecord, PositionBucket, Results,
+                                TailLossRecord, TheoryRecord, effective_lengths)
+from minillm.synthetic import wilson_interval
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -67,14 +69,16 @@ def test_write_report_writes_every_file_with_its_columns(records, passkey, theor
     files = report.write_report(results, tmp_path / "out", header="# Length extrapolation\n")
     out = tmp_path / "out"
     assert {path.name for path in files.values()} == {"results.json", "results.csv", "loss_by_position.csv",
-                                                      "passkey.csv", "tail_loss.csv", "report.md", "ppl_vs_length.png",
-                                                      "scaling_vs_length.png", "loss_vs_position.png"}
+                                                      "passkey.csv", "tail_loss.csv", "accuracy.csv", "report.md",
+                                                      "ppl_vs_length.png", "scaling_vs_length.png",
+                                                      "loss_vs_position.png"}
     assert all(path.parent == out and path.is_file() for path in files.values())
     assert not list(out.glob(".*tmp*"))  # atomic writes leave no temporary files
 
     data = json.loads((out / "results.json").read_text())
     assert data == json.loads(json.dumps(dataclasses.asdict(results)))
-    assert set(data) == {"perplexity", "passkey", "theory", "tail"} and data["perplexity"][0]["by_position"][0]["tokens"] == 256
+    assert set(data) == {"perplexity", "passkey", "theory", "tail", "accuracy", "effective_length"}
+    assert data["perplexity"][0]["by_position"][0]["tokens"] == 256 and data["accuracy"] == []
 
     columns, rows = read_csv(out / "results.csv")
     assert {"model", "run", "seed", "trained_length", "method", "attention", "stride", "factor", "applicable",
@@ -90,6 +94,8 @@ def test_write_report_writes_every_file_with_its_columns(records, passkey, theor
 
     columns, rows = read_csv(out / "passkey.csv")
     assert columns == list(report.PASSKEY_COLUMNS) and len(rows) == 2
+    assert read_csv(out / "accuracy.csv") == (list(report.ACCURACY_COLUMNS), [])  # no task-trained runs
+    assert "Task accuracy" not in (out / "report.md").read_text()
 
     for image in ("ppl_vs_length.png", "scaling_vs_length.png", "loss_vs_position.png"):
         assert (out / image).read_bytes()[:8] == PNG
@@ -196,3 +202,101 @@ def test_tables_order_lengths_by_value_and_scalings_as_registered():
                for method in ("yarn", "none") for length in (1024, 128, 64)]
     cells = [line.split(" | ")[1:3] for line in report.passkey_table(passkey).splitlines()[2:]]
     assert cells == [["none", "64"], ["none", "128"], ["none", "1024"], ["yarn", "64"], ["yarn", "128"], ["yarn", "1024"]]
+
+
+# ----------------------------------------------------------------------------------------------
+# Task accuracy
+
+
+def accuracy(run: str, seed: int, length: int, right: int | None, *, model: str = "complex θ=10000",
+             task: str = "mqar", method: str = "none", trained: int = 64, answers: int = 40) -> AccuracyRecord:
+    """One record shaped as minillm.evaluation.measure_accuracy writes them; right=None: the task refuses it."""
+    row = dict(model=model, run=run, seed=seed, trained_length=trained, variant=model.split()[0], task=task,
+               method=method, attention="full", length=length)
+    if right is None:
+        return AccuracyRecord(applicable=False, note="data.tasks.mqar.num_keys: too many pairs", **row)
+    low, high = wilson_interval(right, answers)
+    return AccuracyRecord(examples=10, answers=answers, tokens=answers, exact_match=right / answers,
+                          exact_match_low=low, exact_match_high=high, token_accuracy=right / answers,
+                          token_accuracy_low=low, token_accuracy_high=high, answer_loss=1.0 - right / answers,
+                          seconds=0.01, **row)
+
+
+@pytest.fixture
+def task_records() -> list[AccuracyRecord]:
+    right = {0: {64: 40, 128: 38, 256: 20, 512: None}, 1: {64: 36, 128: 34, 256: 33, 512: None}}
+    rows = [accuracy(f"mqar_seed{seed}", seed, n, r) for seed, by_length in right.items() for n, r in by_length.items()]
+    rows += [accuracy("alibi", 0, n, r, model="alibi") for n, r in ((64, 20), (128, 20), (256, 19), (512, 18))]
+    rows += [accuracy("flip", 0, n, r, task="flipflop") for n, r in ((64, 0), (128, 0))]  # nothing right at 1x
+    return rows
+
+
+def test_accuracy_table_csv_json_and_figure(task_records, tmp_path):
+    effective = effective_lengths(task_records, 0.9)
+    results = Results(accuracy=task_records, effective_length=effective)
+    files = report.write_report(results, tmp_path, header="# Length extrapolation\n")
+    lines = (tmp_path / "report.md").read_text().splitlines()
+    assert "## Task accuracy against evaluation length" in lines
+    assert "| model | trained | task | scaling | attention | seeds | EM @ 64 | EM @ 128 | EM @ 256 | EM @ 512 | " \
+           "effective length |" in lines
+    # seed 0: 100%, 95%, 50%; seed 1: 90%, 85%, 82.5% -> means 95%, 90%, 66%; effective 128 and 256 (of 0.9 × 1x)
+    assert "| complex θ=10000 | 64 | mqar | none | full | 2 | 95% (90%–100%) | 90% (85%–95%) | " \
+           "66% (50%–82%) | n/a | 128–≥256 |" in lines
+    # one seed: its Wilson interval; it held its 1x score to the longest length measured
+    assert "| alibi | 64 | mqar | none | full | 1 | 50% [35%–65%] | 50% [35%–65%] | 48% [33%–63%] | " \
+           "45% [31%–60%] | ≥512 |" in lines
+    assert "| complex θ=10000 | 64 | flipflop | none | full | 1 | 0% [0%–9%] | 0% [0%–9%] | n/a | n/a | " \
+           "n/a |" in lines  # nothing right at the training length: no effective length
+    assert any("at least 90% of the exact match at the training length" in line for line in lines)
+    assert not any("Perplexity" in line for line in lines)  # task-trained runs only: no empty perplexity section
+
+    columns, rows = read_csv(tmp_path / "accuracy.csv")
+    assert columns == list(report.ACCURACY_COLUMNS) and len(rows) == len(task_records)
+    refused = next(r for r in rows if r["run"] == "mqar_seed0" and r["length"] == "512")
+    assert refused["applicable"] == "False" and refused["exact_match"] == "" and "num_keys" in refused["note"]
+    assert float(next(r for r in rows if r["run"] == "alibi" and r["length"] == "512")["exact_match"]) == 18 / 40
+    assert read_csv(tmp_path / "results.csv") == (list(report.PERPLEXITY_COLUMNS), [])  # header only
+
+    data = json.loads(files["json"].read_text())
+    assert data["accuracy"] == json.loads(json.dumps([dataclasses.asdict(r) for r in task_records]))
+    assert {(e["run"], e["effective_length"]) for e in data["effective_length"]} == \
+        {("mqar_seed0", 128), ("mqar_seed1", 256), ("alibi", 512), ("flip", None)}
+
+    assert {"accuracy_vs_length", "accuracy_csv"} <= set(files)
+    assert not {"ppl_vs_length", "loss_vs_position", "scaling_vs_length"} & set(files)
+    assert files["accuracy_vs_length"].read_bytes()[:8] == PNG
+    assert "](accuracy_vs_length.png)" in (tmp_path / "report.md").read_text()
+    assert not (tmp_path / "ppl_vs_length.png").exists()
+
+
+def test_accuracy_rows_order_tasks_then_models_and_keep_clashing_runs_apart(task_records):
+    """Two runs of one label, task and seed are different models: a row each, named by run."""
+    records = task_records + [accuracy("other", 0, 64, 10)]
+    rows = [line.split(" | ")[:3] for line in report.accuracy_table(records).splitlines()[2:]]
+    assert rows == [["| complex θ=10000", "64", "flipflop"], ["| alibi", "64", "mqar"],
+                    ["| complex θ=10000 [mqar_seed0]", "64", "mqar"],
+                    ["| complex θ=10000 [mqar_seed1]", "64", "mqar"],
+                    ["| complex θ=10000 [other]", "64", "mqar"]]
+    assert report.accuracy_table([]) == ""
+
+
+def test_a_report_with_text_and_task_runs_has_both_sections(records, task_records, tmp_path):
+    files = report.write_report(Results(records, accuracy=task_records), tmp_path)
+    text = (tmp_path / "report.md").read_text()
+    assert text.index("## Perplexity against evaluation length") < text.index("## Task accuracy against")
+    assert "| complex θ=10000 | 32 | none | full | 2 | 12 ± 2.8 | 24 ± 5.7 |" in text.splitlines()
+    assert {"ppl_vs_length", "accuracy_vs_length"} <= set(files)
+    # no effective-length records given: the column says so rather than guessing
+    assert "| alibi | 64 | mqar | none | full | 1 | 50% [35%–65%] | 50% [35%–65%] | 48% [33%–63%] | " \
+           "45% [31%–60%] | n/a |" in text.splitlines()
+
+
+def test_log_to_wandb_offline_with_task_accuracy_only(task_records, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    for name in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
+        monkeypatch.setenv(name, str(tmp_path / "wandb_home"))
+    results = Results(accuracy=task_records, effective_length=effective_lengths(task_records, 0.9))
+    report.write_report(results, tmp_path)
+    folder = report.log_to_wandb(results, tmp_path, project="minillm-test", group=None, mode="offline")
+    assert folder.parent == tmp_path / "wandb" and list(folder.glob("run-*.wandb"))

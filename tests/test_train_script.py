@@ -352,6 +352,22 @@ def test_run_shorter_than_the_validation_interval_still_validates(tmp_path, env,
 
 
 # ----------------------------------------------------------------------------------------------
+# Synthetic tasks: generated from the seed, the loss on the answers only
+
+@pytest.mark.slow
+def test_synthetic_copy_run_learns_the_task_at_its_training_length(synthetic_run):
+    run = summary(synthetic_run)
+    assert run["val_exact_match"] >= 0.9 and run["val_loss"] < 0.3, run
+    assert run["data_fingerprint"]["dataset"]["task"] == "copy"
+    config = yaml.safe_load((synthetic_run / "config.yaml").read_text())
+    assert config["data"]["task"] == "copy" and config["data"]["tasks"]["copy"]["num_symbols"] == 8
+    tokenizer = Tokenizer.from_file(str(synthetic_run / "tokenizer.json"))
+    assert tokenizer.get_vocab_size() == 10 and tokenizer.decode([1, 2, 9]) == "| s0 s7"
+    logged = [row for row in metric_rows(synthetic_run) if "val/exact_match" in row]
+    assert len(logged) == 3 and logged[-1]["val/exact_match"] == run["val_exact_match"]
+
+
+# ----------------------------------------------------------------------------------------------
 # Bad configurations and bad data fail fast, naming what is wrong
 
 
@@ -704,6 +720,17 @@ FAILURES = {  # name: (arguments, the one line's start)
                                                            "['complex', 'interleaved', 'rotate_half']; alibi is an "
                                                            "encoding of its own: choose it with rope=alibi"),
     "missing relative data file": (["data.path=mydata.jsonl"], "error: data.path='mydata.jsonl': no such file"),
+    "unknown synthetic task": (["data=synthetic", "data.task=sorting"],
+                               "error: data.task: got 'sorting', expected one of ['copy', 'flipflop', 'mqar', 'needle']"),
+    "synthetic window too short": (["data=synthetic", "data.task=mqar", "model.context_length=8"],
+                                   "error: model.context_length: the mqar task needs sequences of at least 16 tokens"),
+    "more pairs than keys": (["data=synthetic", "data.task=mqar", "data.tasks.mqar.num_keys=1"],
+                             "error: data.tasks.mqar.num_keys: mqar at length 32 holds 2 pairs"),
+    "contradictory task knobs": (["data=synthetic", "data.task=needle", "data.tasks.needle.depth=0.5"],
+                                 "error: data.tasks.needle.depth: places a single needle; with "
+                                 "data.tasks.needle.num_queries=4 leave it None"),
+    "a task without synthetic data": (["data.task=copy"], "error: data.task: names a synthetic task, read only with "
+                                                          "data=synthetic"),
 }
 
 
