@@ -103,7 +103,7 @@ TASKS ?= copy flipflop
 STEPS_copy = trainer.max_steps=600 trainer.checkpoint_every_n_steps=600
 STEPS_flipflop = trainer.max_steps=1200 trainer.checkpoint_every_n_steps=1200
 STEPS_mqar = trainer.max_steps=4000 trainer.checkpoint_every_n_steps=4000
-STEPS_needle = trainer.max_steps=1500 trainer.checkpoint_every_n_steps=1500 model.d_model=128 model.n_heads=4
+STEPS_needle = trainer.max_steps=2000 trainer.checkpoint_every_n_steps=2000 model.d_model=128 model.n_heads=4
 TRAIN_SYNTHETIC = $(BIN)/python scripts/train.py -m experiment=synthetic logger=csv $(ARGS)
 EVAL_SYNTHETIC = $(BIN)/python scripts/eval_extrapolate.py $(ARGS)
 SYNTHETIC_RUNS = [$(subst $(eval) ,$(comma),$(foreach t,$(TASKS),$(SYNTHETIC)/$(t)))]

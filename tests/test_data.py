@@ -26,7 +26,7 @@ from minillm import data as data_module
 from minillm.config import DataConfig, TokenizerConfig
 from minillm import synthetic
 from minillm.data import (EOS_TOKEN, DataError, SyntheticDataModule, SyntheticWindows, TextDataModule, TrainWindows,
-                          build_tokenizer, data_module, document_texts, load_corpus, load_documents, split_documents,
+                          build_tokenizer, document_texts, load_corpus, load_documents, split_documents,
                           stdlib_fingerprint, task_tokenizer, unigram_entropy)
 
 SEQ_LEN = 32
@@ -744,7 +744,7 @@ def test_synthetic_windows_yield_batches_from_first_batch_by_stride():
 @pytest.mark.parametrize("task", sorted(synthetic.SYNTHETIC_TASKS))
 def test_synthetic_module_serves_the_tasks_batches_and_a_fixed_validation_set(task):
     data = synthetic_data(task)
-    dm = data_module(data, TokenizerConfig(), seq_len=64, seed=3)
+    dm = data_module.data_module(data, TokenizerConfig(), seq_len=64, seed=3)
     assert isinstance(dm, SyntheticDataModule) and dm.vocab_size == data.synthetic_task.vocab_size
     for b, (x, y) in enumerate(batches(dm.train_dataloader(), 2)):
         expected = synthetic.batch(data.synthetic_task, 64, 4, seed=3, index=b)
@@ -756,9 +756,9 @@ def test_synthetic_module_serves_the_tasks_batches_and_a_fixed_validation_set(ta
 
 
 def test_synthetic_module_resumes_the_batch_sequence():
-    dm = data_module(synthetic_data(), TokenizerConfig(), seq_len=32)
+    dm = data_module.data_module(synthetic_data(), TokenizerConfig(), seq_len=32)
     uninterrupted = batches(dm.train_dataloader(), 5)
-    resumed = data_module(synthetic_data(), TokenizerConfig(), seq_len=32)
+    resumed = data_module.data_module(synthetic_data(), TokenizerConfig(), seq_len=32)
     resumed.load_state_dict({"batches_consumed": 3})
     for (x, y), (x_again, y_again) in zip(uninterrupted[3:], batches(resumed.train_dataloader(), 2)):
         assert torch.equal(x, x_again) and torch.equal(y, y_again)
@@ -778,13 +778,13 @@ def test_synthetic_module_takes_a_tokenizer_of_its_vocabulary_only(tmp_path):
     data = synthetic_data("copy")
     path = tmp_path / "tokenizer.json"
     path.write_text(task_tokenizer(data.synthetic_task).to_str())
-    data_module(data, TokenizerConfig(path=str(path)), seq_len=32)  # a fine-tuning's source tokenizer: the same
+    data_module.data_module(data, TokenizerConfig(path=str(path)), seq_len=32)  # a fine-tuning's source tokenizer: the same
     other = synthetic_data("copy", num_symbols=5)
     with pytest.raises(DataError, match=r"^tokenizer.path=.*not the vocabulary of the copy task"):
-        data_module(other, TokenizerConfig(path=str(path)), seq_len=32)
+        data_module.data_module(other, TokenizerConfig(path=str(path)), seq_len=32)
     path.write_text("{not json")
     with pytest.raises(DataError, match=r"^tokenizer.path=.*not a readable tokenizer.json"):
-        data_module(data, TokenizerConfig(path=str(path)), seq_len=32)
+        data_module.data_module(data, TokenizerConfig(path=str(path)), seq_len=32)
 
 
 @pytest.mark.parametrize("settings, name", [
