@@ -196,15 +196,16 @@ def accuracy_groups(records: list[AccuracyRecord], effective: list[EffectiveLeng
     return dict(sorted(groups.items(), key=order))
 
 
-def _exact_match_cell(records: list[AccuracyRecord]) -> str:
-    """One seed: '97% [89%–99%]', with its Wilson 95% interval; several: '95% (91%–98%)', their mean, min–max."""
-    measured = [r for r in records if r.applicable and r.exact_match is not None]
+def _exact_match_cell(records: list[AccuracyRecord], metric: str = "exact_match") -> str:
+    """One seed: '97% [89%–99%]', with its Wilson 95% interval; several: '95% (91%–98%)', their mean, min–max.
+    metric: exact_match or token_accuracy."""
+    measured = [r for r in records if r.applicable and getattr(r, metric) is not None]
     if not measured:
         return "n/a"
     if len(measured) == 1:
         r = measured[0]
-        return f"{r.exact_match:.0%} [{r.exact_match_low:.0%}–{r.exact_match_high:.0%}]"
-    values = [r.exact_match for r in measured]
+        return f"{getattr(r, metric):.0%} [{getattr(r, f'{metric}_low'):.0%}–{getattr(r, f'{metric}_high'):.0%}]"
+    values = [getattr(r, metric) for r in measured]
     return f"{mean(values):.0%} ({min(values):.0%}–{max(values):.0%})"
 
 
@@ -221,14 +222,17 @@ def _effective_cell(effective: list[EffectiveLengthRecord]) -> str:
     return cell if len(known) == len(effective) else f"{cell} ({len(known)}/{len(effective)} seeds)"
 
 
-def accuracy_table(records: list[AccuracyRecord], effective: list[EffectiveLengthRecord] = ()) -> str:
-    """Markdown: exact match per length (see _exact_match_cell) and the effective length, per model × task ×
-    scaling × attention; n/a where the task or the encoding does not reach the length."""
+def accuracy_table(records: list[AccuracyRecord], effective: list[EffectiveLengthRecord] = (),
+                   metric: str = "exact_match") -> str:
+    """Markdown: exact match (or token accuracy) per length (see _exact_match_cell) and, for exact match, the
+    effective length, per model × task × scaling × attention; n/a where the task or the encoding does not reach
+    the length."""
     if not records:
         return ""
     lengths = sorted({r.length for r in records})
-    header = ["model", "trained", "task", "scaling", "attention", "seeds"] + [f"EM @ {n}" for n in lengths] + \
-             ["effective length"]
+    short = {"exact_match": "EM", "token_accuracy": "token acc."}[metric]
+    header = ["model", "trained", "task", "scaling", "attention", "seeds"] + [f"{short} @ {n}" for n in lengths] + \
+             (["effective length"] if metric == "exact_match" else [])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for (model, trained, task, method, attention, run), (group, effective_of) in \
             accuracy_groups(records, effective).items():
@@ -236,7 +240,9 @@ def accuracy_table(records: list[AccuracyRecord], effective: list[EffectiveLengt
         for r in group:
             by_length[r.length].append(r)
         cells = [model_name(model, run), str(trained), task, method, attention, str(len({r.seed for r in group}))]
-        cells += [_exact_match_cell(by_length.get(n, [])) for n in lengths] + [_effective_cell(effective_of)]
+        cells += [_exact_match_cell(by_length.get(n, []), metric) for n in lengths]
+        if metric == "exact_match":
+            cells.append(_effective_cell(effective_of))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -249,9 +255,17 @@ def accuracy_section(records: list[AccuracyRecord], effective: list[EffectiveLen
             f"longest length up to which every length measured keeps at least "
             f"{' / '.join(f'{t:.0%}' for t in thresholds)} of the exact match at the training length; ≥: the "
             f"longest length measured." if thresholds else "")
-    return (f"Exact match per answer on {' / '.join(map(str, examples)) or 'no'} test examples per length: one "
-            f"seed with its Wilson 95% interval [in brackets], several as their mean with the seeds' min–max "
-            f"(in parentheses).{rule}\n\n" + accuracy_table(records, effective))
+    section = (f"Exact match per answer on {' / '.join(map(str, examples)) or 'no'} test examples per length: one "
+               f"seed with its Wilson 95% interval [in brackets], several as their mean with the seeds' min–max "
+               f"(in parentheses).{rule}\n\n" + accuracy_table(records, effective))
+    # Answers of several tokens (a copy, a needle's value): exact match is all or nothing, the tokens say how far.
+    several = [r for r in records if r.applicable and r.tokens > r.answers]
+    if several:
+        tasks = sorted({r.task for r in several})
+        section += (f"\n\nAccuracy per answer token, for the tasks whose answers have several ({', '.join(tasks)}); "
+                    f"its interval treats the tokens of one answer as independent, so it is too narrow where errors "
+                    f"cluster.\n\n" + accuracy_table([r for r in records if r.task in tasks], metric="token_accuracy"))
+    return section
 
 
 def theory_table(theory: list[TheoryRecord]) -> str:

@@ -269,6 +269,20 @@ def test_accuracy_table_csv_json_and_figure(task_records, tmp_path):
     assert not (tmp_path / "ppl_vs_length.png").exists()
 
 
+def test_tasks_with_several_tokens_per_answer_get_a_token_accuracy_table(task_records):
+    # A copy run: 2 answers of 32 tokens, 0 right whole, 48 of 64 tokens right at 1x; 16 of 64 at 2x.
+    copy = [dataclasses.replace(accuracy("copy", 0, n, 0, task="copy", answers=2), tokens=64, token_accuracy=t / 64,
+                                token_accuracy_low=wilson_interval(t, 64)[0], token_accuracy_high=wilson_interval(t, 64)[1])
+            for n, t in ((64, 48), (128, 16))]
+    section = report.accuracy_section(task_records + copy, effective_lengths(task_records + copy, 0.9))
+    assert "Accuracy per answer token, for the tasks whose answers have several (copy)" in section
+    lines = section.splitlines()
+    assert "| model | trained | task | scaling | attention | seeds | token acc. @ 64 | token acc. @ 128 |" in lines
+    assert "| complex θ=10000 | 64 | copy | none | full | 1 | 75% [63%–84%] | 25% [16%–37%] |" in lines
+    assert sum(line.startswith("| model |") for line in lines) == 2  # mqar's one-token answers: no second table
+    assert "Accuracy per answer token" not in report.accuracy_section(task_records, [])
+
+
 def test_accuracy_rows_order_tasks_then_models_and_keep_clashing_runs_apart(task_records):
     """Two runs of one label, task and seed are different models: a row each, named by run."""
     records = task_records + [accuracy("other", 0, 64, 10)]
