@@ -212,8 +212,9 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict[str, Path]:
     config: EvalConfig = to_run_config(cfg)
     device = _device(config.device)
     results = evaluation.evaluate(config, device)
+    stride = f"; stride: {config.stride}" if results.perplexity else ""  # windows of text only
     header = (f"# Length extrapolation\n\nModels: {', '.join(config.checkpoints)}; device: {device}; "
-              f"attention: {', '.join(config.attention)}; stride: {config.stride}.\n")
+              f"attention: {', '.join(config.attention)}{stride}.\n")
     files = write_report(results, out_dir, header)
     if config.logger.kind == "wandb":
         # The training runs' groups (imported models have none), read without re-checking imported files.
