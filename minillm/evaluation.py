@@ -860,12 +860,28 @@ def served_methods(config: EvalConfig, model_cfg) -> tuple[dict[str, AttentionMe
 
 def model_sources(config: EvalConfig) -> list:
     """What config.ckpt names: training runs (minillm.checkpoint.Run) and models to import
-    (minillm.pretrained.PretrainedSource), in order."""
-    from minillm.checkpoint import find_runs
+    (minillm.pretrained.PretrainedSource), in order. In a list, a glob that matches nothing is skipped with a
+    warning (a study's list names every encoding, and a partial sweep lacks some); when none matches, the first
+    such glob is the error."""
+    from minillm.checkpoint import CheckpointError, find_runs
     from minillm.pretrained import PretrainedSource, is_pretrained
 
-    return [source for path in config.checkpoints
-            for source in ([PretrainedSource.parse(path)] if is_pretrained(path) else find_runs(path))]
+    sources, unmatched = [], []
+    for path in config.checkpoints:
+        if is_pretrained(path):
+            sources.append(PretrainedSource.parse(path))
+            continue
+        try:
+            sources.extend(find_runs(path))
+        except CheckpointError as error:
+            if not str(error).startswith("ckpt: nothing matches") or len(config.checkpoints) == 1:
+                raise
+            unmatched.append(error)
+    if unmatched and not sources:
+        raise unmatched[0]
+    for error in unmatched:
+        log.warning("%s: skipped", error)
+    return sources
 
 
 def source_config(source, config: EvalConfig):

@@ -624,3 +624,20 @@ def test_a_sweep_of_text_and_task_runs_gets_each_its_own_measurement(tmp_path, m
     text = files["markdown"].read_text()
     assert "## Perplexity against evaluation length" in text and "## Task accuracy against evaluation length" in text
     assert files["accuracy_vs_length"].is_file() and files["ppl_vs_length"].is_file()
+
+
+def test_a_glob_of_a_list_that_matches_nothing_is_skipped_unless_nothing_matches(tmp_path, caplog):
+    """A study's ckpt list names every encoding; a partial sweep lacks some. One glob alone stays an error."""
+    from minillm.checkpoint import CheckpointError
+
+    for name in ("0_rope-alibi__seed-0", "1_rope-complex__seed-0"):
+        (tmp_path / "sweep" / name / "checkpoints").mkdir(parents=True)
+        (tmp_path / "sweep" / name / "checkpoints" / "last.ckpt").write_bytes(b"")
+    present, absent = str(tmp_path / "sweep" / "*rope-alibi__*"), str(tmp_path / "sweep" / "*rope-xpos__*")
+    with caplog.at_level("WARNING", logger="minillm"):
+        runs = ev.model_sources(EvalConfig(ckpt=[absent, present]))
+    assert [run.name for run in runs] == ["0_rope-alibi__seed-0"]
+    assert any(f"ckpt: nothing matches {absent}: skipped" in r.getMessage() for r in caplog.records)
+    for ckpt in (absent, [absent], [absent, str(tmp_path / "sweep" / "*rope-t5__*")]):
+        with pytest.raises(CheckpointError, match=r"ckpt: nothing matches .*\*rope-xpos__\*"):
+            ev.model_sources(EvalConfig(ckpt=ckpt))
