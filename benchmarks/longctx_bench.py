@@ -12,8 +12,9 @@ Peers, the same tiny model (random weights: time and memory do not depend on the
                 by blocks of queries; like naive, up to EXPLICIT_MAX_LENGTH
     self_extend, rerope, leaky_rerope, lm_infinite, sinks  the sdpa model read with a training-free attention
                 method (minillm.attention, defaults at the model's training length): two score sets, each through
-                SDPA's flash kernel with its log-sum-exp, merged; `time_over_sdpa` is each one's time over plain
-                attention's in the same rounds (target ≤ 2.5x at 4096 tokens)
+                SDPA's flash kernel with its log-sum-exp, merged, each block of queries over only the keys it
+                sees (model.BlockedMask); `time_over_sdpa` is each one's time over plain attention's in the same
+                rounds (target ≤ 2.5x at 4096 tokens)
 
 Peak memory. CUDA: torch.cuda.max_memory_allocated during the call, minus what was allocated before it.
 CPU: torch keeps no allocation statistics there, so each (peer, length) runs in a fresh subprocess that

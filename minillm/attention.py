@@ -8,7 +8,8 @@ Self-Extend, ReRoPE, LM-Infinite and StreamingLLM's positions are computed witho
 
 Patterns are functions of query and key *indices* (i, j: the token's place in the sequence, cache included), so
 the model evaluates them a block of rows at a time and never holds a whole (length × length) mask. Every pattern
-is a subset of causal attention. Adding a method means one config class registered with `@register_method`:
+is a subset of causal attention. Most are a `Window` (a band of distances), whose blocks know their keys without
+evaluating a pair: each block of queries then attends only to the keys it sees, unmasked where all of them do. Adding a method means one config class registered with `@register_method`:
 its knobs (defaults stated as rules of the training length L), `check` and `parts`.
 """
 
@@ -24,6 +25,37 @@ from torch import Tensor
 from minillm.rope import Positions
 
 Pattern = Callable[[Tensor, Tensor], Tensor]  # (query index (q, 1), key index (1, k)) -> bool, True = in this part
+
+
+@dataclass(frozen=True)
+class Window:
+    """The pattern of keys at distances d_min ≤ i − j ≤ d_max (None: no limit) and indices j < key_stop (None: any).
+
+    Causal attention is Window(0); a sliding window of W is Window(0, W − 1); what lies beyond it, Window(W).
+    Being a pattern of (i, j) it is called like any; being a window it also says, without evaluating a single
+    pair, which keys a block of queries may see and which all of them see (model.BlockedMask), so each block
+    attends only to its keys and builds a mask only where its queries disagree.
+    """
+
+    d_min: int = 0
+    d_max: Optional[int] = None
+    key_stop: Optional[int] = None
+
+    def __call__(self, i: Tensor, j: Tensor) -> Tensor:
+        distance = i - j
+        seen = distance >= self.d_min
+        if self.d_max is not None:
+            seen = seen & (distance <= self.d_max)
+        return seen if self.key_stop is None else seen & (j < self.key_stop)
+
+    def keys(self, first: int, last: int, k_len: int) -> tuple[range, range]:
+        """For queries at indices first..last over k_len keys: (the keys some query sees, the keys every one
+        sees), each a range, possibly empty."""
+        stop = k_len if self.key_stop is None else min(k_len, self.key_stop)
+        lowest = lambda i: 0 if self.d_max is None else max(0, i - self.d_max)  # noqa: E731
+        some = range(lowest(first), max(lowest(first), min(stop, last - self.d_min + 1)))
+        every = range(lowest(last), max(lowest(last), min(stop, first - self.d_min + 1)))
+        return some, every
 
 
 @dataclass
@@ -105,7 +137,7 @@ class Sliding(AttentionMethod):
 
     def parts(self, positions: Positions, trained_length: int) -> list[Part]:
         window = self.knob(self.window, trained_length)
-        return [Part(positions, lambda i, j: (j <= i) & (i - j < window))]
+        return [Part(positions, Window(0, window - 1))]
 
 
 @register_method("self_extend")
@@ -137,8 +169,7 @@ class SelfExtend(AttentionMethod):
         group, window = self.group, self.knob(self.window, trained_length // 2)
         grouped = _at(torch.div(positions.query, group, rounding_mode="floor") + window - window // group,
                       torch.div(positions.key, group, rounding_mode="floor"), positions)
-        return [Part(positions, lambda i, j: (j <= i) & (i - j < window)),
-                Part(grouped, lambda i, j: i - j >= window)]
+        return [Part(positions, Window(0, window - 1)), Part(grouped, Window(window))]
 
 
 @register_method("rerope")
@@ -165,8 +196,7 @@ class ReRoPE(AttentionMethod):
 
     def parts(self, positions: Positions, trained_length: int) -> list[Part]:
         window = self.knob(self.window, trained_length // 2)
-        return [Part(positions, lambda i, j: (j <= i) & (i - j < window)),
-                Part(self.far(positions, window), lambda i, j: i - j >= window)]
+        return [Part(positions, Window(0, window - 1)), Part(self.far(positions, window), Window(window))]
 
 
 @register_method("leaky_rerope")
@@ -212,8 +242,7 @@ class LMInfinite(AttentionMethod):
         n_global, n_local = self.n_global, self.knob(self.n_local, trained_length)
         limit = self.knob(self.limit, trained_length)
         far = _at(torch.full_like(positions.query, limit), torch.zeros_like(positions.key), positions)
-        return [Part(positions, lambda i, j: (j <= i) & (i - j < n_local)),
-                Part(far, lambda i, j: (j < n_global) & (i - j >= n_local))]
+        return [Part(positions, Window(0, n_local - 1)), Part(far, Window(n_local, key_stop=n_global))]
 
 
 @register_method("sinks")
@@ -242,8 +271,7 @@ class AttentionSinks(AttentionMethod):
     def parts(self, positions: Positions, trained_length: int) -> list[Part]:
         start, recent = self.start, self.knob(self.recent, trained_length - self.start)
         shifted = _at(positions.query.clamp(max=start + recent - 1), positions.key, positions)
-        return [Part(positions, lambda i, j: (j <= i) & (i - j < recent)),
-                Part(shifted, lambda i, j: (j < start) & (i - j >= recent))]
+        return [Part(positions, Window(0, recent - 1)), Part(shifted, Window(recent, key_stop=start))]
 
 
 def attention_method(name: str, settings: "dict | AttentionMethod | None" = None) -> AttentionMethod:

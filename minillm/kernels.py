@@ -434,12 +434,14 @@ def split_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], sizes: tuple
     return _SplitLinear.apply(x, weight, bias, tuple(sizes))
 
 
-def attention_with_lse(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+def attention_with_lse(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
+                       causal: Optional[bool] = None) -> tuple[Tensor, Tensor]:
     """softmax(q·kᵀ/√d + mask)·v and each query's log-sum-exp of its scores, float32 (batch, heads, q_len).
 
-    q (B, H, q_len, d); k, v (B, H_kv, k_len, d), grouped-query heads repeated here. mask: None (causal when
-    q_len == k_len, else every key), bool (True = attend) or additive (−inf = not). A query that sees no key
-    gets log-sum-exp −inf (its output is then meaningless: a merge gives it weight 0).
+    q (B, H, q_len, d); k, v (B, H_kv, k_len, d), grouped-query heads repeated here. mask: None (then causal
+    when q_len == k_len, else every key; causal=False: every key), bool (True = attend) or additive (−inf =
+    not). A query that sees no key gets log-sum-exp −inf (its output is then meaningless: a merge gives it
+    weight 0).
     """
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
@@ -450,7 +452,7 @@ def attention_with_lse(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) 
         if mask.dtype == torch.bool:
             mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
         mask = mask.to(q.dtype)
-    causal = mask is None and q.shape[-2] == k.shape[-2] and q.shape[-2] > 1
+    causal = mask is None and q.shape[-2] == k.shape[-2] and q.shape[-2] > 1 and causal is not False
     if q.device.type == "cpu" and not torch.is_grad_enabled():
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=mask)
     else:

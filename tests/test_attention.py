@@ -10,7 +10,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import minillm.model
-from minillm.attention import ATTENTION_METHODS, attention_method, check_encoding
+from minillm.attention import ATTENTION_METHODS, Window, attention_method, check_encoding
 from minillm.config import ModelConfig
 from minillm.kernels import attention_with_lse
 from minillm.model import KVCache, ScoreSet, Transformer, merged_attention
@@ -89,6 +89,24 @@ def test_sinks_keep_the_first_tokens_and_shift_positions_inside_the_cache():
     assert defaults == by_hand(lambda i, j: i - j if i - j < TRAINED - 4 else (min(i, TRAINED - 1) - j if j < 4 else None), 30)
 
 
+@pytest.mark.parametrize("window", [Window(0), Window(0, 4), Window(3), Window(5, key_stop=4), Window(2, 6, key_stop=9),
+                                    Window(0, 0), Window(40)])
+def test_a_windows_key_ranges_are_those_its_pattern_admits(window):
+    """Window.keys against the pattern evaluated pair by pair: the keys some query of the block sees, and those
+    every one sees, for every block of queries over 30 keys."""
+    i, j = torch.arange(30)[:, None], torch.arange(30)[None, :]
+    admitted = window(i, j)
+    assert torch.equal(admitted, torch.tensor([[window.d_min <= a - b <= (window.d_max if window.d_max is not None
+                                                                           else 99) and b < (window.key_stop or 99)
+                                                for b in range(30)] for a in range(30)]))
+    for first in range(30):
+        for last in range(first, 30):
+            some, every = window.keys(first, last, 30)
+            rows = admitted[first:last + 1]
+            assert set(some) == set(rows.any(0).nonzero().flatten().tolist())
+            assert set(every) == set(rows.all(0).nonzero().flatten().tolist())
+
+
 def test_every_method_is_a_subset_of_causal_attention_and_sees_itself():
     for name in ATTENTION_METHODS:
         table = seen_distance(attention_method(name), 40)
@@ -110,9 +128,12 @@ def explicit_merge(q, k, v, rope, parts_by_hand) -> torch.Tensor:
     return scores.softmax(-1) @ v
 
 
+@pytest.mark.parametrize("rows", [None, 4])  # each part's mask whole; by blocks of 4 queries over their pieces
 @pytest.mark.parametrize("grad", [False, True])  # the flash kernel's log-sum-exp; the explicit formula
 @pytest.mark.parametrize("name", ["self_extend", "rerope", "leaky_rerope", "lm_infinite", "sinks"])
-def test_merged_parts_equal_one_explicit_softmax(name, grad):
+def test_merged_parts_equal_one_explicit_softmax(name, grad, rows, monkeypatch):
+    if rows is not None:
+        monkeypatch.setattr(minillm.model, "PATTERN_ROWS", rows)
     rope = RotaryConfig("interleaved").build(ModelConfig(d_model=32, n_heads=2).shape, ModelConfig().rope_scaling)
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 2, 30, 16, generator=g) for _ in range(3))
@@ -123,14 +144,20 @@ def test_merged_parts_equal_one_explicit_softmax(name, grad):
     model = Transformer(ModelConfig(vocab_size=16, d_model=32, n_heads=2, n_layers=1, rope=RotaryConfig("interleaved")))
     with torch.set_grad_enabled(grad):
         sets = [ScoreSet(rope.rotation(p.positions), model._mask(p.positions, torch.float32, p.pattern)) for p in parts]
+        if rows is not None:  # every part by blocks; the far parts' blocks cut into an unmasked run and the rest
+            assert all(isinstance(s.mask, minillm.model.BlockedMask) for s in sets)
+            assert any(len(pieces) > 1 for s in sets for _, pieces in s.mask.pieces())
         ours = merged_attention(q, k, v, sets, None)
     reference = explicit_merge(q, k, v, rope, [(p.positions.query[0], p.positions.key[0], p.pattern(i, j)) for p in parts])
     torch.testing.assert_close(ours, reference, atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [None, 4])
 @pytest.mark.parametrize("name", ["self_extend", "lm_infinite", "sinks"])
-def test_merged_parts_with_a_bias_and_a_query_temperature_equal_one_explicit_softmax(name):
+def test_merged_parts_with_a_bias_and_a_query_temperature_equal_one_explicit_softmax(name, rows, monkeypatch):
     """ALiBi's bias taken at each part's own positions, queries scaled per position (logn at evaluation)."""
+    if rows is not None:  # by blocks of 4 queries: a bias leaves no key unmasked, so no block is cut
+        monkeypatch.setattr(minillm.model, "PATTERN_ROWS", rows)
     from minillm.model import QueryTemperature
     from minillm.rope import alibi_slopes
 
@@ -179,9 +206,11 @@ ENCODINGS = {"complex": RotaryConfig("complex"), "xpos": RotaryConfig("rotate_ha
              "fire": position_config("fire")}
 
 
+@pytest.mark.parametrize("rows", [256, 4])  # whole masks; blocks of 4 queries, each over the keys it sees
 @pytest.mark.parametrize("encoding", sorted(ENCODINGS))
 @pytest.mark.parametrize("name", sorted(ATTENTION_METHODS))
-def test_decoding_with_a_cache_equals_the_full_forward(encoding, name):
+def test_decoding_with_a_cache_equals_the_full_forward(encoding, name, rows, monkeypatch):
+    monkeypatch.setattr(minillm.model, "PATTERN_ROWS", rows)
     rope = ENCODINGS[encoding]
     method = attention_method(name)
     if method.needs == "rotary" and not rope.is_rotary:

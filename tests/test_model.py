@@ -173,8 +173,10 @@ def test_blocked_masks_equal_whole_masks(case, pattern, monkeypatch):
     for blocked, whole in zip(blocked_grads, whole_grads):
         if whole is not None:
             torch.testing.assert_close(blocked, whole)
-    if allowed is not None:  # the first blocks reach the non-causal key; the later ones stop at their own rows
-        assert [keys for _, keys, _ in blocks] == [16, 16, 16, 12, 15, 16]
+    if allowed is not None:  # the first blocks reach the non-causal key; the later ones stop at their own rows.
+        # Each block starts at the first key its window reaches, except CoPE's, which counts from key 0.
+        starts = [0] * 6 if model.position.for_layer(0).contextual else [0, 0, 2, 5, 8, 11]
+        assert [keys for _, keys, _ in blocks] == [range(a, b) for a, b in zip(starts, [16, 16, 16, 12, 15, 16])]
 
 
 @pytest.mark.parametrize("case", ["alibi_gqa_qknorm", "complex_gqa_qknorm", "cope_gqa_qknorm"])
@@ -197,7 +199,8 @@ def test_blocked_masks_with_a_pattern_continue_a_cache_and_survive_blind_rows(ca
         monkeypatch.setattr(minillm.model, "MASK_BUDGET", 3)  # under one row: blocks of one query
         mask = model._mask(Positions.contiguous(6, 10, idx.device), torch.float32, allowed)
         assert isinstance(mask, minillm.model.BlockedMask) and len(mask.spans) == 10
-        assert [keys for _, keys in mask.spans[:4]] == [1, 1, 1, 10]  # blind rows keep one key
+        fourth = range(10) if model.position.for_layer(0).contextual else range(5, 10)  # its window: keys 5..9
+        assert [keys for _, keys, _ in mask.spans[:4]] == [range(1), range(1), range(1), fourth]  # blind rows keep one key
         torch.testing.assert_close(continued(), expected, equal_nan=True)
 
 
