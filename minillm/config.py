@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from minillm.attention import ATTENTION_METHODS
+from minillm.precision import EVAL_PRECISIONS
 from minillm.rope import POSITION_ENCODINGS, ModelShape, RotaryConfig, position_config
 from minillm.samplers import POSITION_SAMPLERS, sampler_config
 from minillm.scaling import SCALINGS, Scaling, scaling_config
@@ -268,7 +269,9 @@ class TrainerConfig:
     devices: Any = 1
     num_nodes: int = 1
     strategy: str = "auto"
-    precision: str = "32-true"
+    # auto: bf16-mixed where the processor multiplies bf16 natively (AVX-512 BF16, AMX; a GPU with bf16), float32
+    # elsewhere (minillm.precision); a Lightning precision is taken as asked.
+    precision: str = "auto"
     max_steps: int = 1000
     val_check_interval: int = 100  # steps between validations
     limit_val_batches: Optional[int] = None
@@ -290,7 +293,8 @@ class TrainerConfig:
                  (f" (the CPU takes a count of processes, at most this machine's {os.cpu_count() or 1} cores)"
                   if self.accelerator == "cpu" else
                   ", -1 for all, or a list of device indices"))
-        _choice(self.precision, "trainer.precision", ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "64-true"))
+        _choice(self.precision, "trainer.precision",
+                ("auto", "32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "64-true"))
         if self.peak_flops is not None:
             _require(self.peak_flops > 0, "trainer.peak_flops", f"must be positive, got {self.peak_flops}")
 
@@ -439,6 +443,8 @@ class EvalConfig:
     task_examples: int = 64  # test examples per length
     effective_threshold: float = 0.9  # effective length: the share of the 1x exact match each length up to it keeps
     device: str = "auto"  # auto: cuda when available
+    # auto: bf16 matmuls where the processor multiplies bf16 natively (minillm.precision), float32 elsewhere
+    precision: str = "auto"
     seed: int = 0
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     verbose: bool = False  # show the libraries' console lines too
@@ -470,6 +476,7 @@ class EvalConfig:
                  f"must lie in (0, 1] (a share of the exact match at the training length), got "
                  f"{self.effective_threshold}")
         _choice(self.device, "device", ("auto", "cpu", "cuda", "mps"))
+        _choice(self.precision, "precision", EVAL_PRECISIONS)
 
     def method(self, name: str):
         """The attention method `name` with its knobs from `methods`."""

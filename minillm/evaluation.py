@@ -27,6 +27,7 @@ from torch import Tensor
 from minillm.attention import AttentionMethod, attention_method, check_encoding
 from minillm.config import EvalConfig
 from minillm.model import QueryTemperature, Transformer
+from minillm.precision import eval_dtype
 from minillm.scaling import SCALINGS, Scaling
 from minillm.synthetic import IGNORE, Accuracy, TaskConfig, accuracy, validation_set
 from minillm.theory import critical_dimension, minimum_base, supported_length
@@ -199,10 +200,13 @@ class Results:
     tail: list[TailLossRecord] = field(default_factory=list)
     accuracy: list[AccuracyRecord] = field(default_factory=list)
     effective_length: list[EffectiveLengthRecord] = field(default_factory=list)
+    precision: Optional[str] = None  # the dtype the models computed in ("float32", "bfloat16"), and why
+    precision_reason: Optional[str] = None
 
     def extend(self, other: "Results") -> None:
         for name in (f.name for f in dataclasses.fields(self)):
-            getattr(self, name).extend(getattr(other, name))
+            if isinstance(getattr(self, name), list):
+                getattr(self, name).extend(getattr(other, name))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -918,7 +922,10 @@ def evaluate(config: EvalConfig, device: torch.device) -> Results:
     for name in config.attention:
         if runs and all(name in refused for refused in refusals):
             raise ValueError(refusals[0][name])
-    results = Results()
-    for run in runs:
-        results.extend(evaluate_run(run, config, device))
+    dtype, reason = eval_dtype(config.precision, device)
+    results = Results(precision=str(dtype).removeprefix("torch."), precision_reason=reason)
+    # bf16: the matmuls under autocast; losses, norms, softmax statistics and rotary angles stay float32.
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        for run in runs:
+            results.extend(evaluate_run(run, config, device))
     return results

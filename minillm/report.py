@@ -488,7 +488,7 @@ def write_report(results: Results, out_dir: Path, header: str = "") -> dict[str,
     """Every number as JSON and CSV, the tables as markdown, the plots as PNG; each file written atomically.
 
     results.json: {"perplexity": records (with by_position), "passkey": ..., "theory": ..., "accuracy": ...,
-    "effective_length": ...}; results.csv: one row per perplexity record; loss_by_position.csv: one row per record
+    "effective_length": ..., "precision": the dtype computed in, "precision_reason": why}; results.csv: one row per perplexity record; loss_by_position.csv: one row per record
     and position bucket; passkey.csv: one row per (run, scaling, length, depth); tail_loss.csv: one row per (run,
     scaling, attention, context length); accuracy.csv: one row per accuracy record (runs trained on a synthetic
     task); report.md; the PNGs of plot(), plot_tail() and plot_accuracy(). Every CSV is written, header only when

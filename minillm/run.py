@@ -17,6 +17,7 @@ from minillm.config import ConfigError, RunConfig, to_run_config
 from minillm.console import quiet_libraries, rank_zero
 from minillm.files import write_atomic
 from minillm.loggers import make_loggers, wandb_mode
+from minillm.precision import resolve as resolve_precision
 from minillm.resume import configure
 from minillm.task import LanguageModelTask, NonFiniteLossError
 
@@ -65,7 +66,8 @@ def train(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> dict
         previous = run_dir / "summary.json"
         summary = json.loads(previous.read_text()) if previous.is_file() else {}
         return {**summary, "finished": True, "steps": resume.step, "max_steps": run.trainer.max_steps}
-    trainer_args = trainer_kwargs(run, run_dir)
+    precision, precision_reason = resolve_precision(run.trainer.precision, _accelerator_device(run.trainer.accelerator))
+    trainer_args = trainer_kwargs(run, run_dir, precision)
     try:  # before the data: a device that is not there fails at once
         L.Trainer(**trainer_args, logger=False)
     except Exception as error:  # Lightning's MisconfigurationException and friends, one line naming the devices
@@ -74,6 +76,7 @@ def train(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> dict
     L.seed_everything(run.seed, workers=True, verbose=False)
     log.info("%s %s: %d steps of %d × %d tokens, in %s", "resuming" if resume else "training", run.model.label,
              run.trainer.max_steps, run.data.batch_size, run.model.context_length, run_dir)
+    log.info("precision %s (%s)", precision, precision_reason)
 
     source = None
     if resume is None and run.init_from is not None:  # a fine-tuning: the source's shape, encoding, tokenizer
@@ -109,7 +112,8 @@ def train(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> dict
         origin = {"init_from_source": json.loads((run_dir / "init_from.json").read_text())}
     resume_id = wandb_run_id(run_dir) if resume is not None else None  # the same W&B run, not a second one
     group = source_group(source) if source is not None else None
-    loggers = make_loggers(run, run_dir, {**resolved, "data_fingerprint": data.fingerprint, **origin}, resume_id,
+    used = {"precision_used": precision, "precision_reason": precision_reason}
+    loggers = make_loggers(run, run_dir, {**resolved, "data_fingerprint": data.fingerprint, **used, **origin}, resume_id,
                            resume.step if resume is not None else None, group=group)
     trainer = L.Trainer(**trainer_args, logger=loggers or False)
     try:
@@ -144,6 +148,8 @@ def train(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> dict
         "replica_spread": task.replica_spread,  # 0.0: every DDP rank ended with the same weights
         "wall_seconds": round(time.time() - started, 1),
         "data_fingerprint": data.fingerprint,
+        "precision": precision,
+        "precision_reason": precision_reason,
         **origin,
     }
     if trainer.is_global_zero:
@@ -163,7 +169,8 @@ def train(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> dict
     return summary
 
 
-def trainer_kwargs(run: RunConfig, run_dir: Path) -> dict[str, Any]:
+def trainer_kwargs(run: RunConfig, run_dir: Path, precision: str) -> dict[str, Any]:
+    """Lightning Trainer's arguments for the run; `precision` is the resolved one (minillm.precision.resolve)."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from minillm.checkpoint import atomic_checkpoint_io
@@ -178,12 +185,21 @@ def trainer_kwargs(run: RunConfig, run_dir: Path) -> dict[str, Any]:
                                every_n_train_steps=t.checkpoint_every_n_steps, save_top_k=-1, save_last=True,
                                auto_insert_metric_name=False, enable_version_counter=False)
     return dict(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
-                precision=t.precision, max_steps=t.max_steps,
+                precision=precision, max_steps=t.max_steps,
                 val_check_interval=min(t.val_check_interval, t.max_steps),  # a short run still validates once
                 check_val_every_n_epoch=None, limit_val_batches=t.limit_val_batches,
                 log_every_n_steps=t.log_every_n_steps, gradient_clip_val=t.gradient_clip_val or None,
                 callbacks=[best, periodic, *progress_callbacks()], plugins=[atomic_checkpoint_io()], default_root_dir=str(run_dir),
                 enable_model_summary=False)
+
+
+def _accelerator_device(accelerator: str):
+    """The torch device a Lightning accelerator trains on (auto: a GPU if there is one)."""
+    import torch
+
+    if accelerator == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device({"gpu": "cuda"}.get(accelerator, accelerator))
 
 
 def _device(requested: str):
@@ -214,6 +230,7 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict[str, Path]:
     results = evaluation.evaluate(config, device)
     stride = f"; stride: {config.stride}" if results.perplexity else ""  # windows of text only
     header = (f"# Length extrapolation\n\nModels: {', '.join(config.checkpoints)}; device: {device}; "
+              f"precision: {results.precision} ({results.precision_reason}); "
               f"attention: {', '.join(config.attention)}{stride}.\n")
     files = write_report(results, out_dir, header)
     if config.logger.kind == "wandb":

@@ -14,6 +14,7 @@ from torch import nn
 
 from minillm.config import ModelConfig, OptimConfig
 from minillm.model import Transformer
+from minillm.precision import training_dtype
 from minillm.rope import Positions
 from minillm.samplers import generator_for, sampler_config
 from minillm.synthetic import IGNORE, accuracy
@@ -23,14 +24,6 @@ log = logging.getLogger("minillm")
 # Dense bf16 tensor-core peaks from the vendors' data sheets, for MFU on known GPUs.
 GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12,
                   "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12}
-
-
-def training_dtype(precision: str) -> torch.dtype:
-    """The dtype training's matmuls run in under a Lightning precision: bfloat16, float16, else float32."""
-    precision = str(precision)
-    if precision.startswith("bf16"):
-        return torch.bfloat16
-    return torch.float16 if precision.startswith("16") else torch.float32
 
 
 def measure_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, size: int = 1024,
@@ -273,6 +266,16 @@ class LanguageModelTask(L.LightningModule):
         self.log("val/ppl", torch.exp(loss))
         if sums[2] > 0:
             self.log("val/exact_match", sums[3] / sums[2], prog_bar=True)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Lightning's clipping, except under bf16-mixed: there its mixed-precision plugin refuses to clip for a
+        fused optimizer (which would unscale gradients itself), though bf16 has no gradient scaler and the
+        gradients are the true ones, so they are clipped here by norm as Lightning would."""
+        if gradient_clip_val and str(self.trainer.precision).startswith("bf16"):
+            torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]],
+                                           gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self):
         cfg = self.optim_cfg

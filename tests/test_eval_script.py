@@ -17,6 +17,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 from minillm.config import register_configs
+from minillm.precision import eval_dtype
 from minillm.run import evaluate as run_evaluate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -127,6 +128,9 @@ def test_multirun_folder_default_lengths(tiny_runs, tmp_path):
         assert "learned positions stop at 32" in learned[length]["note"]
 
     report = (out / "report.md").read_text()
+    dtype, why = eval_dtype("auto", torch.device("cpu"))  # this machine's processor decides
+    assert f"precision: {str(dtype).removeprefix('torch.')} ({why})" in report
+    assert json.loads((out / "results.json").read_text())["precision_reason"] == why
     table = [line for line in report.splitlines() if line.startswith("| ")]
     assert any(line.startswith("| alibi |") for line in table)
     assert sum(line.startswith("| complex θ=10000 |") for line in table) >= len(SCALINGS)
@@ -134,7 +138,8 @@ def test_multirun_folder_default_lengths(tiny_runs, tmp_path):
     assert learned_line.count("n/a") == 4
 
     data = json.loads((out / "results.json").read_text())
-    assert set(data) == {"perplexity", "passkey", "theory", "tail", "accuracy", "effective_length"}
+    assert set(data) == {"perplexity", "passkey", "theory", "tail", "accuracy", "effective_length", "precision",
+                         "precision_reason"}
     assert len(data["perplexity"]) == len(rows) and data["passkey"] == []
     complex_tail = [t for t in data["tail"] if t["run"] == tiny_runs["complex"].name]
     assert {(t["method"], t["length"]) for t in complex_tail} == {(m, n) for m in SCALINGS for n in default_lengths}
@@ -214,6 +219,7 @@ def test_training_free_methods_with_their_knobs_skip_what_an_encoding_cannot_ser
     (["attention=[self_extend]", "methods.self_extend.group=0"], "methods.self_extend.group: must be at least 1"),
     (["attention=[self_extend]", "methods.self_extend.grop=2"], "Key 'grop' not in 'SelfExtend'"),  # Hydra's own
     (["attention=[dilated]"], "attention: got 'dilated'"),
+    (["precision=fp8"], "precision: got 'fp8'"),
 ])
 def test_bad_attention_settings_exit_naming_them(overrides, message, tiny_runs, tmp_path):
     """Exit 2 with our one line; an unknown knob is Hydra's own refusal (exit 1, the key named)."""
@@ -352,7 +358,7 @@ def test_imported_model_is_measured_on_the_given_text_beside_a_trained_run(hf_fo
     out = tmp_path / "eval"
     result = evaluate(out, f"ckpt=[{quoted(Path('hf:' + str(folder)))},{quoted(tiny_runs['complex'])}]", *FAST,
                       f"data.path={tmp_path / 'text.txt'}", "lengths=[32,64]", "scalings=[none,yarn]",
-                      "passkey_trials=0")
+                      "passkey_trials=0", "precision=float32")  # transformers' own computation is float32
     succeeded(result)
     _, rows = read_csv(out / "results.csv")
     imported = {(r["method"], int(r["length"])): r for r in rows if r["run"] == "tiny-qwen2"}
