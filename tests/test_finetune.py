@@ -22,7 +22,8 @@ from minillm.scaling import LinearScaling
 REPO = Path(__file__).resolve().parents[1]
 SOURCE = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.context_length=32", "data.batch_size=8",
           "trainer.val_check_interval=50", "trainer.checkpoint_every_n_steps=50", "data.val_windows=4",
-          "tokenizer.vocab_size=300", "logger=csv", "optim.lr=3e-3", "optim.warmup_steps=10"]
+          "tokenizer.vocab_size=300", "logger=csv", "optim.lr=3e-3", "optim.warmup_steps=10",
+          "trainer.precision=32-true"]  # the same numbers on every processor (auto picks bf16 where it is native)
 SOURCE_STEPS = 150
 
 
@@ -149,16 +150,17 @@ def test_fine_tuned_pi_beats_pi_at_inference_only_at_4x(env, source, tmp_path):
     at inference alone, on the same validation tokens."""
     out = tmp_path / "pi"
     result = finetune(env, source, out, "model.context_length=128", "rope_scaling=linear", "rope_scaling.factor=4",
-                      "trainer.max_steps=40", "trainer.val_check_interval=40", "optim.lr=1e-3", "optim.warmup_steps=5")
+                      "trainer.max_steps=40", "trainer.val_check_interval=40", "optim.lr=1e-3", "optim.warmup_steps=5",
+                      "trainer.precision=32-true")
     assert result.returncode == 0, result.stderr[-3000:]
     from minillm import evaluation as ev
     from minillm.checkpoint import find_runs
 
     config = ev.EvalConfig(ckpt=str(source), lengths=[128], scalings=["linear"], passkey_trials=0, tail_loss=False,
-                           max_documents=4)
+                           max_documents=4, precision="float32")
     inference_only = ev.evaluate_run(find_runs(source)[0], config, torch.device("cpu")).perplexity[0]
     config = ev.EvalConfig(ckpt=str(out), lengths=[128], scalings=["none"], passkey_trials=0, tail_loss=False,
-                           max_documents=4)
+                           max_documents=4, precision="float32")
     tuned = ev.evaluate_run(find_runs(out)[0], config, torch.device("cpu")).perplexity[0]
     assert inference_only.factor == 4.0 and load_model(out / "checkpoints" / "last.ckpt").cfg.rope_scaling.factor == 4
     assert tuned.tokens == inference_only.tokens

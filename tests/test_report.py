@@ -77,7 +77,9 @@ def test_write_report_writes_every_file_with_its_columns(records, passkey, theor
 
     data = json.loads((out / "results.json").read_text())
     assert data == json.loads(json.dumps(dataclasses.asdict(results)))
-    assert set(data) == {"perplexity", "passkey", "theory", "tail", "accuracy", "effective_length"}
+    assert set(data) == {"perplexity", "passkey", "theory", "tail", "accuracy", "effective_length", "precision",
+                         "precision_reason"}
+    assert data["precision"] == results.precision
     assert data["perplexity"][0]["by_position"][0]["tokens"] == 256 and data["accuracy"] == []
 
     columns, rows = read_csv(out / "results.csv")
