@@ -35,15 +35,42 @@ def optional_transformers():
     return transformers
 
 
+PRECISIONS = ("float32", "bf16")  # what a section can measure in; bf16 = torch.autocast to bfloat16 (bf16-mixed)
+
+
+def precisions_for(choice: str, device: torch.device) -> tuple[str, ...]:
+    """The precisions --precision names: float32, bf16, both, or auto (CUDA: bf16; CPU: float32, and bf16 too
+    where the processor multiplies it natively, as the trainer's precision=auto decides)."""
+    if choice == "both":
+        return PRECISIONS
+    if choice != "auto":
+        return (choice,)
+    if device.type == "cuda":
+        return ("bf16",)
+    from minillm.precision import native_bf16_cpu
+
+    return PRECISIONS if native_bf16_cpu() else ("float32",)
+
+
+def autocast(device: torch.device, precision: str):
+    """The context a peer computes in: torch.autocast to bfloat16 under bf16 (float32 master weights, as
+    Lightning's bf16-mixed), nothing under float32."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 @dataclass
 class Settings:
-    """What every section gets: where to run, how long to measure, and the transformers peer (or None)."""
+    """What every section gets: where to run, how long to measure, in which precisions, and the transformers
+    peer (or None)."""
 
     device: torch.device
     quick: bool
     rounds: int
     min_sample_s: float
     transformers: Optional[Any]
+    precisions: tuple[str, ...] = ("float32",)
 
 
 def synchronize(device: torch.device) -> None:
@@ -226,6 +253,8 @@ def cpu_model() -> Optional[str]:
 
 
 def environment(device: torch.device) -> dict:
+    from minillm.precision import native_bf16_cpu
+
     transformers = optional_transformers()
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -237,6 +266,7 @@ def environment(device: torch.device) -> dict:
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
         "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
+        "native_bf16_cpu": native_bf16_cpu(),  # "AMX", "AVX-512 BF16" or None (bf16 emulated)
         "torch_threads": torch.get_num_threads(),
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
@@ -267,15 +297,15 @@ def _cell(value) -> str:
 # Peak memory on CPU, where torch keeps no allocation statistics
 
 
-def probe_in_fresh_process(script: str, cases: list) -> list:
-    """Run `script --probe CASES THREADS` in a fresh process and return the JSON list it prints last.
+def probe_in_fresh_process(script: str, cases: list, quick: bool = False) -> list:
+    """Run `script --probe CASES THREADS [--quick]` in a fresh process and return the JSON list it prints last.
 
     glibc's mmap threshold is pinned at 64 KiB there, so that freed tensors leave the resident set at
     once and the high-water mark measures what one call holds at its peak.
     """
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    out = subprocess.run([sys.executable, script, "--probe", json.dumps(cases), str(torch.get_num_threads())],
-                         capture_output=True, text=True, env=env, check=True)
+    out = subprocess.run([sys.executable, script, "--probe", json.dumps(cases), str(torch.get_num_threads()),
+                          *(["--quick"] if quick else [])], capture_output=True, text=True, env=env, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -16,6 +16,12 @@ Peers, the same tiny model (random weights: time and memory do not depend on the
                 sees (model.BlockedMask); `time_over_sdpa` is each one's time over plain attention's in the same
                 rounds (target ≤ 2.5x at 4096 tokens)
 
+Against transformers (`vs_transformers`): model=small (10 × 384), Transformer.token_losses against the same
+weights exported to LlamaForCausalLM (minillm.export.to_hf_llama; its losses checked equal first) read as a
+user of transformers would, logits = forward(input_ids), then F.cross_entropy per token. Each precision of the run
+(float32; bf16 = autocast to bfloat16, as evaluation's precision=bf16) is one more pair of peers in the same
+rounds. CPU: 1024 and 4096 tokens (target ≥ 1.3x at 4096 in both precisions); CUDA: 4096 and 16384.
+
 Peak memory. CUDA: torch.cuda.max_memory_allocated during the call, minus what was allocated before it.
 CPU: torch keeps no allocation statistics there, so each (peer, length) runs in a fresh subprocess that
 reads its resident set before the call and its high-water mark after it (reset just before the call
@@ -32,12 +38,15 @@ import math
 import sys
 
 import torch
+import torch.nn.functional as F
 
-from common import Settings, print_table, probe_in_fresh_process, resident_growth, speedup, time_peers
+from common import (Settings, autocast, optional_transformers, print_table, probe_in_fresh_process, resident_growth,
+                    speedup, time_peers)
 from minillm.attention import attention_method
 from minillm.config import ModelConfig
 from minillm.model import Attention, KVCache, Transformer
 from minillm.rope import Rotation, position_config
+from train_bench import model_config
 
 BIASES = ("alibi", "t5", "kerple", "fire")  # encodings whose bias reaches SDPA as attn_mask
 METHODS = ("self_extend", "rerope", "leaky_rerope", "lm_infinite", "sinks")  # on the sdpa peer's model
@@ -106,36 +115,112 @@ def tokens(length: int, vocab: int, device: torch.device) -> tuple[torch.Tensor,
     return ids[:, :-1], ids[:, 1:]
 
 
-def evaluate(model: Transformer, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    with torch.inference_mode():
+def evaluate(model: torch.nn.Module, idx: torch.Tensor, targets: torch.Tensor, precision: str = "float32") -> torch.Tensor:
+    """Per-token losses (float32): ours through token_losses, transformers' model through its logits."""
+    with torch.inference_mode(), autocast(idx.device, precision):
+        if not isinstance(model, Transformer):  # LlamaForCausalLM
+            logits = model(input_ids=idx).logits
+            return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none").view_as(targets)
         return model.token_losses(idx, targets, attention=getattr(model, "benchmark_method", None))
 
 
-def peak_memory(cases: list[tuple[str, int]], device: torch.device) -> dict[tuple[str, int], int]:
+# ----------------------------------------------------------------------------------------------
+# Against transformers: model=small, the same weights, in every precision
+
+
+
+def vs_hf_lengths(device: torch.device, quick: bool) -> list[int]:
+    return [64, 128] if quick else [4096, 16384] if device.type == "cuda" else [1024, 4096]
+
+
+def build_vs_hf(peer: str, device: torch.device, quick: bool) -> torch.nn.Module:
+    """"ours" or "transformers": the same random weights (model=small; --quick the tiny default)."""
+    from minillm.export import to_hf_llama
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig() if quick else model_config("small")).to(device).eval()
+    return model if peer == "ours" else to_hf_llama(model).to(device).eval()
+
+
+def compare_with_transformers(settings: Settings) -> dict:
+    """Time and peak memory of our token_losses against transformers' forward + cross-entropy."""
+    device, quick = settings.device, settings.quick
+    models = {peer: build_vs_hf(peer, device, quick) for peer in ("ours", "transformers")}
+    idx, targets = tokens(64, models["ours"].cfg.vocab_size, device)
+    torch.testing.assert_close(evaluate(models["ours"], idx, targets), evaluate(models["transformers"], idx, targets),
+                               rtol=1e-4, atol=1e-4)  # the same model, or the timing means nothing
+    peers = [(peer, precision) for precision in settings.precisions for peer in models]
+    cases = [(f"vs_hf:{peer}@{precision}", length) for length in vs_hf_lengths(device, quick) for peer, precision in peers]
+    peaks = peak_memory(cases, device, quick)
+    rows = []
+    for length in vs_hf_lengths(device, quick):
+        idx, targets = tokens(length, models["ours"].cfg.vocab_size, device)
+        timings = time_peers({f"{peer}@{precision}": (lambda m=models[peer], p=precision: evaluate(m, idx, targets, p))
+                              for peer, precision in peers}, device, settings.rounds, settings.min_sample_s)
+        row = {"length": length}
+        for name, timing in timings.items():
+            row[name] = {**timing.as_dict(), "peak_bytes": peaks[f"vs_hf:{name}", length],
+                         "tokens_per_s": length / timing.median}
+        row["speedup_vs_transformers"] = {precision: speedup(timings, f"ours@{precision}", f"transformers@{precision}")
+                                          for precision in settings.precisions}
+        if len(settings.precisions) == 2:
+            row["bf16_over_float32"] = {peer: speedup(timings, f"{peer}@bf16", f"{peer}@float32") for peer in models}
+        rows.append(row)
+    names = [f"{peer}@{precision}" for peer, precision in peers]
+    first, last = rows[0], rows[-1]
+    exponents = {name: math.log(max(last[name]["peak_bytes"], 1) / max(first[name]["peak_bytes"], 1))
+                 / math.log(last["length"] / first["length"]) for name in names}
+    table = [[r["length"], *(r[n]["median_s"] * 1e3 for n in names), *(r[n]["peak_bytes"] / 2**20 for n in names),
+              *(f"{r['speedup_vs_transformers'][p]['wall']:.2f}x" for p in settings.precisions)] for r in rows]
+    print_table(f"long-context evaluation against transformers (model {'tiny' if quick else 'small'}, batch 1; "
+                "ours: token_losses; transformers: forward, then cross-entropy)",
+                ["length", *(f"{n} ms" for n in names), *(f"{n} MiB" for n in names),
+                 *(f"vs hf {p}" for p in settings.precisions)], table,
+                ("memory growth exponents between the shortest and the longest length (1 linear, 2 quadratic): "
+                 + ", ".join(f"{n} {e:.2f}" for n, e in exponents.items()),
+                 *([("bf16 over float32, same rounds: " + "; ".join(
+                     f"{r['length']}: " + ", ".join(f"{peer} {g['wall']:.2f}x" for peer, g in r['bf16_over_float32'].items())
+                     for r in rows))] if len(settings.precisions) == 2 else [])))
+    return {"model": "tiny" if quick else "small", "rows": rows, "memory_exponent": exponents}
+
+
+def build_case(peer: str, device: torch.device, quick: bool) -> tuple[torch.nn.Module, str]:
+    """(model, precision) of a memory case: "vs_hf:<peer>@<precision>" or one of PEERS (float32)."""
+    if peer.startswith("vs_hf:"):
+        name, _, precision = peer.removeprefix("vs_hf:").partition("@")
+        return build_vs_hf(name, device, quick), precision
+    return build(peer, device), "float32"
+
+
+def peak_memory(cases: list[tuple[str, int]], device: torch.device, quick: bool = False) -> dict[tuple[str, int], int]:
     """Bytes per (peer, length): the growth of memory in use during one evaluation."""
     if device.type == "cpu":  # one fresh process measures every case (see the module docstring)
-        return {(peer, length): peak for peer, length, peak in probe_in_fresh_process(__file__, cases)}
+        return {(peer, length): peak for peer, length, peak in probe_in_fresh_process(__file__, cases, quick)}
     peaks = {}
     for peer, length in cases:
-        model = build(peer, device)
-        idx, targets = tokens(length, model.cfg.vocab_size, device)
-        evaluate(model, idx, targets)  # warm-up: kernels, rotary tables
+        model, precision = build_case(peer, device, quick)
+        vocab = model.config.vocab_size if not isinstance(model, Transformer) else model.cfg.vocab_size
+        idx, targets = tokens(length, vocab, device)
+        evaluate(model, idx, targets, precision)  # warm-up: kernels, rotary tables
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
-        evaluate(model, idx, targets)
+        evaluate(model, idx, targets, precision)
         peaks[peer, length] = torch.cuda.max_memory_allocated(device) - before
         del model
     return peaks
 
 
-def _probe(cases: list[tuple[str, int]]) -> None:
+def _probe(cases: list[tuple[str, int]], quick: bool) -> None:
     """In a fresh CPU process: resident-set growth of each evaluation, printed as JSON."""
-    models = {peer: build(peer, torch.device("cpu")) for peer in {peer for peer, _ in cases}}
+    cpu = torch.device("cpu")
+    models = {peer: build_case(peer, cpu, quick) for peer in {peer for peer, _ in cases}}
     peaks = []
     for peer, length in cases:
-        idx, targets = tokens(length, models[peer].cfg.vocab_size, torch.device("cpu"))
-        peaks.append((peer, length, resident_growth(lambda: evaluate(models[peer], idx, targets))))
+        model, precision = models[peer]
+        vocab = model.config.vocab_size if not isinstance(model, Transformer) else model.cfg.vocab_size
+        idx, targets = tokens(length, vocab, cpu)
+        peaks.append((peer, length, resident_growth(lambda: evaluate(model, idx, targets, precision))))
     print(json.dumps(peaks))
 
 
@@ -165,8 +250,11 @@ def run(settings: Settings) -> dict:
         exponents[peer] = (math.log(max(last[peer]["peak_bytes"], 1) / max(before[peer]["peak_bytes"], 1))
                            / math.log(last["length"] / before["length"]))
     print_results(rows, exponents)
-    return {"model": "tiny", "batch": 1, "rows": rows, "memory_exponent": exponents,
-            "memory_measure": "cuda max_memory_allocated" if device.type == "cuda" else "resident-set growth"}
+    result = {"model": "tiny", "batch": 1, "precision": "float32", "rows": rows, "memory_exponent": exponents,
+              "memory_measure": "cuda max_memory_allocated" if device.type == "cuda" else "resident-set growth"}
+    if settings.transformers is not None:
+        result["vs_transformers"] = compare_with_transformers(settings)
+    return result
 
 
 def print_results(rows: list[dict], exponents: dict) -> None:
@@ -186,6 +274,6 @@ def print_results(rows: list[dict], exponents: dict) -> None:
                              for r in rows)))
 
 
-if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "--probe":
+if __name__ == "__main__" and len(sys.argv) in (4, 5) and sys.argv[1] == "--probe":
     torch.set_num_threads(int(sys.argv[3]))
-    _probe([tuple(case) for case in json.loads(sys.argv[2])])
+    _probe([tuple(case) for case in json.loads(sys.argv[2])], quick=sys.argv[4:] == ["--quick"])

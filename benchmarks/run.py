@@ -1,12 +1,19 @@
 """The benchmark suite: one command, tables on stdout, every figure in a JSON file.
 
     python benchmarks/run.py [--quick] [--out results.json] [--only rope,loss,norm,train,longctx] [--device cpu|cuda]
+                             [--precision auto|float32|bf16|both]
 
     rope     rotary application to q and k, forward and backward, every layout and XPos (rope_bench.py)
     loss     the fused LM head + cross-entropy against logits then F.cross_entropy: time, memory (loss_bench.py)
     norm     RMSNorm forward + backward against autograd's formula, F.rms_norm, LlamaRMSNorm (norm_bench.py)
     train    training-step tokens/s against transformers' LlamaForCausalLM of the same shape (train_bench.py)
-    longctx  long-context evaluation time and peak memory against length, SDPA against naive (longctx_bench.py)
+    longctx  long-context evaluation time and peak memory against length, SDPA against naive, the training-free
+             attention methods, and token_losses against transformers' forward + cross-entropy (longctx_bench.py)
+
+--precision: the train, loss and longctx sections measure each peer in every precision asked (float32; bf16 is
+torch.autocast to bfloat16, as bf16-mixed training and bf16 evaluation run), against transformers in the same
+precision. auto: bf16 on CUDA; on CPU float32, plus bf16 where the processor multiplies it natively (AVX-512 BF16
+or AMX; emulated bf16 is slower than float32 and says nothing).
 
 transformers is an optional dependency here (the peer model and rotary): without it those peers are
 skipped and the suite says so. --quick runs every section at toy sizes in seconds: it proves the suite
@@ -25,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sections, when run from elsewhere
 
-from common import Settings, environment, optional_transformers  # noqa: E402
+from common import Settings, environment, optional_transformers, precisions_for  # noqa: E402
 
 SECTIONS = {"rope": "rope_bench", "loss": "loss_bench", "norm": "norm_bench", "train": "train_bench",
             "longctx": "longctx_bench"}  # imported when run
@@ -38,6 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds per peer (default 7; quick 2)")
+    parser.add_argument("--precision", default="auto", choices=("auto", "float32", "bf16", "both"),
+                        help="precisions of the train, loss and longctx sections (default auto)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--skip-transformers", action="store_true",
                         help="leave the transformers peers out even where the package is installed")
@@ -59,11 +68,14 @@ def main(argv: list[str] | None = None) -> dict:
     rounds = args.rounds or (2 if args.quick else 7)
     min_sample_s = 0.0 if args.quick else (0.05 if device.type == "cuda" else 0.02)
     transformers = None if args.skip_transformers else optional_transformers()
-    settings = Settings(device, args.quick, rounds, min_sample_s, transformers)
+    precisions = precisions_for(args.precision, device)
+    settings = Settings(device, args.quick, rounds, min_sample_s, transformers, precisions)
     results = {"environment": environment(device), "quick": args.quick, "rounds": rounds,
-               "transformers_peers": transformers is not None}
+               "transformers_peers": transformers is not None, "precisions": list(precisions)}
+    native = results["environment"]["native_bf16_cpu"]
     print(f"{results['environment']['device_name']} ({device}), torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads; precisions {', '.join(precisions)}"
+          + (f" (native bf16: {native or 'none'})" if device.type == "cpu" else ""))
     if transformers is None:
         reason = "left out (--skip-transformers)" if args.skip_transformers else \
             "not installed (pip install transformers)"

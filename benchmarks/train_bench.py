@@ -4,16 +4,19 @@ Both models: the same parameter count (asserted), batch, sequence, tokens and ta
 builds it (fused, decay on matrices only), the loss as next-token cross-entropy on precomputed
 targets. A step is forward + loss + backward + optimizer step + zero_grad.
 
-CPU: float32. Eager first, then our encodings against one another in rounds of their own (ENCODINGS: the
-three rotary layouts, p-RoPE, ALiBi, T5, KERPLE, FIRE and CoPE; the layout target is about a whole step; the
-learned biases run on SDPA's default kernel, as CPU flash attention has no backward into a learned bias, and CoPE
-writes its attention out). Then both compiled: our blocks through Transformer.compile_blocks (what
-trainer.compile does), transformers' whole loss function through torch.compile. Model FLOP/s only: a
-matmul peak measured on a shared machine moves with the load, so a CPU MFU would not mean much.
-CUDA: bf16 autocast (as Lightning's bf16-mixed), compiled as above, and MFU against the data-sheet peak
-(minillm.task.GPU_PEAK_FLOPS). Our steps run with SDPA held to its flash backend on both devices, so a
-change that kept attention off the flash kernels (a dtype or shape they lack; on CUDA, any explicit mask)
-fails here instead of being timed on a slower one; transformers' steps keep its own dispatch.
+Every precision of the run (Settings.precisions: float32, and bf16 = torch.autocast to bfloat16 with float32
+master weights, as Lightning's bf16-mixed) is one more pair of peers in the same interleaved rounds, so that
+ours in bf16 over ours in float32 (`bf16_over_float32`) is a ratio of one run too. Eager first, then our
+encodings against one another in rounds of their own, in the first precision only (ENCODINGS: the three rotary
+layouts, p-RoPE, ALiBi, T5, KERPLE, FIRE and CoPE; the layout target is about a whole step; the learned biases
+run on SDPA's default kernel, as CPU flash attention has no backward into a learned bias, and CoPE writes its
+attention out). Then both compiled: our blocks through Transformer.compile_blocks (what trainer.compile does),
+transformers' whole loss function through torch.compile. MFU: model FLOP/s over the peak of the precision in
+use, on CPU a matmul measured just before the rounds (minillm.task.measure_peak_flops: the best of several
+short timings, so the load of a shared machine lowers it less than the steps), on CUDA the data sheet's
+(minillm.task.GPU_PEAK_FLOPS). Our steps run with SDPA held to its flash backend on both devices, so a change
+that kept attention off the flash kernels (a dtype or shape they lack; on CUDA, any explicit mask) fails here
+instead of being timed on a slower one; transformers' steps keep its own dispatch.
 """
 
 from __future__ import annotations
@@ -27,10 +30,10 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from common import Settings, optional_transformers, peer_processes, print_table, speedup, time_samplers
+from common import Settings, autocast, optional_transformers, peer_processes, print_table, speedup, time_samplers
 from minillm.config import ModelConfig
 from minillm.model import Transformer
-from minillm.task import parameter_groups, peak_flops_for
+from minillm.task import GPU_PEAK_FLOPS, measure_peak_flops, parameter_groups, peak_flops_for
 
 MODEL_CONF = Path(__file__).resolve().parent.parent / "conf" / "model"
 
@@ -61,13 +64,13 @@ def llama_like(transformers, cfg: ModelConfig, device: torch.device) -> torch.nn
     return transformers.LlamaForCausalLM(config).to(device)
 
 
-def trainer_step(model: torch.nn.Module, loss_of, x: torch.Tensor, y: torch.Tensor, device: torch.device):
+def trainer_step(model: torch.nn.Module, loss_of, x: torch.Tensor, y: torch.Tensor, device: torch.device,
+                 precision: str):
     optimizer = torch.optim.AdamW(parameter_groups(model, 0.1), lr=3e-4, betas=(0.9, 0.95), eps=1e-8,
                                   fused=True)  # as LanguageModelTask builds it
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
 
     def step():
-        with autocast():
+        with autocast(device, precision):
             loss = loss_of(x, y)
         loss.backward()
         optimizer.step()
@@ -90,10 +93,18 @@ def learned_bias(model: Transformer) -> bool:
     return not model.cfg.rope.is_rotary and any(True for _ in model.position.parameters())
 
 
+def split_peer(peer: str) -> tuple[str, str]:
+    """"ours@bf16" -> ("ours", "bf16"); a name without "@" is float32."""
+    name, _, precision = peer.partition("@")
+    return name, precision or "float32"
+
+
 def build_step(peer: str, cfg: ModelConfig, batch: int, seq: int, device: torch.device, compiled: bool):
     """In the peer's own process: its model, the shared tokens and targets, and one training step.
 
-    peer: "transformers", "ours" (complex RoPE) or "ours:<encoding>". Returns (step, info)."""
+    peer: "transformers", "ours" (complex RoPE) or "ours:<encoding>", with "@bf16" or "@float32" after it for the
+    precision (float32 without). Returns (step, info)."""
+    peer, precision = split_peer(peer)
     torch.manual_seed(0)
     g = torch.Generator(device).manual_seed(0)
     x = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g, device=device)
@@ -105,7 +116,7 @@ def build_step(peer: str, cfg: ModelConfig, batch: int, seq: int, device: torch.
             logits = hf(input_ids=x).logits
             return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
 
-        step = trainer_step(hf, torch.compile(hf_loss) if compiled else hf_loss, x, y, device)
+        step = trainer_step(hf, torch.compile(hf_loss) if compiled else hf_loss, x, y, device, precision)
         return step, {"params": sum(p.numel() for p in hf.parameters())}
     model = Transformer(with_encoding(cfg, peer.partition(":")[2] or "complex")).to(device)
     if compiled:
@@ -116,7 +127,7 @@ def build_step(peer: str, cfg: ModelConfig, batch: int, seq: int, device: torch.
         with held():
             return model.loss(x, y)
 
-    return trainer_step(model, loss, x, y, device), {"params": sum(p.numel() for p in model.parameters()),
+    return trainer_step(model, loss, x, y, device, precision), {"params": sum(p.numel() for p in model.parameters()),
                                                      "flops_per_token": model.flops_per_token(seq),
                                                      "sdpa": "default" if learned_bias(model) else "flash (enforced)"}
 
@@ -132,43 +143,66 @@ def time_group(peers: list[str], cfg: ModelConfig, batch: int, seq: int, setting
         return timings, {peer: w.info for peer, w in workers.items()}, splits
 
 
-def measure(name: str, cfg: ModelConfig, batch: int, seq: int, settings: Settings, compiled: bool) -> dict:
-    """Ours (complex RoPE) against transformers, timed in rounds of their own; in eager runs, then our
-    encodings in rounds of theirs. Every peer runs in a process of its own (common.PeerProcess)."""
+def peak_of(device: torch.device, precision: str) -> tuple[float, str]:
+    """(the matmul peak MFU is measured against, where it comes from): a known GPU's data sheet in bf16, else a
+    matmul in this precision's dtype timed now."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    if device.type == "cuda" and precision == "bf16" and any(key in torch.cuda.get_device_name(device)
+                                                             for key in GPU_PEAK_FLOPS):
+        return peak_flops_for(device, dtype), "data sheet"
+    return measure_peak_flops(device, dtype), "measured matmul"
+
+
+def measure(name: str, cfg: ModelConfig, batch: int, seq: int, settings: Settings, compiled: bool) -> list[dict]:
+    """Ours (complex RoPE) against transformers in every precision, all timed in the same rounds; in eager runs,
+    then our encodings in rounds of theirs (first precision). One record per precision. Every peer runs in a
+    process of its own (common.PeerProcess)."""
     device = settings.device
-    peak_flops = peak_flops_for(device) if device.type == "cuda" else None
-    peers = ["ours"] + (["transformers"] if settings.transformers is not None else [])
+    kinds = ["ours"] + (["transformers"] if settings.transformers is not None else [])
+    peers = [f"{kind}@{precision}" for precision in settings.precisions for kind in kinds]
+    peaks = {precision: peak_of(device, precision) for precision in settings.precisions}
     timings, infos, splits = time_group(peers, cfg, batch, seq, settings, compiled, split=device.type == "cpu")
-    if "transformers" in infos:
-        assert infos["transformers"]["params"] == infos["ours"]["params"], \
-            f"parameter counts differ: ours {infos['ours']['params']}, transformers {infos['transformers']['params']}"
-    record = {"model": name, "batch": batch, "seq": seq, "tokens_per_step": batch * seq,
-              "params": infos["ours"]["params"], "dtype": "bf16-autocast" if device.type == "cuda" else "float32",
-              "compiled": compiled, "sdpa_backend_ours": "flash (enforced)",
-              "flops_per_token": infos["ours"]["flops_per_token"], "peak_flops": peak_flops}
+    records = []
+    for precision in settings.precisions:
+        ours, theirs = f"ours@{precision}", f"transformers@{precision}"
+        if theirs in infos:
+            assert infos[theirs]["params"] == infos[ours]["params"], \
+                f"parameter counts differ: ours {infos[ours]['params']}, transformers {infos[theirs]['params']}"
+        record = {"model": name, "batch": batch, "seq": seq, "tokens_per_step": batch * seq,
+                  "params": infos[ours]["params"], "precision": precision,
+                  "dtype": "bf16-autocast" if precision == "bf16" else "float32",
+                  "compiled": compiled, "sdpa_backend_ours": "flash (enforced)",
+                  "flops_per_token": infos[ours]["flops_per_token"], "peak_flops": peaks[precision][0],
+                  "peak_flops_source": peaks[precision][1]}
 
-    def add(timings: dict) -> None:
-        for peer, timing in timings.items():
-            tokens_per_s = batch * seq / timing.median
-            flops_per_s = tokens_per_s * record["flops_per_token"]
-            record[peer] = {**timing.as_dict(), "tokens_per_s": tokens_per_s, "model_flops_per_s": flops_per_s,
-                            "mfu": flops_per_s / peak_flops if peak_flops else None}
+        def add(timings: dict, named: dict) -> None:
+            for key, peer in named.items():
+                tokens_per_s = batch * seq / timings[peer].median
+                flops_per_s = tokens_per_s * record["flops_per_token"]
+                record[key] = {**timings[peer].as_dict(), "tokens_per_s": tokens_per_s,
+                               "model_flops_per_s": flops_per_s, "mfu": flops_per_s / record["peak_flops"]}
+                if peer in splits:
+                    record[key]["time_split"] = splits[peer]
 
-    add(timings)
-    for peer, time_shares in splits.items():
-        record[peer]["time_split"] = time_shares
-    record["speedup_vs_transformers"] = speedup(timings, "ours", "transformers") if "transformers" in timings else None
-    if not compiled and not settings.quick:
-        timings, infos, _ = time_group([f"ours:{name}" for name in ENCODINGS], cfg, batch, seq, settings, compiled,
-                                       split=False)
-        add(timings)
-        for peer, info in infos.items():
-            record[peer]["sdpa"] = info["sdpa"]
-        medians = [timings[f"ours:{name}"].median for name in LAYOUTS]
-        record["layout_spread"] = max(medians) / min(medians)  # slowest layout's step over the fastest's
-        # each encoding's step over complex RoPE's, median of the per-round ratios (>1: slower)
-        record["cost_vs_complex"] = {name: speedup(timings, "ours:complex", f"ours:{name}")["wall"] for name in ENCODINGS}
-    return record
+        add(timings, {kind: f"{kind}@{precision}" for kind in kinds})
+        record["speedup_vs_transformers"] = speedup(timings, ours, theirs) if theirs in timings else None
+        if precision == "bf16" and "ours@float32" in timings:  # how many times faster bf16 ran than float32
+            record["bf16_over_float32"] = {kind: speedup(timings, f"{kind}@bf16", f"{kind}@float32")
+                                           for kind in kinds}
+        if not compiled and not settings.quick and precision == settings.precisions[0]:
+            encodings = {f"ours:{e}": f"ours:{e}@{precision}" for e in ENCODINGS}
+            enc_timings, enc_infos, _ = time_group(list(encodings.values()), cfg, batch, seq, settings, compiled,
+                                                   split=False)
+            add(enc_timings, encodings)
+            for key, peer in encodings.items():
+                record[key]["sdpa"] = enc_infos[peer]["sdpa"]
+            medians = [enc_timings[encodings[f"ours:{e}"]].median for e in LAYOUTS]
+            record["layout_spread"] = max(medians) / min(medians)  # slowest layout's step over the fastest's
+            # each encoding's step over complex RoPE's, median of the per-round ratios (>1: slower)
+            record["cost_vs_complex"] = {e: speedup(enc_timings, encodings["ours:complex"], encodings[f"ours:{e}"])["wall"]
+                                         for e in ENCODINGS}
+        records.append(record)
+    return records
 
 
 MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm"}
@@ -207,8 +241,8 @@ def run(settings: Settings) -> dict:
     device, quick = settings.device, settings.quick
     # CUDA is measured compiled (the GPU target); CPU eager and compiled; --quick eager only.
     modes = [True] if device.type == "cuda" and not quick else [False] if quick else [False, True]
-    results = [measure(name, cfg, batch, seq, settings, compiled)
-               for compiled in modes for name, cfg, batch, seq in model_settings(device, quick)]
+    results = [record for compiled in modes for name, cfg, batch, seq in model_settings(device, quick)
+               for record in measure(name, cfg, batch, seq, settings, compiled)]
     print_results(results)
     return {"models": results}
 
@@ -220,11 +254,13 @@ def print_results(results: list[dict]) -> None:
         for peer in peers:
             ratio = r["speedup_vs_transformers"] if peer == "ours" else None
             mfu = r[peer]["mfu"]
-            label = f"{r['model']}{' compiled' if r['compiled'] else ''}:{peer.replace('ours:', 'ours ')}"
+            label = f"{_label(r)}:{peer.replace('ours:', 'ours ')}"
+            bf16_gain = r.get("bf16_over_float32", {}).get(peer)
             rows.append([label, r["batch"], r["seq"], r["params"], r[peer]["median_s"] * 1e3,
                          r[peer]["tokens_per_s"], r[peer]["model_flops_per_s"] / 1e9, None if mfu is None else f"{mfu:.1%}",
                          None if ratio is None else f"{ratio['wall']:.2f}x",
-                         None if ratio is None else f"{ratio['cpu']:.2f}x"])
+                         None if ratio is None else f"{ratio['cpu']:.2f}x",
+                         None if bf16_gain is None else f"{bf16_gain['wall']:.2f}x"])
     split_rows = []
     for r in results:
         if "time_split" in r.get("ours", {}) and "time_split" in r.get("transformers", {}):
@@ -235,16 +271,22 @@ def print_results(results: list[dict]) -> None:
             split = r.get(peer, {}).get("time_split")
             if split:
                 ceiling = r.get("speedup_ceiling") if peer == "ours" else None
-                split_rows.append([f"{r['model']}{' compiled' if r['compiled'] else ''}:{peer}",
+                split_rows.append([f"{_label(r)}:{peer}",
                                    split["matmul_s"] * 1e3, split["attention_s"] * 1e3, split["other_s"] * 1e3,
                                    f"{(split['matmul_s'] + split['attention_s']) / sum(split.values()):.0%}",
                                    None if ceiling is None else f"{ceiling:.2f}x"])
+    peaks = "; ".join(f"{precision} {min(p) / 1e9:,.0f}–{max(p) / 1e9:,.0f} GFLOP/s" for precision, p in
+                      ((precision, [r["peak_flops"] for r in results if r["precision"] == precision])
+                       for precision in dict.fromkeys(r["precision"] for r in results)))
+    sources = ", ".join(sorted({r["peak_flops_source"] for r in results}))
     spreads = ", ".join(f"{r['model']} {r['layout_spread']:.2f}x" for r in results if "layout_spread" in r)
     costs = "; ".join(f"{r['model']}: " + ", ".join(f"{name} {cost:.2f}x" for name, cost in r["cost_vs_complex"].items()
                                                      if name != "complex") for r in results if "cost_vs_complex" in r)
     print_table("train step (forward + backward + AdamW)", ["model:peer", "batch", "seq", "params", "ms/step",
-                "tokens/s", "GFLOP/s", "MFU", "vs hf", "vs hf (cpu time)"], rows,
-                ("vs hf: how many times faster than transformers, median of per-round ratios; MFU on GPUs only",
+                "tokens/s", "GFLOP/s", "MFU", "vs hf", "vs hf (cpu time)", "bf16 vs fp32"], rows,
+                ("vs hf: how many times faster than transformers in the same precision, median of per-round ratios; "
+                 "bf16 vs fp32: the same peer's bf16 step over its float32 step (same rounds)",
+                 f"MFU: model FLOP/s over the matmul peak of the precision ({sources}, before each model's rounds): {peaks}",
                  "ours = complex RoPE" + (f"; slowest layout over fastest (same rounds): {spreads}" if spreads else ""),
                  *([f"step time over complex RoPE's (same rounds; learned biases on SDPA's default kernel, cope explicit): {costs}"]
                    if costs else [])))
@@ -253,3 +295,7 @@ def print_results(results: list[dict]) -> None:
                     ["model:peer", "matmul", "attention", "other", "matmul+attention", "ceiling"], split_rows,
                     ("ceiling: transformers' timed step over our matmul + attention, the speedup if everything "
                      "else took no time; the profiler's per-op overhead inflates 'other'",))
+
+
+def _label(record: dict) -> str:
+    return f"{record['model']} {record['precision']}{' compiled' if record['compiled'] else ''}"

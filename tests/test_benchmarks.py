@@ -31,11 +31,12 @@ def run_suite(tmp_path: Path, *args: str, env: dict | None = None) -> tuple[dict
 @pytest.mark.slow
 def test_quick_suite_reports_every_section_with_its_ratios(tmp_path):
     pytest.importorskip("transformers")
-    results, stdout = run_suite(tmp_path)
+    results, stdout = run_suite(tmp_path, "--precision", "both")  # bf16 runs (emulated) where it is not native
     env = results["environment"]
-    for key in ("torch", "transformers", "device", "cpu_model", "torch_threads", "load_average"):
+    for key in ("torch", "transformers", "device", "cpu_model", "torch_threads", "load_average", "native_bf16_cpu"):
         assert key in env
     assert env["torch_threads"] == 1 and results["transformers_peers"] is True
+    assert results["precisions"] == ["float32", "bf16"]
 
     (case,) = results["rope"]["cases"]
     assert set(case["modes"]) == {"forward", "forward_backward"}
@@ -49,27 +50,39 @@ def test_quick_suite_reports_every_section_with_its_ratios(tmp_path):
                 assert mode["ratios"][name][ratio]["wall"] > 0 and mode["ratios"][name][ratio]["cpu"] > 0
         assert mode["layout_spread"] >= 1.0
 
-    (loss_case,) = results["loss"]["rows"]
-    assert (loss_case["tokens"], loss_case["vocab"]) == (64, 128)
-    for peer in ("fused", "unfused"):
-        assert loss_case[peer]["median_s"] > 0 and loss_case[peer]["peak_bytes"] >= 0
-    assert loss_case["fused_speedup"]["wall"] > 0 and loss_case["logits_bytes"] == 4 * 64 * 128
+    loss_cases = results["loss"]["rows"]
+    assert [case["precision"] for case in loss_cases] == ["float32", "bf16"]
+    for loss_case in loss_cases:
+        assert (loss_case["tokens"], loss_case["vocab"]) == (64, 128)
+        for peer in ("fused", "unfused"):
+            assert loss_case[peer]["median_s"] > 0 and loss_case[peer]["peak_bytes"] >= 0
+        assert loss_case["fused_speedup"]["wall"] > 0 and loss_case["logits_bytes"] == 4 * 64 * 128
 
     (norm_case,) = results["norm"]["rows"]
     assert (norm_case["tokens"], norm_case["dim"]) == (64, 32)
     assert set(norm_case["speedup"]) == {"formula", "torch", "transformers"}
     assert all(ratio["wall"] > 0 for ratio in norm_case["speedup"].values()) and norm_case["ours"]["median_s"] > 0
 
-    (model,) = results["train"]["models"]
-    assert model["ours"]["tokens_per_s"] > 0 and model["transformers"]["tokens_per_s"] > 0
-    assert model["speedup_vs_transformers"]["wall"] > 0 and model["ours"]["model_flops_per_s"] > 0
-    assert model["compiled"] is False  # --quick measures eager steps only
-    for peer in ("ours", "transformers"):
-        split = model[peer]["time_split"]
-        assert split["matmul_s"] > 0 and split["attention_s"] > 0 and split["other_s"] > 0
-    ours = model["ours"]["time_split"]
-    expected_ceiling = model["transformers"]["median_s"] / (ours["matmul_s"] + ours["attention_s"])
-    assert model["speedup_ceiling"] == pytest.approx(expected_ceiling)
+    models = results["train"]["models"]
+    assert [model["precision"] for model in models] == ["float32", "bf16"]
+    for model in models:
+        assert model["ours"]["tokens_per_s"] > 0 and model["transformers"]["tokens_per_s"] > 0
+        assert model["speedup_vs_transformers"]["wall"] > 0 and model["ours"]["model_flops_per_s"] > 0
+        assert model["compiled"] is False  # --quick measures eager steps only
+        # MFU against the measured matmul peak of the model's own precision
+        assert model["peak_flops_source"] == "measured matmul" and model["peak_flops"] > 0
+        assert model["ours"]["mfu"] == pytest.approx(model["ours"]["model_flops_per_s"] / model["peak_flops"])
+        for peer in ("ours", "transformers"):
+            split = model[peer]["time_split"]
+            assert split["matmul_s"] > 0 and split["attention_s"] > 0 and split["other_s"] > 0
+        ours = model["ours"]["time_split"]
+        expected_ceiling = model["transformers"]["median_s"] / (ours["matmul_s"] + ours["attention_s"])
+        assert model["speedup_ceiling"] == pytest.approx(expected_ceiling)
+    assert set(models[1]["bf16_over_float32"]) == {"ours", "transformers"} and "bf16_over_float32" not in models[0]
+    bf16_gain = models[1]["bf16_over_float32"]["ours"]["wall"]
+    # the same rounds: the per-round ratio's median lies within the spread of the two peers' own timings
+    assert min(models[0]["ours"]["rounds_s"]) / max(models[1]["ours"]["rounds_s"]) <= bf16_gain \
+        <= max(models[0]["ours"]["rounds_s"]) / min(models[1]["ours"]["rounds_s"])
 
     rows = results["longctx"]["rows"]
     assert [row["length"] for row in rows] == [64, 128]
@@ -83,21 +96,30 @@ def test_quick_suite_reports_every_section_with_its_ratios(tmp_path):
     assert set(results["longctx"]["memory_exponent"]) == {"sdpa", "naive", "alibi-sdpa", "t5-sdpa", "kerple-sdpa",
                                                           "fire-sdpa", "cope-explicit", "self_extend", "rerope",
                                                           "leaky_rerope", "lm_infinite", "sinks"}
+    vs_hf = results["longctx"]["vs_transformers"]
+    assert [row["length"] for row in vs_hf["rows"]] == [64, 128]
+    names = {f"{peer}@{precision}" for peer in ("ours", "transformers") for precision in ("float32", "bf16")}
+    for row in vs_hf["rows"]:
+        assert all(row[name]["median_s"] > 0 and row[name]["peak_bytes"] > 0 for name in names)
+        assert set(row["speedup_vs_transformers"]) == {"float32", "bf16"}
+        assert set(row["bf16_over_float32"]) == {"ours", "transformers"}
+    assert set(vs_hf["memory_exponent"]) == names
 
     for title in ("rope forward:", "rope forward_backward:", "LM head + cross-entropy", "RMSNorm, forward + backward",
-                  "train step", "where a train step's time goes",
-                  "long-context evaluation"):
+                  "train step", "where a train step's time goes", "tiny bf16:ours",
+                  "long-context evaluation", "long-context evaluation against transformers"):
         assert title in stdout
 
 
 @pytest.mark.slow
 def test_suite_without_the_transformers_peers_says_so(tmp_path):
-    results, stdout = run_suite(tmp_path, "--only", "rope,norm,train", "--skip-transformers")
+    results, stdout = run_suite(tmp_path, "--only", "rope,norm,train", "--skip-transformers", "--precision", "float32")
     assert "its peers are skipped" in stdout
     assert results["transformers_peers"] is False and "longctx" not in results
     mode = results["rope"]["cases"][0]["modes"]["forward_backward"]
     assert "transformers" not in mode["peers"] and "vs_transformers" not in mode["ratios"]["ours:complex"]
     assert set(results["norm"]["rows"][0]["speedup"]) == {"formula", "torch"}
+    assert results["precisions"] == ["float32"]  # --precision float32
     (model,) = results["train"]["models"]
     assert "transformers" not in model and model["speedup_vs_transformers"] is None
     assert model["ours"]["time_split"]["matmul_s"] > 0 and "speedup_ceiling" not in model
@@ -106,6 +128,22 @@ def test_suite_without_the_transformers_peers_says_so(tmp_path):
 def test_unknown_section_is_refused(tmp_path):
     done = subprocess.run([sys.executable, str(SUITE), "--only", "rope,nope"], capture_output=True, text=True)
     assert done.returncode != 0 and "--only" in done.stderr
+    done = subprocess.run([sys.executable, str(SUITE), "--precision", "fp8"], capture_output=True, text=True)
+    assert done.returncode == 2 and "--precision" in done.stderr
+
+
+def test_auto_precision_adds_bf16_where_the_processor_has_it(monkeypatch):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import minillm.precision
+    from common import precisions_for
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(minillm.precision, "native_bf16_cpu", lambda: "AMX")
+    assert precisions_for("auto", cpu) == ("float32", "bf16")
+    monkeypatch.setattr(minillm.precision, "native_bf16_cpu", lambda: None)
+    assert precisions_for("auto", cpu) == ("float32",)
+    assert precisions_for("both", cpu) == ("float32", "bf16") and precisions_for("bf16", cpu) == ("bf16",)
+    assert precisions_for("auto", torch.device("cuda")) == ("bf16",)
 
 
 # ----------------------------------------------------------------------------------------------
