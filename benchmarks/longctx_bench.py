@@ -192,6 +192,11 @@ def build_case(peer: str, device: torch.device, quick: bool) -> tuple[torch.nn.M
     return build(peer, device), "float32"
 
 
+def vocab_of(model: torch.nn.Module) -> int:
+    """The vocabulary of our Transformer or of a transformers model."""
+    return model.cfg.vocab_size if isinstance(model, Transformer) else model.config.vocab_size
+
+
 def peak_memory(cases: list[tuple[str, int]], device: torch.device, quick: bool = False) -> dict[tuple[str, int], int]:
     """Bytes per (peer, length): the growth of memory in use during one evaluation."""
     if device.type == "cpu":  # one fresh process measures every case (see the module docstring)
@@ -199,8 +204,7 @@ def peak_memory(cases: list[tuple[str, int]], device: torch.device, quick: bool 
     peaks = {}
     for peer, length in cases:
         model, precision = build_case(peer, device, quick)
-        vocab = model.config.vocab_size if not isinstance(model, Transformer) else model.cfg.vocab_size
-        idx, targets = tokens(length, vocab, device)
+        idx, targets = tokens(length, vocab_of(model), device)
         evaluate(model, idx, targets, precision)  # warm-up: kernels, rotary tables
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -218,8 +222,7 @@ def _probe(cases: list[tuple[str, int]], quick: bool) -> None:
     peaks = []
     for peer, length in cases:
         model, precision = models[peer]
-        vocab = model.config.vocab_size if not isinstance(model, Transformer) else model.cfg.vocab_size
-        idx, targets = tokens(length, vocab, cpu)
+        idx, targets = tokens(length, vocab_of(model), cpu)
         peaks.append((peer, length, resident_growth(lambda: evaluate(model, idx, targets, precision))))
     print(json.dumps(peaks))
 
