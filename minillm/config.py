@@ -442,6 +442,8 @@ class EvalConfig:
     # Runs trained on a synthetic task (data=synthetic) are scored on its test examples instead of on text.
     task_examples: int = 64  # test examples per length
     effective_threshold: float = 0.9  # effective length: the share of the 1x exact match each length up to it keeps
+    # ... defined only for runs whose 1x exact match reaches this: below it the run did not learn the task
+    effective_min_exact_match: float = 0.5
     device: str = "auto"  # auto: cuda when available
     # auto: bf16 matmuls where the processor multiplies bf16 natively (minillm.precision), float32 elsewhere
     precision: str = "auto"
@@ -475,6 +477,8 @@ class EvalConfig:
         _require(0 < self.effective_threshold <= 1, "effective_threshold",
                  f"must lie in (0, 1] (a share of the exact match at the training length), got "
                  f"{self.effective_threshold}")
+        _require(0 <= self.effective_min_exact_match <= 1, "effective_min_exact_match",
+                 f"must lie in [0, 1] (an exact match at the training length), got {self.effective_min_exact_match}")
         _choice(self.device, "device", ("auto", "cpu", "cuda", "mps"))
         _choice(self.precision, "precision", EVAL_PRECISIONS)
 

@@ -188,6 +188,7 @@ class EffectiveLengthRecord:
     reference_exact_match: Optional[float]  # the exact match at the training length; None: not evaluated there
     effective_length: Optional[int]
     longest_length: Optional[int]  # the longest length measured: an effective length equal to it is a lower bound
+    min_reference: float = 0.0  # below this exact match at the training length, effective_length is None
 
 
 @dataclass
@@ -526,7 +527,8 @@ def task_accuracy(model: Transformer, inputs: Tensor, targets: Tensor, answers: 
     return TaskScore(len(inputs), counts, loss_sum / counts.tokens if counts.tokens else math.nan, round(seconds, 3))
 
 
-def effective_length(records: list[AccuracyRecord], threshold: float) -> Optional[int]:
+def effective_length(records: list[AccuracyRecord], threshold: float,
+                     min_reference: float = 0.0) -> Optional[int]:
     """The effective length of one run under one (scaling, attention): the longest evaluated length L such that the
     exact match at L and at every shorter evaluated length is at least threshold × the exact match at the training
     length (1x). RULER's notion (Hsieh et al. 2024, arXiv:2404.06654), whose bar is a fixed score (Llama-2-7B's at
@@ -534,8 +536,9 @@ def effective_length(records: list[AccuracyRecord], threshold: float) -> Optiona
 
     A dip ends it: a length that recovers after a failing one does not count. Lengths not applicable (refused by
     the task, past the encoding's positions) are not evaluated lengths. None when the training length was not
-    evaluated, when nothing was right there (every length would pass a bar of 0), or when a length shorter than
-    the training length already fails.
+    evaluated, when the exact match there is 0 or below min_reference (a run that did not learn the task has no
+    length to keep: at 1 right answer in 256, a bar of 0.9/256 passes every length), or when a length shorter
+    than the training length already fails.
     """
     measured = sorted((r for r in records if r.applicable and r.exact_match is not None), key=lambda r: r.length)
     lengths = [r.length for r in measured]
@@ -543,7 +546,7 @@ def effective_length(records: list[AccuracyRecord], threshold: float) -> Optiona
         raise ValueError("effective_length: takes the records of one run under one scaling and attention, got two "
                          f"at one length ({sorted(n for n in set(lengths) if lengths.count(n) > 1)})")
     reference = next((r.exact_match for r in measured if r.length == r.trained_length), None)
-    if not reference:
+    if not reference or reference < min_reference:
         return None
     bar = threshold * reference
     longest = None
@@ -554,7 +557,8 @@ def effective_length(records: list[AccuracyRecord], threshold: float) -> Optiona
     return longest
 
 
-def effective_lengths(records: list[AccuracyRecord], threshold: float) -> list[EffectiveLengthRecord]:
+def effective_lengths(records: list[AccuracyRecord], threshold: float,
+                      min_reference: float = 0.0) -> list[EffectiveLengthRecord]:
     """One EffectiveLengthRecord per run under each (scaling, attention) in `records`, in their order."""
     series: dict[tuple, list[AccuracyRecord]] = {}
     for r in records:
@@ -565,8 +569,9 @@ def effective_lengths(records: list[AccuracyRecord], threshold: float) -> list[E
         measured = [r for r in group if r.applicable and r.exact_match is not None]
         reference = next((r.exact_match for r in measured if r.length == r.trained_length), None)
         out.append(EffectiveLengthRecord(*key, threshold=threshold, reference_exact_match=reference,
-                                         effective_length=effective_length(group, threshold),
-                                         longest_length=max((r.length for r in measured), default=None)))
+                                         effective_length=effective_length(group, threshold, min_reference),
+                                         longest_length=max((r.length for r in measured), default=None),
+                                         min_reference=min_reference))
     return out
 
 
@@ -843,7 +848,8 @@ def measure_accuracy(subject: TaskSubject, config: EvalConfig) -> Results:
                     done[key] = task_accuracy(model, *examples[length], attention=served[attention],
                                               batch_size=config.batch_size)
             results.accuracy.append(done[key].record(**setting))
-    results.effective_length = effective_lengths(results.accuracy, config.effective_threshold)
+    results.effective_length = effective_lengths(results.accuracy, config.effective_threshold,
+                                                 config.effective_min_exact_match)
     if model.cfg.rope.is_rotary:
         results.theory = _theory(model, info, [n for n in lengths if n not in unreachable])
     return results

@@ -251,10 +251,12 @@ def accuracy_section(records: list[AccuracyRecord], effective: list[EffectiveLen
     """The accuracy table with a paragraph saying how to read it."""
     examples = sorted({r.examples for r in records if r.applicable})
     thresholds = sorted({e.threshold for e in effective})
+    floors = sorted({e.min_reference for e in effective})
     rule = (f" Effective length (RULER, Hsieh et al. 2024, arXiv:2404.06654, against the model's own score): the "
             f"longest length up to which every length measured keeps at least "
             f"{' / '.join(f'{t:.0%}' for t in thresholds)} of the exact match at the training length; ≥: the "
-            f"longest length measured." if thresholds else "")
+            f"longest length measured; n/a: below {' / '.join(f'{m:.0%}' for m in floors)} at the training "
+            f"length, a run that did not learn the task." if thresholds else "")
     section = (f"Exact match per answer on {' / '.join(map(str, examples)) or 'no'} test examples per length: one "
                f"seed with its Wilson 95% interval [in brackets], several as their mean with the seeds' min–max "
                f"(in parentheses).{rule}\n\n" + accuracy_table(records, effective))

@@ -500,6 +500,11 @@ def test_effective_length_stops_at_the_first_dip():
     assert ev.effective_length([accuracy_record(64, 0.0), accuracy_record(128, 0.0)], 0.9) is None  # nothing right
     assert ev.effective_length([accuracy_record(128, 1.0)], 0.9) is None  # the training length not evaluated
     assert ev.effective_length([accuracy_record(64, 0.5), accuracy_record(128, 0.45)], 0.9) == 128  # relative bar
+    # A run that did not learn the task at 1x has no length to keep, however few answers its bar asks for.
+    barely = [accuracy_record(64, 1 / 256), accuracy_record(128, 1 / 256), accuracy_record(256, 0.0)]
+    assert ev.effective_length(barely, 0.9) == 128
+    assert ev.effective_length(barely, 0.9, min_reference=0.5) is None
+    assert ev.effective_length([accuracy_record(64, 0.5), accuracy_record(128, 0.5)], 0.9, min_reference=0.5) == 128
     with pytest.raises(ValueError, match="effective_length: takes the records of one run"):
         ev.effective_length([accuracy_record(64, 1.0), accuracy_record(64, 0.5, run="other")], 0.9)
 
@@ -513,6 +518,8 @@ def test_effective_lengths_one_per_run_and_setting():
     assert found["s0", "none"].effective_length == 64 and found["s0", "yarn"].effective_length == 128
     assert found["s1", "yarn"] == ev.EffectiveLengthRecord("complex θ=10000", "s1", 1, 64, "complex", "mqar", "yarn",
                                                            "full", 0.9, 0.8, 128, 256)
+    floor = {(e.run, e.method): e for e in ev.effective_lengths(records, 0.9, min_reference=0.9)}
+    assert all(e.effective_length is None and e.min_reference == 0.9 for e in floor.values())
 
 
 def test_measure_accuracy_refuses_what_the_task_cannot_hold_and_reuses_equal_frequencies(monkeypatch):
@@ -562,7 +569,7 @@ def test_measure_accuracy_past_learned_positions_does_not_apply():
         [("none", 16, True)] + [("none", n, False) for n in (32, 64, 128, 256)]  # not rotary: no yarn
     assert all(r.note == "learned positions stop at 16" for r in results.accuracy[1:])
     assert [e.effective_length for e in results.effective_length] == \
-        [16 if results.accuracy[0].exact_match else None]
+        [16 if results.accuracy[0].exact_match >= config.effective_min_exact_match else None]
     assert results.theory == []
 
 
@@ -574,6 +581,10 @@ def test_task_settings_are_checked_naming_the_field():
     for threshold in (0.0, 1.5, float("nan")):
         with pytest.raises(ValueError, match=r"^effective_threshold: must lie in \(0, 1\]"):
             EvalConfig(ckpt="-", effective_threshold=threshold)
+    assert EvalConfig(ckpt="-").effective_min_exact_match == 0.5
+    for floor in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match=r"^effective_min_exact_match: must lie in \[0, 1\]"):
+            EvalConfig(ckpt="-", effective_min_exact_match=floor)
 
 
 def save_run(folder: Path, model: Transformer, config: str) -> Path:
