@@ -95,12 +95,13 @@ class PerplexityRecord(Perplexity):
 
 @dataclass
 class PasskeyRecord:
-    """Passkey retrieval of one model at one (scaling, length, depth)."""
+    """Passkey retrieval of one model at one (scaling, attention, length, depth)."""
 
     model: str
     run: str
     seed: int
-    method: str
+    method: str  # the frequency scaling at evaluation
+    attention: str
     length: int
     depth: float
     trials: int
@@ -460,13 +461,14 @@ def passkey_prompt(tokenizer, filler: np.ndarray, length: int, depth: float, rng
 
 
 @torch.inference_mode()
-def passkey_trial(model: Transformer, prompt: PasskeyPrompt) -> tuple[bool, float]:
-    """Greedy exact match and the log-probability of the key's tokens, from one teacher-forced pass:
-    greedy decoding reproduces the key's tokens exactly when each is the argmax given the ones before.
-    (A greedy output that spells the key with other tokens counts as a miss.)"""
+def passkey_trial(model: Transformer, prompt: PasskeyPrompt,
+                  attention: Optional[AttentionMethod] = None) -> tuple[bool, float]:
+    """Greedy exact match and the log-probability of the key's tokens, from one teacher-forced pass under
+    `attention` (None: full causal attention): greedy decoding reproduces the key's tokens exactly when each is
+    the argmax given the ones before. (A greedy output that spells the key with other tokens counts as a miss.)"""
     device = next(model.parameters()).device
     tokens = prompt.tokens.to(device)[None]
-    hidden = model.hidden_states(tokens[:, :-1])[0, prompt.answer_start - 1:]
+    hidden = model.hidden_states(tokens[:, :-1], attention=attention)[0, prompt.answer_start - 1:]
     logits = model.head(hidden).float()  # the LM head on the answer positions only
     answer = tokens[0, prompt.answer_start:]
     log_probs = logits.log_softmax(-1).gather(-1, answer[:, None]).squeeze(-1)
@@ -580,29 +582,33 @@ def effective_lengths(records: list[AccuracyRecord], threshold: float,
 
 
 def _passkey(model: Transformer, tokenizer, filler: np.ndarray, lengths: list[int], methods: list[str],
-             config: EvalConfig, info: ModelInfo, progress) -> list[PasskeyRecord]:
-    """Passkey retrieval at each (scaling, length, depth); a length too short for the prompt is skipped."""
+             attention: dict[str, AttentionMethod], config: EvalConfig, info: ModelInfo,
+             progress) -> list[PasskeyRecord]:
+    """Passkey retrieval at each (scaling, attention, length, depth), every setting on the same prompts (a paired
+    comparison); a length too short for the prompt is skipped. attention: the served methods by their names."""
     rng = np.random.default_rng(config.seed)
     trained = model.cfg.context_length
-    records, skipped = [], set()
+    suffix = "+logn" if config.logn else ""
+    prompts: dict[tuple[int, float], list[PasskeyPrompt]] = {}
+    for length in lengths:
+        try:
+            for depth in config.passkey_depths:
+                prompts[length, depth] = [passkey_prompt(tokenizer, filler, length, depth, rng)
+                                          for _ in range(config.passkey_trials)]
+        except PasskeyDoesNotFit as error:
+            log.warning("passkey at length %d skipped for %s: %s", length, info.run, error)
+            for depth in config.passkey_depths:
+                prompts.pop((length, depth), None)
+    records = []
     for method in methods:
-        for length in lengths:
-            if length in skipped:
-                continue
-            with scaled_rope(model, scaling_for(method, length, trained, config.scaling_factor)):
-                for depth in config.passkey_depths:
-                    try:
-                        prompts = [passkey_prompt(tokenizer, filler, length, depth, rng)
-                                   for _ in range(config.passkey_trials)]
-                    except PasskeyDoesNotFit as error:
-                        log.warning("passkey at length %d skipped for %s: %s", length, info.run, error)
-                        skipped.add(length)
-                        break
-                    trials = [passkey_trial(model, prompt) for prompt in prompts]
-                    records.append(PasskeyRecord(info.model, info.run, info.seed, method, length, depth, len(trials),
-                                                 sum(t[0] for t in trials) / len(trials),
-                                                 sum(t[1] for t in trials) / len(trials)))
-                    progress.update(len(trials))
+        for name, served in attention.items():
+            for (length, depth), trials_at in prompts.items():
+                with scaled_rope(model, scaling_for(method, length, trained, config.scaling_factor)):
+                    trials = [passkey_trial(model, prompt, served) for prompt in trials_at]
+                records.append(PasskeyRecord(info.model, info.run, info.seed, method, name + suffix, length, depth,
+                                             len(trials), sum(t[0] for t in trials) / len(trials),
+                                             sum(t[1] for t in trials) / len(trials)))
+                progress.update(len(trials))
     return records
 
 
@@ -794,10 +800,13 @@ def measure(subject: Subject, config: EvalConfig) -> Results:
             results.perplexity.append(PerplexityRecord(**vars(measured), factor=scaling.factor, **setting))
     if config.passkey_trials:
         passkey_lengths = [n for n in usable if limit is None or n <= limit]
-        total = len(methods) * len(passkey_lengths) * len(config.passkey_depths) * config.passkey_trials
-        with tqdm(total=total, desc=f"passkey {info.run}", unit="trial") as progress:
+        passkey_attention = {name: served[name] for name in config.attention if name in served}
+        total = len(methods) * len(passkey_attention) * len(passkey_lengths) * len(config.passkey_depths) * \
+            config.passkey_trials
+        with tqdm(total=total, desc=f"passkey {info.run}", unit="trial") as progress, \
+                log_n_queries(model, config.logn):
             results.passkey = _passkey(model, subject.tokenizer, np.concatenate(documents), passkey_lengths, methods,
-                                       config, info, progress)
+                                       passkey_attention, config, info, progress)
     if model.cfg.rope.is_rotary:
         results.theory = _theory(model, info, usable)
     return results

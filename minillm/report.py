@@ -123,18 +123,19 @@ def perplexity_table(records: list[PerplexityRecord]) -> str:
 
 def passkey_table(rows: list[PasskeyRecord]) -> str:
     """Markdown: exact-match accuracy per depth and overall, and the mean key log-probability, per
-    model × scaling × length (seeds pooled)."""
+    model × scaling × attention × length (seeds pooled)."""
     if not rows:
         return ""
     depths = sorted({r.depth for r in rows})
     groups: dict[tuple, list[PasskeyRecord]] = defaultdict(list)
     for r in rows:
-        groups[(r.model, r.method, r.length)].append(r)
-    header = ["model", "scaling", "length", "trials"] + [f"depth {d:g}" for d in depths] + \
+        groups[(r.model, r.method, r.attention, r.length)].append(r)
+    header = ["model", "scaling", "attention", "length", "trials"] + [f"depth {d:g}" for d in depths] + \
              ["exact match", "key log-prob (nats)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    ordered = sorted(groups.items(), key=lambda item: (str(item[0][0]), _rank(item[0][1], SCALING_ORDER), item[0][2]))
-    for (model, method, length), group in ordered:
+    ordered = sorted(groups.items(), key=lambda item: (str(item[0][0]), _rank(item[0][1], SCALING_ORDER),
+                                                       _rank(item[0][2], ATTENTION_ORDER), item[0][3]))
+    for (model, method, attention, length), group in ordered:
         trials = sum(g.trials for g in group)
         per_depth = []
         for depth in depths:
@@ -143,7 +144,7 @@ def passkey_table(rows: list[PasskeyRecord]) -> str:
             per_depth.append(f"{sum(g.exact_match * g.trials for g in at) / n:.0%}" if n else "n/a")
         accuracy = sum(g.exact_match * g.trials for g in group) / trials
         logprob = sum(g.key_logprob * g.trials for g in group) / trials
-        lines.append("| " + " | ".join([model, method, str(length), str(trials), *per_depth,
+        lines.append("| " + " | ".join([model, method, attention, str(length), str(trials), *per_depth,
                                         f"{accuracy:.0%}", f"{logprob:.2f}"]) + " |")
     return "\n".join(lines)
 

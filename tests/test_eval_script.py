@@ -30,7 +30,7 @@ RESULT_COLUMNS = {"model", "run", "seed", "trained_length", "variant", "checkpoi
                   "factor", "applicable", "length", "loss", "ppl", "loss_beyond_train", "tokens", "seconds",
                   "peak_memory_mb"}
 POSITION_COLUMNS = {"model", "run", "seed", "method", "attention", "length", "position_start", "position_end", "loss"}
-PASSKEY_COLUMNS = ["model", "run", "seed", "method", "length", "depth", "trials", "exact_match", "key_logprob"]
+PASSKEY_COLUMNS = ["model", "run", "seed", "method", "attention", "length", "depth", "trials", "exact_match", "key_logprob"]
 SCALINGS = {"none", "linear", "ntk", "dynamic_ntk", "yarn", "dynamic_yarn", "llama3"}
 
 
@@ -159,7 +159,8 @@ def test_multirun_folder_default_lengths(tiny_runs, tmp_path):
 
 @pytest.mark.slow
 def test_checkpoint_list_attention_stride_and_passkey(tiny_runs, tmp_path):
-    """ckpt=[a,b] gives one table; every attention pattern with a stride; ten passkey trials per length/depth."""
+    """ckpt=[a,b] gives one table; every attention pattern with a stride; ten passkey trials per length/depth under
+    each scaling and attention pattern."""
     out = tmp_path / "eval"
     result = evaluate(out, f"ckpt={quoted(tiny_runs['complex'], tiny_runs['alibi'])}", *FAST, "lengths=[128,256]",
                       "scalings=[none,yarn]", "attention=[full,blockwise,sliding]", "stride=16",
@@ -180,9 +181,9 @@ def test_checkpoint_list_attention_stride_and_passkey(tiny_runs, tmp_path):
     assert "| complex θ=10000 |" in report and "| alibi |" in report and "## Passkey retrieval" in report
     columns, passkey = read_csv(out / "passkey.csv")
     assert columns == PASSKEY_COLUMNS
-    assert {(r["model"], r["method"], int(r["length"])) for r in passkey} == \
-           {("complex θ=10000", m, n) for m in ("none", "yarn") for n in (128, 256)} | \
-           {("alibi", "none", n) for n in (128, 256)}
+    assert {(r["model"], r["method"], r["attention"], int(r["length"])) for r in passkey} == \
+           {("complex θ=10000", m, a, n) for m in ("none", "yarn") for a in attention for n in (128, 256)} | \
+           {("alibi", "none", a, n) for a in attention for n in (128, 256)}
     for row in passkey:
         assert int(row["trials"]) == 10 and float(row["depth"]) == 0.5
         assert 0 <= float(row["exact_match"]) <= 1 and float(row["key_logprob"]) <= 0

@@ -343,7 +343,7 @@ class Oracle(nn.Module):
         self.anchor = nn.Parameter(torch.zeros(1))  # so that next(model.parameters()) gives the device
         self.sequence, self.vocab, self.margin, self.wrong = sequence, vocab, margin, wrong
 
-    def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
+    def hidden_states(self, idx: torch.Tensor, attention=None) -> torch.Tensor:
         return torch.arange(idx.shape[1], dtype=torch.float32)[None, :, None].expand(idx.shape[0], -1, 1)
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -380,6 +380,28 @@ def test_passkey_trial_equals_a_hand_computation_with_a_real_model(tokenizer, fi
     rows = logits[prompt.answer_start - 1:].log_softmax(-1)
     assert logprob == pytest.approx(float(rows.gather(-1, answer[:, None]).sum()), rel=1e-5) and logprob <= 0
     assert exact == bool((rows.argmax(-1) == answer).all())
+
+
+def test_passkey_trial_under_an_attention_method_reads_what_the_method_lets_it_see(tokenizer, filler):
+    """A sliding window wider than the prompt is full attention; one that ends before the key's sentence leaves the
+    key's log-probability as it is with that sentence's tokens replaced, since no query can see them."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=tokenizer.get_vocab_size(), context_length=64, d_model=16,
+                                    n_layers=1, n_heads=2)).eval()
+    prompt = ev.passkey_prompt(tokenizer, filler, 200, 0.0, np.random.default_rng(1))
+    full = ev.passkey_trial(model, prompt)
+    assert ev.passkey_trial(model, prompt, attention_method("sliding", {"window": 200})) == pytest.approx(full)
+    seen_from = prompt.key_position + len(tokenizer.encode(ev.PASSKEY_INTRO.format(key=prompt.key)).ids) + 1
+    # One layer: an answer query at i >= answer_start - 1 reads keys i - window + 1 .. i only.
+    narrow = attention_method("sliding", {"window": prompt.answer_start - seen_from})
+    assert prompt.answer_start - seen_from >= 8
+    blanked = prompt.tokens.clone()
+    blanked[:seen_from] = (blanked[:seen_from] + 1) % tokenizer.get_vocab_size()  # tokens no answer query sees
+    changed = ev.PasskeyPrompt(blanked, prompt.answer_start, prompt.key_position, prompt.key)
+    _, logprob = ev.passkey_trial(model, prompt, narrow)
+    assert ev.passkey_trial(model, changed, narrow)[1] == pytest.approx(logprob, rel=1e-6)
+    assert abs(ev.passkey_trial(model, changed)[1] - full[1]) > 1e-4  # full attention reads the changed tokens
+    assert abs(logprob - full[1]) > 1e-4
 
 
 def test_a_scaling_that_changes_nothing_at_a_length_reuses_the_measurement(monkeypatch):

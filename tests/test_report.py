@@ -48,7 +48,7 @@ def records() -> list[PerplexityRecord]:
 
 @pytest.fixture
 def passkey() -> list[PasskeyRecord]:
-    return [PasskeyRecord("complex θ=10000", "complex_seed0", 0, "none", 64, depth, 10, accuracy, -3.5)
+    return [PasskeyRecord("complex θ=10000", "complex_seed0", 0, "none", "full", 64, depth, 10, accuracy, -3.5)
             for depth, accuracy in ((0.1, 0.2), (0.9, 0.6))]
 
 
@@ -140,7 +140,7 @@ def test_markdown_averages_seeds_and_marks_what_does_not_apply(records, passkey,
     assert "| complex θ=10000 | 32 | yarn | full | 2 | 12 ± 2.8 | 12 ± 2.8 |" in lines
     assert "| learned | 32 | none | full | 1 | 12 | n/a |" in lines
     # Passkey: accuracy per depth and overall; theory: one row per model and length, whatever the seeds.
-    assert "| complex θ=10000 | none | 64 | 20 | 20% | 60% | 40% | -3.50 |" in lines
+    assert "| complex θ=10000 | none | full | 64 | 20 | 20% | 60% | 40% | -3.50 |" in lines
     theory_lines = [line for line in lines if line.startswith("| complex θ=10000 | 16 |")]
     assert len(theory_lines) == 2
     assert theory_lines[0].endswith("| 32 | ok |") and theory_lines[1].endswith("| 55 | base too small |")
@@ -200,10 +200,10 @@ def test_tables_order_lengths_by_value_and_scalings_as_registered():
     records = [record("run", 0, 32, 10.0, method=method) for method in ("yarn", "linear", "none")]
     rows = [line.split(" | ")[2] for line in report.perplexity_table(records).splitlines()[2:]]
     assert rows == ["none", "linear", "yarn"]
-    passkey = [PasskeyRecord("m", "r", 0, method, length, 0.5, 1, 0.0, -1.0)
-               for method in ("yarn", "none") for length in (1024, 128, 64)]
-    cells = [line.split(" | ")[1:3] for line in report.passkey_table(passkey).splitlines()[2:]]
-    assert cells == [["none", "64"], ["none", "128"], ["none", "1024"], ["yarn", "64"], ["yarn", "128"], ["yarn", "1024"]]
+    passkey = [PasskeyRecord("m", "r", 0, method, attention, length, 0.5, 1, 0.0, -1.0)
+               for method in ("yarn", "none") for attention in ("sinks", "full") for length in (1024, 64)]
+    cells = [line.split(" | ")[1:4] for line in report.passkey_table(passkey).splitlines()[2:]]
+    assert cells == [[m, a, n] for m in ("none", "yarn") for a in ("full", "sinks") for n in ("64", "1024")]
 
 
 # ----------------------------------------------------------------------------------------------
