@@ -800,13 +800,11 @@ def measure(subject: Subject, config: EvalConfig) -> Results:
             results.perplexity.append(PerplexityRecord(**vars(measured), factor=scaling.factor, **setting))
     if config.passkey_trials:
         passkey_lengths = [n for n in usable if limit is None or n <= limit]
-        passkey_attention = {name: served[name] for name in config.attention if name in served}
-        total = len(methods) * len(passkey_attention) * len(passkey_lengths) * len(config.passkey_depths) * \
-            config.passkey_trials
+        total = len(methods) * len(served) * len(passkey_lengths) * len(config.passkey_depths) * config.passkey_trials
         with tqdm(total=total, desc=f"passkey {info.run}", unit="trial") as progress, \
                 log_n_queries(model, config.logn):
             results.passkey = _passkey(model, subject.tokenizer, np.concatenate(documents), passkey_lengths, methods,
-                                       passkey_attention, config, info, progress)
+                                       served, config, info, progress)
     if model.cfg.rope.is_rotary:
         results.theory = _theory(model, info, usable)
     return results

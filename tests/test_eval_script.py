@@ -30,7 +30,8 @@ RESULT_COLUMNS = {"model", "run", "seed", "trained_length", "variant", "checkpoi
                   "factor", "applicable", "length", "loss", "ppl", "loss_beyond_train", "tokens", "seconds",
                   "peak_memory_mb"}
 POSITION_COLUMNS = {"model", "run", "seed", "method", "attention", "length", "position_start", "position_end", "loss"}
-PASSKEY_COLUMNS = ["model", "run", "seed", "method", "attention", "length", "depth", "trials", "exact_match", "key_logprob"]
+PASSKEY_COLUMNS = ["model", "run", "seed", "method", "attention", "length", "depth", "trials", "exact_match",
+                   "key_logprob"]
 SCALINGS = {"none", "linear", "ntk", "dynamic_ntk", "yarn", "dynamic_yarn", "llama3"}
 
 
