@@ -146,6 +146,7 @@ SYNTHETIC = "synthetic"  # data.path of the generated tasks
 # Every synthetic task's knobs, one field per registered task (its config class): the schema of `data.tasks`.
 TaskSettings = make_dataclass("TaskSettings", [(name, cls, field(default_factory=cls))
                                                for name, cls in SYNTHETIC_TASKS.items()])
+TaskSettings.__module__ = __name__  # so it pickles by reference (a parallel sweep's workers import it)
 
 
 @dataclass

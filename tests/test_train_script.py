@@ -712,6 +712,23 @@ def test_job_folders_of_a_sweep_pass_back_unquoted(tmp_path, env, cache_dir, sma
     assert summary(jobs[0])["steps"] == 4
 
 
+@pytest.mark.slow
+def test_parallel_sweep_trains_what_the_serial_one_does(tmp_path, env):
+    """make's JOBS: the joblib launcher's jobs train in worker processes, with the runs of a serial sweep."""
+    sweep = ["-m", "data=synthetic", "data.task=copy", "rope=complex,alibi", *SMALL, "logger=csv"]
+    assert_ok(train(env, *sweep, f"hydra.sweep.dir={tmp_path / 'serial'}"))
+    parallel = train(env, *sweep, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+                     f"hydra.sweep.dir={tmp_path / 'parallel'}")
+    assert_ok(parallel)
+    runs = {name: sorted(p.name for p in (tmp_path / name).iterdir() if p.is_dir()) for name in ("serial", "parallel")}
+    assert runs["serial"] == runs["parallel"] and len(runs["serial"]) == 2
+    assert len(RESULT_LINE.findall(parallel.out)) == 2
+    for run in runs["serial"]:
+        serial, together = summary(tmp_path / "serial" / run), summary(tmp_path / "parallel" / run)
+        assert together["steps"] == serial["steps"] == MAX_STEPS
+        assert together["val_loss"] == serial["val_loss"]  # the same seed, data and one thread: bitwise
+
+
 FAILURES = {  # name: (arguments, the one line's start)
     "setting that is no setting": (["+trainer.max_step=20"],
                                    "error: trainer.max_step: not a setting of TrainerConfig (did you mean "
