@@ -49,7 +49,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     bias: bool = False  # biases in every linear layer and LayerNorm
     qkv_bias: bool = False  # biases on the query, key and value projections only (Qwen2)
-    qk_norm: bool = False  # RMSNorm over each head's queries and keys before the rotation (Qwen3)
+    qk_norm: bool = False  # RMSNorm over each head's queries and keys before the rotation (arXiv:2302.05442; Qwen3)
     nope_every: Optional[int] = None  # every n-th layer (n, 2n, ...) sees no positions (Llama 4's iRoPE); None: none
     attn_temperature: str = "none"  # none | logn (Qwen's log-n) | ssmax (Scalable-Softmax): queries scaled by position
     tie_embeddings: bool = True

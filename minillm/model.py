@@ -219,7 +219,8 @@ class Attention(nn.Module):
                              bias=cfg.bias or cfg.qkv_bias)
         self.qkv_sizes = (cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim)
         self.proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=cfg.bias)
-        # QK-norm (as in FLUX): RMSNorm over each head's channels keeps attention logits bounded.
+        # QK-norm (Dehghani et al. 2023, arXiv:2302.05442; Qwen3, OLMo 2): RMSNorm over each head's channels keeps
+        # attention logits bounded.
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
         self.dropout = cfg.attn_dropout
