@@ -57,9 +57,7 @@ def solve_needle(task: Needle, prompt: list[int]) -> list[int]:
     key, before = prompt[-1], prompt[:-2]  # the haystack and the queries answered so far
     at = [i for i, t in enumerate(before) if t == key]
     assert len(at) == 1, "the needle's key appears once in the haystack"
-    value = before[at[0] + 1:at[0] + 1 + task.value_length]
-    assert all(before.count(t) == 1 for t in value), "the needle's value tokens appear once in the haystack"
-    return value
+    return before[at[0] + 1:at[0] + 1 + task.value_length]
 
 
 def solve_copy(task: Copy, prompt: list[int]) -> list[int]:
@@ -142,7 +140,7 @@ def test_each_registered_task_is_covered_and_named_by_its_key():
 
 def test_vocabulary_sizes_follow_the_layouts():
     assert MQAR(num_keys=10, num_values=7).vocab_size == 1 + 10 + 7
-    assert Needle(num_keys=10, num_values=9).vocab_size == 2 + 10 + 9
+    assert Needle(num_keys=10, num_values=7).vocab_size == 2 + 10 + 7
     assert Copy(num_symbols=9).vocab_size == 2 + 9
     assert FlipFlop().vocab_size == 6
 
@@ -265,7 +263,6 @@ def test_flipflop_without_reads_asks_only_the_final_read_and_densities_are_kept(
     ("needle", {"num_queries": 0}, "data.tasks.needle.num_queries"),
     ("needle", {"num_queries": 2, "depth": 0.5}, "data.tasks.needle.depth"),
     ("needle", {"num_values": 0}, "data.tasks.needle.num_values"),
-    ("needle", {"num_values": 8}, "data.tasks.needle.num_values"),  # 4 needles × 2 values leave none for distractors
     ("needle", {"value_length": 0}, "data.tasks.needle.value_length"),
     ("needle", {"depth": 1.5}, "data.tasks.needle.depth"),
     ("needle", {"value_length": 3, "tokens_per_pair": 3}, "data.tasks.needle.tokens_per_pair"),
