@@ -32,6 +32,7 @@ TASKS = {
     "needle": Needle(),
     "needle_dense": Needle(num_keys=3, value_length=3, num_queries=1, tokens_per_pair=4, depth=0.5),
     "needle_queries": Needle(num_keys=4, value_length=1, num_queries=3, tokens_per_pair=5),
+    "needle_gap": Needle(num_values=128, query_gap=2),
     "copy": Copy(),
     "copy_reverse": Copy(num_symbols=3, reverse=True),
     "flipflop": FlipFlop(),
@@ -226,6 +227,12 @@ def test_needle_haystack_grows_with_the_length_and_its_depth_is_honoured():
     queries = window(example)[-12:].view(3, 4)
     assert bool((queries[:, 0] == 1).all()) and len(set(queries[:, 1].tolist())) == 3
     assert int(example.answers.max()) == 2
+    task = Needle(num_queries=2, query_gap=3)  # the gap's fillers sit between the last slot and the first marker
+    assert task.sizes(64) == {"haystack_pairs": (65 - 3 - 8) // 8} and task.min_length == 2 * (8 + 4) + 3 - 1
+    for i in range(20):
+        tokens = window(task.sample(64, example_generator(3, i)))
+        first_marker = int(torch.nonzero(tokens == 1)[0])
+        assert first_marker == 65 - 8 and bool((tokens[first_marker - 3:first_marker] == 0).all())
 
 
 def test_copy_copies_half_the_window_and_flipflop_has_an_instruction_per_two_tokens():
@@ -265,6 +272,7 @@ def test_flipflop_without_reads_asks_only_the_final_read_and_densities_are_kept(
     ("needle", {"num_values": 0}, "data.tasks.needle.num_values"),
     ("needle", {"value_length": 0}, "data.tasks.needle.value_length"),
     ("needle", {"depth": 1.5}, "data.tasks.needle.depth"),
+    ("needle", {"query_gap": -1}, "data.tasks.needle.query_gap"),
     ("needle", {"value_length": 3, "tokens_per_pair": 3}, "data.tasks.needle.tokens_per_pair"),
     ("copy", {"num_symbols": 0}, "data.tasks.copy.num_symbols"),
     ("flipflop", {"p_write": -0.1}, "data.tasks.flipflop.p_write"),
