@@ -216,9 +216,9 @@ class Needle(TaskConfig):
     """
 
     num_keys: int = 64
-    # 128 values: with 64, a needle's first value token recurred elsewhere in the window for 15% of needles,
-    # where "copy what followed it" is ambiguous; learned runs missed a quarter of those.
-    num_values: int = 128
+    # With 64 values a needle's first value token recurs elsewhere in the window for 15% of needles, where "copy
+    # what followed it" is ambiguous: learned runs missed a quarter of those; 128 halves that (docs/synthetic_tasks.md).
+    num_values: int = 64
     value_length: int = 2
     # Four needles in slots of 8 tokens (6 slots at 64 tokens, 126 at 1024): a 2-layer d_model=128, 4-head model
     # got 90% of them right by step 1000 (d_model=64: 12% after 3800 steps). One needle (niah_single) stayed
@@ -227,8 +227,9 @@ class Needle(TaskConfig):
     tokens_per_pair: int = 8
     depth: Optional[float] = None  # the needle's slot as a fraction of the haystack; None: uniform
     # Fillers between the haystack and the queries. With none, a needle that ends the haystack runs into the
-    # first query's marker and reads like a query itself: learned runs missed 42–44 of 44 such needles.
-    query_gap: int = 1
+    # first query's marker and reads like a query itself: learned runs missed 42–44 of 44 such needles, and
+    # none with one filler.
+    query_gap: int = 0
 
     def __post_init__(self) -> None:
         _require(self.num_queries >= 1, self.knob("num_queries"), f"must be at least 1, got {self.num_queries}")

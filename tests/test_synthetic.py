@@ -32,8 +32,7 @@ TASKS = {
     "needle": Needle(),
     "needle_dense": Needle(num_keys=3, value_length=3, num_queries=1, tokens_per_pair=4, depth=0.5),
     "needle_queries": Needle(num_keys=4, value_length=1, num_queries=3, tokens_per_pair=5),
-    "needle_no_gap": Needle(num_values=9, query_gap=0),
-    "needle_gap": Needle(query_gap=2),
+    "needle_gap": Needle(num_values=128, query_gap=2),
     "copy": Copy(),
     "copy_reverse": Copy(num_symbols=3, reverse=True),
     "flipflop": FlipFlop(),
@@ -198,7 +197,7 @@ def test_mqar_refuses_more_pairs_than_keys_and_too_short_lengths():
 
 def test_needle_haystack_grows_with_the_length_and_its_depth_is_honoured():
     task = Needle()
-    assert [task.sizes(n)["haystack_pairs"] for n in (64, 256, 1024)] == [6, 30, 126]  # (L + 1 − 1 − 4·4) // 8
+    assert [task.sizes(n)["haystack_pairs"] for n in (64, 256, 1024)] == [6, 30, 126]  # (L + 1 − 4·4) // 8
 
     def slots(task: Needle, tokens: torch.Tensor) -> torch.Tensor:
         pairs, size = task.sizes(len(tokens) - 1)["haystack_pairs"], task.tokens_per_pair
