@@ -103,7 +103,7 @@ context-extension: setup  ## fine-tune 64-token RoPE runs to 256 tokens: PI, NTK
 # docs/synthetic_tasks.md: every encoding × 3 seeds trained on each synthetic task at 64 tokens (conf/experiment/
 # synthetic.yaml), with each task's own budget below, then accuracy at 64..1024 tokens: every run as trained, the
 # rotary runs under each inference scaling, the rotary and ALiBi runs under the training-free attention methods.
-# copy and flipflop: about an hour on 2 CPU cores; mqar and needle: ~3 CPU-hours (make synthetic TASKS="mqar needle").
+# copy and flipflop: ~2.2 CPU-hours, an hour or more on 2 cores; mqar and needle: ~3.5 CPU-hours (TASKS="mqar needle").
 SYNTHETIC ?= outputs/synthetic
 TASKS ?= copy flipflop
 # Each task's recipe on top of experiment=synthetic: its budget, and the model and batch where they differ. MQAR:
