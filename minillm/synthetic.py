@@ -282,10 +282,9 @@ class Needle(TaskConfig):
         else:
             at = torch.tensor([round(self.depth * (pairs - 1))])
         keys[at] = needles
-        # Value tokens may recur across pairs. A needle whose first value token recurs (16% of windows at 64
-        # tokens) has a second token that "copy what followed it" gets wrong half the time; that is the signal
-        # that teaches key-anchored retrieval: with the needles' values unique, 2 of 9 rotary runs learned the
-        # needle in 2000 steps, against 7 of 9 (docs/synthetic_tasks.md).
+        # Value tokens may recur across pairs, and that teaches key-anchored retrieval: a needle's second value
+        # token cannot always be copied from what followed its first. With the needles' values made unique, 2 of
+        # 9 rotary runs learned the needle in 2000 steps, against 7 of 9 (docs/synthetic_tasks.md).
         values = 2 + self.num_keys + torch.randint(self.num_values, (pairs, n), generator=generator)
         offsets = torch.randint(size - n, (pairs,), generator=generator)  # the pair's place in its slot
         slots = torch.zeros(pairs, size, dtype=torch.int64)
