@@ -299,6 +299,32 @@ class Needle(TaskConfig):
         return _example([_fill(pad, 0), slots.flatten(), _fill(gap, 0), queries.flatten()], starts, n)
 
 
+
+def needle_misses(task: Needle, inputs: Tensor, targets: Tensor, answers: Tensor,
+                  predictions: Tensor) -> dict[str, tuple[int, int]]:
+    """(needles, missed) per kind of needle, a miss being any answer token wrong, on examples as `examples`
+    gives them and argmax predictions of the same shape. Kinds, in this order: "recurring", the needle's first
+    value token occurs more than once before its answer (so "copy what followed it" is ambiguous); "ends
+    haystack", the needle's pair is the haystack's last, its values just before the query_gap fillers and the
+    first query's marker; "other"."""
+    counts = {kind: [0, 0] for kind in ("recurring", "ends haystack", "other")}
+    for row in range(len(inputs)):
+        x, y, a = inputs[row], targets[row], answers[row]
+        first_marker = int(torch.nonzero(x == 1)[0])
+        for k in range(int(a.max()) + 1):
+            where = torch.nonzero(a == k).flatten()
+            start, key = int(where[0]), int(x[where[0]])
+            key_at = int(torch.nonzero(x[:first_marker] == key)[0])
+            if int((x[:start] == y[start]).sum()) > 1:
+                kind = "recurring"
+            elif key_at + task.value_length + 1 + task.query_gap == first_marker:
+                kind = "ends haystack"
+            else:
+                kind = "other"
+            counts[kind][0] += 1
+            counts[kind][1] += int(not torch.equal(predictions[row, where], y[where]))
+    return {kind: (n, missed) for kind, (n, missed) in counts.items()}
+
 @register_task("copy")
 @dataclass
 class Copy(TaskConfig):

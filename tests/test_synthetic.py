@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from minillm.config import ModelConfig
 from minillm.model import Transformer
-from minillm.synthetic import (IGNORE, MQAR, SYNTHETIC_TASKS, Accuracy, Copy, FlipFlop, Needle,
+from minillm.synthetic import (IGNORE, MQAR, SYNTHETIC_TASKS, Accuracy, Copy, FlipFlop, Needle, needle_misses,
                                accuracy, answer_ids, answer_loss, batch, example_generator, examples, task_config,
                                validation_set, wilson_interval)
 
@@ -413,3 +413,27 @@ def test_a_model_sized_by_the_task_trains_on_its_batches():
         loss.backward()
         optimizer.step()
     assert loss < first * 0.5
+
+
+def test_needle_misses_counts_each_kind_as_a_hand_count_does():
+    task = Needle(num_keys=4, num_values=4, value_length=2, num_queries=2, tokens_per_pair=3)
+    # keys 2..5, values 6..9; haystack: (k2 v6 v7) (k3 v8 v6) (k4 v9 v9), then queries ? k3 v8 v6 | ? k4 v9 v9
+    window = torch.tensor([2, 6, 7, 3, 8, 6, 4, 9, 9, 1, 3, 8, 6, 1, 4, 9, 9])
+    inputs, targets = window[:-1][None], torch.full((1, 16), IGNORE)
+    answers = torch.full((1, 16), -1)
+    for k, start in enumerate((10, 14)):  # each answer is predicted from its key, at the key's position
+        targets[0, start:start + 2] = window[start + 1:start + 3]
+        answers[0, start:start + 2] = k
+    predictions = targets.clone()
+    assert needle_misses(task, inputs, targets, answers, predictions) == {
+        "recurring": (1, 0), "ends haystack": (0, 0), "other": (1, 0)}  # v9 recurs; v8 does not, k3 is not last
+    predictions[0, 11] = 7  # the first needle's second token wrong
+    predictions[0, 15] = 6
+    counts = needle_misses(task, inputs, targets, answers, predictions)
+    assert counts == {"recurring": (1, 1), "ends haystack": (0, 0), "other": (1, 1)}
+    task_gap = Needle(num_keys=4, num_values=4, value_length=2, num_queries=1, tokens_per_pair=3, query_gap=1)
+    window = torch.tensor([2, 6, 7, 3, 8, 9, 0, 1, 3, 8, 9])  # k3's pair ends the haystack, one filler after it
+    inputs, targets, answers = window[:-1][None], torch.full((1, 10), IGNORE), torch.full((1, 10), -1)
+    targets[0, 8:10], answers[0, 8:10] = window[9:11], 0
+    assert needle_misses(task_gap, inputs, targets, answers, targets.clone()) == {
+        "recurring": (0, 0), "ends haystack": (1, 0), "other": (0, 0)}
