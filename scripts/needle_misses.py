@@ -23,18 +23,17 @@ def main() -> None:
     try:
         runs = find_runs(args.runs)
         subjects = []
-        for run in runs:
+        for run in runs:  # every run checked and loaded before the table starts
             task = run_task(run)
             if not isinstance(task, Needle):
                 raise ValueError(f"ckpt: {run.folder} was not trained on the needle task")
-            subjects.append((run, task))
+            subjects.append((run, task, load_model(run.checkpoint).eval()))
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     print("| run | exact match | recurring: missed / needles | ends haystack | other |")
     print("|---|---|---|---|---|")
-    for run, task in subjects:
-        model = load_model(run.checkpoint).eval()
+    for run, task, model in subjects:
         length = model.cfg.context_length
         inputs, targets, answers = validation_set(task, length, args.examples, args.seed, "test").tensors
         with torch.inference_mode():

@@ -35,3 +35,13 @@ def test_a_run_of_another_task_is_refused_in_one_line(synthetic_run):
     done = run("scripts/needle_misses.py", str(synthetic_run))
     assert done.returncode == 2
     assert done.stderr.strip() == f"error: ckpt: {synthetic_run} was not trained on the needle task"
+
+
+def test_a_corrupt_checkpoint_is_refused_in_one_line(synthetic_run, tmp_path):
+    run_dir = tmp_path / "broken"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "config.yaml").write_text((synthetic_run / "config.yaml").read_text().replace("task: copy", "task: needle"))
+    (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"not a checkpoint")
+    done = run("scripts/needle_misses.py", str(run_dir))
+    assert done.returncode == 2 and done.stdout == ""
+    assert len(done.stderr.strip().splitlines()) == 1 and "last.ckpt" in done.stderr
