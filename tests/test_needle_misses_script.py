@@ -40,7 +40,8 @@ def test_a_run_of_another_task_is_refused_in_one_line(synthetic_run):
 def test_a_corrupt_checkpoint_is_refused_in_one_line(synthetic_run, tmp_path):
     run_dir = tmp_path / "broken"
     (run_dir / "checkpoints").mkdir(parents=True)
-    (run_dir / "config.yaml").write_text((synthetic_run / "config.yaml").read_text().replace("task: copy", "task: needle"))
+    config = (synthetic_run / "config.yaml").read_text()
+    (run_dir / "config.yaml").write_text(config.replace("task: copy", "task: needle"))
     (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"not a checkpoint")
     done = run("scripts/needle_misses.py", str(run_dir))
     assert done.returncode == 2 and done.stdout == ""
