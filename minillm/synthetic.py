@@ -218,7 +218,7 @@ class Needle(TaskConfig):
     num_keys: int = 64
     # With 64 values a needle's first value token recurs elsewhere in the window for 15% of needles, where "copy
     # what followed it" is ambiguous: learned runs missed a quarter of those; 128 halves that (docs/synthetic_tasks.md).
-    num_values: int = 64
+    num_values: int = 128
     value_length: int = 2
     # Four needles in slots of 8 tokens (6 slots at 64 tokens, 126 at 1024): a 2-layer d_model=128, 4-head model
     # got 90% of them right by step 1000 (d_model=64: 12% after 3800 steps). One needle (niah_single) stayed
@@ -229,7 +229,7 @@ class Needle(TaskConfig):
     # Fillers between the haystack and the queries. With none, a needle that ends the haystack runs into the
     # first query's marker and reads like a query itself: learned runs missed 42–44 of 44 such needles, and
     # none with one filler.
-    query_gap: int = 0
+    query_gap: int = 1
 
     def __post_init__(self) -> None:
         _require(self.num_queries >= 1, self.knob("num_queries"), f"must be at least 1, got {self.num_queries}")

@@ -197,7 +197,7 @@ def test_mqar_refuses_more_pairs_than_keys_and_too_short_lengths():
 
 def test_needle_haystack_grows_with_the_length_and_its_depth_is_honoured():
     task = Needle()
-    assert [task.sizes(n)["haystack_pairs"] for n in (64, 256, 1024)] == [6, 30, 126]  # (L + 1 − 4·4) // 8
+    assert [task.sizes(n)["haystack_pairs"] for n in (64, 256, 1024)] == [6, 30, 126]  # (L + 1 − g − 4·4) // 8
 
     def slots(task: Needle, tokens: torch.Tensor) -> torch.Tensor:
         pairs, size = task.sizes(len(tokens) - 1)["haystack_pairs"], task.tokens_per_pair
