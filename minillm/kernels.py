@@ -190,7 +190,9 @@ def rotate(x: Tensor, cos: Tensor, sin: Tensor, rotary_dim: int, adjacent: bool,
         flat_cos, flat_sin = (cos[0, 0], sin[0, 0]) if cos.shape[0] == 1 else (cos[:, 0], sin[:, 0])
         rotated = rotate_triton(x[..., :r], flat_cos, flat_sin, adjacent)
     else:
-        part = x[..., :r].float()  # no copy for float32; other dtypes rotate in float32 and round once
+        # Rotated in float32, rounded once to x's dtype, and laid out as attention wants its heads: each head's
+        # (seq, head_dim) block dense (model.Attention). No copy where x is that already, in float32.
+        part = x[..., :r].to(torch.float32, memory_format=torch.contiguous_format)
         rotated = rotate_pairs(part, torch.complex(cos, sin)) if adjacent else rotate_half_fused(part, cos, sin)
         rotated = rotated.to(x.dtype)
     return rotated if r == x.shape[-1] else torch.cat((rotated, x[..., r:]), dim=-1)

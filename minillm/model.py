@@ -249,6 +249,10 @@ class Attention(nn.Module):
         if temperature is not None:
             q = q * temperature
         dropout, gqa = self.dropout if self.training else 0.0, self.kv_heads != self.n_heads
+        # Each head's (T, hd) block dense in memory: SDPA's CPU kernels run faster on it than on the heads
+        # interleaved as the projection lays them out (bf16 attention at 4096 tokens 1.2x; a bf16 training step
+        # of model=small 1.06x, AMD EPYC). After a rotation in float32 the copy is already made (kernels.rotate).
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         if context is not None:
             y = contextual_attention(q, k, v, mask, context, dropout)
         elif isinstance(mask, BlockedMask):

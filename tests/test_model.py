@@ -649,6 +649,26 @@ def test_bf16_forward_is_finite_and_close_to_float32(case):
     assert (logits.float() - reference).abs().max() < 0.1 * reference.abs().max()
 
 
+@pytest.mark.parametrize("case", ["complex", "rotate_half", "partial_rotary", "alibi"])
+@pytest.mark.parametrize("precision", ["float32", "bf16"])
+def test_attention_hands_sdpa_dense_heads(case, precision, monkeypatch):
+    """q, k and v reach SDPA with each head's (seq, head_dim) block dense, the layout its CPU kernels run fastest
+    on, in training and in evaluation, rotated or not."""
+    sdpa, layouts = F.scaled_dot_product_attention, []
+
+    def spy(q, k, v, *args, **kwargs):
+        layouts.append(tuple(t.is_contiguous() for t in (q, k, v)))
+        return sdpa(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    model = tiny(rope=ENCODINGS[case])
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        model.loss(tokens(2, 16), tokens(2, 16, seed=2)).backward()
+        with torch.no_grad():
+            model.token_losses(tokens(1, 16), tokens(1, 16, seed=2))
+    assert layouts == [(True, True, True)] * 2 * model.cfg.n_layers
+
+
 def test_autocast_bf16_keeps_norm_outputs_in_bf16():
     model = tiny(rope=position_config("alibi"), qk_norm=True)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
