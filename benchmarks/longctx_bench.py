@@ -4,7 +4,7 @@ Peers, the same tiny model (random weights: time and memory do not depend on the
     sdpa        rotary (complex) model as it is: no mask, SDPA's fused causal kernel (flash on CPU and CUDA)
     naive       the same weights with NaiveAttention: an explicit (L, L) float mask, scores, softmax; up to
                 NAIVE_MAX_LENGTH (quadratic: on CPU 1.4 s and 0.6 GB at 4096 tokens, 4x the memory per doubling)
-    alibi-sdpa  an ALiBi model: its bias goes to SDPA through attn_mask, whole up to minillm.model.MASK_BUDGET
+    alibi-sdpa  an ALiBi model: its bias goes to SDPA through attn_mask, whole up to minillm.model.masks.MASK_BUDGET
                 elements (quadratic), then by blocks of queries (model.BlockedMask)
     t5-sdpa, kerple-sdpa, fire-sdpa  the learned relative biases, through the same path (FIRE: one MLP per
                 layer, its hidden activations by blocks of rows too)
@@ -42,10 +42,11 @@ import torch.nn.functional as F
 
 from common import (Settings, autocast, optional_transformers, print_table, probe_in_fresh_process, resident_growth,
                     speedup, time_peers)
-from minillm.attention import attention_method
-from minillm.config import ModelConfig
-from minillm.model import Attention, KVCache, Transformer
-from minillm.rope import Rotation, position_config
+from minillm.positions.methods import attention_method
+from minillm.model.config import ModelConfig
+from minillm.model.transformer import Attention, KVCache, Transformer
+from minillm.positions.rotary import Rotation
+from minillm.positions.base import position_config
 from train_bench import model_config
 
 BIASES = ("alibi", "t5", "kerple", "fire")  # encodings whose bias reaches SDPA as attn_mask
@@ -135,7 +136,7 @@ def vs_hf_lengths(device: torch.device, quick: bool) -> list[int]:
 
 def build_vs_hf(peer: str, device: torch.device, quick: bool) -> torch.nn.Module:
     """"ours" or "transformers": the same random weights (model=small; --quick the tiny default)."""
-    from minillm.export import to_hf_llama
+    from minillm.interop.export import to_hf_llama
 
     torch.manual_seed(0)
     model = Transformer(ModelConfig() if quick else model_config("small")).to(device).eval()

@@ -2,7 +2,7 @@
 
 Peers measured in the same run, on the same input, gain and output gradient (their outputs and gradients
 are checked equal first):
-    ours          minillm.model.RMSNorm: its own autograd Function, the backward through torch's fused
+    ours          minillm.model.transformer.RMSNorm: its own autograd Function, the backward through torch's fused
                   layer-norm backward kernel (see _RMSNormFunction)
     formula       x · rsqrt(mean(x²) + eps) · g in float32, differentiated by autograd op by op (what
                   RMSNorm runs under torch.compile, where Inductor fuses it)
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from common import Settings, print_table, speedup, time_peers
-from minillm.model import RMSNorm
+from minillm.model.transformer import RMSNorm
 
 EPS = 1e-5
 

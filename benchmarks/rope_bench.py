@@ -22,8 +22,9 @@ import torch
 
 from common import Settings, print_table, speedup, time_peers
 from minillm.kernels import triton_applies
-from minillm.rope import ROTARY_FUNCTIONS, ROTARY_LAYOUTS, Positions, RotaryEmbedding
-from minillm.scaling import rotary_inv_freq
+from minillm.positions.rotary import ROTARY_FUNCTIONS, ROTARY_LAYOUTS, RotaryEmbedding
+from minillm.positions.base import Positions
+from minillm.positions.scaling import rotary_inv_freq
 
 HEADS = 8
 XPOS_SCALE_BASE = 512.0

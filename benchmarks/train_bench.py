@@ -31,9 +31,9 @@ from omegaconf import OmegaConf
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from common import Settings, autocast, optional_transformers, peer_processes, print_table, speedup, time_samplers
-from minillm.config import ModelConfig
-from minillm.model import Transformer
-from minillm.task import GPU_PEAK_FLOPS, measure_peak_flops, parameter_groups, peak_flops_for
+from minillm.model.config import ModelConfig
+from minillm.model.transformer import Transformer
+from minillm.train.task import GPU_PEAK_FLOPS, measure_peak_flops, parameter_groups, peak_flops_for
 
 MODEL_CONF = Path(__file__).resolve().parent.parent / "conf" / "model"
 

@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 from minillm.files import write_atomic
-from minillm.study import context_extension_report, plot_context_extension
+from minillm.eval.study import context_extension_report, plot_context_extension
 
 
 def main(folder: str, out: str) -> None:

@@ -7,7 +7,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from minillm.config import register_configs
+from minillm.cli import register_configs
 from minillm.console import check_overrides
 
 register_configs(Path(__file__).resolve().parents[1] / "conf")
@@ -16,7 +16,7 @@ register_configs(Path(__file__).resolve().parents[1] / "conf")
 @hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
     from minillm.console import fail
-    from minillm.run import evaluate  # here, not above: --help needs no Lightning
+    from minillm.eval.run import evaluate  # here, not above: --help needs no Lightning
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     try:

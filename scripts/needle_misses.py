@@ -9,9 +9,10 @@ import sys
 
 import torch
 
-from minillm.checkpoint import find_runs, load_model
-from minillm.evaluation import run_task
-from minillm.synthetic import Needle, needle_misses, validation_set
+from minillm.runs import find_runs, load_model
+from minillm.eval.sources import run_task
+from minillm.data.synthetic import Needle, needle_misses
+from minillm.data.answers import validation_set
 
 
 def main() -> None:

@@ -9,12 +9,15 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import minillm.model
-from minillm.attention import ATTENTION_METHODS, Window, attention_method, check_encoding
-from minillm.config import ModelConfig
+import minillm.model.masks
+import minillm.model.transformer
+from minillm.positions.methods import ATTENTION_METHODS, Window, attention_method, check_encoding
+from minillm.model.config import ModelConfig
 from minillm.kernels import attention_with_lse
-from minillm.model import KVCache, ScoreSet, Transformer, merged_attention
-from minillm.rope import Positions, RotaryConfig, position_config, rotate_interleaved
+from minillm.model.transformer import KVCache, Transformer
+from minillm.model.masks import ScoreSet, merged_attention
+from minillm.positions.base import Positions, position_config
+from minillm.positions.rotary import RotaryConfig, rotate_interleaved
 
 CPU = torch.device("cpu")
 TRAINED = 8
@@ -133,7 +136,7 @@ def explicit_merge(q, k, v, rope, parts_by_hand) -> torch.Tensor:
 @pytest.mark.parametrize("name", ["self_extend", "rerope", "leaky_rerope", "lm_infinite", "sinks"])
 def test_merged_parts_equal_one_explicit_softmax(name, grad, rows, monkeypatch):
     if rows is not None:
-        monkeypatch.setattr(minillm.model, "PATTERN_ROWS", rows)
+        monkeypatch.setattr(minillm.model.transformer, "PATTERN_ROWS", rows)
     rope = RotaryConfig("interleaved").build(ModelConfig(d_model=32, n_heads=2).shape, ModelConfig().rope_scaling)
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 2, 30, 16, generator=g) for _ in range(3))
@@ -145,7 +148,7 @@ def test_merged_parts_equal_one_explicit_softmax(name, grad, rows, monkeypatch):
     with torch.set_grad_enabled(grad):
         sets = [ScoreSet(rope.rotation(p.positions), model._mask(p.positions, torch.float32, p.pattern)) for p in parts]
         if rows is not None:  # every part by blocks; the far parts' blocks cut into an unmasked run and the rest
-            assert all(isinstance(s.mask, minillm.model.BlockedMask) for s in sets)
+            assert all(isinstance(s.mask, minillm.model.masks.BlockedMask) for s in sets)
             assert any(len(pieces) > 1 for s in sets for _, pieces in s.mask.pieces())
         ours = merged_attention(q, k, v, sets, None)
     reference = explicit_merge(q, k, v, rope, [(p.positions.query[0], p.positions.key[0], p.pattern(i, j)) for p in parts])
@@ -157,9 +160,9 @@ def test_merged_parts_equal_one_explicit_softmax(name, grad, rows, monkeypatch):
 def test_merged_parts_with_a_bias_and_a_query_temperature_equal_one_explicit_softmax(name, rows, monkeypatch):
     """ALiBi's bias taken at each part's own positions, queries scaled per position (logn at evaluation)."""
     if rows is not None:  # by blocks of 4 queries: a bias leaves no key unmasked, so no block is cut
-        monkeypatch.setattr(minillm.model, "PATTERN_ROWS", rows)
-    from minillm.model import QueryTemperature
-    from minillm.rope import alibi_slopes
+        monkeypatch.setattr(minillm.model.transformer, "PATTERN_ROWS", rows)
+    from minillm.model.transformer import QueryTemperature
+    from minillm.positions.bias import alibi_slopes
 
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(1, 4, 30, 8, generator=g) for _ in range(3))
@@ -210,7 +213,7 @@ ENCODINGS = {"complex": RotaryConfig("complex"), "xpos": RotaryConfig("rotate_ha
 @pytest.mark.parametrize("encoding", sorted(ENCODINGS))
 @pytest.mark.parametrize("name", sorted(ATTENTION_METHODS))
 def test_decoding_with_a_cache_equals_the_full_forward(encoding, name, rows, monkeypatch):
-    monkeypatch.setattr(minillm.model, "PATTERN_ROWS", rows)
+    monkeypatch.setattr(minillm.model.transformer, "PATTERN_ROWS", rows)
     rope = ENCODINGS[encoding]
     method = attention_method(name)
     if method.needs == "rotary" and not rope.is_rotary:
@@ -246,7 +249,7 @@ class LargestTensor(TorchDispatchMode):
 def test_long_evaluations_hold_no_length_squared_tensor(name, monkeypatch):
     """With a small mask budget the largest tensor grows linearly in the length (the feed-forward's activations
     are the largest then): doubling it doubles the peak, and it stays far from one (length × length) matrix."""
-    monkeypatch.setattr(minillm.model, "MASK_BUDGET", 2**14)
+    monkeypatch.setattr(minillm.model.transformer, "MASK_BUDGET", 2**14)
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=61, context_length=TRAINED, d_model=32, n_layers=1, n_heads=4,
                                     rope=RotaryConfig("complex"))).eval()

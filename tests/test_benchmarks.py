@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from minillm.config import ModelConfig
-from minillm.rope import Positions, RotaryConfig, position_config
-from minillm.model import Transformer
+from minillm.model.config import ModelConfig
+from minillm.positions.base import Positions, position_config
+from minillm.positions.rotary import RotaryConfig
+from minillm.model.transformer import Transformer
 
 ROOT = Path(__file__).resolve().parent.parent
 SUITE = ROOT / "benchmarks" / "run.py"
@@ -188,11 +189,12 @@ def test_block_compiles_to_one_graph_and_matches_eager(name):
 def test_block_compiles_to_one_graph_with_a_blocked_mask(pattern, grad, monkeypatch):
     """Long masks go by blocks of queries (model.BlockedMask): still one graph, and no recompilation for
     the fresh mask every forward builds."""
-    import minillm.model
-    from minillm.attention import attention_method
+    import minillm.model.masks
+    import minillm.model.transformer
+    from minillm.positions.methods import attention_method
 
     torch._dynamo.reset()
-    monkeypatch.setattr(minillm.model, "MASK_BUDGET", 4 * 24 * 4)  # blocks of 4 (ALiBi) or 16 queries
+    monkeypatch.setattr(minillm.model.transformer, "MASK_BUDGET", 4 * 24 * 4)  # blocks of 4 (ALiBi) or 16 queries
     rope = RotaryConfig("complex") if pattern == "sliding" else position_config(pattern)
     model = Transformer(ModelConfig(vocab_size=64, d_model=64, n_heads=4, n_kv_heads=2, n_layers=1, rope=rope))
     block = model.blocks[0]
@@ -204,7 +206,7 @@ def test_block_compiles_to_one_graph_with_a_blocked_mask(pattern, grad, monkeypa
         for _ in range(2):  # each forward builds its positions, rotary tables and mask afresh
             positions = Positions.contiguous(0, 24, x.device)
             rotation, mask = model.position.rotation(positions), model._mask(positions, x.dtype, allowed)
-            assert isinstance(mask, minillm.model.BlockedMask)
+            assert isinstance(mask, minillm.model.masks.BlockedMask)
             context = model.position.for_layer(0) if pattern == "cope" else None
             eager = block(x, rotation, mask, context=context)
             torch.testing.assert_close(compiled(x, rotation, mask, context=context), eager, rtol=1e-5, atol=1e-5)

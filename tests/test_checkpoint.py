@@ -10,8 +10,8 @@ import re
 import pytest
 import torch
 
-from minillm.checkpoint import CheckpointError, Run, find_runs, load_checkpoint, load_model
-from minillm.model import Transformer
+from minillm.runs import CheckpointError, Run, find_runs, load_checkpoint, load_model
+from minillm.model.transformer import Transformer
 
 from test_eval_script import tiny_runs  # noqa: F401  (the session's trained runs, shared with the script tests)
 

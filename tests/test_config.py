@@ -10,11 +10,12 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from minillm.config import DataConfig, ModelConfig, TokenizerConfig
-from minillm.model import Transformer
-from minillm.rope import POSITION_ENCODINGS, ROTARY_LAYOUTS, PositionConfig, RotaryConfig, position_config
-from minillm.scaling import (SCALINGS, DynamicNTKScaling, DynamicYarnScaling, LinearScaling, Llama3Scaling,
-                             LongRopeScaling, NTKScaling, Scaling, YarnScaling, scaling_config)
+from minillm.data.config import DataConfig, TokenizerConfig
+from minillm.model.config import ModelConfig
+from minillm.model.transformer import Transformer
+from minillm.positions.base import POSITION_ENCODINGS, PositionConfig, position_config
+from minillm.positions.rotary import ROTARY_LAYOUTS, RotaryConfig
+from minillm.positions.scaling import (SCALINGS, DynamicNTKScaling, DynamicYarnScaling, LinearScaling, Llama3Scaling, LongRopeScaling, NTKScaling, Scaling, YarnScaling, scaling_config)
 
 ALL_VARIANTS = sorted(POSITION_ENCODINGS)
 BASELINES = tuple(name for name in ALL_VARIANTS if name not in ROTARY_LAYOUTS)

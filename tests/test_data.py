@@ -22,12 +22,17 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from minillm import data as data_module
-from minillm.config import DataConfig, TokenizerConfig
-from minillm import synthetic
-from minillm.data import (EOS_TOKEN, DataError, SyntheticDataModule, SyntheticWindows, TextDataModule, TrainWindows,
-                          build_tokenizer, document_texts, load_corpus, load_documents, split_documents,
-                          stdlib_fingerprint, task_tokenizer, unigram_entropy)
+from minillm.data.corpus import HUB_PROBE_TIMEOUT, content_hash
+from minillm.data.modules import data_module
+import minillm.data.corpus as corpus_module
+import minillm.data.modules as modules_module
+import minillm.data.tokens as tokens_module
+from minillm.data.config import DataConfig, TokenizerConfig
+from minillm.data.synthetic import SYNTHETIC_TASKS, task_config
+from minillm.data.answers import batch, examples, validation_set
+from minillm.data.tokens import EOS_TOKEN, build_tokenizer, task_tokenizer, unigram_entropy
+from minillm.data.corpus import (DataError, document_texts, load_corpus, load_documents, split_documents, stdlib_fingerprint)
+from minillm.data.modules import SyntheticDataModule, SyntheticWindows, TextDataModule, TrainWindows
 
 SEQ_LEN = 32
 SMALL_VOCAB = TokenizerConfig(vocab_size=400)
@@ -92,7 +97,7 @@ def test_stdlib_fingerprint_is_stable_and_describes_the_corpus(stdlib_docs):
     assert first["files"] == len(stdlib_docs)
     assert first["bytes"] > 5_000_000
     assert len(first["sha256"]) == 64
-    assert first["sha256"] == data_module.content_hash(list(stdlib_docs["text"]))
+    assert first["sha256"] == content_hash(list(stdlib_docs["text"]))
 
 
 def test_txt_folder_gives_one_document_per_file_in_path_order(tmp_path):
@@ -192,7 +197,7 @@ def test_streamed_hub_dataset_is_cut_at_max_documents(tmp_path, monkeypatch):
         return stream
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    monkeypatch.setattr(data_module, "_check_hub_reachable", lambda cfg, local: None)  # no network in tests
+    monkeypatch.setattr(corpus_module, "_check_hub_reachable", lambda cfg, local: None)  # no network in tests
     docs = load_documents(DataConfig(path="someone/corpus", name="en", streaming=True, max_documents=3,
                                      cache_dir=str(tmp_path)))
     assert calls == [("someone/corpus", "en", "train", True)]
@@ -290,7 +295,7 @@ def test_bare_name_fails_fast_when_offline_or_the_hub_is_unreachable(tmp_path, m
     started = time.monotonic()
     with pytest.raises(DataError) as caught:
         load_documents(DataConfig(path="mydata", cache_dir=str(tmp_path / "cache")))
-    assert time.monotonic() - started < data_module.HUB_PROBE_TIMEOUT
+    assert time.monotonic() - started < HUB_PROBE_TIMEOUT
     assert str(caught.value).startswith(f"data.path='mydata': neither a local file or folder (resolved to "
                                         f"{(tmp_path / 'mydata').resolve()}) nor loadable from the hub: "
                                         f"http://127.0.0.1:{port} cannot be reached (")
@@ -414,7 +419,7 @@ def test_hub_validation_split_is_loaded_only_when_named(tmp_path, monkeypatch):
         return datasets.Dataset.from_dict({"text": [f"{split} document {i}" for i in range(3)]})
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    monkeypatch.setattr(data_module, "_check_hub_reachable", lambda cfg, local: None)
+    monkeypatch.setattr(corpus_module, "_check_hub_reachable", lambda cfg, local: None)
     corpus = load_corpus(local("someone/corpus", tmp_path))
     assert calls == ["train"] and corpus.val is None
     corpus = load_corpus(local("someone/corpus", tmp_path, val_split="validation"))
@@ -508,7 +513,7 @@ def test_tokenizer_is_cached_by_its_inputs(tmp_path, train_texts, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("trained again although the tokenizer was cached")
 
-    monkeypatch.setattr(data_module, "train_tokenizer", refuse)
+    monkeypatch.setattr(tokens_module, "train_tokenizer", refuse)
     second = build_tokenizer(SMALL_VOCAB, train_texts, tmp_path)
     assert second.to_str() == first.to_str() and cached.stat().st_mtime_ns == mtime
     with pytest.raises(AssertionError, match="trained again"):  # another vocabulary size is another tokenizer
@@ -561,7 +566,7 @@ def test_token_cache_is_reused(tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("encoded again although the tokens were cached")
 
-    monkeypatch.setattr(data_module, "encode_documents", refuse)
+    monkeypatch.setattr(modules_module, "encode_documents", refuse)
     second = ready(tmp_path)
     assert cache_files(tmp_path) == before
     assert np.array_equal(second.train_tokens, first.train_tokens)
@@ -712,7 +717,7 @@ def test_long_documents_are_the_longest_validation_documents(dm):
 
 
 def test_unigram_entropy_by_hand():
-    from minillm.data import unigram_entropy
+    from minillm.data.tokens import unigram_entropy
 
     assert unigram_entropy(np.array([0, 1, 2, 3], dtype=np.uint16), 8) == pytest.approx(math.log(4))
     # p = (3/4, 1/4): H = -(0.75 ln 0.75 + 0.25 ln 0.25)
@@ -725,51 +730,51 @@ def test_unigram_entropy_by_hand():
 
 def synthetic_data(task: str = "flipflop", seq_len: int = 32, **knobs) -> DataConfig:
     data = DataConfig(path="synthetic", task=task, batch_size=4, val_windows=6)
-    setattr(data.tasks, task, synthetic.task_config(task, knobs))
+    setattr(data.tasks, task, task_config(task, knobs))
     return data
 
 
 def test_synthetic_windows_yield_batches_from_first_batch_by_stride():
-    task = synthetic.task_config("flipflop")
+    task = task_config("flipflop")
     windows = iter(SyntheticWindows(task, 32, 4, seed=7, first_batch=5, stride=2))
     for b in (5, 7, 9):
         x, y = next(windows)
         assert x.shape == y.shape == (4, 32)
-        expected = synthetic.batch(task, 32, 4, seed=7, index=b)
+        expected = batch(task, 32, 4, seed=7, index=b)
         assert torch.equal(x, expected[0]) and torch.equal(y, expected[1])
     with pytest.raises(ValueError, match="model.context_length"):
         SyntheticWindows(task, 2, 4, seed=7)
 
 
-@pytest.mark.parametrize("task", sorted(synthetic.SYNTHETIC_TASKS))
+@pytest.mark.parametrize("task", sorted(SYNTHETIC_TASKS))
 def test_synthetic_module_serves_the_tasks_batches_and_a_fixed_validation_set(task):
     data = synthetic_data(task)
-    dm = data_module.data_module(data, TokenizerConfig(), seq_len=64, seed=3)
+    dm = data_module(data, TokenizerConfig(), seq_len=64, seed=3)
     assert isinstance(dm, SyntheticDataModule) and dm.vocab_size == data.synthetic_task.vocab_size
     for b, (x, y) in enumerate(batches(dm.train_dataloader(), 2)):
-        expected = synthetic.batch(data.synthetic_task, 64, 4, seed=3, index=b)
+        expected = batch(data.synthetic_task, 64, 4, seed=3, index=b)
         assert torch.equal(x, expected[0]) and torch.equal(y, expected[1])
     ((x, y, answers),) = batches(dm.val_dataloader(), 1)
-    reference = synthetic.validation_set(data.synthetic_task, 64, 6, seed=3).tensors
+    reference = validation_set(data.synthetic_task, 64, 6, seed=3).tensors
     assert torch.equal(x, reference[0][:4]) and torch.equal(answers, reference[2][:4])
     assert dm.fingerprint["dataset"]["task"] == task and dm.fingerprint["tokenizer"]["vocab_size"] == dm.vocab_size
 
 
 def test_synthetic_module_resumes_the_batch_sequence():
-    dm = data_module.data_module(synthetic_data(), TokenizerConfig(), seq_len=32)
+    dm = data_module(synthetic_data(), TokenizerConfig(), seq_len=32)
     uninterrupted = batches(dm.train_dataloader(), 5)
-    resumed = data_module.data_module(synthetic_data(), TokenizerConfig(), seq_len=32)
+    resumed = data_module(synthetic_data(), TokenizerConfig(), seq_len=32)
     resumed.load_state_dict({"batches_consumed": 3})
     for (x, y), (x_again, y_again) in zip(uninterrupted[3:], batches(resumed.train_dataloader(), 2)):
         assert torch.equal(x, x_again) and torch.equal(y, y_again)
 
 
-@pytest.mark.parametrize("task", sorted(synthetic.SYNTHETIC_TASKS))
+@pytest.mark.parametrize("task", sorted(SYNTHETIC_TASKS))
 def test_task_tokenizer_names_every_id_and_round_trips(task):
-    config = synthetic.task_config(task)
+    config = task_config(task)
     tokenizer = task_tokenizer(config)
     assert tokenizer.get_vocab_size() == config.vocab_size == len(set(config.token_names()))
-    x = synthetic.examples(config, 64, 1, seed=0, index=0).inputs[0].tolist()
+    x = examples(config, 64, 1, seed=0, index=0).inputs[0].tolist()
     text = tokenizer.decode(x)
     assert tokenizer.encode(text).ids == x
 
@@ -778,13 +783,13 @@ def test_synthetic_module_takes_a_tokenizer_of_its_vocabulary_only(tmp_path):
     data = synthetic_data("copy")
     path = tmp_path / "tokenizer.json"
     path.write_text(task_tokenizer(data.synthetic_task).to_str())
-    data_module.data_module(data, TokenizerConfig(path=str(path)), seq_len=32)  # a fine-tuning's source tokenizer: the same
+    data_module(data, TokenizerConfig(path=str(path)), seq_len=32)  # a fine-tuning's source tokenizer: the same
     other = synthetic_data("copy", num_symbols=5)
     with pytest.raises(DataError, match=r"^tokenizer.path=.*not the vocabulary of the copy task"):
-        data_module.data_module(other, TokenizerConfig(path=str(path)), seq_len=32)
+        data_module(other, TokenizerConfig(path=str(path)), seq_len=32)
     path.write_text("{not json")
     with pytest.raises(DataError, match=r"^tokenizer.path=.*not a readable tokenizer.json"):
-        data_module.data_module(data, TokenizerConfig(path=str(path)), seq_len=32)
+        data_module(data, TokenizerConfig(path=str(path)), seq_len=32)
 
 
 @pytest.mark.parametrize("settings, name", [

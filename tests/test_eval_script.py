@@ -16,9 +16,9 @@ from filelock import FileLock
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
-from minillm.config import register_configs
+from minillm.cli import register_configs
 from minillm.precision import eval_dtype
-from minillm.run import evaluate as run_evaluate
+from minillm.eval.run import evaluate as run_evaluate
 
 REPO = Path(__file__).resolve().parents[1]
 TRAINED = 32  # the tiny models' context length: default eval lengths are 32 .. 512

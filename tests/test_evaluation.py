@@ -17,14 +17,28 @@ import pytest
 import torch
 from torch import nn
 
-from minillm import evaluation as ev
-from minillm.attention import attention_method
-from minillm.config import EvalConfig, LoggerConfig, ModelConfig
-from minillm.data import train_tokenizer
-from minillm.model import Transformer
-from minillm.rope import ALiBi, RotaryEmbedding, position_config
-from minillm.scaling import LinearScaling, Scaling, YarnScaling
-from minillm.synthetic import IGNORE, MQAR, FlipFlop, Needle, accuracy, answer_loss, validation_set
+from minillm.eval.perplexity import _window_plan, evaluation_tokens, log_n_queries, scaled_rope, scaling_for, tail_loss, windows
+from minillm.eval.passkey import PASSKEY_INTRO, PASSKEY_QUESTION, PasskeyDoesNotFit, PasskeyPrompt, passkey_prompt, passkey_trial
+from minillm.eval.sources import Subject, TaskSubject, model_sources
+from minillm.eval.records import AccuracyRecord, EffectiveLengthRecord, ModelInfo
+from minillm.eval.loop import measure, measure_accuracy
+import minillm.eval.loop as loop_module
+import minillm.eval.perplexity as perplexity_module
+import minillm.eval.tasks as tasks_module
+from minillm.eval.tasks import effective_length, effective_lengths, task_accuracy
+from minillm.eval.perplexity import perplexity_at_length
+from minillm.positions.methods import attention_method
+from minillm.eval.config import EvalConfig
+from minillm.tracking import LoggerConfig
+from minillm.model.config import ModelConfig
+from minillm.data.tokens import train_tokenizer
+from minillm.model.transformer import Transformer
+from minillm.positions.bias import ALiBi
+from minillm.positions.rotary import RotaryEmbedding
+from minillm.positions.base import position_config
+from minillm.positions.scaling import LinearScaling, Scaling, YarnScaling
+from minillm.data.synthetic import IGNORE, MQAR, FlipFlop, Needle
+from minillm.data.answers import accuracy, answer_loss, validation_set
 
 CPU = torch.device("cpu")
 
@@ -54,8 +68,8 @@ def test_restricted_attention_within_the_window_equals_full(rope):
     tokens = random_tokens(2, 32)
     for mode in ("sliding", "blockwise"):
         for length in (4, 8):  # ≤ the training length (8)
-            full = ev.perplexity_at_length(model, tokens, length, attention="full")
-            restricted = ev.perplexity_at_length(model, tokens, length, attention=mode)
+            full = perplexity_at_length(model, tokens, length, attention="full")
+            restricted = perplexity_at_length(model, tokens, length, attention=mode)
             assert restricted.loss == pytest.approx(full.loss, abs=1e-6)
     # Past the window the patterns differ, but only for queries that could see further back than it.
     x, y = tokens[:, :16], tokens[:, 1:17]
@@ -73,27 +87,27 @@ def test_training_free_methods_leave_the_training_length_alone(name):
     model = tiny_model(context_length=16)
     tokens = random_tokens(2, 32)
     within = 8 if name in ("self_extend", "rerope") else 12
-    full = ev.perplexity_at_length(model, tokens, within, attention="full")
-    method = ev.perplexity_at_length(model, tokens, within, attention=name)
+    full = perplexity_at_length(model, tokens, within, attention="full")
+    method = perplexity_at_length(model, tokens, within, attention=name)
     assert method.loss == pytest.approx(full.loss, abs=1e-5)
-    assert ev.perplexity_at_length(model, tokens, 32, attention=name).loss != \
-        pytest.approx(ev.perplexity_at_length(model, tokens, 32, attention="full").loss, abs=1e-4)
+    assert perplexity_at_length(model, tokens, 32, attention=name).loss != \
+        pytest.approx(perplexity_at_length(model, tokens, 32, attention="full").loss, abs=1e-4)
 
 
 def test_tail_loss_scores_the_same_last_targets_at_every_length():
     model = tiny_model()
     tokens = random_tokens(3, 32)
     for length in (8, 16, 32):
-        loss, count = ev.tail_loss(model, tokens, length, 8)
+        loss, count = tail_loss(model, tokens, length, 8)
         with torch.inference_mode():
             direct = model.token_losses(tokens[:, 32 - length:32], tokens[:, 33 - length:33])[:, -8:]
         assert count == 24 and loss == pytest.approx(float(direct.mean()), rel=1e-6)
     # at the shortest context the targets are a whole window: the same as the last window's perplexity targets
     with torch.inference_mode():
         last_window = model.token_losses(tokens[:, 24:32], tokens[:, 25:33]).mean()
-    assert ev.tail_loss(model, tokens, 8, 8)[0] == pytest.approx(float(last_window), rel=1e-6)
+    assert tail_loss(model, tokens, 8, 8)[0] == pytest.approx(float(last_window), rel=1e-6)
     with pytest.raises(ValueError, match="length: a window of 4 tokens cannot score the last 8"):
-        ev.tail_loss(model, tokens, 4, 8)
+        tail_loss(model, tokens, 4, 8)
 
 
 def test_log_n_queries_equal_a_model_built_with_them_and_are_undone():
@@ -103,13 +117,13 @@ def test_log_n_queries_equal_a_model_built_with_them_and_are_undone():
     tokens = random_tokens(1, 32)
     with torch.inference_mode():
         plain = model.token_losses(tokens[:, :32], tokens[:, 1:])
-        with ev.log_n_queries(model, True):
+        with log_n_queries(model, True):
             scaled = model.token_losses(tokens[:, :32], tokens[:, 1:])
         torch.testing.assert_close(scaled, built.token_losses(tokens[:, :32], tokens[:, 1:]))
         torch.testing.assert_close(model.token_losses(tokens[:, :32], tokens[:, 1:]), plain)
     torch.testing.assert_close(scaled[:, :8], plain[:, :8])  # a factor of 1 up to the training length
     with pytest.raises(ValueError, match="logn: the model already scales its queries"):
-        with ev.log_n_queries(built, True):
+        with log_n_queries(built, True):
             pass
 
 
@@ -121,11 +135,11 @@ def test_windows_cover_the_same_targets_for_every_length_dividing_the_total():
     tokens = torch.arange(3 * 65).view(3, 65)  # token value = its index: targets name their positions
     expected = sorted(tokens[:, 1:].flatten().tolist())
     for length in (1, 2, 4, 8, 16, 32, 64):
-        inputs, targets = ev.windows(tokens, length)
+        inputs, targets = windows(tokens, length)
         assert inputs.shape == targets.shape == (3 * 64 // length, length)
         assert sorted(targets.flatten().tolist()) == expected
         torch.testing.assert_close(targets - 1, inputs)  # each target follows its input
-    _, targets = ev.windows(tokens, 24)  # not a divisor: two whole windows per document, the rest left out
+    _, targets = windows(tokens, 24)  # not a divisor: two whole windows per document, the rest left out
     assert targets.shape == (6, 24) and targets[:2].flatten().tolist() == list(range(1, 49))
 
 
@@ -133,7 +147,7 @@ def test_windows_cover_the_same_targets_for_every_length_dividing_the_total():
 @pytest.mark.parametrize("stride", [1, 5, 8, 15])
 def test_window_plan_with_stride_scores_every_target_once_with_enough_context(total, stride):
     length = 16
-    plan = ev._window_plan(total, length, stride)
+    plan = _window_plan(total, length, stride)
     scored = np.zeros(total, dtype=int)
     for i, (begin, end, scored_from) in enumerate(plan):
         assert 0 <= begin < end <= total and end - begin <= length
@@ -147,22 +161,22 @@ def test_window_plan_with_stride_scores_every_target_once_with_enough_context(to
 
 
 def test_window_plan_without_stride_and_bad_strides():
-    assert ev._window_plan(50, 16, None) == [(0, 16, 0), (16, 32, 0), (32, 48, 0)]
-    assert ev._window_plan(50, 16, 16) == ev._window_plan(50, 16, 64) == ev._window_plan(50, 16, None)
-    assert ev._window_plan(10, 16, None) == []
+    assert _window_plan(50, 16, None) == [(0, 16, 0), (16, 32, 0), (32, 48, 0)]
+    assert _window_plan(50, 16, 16) == _window_plan(50, 16, 64) == _window_plan(50, 16, None)
+    assert _window_plan(10, 16, None) == []
     for stride in (0, -3):
         with pytest.raises(ValueError, match="stride: must be positive"):
-            ev._window_plan(50, 16, stride)
+            _window_plan(50, 16, stride)
     with pytest.raises(ValueError, match="length: must be positive"):
-        ev._window_plan(50, 0, None)
+        _window_plan(50, 0, None)
 
 
 def test_evaluation_tokens_takes_the_start_of_long_enough_documents():
     documents = [np.arange(10), np.arange(100, 130), np.arange(200, 221), np.arange(300, 340)]
-    tokens = ev.evaluation_tokens(documents, 20, max_documents=2)
+    tokens = evaluation_tokens(documents, 20, max_documents=2)
     assert tokens.tolist() == [list(range(100, 121)), list(range(200, 221))]
     with pytest.raises(ValueError, match="no validation document has 41 tokens"):
-        ev.evaluation_tokens(documents, 40, max_documents=2)
+        evaluation_tokens(documents, 40, max_documents=2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -175,7 +189,7 @@ def test_perplexity_equals_a_hand_computation():
     with torch.inference_mode():
         window_losses = torch.cat([model.token_losses(tokens[:, b:b + 16], tokens[:, b + 1:b + 17])
                                    for b in range(0, 64, 16)])  # (windows·docs, 16)
-    result = ev.perplexity_at_length(model, tokens, 16, batch_size=2, buckets=4)
+    result = perplexity_at_length(model, tokens, 16, batch_size=2, buckets=4)
     assert result.loss == pytest.approx(float(window_losses.mean()), rel=1e-6)
     assert result.ppl == pytest.approx(math.exp(result.loss))
     assert result.tokens == 3 * 64
@@ -195,7 +209,7 @@ def test_perplexity_scores_only_whole_windows():
     tokens = random_tokens(2, 64)
     with torch.inference_mode():
         hand = torch.cat([model.token_losses(tokens[:, b:b + 24], tokens[:, b + 1:b + 25]) for b in (0, 24)])
-    result = ev.perplexity_at_length(model, tokens, 24)
+    result = perplexity_at_length(model, tokens, 24)
     assert result.tokens == 2 * 48
     assert result.loss == pytest.approx(float(hand.mean()), rel=1e-6)
 
@@ -208,7 +222,7 @@ def test_perplexity_with_stride_equals_a_hand_computation():
         for begin in range(8, 64 - 16 + 1, 8):  # then the last 8 targets of windows advancing by 8
             losses.append(model.token_losses(tokens[:, begin:begin + 16], tokens[:, begin + 1:begin + 17])[:, 8:])
         hand = torch.cat(losses, dim=1)
-    result = ev.perplexity_at_length(model, tokens, 16, stride=8)
+    result = perplexity_at_length(model, tokens, 16, stride=8)
     assert result.tokens == 2 * 64
     assert result.loss == pytest.approx(float(hand.mean()), rel=1e-6)
     beyond = torch.cat([losses[0][:, 8:], *losses[1:]], dim=1)  # positions 8.. of each window (trained length 8)
@@ -219,12 +233,12 @@ def test_long_windows_go_through_in_smaller_batches(monkeypatch):
     """At most MAX_ATTENTION_PAIRS query-key pairs per forward pass; the numbers do not change."""
     model = tiny_model()
     tokens = random_tokens(4, 32)
-    reference = ev.perplexity_at_length(model, tokens, 16, batch_size=4)
+    reference = perplexity_at_length(model, tokens, 16, batch_size=4)
     batches = []
     original = model.token_losses
     monkeypatch.setattr(model, "token_losses", lambda x, y, **kw: batches.append(len(x)) or original(x, y, **kw))
-    monkeypatch.setattr(ev, "MAX_ATTENTION_PAIRS", 2 * 16**2)
-    result = ev.perplexity_at_length(model, tokens, 16, batch_size=4)
+    monkeypatch.setattr(perplexity_module, "MAX_ATTENTION_PAIRS", 2 * 16**2)
+    result = perplexity_at_length(model, tokens, 16, batch_size=4)
     assert set(batches) == {2}
     assert result.loss == pytest.approx(reference.loss, rel=1e-6)
 
@@ -232,8 +246,8 @@ def test_long_windows_go_through_in_smaller_batches(monkeypatch):
 def test_loss_beyond_train_counts_only_positions_past_the_trained_length():
     model = tiny_model()
     tokens = random_tokens(2, 32)
-    assert ev.perplexity_at_length(model, tokens, 8).loss_beyond_train is None  # nothing past 8 in a window of 8
-    result = ev.perplexity_at_length(model, tokens, 32, buckets=32)
+    assert perplexity_at_length(model, tokens, 8).loss_beyond_train is None  # nothing past 8 in a window of 8
+    result = perplexity_at_length(model, tokens, 32, buckets=32)
     per_position = {b.position_start: b.loss for b in result.by_position}
     assert result.loss_beyond_train == pytest.approx(np.mean([per_position[p] for p in range(8, 32)]), rel=1e-6)
 
@@ -247,42 +261,42 @@ def test_scaled_rope_swaps_the_encoding_and_restores_it():
     original = model.position
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     tokens = random_tokens(1, 32)
-    plain = ev.perplexity_at_length(model, tokens, 32).loss
-    with ev.scaled_rope(model, LinearScaling(factor=4.0, original_max_position=8)) as scaled:
+    plain = perplexity_at_length(model, tokens, 32).loss
+    with scaled_rope(model, LinearScaling(factor=4.0, original_max_position=8)) as scaled:
         assert scaled is model and isinstance(model.position, RotaryEmbedding) and model.position is not original
         assert model.position.scaling == LinearScaling(factor=4.0, original_max_position=8)
         torch.testing.assert_close(model.position.inv_freq, original.inv_freq / 4)
-        assert ev.perplexity_at_length(model, tokens, 32).loss != pytest.approx(plain)
+        assert perplexity_at_length(model, tokens, 32).loss != pytest.approx(plain)
     assert model.position is original
-    assert ev.perplexity_at_length(model, tokens, 32).loss == pytest.approx(plain)
+    assert perplexity_at_length(model, tokens, 32).loss == pytest.approx(plain)
     for name, value in model.state_dict().items():
         assert torch.equal(value, weights[name]), name
-    with pytest.raises(RuntimeError, match="boom"), ev.scaled_rope(model, YarnScaling(original_max_position=8)):
+    with pytest.raises(RuntimeError, match="boom"), scaled_rope(model, YarnScaling(original_max_position=8)):
         raise RuntimeError("boom")
     assert model.position is original  # restored on errors too
-    with ev.scaled_rope(model, Scaling()):
+    with scaled_rope(model, Scaling()):
         assert model.position is original
 
 
 def test_scaled_rope_needs_a_rotary_model():
     model = tiny_model(position_config("alibi"))
     with pytest.raises(ValueError, match="scaling: 'linear' needs a rotary model, this one uses ALiBi"):
-        with ev.scaled_rope(model, LinearScaling(factor=2.0)):
+        with scaled_rope(model, LinearScaling(factor=2.0)):
             pass
-    with ev.scaled_rope(model, Scaling()):
+    with scaled_rope(model, Scaling()):
         assert isinstance(model.position, ALiBi)
 
 
 def test_scaling_factor_rules():
-    factor = lambda *args: ev.scaling_for(*args).factor  # noqa: E731
+    factor = lambda *args: scaling_for(*args).factor  # noqa: E731
     assert factor("linear", 64, 16, None) == 4.0
     assert factor("yarn", 24, 16, None) == 1.5
     assert factor("ntk", 8, 16, None) == 1.0  # never below 1: no compression at short lengths
     assert factor("dynamic_ntk", 64, 16, None) == 1.0  # its base follows the length already
     assert factor("linear", 64, 16, 2.5) == 2.5
     assert factor("dynamic_ntk", 64, 16, 2.5) == 2.5
-    assert ev.scaling_for("yarn", 64, 16, None).original_max_position == 16  # the trained length
-    assert ev.scaling_for("none", 64, 16, 2.5) == Scaling()
+    assert scaling_for("yarn", 64, 16, None).original_max_position == 16  # the trained length
+    assert scaling_for("none", 64, 16, 2.5) == Scaling()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -305,11 +319,11 @@ def filler(tokenizer) -> np.ndarray:
 @pytest.mark.parametrize("length", [120, 300])
 def test_passkey_prompt_puts_the_key_at_the_requested_depth(tokenizer, filler, depth, length):
     rng = np.random.default_rng(7)
-    prompt = ev.passkey_prompt(tokenizer, filler, length, depth, rng)
+    prompt = passkey_prompt(tokenizer, filler, length, depth, rng)
     assert len(prompt.tokens) == length
     assert len(prompt.key) == 5 and prompt.key.isdigit() and 10000 <= int(prompt.key) < 100000
-    intro = tokenizer.encode(ev.PASSKEY_INTRO.format(key=prompt.key)).ids
-    question = tokenizer.encode(ev.PASSKEY_QUESTION).ids
+    intro = tokenizer.encode(PASSKEY_INTRO.format(key=prompt.key)).ids
+    question = tokenizer.encode(PASSKEY_QUESTION).ids
     n_filler = prompt.answer_start - len(intro) - len(question)
     assert prompt.key_position == round(depth * n_filler)
     tokens = prompt.tokens.tolist()
@@ -326,13 +340,13 @@ def test_passkey_prompt_puts_the_key_at_the_requested_depth(tokenizer, filler, d
 
 def test_passkey_prompt_refuses_what_does_not_fit(tokenizer, filler):
     rng = np.random.default_rng(0)
-    with pytest.raises(ev.PasskeyDoesNotFit, match="passkey: a prompt of 20 tokens leaves no room for filler"):
-        ev.passkey_prompt(tokenizer, filler, 20, 0.5, rng)
-    with pytest.raises(ev.PasskeyDoesNotFit, match="filler tokens needed"):
-        ev.passkey_prompt(tokenizer, filler[:10], 200, 0.5, rng)
+    with pytest.raises(PasskeyDoesNotFit, match="passkey: a prompt of 20 tokens leaves no room for filler"):
+        passkey_prompt(tokenizer, filler, 20, 0.5, rng)
+    with pytest.raises(PasskeyDoesNotFit, match="filler tokens needed"):
+        passkey_prompt(tokenizer, filler[:10], 200, 0.5, rng)
     with pytest.raises(ValueError, match="depth: must lie in"):
-        ev.passkey_prompt(tokenizer, filler, 200, 1.5, rng)
-    assert issubclass(ev.PasskeyDoesNotFit, ValueError)
+        passkey_prompt(tokenizer, filler, 200, 1.5, rng)
+    assert issubclass(PasskeyDoesNotFit, ValueError)
 
 
 class Oracle(nn.Module):
@@ -355,14 +369,14 @@ class Oracle(nn.Module):
 
 
 def test_passkey_trial_with_a_rigged_model(tokenizer, filler):
-    prompt = ev.passkey_prompt(tokenizer, filler, 150, 0.5, np.random.default_rng(3))
+    prompt = passkey_prompt(tokenizer, filler, 150, 0.5, np.random.default_rng(3))
     vocab, margin = tokenizer.get_vocab_size(), 5.0
     n_answer = len(prompt.tokens) - prompt.answer_start
     per_token = margin - math.log(math.exp(margin) + vocab - 1)  # log-softmax of the boosted logit
-    exact, logprob = ev.passkey_trial(Oracle(prompt.tokens, vocab, margin), prompt)
+    exact, logprob = passkey_trial(Oracle(prompt.tokens, vocab, margin), prompt)
     assert exact is True
     assert logprob == pytest.approx(n_answer * per_token, rel=1e-5) and logprob <= 0
-    exact, logprob = ev.passkey_trial(Oracle(prompt.tokens, vocab, margin, wrong=len(prompt.tokens) - 1), prompt)
+    exact, logprob = passkey_trial(Oracle(prompt.tokens, vocab, margin, wrong=len(prompt.tokens) - 1), prompt)
     assert exact is False  # the last key token is not the argmax
     miss = -math.log(math.exp(margin) + vocab - 1)  # log-softmax of an unboosted logit
     assert logprob == pytest.approx((n_answer - 1) * per_token + miss, rel=1e-5)
@@ -372,8 +386,8 @@ def test_passkey_trial_equals_a_hand_computation_with_a_real_model(tokenizer, fi
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=tokenizer.get_vocab_size(), context_length=64, d_model=16,
                                     n_layers=1, n_heads=2)).eval()
-    prompt = ev.passkey_prompt(tokenizer, filler, 128, 0.25, np.random.default_rng(1))
-    exact, logprob = ev.passkey_trial(model, prompt)
+    prompt = passkey_prompt(tokenizer, filler, 128, 0.25, np.random.default_rng(1))
+    exact, logprob = passkey_trial(model, prompt)
     with torch.inference_mode():
         logits = model(prompt.tokens[None, :-1])[0]
     answer = prompt.tokens[prompt.answer_start:]
@@ -388,19 +402,19 @@ def test_passkey_trial_under_an_attention_method_reads_what_the_method_lets_it_s
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=tokenizer.get_vocab_size(), context_length=64, d_model=16,
                                     n_layers=1, n_heads=2)).eval()
-    prompt = ev.passkey_prompt(tokenizer, filler, 200, 0.0, np.random.default_rng(1))
-    full = ev.passkey_trial(model, prompt)
-    assert ev.passkey_trial(model, prompt, attention_method("sliding", {"window": 200})) == pytest.approx(full)
-    seen_from = prompt.key_position + len(tokenizer.encode(ev.PASSKEY_INTRO.format(key=prompt.key)).ids) + 1
+    prompt = passkey_prompt(tokenizer, filler, 200, 0.0, np.random.default_rng(1))
+    full = passkey_trial(model, prompt)
+    assert passkey_trial(model, prompt, attention_method("sliding", {"window": 200})) == pytest.approx(full)
+    seen_from = prompt.key_position + len(tokenizer.encode(PASSKEY_INTRO.format(key=prompt.key)).ids) + 1
     # One layer: an answer query at i >= answer_start - 1 reads keys i - window + 1 .. i only.
     narrow = attention_method("sliding", {"window": prompt.answer_start - seen_from})
     assert prompt.answer_start - seen_from >= 8
     blanked = prompt.tokens.clone()
     blanked[:seen_from] = (blanked[:seen_from] + 1) % tokenizer.get_vocab_size()  # tokens no answer query sees
-    changed = ev.PasskeyPrompt(blanked, prompt.answer_start, prompt.key_position, prompt.key)
-    _, logprob = ev.passkey_trial(model, prompt, narrow)
-    assert ev.passkey_trial(model, changed, narrow)[1] == pytest.approx(logprob, rel=1e-6)
-    assert abs(ev.passkey_trial(model, changed)[1] - full[1]) > 1e-4  # full attention reads the changed tokens
+    changed = PasskeyPrompt(blanked, prompt.answer_start, prompt.key_position, prompt.key)
+    _, logprob = passkey_trial(model, prompt, narrow)
+    assert passkey_trial(model, changed, narrow)[1] == pytest.approx(logprob, rel=1e-6)
+    assert abs(passkey_trial(model, changed)[1] - full[1]) > 1e-4  # full attention reads the changed tokens
     assert abs(logprob - full[1]) > 1e-4
 
 
@@ -410,13 +424,13 @@ def test_a_scaling_that_changes_nothing_at_a_length_reuses_the_measurement(monke
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=64, context_length=16, d_model=32, n_layers=1, n_heads=2)).eval()
     documents = [np.random.default_rng(0).integers(0, 64, 200)]
-    subject = ev.Subject(model, None, documents, ev.ModelInfo("m", "m", 0, 16, "complex", "-"))
+    subject = Subject(model, None, documents, ModelInfo("m", "m", 0, 16, "complex", "-"))
     calls = []
-    measure = ev.perplexity_at_length
-    monkeypatch.setattr(ev, "perplexity_at_length", lambda *a, **k: calls.append(a[2]) or measure(*a, **k))
-    config = ev.EvalConfig(ckpt="-", lengths=[8, 16, 32], scalings=["none", "linear", "yarn", "dynamic_ntk"],
+    original = perplexity_at_length
+    monkeypatch.setattr(loop_module, "perplexity_at_length", lambda *a, **k: calls.append(a[2]) or original(*a, **k))
+    config = EvalConfig(ckpt="-", lengths=[8, 16, 32], scalings=["none", "linear", "yarn", "dynamic_ntk"],
                            passkey_trials=0, tail_loss=False)
-    results = ev.measure(subject, config)
+    results = measure(subject, config)
     assert sorted(calls) == [8, 16, 32, 32, 32, 32]  # dynamic NTK at factor 1 past L0 still changes the base
     ppl = {(r.method, r.length): r.ppl for r in results.perplexity}
     for length in (8, 16):
@@ -465,8 +479,8 @@ def test_task_accuracy_equals_a_hand_count_on_planned_predictions(monkeypatch):
 
     monkeypatch.setattr(model, "hidden_states", planned)
     model.head = nn.Identity()
-    monkeypatch.setattr(ev, "MAX_ATTENTION_PAIRS", 2 * 64**2)  # 2 examples per pass, whatever batch_size says
-    score = ev.task_accuracy(model, inputs, targets, answers, batch_size=3)
+    monkeypatch.setattr(tasks_module, "MAX_ATTENTION_PAIRS", 2 * 64**2)  # 2 examples per pass, whatever batch_size says
+    score = task_accuracy(model, inputs, targets, answers, batch_size=3)
     assert seen == [2] * 5
     record = score.record(model="m", run="r", seed=0, trained_length=32, variant="complex", task="needle",
                           method="none", attention="full", length=64)
@@ -495,16 +509,16 @@ def test_task_accuracy_of_a_real_model_equals_its_full_logits():
     with torch.inference_mode():
         logits = model(inputs)
     expected = accuracy(logits, targets, answers)
-    score = ev.task_accuracy(model, inputs, targets, answers, batch_size=5)
+    score = task_accuracy(model, inputs, targets, answers, batch_size=5)
     assert score.counts == expected and expected.answers > 12 and 0 < expected.answers_correct < expected.answers
     assert score.answer_loss == pytest.approx(float(answer_loss(logits, targets)), rel=1e-5)
     # within the training length, sliding attention is full attention
-    assert ev.task_accuracy(model, inputs, targets, answers, attention="sliding").counts == expected
+    assert task_accuracy(model, inputs, targets, answers, attention="sliding").counts == expected
 
 
 def accuracy_record(length: int, exact_match: float | None, *, trained: int = 64, run: str = "run", seed: int = 0,
-                    method: str = "none", applicable: bool = True) -> ev.AccuracyRecord:
-    return ev.AccuracyRecord(model="complex θ=10000", run=run, seed=seed, trained_length=trained, variant="complex",
+                    method: str = "none", applicable: bool = True) -> AccuracyRecord:
+    return AccuracyRecord(model="complex θ=10000", run=run, seed=seed, trained_length=trained, variant="complex",
                              task="mqar", method=method, attention="full", length=length, examples=64, answers=256,
                              tokens=256, exact_match=exact_match if applicable else None, applicable=applicable,
                              note=None if applicable else "data.tasks.mqar.num_keys: too many pairs")
@@ -513,46 +527,46 @@ def accuracy_record(length: int, exact_match: float | None, *, trained: int = 64
 def test_effective_length_stops_at_the_first_dip():
     scores = {32: 1.0, 64: 0.9, 128: 0.85, 256: 0.6, 512: 0.95, 1024: 0.2}  # a dip at 256, a recovery at 512
     records = [accuracy_record(n, em) for n, em in scores.items()] + [accuracy_record(2048, None, applicable=False)]
-    assert ev.effective_length(records, 0.9) == 128  # bar 0.81: 256 fails, so 512 does not count
-    assert ev.effective_length(records, 0.5) == 512  # bar 0.45: 1024 fails
-    assert ev.effective_length(records, 0.2) == 1024  # not-applicable 2048 is not an evaluated length
-    assert ev.effective_length(records[::-1], 0.9) == 128  # the records' order does not matter
+    assert effective_length(records, 0.9) == 128  # bar 0.81: 256 fails, so 512 does not count
+    assert effective_length(records, 0.5) == 512  # bar 0.45: 1024 fails
+    assert effective_length(records, 0.2) == 1024  # not-applicable 2048 is not an evaluated length
+    assert effective_length(records[::-1], 0.9) == 128  # the records' order does not matter
     # Below the training length every length counts too: a failure there leaves no effective length.
-    assert ev.effective_length([accuracy_record(32, 0.5), accuracy_record(64, 1.0)], 0.9) is None
-    assert ev.effective_length([accuracy_record(64, 0.0), accuracy_record(128, 0.0)], 0.9) is None  # nothing right
-    assert ev.effective_length([accuracy_record(128, 1.0)], 0.9) is None  # the training length not evaluated
-    assert ev.effective_length([accuracy_record(64, 0.5), accuracy_record(128, 0.45)], 0.9) == 128  # relative bar
+    assert effective_length([accuracy_record(32, 0.5), accuracy_record(64, 1.0)], 0.9) is None
+    assert effective_length([accuracy_record(64, 0.0), accuracy_record(128, 0.0)], 0.9) is None  # nothing right
+    assert effective_length([accuracy_record(128, 1.0)], 0.9) is None  # the training length not evaluated
+    assert effective_length([accuracy_record(64, 0.5), accuracy_record(128, 0.45)], 0.9) == 128  # relative bar
     # A run that did not learn the task at 1x has no length to keep, however few answers its bar asks for.
     barely = [accuracy_record(64, 1 / 256), accuracy_record(128, 1 / 256), accuracy_record(256, 0.0)]
-    assert ev.effective_length(barely, 0.9) == 128
-    assert ev.effective_length(barely, 0.9, min_reference=0.5) is None
-    assert ev.effective_length([accuracy_record(64, 0.5), accuracy_record(128, 0.5)], 0.9, min_reference=0.5) == 128
+    assert effective_length(barely, 0.9) == 128
+    assert effective_length(barely, 0.9, min_reference=0.5) is None
+    assert effective_length([accuracy_record(64, 0.5), accuracy_record(128, 0.5)], 0.9, min_reference=0.5) == 128
     with pytest.raises(ValueError, match="effective_length: takes the records of one run"):
-        ev.effective_length([accuracy_record(64, 1.0), accuracy_record(64, 0.5, run="other")], 0.9)
+        effective_length([accuracy_record(64, 1.0), accuracy_record(64, 0.5, run="other")], 0.9)
 
 
 def test_effective_lengths_one_per_run_and_setting():
     records = [accuracy_record(n, em, seed=seed, run=f"s{seed}", method=method)
                for seed in (0, 1) for method in ("none", "yarn")
                for n, em in ((64, 0.8), (128, 0.75 if method == "yarn" else 0.5), (256, 0.1))]
-    found = {(e.run, e.method): e for e in ev.effective_lengths(records, 0.9)}
+    found = {(e.run, e.method): e for e in effective_lengths(records, 0.9)}
     assert list(found) == [("s0", "none"), ("s0", "yarn"), ("s1", "none"), ("s1", "yarn")]
     assert found["s0", "none"].effective_length == 64 and found["s0", "yarn"].effective_length == 128
-    assert found["s1", "yarn"] == ev.EffectiveLengthRecord("complex θ=10000", "s1", 1, 64, "complex", "mqar", "yarn",
+    assert found["s1", "yarn"] == EffectiveLengthRecord("complex θ=10000", "s1", 1, 64, "complex", "mqar", "yarn",
                                                            "full", 0.9, 0.8, 128, 256)
-    floor = {(e.run, e.method): e for e in ev.effective_lengths(records, 0.9, min_reference=0.9)}
+    floor = {(e.run, e.method): e for e in effective_lengths(records, 0.9, min_reference=0.9)}
     assert all(e.effective_length is None and e.min_reference == 0.9 for e in floor.values())
 
 
 def test_measure_accuracy_refuses_what_the_task_cannot_hold_and_reuses_equal_frequencies(monkeypatch):
     task = MQAR(num_keys=4, num_values=8, tokens_per_pair=16)  # 4 pairs at 64 tokens; 128 would need 8 keys
     model = task_model(task, context_length=32)
-    subject = ev.TaskSubject(model, task, ev.ModelInfo(model.cfg.label, "mqar_run", 3, 32, "complex", "-"))
+    subject = TaskSubject(model, task, ModelInfo(model.cfg.label, "mqar_run", 3, 32, "complex", "-"))
     calls = []
-    score = ev.task_accuracy
-    monkeypatch.setattr(ev, "task_accuracy", lambda m, x, *a, **k: calls.append(x.shape[1]) or score(m, x, *a, **k))
+    score = task_accuracy
+    monkeypatch.setattr(loop_module, "task_accuracy", lambda m, x, *a, **k: calls.append(x.shape[1]) or score(m, x, *a, **k))
     config = EvalConfig(ckpt="-", lengths=[128, 8, 32, 64], scalings=["none", "linear"], task_examples=6)
-    results = ev.measure_accuracy(subject, config)
+    results = measure_accuracy(subject, config)
     assert results.perplexity == results.passkey == results.tail == []
     assert [(r.method, r.length) for r in results.accuracy] == [(m, n) for m in ("none", "linear")
                                                                  for n in (8, 32, 64, 128)]
@@ -567,14 +581,14 @@ def test_measure_accuracy_refuses_what_the_task_cannot_hold_and_reuses_equal_fre
         assert long.exact_match is None and long.answer_loss is None and long.answers == 0
     assert dataclasses.replace(by_setting["linear", 32], method="none") == by_setting["none", 32]
     # the test stream, with the eval seed: the numbers a direct measurement gives
-    direct = ev.task_accuracy(model, *validation_set(task, 64, 6, seed=0, split="test").tensors)
+    direct = task_accuracy(model, *validation_set(task, 64, 6, seed=0, split="test").tensors)
     none_64 = by_setting["none", 64]
     assert (none_64.examples, none_64.answers, none_64.exact_match, none_64.token_accuracy, none_64.answer_loss) == \
         (6, direct.counts.answers, direct.counts.exact_match, direct.counts.token_accuracy, direct.answer_loss)
     assert none_64.answers == 6 * 4 and (none_64.run, none_64.seed, none_64.task, none_64.trained_length) == \
         ("mqar_run", 3, "mqar", 32)
-    with ev.scaled_rope(model, LinearScaling(factor=2.0, original_max_position=32)):
-        scaled = ev.task_accuracy(model, *validation_set(task, 64, 6, seed=0, split="test").tensors)
+    with scaled_rope(model, LinearScaling(factor=2.0, original_max_position=32)):
+        scaled = task_accuracy(model, *validation_set(task, 64, 6, seed=0, split="test").tensors)
     assert by_setting["linear", 64].answer_loss == scaled.answer_loss != direct.answer_loss
     assert [(e.method, e.reference_exact_match, e.longest_length) for e in results.effective_length] == \
         [("none", by_setting["none", 32].exact_match, 64), ("linear", by_setting["linear", 32].exact_match, 64)]
@@ -584,9 +598,9 @@ def test_measure_accuracy_refuses_what_the_task_cannot_hold_and_reuses_equal_fre
 def test_measure_accuracy_past_learned_positions_does_not_apply():
     task = FlipFlop()
     model = task_model(task, context_length=16, rope=position_config("learned"))
-    subject = ev.TaskSubject(model, task, ev.ModelInfo(model.cfg.label, "learned", 0, 16, "learned", "-"))
+    subject = TaskSubject(model, task, ModelInfo(model.cfg.label, "learned", 0, 16, "learned", "-"))
     config = EvalConfig(ckpt="-", scalings=["none", "yarn"], task_examples=4)
-    results = ev.measure_accuracy(subject, config)
+    results = measure_accuracy(subject, config)
     assert [(r.method, r.length, r.applicable) for r in results.accuracy] == \
         [("none", 16, True)] + [("none", n, False) for n in (32, 64, 128, 256)]  # not rotary: no yarn
     assert all(r.note == "learned positions stop at 16" for r in results.accuracy[1:])
@@ -623,7 +637,7 @@ def test_a_sweep_of_text_and_task_runs_gets_each_its_own_measurement(tmp_path, m
     first, perplexity for the second, one report with both."""
     from omegaconf import OmegaConf
 
-    from minillm.run import evaluate
+    from minillm.eval.run import evaluate
 
     task = MQAR(num_keys=8, num_values=8, tokens_per_pair=8)
     save_run(tmp_path / "sweep" / "0_task", task_model(task, context_length=16), """\
@@ -640,9 +654,9 @@ def test_a_sweep_of_text_and_task_runs_gets_each_its_own_measurement(tmp_path, m
     text_run = save_run(tmp_path / "sweep" / "1_text", text_model, "seed: 0\ndata: {path: stdlib}\n")
     documents = [np.random.default_rng(0).integers(0, 64, 200)]
     # The text run's documents without a corpus: what trained_subject reads is its own concern.
-    monkeypatch.setattr(ev, "trained_subject", lambda run, device: ev.Subject(
+    monkeypatch.setattr(loop_module, "trained_subject", lambda run, device: Subject(
         text_model, None, documents,
-        ev.ModelInfo(text_model.cfg.label, run.name, 0, 16, "complex", str(run.checkpoint))))
+        ModelInfo(text_model.cfg.label, run.name, 0, 16, "complex", str(run.checkpoint))))
     cfg = OmegaConf.structured(EvalConfig(ckpt=str(tmp_path / "sweep"), lengths=[16, 32, 64, 128], scalings=["none"],
                                           passkey_trials=0, task_examples=4, device="cpu",
                                           logger=LoggerConfig(kind="none")))
@@ -661,16 +675,16 @@ def test_a_sweep_of_text_and_task_runs_gets_each_its_own_measurement(tmp_path, m
 
 def test_a_glob_of_a_list_that_matches_nothing_is_skipped_unless_nothing_matches(tmp_path, caplog):
     """A study's ckpt list names every encoding; a partial sweep lacks some. One glob alone stays an error."""
-    from minillm.checkpoint import CheckpointError
+    from minillm.runs import CheckpointError
 
     for name in ("0_rope-alibi__seed-0", "1_rope-complex__seed-0"):
         (tmp_path / "sweep" / name / "checkpoints").mkdir(parents=True)
         (tmp_path / "sweep" / name / "checkpoints" / "last.ckpt").write_bytes(b"")
     present, absent = str(tmp_path / "sweep" / "*rope-alibi__*"), str(tmp_path / "sweep" / "*rope-xpos__*")
     with caplog.at_level("WARNING", logger="minillm"):
-        runs = ev.model_sources(EvalConfig(ckpt=[absent, present]))
+        runs = model_sources(EvalConfig(ckpt=[absent, present]))
     assert [run.name for run in runs] == ["0_rope-alibi__seed-0"]
     assert any(f"ckpt: nothing matches {absent}: skipped" in r.getMessage() for r in caplog.records)
     for ckpt in (absent, [absent], [absent, str(tmp_path / "sweep" / "*rope-t5__*")]):
         with pytest.raises(CheckpointError, match=r"ckpt: nothing matches .*\*rope-xpos__\*"):
-            ev.model_sources(EvalConfig(ckpt=ckpt))
+            model_sources(EvalConfig(ckpt=ckpt))

@@ -7,12 +7,12 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from minillm.config import ModelConfig  # noqa: E402  (after the importorskip)
-from minillm.rope import RotaryConfig, position_config  # noqa: E402
-from minillm.scaling import (DynamicNTKScaling, DynamicYarnScaling, LinearScaling, Llama3Scaling,  # noqa: E402
-                             LongRopeScaling, NTKScaling, Scaling, YarnScaling)
-from minillm.export import rotary_permutation, to_hf_llama  # noqa: E402
-from minillm.model import Transformer  # noqa: E402
+from minillm.model.config import ModelConfig
+from minillm.positions.rotary import RotaryConfig  # noqa: E402
+from minillm.positions.base import position_config
+from minillm.positions.scaling import (DynamicNTKScaling, DynamicYarnScaling, LinearScaling, Llama3Scaling, LongRopeScaling, NTKScaling, Scaling, YarnScaling)
+from minillm.interop.export import rotary_permutation, to_hf_llama  # noqa: E402
+from minillm.model.transformer import Transformer  # noqa: E402
 
 LAYOUTS = ["complex", "interleaved", "rotate_half"]
 CONTEXT = 16

@@ -14,10 +14,11 @@ import pytest
 import torch
 from filelock import FileLock
 
-from minillm.checkpoint import load_checkpoint, load_model
-from minillm.config import ModelConfig, RunConfig
-from minillm.loggers import run_tags
-from minillm.scaling import LinearScaling
+from minillm.runs import load_checkpoint, load_model
+from minillm.model.config import ModelConfig
+from minillm.train.config import RunConfig
+from minillm.train.loggers import run_tags
+from minillm.positions.scaling import LinearScaling
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCE = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.context_length=32", "data.batch_size=8",
@@ -153,15 +154,16 @@ def test_fine_tuned_pi_beats_pi_at_inference_only_at_4x(env, source, tmp_path):
                       "trainer.max_steps=40", "trainer.val_check_interval=40", "optim.lr=1e-3", "optim.warmup_steps=5",
                       "trainer.precision=32-true")
     assert result.returncode == 0, result.stderr[-3000:]
-    from minillm import evaluation as ev
-    from minillm.checkpoint import find_runs
+    from minillm.eval.config import EvalConfig
+    from minillm.eval.loop import evaluate_run
+    from minillm.runs import find_runs
 
-    config = ev.EvalConfig(ckpt=str(source), lengths=[128], scalings=["linear"], passkey_trials=0, tail_loss=False,
+    config = EvalConfig(ckpt=str(source), lengths=[128], scalings=["linear"], passkey_trials=0, tail_loss=False,
                            max_documents=4, precision="float32")
-    inference_only = ev.evaluate_run(find_runs(source)[0], config, torch.device("cpu")).perplexity[0]
-    config = ev.EvalConfig(ckpt=str(out), lengths=[128], scalings=["none"], passkey_trials=0, tail_loss=False,
+    inference_only = evaluate_run(find_runs(source)[0], config, torch.device("cpu")).perplexity[0]
+    config = EvalConfig(ckpt=str(out), lengths=[128], scalings=["none"], passkey_trials=0, tail_loss=False,
                            max_documents=4, precision="float32")
-    tuned = ev.evaluate_run(find_runs(out)[0], config, torch.device("cpu")).perplexity[0]
+    tuned = evaluate_run(find_runs(out)[0], config, torch.device("cpu")).perplexity[0]
     assert inference_only.factor == 4.0 and load_model(out / "checkpoints" / "last.ckpt").cfg.rope_scaling.factor == 4
     assert tuned.tokens == inference_only.tokens
     assert tuned.ppl < 0.95 * inference_only.ppl, (tuned.ppl, inference_only.ppl)
@@ -186,8 +188,8 @@ def test_a_pose_fine_tuning_resumed_mid_run_ends_where_an_uninterrupted_one_does
 
 
 def test_load_weights_gives_the_source_weights_exactly(source):
-    from minillm.finetune import load_source, load_weights, source_group
-    from minillm.model import Transformer
+    from minillm.train.finetune import load_source, load_weights, source_group
+    from minillm.model.transformer import Transformer
 
     loaded = load_source(str(source))
     model = Transformer(loaded.model)

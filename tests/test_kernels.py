@@ -14,9 +14,8 @@ import torch
 
 import torch.nn.functional as F
 
-from minillm.kernels import (TRITON_AVAILABLE, linear_cross_entropy, rotate_half_fused, rotate_pairs, rotate_triton,
-                             split_linear)
-from minillm.rope import rotate_half, rotate_interleaved
+from minillm.kernels import (TRITON_AVAILABLE, linear_cross_entropy, rotate_half_fused, rotate_pairs, rotate_triton, split_linear)
+from minillm.positions.rotary import rotate_half, rotate_interleaved
 
 
 def tables(seq: int, half: int, dtype=torch.float32, magnitude: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,7 +137,7 @@ def test_triton_kernel_agrees_with_the_torch_kernels(adjacent, dtype):
 @needs_triton
 @pytest.mark.parametrize("variant", ["complex", "interleaved", "rotate_half"])
 def test_rotary_embedding_through_triton_equals_the_torch_path(variant):
-    from minillm.rope import RotaryEmbedding
+    from minillm.positions.rotary import RotaryEmbedding
 
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(2, 4, 40, 16, generator=g), torch.randn(2, 2, 40, 16, generator=g)
@@ -172,7 +171,7 @@ def test_triton_kernel_under_the_interpreter():
 @pytest.mark.parametrize("xpos", [None, 32.0])
 def test_cached_tables_built_under_inference_mode_never_reach_autograd(variant, xpos):
     """Tables derived under inference_mode (XPos for a new length, the complex form) are rebuilt for training."""
-    from minillm.rope import RotaryEmbedding
+    from minillm.positions.rotary import RotaryEmbedding
 
     rope = RotaryEmbedding(8, variant, xpos_scale_base=xpos)
     x = torch.randn(1, 2, 20, 8)

@@ -6,9 +6,11 @@ import csv
 
 import pytest
 
-from minillm.config import LoggerConfig, RunConfig
-from minillm.loggers import make_loggers, run_tags, wandb_mode
-from minillm.rope import position_config
+from minillm.tracking import LoggerConfig
+from minillm.train.config import RunConfig
+from minillm.train.loggers import make_loggers, run_tags
+from minillm.tracking import wandb_mode
+from minillm.positions.base import position_config
 
 
 @pytest.fixture

@@ -8,10 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minillm.config import ModelConfig
-from minillm.model import KVCache, QueryTemperature, RMSNorm, Transformer
-from minillm.rope import Positions, RotaryConfig, position_config
-from minillm.scaling import DynamicNTKScaling, LinearScaling, Llama3Scaling, NTKScaling, Scaling, YarnScaling
+from minillm.model.config import ModelConfig
+from minillm.model.transformer import KVCache, QueryTemperature, RMSNorm, Transformer
+from minillm.positions.base import Positions, position_config
+from minillm.positions.rotary import RotaryConfig
+from minillm.positions.scaling import (DynamicNTKScaling, LinearScaling, Llama3Scaling, NTKScaling, Scaling, YarnScaling)
 
 VOCAB = 61
 
@@ -150,7 +151,8 @@ def windows(length: int, window: int) -> torch.Tensor:
 @pytest.mark.parametrize("pattern", ["causal", "windows"])
 def test_blocked_masks_equal_whole_masks(case, pattern, monkeypatch):
     """Over MASK_BUDGET, masks are built per block of queries; losses and gradients stay those of the whole mask."""
-    import minillm.model
+    import minillm.model.masks
+    import minillm.model.transformer
 
     model = tiny(**MODEL_CASES[case]).train()
     idx, targets = tokens(2, 16), tokens(2, 16, seed=2)
@@ -159,12 +161,12 @@ def test_blocked_masks_equal_whole_masks(case, pattern, monkeypatch):
     whole_grads = torch.autograd.grad(whole_loss, list(model.parameters()), allow_unused=True)
     positional = not case.startswith("complex")  # a bias per head, or CoPE's explicit attention over every head
     per_row = 16 * (4 if positional else 1)
-    monkeypatch.setattr(minillm.model, "MASK_BUDGET", 3 * per_row)  # blocks of 3 queries: 6 blocks, the last of 1
+    monkeypatch.setattr(minillm.model.transformer, "MASK_BUDGET", 3 * per_row)  # blocks of 3 queries: 6 blocks, the last of 1
     mask = model._mask(Positions.contiguous(0, 16, idx.device), torch.float32, allowed)
     if allowed is None and not positional:
         assert mask is None  # plain causal attention needs no mask, however long
         return
-    assert isinstance(mask, minillm.model.BlockedMask)
+    assert isinstance(mask, minillm.model.masks.BlockedMask)
     blocks = list(mask.blocks())
     assert [len(rows) for rows, _, _ in blocks] == [3, 3, 3, 3, 3, 1]
     blocked_loss = model.token_losses(idx, targets, attention_mask=allowed).mean()
@@ -182,7 +184,8 @@ def test_blocked_masks_equal_whole_masks(case, pattern, monkeypatch):
 @pytest.mark.parametrize("case", ["alibi_gqa_qknorm", "complex_gqa_qknorm", "cope_gqa_qknorm"])
 def test_blocked_masks_with_a_pattern_continue_a_cache_and_survive_blind_rows(case, monkeypatch):
     """A pattern over a cache continuation, rows (and a whole block) that see no key, a budget under one row."""
-    import minillm.model
+    import minillm.model.masks
+    import minillm.model.transformer
 
     model = tiny(**MODEL_CASES[case])
     idx = tokens(2, 16)
@@ -196,9 +199,9 @@ def test_blocked_masks_with_a_pattern_continue_a_cache_and_survive_blind_rows(ca
 
     with torch.no_grad():
         expected = continued()
-        monkeypatch.setattr(minillm.model, "MASK_BUDGET", 3)  # under one row: blocks of one query
+        monkeypatch.setattr(minillm.model.transformer, "MASK_BUDGET", 3)  # under one row: blocks of one query
         mask = model._mask(Positions.contiguous(6, 10, idx.device), torch.float32, allowed)
-        assert isinstance(mask, minillm.model.BlockedMask) and len(mask.spans) == 10
+        assert isinstance(mask, minillm.model.masks.BlockedMask) and len(mask.spans) == 10
         fourth = range(10) if model.position.for_layer(0).contextual else range(5, 10)  # its window: keys 5..9
         assert [keys for _, keys, _ in mask.spans[:4]] == [range(1), range(1), range(1), fourth]  # blind rows keep one key
         torch.testing.assert_close(continued(), expected, equal_nan=True)
@@ -260,10 +263,11 @@ def test_position_free_layers_hold_no_encoding_parameters(rope):
 
 def test_blocked_masks_are_built_once_for_every_layer_under_autograd_and_per_layer_without(monkeypatch):
     """With autograd, SDPA keeps each layer's mask: one shared set of blocks costs at most the whole mask."""
-    import minillm.model
+    import minillm.model.masks
+    import minillm.model.transformer
 
     model = tiny(**MODEL_CASES["alibi_gqa_qknorm"])
-    monkeypatch.setattr(minillm.model, "MASK_BUDGET", 4 * 16 * 4)
+    monkeypatch.setattr(minillm.model.transformer, "MASK_BUDGET", 4 * 16 * 4)
     first_masks = lambda mask: [m for _, _, m in mask.blocks()]  # noqa: E731
     trained = model._mask(Positions.contiguous(0, 16, torch.device("cpu")), torch.float32)
     assert all(a is b for a, b in zip(first_masks(trained), first_masks(trained)))
@@ -277,13 +281,14 @@ def test_blocked_masks_are_built_once_for_every_layer_under_autograd_and_per_lay
 @pytest.mark.parametrize("budget", ["whole", "blocked"])
 def test_every_mask_keeps_sdpa_on_its_flash_kernel(case, budget, monkeypatch):
     """Flash (CPU's fused kernel) accepts 2-d and 4-d masks only; anything else would fall back to the math path."""
-    import minillm.model
+    import minillm.model.masks
+    import minillm.model.transformer
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from minillm.attention import attention_method
+    from minillm.positions.methods import attention_method
 
     if budget == "blocked":
-        monkeypatch.setattr(minillm.model, "MASK_BUDGET", 4 * 16 * 4)
+        monkeypatch.setattr(minillm.model.transformer, "MASK_BUDGET", 4 * 16 * 4)
     model = tiny(**MODEL_CASES[case]).train()
     idx, targets = tokens(2, 16), tokens(2, 16, seed=2)
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
@@ -295,16 +300,17 @@ def test_every_mask_keeps_sdpa_on_its_flash_kernel(case, budget, monkeypatch):
 
 @pytest.mark.parametrize("case", ["alibi_gqa_qknorm", "complex"])
 def test_blocked_masks_continue_a_cache(case, monkeypatch):
-    import minillm.model
+    import minillm.model.masks
+    import minillm.model.transformer
 
     model = tiny(**MODEL_CASES[case])
     idx = tokens(2, 16)
     with torch.no_grad():
         full = model(idx)
-        monkeypatch.setattr(minillm.model, "MASK_BUDGET", 2 * 16 * 4)
+        monkeypatch.setattr(minillm.model.transformer, "MASK_BUDGET", 2 * 16 * 4)
         cache = KVCache(model.cfg.n_layers)
         model(idx[:, :6], cache)
-        assert isinstance(model._mask(Positions.contiguous(6, 10, idx.device), torch.float32), minillm.model.BlockedMask)
+        assert isinstance(model._mask(Positions.contiguous(6, 10, idx.device), torch.float32), minillm.model.masks.BlockedMask)
         torch.testing.assert_close(model(idx[:, 6:], cache), full[:, 6:], atol=2e-5, rtol=1e-5)
 
 
@@ -735,7 +741,7 @@ def test_loss_gradients_equal_cross_entropy_on_full_logits(tie_embeddings):
 def test_answer_only_loss_ignores_the_prompt_tokens():
     """A synthetic task's targets are IGNORE (-100) off its answers: the loss is the answers' mean, its gradients
     those of F.cross_entropy's ignore_index, and a prompt position's target, whatever it says, changes nothing."""
-    from minillm.synthetic import IGNORE
+    from minillm.data.synthetic import IGNORE
 
     model = tiny(tie_embeddings=False)
     idx, targets = tokens(3, 11, seed=2), tokens(3, 11, seed=3)

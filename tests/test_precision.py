@@ -12,11 +12,13 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from minillm import precision
-from minillm.config import DataConfig, ModelConfig, OptimConfig, TokenizerConfig
-from minillm.data import data_module
-from minillm.evaluation import perplexity_at_length
+from minillm.data.config import DataConfig, TokenizerConfig
+from minillm.model.config import ModelConfig
+from minillm.train.config import OptimConfig
+from minillm.data.modules import data_module
+from minillm.eval.perplexity import perplexity_at_length
 from minillm.precision import eval_dtype, resolve
-from minillm.task import LanguageModelTask
+from minillm.train.task import LanguageModelTask
 from test_train_script import assert_ok, small_run, summary, wandb_records
 from test_train_script import cache_dir, env, shared, small_corpus  # noqa: F401  (fixtures of the script tests)
 

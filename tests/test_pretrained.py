@@ -7,12 +7,11 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from minillm.checkpoint import CheckpointError  # noqa: E402  (after the importorskip)
-from minillm.config import ModelConfig  # noqa: E402
-from minillm.export import to_hf_llama  # noqa: E402
-from minillm.model import Transformer  # noqa: E402
-from minillm.pretrained import (PretrainedSource, UnsupportedModel, from_hf, is_pretrained,  # noqa: E402
-                                load_pretrained, model_config, weight_bytes)
+from minillm.runs import CheckpointError
+from minillm.model.config import ModelConfig  # noqa: E402
+from minillm.interop.export import to_hf_llama  # noqa: E402
+from minillm.model.transformer import Transformer  # noqa: E402
+from minillm.interop.pretrained import (PretrainedSource, UnsupportedModel, from_hf, is_pretrained, load_pretrained, model_config, weight_bytes)
 
 VOCAB = 320  # a byte-level BPE needs 256 tokens before its first merge
 ATOL = 1e-4  # float32 rotary tables built in different orders differ by ~3e-5 (tests/test_export.py)

@@ -12,9 +12,10 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressB
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, TensorDataset
 
-from minillm.config import ModelConfig, OptimConfig
-from minillm.progress import StepProgressBar, progress_callbacks
-from minillm.task import LanguageModelTask
+from minillm.model.config import ModelConfig
+from minillm.train.config import OptimConfig
+from minillm.train.progress import StepProgressBar, progress_callbacks
+from minillm.train.task import LanguageModelTask
 
 SEQ_LEN, BATCH, WINDOWS = 8, 4, 20  # 5 batches an epoch: 8 steps cross an epoch boundary
 MAX_STEPS, SAVE_EVERY = 8, 4

@@ -27,14 +27,18 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 from torch.utils.data import DataLoader, TensorDataset
 
-from minillm.checkpoint import (CheckpointError, CheckpointWriteError, atomic_checkpoint_io, last_good_checkpoint,
-                                load_checkpoint)
-from minillm.config import DataConfig, ModelConfig, OptimConfig, RunConfig, TokenizerConfig
+from minillm.runs import CheckpointError, load_checkpoint
+from minillm.train.checkpoints import CheckpointWriteError, atomic_checkpoint_io, last_good_checkpoint
+from minillm.data.config import DataConfig, TokenizerConfig
+from minillm.model.config import ModelConfig
+from minillm.train.config import OptimConfig, RunConfig
 from minillm.console import check_overrides
-from minillm.resume import resolve_checkpoint
+from minillm.train.resume import resolve_checkpoint
 from minillm.precision import resolve as resolve_precision
-from minillm.run import ConfigError, load_data, to_run_config, trainer_kwargs
-from minillm.task import LanguageModelTask, NonFiniteLossError
+from minillm.registry import ConfigError
+from minillm.train.run import load_data, trainer_kwargs
+from minillm.cli import to_run_config
+from minillm.train.task import LanguageModelTask, NonFiniteLossError
 from test_train_script import REPO, RESULT_LINE, SMALL, assert_ok, compose_run, hydra_conf, small_run, summary
 from test_train_script import cache_dir, env, shared, small_corpus  # noqa: F401  (fixtures of the script tests)
 
@@ -176,7 +180,7 @@ def test_failed_checkpoint_write_keeps_the_previous_file(tmp_path, monkeypatch):
 KILL_MID_WRITE = """
 import os, signal, sys
 sys.path.insert(0, {tests!r})
-from minillm.checkpoint import atomic_checkpoint_io
+from minillm.train.checkpoints import atomic_checkpoint_io
 from test_reliability import fake_checkpoint
 io_plugin = atomic_checkpoint_io()
 io_plugin.save_checkpoint(fake_checkpoint(1), {path!r})

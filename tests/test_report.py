@@ -10,10 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from minillm import report
-from minillm.evaluation import (AccuracyRecord, PasskeyRecord, PerplexityRecord, PositionBucket, Results,
-                                TailLossRecord, TheoryRecord, effective_lengths)
-from minillm.synthetic import wilson_interval
+from minillm.eval.report import ACCURACY_COLUMNS, PASSKEY_COLUMNS, PERPLEXITY_COLUMNS, TAIL_COLUMNS, accuracy_section, accuracy_table, passkey_table, perplexity_table, write_report
+from minillm.eval.grouping import table_groups
+from minillm.eval.wandb import log_to_wandb
+from minillm.train.curve import training_curve, validation_curve
+from minillm.eval.records import (AccuracyRecord, PasskeyRecord, PerplexityRecord, PositionBucket, Results, TailLossRecord, TheoryRecord)
+from minillm.eval.tasks import effective_lengths
+from minillm.data.answers import wilson_interval
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -66,7 +69,7 @@ def read_csv(path: Path) -> tuple[list[str], list[dict]]:
 
 def test_write_report_writes_every_file_with_its_columns(records, passkey, theory, tmp_path):
     results = Results(records, passkey, theory)
-    files = report.write_report(results, tmp_path / "out", header="# Length extrapolation\n")
+    files = write_report(results, tmp_path / "out", header="# Length extrapolation\n")
     out = tmp_path / "out"
     assert {path.name for path in files.values()} == {"results.json", "results.csv", "loss_by_position.csv",
                                                       "passkey.csv", "tail_loss.csv", "accuracy.csv", "report.md",
@@ -95,8 +98,8 @@ def test_write_report_writes_every_file_with_its_columns(records, passkey, theor
     assert len(rows) == sum(len(r.by_position) for r in records)
 
     columns, rows = read_csv(out / "passkey.csv")
-    assert columns == list(report.PASSKEY_COLUMNS) and len(rows) == 2
-    assert read_csv(out / "accuracy.csv") == (list(report.ACCURACY_COLUMNS), [])  # no task-trained runs
+    assert columns == list(PASSKEY_COLUMNS) and len(rows) == 2
+    assert read_csv(out / "accuracy.csv") == (list(ACCURACY_COLUMNS), [])  # no task-trained runs
     assert "Task accuracy" not in (out / "report.md").read_text()
 
     for image in ("ppl_vs_length.png", "scaling_vs_length.png", "loss_vs_position.png"):
@@ -112,26 +115,26 @@ def test_tail_loss_table_csv_and_figure(tmp_path):
     records = [tail(seed, length, loss + seed * 0.2, attention)
                for seed in (0, 1) for attention in ("full", "self_extend")
                for length, loss in ((32, 4.0), (64, 3.8), (128, 4.4 if attention == "full" else 3.7))]
-    files = report.write_report(Results(tail=records), tmp_path)
+    files = write_report(Results(tail=records), tmp_path)
     lines = (tmp_path / "report.md").read_text().splitlines()
     assert "## Loss on the last 32 tokens against the context read (ReRoPE's protocol)" in lines
     assert "| model | trained | scaling | attention | seeds | context 32 | context 64 | context 128 |" in lines
     assert "| complex θ=10000 | 32 | none | full | 2 | 4.1 ± 0.14 | 3.9 ± 0.14 | 4.5 ± 0.14 |" in lines
     assert "| complex θ=10000 | 32 | none | self_extend | 2 | 4.1 ± 0.14 | 3.9 ± 0.14 | 3.8 ± 0.14 |" in lines
     columns, rows = read_csv(tmp_path / "tail_loss.csv")
-    assert columns == list(report.TAIL_COLUMNS) and len(rows) == 12
+    assert columns == list(TAIL_COLUMNS) and len(rows) == 12
     assert files["tail_loss"].read_bytes()[:8] == PNG and "](tail_loss.png)" in (tmp_path / "report.md").read_text()
 
 
 def test_scaling_figure_only_when_scalings_were_evaluated(records, tmp_path):
     plain = [r for r in records if r.method == "none"]
-    files = report.write_report(Results(plain), tmp_path)
+    files = write_report(Results(plain), tmp_path)
     assert "scaling_vs_length" not in files and not (tmp_path / "scaling_vs_length.png").exists()
     assert "scaling_vs_length" not in (tmp_path / "report.md").read_text()
 
 
 def test_markdown_averages_seeds_and_marks_what_does_not_apply(records, passkey, theory, tmp_path):
-    report.write_report(Results(records, passkey, theory), tmp_path)
+    write_report(Results(records, passkey, theory), tmp_path)
     text = (tmp_path / "report.md").read_text()
     lines = text.splitlines()
     assert "| model | trained | scaling | attention | seeds | ppl @ 32 | ppl @ 64 |" in lines
@@ -149,16 +152,16 @@ def test_markdown_averages_seeds_and_marks_what_does_not_apply(records, passkey,
 def test_runs_sharing_a_label_and_a_seed_are_not_averaged():
     """Two different models that print the same label (another size, another corpus) keep a row each."""
     records = [record("small", 0, 32, 10.0), record("large", 0, 32, 20.0)]
-    groups = report.table_groups(records)
+    groups = table_groups(records)
     assert [key[-1] for key in groups] == ["large", "small"]
-    table = report.perplexity_table(records)
+    table = perplexity_table(records)
     assert "| complex θ=10000 [small] | 32 | none | full | 1 | 10 |" in table
     assert "| complex θ=10000 [large] | 32 | none | full | 1 | 20 |" in table
 
 
 def test_empty_passkey_gives_a_header_only_csv_and_no_section(records, tmp_path):
-    report.write_report(Results(records), tmp_path)
-    assert (tmp_path / "passkey.csv").read_text().strip() == ",".join(report.PASSKEY_COLUMNS)
+    write_report(Results(records), tmp_path)
+    assert (tmp_path / "passkey.csv").read_text().strip() == ",".join(PASSKEY_COLUMNS)
     text = (tmp_path / "report.md").read_text()
     assert "Passkey" not in text and "RoPE theory" not in text
 
@@ -166,7 +169,7 @@ def test_empty_passkey_gives_a_header_only_csv_and_no_section(records, tmp_path)
 def test_plots_survive_records_with_nothing_to_draw(tmp_path):
     """Only not-applicable rows (a learned model evaluated past its table): files still written."""
     records = [record("learned", 0, 64, None, model="learned", applicable=False)]
-    files = report.write_report(Results(records), tmp_path)
+    files = write_report(Results(records), tmp_path)
     assert files["ppl_vs_length"].read_bytes()[:8] == PNG
     assert "| learned | 32 | none | full | 1 | n/a |" in (tmp_path / "report.md").read_text()
 
@@ -177,8 +180,8 @@ def test_log_to_wandb_offline_writes_a_local_run(records, passkey, theory, tmp_p
     for name in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
         monkeypatch.setenv(name, str(tmp_path / "wandb_home"))
     results = Results(records, passkey, theory)
-    report.write_report(results, tmp_path)
-    folder = report.log_to_wandb(results, tmp_path, project="minillm-test", group="sweep", mode="offline")
+    write_report(results, tmp_path)
+    folder = log_to_wandb(results, tmp_path, project="minillm-test", group="sweep", mode="offline")
     assert folder.parent == tmp_path / "wandb" and folder.name.startswith("offline-run-")
     assert list(folder.glob("run-*.wandb"))
 
@@ -188,21 +191,21 @@ def test_training_curve_from_a_metrics_csv(tmp_path):
     metrics.write_text("epoch,step,train/loss,train/tokens,val/loss\n"
                        "0,9,6.0,4096.0,\n0,19,5.0,8192.0,\n0,19,,,4.5\n0,39,,,4.0\n")
     # 409.6 tokens per step, read off the training row: validations after steps 20 and 40.
-    assert report.validation_curve(metrics) == [(8192.0, 4.5), (16384.0, 4.0)]
-    out = report.training_curve(metrics, tmp_path / "curve.png", unigram_entropy=5.5)
+    assert validation_curve(metrics) == [(8192.0, 4.5), (16384.0, 4.0)]
+    out = training_curve(metrics, tmp_path / "curve.png", unigram_entropy=5.5)
     assert out.read_bytes()[:8] == PNG
     metrics.write_text("epoch,step,train/loss,train/tokens,val/loss\n0,9,6.0,4096.0,\n")
     with pytest.raises(ValueError, match="no rows with both val/loss and train/tokens"):
-        report.training_curve(metrics, tmp_path / "none.png")
+        training_curve(metrics, tmp_path / "none.png")
 
 
 def test_tables_order_lengths_by_value_and_scalings_as_registered():
     records = [record("run", 0, 32, 10.0, method=method) for method in ("yarn", "linear", "none")]
-    rows = [line.split(" | ")[2] for line in report.perplexity_table(records).splitlines()[2:]]
+    rows = [line.split(" | ")[2] for line in perplexity_table(records).splitlines()[2:]]
     assert rows == ["none", "linear", "yarn"]
     passkey = [PasskeyRecord("m", "r", 0, method, attention, length, 0.5, 1, 0.0, -1.0)
                for method in ("yarn", "none") for attention in ("sinks", "full") for length in (1024, 64)]
-    cells = [line.split(" | ")[1:4] for line in report.passkey_table(passkey).splitlines()[2:]]
+    cells = [line.split(" | ")[1:4] for line in passkey_table(passkey).splitlines()[2:]]
     assert cells == [[m, a, n] for m in ("none", "yarn") for a in ("full", "sinks") for n in ("64", "1024")]
 
 
@@ -236,7 +239,7 @@ def task_records() -> list[AccuracyRecord]:
 def test_accuracy_table_csv_json_and_figure(task_records, tmp_path):
     effective = effective_lengths(task_records, 0.9)
     results = Results(accuracy=task_records, effective_length=effective)
-    files = report.write_report(results, tmp_path, header="# Length extrapolation\n")
+    files = write_report(results, tmp_path, header="# Length extrapolation\n")
     lines = (tmp_path / "report.md").read_text().splitlines()
     assert "## Task accuracy against evaluation length" in lines
     assert "| model | trained | task | scaling | attention | seeds | EM @ 64 | EM @ 128 | EM @ 256 | EM @ 512 | " \
@@ -253,11 +256,11 @@ def test_accuracy_table_csv_json_and_figure(task_records, tmp_path):
     assert not any("Perplexity" in line for line in lines)  # task-trained runs only: no empty perplexity section
 
     columns, rows = read_csv(tmp_path / "accuracy.csv")
-    assert columns == list(report.ACCURACY_COLUMNS) and len(rows) == len(task_records)
+    assert columns == list(ACCURACY_COLUMNS) and len(rows) == len(task_records)
     refused = next(r for r in rows if r["run"] == "mqar_seed0" and r["length"] == "512")
     assert refused["applicable"] == "False" and refused["exact_match"] == "" and "num_keys" in refused["note"]
     assert float(next(r for r in rows if r["run"] == "alibi" and r["length"] == "512")["exact_match"]) == 18 / 40
-    assert read_csv(tmp_path / "results.csv") == (list(report.PERPLEXITY_COLUMNS), [])  # header only
+    assert read_csv(tmp_path / "results.csv") == (list(PERPLEXITY_COLUMNS), [])  # header only
 
     data = json.loads(files["json"].read_text())
     assert data["accuracy"] == json.loads(json.dumps([dataclasses.asdict(r) for r in task_records]))
@@ -276,28 +279,28 @@ def test_tasks_with_several_tokens_per_answer_get_a_token_accuracy_table(task_re
     copy = [dataclasses.replace(accuracy("copy", 0, n, 0, task="copy", answers=2), tokens=64, token_accuracy=t / 64,
                                 token_accuracy_low=wilson_interval(t, 64)[0], token_accuracy_high=wilson_interval(t, 64)[1])
             for n, t in ((64, 48), (128, 16))]
-    section = report.accuracy_section(task_records + copy, effective_lengths(task_records + copy, 0.9))
+    section = accuracy_section(task_records + copy, effective_lengths(task_records + copy, 0.9))
     assert "Accuracy per answer token, for the tasks whose answers have several (copy)" in section
     lines = section.splitlines()
     assert "| model | trained | task | scaling | attention | seeds | token acc. @ 64 | token acc. @ 128 |" in lines
     assert "| complex θ=10000 | 64 | copy | none | full | 1 | 75% [63%–84%] | 25% [16%–37%] |" in lines
     assert sum(line.startswith("| model |") for line in lines) == 2  # mqar's one-token answers: no second table
-    assert "Accuracy per answer token" not in report.accuracy_section(task_records, [])
+    assert "Accuracy per answer token" not in accuracy_section(task_records, [])
 
 
 def test_accuracy_rows_order_tasks_then_models_and_keep_clashing_runs_apart(task_records):
     """Two runs of one label, task and seed are different models: a row each, named by run."""
     records = task_records + [accuracy("other", 0, 64, 10)]
-    rows = [line.split(" | ")[:3] for line in report.accuracy_table(records).splitlines()[2:]]
+    rows = [line.split(" | ")[:3] for line in accuracy_table(records).splitlines()[2:]]
     assert rows == [["| complex θ=10000", "64", "flipflop"], ["| alibi", "64", "mqar"],
                     ["| complex θ=10000 [mqar_seed0]", "64", "mqar"],
                     ["| complex θ=10000 [mqar_seed1]", "64", "mqar"],
                     ["| complex θ=10000 [other]", "64", "mqar"]]
-    assert report.accuracy_table([]) == ""
+    assert accuracy_table([]) == ""
 
 
 def test_a_report_with_text_and_task_runs_has_both_sections(records, task_records, tmp_path):
-    files = report.write_report(Results(records, accuracy=task_records), tmp_path)
+    files = write_report(Results(records, accuracy=task_records), tmp_path)
     text = (tmp_path / "report.md").read_text()
     assert text.index("## Perplexity against evaluation length") < text.index("## Task accuracy against")
     assert "| complex θ=10000 | 32 | none | full | 2 | 12 ± 2.8 | 24 ± 5.7 |" in text.splitlines()
@@ -313,6 +316,6 @@ def test_log_to_wandb_offline_with_task_accuracy_only(task_records, tmp_path, mo
     for name in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
         monkeypatch.setenv(name, str(tmp_path / "wandb_home"))
     results = Results(accuracy=task_records, effective_length=effective_lengths(task_records, 0.9))
-    report.write_report(results, tmp_path)
-    folder = report.log_to_wandb(results, tmp_path, project="minillm-test", group=None, mode="offline")
+    write_report(results, tmp_path)
+    folder = log_to_wandb(results, tmp_path, project="minillm-test", group=None, mode="offline")
     assert folder.parent == tmp_path / "wandb" and list(folder.glob("run-*.wandb"))

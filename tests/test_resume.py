@@ -9,8 +9,10 @@ from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from minillm.config import ConfigError, RunConfig, folder_name, register_configs, to_run_config
-from minillm.resume import override_keys, resumed, run_config, run_folder, unknown_settings, wandb_run_id
+from minillm.registry import ConfigError
+from minillm.train.config import RunConfig
+from minillm.cli import folder_name, register_configs, to_run_config
+from minillm.train.resume import (override_keys, resumed, run_config, run_folder, unknown_settings, wandb_run_id)
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 

@@ -10,25 +10,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minillm.rope import (
-    POSITION_ENCODINGS,
-    ContextPosition,
-    FireBias,
-    KerpleBias,
-    T5Bias,
-    t5_bucket,
-    ROTARY_LAYOUTS,
-    ALiBi,
-    LearnedEmbedding,
-    MultiAxisRotary,
-    Positions,
-    RotaryEmbedding,
-    SinusoidalEmbedding,
-    alibi_slopes,
-    position_config,
-    xpos_max_length,
-)
-from minillm.scaling import scaling_config
+from minillm.positions.base import POSITION_ENCODINGS, Positions, position_config
+from minillm.positions.contextual import ContextPosition
+from minillm.positions.bias import FireBias, KerpleBias, T5Bias, t5_bucket, ALiBi, alibi_slopes
+from minillm.positions.rotary import ROTARY_LAYOUTS, MultiAxisRotary, RotaryEmbedding, xpos_max_length
+from minillm.positions.absolute import LearnedEmbedding, SinusoidalEmbedding
+from minillm.positions.scaling import scaling_config
 
 PROPERTY = settings(max_examples=30, deadline=None)
 THETAS = (10.0, 10000.0, 500000.0, 1e6)
@@ -582,8 +569,8 @@ def test_alibi_bias_is_linear_in_the_distance_between_positions():
 def test_alibi_mask_is_causal_by_token_index_with_the_cache_layout():
     """The model's mask: ALiBi's bias where a key is visible, −inf on later tokens; a chunk after a cache
     is the last rows of the whole mask."""
-    from minillm.config import ModelConfig
-    from minillm.model import mask_rows
+    from minillm.model.config import ModelConfig
+    from minillm.model.masks import mask_rows
 
     model_cfg = ModelConfig(d_model=32, n_heads=8, rope=position_config("alibi"))
     alibi = model_cfg.rope.build(model_cfg.shape, model_cfg.rope_scaling)
@@ -609,7 +596,7 @@ def test_sinusoidal_embedding_at_an_offset_is_rows_of_the_full_one():
 
 
 def test_sinusoidal_table_from_a_config_starts_at_the_token_embeddings_scale():
-    from minillm.config import ModelConfig
+    from minillm.model.config import ModelConfig
 
     cfg = ModelConfig(d_model=128, context_length=64, rope=position_config({"variant": "sinusoidal"}), init_std=0.02)
     positions = Positions.contiguous(0, 4096, torch.device("cpu"))
@@ -823,7 +810,7 @@ def test_cope_gates_reach_the_scores():
 
 def test_p_rope_turns_the_highest_frequencies_only():
     """p = 0.5 of head_dim 16: frequencies theta^(−2i/16) for i < 4 on 8 channels; the other 8 carry no position."""
-    from minillm.config import ModelConfig
+    from minillm.model.config import ModelConfig
 
     cfg = ModelConfig(d_model=64, n_heads=4, rope=position_config({"variant": "p_rope", "p": 0.5, "theta": 100.0}))
     rope = cfg.rope.build(cfg.shape, cfg.rope_scaling)
@@ -855,7 +842,7 @@ def test_bad_encoding_settings_name_themselves(setting, field):
 
 
 def test_p_rope_needs_a_whole_even_number_of_channels():
-    from minillm.config import ModelConfig
+    from minillm.model.config import ModelConfig
 
     with pytest.raises(ValueError, match=r"^rope\.p: p·head_dim = 5 must be a positive even number"):
         ModelConfig(d_model=64, n_heads=4, rope=position_config({"variant": "p_rope", "p": 0.3125}))

@@ -8,12 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from minillm.config import ModelConfig
-from minillm.model import Transformer
-from minillm.rope import POSITION_ENCODINGS, Positions, position_config
-from minillm.samplers import (POSITION_SAMPLERS, PoSESampler, PositionSampler, RandomizedSampler, generator_for,
-                              position_sampler, sampler_config)
-from minillm.scaling import LinearScaling, Scaling
+from minillm.model.config import ModelConfig
+from minillm.model.transformer import Transformer
+from minillm.positions.base import POSITION_ENCODINGS, Positions, position_config
+from minillm.positions.samplers import (POSITION_SAMPLERS, PoSESampler, PositionSampler, RandomizedSampler, generator_for, position_sampler, sampler_config)
+from minillm.positions.scaling import LinearScaling, Scaling
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 T = 16

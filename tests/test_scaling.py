@@ -10,9 +10,8 @@ import re
 import pytest
 import torch
 
-from minillm.config import ModelConfig
-from minillm.scaling import (SCALINGS, DynamicNTKScaling, DynamicYarnScaling, LinearScaling, Llama3Scaling,
-                             LongRopeScaling, NTKScaling, Scaling, YarnScaling, rotary_inv_freq, scaling_config)
+from minillm.model.config import ModelConfig
+from minillm.positions.scaling import (SCALINGS, DynamicNTKScaling, DynamicYarnScaling, LinearScaling, Llama3Scaling, LongRopeScaling, NTKScaling, Scaling, YarnScaling, rotary_inv_freq, scaling_config)
 
 
 # One instance of every registered scaling, trained at 64 tokens (rotary dim 32 where a setting needs one).
@@ -356,8 +355,8 @@ def test_real_model_settings_matter():
 
 def test_longrope_temperature_needs_a_trained_length_of_two():
     """sqrt(1 + ln s / ln L0) divides by ln 1 = 0 at L0 = 1: refused naming the setting, unless a factor is given."""
-    from minillm.config import ModelConfig
-    from minillm.scaling import LongRopeScaling
+    from minillm.model.config import ModelConfig
+    from minillm.positions.scaling import LongRopeScaling
 
     kwargs = dict(vocab_size=8, context_length=1, d_model=2, n_layers=1, n_heads=1)
     with pytest.raises(ValueError, match="rope_scaling.original_max_position: longrope's temperature"):

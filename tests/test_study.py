@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from minillm.study import context_extension_report, read_run
+from minillm.eval.study import context_extension_report, read_run
 
 REPO = Path(__file__).resolve().parents[1]
 COLUMNS = ["length", "ppl", "run", "seed", "checkpoint", "method", "applicable"]

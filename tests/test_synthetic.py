@@ -12,11 +12,10 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minillm.config import ModelConfig
-from minillm.model import Transformer
-from minillm.synthetic import (IGNORE, MQAR, SYNTHETIC_TASKS, Accuracy, Copy, FlipFlop, Needle, needle_misses,
-                               accuracy, answer_ids, answer_loss, batch, example_generator, examples, task_config,
-                               validation_set, wilson_interval)
+from minillm.model.config import ModelConfig
+from minillm.model.transformer import Transformer
+from minillm.data.synthetic import (IGNORE, MQAR, SYNTHETIC_TASKS, Copy, FlipFlop, Needle, needle_misses, task_config)
+from minillm.data.answers import (Accuracy, accuracy, answer_ids, answer_loss, batch, example_generator, examples, validation_set, wilson_interval)
 
 
 def raises_naming(field: str):

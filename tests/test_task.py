@@ -15,12 +15,13 @@ from lightning.pytorch.loggers import Logger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from minillm import task as task_module
-from minillm.checkpoint import load_model
-from minillm.config import ModelConfig, OptimConfig
-from minillm.model import Transformer
-from minillm.task import (LanguageModelTask, TokenRate, measure_peak_flops, parameter_groups, peak_flops_for,
-                          training_dtype, warmup_cosine)
+import minillm.train.task as task_module
+from minillm.runs import load_model
+from minillm.model.config import ModelConfig
+from minillm.train.config import OptimConfig
+from minillm.model.transformer import Transformer
+from minillm.train.task import (LanguageModelTask, TokenRate, measure_peak_flops, parameter_groups, peak_flops_for, warmup_cosine)
+from minillm.precision import training_dtype
 
 # ----------------------------------------------------------------------------------------------
 # The schedule
@@ -405,7 +406,7 @@ def test_checkpoint_is_plain_and_rebuilds_the_trained_model(trained):
 
 def test_step_positions_depend_on_seed_step_and_rank_alone(monkeypatch):
     """A resumed run draws at step s what an uninterrupted one drew; contiguous training draws nothing."""
-    from minillm.samplers import PoSESampler, generator_for
+    from minillm.positions.samplers import PoSESampler, generator_for
 
     pose = {"sampler": "pose", "chunks": 2, "target_length": 64}
     first = LanguageModelTask(tiny_model_config().to_dict(), dataclasses.asdict(OptimConfig()), positions=pose, seed=3)

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from minillm.theory import MIN_BASE_STEP, critical_dimension, minimum_base, supported_length
+from minillm.eval.theory import MIN_BASE_STEP, critical_dimension, minimum_base, supported_length
 
 
 def test_critical_dimension_hand_values():

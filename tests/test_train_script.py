@@ -23,22 +23,19 @@ from filelock import FileLock
 from hydra import compose, initialize_config_dir
 from tokenizers import Tokenizer
 
-from minillm.config import (
-    DataConfig,
-    EvalConfig,
-    LoggerConfig,
-    ModelConfig,
-    OptimConfig,
-    RunConfig,
-    TokenizerConfig,
-    TrainerConfig,
-    register_configs,
-)
-from minillm.model import Transformer
-from minillm.rope import POSITION_ENCODINGS, RotaryConfig
-from minillm.samplers import POSITION_SAMPLERS
-from minillm.scaling import SCALINGS
-from minillm.run import ConfigError, to_run_config
+from minillm.data.config import DataConfig, TokenizerConfig
+from minillm.eval.config import EvalConfig
+from minillm.tracking import LoggerConfig
+from minillm.model.config import ModelConfig
+from minillm.train.config import OptimConfig, RunConfig, TrainerConfig
+from minillm.cli import register_configs
+from minillm.model.transformer import Transformer
+from minillm.positions.base import POSITION_ENCODINGS
+from minillm.positions.rotary import RotaryConfig
+from minillm.positions.samplers import POSITION_SAMPLERS
+from minillm.positions.scaling import SCALINGS
+from minillm.registry import ConfigError
+from minillm.cli import to_run_config
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
@@ -297,7 +294,7 @@ def test_multirun_with_many_overrides(tmp_path, env, cache_dir, small_corpus):
 
 @pytest.mark.slow
 def test_sweep_over_a_data_path_keeps_one_folder_per_run(tmp_path, env, cache_dir, small_corpus):
-    from minillm.checkpoint import find_runs
+    from minillm.runs import find_runs
 
     result = train(env, "-m", f"data.path={small_corpus}", *SMALL, "trainer.max_steps=3", "logger=csv",
                    f"data.cache_dir={cache_dir}", f"hydra.sweep.dir={tmp_path}")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -13,32 +12,24 @@ from typing import Any, Sequence
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
-from minillm.config import ConfigError, RunConfig, to_run_config
-from minillm.console import quiet_libraries, rank_zero
+from minillm.console import quiet_libraries
 from minillm.files import write_atomic
-from minillm.loggers import make_loggers, wandb_mode
 from minillm.precision import resolve as resolve_precision
-from minillm.resume import configure
-from minillm.task import LanguageModelTask, NonFiniteLossError
+from minillm.registry import ConfigError
+from minillm.runs import check_writable
+from minillm.train.config import RunConfig
+from minillm.train.loggers import make_loggers
+from minillm.train.resume import configure
+from minillm.train.task import LanguageModelTask, NonFiniteLossError
 
 log = logging.getLogger("minillm")
-
-
-def check_writable(folder: Path) -> None:
-    """Raise, naming the folder, unless files can be written in it (before any work is done)."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as error:
-        raise ConfigError(f"hydra.run.dir={str(folder)!r}: the output folder cannot be written "
-                          f"({error.strerror or error})") from error
 
 
 def load_data(run: RunConfig):
     """The run's data module (text or a synthetic task), set up for fitting; any failure to read the data names
     its setting."""
-    from minillm.data import DataError, data_module
+    from minillm.data.corpus import DataError
+    from minillm.data.modules import data_module
 
     data = data_module(run.data, run.tokenizer, seq_len=run.model.context_length, seed=run.seed)
     try:
@@ -55,7 +46,7 @@ def train(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> dict
     """Train one model as `cfg` says; everything it writes goes under run_dir. Returns the summary.
 
     overrides: the command line's (Hydra's overrides.task), which a resume checks against the run's settings."""
-    from minillm.resume import wandb_run_id
+    from minillm.train.resume import wandb_run_id
 
     started = time.time()
     if not cfg.get("verbose", False):
@@ -80,7 +71,7 @@ def train(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> dict
 
     source = None
     if resume is None and run.init_from is not None:  # a fine-tuning: the source's shape, encoding, tokenizer
-        from minillm.finetune import from_source, load_source
+        from minillm.train.finetune import from_source, load_source
 
         source = load_source(run.init_from)
         run = from_source(run, source, overrides)
@@ -103,7 +94,7 @@ def train(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> dict
                              positions=dataclasses.asdict(run.sampler), seed=run.seed)
     origin = {}
     if source is not None:
-        from minillm.finetune import load_weights, source_group
+        from minillm.train.finetune import load_weights, source_group
 
         load_weights(task.model, source)
         origin = {"init_from_source": source.record()}
@@ -119,7 +110,7 @@ def train(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> dict
     try:
         trainer.fit(task, datamodule=data, ckpt_path=resume.checkpoint if resume is not None else None)
     except NonFiniteLossError as error:  # say where to resume from: the checkpoints after a blow-up hold inf
-        from minillm.checkpoint import last_good_checkpoint
+        from minillm.train.checkpoints import last_good_checkpoint
 
         good = last_good_checkpoint(run_dir / "checkpoints")
         where = (f"the last good checkpoint is {good[0]} (step {good[1]}); resume from it with "
@@ -160,7 +151,7 @@ def train(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> dict
             logger.experiment.finish()  # W&B writes its summary and config files only when the run ends
     metrics_csv = run_dir / "metrics.csv"  # complete only once the CSV logger has finalised
     if trainer.is_global_zero and metrics_csv.is_file():
-        from minillm.report import training_curve
+        from minillm.train.curve import training_curve
 
         try:
             training_curve(metrics_csv, run_dir / "val_loss.png", data.fingerprint["tokens"]["unigram_entropy_nats"])
@@ -173,8 +164,8 @@ def trainer_kwargs(run: RunConfig, run_dir: Path, precision: str) -> dict[str, A
     """Lightning Trainer's arguments for the run; `precision` is the resolved one (minillm.precision.resolve)."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from minillm.checkpoint import atomic_checkpoint_io
-    from minillm.progress import progress_callbacks
+    from minillm.train.checkpoints import atomic_checkpoint_io
+    from minillm.train.progress import progress_callbacks
 
     t = run.trainer
     best = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val/loss", mode="min",
@@ -200,43 +191,3 @@ def _accelerator_device(accelerator: str):
     if accelerator == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device({"gpu": "cuda"}.get(accelerator, accelerator))
-
-
-def _device(requested: str):
-    import torch
-
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}.get(requested, True)
-    if not available:
-        raise ConfigError(f"device={requested!r}: torch {torch.__version__} sees no {requested} device here; "
-                          f"use device=cpu (or device=auto)")
-    return torch.device(requested)
-
-
-def evaluate(cfg: DictConfig, out_dir: Path) -> dict[str, Path]:
-    """Every (checkpoint × scaling × attention × length) measurement, written as one report in out_dir."""
-    from minillm import evaluation
-    from minillm.checkpoint import find_runs
-    from minillm.config import EvalConfig
-    from minillm.pretrained import is_pretrained
-    from minillm.report import log_to_wandb, write_report
-
-    if not cfg.get("verbose", False):
-        quiet_libraries()
-    check_writable(out_dir)
-    config: EvalConfig = to_run_config(cfg)
-    device = _device(config.device)
-    results = evaluation.evaluate(config, device)
-    stride = f"; stride: {config.stride}" if results.perplexity else ""  # windows of text only
-    header = (f"# Length extrapolation\n\nModels: {', '.join(config.checkpoints)}; device: {device}; "
-              f"precision: {results.precision} ({results.precision_reason}); "
-              f"attention: {', '.join(config.attention)}{stride}.\n")
-    files = write_report(results, out_dir, header)
-    if config.logger.kind == "wandb":
-        # The training runs' groups (imported models have none), read without re-checking imported files.
-        groups = {OmegaConf.load(run.config).logger.get("group") for path in config.checkpoints
-                  if not is_pretrained(path) for run in find_runs(path)}
-        log_to_wandb(results, out_dir, config.logger.project,
-                     config.logger.group or (groups.pop() if len(groups) == 1 else None), wandb_mode(config.logger.mode))
-    return files

@@ -17,21 +17,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import ClassVar, NamedTuple, Optional
+from typing import ClassVar, Optional
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import TensorDataset
+
+from minillm.registry import require
 
 IGNORE = -100  # target of every non-answer position: F.cross_entropy's default ignore_index
-SPLITS = {"train": 0, "validation": 1, "test": 2}  # independent random streams under one seed
-
-
-def _require(condition: bool, name: str, message: str) -> None:
-    if not condition:
-        raise ValueError(f"{name}: {message}")
 
 
 @dataclass
@@ -108,7 +101,7 @@ class TaskConfig:
         return 1
 
     def check_length(self, length: int) -> None:
-        _require(length >= self.min_length, "model.context_length",
+        require(length >= self.min_length, "model.context_length",
                  f"the {self.name} task needs sequences of at least {self.min_length} tokens with these knobs, "
                  f"got {length}")
 
@@ -146,12 +139,12 @@ class MQAR(TaskConfig):
     show_values: bool = True
 
     def __post_init__(self) -> None:
-        _require(self.num_keys >= 1, self.knob("num_keys"), f"must be at least 1, got {self.num_keys}")
-        _require(self.num_values >= 1, self.knob("num_values"), f"must be at least 1, got {self.num_values}")
+        require(self.num_keys >= 1, self.knob("num_keys"), f"must be at least 1, got {self.num_keys}")
+        require(self.num_values >= 1, self.knob("num_values"), f"must be at least 1, got {self.num_values}")
         # Each pair takes 2 tokens and its query a 2-token slot: below 4 tokens per pair the queries do not fit.
-        _require(self.tokens_per_pair >= 4, self.knob("tokens_per_pair"),
+        require(self.tokens_per_pair >= 4, self.knob("tokens_per_pair"),
                  f"must be at least 4 (2 tokens for a pair, 2 for its query), got {self.tokens_per_pair}")
-        _require(math.isfinite(self.power_a) and self.power_a > 0, self.knob("power_a"),
+        require(math.isfinite(self.power_a) and self.power_a > 0, self.knob("power_a"),
                  f"must be positive, got {self.power_a}")
 
     @property
@@ -172,7 +165,7 @@ class MQAR(TaskConfig):
     def check_length(self, length: int) -> None:
         super().check_length(length)
         pairs = self.sizes(length)["num_pairs"]
-        _require(pairs <= self.num_keys, self.knob("num_keys"),
+        require(pairs <= self.num_keys, self.knob("num_keys"),
                  f"mqar at length {length} holds {pairs} pairs (one per {self.knob('tokens_per_pair')}="
                  f"{self.tokens_per_pair} tokens) with distinct keys, but num_keys={self.num_keys}; "
                  f"raise num_keys or tokens_per_pair, or use a shorter length")
@@ -232,19 +225,19 @@ class Needle(TaskConfig):
     query_gap: int = 1
 
     def __post_init__(self) -> None:
-        _require(self.num_queries >= 1, self.knob("num_queries"), f"must be at least 1, got {self.num_queries}")
-        _require(self.num_keys > self.num_queries, self.knob("num_keys"),
+        require(self.num_queries >= 1, self.knob("num_queries"), f"must be at least 1, got {self.num_queries}")
+        require(self.num_keys > self.num_queries, self.knob("num_keys"),
                  f"must exceed {self.knob('num_queries')}={self.num_queries} (a key for each needle and one for "
                  f"distractors), got {self.num_keys}")
-        _require(self.num_values >= 1, self.knob("num_values"), f"must be at least 1, got {self.num_values}")
-        _require(self.value_length >= 1, self.knob("value_length"), f"must be at least 1, got {self.value_length}")
-        _require(self.tokens_per_pair >= 1 + self.value_length, self.knob("tokens_per_pair"),
+        require(self.num_values >= 1, self.knob("num_values"), f"must be at least 1, got {self.num_values}")
+        require(self.value_length >= 1, self.knob("value_length"), f"must be at least 1, got {self.value_length}")
+        require(self.tokens_per_pair >= 1 + self.value_length, self.knob("tokens_per_pair"),
                  f"must hold a key and its {self.knob('value_length')}={self.value_length} values, at least "
                  f"{1 + self.value_length}, got {self.tokens_per_pair}")
-        _require(self.query_gap >= 0, self.knob("query_gap"), f"must be >= 0, got {self.query_gap}")
-        _require(self.depth is None or 0.0 <= self.depth <= 1.0, self.knob("depth"),
+        require(self.query_gap >= 0, self.knob("query_gap"), f"must be >= 0, got {self.query_gap}")
+        require(self.depth is None or 0.0 <= self.depth <= 1.0, self.knob("depth"),
                  f"must lie in [0, 1] or be None (uniform), got {self.depth}")
-        _require(self.depth is None or self.num_queries == 1, self.knob("depth"),
+        require(self.depth is None or self.num_queries == 1, self.knob("depth"),
                  f"places a single needle; with {self.knob('num_queries')}={self.num_queries} leave it None (uniform)")
 
     @property
@@ -341,7 +334,7 @@ class Copy(TaskConfig):
     reverse: bool = False
 
     def __post_init__(self) -> None:
-        _require(self.num_symbols >= 1, self.knob("num_symbols"), f"must be at least 1, got {self.num_symbols}")
+        require(self.num_symbols >= 1, self.knob("num_symbols"), f"must be at least 1, got {self.num_symbols}")
 
     @property
     def vocab_size(self) -> int:
@@ -393,8 +386,8 @@ class FlipFlop(TaskConfig):
     def __post_init__(self) -> None:
         for name in ("p_write", "p_read"):
             value = getattr(self, name)
-            _require(0.0 <= value <= 1.0, self.knob(name), f"must lie in [0, 1], got {value}")
-        _require(self.p_write + self.p_read <= 1.0, self.knob("p_read"),
+            require(0.0 <= value <= 1.0, self.knob(name), f"must lie in [0, 1], got {value}")
+        require(self.p_write + self.p_read <= 1.0, self.knob("p_read"),
                  f"p_write + p_read must be at most 1 (the rest are ignores), got {self.p_write} + {self.p_read}")
 
     @property
@@ -430,131 +423,15 @@ class FlipFlop(TaskConfig):
 
 def task_config(name: str, settings: "dict | TaskConfig | None" = None) -> TaskConfig:
     """The registered task `name` with its knobs (a dict as Hydra gives it, or the config itself)."""
-    _require(name in SYNTHETIC_TASKS, "data.task", f"unknown task {name!r}; one of {sorted(SYNTHETIC_TASKS)}")
+    require(name in SYNTHETIC_TASKS, "data.task", f"unknown task {name!r}; one of {sorted(SYNTHETIC_TASKS)}")
     if isinstance(settings, TaskConfig):
-        _require(settings.name == name, "data.task", f"got a {settings.name!r} config for task {name!r}")
+        require(settings.name == name, "data.task", f"got a {settings.name!r} config for task {name!r}")
         return settings
     cls = SYNTHETIC_TASKS[name]
     settings = dict(settings or {})
-    _require(settings.pop("name", name) == name, f"data.tasks.{name}.name", f"settings for {name!r} name another task")
+    require(settings.pop("name", name) == name, f"data.tasks.{name}.name", f"settings for {name!r} name another task")
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(settings) - fields)
-    _require(not unknown, f"data.tasks.{name}.{unknown[0] if unknown else ''}",
+    require(not unknown, f"data.tasks.{name}.{unknown[0] if unknown else ''}",
              f"not a setting of the {name} task (it has {sorted(fields)})")
     return cls(**settings)
-
-
-# ----------------------------------------------------------------------------------------------
-# Deterministic batches
-
-
-def example_generator(seed: int, index: int, split: str = "train") -> torch.Generator:
-    """The generator of sample `index`: a hash of (seed, split, index), the same on every machine and call order."""
-    _require(split in SPLITS, "split", f"got {split!r}, expected one of {sorted(SPLITS)}")
-    state = np.random.SeedSequence([seed, SPLITS[split], index]).generate_state(1, np.uint64)[0]
-    return torch.Generator().manual_seed(int(state))
-
-
-class Batch(NamedTuple):
-    inputs: Tensor  # (batch, length) int64
-    targets: Tensor  # (batch, length) int64, IGNORE except at answers
-    answers: Tensor  # (batch, length) int64, the answer each target belongs to, -1 elsewhere
-
-
-def examples(task: TaskConfig, length: int, batch_size: int, seed: int, index: int, split: str = "train") -> Batch:
-    """Batch `index`: samples index·batch_size .. (index + 1)·batch_size − 1 of the split's stream, stacked."""
-    task.check_length(length)
-    samples = [task.sample(length, example_generator(seed, i, split))
-               for i in range(index * batch_size, (index + 1) * batch_size)]
-    return Batch(torch.stack([s.inputs for s in samples]), torch.stack([s.targets for s in samples]),
-                 torch.stack([s.answers for s in samples]))
-
-
-def batch(task: TaskConfig, length: int, batch_size: int, seed: int, index: int,
-          split: str = "train") -> tuple[Tensor, Tensor]:
-    """(inputs, targets) of batch `index`, a pure function of its arguments (so a resumed run sees the same)."""
-    return tuple(examples(task, length, batch_size, seed, index, split)[:2])
-
-
-def validation_set(task: TaskConfig, length: int, count: int, seed: int, split: str = "validation") -> TensorDataset:
-    """`count` fixed examples (inputs, targets, answers) at `length`, from a stream the training batches never use."""
-    return TensorDataset(*examples(task, length, count, seed, 0, split))
-
-
-# ----------------------------------------------------------------------------------------------
-# Loss and accuracy
-
-
-def answer_loss(logits: Tensor, targets: Tensor) -> Tensor:
-    """Mean cross-entropy over answer tokens only (IGNORE targets drop out)."""
-    return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), ignore_index=IGNORE)
-
-
-def answer_ids(targets: Tensor, answer_length: int) -> Tensor:
-    """The answer map of targets whose answers are all `answer_length` tokens: the k-th run of that many
-    non-IGNORE targets of a row, in reading order, is answer k (what `Example.answers` holds)."""
-    answer = targets != IGNORE
-    ids = torch.div(torch.cumsum(answer.long(), dim=-1) - 1, answer_length, rounding_mode="floor")
-    return torch.where(answer, ids, -1)
-
-
-def wilson_interval(successes: int, trials: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval of a proportion (Wilson 1927; Brown, Cai & DasGupta 2001): (0, 1) without trials."""
-    if trials == 0:
-        return 0.0, 1.0
-    p, z2 = successes / trials, z * z
-    centre = (p + z2 / (2 * trials)) / (1 + z2 / trials)
-    half = z / (1 + z2 / trials) * math.sqrt(p * (1 - p) / trials + z2 / (4 * trials * trials))
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-@dataclass
-class Accuracy:
-    """Counts of right answers (every token right) and right answer tokens."""
-
-    answers: int
-    answers_correct: int
-    tokens: int
-    tokens_correct: int
-
-    @property
-    def exact_match(self) -> float:
-        return self.answers_correct / self.answers if self.answers else float("nan")
-
-    @property
-    def token_accuracy(self) -> float:
-        return self.tokens_correct / self.tokens if self.tokens else float("nan")
-
-    def exact_match_interval(self, z: float = 1.96) -> tuple[float, float]:
-        return wilson_interval(self.answers_correct, self.answers, z)
-
-    def token_accuracy_interval(self, z: float = 1.96) -> tuple[float, float]:
-        # Tokens of one answer are not independent: this interval is too narrow where errors cluster.
-        return wilson_interval(self.tokens_correct, self.tokens, z)
-
-    def __add__(self, other: "Accuracy") -> "Accuracy":
-        return Accuracy(*(getattr(self, f.name) + getattr(other, f.name) for f in dataclasses.fields(self)))
-
-
-def accuracy(logits_or_predictions: Tensor, targets: Tensor, answers: Tensor) -> Accuracy:
-    """Exact match per answer and per-token accuracy of argmax predictions; logits (..., length, vocab) or
-    predicted ids (..., length), targets and answers (..., length) as `examples` gives them."""
-    predictions = logits_or_predictions
-    if predictions.is_floating_point():
-        predictions = predictions.argmax(dim=-1)
-    _require(predictions.shape == targets.shape == answers.shape, "accuracy",
-             f"predictions {tuple(predictions.shape)}, targets {tuple(targets.shape)} and answers "
-             f"{tuple(answers.shape)} must have one shape")
-    answer = answers >= 0
-    _require(bool(torch.equal(answer, targets != IGNORE)), "accuracy",
-             "answers and targets disagree on which positions are answers")
-    wrong = (predictions != targets) & answer
-    rows = answers.reshape(-1, answers.shape[-1])
-    groups = rows.max().item() + 1 if answer.any() else 1
-    group = (torch.arange(len(rows))[:, None] * groups + rows)[rows >= 0]
-    errors = torch.zeros(len(rows) * groups, dtype=torch.int64)
-    errors.index_add_(0, group, wrong.reshape(rows.shape)[rows >= 0].long())
-    present = torch.zeros(len(rows) * groups, dtype=torch.bool)
-    present[group] = True
-    return Accuracy(answers=int(present.sum()), answers_correct=int((present & (errors == 0)).sum()),
-                    tokens=int(answer.sum()), tokens_correct=int((answer & ~wrong).sum()))

@@ -15,9 +15,11 @@ from typing import Sequence
 
 import torch
 
-from minillm.checkpoint import CheckpointError, Run, _model_config, find_runs, load_checkpoint
-from minillm.config import ConfigError, ModelConfig, RunConfig
-from minillm.resume import override_keys
+from minillm.model.config import ModelConfig
+from minillm.registry import ConfigError
+from minillm.runs import CheckpointError, Run, _model_config, find_runs, load_checkpoint
+from minillm.train.config import RunConfig
+from minillm.train.resume import override_keys
 
 # What the source's weights fix: the shape and vocabulary. The encoding's family (rope.variant) is kept too;
 # its other settings (theta, ...), the context length and the scaling are the new run's to choose.

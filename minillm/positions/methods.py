@@ -22,7 +22,8 @@ from typing import Callable, ClassVar, Optional
 import torch
 from torch import Tensor
 
-from minillm.rope import Positions
+from minillm.positions.base import Positions
+from minillm.registry import require
 
 Pattern = Callable[[Tensor, Tensor], Tensor]  # (query index (q, 1), key index (1, k)) -> bool, True = in this part
 
@@ -65,11 +66,6 @@ class Part:
 
     positions: Positions
     pattern: Optional[Pattern] = None
-
-
-def _require(condition: bool, name: str, message: str) -> None:
-    if not condition:
-        raise ValueError(f"{name}: {message}")
 
 
 def _causal(i: Tensor, j: Tensor) -> Tensor:
@@ -133,7 +129,7 @@ class Sliding(AttentionMethod):
     window: Optional[int] = None
 
     def __post_init__(self) -> None:
-        _require(self.window is None or self.window >= 1, "methods.sliding.window", f"must be at least 1, got {self.window}")
+        require(self.window is None or self.window >= 1, "methods.sliding.window", f"must be at least 1, got {self.window}")
 
     def parts(self, positions: Positions, trained_length: int) -> list[Part]:
         window = self.knob(self.window, trained_length)
@@ -156,13 +152,13 @@ class SelfExtend(AttentionMethod):
     needs: ClassVar[str] = "relative"
 
     def __post_init__(self) -> None:
-        _require(self.group >= 1, "methods.self_extend.group", f"must be at least 1, got {self.group}")
-        _require(self.window is None or self.window >= 1, "methods.self_extend.window",
+        require(self.group >= 1, "methods.self_extend.group", f"must be at least 1, got {self.group}")
+        require(self.window is None or self.window >= 1, "methods.self_extend.window",
                  f"must be at least 1, got {self.window}")
 
     def check(self, trained_length: int) -> None:
         window = self.knob(self.window, trained_length // 2)
-        _require(1 <= window < trained_length, "methods.self_extend.window",
+        require(1 <= window < trained_length, "methods.self_extend.window",
                  f"must lie in [1, {trained_length}) (below the training length), got {window}")
 
     def parts(self, positions: Positions, trained_length: int) -> list[Part]:
@@ -183,12 +179,12 @@ class ReRoPE(AttentionMethod):
     needs: ClassVar[str] = "rotary"
 
     def __post_init__(self) -> None:
-        _require(self.window is None or self.window >= 1, f"methods.{self.name}.window",
+        require(self.window is None or self.window >= 1, f"methods.{self.name}.window",
                  f"must be at least 1, got {self.window}")
 
     def check(self, trained_length: int) -> None:
         window = self.knob(self.window, trained_length // 2)
-        _require(1 <= window < trained_length, f"methods.{self.name}.window",
+        require(1 <= window < trained_length, f"methods.{self.name}.window",
                  f"must lie in [1, {trained_length}) (below the training length), got {window}")
 
     def far(self, positions: Positions, window: int) -> Positions:
@@ -209,7 +205,7 @@ class LeakyReRoPE(ReRoPE):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _require(self.k > 0 and math.isfinite(self.k), "methods.leaky_rerope.k", f"must be positive, got {self.k}")
+        require(self.k > 0 and math.isfinite(self.k), "methods.leaky_rerope.k", f"must be positive, got {self.k}")
 
     def far(self, positions: Positions, window: int) -> Positions:
         return _at(positions.query.double() / self.k + window * (1 - 1 / self.k), positions.key.double() / self.k,
@@ -230,12 +226,12 @@ class LMInfinite(AttentionMethod):
     needs: ClassVar[str] = "relative"
 
     def __post_init__(self) -> None:
-        _require(self.n_global >= 0, "methods.lm_infinite.n_global", f"must be >= 0, got {self.n_global}")
+        require(self.n_global >= 0, "methods.lm_infinite.n_global", f"must be >= 0, got {self.n_global}")
 
     def check(self, trained_length: int) -> None:
         for name in ("n_local", "limit"):
             value = self.knob(getattr(self, name), trained_length)
-            _require(1 <= value <= trained_length, f"methods.lm_infinite.{name}",
+            require(1 <= value <= trained_length, f"methods.lm_infinite.{name}",
                      f"must lie in [1, {trained_length}] (the training length), got {value}")
 
     def parts(self, positions: Positions, trained_length: int) -> list[Part]:
@@ -259,14 +255,14 @@ class AttentionSinks(AttentionMethod):
     needs: ClassVar[str] = "relative"
 
     def __post_init__(self) -> None:
-        _require(self.start >= 0, "methods.sinks.start", f"must be >= 0, got {self.start}")
-        _require(self.recent is None or self.recent >= 1, "methods.sinks.recent", f"must be at least 1, got {self.recent}")
+        require(self.start >= 0, "methods.sinks.start", f"must be >= 0, got {self.start}")
+        require(self.recent is None or self.recent >= 1, "methods.sinks.recent", f"must be at least 1, got {self.recent}")
 
     def check(self, trained_length: int) -> None:
-        _require(self.start < trained_length, "methods.sinks.start",
+        require(self.start < trained_length, "methods.sinks.start",
                  f"must be below the training length {trained_length}, got {self.start}")
         recent = self.knob(self.recent, trained_length - self.start)
-        _require(recent >= 1, "methods.sinks.recent", f"must be at least 1, got {recent}")
+        require(recent >= 1, "methods.sinks.recent", f"must be at least 1, got {recent}")
 
     def parts(self, positions: Positions, trained_length: int) -> list[Part]:
         start, recent = self.start, self.knob(self.recent, trained_length - self.start)
@@ -276,7 +272,7 @@ class AttentionSinks(AttentionMethod):
 
 def attention_method(name: str, settings: "dict | AttentionMethod | None" = None) -> AttentionMethod:
     """The registered method `name` with its knobs (a dict as Hydra gives it, or the config itself)."""
-    _require(name in ATTENTION_METHODS, "attention", f"got {name!r}, expected one of {sorted(ATTENTION_METHODS)}")
+    require(name in ATTENTION_METHODS, "attention", f"got {name!r}, expected one of {sorted(ATTENTION_METHODS)}")
     if isinstance(settings, AttentionMethod):
         return settings
     return ATTENTION_METHODS[name](**dict(settings or {}))
@@ -287,9 +283,9 @@ def check_encoding(method: AttentionMethod, rope, trained_length: int) -> None:
     method.check(trained_length)
     multi = method.needs != "any"
     if method.needs == "rotary":
-        _require(rope.is_rotary, "attention", f"{method.name} turns rotary positions; rope.variant={rope.variant!r} "
+        require(rope.is_rotary, "attention", f"{method.name} turns rotary positions; rope.variant={rope.variant!r} "
                                               f"is not rotary")
     if multi:
-        _require(not rope.absolute and not rope.contextual, "attention",
+        require(not rope.absolute and not rope.contextual, "attention",
                  f"{method.name} gives parts of the scores their own positions, which rope.variant={rope.variant!r} "
                  f"cannot take ({'positions are added to the tokens' if rope.absolute else 'positions are counted from the scores'})")

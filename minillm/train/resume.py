@@ -10,8 +10,11 @@ from typing import Any, Iterator, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from minillm.config import ConfigError, ModelConfig, RunConfig, to_run_config
+from minillm.cli import to_run_config
 from minillm.console import rank_zero
+from minillm.model.config import ModelConfig
+from minillm.registry import ConfigError
+from minillm.train.config import RunConfig
 
 # What a resumed run may change: how long it trains and how it reports. Everything else (shape, encoding,
 # data, tokenizer, optimiser, seed) is the run's own, read from its config.yaml.
@@ -159,7 +162,8 @@ def resolve_checkpoint(ckpt_path: Optional[str], run_dir: Path) -> Optional[tupl
     """ckpt_path -> (the checkpoint's path, its contents): 'last' -> this run folder's last checkpoint; a run
     folder -> its last; a file -> itself; None -> None. A corrupt one fails here, naming the newest checkpoint
     beside it that does load."""
-    from minillm.checkpoint import CheckpointError, last_good_checkpoint, load_checkpoint
+    from minillm.runs import CheckpointError, load_checkpoint
+    from minillm.train.checkpoints import last_good_checkpoint
 
     if ckpt_path is None:
         return None

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import logging
-import netrc
 import os
 from pathlib import Path
 from typing import Optional
 
-from minillm.config import RunConfig
+from minillm.tracking import wandb_mode
+from minillm.train.config import RunConfig
 
 log = logging.getLogger("minillm")
 
@@ -23,20 +23,6 @@ def run_tags(run: RunConfig) -> list[str]:
     if run.init_from is not None:  # a fine-tuning: its method is its scaling and positions
         tags.append("finetuned")
     return tags + list(run.logger.tags)
-
-
-def wandb_mode(requested: str) -> str:
-    """auto: online only with credentials (an API key or a netrc entry), so a laptop never waits on a login."""
-    if requested != "auto":
-        return requested
-    if os.environ.get("WANDB_API_KEY"):
-        return "online"
-    try:
-        if netrc.netrc().authenticators("api.wandb.ai"):
-            return "online"
-    except (FileNotFoundError, netrc.NetrcParseError):
-        pass
-    return "offline"
 
 
 def _appending_csv_logger(run_dir: Path, resume_step: Optional[int] = None):

@@ -21,13 +21,10 @@ from typing import ClassVar, Optional
 import torch
 from torch import Tensor
 
-from minillm.rope import LearnedConfig, PositionConfig, Positions
-from minillm.scaling import Scaling, known_fields
-
-
-def _require(condition: bool, name: str, message: str) -> None:
-    if not condition:
-        raise ValueError(f"{name}: {message}")
+from minillm.positions.absolute import LearnedConfig
+from minillm.positions.base import PositionConfig, Positions
+from minillm.positions.scaling import Scaling
+from minillm.registry import known_fields, require
 
 
 def generator_for(seed: int, *index: int) -> torch.Generator:
@@ -72,7 +69,7 @@ class PositionSampler:
     reach_setting: ClassVar[Optional[str]] = None  # the field holding one past the largest position (None: T)
 
     def __post_init__(self) -> None:
-        _require(self.sampler == self.name, "positions.sampler",
+        require(self.sampler == self.name, "positions.sampler",
                  f"{type(self).__name__} is the {self.name!r} sampler, got sampler={self.sampler!r}")
 
     @property
@@ -90,14 +87,14 @@ class PositionSampler:
         if self.reach_setting is None or getattr(self, self.reach_setting) is not None:
             return self
         target = scaling.extended_length(context_length)
-        _require(target > context_length, f"positions.{self.reach_setting}",
+        require(target > context_length, f"positions.{self.reach_setting}",
                  f"not set, and rope_scaling={scaling.name!r} (factor {scaling.factor:g}) extends "
                  f"model.context_length={context_length} to no more than itself; set it")
         return dataclasses.replace(self, **{self.reach_setting: target})
 
     def check_window(self, length: int) -> None:
         """Raise, naming the setting, if the knobs cannot place a window of `length` tokens."""
-        _require(length >= 1, "positions", f"a window needs at least 1 token, got {length}")
+        require(length >= 1, "positions", f"a window needs at least 1 token, got {length}")
 
     def check(self, encoding: PositionConfig, context_length: int) -> None:
         """Raise, naming the setting, if `encoding` (a model's PositionConfig) cannot be trained on these positions
@@ -106,17 +103,17 @@ class PositionSampler:
         self.check_window(context_length)
         if self.contiguous:
             return
-        _require(not encoding.contextual, "positions.sampler",
+        require(not encoding.contextual, "positions.sampler",
                  f"{self.name} gives the tokens positions, but rope.variant={encoding.variant!r} counts positions "
                  f"from the attention scores and never reads them; use positions=contiguous")
         # NoPE is refused rather than allowed: the sampler would change nothing, and a run named "pose" that
         # trained exactly as contiguous would be read as a result about PoSE.
-        _require(type(encoding) is not PositionConfig, "positions.sampler",
+        require(type(encoding) is not PositionConfig, "positions.sampler",
                  f"{self.name} gives the tokens positions, but rope.variant={encoding.variant!r} reads none (NoPE), "
                  f"so training would be unchanged; use positions=contiguous")
         # The learned table has model.context_length rows (LearnedConfig.build): no row past them to train.
         reach = self.reach(context_length)
-        _require(not isinstance(encoding, LearnedConfig) or reach <= context_length, f"positions.{self.reach_setting}",
+        require(not isinstance(encoding, LearnedConfig) or reach <= context_length, f"positions.{self.reach_setting}",
                  f"{reach} reaches past the learned table's {context_length} rows (model.context_length): "
                  f"rope.variant='learned' has no embedding for positions ≥ {context_length}; use rope=sinusoidal "
                  f"or a relative encoding")
@@ -129,7 +126,7 @@ class PositionSampler:
                   device: "torch.device | str | None" = None) -> Positions:
         """Positions of a batch of `batch` windows of `length` tokens, drawn from `generator` (a CPU generator),
         moved to `device`; the keys are the queries' very tensor (no cache: one set of rotary tables)."""
-        _require(batch >= 1, "positions", f"a batch needs at least 1 row, got {batch}")
+        require(batch >= 1, "positions", f"a batch needs at least 1 row, got {batch}")
         self.check_window(length)
         drawn = self.draw(batch, length, generator)
         query = drawn.to(device) if device is not None else drawn
@@ -169,17 +166,17 @@ class PoSESampler(PositionSampler):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _require(self.chunks >= 1, "positions.chunks", f"must be at least 1, got {self.chunks}")
-        _require(self.target_length is None or self.target_length >= 1, "positions.target_length",
+        require(self.chunks >= 1, "positions.chunks", f"must be at least 1, got {self.chunks}")
+        require(self.target_length is None or self.target_length >= 1, "positions.target_length",
                  f"must be positive (or null until the run sets it), got {self.target_length}")
 
     def check_window(self, length: int) -> None:
         super().check_window(length)
-        _require(self.target_length is not None, "positions.target_length",
+        require(self.target_length is not None, "positions.target_length",
                  "not set: pose needs the context length to reach (e.g. 4 × model.context_length)")
-        _require(self.target_length >= length, "positions.target_length",
+        require(self.target_length >= length, "positions.target_length",
                  f"{self.target_length} is below the window of {length} tokens; it must be at least the window")
-        _require(self.chunks <= length, "positions.chunks",
+        require(self.chunks <= length, "positions.chunks",
                  f"{self.chunks} chunks need a window of at least as many tokens, got {length}")
 
     def sample_chunks(self, batch: int, length: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -227,14 +224,14 @@ class RandomizedSampler(PositionSampler):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _require(self.max_position is None or self.max_position >= 1, "positions.max_position",
+        require(self.max_position is None or self.max_position >= 1, "positions.max_position",
                  f"must be positive (or null until the run sets it), got {self.max_position}")
 
     def check_window(self, length: int) -> None:
         super().check_window(length)
-        _require(self.max_position is not None, "positions.max_position",
+        require(self.max_position is not None, "positions.max_position",
                  "not set: randomized needs the range to draw positions from (e.g. 4 × model.context_length)")
-        _require(self.max_position >= length, "positions.max_position",
+        require(self.max_position >= length, "positions.max_position",
                  f"{self.max_position} is below the window of {length} tokens: {length} distinct positions need "
                  f"a range of at least as many")
 
@@ -244,7 +241,7 @@ class RandomizedSampler(PositionSampler):
 
 
 def _registered(name: str) -> type[PositionSampler]:
-    _require(name in POSITION_SAMPLERS, "positions.sampler",
+    require(name in POSITION_SAMPLERS, "positions.sampler",
              f"got {name!r}, expected one of {sorted(POSITION_SAMPLERS)}")
     return POSITION_SAMPLERS[name]
 
@@ -264,6 +261,6 @@ def position_sampler(name: str, settings: "dict | PositionSampler | None" = None
     """The registered sampler `name` with its knobs (a dict as Hydra gives it, or the config itself)."""
     _registered(name)
     if isinstance(settings, PositionSampler):
-        _require(settings.name == name, "positions.sampler", f"asked for {name!r}, given a {settings.name!r} sampler")
+        require(settings.name == name, "positions.sampler", f"asked for {name!r}, given a {settings.name!r} sampler")
         return settings
     return sampler_config({**dict(settings or {}), "sampler": name})

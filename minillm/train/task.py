@@ -12,12 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minillm.config import ModelConfig, OptimConfig
-from minillm.model import Transformer
+from minillm.data.answers import accuracy
+from minillm.data.synthetic import IGNORE
+from minillm.model.config import ModelConfig
+from minillm.model.transformer import Transformer
+from minillm.positions.base import Positions
+from minillm.positions.samplers import generator_for, sampler_config
 from minillm.precision import training_dtype
-from minillm.rope import Positions
-from minillm.samplers import generator_for, sampler_config
-from minillm.synthetic import IGNORE, accuracy
+from minillm.train.config import OptimConfig
 
 log = logging.getLogger("minillm")
 

@@ -8,7 +8,8 @@ import math
 import torch
 from torch import Tensor
 
-from minillm.scaling import rotary_inv_freq
+from minillm.positions.scaling import rotary_inv_freq
+
 
 def critical_dimension(rotary_dim: int, theta: float, trained_length: int) -> tuple[int, float]:
     """Liu et al. 2023 (arXiv:2310.05209, eq. 8): d_extra = 2⌈(d/2)·log_θ(T_train / 2π)⌉ dimensions complete a

@@ -1,0 +1,87 @@
+"""The command line: Hydra's schemas and resolvers, --help, validated configs."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+from typing import Optional
+
+from minillm.eval.config import EvalConfig
+from minillm.positions.base import POSITION_ENCODINGS
+from minillm.positions.samplers import POSITION_SAMPLERS
+from minillm.positions.scaling import SCALINGS
+from minillm.registry import ConfigError
+from minillm.train.config import RunConfig
+
+
+def folder_name(override_dirname: str, limit: int = 200) -> str:
+    """Hydra's override_dirname as one folder name that a command line can pass back unquoted
+    (hydra.run.dir=<job folder>, ckpt=<job folder>): 'rope=alibi,seed=1' -> 'rope-alibi__seed-1'. '/' in a value
+    would nest folders and '=', ',' or brackets would need quoting; a name over the file systems' 255-byte
+    limit cannot be created, so long names keep a hash for uniqueness."""
+    name = re.sub(r"[^\w.+\-]", "_", override_dirname.replace(",", "__").replace("=", "-"))
+    if len(name.encode()) <= limit:
+        return name
+    digest = hashlib.sha1(name.encode()).hexdigest()[:8]
+    return f"{name.encode()[:limit - 9].decode(errors='ignore')}-{digest}"
+
+
+HELP = """{script}: {purpose}
+
+Choose an option of a group with group=option, set any value with key=value (the defaults are below).
+{groups}
+Every group and setting is described in the README ("Configuration groups"); the dataclasses in minillm/
+hold the defaults and checks.
+
+== Config ==
+$CONFIG
+"""
+
+
+def help_text(conf_dir: Path, script: str, purpose: str, groups: list[str]) -> str:
+    """--help for a script: its groups and their options (the files in conf/), without internal schemas."""
+    lines = [f"  {group}: {', '.join(sorted(p.stem for p in (conf_dir / group).glob('*.yaml')))}" for group in groups]
+    return HELP.format(script=script, purpose=purpose, groups="\n".join(["Groups:", *lines]))
+
+
+def register_configs(conf_dir: Optional[Path] = None) -> None:
+    """Put the schemas in Hydra's ConfigStore (conf/ YAML files extend them and never restate defaults), and
+    the resolvers the YAML uses (folder names; --help from conf_dir's groups)."""
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("folder_name"):
+        OmegaConf.register_new_resolver("folder_name", folder_name)
+    if conf_dir is not None:
+        OmegaConf.register_new_resolver(
+            "help", lambda script, purpose, *groups: help_text(conf_dir, script, purpose, list(groups)), replace=True)
+
+    store = ConfigStore.instance()
+    store.store(name="run_schema", node=RunConfig)
+    store.store(name="eval_schema", node=EvalConfig)
+    # One schema per registered name, derived from its class: conf/rope/<name>.yaml extends /schema/rope/<name>.
+    # Their own group, so that rope= offers the YAML files only.
+    for name, cls in POSITION_ENCODINGS.items():
+        store.store(group="schema/rope", name=name, node=cls(variant=name))
+    for name, cls in SCALINGS.items():
+        store.store(group="schema/rope_scaling", name=name, node=cls)
+    for name, cls in POSITION_SAMPLERS.items():
+        store.store(group="schema/positions", name=name, node=cls)
+
+
+def to_run_config(cfg):
+    """Hydra's tree (a DictConfig) -> the validated dataclasses (each __post_init__ checks its own fields)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as error:  # our ValueError may arrive wrapped; unwrap it for a clean message
+        if isinstance(error.__cause__, ValueError):
+            raise ConfigError(str(error.__cause__).splitlines()[0]) from error
+        # OmegaConf's own (e.g. "Interpolation key 'x' not found") names the setting on a later line: lead with it.
+        key = getattr(error, "full_key", None)
+        raise ConfigError(f"{key}: {str(error).splitlines()[0]}" if key else str(error).splitlines()[0]) from error
+    except ValueError as error:  # a dataclass's __post_init__ check, raised as is: it names the setting
+        raise ConfigError(str(error).splitlines()[0]) from error

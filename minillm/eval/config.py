@@ -1,0 +1,93 @@
+"""The evaluation's settings (scripts/eval_extrapolate.py), typed and checked by name."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, make_dataclass
+from typing import Any, Optional
+
+from minillm.data.config import DataConfig
+from minillm.positions.methods import ATTENTION_METHODS
+from minillm.positions.scaling import SCALINGS
+from minillm.precision import EVAL_PRECISIONS
+from minillm.registry import choice, require
+from minillm.tracking import LoggerConfig
+
+# Every attention method's knobs, one field per registered method (its config class): the schema of `methods`.
+AttentionSettings = make_dataclass("AttentionSettings", [(name, cls, field(default_factory=cls))
+                                                         for name, cls in ATTENTION_METHODS.items()])
+
+
+@dataclass
+class EvalConfig:
+    """Length-extrapolation evaluation of trained checkpoints (scripts/eval_extrapolate.py)."""
+
+    # a .ckpt, a run folder, a multirun folder (or a glob of them); hf:<folder or hub id>, or a .gguf file, to
+    # import a pretrained model (minillm.pretrained); or a list of these
+    ckpt: Any = None
+    # The text imported models are read on (trained runs read their own run's validation documents).
+    data: DataConfig = field(default_factory=DataConfig)
+    trained_length: Optional[int] = None  # imported models' 1x; None: their config's (original) context length
+    lengths: Optional[list[int]] = None  # None: 1, 2, 4, 8, 16 × each model's training length
+    # applied to rotary models only; every scaling a factor defines (not longrope: its factors are searched per model)
+    scalings: list[str] = field(default_factory=lambda: [name for name, cls in SCALINGS.items() if cls.from_factor])
+    scaling_factor: Optional[float] = None  # None: eval length / trained length (dynamic_ntk: 1)
+    attention: list[str] = field(default_factory=lambda: ["full"])  # methods in minillm.attention
+    methods: "AttentionSettings" = field(default_factory=lambda: AttentionSettings())  # methods.self_extend.group=4
+    logn: bool = False  # scale queries by max(1, log_L(i + 1)) (Qwen's log-n) under every method and scaling
+    tail_loss: bool = True  # also the loss on each document's last L tokens with 1x..16x L of context (ReRoPE's)
+    stride: Optional[int] = None  # sliding-window evaluation (ALiBi paper); None: non-overlapping windows
+    max_documents: int = 8  # long validation documents evaluated at every length
+    batch_size: int = 4
+    buckets: int = 16  # loss-against-position resolution
+    passkey_trials: int = 10  # per (length, depth); 0 turns passkey retrieval off
+    passkey_depths: list[float] = field(default_factory=lambda: [0.1, 0.5, 0.9])
+    # Runs trained on a synthetic task (data=synthetic) are scored on its test examples instead of on text.
+    task_examples: int = 64  # test examples per length
+    effective_threshold: float = 0.9  # effective length: the share of the 1x exact match each length up to it keeps
+    # ... defined only for runs whose 1x exact match reaches this: below it the run did not learn the task
+    effective_min_exact_match: float = 0.5
+    device: str = "auto"  # auto: cuda when available
+    # auto: bf16 matmuls where the processor multiplies bf16 natively (minillm.precision), float32 elsewhere
+    precision: str = "auto"
+    seed: int = 0
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    verbose: bool = False  # show the libraries' console lines too
+
+    def __post_init__(self) -> None:
+        require(self.ckpt not in (None, "", []), "ckpt", "name a checkpoint, a run folder or a multirun folder")
+        if self.lengths is not None:
+            require(len(self.lengths) > 0 and all(n >= 1 for n in self.lengths), "lengths",
+                     f"must be positive token counts, got {list(self.lengths)}")
+        if self.trained_length is not None:
+            require(self.trained_length >= 1, "trained_length", f"must be a positive token count, got "
+                     f"{self.trained_length}")
+        for method in self.scalings:
+            choice(method, "scalings", SCALINGS)
+            require(SCALINGS[method].from_factor, "scalings", f"{method} needs factors searched for the model (a "
+                     f"checkpoint trained or imported with rope_scaling={method} keeps them: evaluate it with none)")
+        for method in self.attention:
+            choice(method, "attention", ATTENTION_METHODS)
+        if self.scaling_factor is not None:
+            require(self.scaling_factor > 0, "scaling_factor", f"must be positive, got {self.scaling_factor}")
+        if self.stride is not None:
+            require(self.stride > 0, "stride", f"must be positive, got {self.stride}")
+        for name in ("max_documents", "batch_size", "buckets", "task_examples"):
+            require(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)}")
+        require(self.passkey_trials >= 0, "passkey_trials", f"must be >= 0, got {self.passkey_trials}")
+        require(all(0 <= d <= 1 for d in self.passkey_depths), "passkey_depths",
+                 f"must lie in [0, 1], got {list(self.passkey_depths)}")
+        require(0 < self.effective_threshold <= 1, "effective_threshold",
+                 f"must lie in (0, 1] (a share of the exact match at the training length), got "
+                 f"{self.effective_threshold}")
+        require(0 <= self.effective_min_exact_match <= 1, "effective_min_exact_match",
+                 f"must lie in [0, 1] (an exact match at the training length), got {self.effective_min_exact_match}")
+        choice(self.device, "device", ("auto", "cpu", "cuda", "mps"))
+        choice(self.precision, "precision", EVAL_PRECISIONS)
+
+    def method(self, name: str):
+        """The attention method `name` with its knobs from `methods`."""
+        return getattr(self.methods, name)
+
+    @property
+    def checkpoints(self) -> list[str]:
+        return [self.ckpt] if isinstance(self.ckpt, str) else list(self.ckpt)

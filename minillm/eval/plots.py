@@ -1,0 +1,215 @@
+"""PNG plots of evaluation records: perplexity against length, tail loss, task accuracy."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+from statistics import mean
+from typing import Optional
+
+from minillm.eval.grouping import (
+    ATTENTION_ORDER,
+    accuracy_groups,
+    model_name,
+    rank,
+    series_label,
+    table_groups,
+    tail_groups,
+)
+from minillm.eval.records import AccuracyRecord, PerplexityRecord, TailLossRecord
+
+
+def _draw_lengths(ax, groups: dict[tuple, list[PerplexityRecord]], label) -> None:
+    """One line per group: mean perplexity over seeds at each applicable length."""
+    for key, group in groups.items():
+        by_length: dict[int, list] = defaultdict(list)
+        for r in group:
+            if r.applicable and r.ppl is not None and math.isfinite(r.ppl):
+                by_length[r.length].append(r.ppl)
+        if by_length:
+            lengths = sorted(by_length)
+            ax.plot(lengths, [mean(by_length[n]) for n in lengths], marker="o", label=label(key))
+
+
+def _length_axes(ax, records: list[PerplexityRecord], trained: list[int], title: str) -> None:
+    from matplotlib import ticker
+
+    for n in trained:
+        ax.axvline(n, color="grey", linestyle=":", linewidth=1)
+    ax.set(xscale="log", yscale="log", xlabel="evaluation length (tokens)", ylabel="perplexity", title=title)
+    ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:g}"))  # not 2.96×10²
+    ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+    ax.set_xticks(sorted({r.length for r in records}))
+    ax.yaxis.set_major_formatter(ticker.LogFormatter(labelOnlyBase=False))
+    ax.yaxis.set_minor_formatter(ticker.LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+
+
+def _panels(n: int, width: float = 6.0, height: float = 4.5):
+    import matplotlib.pyplot as plt
+
+    cols = min(n, 3)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    return fig, list(axes.flat[:n])
+
+
+def plot(records: list[PerplexityRecord], out_dir: Path) -> list[Path]:
+    """The report's figures, each a grid of panels so that no panel holds more lines than it can show:
+
+    ppl_vs_length.png     every model as trained (no inference-time scaling), one panel per attention pattern
+    scaling_vs_length.png one panel per rotary model, one line per scaling method (first attention pattern);
+                          only when scaling methods were evaluated
+    loss_vs_position.png  every model as trained at its longest applicable length (first attention pattern)
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = table_groups(records)
+    trained = sorted({r.trained_length for r in records if r.trained_length})
+    attentions = sorted({key[3] for key in groups}, key=lambda a: rank(a, ATTENTION_ORDER)) or ["full"]
+    first = attentions[0]
+    paths = []
+
+    fig, axes = _panels(len(attentions))
+    for ax, attention in zip(axes, attentions):
+        plain = {k: g for k, g in groups.items() if k[2] == "none" and k[3] == attention}
+        _draw_lengths(ax, plain, lambda key: model_name(key[0], key[4]))
+        _length_axes(ax, records, trained, f"{attention} attention, no scaling (dotted: training length)")
+    fig.tight_layout()
+    paths.append(out_dir / "ppl_vs_length.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    scaled_models = sorted({(k[0], k[4]) for k in groups if k[2] != "none" and k[3] == first}, key=str)
+    if scaled_models:
+        fig, axes = _panels(len(scaled_models))
+        for ax, (model, run) in zip(axes, scaled_models):
+            methods = {k: g for k, g in groups.items() if k[0] == model and k[4] == run and k[3] == first}
+            _draw_lengths(ax, methods, lambda key: key[2])
+            _length_axes(ax, records, trained, f"{model_name(model, run)}, {first} attention")
+        fig.tight_layout()
+        paths.append(out_dir / "scaling_vs_length.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for key, group in groups.items():
+        usable = [r for r in group if r.applicable and r.by_position]
+        if key[2] != "none" or key[3] != first or not usable:
+            continue
+        longest = max(r.length for r in usable)
+        by_start: dict[int, list] = defaultdict(list)
+        for r in usable:
+            if r.length == longest:
+                for bucket in r.by_position:
+                    by_start[bucket.position_start].append(bucket.loss)
+        starts = sorted(by_start)
+        ax.plot(starts, [mean(by_start[s]) for s in starts], label=f"{model_name(key[0], key[4])} @ {longest}")
+    for n in trained:
+        ax.axvline(n, color="grey", linestyle=":", linewidth=1)
+    ax.set(xlabel="position in window (bucket start)", ylabel="loss (nats)",
+           title=f"Loss against position at the longest length, {first} attention (dotted: training length)")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    paths.append(out_dir / "loss_vs_position.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def plot_tail(tail: list[TailLossRecord], out_dir: Path) -> Optional[Path]:
+    """tail_loss.png: one panel per attention method, one line per model × scaling: the loss on the same last
+    L tokens against the context length."""
+    if not tail:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib import ticker
+
+    groups = tail_groups(tail)
+    attentions = sorted({key[3] for key in groups}, key=lambda a: rank(a, ATTENTION_ORDER))
+    fig, axes = _panels(len(attentions))
+    for ax, attention in zip(axes, attentions):
+        for (model, _, method, at), group in groups.items():
+            if at != attention:
+                continue
+            by_length: dict[int, list] = defaultdict(list)
+            for r in group:
+                by_length[r.length].append(r.loss)
+            lengths = sorted(by_length)
+            ax.plot(lengths, [mean(by_length[n]) for n in lengths], marker="o",
+                    label=model if method == "none" else f"{model} / {method}")
+        ax.set(xscale="log", xlabel="context read (tokens)", ylabel="loss on the last L tokens (nats)",
+               title=f"{attention} attention: the same targets, more context")
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:g}"))
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+        ax.set_xticks(sorted({r.length for r in tail}))
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    path = out_dir / "tail_loss.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_accuracy(records: list[AccuracyRecord], out_dir: Path) -> Optional[Path]:
+    """accuracy_vs_length.png: one panel per task, one line per model × scaling × attention: the exact match (mean
+    over seeds) against the length on a log2 axis, with a band (one seed: its Wilson 95% interval; several: their
+    min–max), the training lengths dotted."""
+    if not records:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib import ticker
+
+    groups = accuracy_groups(records)
+    tasks = sorted({key[2] for key in groups})
+    fig, axes = _panels(len(tasks))
+    for ax, task in zip(axes, tasks):
+        for (model, _, of_task, method, attention, run), (group, _) in groups.items():
+            if of_task != task:
+                continue
+            by_length: dict[int, list] = defaultdict(list)
+            for r in group:
+                if r.applicable and r.exact_match is not None:
+                    by_length[r.length].append(r)
+            if not by_length:
+                continue
+            lengths = sorted(by_length)
+            centre = [mean(r.exact_match for r in by_length[n]) for n in lengths]
+            if all(len(by_length[n]) == 1 for n in lengths):
+                low = [by_length[n][0].exact_match_low for n in lengths]
+                high = [by_length[n][0].exact_match_high for n in lengths]
+            else:
+                low = [min(r.exact_match for r in by_length[n]) for n in lengths]
+                high = [max(r.exact_match for r in by_length[n]) for n in lengths]
+            line, = ax.plot(lengths, centre, marker="o", label=series_label((model, None, method, attention, run)))
+            ax.fill_between(lengths, low, high, color=line.get_color(), alpha=0.15, linewidth=0)
+        for n in sorted({r.trained_length for r in records if r.task == task}):
+            ax.axvline(n, color="grey", linestyle=":", linewidth=1)
+        ax.set(xlabel="evaluation length (tokens)", ylabel="exact match", ylim=(-0.02, 1.02),
+               title=f"{task}: exact match (dotted: training length)")
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:g}"))
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+        ax.set_xticks(sorted({r.length for r in records if r.task == task}))
+        ax.yaxis.set_major_formatter(ticker.PercentFormatter(1.0))
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out_dir / "accuracy_vs_length.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,54 @@
+"""Config -> evaluation -> report: what scripts/eval_extrapolate.py runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from minillm.cli import to_run_config
+from minillm.console import quiet_libraries
+from minillm.registry import ConfigError
+from minillm.runs import check_writable
+from minillm.tracking import wandb_mode
+
+
+def _device(requested: str):
+    import torch
+
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}.get(requested, True)
+    if not available:
+        raise ConfigError(f"device={requested!r}: torch {torch.__version__} sees no {requested} device here; "
+                          f"use device=cpu (or device=auto)")
+    return torch.device(requested)
+
+
+def evaluate(cfg: DictConfig, out_dir: Path) -> dict[str, Path]:
+    """Every (checkpoint × scaling × attention × length) measurement, written as one report in out_dir."""
+    from minillm.eval import loop
+    from minillm.eval.config import EvalConfig
+    from minillm.eval.report import write_report
+    from minillm.eval.wandb import log_to_wandb
+    from minillm.interop.pretrained import is_pretrained
+    from minillm.runs import find_runs
+
+    if not cfg.get("verbose", False):
+        quiet_libraries()
+    check_writable(out_dir)
+    config: EvalConfig = to_run_config(cfg)
+    device = _device(config.device)
+    results = loop.evaluate(config, device)
+    stride = f"; stride: {config.stride}" if results.perplexity else ""  # windows of text only
+    header = (f"# Length extrapolation\n\nModels: {', '.join(config.checkpoints)}; device: {device}; "
+              f"precision: {results.precision} ({results.precision_reason}); "
+              f"attention: {', '.join(config.attention)}{stride}.\n")
+    files = write_report(results, out_dir, header)
+    if config.logger.kind == "wandb":
+        # The training runs' groups (imported models have none), read without re-checking imported files.
+        groups = {OmegaConf.load(run.config).logger.get("group") for path in config.checkpoints
+                  if not is_pretrained(path) for run in find_runs(path)}
+        log_to_wandb(results, out_dir, config.logger.project,
+                     config.logger.group or (groups.pop() if len(groups) == 1 else None), wandb_mode(config.logger.mode))
+    return files

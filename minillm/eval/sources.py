@@ -1,0 +1,154 @@
+"""What an evaluation measures: trained runs and imported models, with the text each reads."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+from minillm.data.synthetic import TaskConfig
+from minillm.eval.config import EvalConfig
+from minillm.eval.records import ModelInfo
+from minillm.model.transformer import Transformer
+
+log = logging.getLogger("minillm")
+
+
+@dataclass
+class Subject:
+    """One model to measure and the text it reads: a trained run and its validation documents, or an imported
+    model and the documents of `data`, tokenized by its own tokenizer."""
+
+    model: Transformer
+    tokenizer: object  # a tokenizers.Tokenizer
+    documents: list[np.ndarray]  # token ids of each document, longest first
+    info: ModelInfo
+
+
+def _run_info(run, model: Transformer, seed: int) -> ModelInfo:
+    return ModelInfo(model.cfg.label, run.name, seed, model.cfg.context_length, model.cfg.rope.variant,
+                     str(run.checkpoint))
+
+
+def trained_subject(run, device: torch.device) -> Subject:
+    """A training run (a minillm.checkpoint.Run): its model, tokenizer and validation documents."""
+    from omegaconf import OmegaConf
+
+    from minillm.data.config import DataConfig, TokenizerConfig
+    from minillm.data.modules import TextDataModule
+    from minillm.runs import load_model
+
+    model = load_model(run.checkpoint).to(device)
+    if not run.config.is_file() or not run.tokenizer.is_file():
+        raise ValueError(f"ckpt: {run.folder} lacks config.yaml or tokenizer.json (not a training run folder)")
+    run_cfg = OmegaConf.load(run.config)
+    data = TextDataModule(DataConfig(**run_cfg.data), TokenizerConfig(path=str(run.tokenizer)),
+                          seq_len=model.cfg.context_length, seed=int(run_cfg.seed))
+    data.setup("validate")
+    return Subject(model, data.tokenizer, data.long_documents(min_tokens=1), _run_info(run, model, int(run_cfg.seed)))
+
+
+@dataclass
+class TaskSubject:
+    """A run trained on a synthetic task: its model and the task with the run's knobs."""
+
+    model: Transformer
+    task: TaskConfig
+    info: ModelInfo
+
+
+def run_task(run) -> Optional[TaskConfig]:
+    """The synthetic task a training run learned (data.path=synthetic), with its knobs; None for a text run (or a
+    folder without config.yaml, which trained_subject refuses)."""
+    from omegaconf import OmegaConf
+
+    from minillm.data.config import SYNTHETIC
+    from minillm.data.synthetic import task_config
+
+    if not run.config.is_file():
+        return None
+    data = OmegaConf.load(run.config).get("data") or {}
+    if data.get("path") != SYNTHETIC:
+        return None
+    name, tasks = data.get("task"), data.get("tasks") or {}
+    try:
+        return task_config(name, OmegaConf.to_container(tasks[name]) if name in tasks else None)
+    except ValueError as error:
+        raise ValueError(f"ckpt: {run.config}: {error}") from error
+
+
+def task_subject(run, task: TaskConfig, device: torch.device) -> TaskSubject:
+    """A run trained on `task`: its model, checked to cover the task's vocabulary."""
+    from omegaconf import OmegaConf
+
+    from minillm.runs import load_model
+
+    model = load_model(run.checkpoint).to(device)
+    if model.cfg.vocab_size < task.vocab_size:
+        raise ValueError(f"ckpt: {run.checkpoint} has {model.cfg.vocab_size} tokens, the {task.name} task of its "
+                         f"config.yaml {task.vocab_size}: the run folder's config is not the checkpoint's")
+    return TaskSubject(model, task, _run_info(run, model, int(OmegaConf.load(run.config).seed)))
+
+
+def pretrained_subject(source, config: EvalConfig, device: torch.device) -> Subject:
+    """An imported model (a minillm.pretrained.PretrainedSource) and the longest documents of config.data."""
+    imported = source.load(config.trained_length)
+    model = imported.model.to(device)
+    info = ModelInfo(source.name, source.name, 0, model.cfg.context_length, model.cfg.rope.variant, source.location)
+    return Subject(model, imported.tokenizer, pretrained_documents(imported.tokenizer, config.data), info)
+
+
+def pretrained_documents(tokenizer, data) -> list[np.ndarray]:
+    """The longest data.long_documents documents, longest first, tokenized without special tokens. All of
+    data.split (and its validation split, if it has one) is read: nothing here was trained on it by us."""
+    from minillm.data.corpus import document_texts, load_corpus
+
+    corpus = load_corpus(data)
+    texts = document_texts(corpus.train, data) + (document_texts(corpus.val, data) if corpus.val is not None else [])
+    longest = sorted(range(len(texts)), key=lambda i: (-len(texts[i]), i))[:4 * data.long_documents]
+    encoded = [np.asarray(e.ids, dtype=np.int64)
+               for e in tokenizer.encode_batch([texts[i] for i in longest], add_special_tokens=False)]
+    encoded.sort(key=lambda ids: -len(ids))  # longest in characters is not always longest in tokens
+    return [ids for ids in encoded if len(ids)][:data.long_documents]
+
+
+def model_sources(config: EvalConfig) -> list:
+    """What config.ckpt names: training runs (minillm.checkpoint.Run) and models to import
+    (minillm.pretrained.PretrainedSource), in order. In a list, a glob that matches nothing is skipped with a
+    warning (a study's list names every encoding, and a partial sweep lacks some); when none matches, the first
+    such glob is the error."""
+    from minillm.interop.pretrained import PretrainedSource, is_pretrained
+    from minillm.runs import CheckpointError, find_runs
+
+    sources, unmatched = [], []
+    for path in config.checkpoints:
+        if is_pretrained(path):
+            sources.append(PretrainedSource.parse(path))
+            continue
+        try:
+            sources.extend(find_runs(path))
+        except CheckpointError as error:
+            if not str(error).startswith("ckpt: nothing matches") or len(config.checkpoints) == 1:
+                raise
+            unmatched.append(error)
+    if unmatched and not sources:
+        raise unmatched[0]
+    for error in unmatched:
+        log.warning("%s: skipped", error)
+    return sources
+
+
+def source_config(source, config: EvalConfig):
+    """The ModelConfig a source will be measured with, read without loading its weights."""
+    from minillm.interop.pretrained import PretrainedSource
+    from minillm.runs import run_model_config
+
+    if isinstance(source, PretrainedSource):
+        return source.config(config.trained_length)
+    if config.trained_length is not None:
+        log.warning("trained_length=%d ignored for %s: a trained run's length is the one it was trained at",
+                    config.trained_length, source.name)
+    return run_model_config(source)

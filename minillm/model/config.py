@@ -1,0 +1,121 @@
+"""The model's typed config: shape, encoding, norms, attention options, each checked by name."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from minillm.positions.base import ModelShape, position_config
+from minillm.positions.rotary import RotaryConfig
+from minillm.positions.scaling import Scaling, scaling_config
+from minillm.registry import choice, require
+
+# ----------------------------------------------------------------------------------------------
+# The model (conf/model)
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the decoder-only transformer; the position encoding and its scaling ride along."""
+
+    vocab_size: int = 4096
+    context_length: int = 256  # the training sequence length; stored with checkpoints
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: Optional[int] = None  # None: as many as n_heads (multi-head); fewer: grouped-query
+    head_size: Optional[int] = None  # channels per head; None: d_model / n_heads (Qwen3 sets it apart)
+    ffn: str = "swiglu"  # swiglu (LLaMA) | gelu (GPT-2)
+    ffn_hidden: Optional[int] = None  # None: 4*d_model for gelu, 8/3*d_model rounded to 64 for swiglu
+    norm: str = "rmsnorm"  # rmsnorm | layernorm
+    norm_eps: float = 1e-5
+    bias: bool = False  # biases in every linear layer and LayerNorm
+    qkv_bias: bool = False  # biases on the query, key and value projections only (Qwen2)
+    qk_norm: bool = False  # RMSNorm over each head's queries and keys before the rotation (arXiv:2302.05442; Qwen3)
+    nope_every: Optional[int] = None  # every n-th layer (n, 2n, ...) sees no positions (Llama 4's iRoPE); None: none
+    attn_temperature: str = "none"  # none | logn (Qwen's log-n) | ssmax (Scalable-Softmax): queries scaled by position
+    tie_embeddings: bool = True
+    attn_dropout: float = 0.0
+    resid_dropout: float = 0.0
+    init_std: float = 0.02
+    rope: Any = field(default_factory=RotaryConfig)  # a registered PositionConfig (minillm.rope)
+    rope_scaling: Any = field(default_factory=Scaling)  # a registered Scaling (minillm.scaling)
+
+    def __post_init__(self) -> None:
+        # Hydra hands nested configs over as DictConfig or dict; normalise to the dataclasses.
+        self.rope = position_config(self.rope)
+        self.rope_scaling = scaling_config(self.rope_scaling)
+        for name in ("vocab_size", "context_length", "d_model", "n_layers", "n_heads"):
+            require(getattr(self, name) > 0, f"model.{name}", f"must be positive, got {getattr(self, name)}")
+        if self.head_size is None:
+            require(self.d_model % self.n_heads == 0, "model.n_heads",
+                     f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        else:
+            require(self.head_size > 0, "model.head_size", f"must be positive, got {self.head_size}")
+        require(self.kv_heads > 0 and self.n_heads % self.kv_heads == 0, "model.n_kv_heads",
+                 f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
+        choice(self.ffn, "model.ffn", ("swiglu", "gelu"))
+        choice(self.norm, "model.norm", ("rmsnorm", "layernorm"))
+        if self.ffn_hidden is not None:
+            require(self.ffn_hidden > 0, "model.ffn_hidden", f"must be positive, got {self.ffn_hidden}")
+        for name in ("attn_dropout", "resid_dropout"):
+            require(0.0 <= getattr(self, name) < 1.0, f"model.{name}", f"must be in [0, 1), got {getattr(self, name)}")
+        require(self.norm_eps > 0, "model.norm_eps", f"must be positive, got {self.norm_eps}")
+        require(self.init_std > 0, "model.init_std", f"must be positive, got {self.init_std}")
+        choice(self.attn_temperature, "model.attn_temperature", ("none", "logn", "ssmax"))
+        require(self.attn_temperature == "none" or self.context_length >= 2, "model.attn_temperature",
+                 f"scales by log_L with L = model.context_length, which must be at least 2 (got {self.context_length})")
+        if self.nope_every is not None:
+            require(self.nope_every >= 1, "model.nope_every", f"must be at least 1, got {self.nope_every}")
+            require(not self.rope.absolute, "model.nope_every",
+                     f"position-free layers need a per-layer encoding (rotary or a bias); {self.rope.variant!r} "
+                     f"adds positions to the token embeddings, which every layer then sees")
+        self.rope.validate(self.shape, self.rope_scaling)
+
+    @property
+    def shape(self) -> ModelShape:
+        """What the position encoding is told of the model."""
+        return ModelShape(self.d_model, self.n_heads, self.head_dim, self.context_length, self.init_std,
+                          tuple(layer for layer in range(self.n_layers) if not self.position_free(layer)))
+
+    @property
+    def label(self) -> str:
+        """A short name for what a model was trained with: 'complex θ=1e+04', 'xpos(complex) γ=512', 'alibi', ..."""
+        nope = f" nope/{self.nope_every}" if self.nope_every is not None else ""
+        temperature = f" {self.attn_temperature}" if self.attn_temperature != "none" else ""
+        return self.rope.label + self.rope_scaling.label + nope + temperature
+
+    def position_free(self, layer: int) -> bool:
+        """Whether layer (0-based) is one of the nope_every-th layers, which see no positions."""
+        return self.nope_every is not None and (layer + 1) % self.nope_every == 0
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads if self.head_size is None else self.head_size
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        if self.ffn_hidden is not None:
+            return self.ffn_hidden
+        if self.ffn == "gelu":
+            return 4 * self.d_model
+        return 64 * math.ceil(8 * self.d_model / 3 / 64)  # LLaMA: 2/3 of 4d, rounded up to 64
+
+    def to_dict(self) -> dict:
+        """Plain types only, so checkpoints load with torch.load(weights_only=True)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        d = dict(d)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"model config: unknown field(s) {unknown}; known fields are {sorted(names)}")
+        return cls(**d)

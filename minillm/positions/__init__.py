@@ -1,0 +1,6 @@
+"""The axis users vary: position encodings, frequency scalings, evaluation-time attention methods, position samplers.
+
+Importing the package imports every member module, so each registry holds all of its members.
+"""
+
+from minillm.positions import absolute, base, bias, contextual, methods, rotary, samplers, scaling  # noqa: F401
