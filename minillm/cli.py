@@ -11,7 +11,6 @@ from minillm.eval.config import EvalConfig
 from minillm.positions.base import POSITION_ENCODINGS
 from minillm.positions.samplers import POSITION_SAMPLERS
 from minillm.positions.scaling import SCALINGS
-from minillm.registry import ConfigError
 from minillm.train.config import RunConfig
 
 
@@ -68,20 +67,3 @@ def register_configs(conf_dir: Optional[Path] = None) -> None:
         store.store(group="schema/rope_scaling", name=name, node=cls)
     for name, cls in POSITION_SAMPLERS.items():
         store.store(group="schema/positions", name=name, node=cls)
-
-
-def to_run_config(cfg):
-    """Hydra's tree (a DictConfig) -> the validated dataclasses (each __post_init__ checks its own fields)."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    try:
-        return OmegaConf.to_object(cfg)
-    except OmegaConfBaseException as error:  # our ValueError may arrive wrapped; unwrap it for a clean message
-        if isinstance(error.__cause__, ValueError):
-            raise ConfigError(str(error.__cause__).splitlines()[0]) from error
-        # OmegaConf's own (e.g. "Interpolation key 'x' not found") names the setting on a later line: lead with it.
-        key = getattr(error, "full_key", None)
-        raise ConfigError(f"{key}: {str(error).splitlines()[0]}" if key else str(error).splitlines()[0]) from error
-    except ValueError as error:  # a dataclass's __post_init__ check, raised as is: it names the setting
-        raise ConfigError(str(error).splitlines()[0]) from error

@@ -79,7 +79,7 @@ def find_runs(path: str | Path) -> list[Run]:
     return runs
 
 
-def _reason(error: Exception) -> str:
+def load_failure(error: Exception) -> str:
     """One line on why loading failed (torch.load's own messages run to a page)."""
     text = str(error)
     if (refused := re.search(r"Unsupported global: GLOBAL (\S+)", text)) is not None:
@@ -104,7 +104,7 @@ def load_checkpoint(path: str | Path) -> dict:
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # unpickling foreign bytes can raise nearly anything (KeyError, EOFError, ...)
         raise CheckpointError(f"checkpoint {path} is corrupt, truncated or not a PyTorch checkpoint "
-                              f"({_reason(error)})") from error
+                              f"({load_failure(error)})") from error
     hyper_parameters = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
     if not isinstance(hyper_parameters, dict) or "model" not in hyper_parameters \
             or not isinstance(checkpoint.get("state_dict"), dict):
@@ -114,26 +114,26 @@ def load_checkpoint(path: str | Path) -> dict:
     return checkpoint
 
 
-def _model_config(checkpoint: dict, path: str | Path) -> ModelConfig:
+def checkpoint_model_config(checkpoint: dict, path: str | Path) -> ModelConfig:
     try:
         return ModelConfig.from_dict(checkpoint["hyper_parameters"]["model"])
     except (ValueError, TypeError) as error:
-        raise CheckpointError(f"checkpoint {path} holds an invalid model config: {_reason(error)}") from error
+        raise CheckpointError(f"checkpoint {path} holds an invalid model config: {load_failure(error)}") from error
 
 
 def run_model_config(run: Run) -> ModelConfig:
     """The model config a run's checkpoint was trained with (the checks an evaluation makes before measuring)."""
-    return _model_config(load_checkpoint(run.checkpoint), run.checkpoint)
+    return checkpoint_model_config(load_checkpoint(run.checkpoint), run.checkpoint)
 
 
 def load_model(path: str | Path) -> Transformer:
     """Rebuild the Transformer stored in a training checkpoint, in eval mode, on the CPU."""
     checkpoint = load_checkpoint(path)
-    cfg = _model_config(checkpoint, path)
+    cfg = checkpoint_model_config(checkpoint, path)
     try:
         model = Transformer(cfg)
     except (ValueError, TypeError) as error:
-        raise CheckpointError(f"checkpoint {path} holds an invalid model config: {_reason(error)}") from error
+        raise CheckpointError(f"checkpoint {path} holds an invalid model config: {load_failure(error)}") from error
     prefix = "model."
     state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
     try:
@@ -141,7 +141,7 @@ def load_model(path: str | Path) -> Transformer:
     except RuntimeError as error:  # "Error(s) in loading state_dict ...", then one line per problem
         problems = "; ".join(line.strip() for line in str(error).splitlines()[1:] if line.strip())
         raise CheckpointError(f"checkpoint {path}: the weights do not fit the model its config describes "
-                              f"({problems[:400] or _reason(error)})") from error
+                              f"({problems[:400] or load_failure(error)})") from error
     return model.eval()
 
 

@@ -35,7 +35,7 @@ from minillm.positions.rotary import RotaryConfig
 from minillm.positions.samplers import POSITION_SAMPLERS
 from minillm.positions.scaling import SCALINGS
 from minillm.registry import ConfigError
-from minillm.cli import to_run_config
+from minillm.registry import to_run_config
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"

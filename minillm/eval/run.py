@@ -6,7 +6,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from minillm.cli import to_run_config
+from minillm.registry import to_run_config
 from minillm.console import quiet_libraries
 from minillm.registry import ConfigError
 from minillm.runs import check_writable

@@ -22,7 +22,7 @@ from minillm.positions.scaling import (
     Scaling,
     YarnScaling,
 )
-from minillm.runs import CheckpointError, _reason
+from minillm.runs import CheckpointError, load_failure
 
 if TYPE_CHECKING:  # transformers is the optional `interop` extra
     import tokenizers
@@ -324,7 +324,7 @@ class PretrainedSource:
             return transformers.AutoConfig.from_pretrained(where, **kwargs)
         except (OSError, ValueError, KeyError) as error:
             raise CheckpointError(f"ckpt: the config of {self.describe()} could not be read "
-                                  f"({_reason(error)})") from error
+                                  f"({load_failure(error)})") from error
 
     def config(self, trained_length: Optional[int] = None) -> ModelConfig:
         """Our model config for it, from its config alone (no weights read); trained_length replaces the
@@ -344,7 +344,7 @@ class PretrainedSource:
             hf = transformers.AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, **kwargs)
         except (OSError, ValueError, KeyError, RuntimeError, struct.error) as error:
             raise CheckpointError(f"ckpt: the weights of {self.describe()} could not be read "
-                                  f"({_reason(error)})") from error
+                                  f"({load_failure(error)})") from error
         tokenizer = self.tokenizer()
         if tokenizer.get_vocab_size() > cfg.vocab_size:
             raise CheckpointError(f"ckpt: the tokenizer of {self.describe()} has {tokenizer.get_vocab_size()} "
@@ -363,7 +363,7 @@ class PretrainedSource:
             tokenizer = transformers.AutoTokenizer.from_pretrained(where, **kwargs)
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise CheckpointError(f"ckpt: the tokenizer of {self.describe()} could not be read "
-                                  f"({_reason(error)})") from error
+                                  f"({load_failure(error)})") from error
         backend = getattr(tokenizer, "backend_tokenizer", None)
         if backend is None:
             raise CheckpointError(f"ckpt: {self.describe()} has no fast (tokenizers) tokenizer; minillm reads "
@@ -392,7 +392,7 @@ def _check_gguf(file: Path) -> None:
     try:
         gguf.GGUFReader(file)
     except Exception as error:  # the reader raises whatever numpy or struct does on short or garbled bytes
-        raise CheckpointError(f"ckpt: {file} is corrupt or truncated ({_reason(error)})") from error
+        raise CheckpointError(f"ckpt: {file} is corrupt or truncated ({load_failure(error)})") from error
 
 
 def _check_safetensors(file: Path) -> None:
@@ -409,7 +409,7 @@ def _check_safetensors(file: Path) -> None:
         header = json.loads(raw)
     except (struct.error, ValueError, UnicodeDecodeError, MemoryError, OverflowError) as error:
         raise CheckpointError(f"ckpt: {file} is corrupt or truncated (its safetensors header does not parse: "
-                              f"{_reason(error)})") from error
+                              f"{load_failure(error)})") from error
     end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
     if 8 + header_size + end > size:
         raise CheckpointError(f"ckpt: {file} is truncated: {size} bytes, its header describes "

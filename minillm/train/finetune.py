@@ -17,7 +17,7 @@ import torch
 
 from minillm.model.config import ModelConfig
 from minillm.registry import ConfigError
-from minillm.runs import CheckpointError, Run, _model_config, find_runs, load_checkpoint
+from minillm.runs import CheckpointError, Run, checkpoint_model_config, find_runs, load_checkpoint
 from minillm.train.config import RunConfig
 from minillm.train.resume import override_keys
 
@@ -58,7 +58,7 @@ def load_source(init_from: str) -> Source:
                               f"(name a training run folder or a checkpoint inside one)")
     try:
         checkpoint = load_checkpoint(run.checkpoint)
-        model = _model_config(checkpoint, run.checkpoint)
+        model = checkpoint_model_config(checkpoint, run.checkpoint)
     except CheckpointError as error:
         raise CheckpointError(f"init_from: {error}") from error
     state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}

@@ -10,7 +10,7 @@ from typing import Any, Iterator, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from minillm.cli import to_run_config
+from minillm.registry import to_run_config
 from minillm.console import rank_zero
 from minillm.model.config import ModelConfig
 from minillm.registry import ConfigError
