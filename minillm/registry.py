@@ -1,8 +1,12 @@
-"""Settings plumbing shared by every part: the check that names a setting, the unknown-field check, ConfigError."""
+"""Settings plumbing shared by every part: the check that names a setting, the unknown-field check, ConfigError,
+and the Registry each axis (encodings, scalings, attention methods, samplers, tasks) keeps its classes in."""
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable, Mapping, Optional, TypeVar
+
+T = TypeVar("T", bound=type)
 
 
 class ConfigError(ValueError):
@@ -19,13 +23,63 @@ def choice(value: str, name: str, allowed) -> None:
     require(value in allowed, name, f"got {value!r}, expected one of {sorted(allowed)}")
 
 
-def known_fields(cls: type, d: dict, prefix: str) -> dict:
-    """d itself, after checking that every key is a field of the dataclass cls."""
+def known_fields(cls: type, d: dict, prefix: str, member: Optional[str] = None) -> dict:
+    """d itself, after checking that every key is a field of the dataclass cls (member: how the message names
+    cls; its class name by default)."""
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - names)
     require(not unknown, f"{prefix}.{unknown[0] if unknown else ''}",
-            f"not a setting of {cls.__name__} (it has {sorted(names)})")
+            f"not a setting of {member or cls.__name__} (it has {sorted(names)})")
     return d
+
+
+class Registry(dict):
+    """The config classes of one axis by the names one setting chooses them by, e.g. Registry("rope.variant").
+
+    A dict in registration order (`name in R`, `R[name]`, `R.items()`); the order is the reports' order.
+    Adding a member means one class under `@R.register("name")` and one YAML named after it.
+
+    field: the config field that holds the name (variant, type, sampler), so a plain dict says its class and
+    `build` fills it in; None where the name is given beside the settings (attention methods, tasks).
+    default: the name a dict without `field` gets. names_class: set `cls.name` to the first registered name
+    (False where several names share one class and the field tells them apart: the rotary layouts).
+    unknown, member: the wording of the unknown-name and the unknown-field errors ({name}, {choices}).
+    """
+
+    def __init__(self, setting: str, field: Optional[str] = None, default: Optional[str] = None, *,
+                 names_class: bool = True, unknown: str = "got {name!r}, expected one of {choices}",
+                 member: Optional[str] = None):
+        super().__init__()
+        self.setting, self.field, self.default, self.names_class = setting, field, default, names_class
+        self.unknown, self.member = unknown, member
+
+    def register(self, *names: str) -> Callable[[T], T]:
+        """Class decorator: file the class under each of `names`."""
+        def add(cls: T) -> T:
+            if self.names_class:
+                cls.name = names[0]
+            for name in names:
+                self[name] = cls
+            return cls
+
+        return add
+
+    def lookup(self, name: str) -> type:
+        """The class registered as `name`; else ValueError naming the setting and listing the choices."""
+        require(name in self, self.setting, self.unknown.format(name=name, choices=sorted(self)))
+        return self[name]
+
+    def build(self, d: Mapping, prefix: str, name: Optional[str] = None):
+        """An instance from its plain dict (as checkpoints store it and Hydra gives it), each key checked to be a
+        field of the class (errors name `prefix`.key). The class: `name`, else d[field], else the default."""
+        d = dict(d)
+        if name is None:
+            name = d.get(self.field, self.default) if self.field is not None else None
+        cls = self.lookup(name)
+        if self.field is not None:
+            d[self.field] = name
+        member = self.member.format(name=name) if self.member is not None else None
+        return cls(**known_fields(cls, d, prefix, member))
 
 
 def to_run_config(cfg):

@@ -14,7 +14,6 @@ the k-th answer, -1 elsewhere; exact match asks every token of an answer to be r
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import ClassVar, Optional
@@ -22,7 +21,7 @@ from typing import ClassVar, Optional
 import torch
 from torch import Tensor
 
-from minillm.registry import require
+from minillm.registry import Registry, require
 
 IGNORE = -100  # target of every non-answer position: F.cross_entropy's default ignore_index
 
@@ -56,17 +55,9 @@ def _fill(count: int, token: int) -> Tensor:
     return torch.full((count,), token, dtype=torch.int64)
 
 
-SYNTHETIC_TASKS: dict[str, type["TaskConfig"]] = {}
-
-
-def register_task(name: str):
-    """Register a TaskConfig subclass under `name` (the value of data.task and its YAML's name)."""
-    def add(cls: type[TaskConfig]) -> type[TaskConfig]:
-        cls.name = name
-        SYNTHETIC_TASKS[name] = cls
-        return cls
-
-    return add
+# Each TaskConfig subclass under its name: the value of data.task and its YAML knobs' key, data.tasks.<name>.
+SYNTHETIC_TASKS = Registry("data.task", unknown="unknown task {name!r}; one of {choices}", member="the {name} task")
+register_task = SYNTHETIC_TASKS.register
 
 
 @dataclass
@@ -423,15 +414,10 @@ class FlipFlop(TaskConfig):
 
 def task_config(name: str, settings: "dict | TaskConfig | None" = None) -> TaskConfig:
     """The registered task `name` with its knobs (a dict as Hydra gives it, or the config itself)."""
-    require(name in SYNTHETIC_TASKS, "data.task", f"unknown task {name!r}; one of {sorted(SYNTHETIC_TASKS)}")
+    SYNTHETIC_TASKS.lookup(name)
     if isinstance(settings, TaskConfig):
         require(settings.name == name, "data.task", f"got a {settings.name!r} config for task {name!r}")
         return settings
-    cls = SYNTHETIC_TASKS[name]
     settings = dict(settings or {})
     require(settings.pop("name", name) == name, f"data.tasks.{name}.name", f"settings for {name!r} name another task")
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(settings) - fields)
-    require(not unknown, f"data.tasks.{name}.{unknown[0] if unknown else ''}",
-             f"not a setting of the {name} task (it has {sorted(fields)})")
-    return cls(**settings)
+    return SYNTHETIC_TASKS.build(settings, f"data.tasks.{name}", name=name)

@@ -29,6 +29,7 @@ class SinusoidalConfig(PositionConfig):
     max_period: float = 10000.0
 
     absolute: ClassVar[bool] = True
+    reads_positions: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -64,6 +65,10 @@ class LearnedConfig(PositionConfig):
     variant: str = "learned"
 
     absolute: ClassVar[bool] = True
+    reads_positions: ClassVar[bool] = True
+
+    def max_position(self, context_length: int) -> int:
+        return context_length  # the table's rows (build)
 
     def build(self, shape: ModelShape, scaling: Scaling) -> "LearnedEmbedding":
         return LearnedEmbedding(shape.context_length, shape.d_model, shape.init_std)

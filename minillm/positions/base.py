@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from minillm.positions.scaling import Scaling
-from minillm.registry import known_fields, require
+from minillm.registry import Registry
 
 if TYPE_CHECKING:
     from minillm.positions.rotary import Rotation
@@ -66,16 +66,8 @@ class ModelShape:
 # Configs and their registry: the registry name is the YAML's name in conf/rope and the `variant` field
 
 
-POSITION_ENCODINGS: dict[str, type["PositionConfig"]] = {}
-
-
-def register_position(*names: str):
-    def add(cls: type[PositionConfig]) -> type[PositionConfig]:
-        for name in names:
-            POSITION_ENCODINGS[name] = cls
-        return cls
-
-    return add
+POSITION_ENCODINGS = Registry("rope.variant", field="variant", default=DEFAULT_ENCODING, names_class=False)
+register_position = POSITION_ENCODINGS.register
 
 
 @register_position("none")
@@ -85,9 +77,13 @@ class PositionConfig:
 
     variant: str = "none"
 
+    # What other parts may ask of any encoding: these, and the methods below them (tags, rotary_spectrum,
+    # max_position), answered by every encoding, so that no caller tests for a class.
     rotary: ClassVar[bool] = False
     absolute: ClassVar[bool] = False  # positions added to the token embeddings, so no layer can do without them
     contextual: ClassVar[bool] = False  # positions counted from the attention scores (CoPE), not given
+    # The model's given positions change its output: False for NoPE and CoPE, which a position sampler cannot move.
+    reads_positions: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         own = sorted(name for name, cls in POSITION_ENCODINGS.items() if cls is type(self))
@@ -105,6 +101,20 @@ class PositionConfig:
         """A short name for tables and plots."""
         return self.variant
 
+    def tags(self) -> list[str]:
+        """W&B tags for this encoding's settings, beside rope=<variant> (rotary: theta and XPos)."""
+        return []
+
+    def rotary_spectrum(self, head_dim: int) -> Optional[tuple[int, float]]:
+        """(rotary_dim, theta) of the channels that turn, at θ_i = theta^(−2i/rotary_dim), as built for heads of
+        head_dim: what RoPE-base theory (minillm.eval.theory) is about; None when no channel turns."""
+        return None
+
+    def max_position(self, context_length: int) -> Optional[int]:
+        """One past the largest position the encoding has a value for, in a model trained at context_length
+        (the learned table's rows); None: any position."""
+        return None
+
     def validate(self, shape: ModelShape, scaling: Scaling) -> None:
         """Raise, naming the setting, if this encoding cannot run on `shape` with `scaling`."""
         if scaling.name != "none":
@@ -119,11 +129,7 @@ def position_config(d: "dict | str | PositionConfig") -> PositionConfig:
     """Rebuild a position config from its plain dict (as stored in checkpoints), or a registry name."""
     if isinstance(d, PositionConfig):
         return d
-    d = {"variant": d} if isinstance(d, str) else dict(d)
-    variant = d.get("variant", DEFAULT_ENCODING)
-    require(variant in POSITION_ENCODINGS, "rope.variant", f"got {variant!r}, expected one of {sorted(POSITION_ENCODINGS)}")
-    cls = POSITION_ENCODINGS[variant]
-    return cls(**known_fields(cls, {**d, "variant": variant}, "rope"))
+    return POSITION_ENCODINGS.build({"variant": d} if isinstance(d, str) else d, "rope")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 from torch import Tensor, nn
@@ -20,6 +20,8 @@ class ALiBiConfig(PositionConfig):
     """ALiBi (Press et al. 2021, arXiv:2108.12409): a linear distance penalty per head on the scores."""
 
     variant: str = "alibi"
+
+    reads_positions: ClassVar[bool] = True
 
     def build(self, shape: ModelShape, scaling: Scaling) -> "ALiBi":
         return ALiBi(shape.n_heads)
@@ -61,6 +63,8 @@ class T5Config(PositionConfig):
     variant: str = "t5"
     num_buckets: int = 32
     max_distance: int = 128
+
+    reads_positions: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -105,6 +109,8 @@ class KerpleConfig(PositionConfig):
     variant: str = "kerple"
     kind: str = "log"  # log | power
 
+    reads_positions: ClassVar[bool] = True
+
     def __post_init__(self) -> None:
         super().__post_init__()
         require(self.kind in ("log", "power"), "rope.kind", f"got {self.kind!r}, expected 'log' or 'power'")
@@ -147,6 +153,8 @@ class FireConfig(PositionConfig):
     mlp_width: int = 32
     init_c: float = 0.1
     init_threshold: Optional[float] = None  # L before its learned multiplier; None: the training length
+
+    reads_positions: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         super().__post_init__()

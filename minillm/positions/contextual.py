@@ -26,6 +26,7 @@ class CoPEConfig(PositionConfig):
     npos: Optional[int] = None  # None: the training length + 1 (position 0 is possible), as the reference
 
     contextual: ClassVar[bool] = True
+    reads_positions: ClassVar[bool] = False  # it counts its own from the scores: given positions change nothing
 
     def __post_init__(self) -> None:
         super().__post_init__()

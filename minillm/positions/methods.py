@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from minillm.positions.base import Positions
-from minillm.registry import require
+from minillm.registry import Registry, require
 
 Pattern = Callable[[Tensor, Tensor], Tensor]  # (query index (q, 1), key index (1, k)) -> bool, True = in this part
 
@@ -77,16 +77,8 @@ def _at(query: Tensor, key: Tensor, like: Positions) -> Positions:
     return Positions(query, key, like.length)
 
 
-ATTENTION_METHODS: dict[str, type["AttentionMethod"]] = {}
-
-
-def register_method(name: str):
-    def add(cls: type[AttentionMethod]) -> type[AttentionMethod]:
-        cls.name = name
-        ATTENTION_METHODS[name] = cls
-        return cls
-
-    return add
+ATTENTION_METHODS = Registry("attention")  # chosen by name (attention=[...]), knobs under methods.<name>
+register_method = ATTENTION_METHODS.register
 
 
 @register_method("full")
@@ -272,10 +264,10 @@ class AttentionSinks(AttentionMethod):
 
 def attention_method(name: str, settings: "dict | AttentionMethod | None" = None) -> AttentionMethod:
     """The registered method `name` with its knobs (a dict as Hydra gives it, or the config itself)."""
-    require(name in ATTENTION_METHODS, "attention", f"got {name!r}, expected one of {sorted(ATTENTION_METHODS)}")
+    ATTENTION_METHODS.lookup(name)
     if isinstance(settings, AttentionMethod):
         return settings
-    return ATTENTION_METHODS[name](**dict(settings or {}))
+    return ATTENTION_METHODS.build(settings or {}, f"methods.{name}", name=name)
 
 
 def check_encoding(method: AttentionMethod, rope, trained_length: int) -> None:

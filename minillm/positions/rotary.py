@@ -103,6 +103,7 @@ class RotaryConfig(PositionConfig):
     xpos_scale_base: Optional[float] = None  # None: plain RoPE; a number turns XPos on
 
     rotary: ClassVar[bool] = True
+    reads_positions: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -119,6 +120,12 @@ class RotaryConfig(PositionConfig):
         if self.xpos_scale_base is not None:
             label = f"xpos({self.variant}) γ={self.xpos_scale_base:g}"
         return label + (f" r={self.rotary_dim}" if self.rotary_dim is not None else "")
+
+    def tags(self) -> list[str]:
+        return [f"theta={self.theta:g}", f"xpos={self.xpos_scale_base or 'off'}"]
+
+    def rotary_spectrum(self, head_dim: int) -> tuple[int, float]:
+        return self.rotary_dim or head_dim, self.theta
 
     def validate(self, shape: ModelShape, scaling: Scaling) -> None:
         require(shape.head_dim % 2 == 0, "model.d_model",
@@ -262,6 +269,11 @@ class PRopeConfig(RotaryConfig):
     def rotated(self, head_dim: int) -> int:
         return round(self.p * head_dim)
 
+    def rotary_spectrum(self, head_dim: int) -> tuple[int, float]:
+        # The r = p·head_dim channels that turn, as built: theta'^(−2i/r) with theta' = theta^(r/d).
+        r = self.rotated(head_dim)
+        return r, self.theta ** (r / head_dim)
+
     def validate(self, shape: ModelShape, scaling: Scaling) -> None:
         rotated = self.p * shape.head_dim
         require(rotated == int(rotated) and int(rotated) % 2 == 0 and rotated > 0, "rope.p",
@@ -271,8 +283,8 @@ class PRopeConfig(RotaryConfig):
 
     def build(self, shape: ModelShape, scaling: Scaling) -> "RotaryEmbedding":
         # r = p·d channels at theta'^(−2i/r) with theta' = theta^(r/d): exactly theta^(−2i/d) for i < r/2.
-        r = self.rotated(shape.head_dim)
-        return RotaryEmbedding(shape.head_dim, self.layout, self.theta ** (r / shape.head_dim), r, self.xpos_scale_base,
+        r, theta = self.rotary_spectrum(shape.head_dim)
+        return RotaryEmbedding(shape.head_dim, self.layout, theta, r, self.xpos_scale_base,
                                scaling.trained_at(shape.context_length))
 
 

@@ -21,10 +21,9 @@ from typing import ClassVar, Optional
 import torch
 from torch import Tensor
 
-from minillm.positions.absolute import LearnedConfig
 from minillm.positions.base import PositionConfig, Positions
 from minillm.positions.scaling import Scaling
-from minillm.registry import known_fields, require
+from minillm.registry import Registry, require
 
 
 def generator_for(seed: int, *index: int) -> torch.Generator:
@@ -45,17 +44,9 @@ def _uniform_int(low: Tensor, high: Tensor, generator: torch.Generator) -> Tenso
     return low + (draw * (high - low + 1).double()).floor().long().minimum(high - low)
 
 
-POSITION_SAMPLERS: dict[str, type["PositionSampler"]] = {}
-
-
-def register_sampler(name: str):
-    """Register a PositionSampler subclass under `name`, the value of its `sampler` field and its YAML's name."""
-    def add(cls: type[PositionSampler]) -> type[PositionSampler]:
-        cls.name = name
-        POSITION_SAMPLERS[name] = cls
-        return cls
-
-    return add
+# Each PositionSampler subclass under its name: the value of its `sampler` field and its YAML's name.
+POSITION_SAMPLERS = Registry("positions.sampler", field="sampler", default="contiguous")
+register_sampler = POSITION_SAMPLERS.register
 
 
 @register_sampler("contiguous")
@@ -98,8 +89,8 @@ class PositionSampler:
 
     def check(self, encoding: PositionConfig, context_length: int) -> None:
         """Raise, naming the setting, if `encoding` (a model's PositionConfig) cannot be trained on these positions
-        with windows of `context_length` tokens. Every other encoding reads them: rotary, ALiBi, T5, KERPLE, FIRE
-        and sinusoidal at any position, learned rows up to its table."""
+        with windows of `context_length` tokens: one that reads no given positions (encoding.reads_positions: NoPE,
+        CoPE), or one whose table stops short of the reach (encoding.max_position: learned)."""
         self.check_window(context_length)
         if self.contiguous:
             return
@@ -108,14 +99,14 @@ class PositionSampler:
                  f"from the attention scores and never reads them; use positions=contiguous")
         # NoPE is refused rather than allowed: the sampler would change nothing, and a run named "pose" that
         # trained exactly as contiguous would be read as a result about PoSE.
-        require(type(encoding) is not PositionConfig, "positions.sampler",
+        require(encoding.reads_positions, "positions.sampler",
                  f"{self.name} gives the tokens positions, but rope.variant={encoding.variant!r} reads none (NoPE), "
                  f"so training would be unchanged; use positions=contiguous")
-        # The learned table has model.context_length rows (LearnedConfig.build): no row past them to train.
-        reach = self.reach(context_length)
-        require(not isinstance(encoding, LearnedConfig) or reach <= context_length, f"positions.{self.reach_setting}",
-                 f"{reach} reaches past the learned table's {context_length} rows (model.context_length): "
-                 f"rope.variant='learned' has no embedding for positions ≥ {context_length}; use rope=sinusoidal "
+        # A table of rows (learned: model.context_length of them) has no row past them to train.
+        reach, limit = self.reach(context_length), encoding.max_position(context_length)
+        require(limit is None or reach <= limit, f"positions.{self.reach_setting}",
+                 f"{reach} reaches past the {encoding.variant} table's {limit} rows (model.context_length): "
+                 f"rope.variant={encoding.variant!r} has no embedding for positions ≥ {limit}; use rope=sinusoidal "
                  f"or a relative encoding")
 
     def draw(self, batch: int, length: int, generator: torch.Generator) -> Tensor:
@@ -240,27 +231,18 @@ class RandomizedSampler(PositionSampler):
         return torch.randperm(self.max_position, generator=generator)[:length].sort().values[None]
 
 
-def _registered(name: str) -> type[PositionSampler]:
-    require(name in POSITION_SAMPLERS, "positions.sampler",
-             f"got {name!r}, expected one of {sorted(POSITION_SAMPLERS)}")
-    return POSITION_SAMPLERS[name]
-
-
 def sampler_config(d: "dict | str | PositionSampler | None") -> PositionSampler:
     """A sampler from its plain dict (as stored in checkpoints and given by Hydra), a registry name, or None
     (contiguous)."""
     if isinstance(d, PositionSampler):
         return d
-    d = {"sampler": d} if isinstance(d, str) else dict(d or {})
-    name = d.get("sampler", PositionSampler.name)
-    cls = _registered(name)
-    return cls(**known_fields(cls, {**d, "sampler": name}, "positions"))
+    return POSITION_SAMPLERS.build({"sampler": d} if isinstance(d, str) else d or {}, "positions")
 
 
 def position_sampler(name: str, settings: "dict | PositionSampler | None" = None) -> PositionSampler:
     """The registered sampler `name` with its knobs (a dict as Hydra gives it, or the config itself)."""
-    _registered(name)
+    POSITION_SAMPLERS.lookup(name)
     if isinstance(settings, PositionSampler):
         require(settings.name == name, "positions.sampler", f"asked for {name!r}, given a {settings.name!r} sampler")
         return settings
-    return sampler_config({**dict(settings or {}), "sampler": name})
+    return POSITION_SAMPLERS.build(settings or {}, "positions", name=name)

@@ -15,7 +15,7 @@ from typing import ClassVar, Optional
 import torch
 from torch import Tensor
 
-from minillm.registry import known_fields, require
+from minillm.registry import Registry, require
 
 
 def rotary_inv_freq(theta: float, dim: int) -> Tensor:
@@ -23,17 +23,9 @@ def rotary_inv_freq(theta: float, dim: int) -> Tensor:
     return 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
 
 
-SCALINGS: dict[str, type["Scaling"]] = {}
-
-
-def register_scaling(name: str):
-    """Register a Scaling subclass under `name`, the value of its `type` field and its YAML's name."""
-    def add(cls: type[Scaling]) -> type[Scaling]:
-        cls.name = name
-        SCALINGS[name] = cls
-        return cls
-
-    return add
+# Each Scaling subclass under its name: the value of its `type` field and its YAML's name.
+SCALINGS = Registry("rope_scaling.type", field="type", default="none")
+register_scaling = SCALINGS.register
 
 
 @dataclass
@@ -417,7 +409,4 @@ def scaling_config(d: "dict | Scaling | None") -> Scaling:
     """A scaling from its plain dict (as stored in checkpoints), or None for no scaling."""
     if isinstance(d, Scaling):
         return d
-    d = dict(d or {})
-    kind = d.get("type", "none")
-    require(kind in SCALINGS, "rope_scaling.type", f"got {kind!r}, expected one of {sorted(SCALINGS)}")
-    return SCALINGS[kind](**known_fields(SCALINGS[kind], d, "rope_scaling"))
+    return SCALINGS.build(d or {}, "rope_scaling")

@@ -14,10 +14,9 @@ log = logging.getLogger("minillm")
 
 
 def run_tags(run: RunConfig) -> list[str]:
+    """W&B tags: the encoding and its own settings' tags, the scaling, the sampler, fine-tuning, logger.tags."""
     rope, scaling = run.rope, run.rope_scaling
-    tags = [f"rope={rope.variant}", f"scaling={scaling.type}"]
-    if rope.is_rotary:
-        tags += [f"theta={rope.theta:g}", f"xpos={rope.xpos_scale_base or 'off'}"]
+    tags = [f"rope={rope.variant}", f"scaling={scaling.type}", *rope.tags()]
     if run.positions.name != "contiguous":
         tags.append(f"positions={run.positions.name}")
     if run.init_from is not None:  # a fine-tuning: its method is its scaling and positions
