@@ -40,12 +40,12 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from common import (Settings, autocast, optional_transformers, print_table, probe_in_fresh_process, resident_growth,
+from common import (Settings, autocast, print_table, probe_in_fresh_process, resident_growth,
                     speedup, time_peers)
 from minillm.positions.methods import attention_method
 from minillm.model.config import ModelConfig
+from minillm.model.masks import AttentionPlan
 from minillm.model.transformer import Attention, KVCache, Transformer
-from minillm.positions.rotary import Rotation
 from minillm.positions.base import position_config
 from train_bench import model_config
 
@@ -62,8 +62,7 @@ QUADRATIC = ("naive", "fire-sdpa", "cope-explicit")
 class NaiveAttention(Attention):
     """Attention.forward with the SDPA call replaced by the textbook computation (no KV cache)."""
 
-    def forward(self, x: torch.Tensor, rotation: Rotation | None, mask, cache: KVCache | None = None,
-                layer: int = 0, query_positions: torch.Tensor | None = None, context=None, parts=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, plan: AttentionPlan, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         if cache is not None:
             raise ValueError("NaiveAttention: full sequences only")
         batch, seq, _ = x.shape
@@ -72,6 +71,7 @@ class NaiveAttention(Attention):
         q = self.q_norm(q.view(batch, seq, self.n_heads, self.head_dim)).transpose(1, 2)
         k = self.k_norm(k.view(batch, seq, self.kv_heads, self.head_dim)).transpose(1, 2)
         v = v.view(batch, seq, self.kv_heads, self.head_dim).transpose(1, 2)
+        rotation, mask = plan.rotation, plan.mask
         if rotation is not None:
             q, k = rotation(q, k)
         if self.kv_heads != self.n_heads:

@@ -15,6 +15,7 @@ import torch
 from minillm.model.config import ModelConfig
 from minillm.positions.base import Positions, position_config
 from minillm.positions.rotary import RotaryConfig
+from minillm.model.masks import AttentionPlan
 from minillm.model.transformer import Transformer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -173,8 +174,9 @@ def test_block_compiles_to_one_graph_and_matches_eager(name):
     # fullgraph=True raises on any graph break: the rotation and the rest of the block are one graph
     compiled = torch.compile(block, fullgraph=True)
     with torch.set_grad_enabled(backward):
-        out = compiled(x, rotation, mask)
-        eager = block(x, rotation, mask)
+        plan = AttentionPlan(rotation, mask, positions.query)
+        out = compiled(x, plan)
+        eager = block(x, plan)
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
     if backward:
         grad = torch.randn_like(out)
@@ -208,8 +210,9 @@ def test_block_compiles_to_one_graph_with_a_blocked_mask(pattern, grad, monkeypa
             rotation, mask = model.position.rotation(positions), model._mask(positions, x.dtype, allowed)
             assert isinstance(mask, minillm.model.masks.BlockedMask)
             context = model.position.for_layer(0) if pattern == "cope" else None
-            eager = block(x, rotation, mask, context=context)
-            torch.testing.assert_close(compiled(x, rotation, mask, context=context), eager, rtol=1e-5, atol=1e-5)
+            plan = AttentionPlan(rotation, mask, positions.query, contextual=context)
+            eager = block(x, plan)
+            torch.testing.assert_close(compiled(x, plan), eager, rtol=1e-5, atol=1e-5)
 
 
 def test_a_peer_process_surfaces_a_failed_build_and_a_dead_child():

@@ -9,7 +9,6 @@ import inspect
 import json.decoder
 import math
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from minillm.eval.perplexity import _window_plan, evaluation_tokens, log_n_queries, scaled_rope, scaling_for, tail_loss, windows
+from minillm.eval.perplexity import _window_plan, evaluation_tokens, rotary_key, scaling_for, tail_loss, windows
 from minillm.eval.passkey import PASSKEY_INTRO, PASSKEY_QUESTION, PasskeyDoesNotFit, PasskeyPrompt, passkey_prompt, passkey_trial
 from minillm.eval.sources import Subject, TaskSubject, model_sources
 from minillm.eval.records import AccuracyRecord, EffectiveLengthRecord, ModelInfo
@@ -33,10 +32,8 @@ from minillm.tracking import LoggerConfig
 from minillm.model.config import ModelConfig
 from minillm.data.tokens import train_tokenizer
 from minillm.model.transformer import Transformer
-from minillm.positions.bias import ALiBi
-from minillm.positions.rotary import RotaryEmbedding
 from minillm.positions.base import position_config
-from minillm.positions.scaling import LinearScaling, Scaling, YarnScaling
+from minillm.positions.scaling import LinearScaling, Scaling
 from minillm.data.synthetic import IGNORE, MQAR, FlipFlop, Needle
 from minillm.data.answers import accuracy, answer_loss, validation_set
 
@@ -110,21 +107,20 @@ def test_tail_loss_scores_the_same_last_targets_at_every_length():
         tail_loss(model, tokens, 4, 8)
 
 
-def test_log_n_queries_equal_a_model_built_with_them_and_are_undone():
+def test_log_n_given_to_the_forward_equals_a_model_built_with_it_and_leaves_the_model_unchanged():
     model = tiny_model(context_length=8)
     built = Transformer(ModelConfig(**{**model.cfg.to_dict(), "attn_temperature": "logn"})).eval()
     built.load_state_dict(model.state_dict())
     tokens = random_tokens(1, 32)
     with torch.inference_mode():
         plain = model.token_losses(tokens[:, :32], tokens[:, 1:])
-        with log_n_queries(model, True):
-            scaled = model.token_losses(tokens[:, :32], tokens[:, 1:])
+        scaled = model.token_losses(tokens[:, :32], tokens[:, 1:], logn=True)
         torch.testing.assert_close(scaled, built.token_losses(tokens[:, :32], tokens[:, 1:]))
         torch.testing.assert_close(model.token_losses(tokens[:, :32], tokens[:, 1:]), plain)
+    assert all(block.attn.temperature is None for block in model.blocks)  # read as data: no module was set
     torch.testing.assert_close(scaled[:, :8], plain[:, :8])  # a factor of 1 up to the training length
     with pytest.raises(ValueError, match="logn: the model already scales its queries"):
-        with log_n_queries(built, True):
-            pass
+        built.token_losses(tokens[:, :32], tokens[:, 1:], logn=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -256,35 +252,37 @@ def test_loss_beyond_train_counts_only_positions_past_the_trained_length():
 # Inference-time scaling
 
 
-def test_scaled_rope_swaps_the_encoding_and_restores_it():
+def test_a_scaling_given_to_the_forward_reads_the_model_with_it_and_touches_nothing():
     model = tiny_model()
     original = model.position
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     tokens = random_tokens(1, 32)
     plain = perplexity_at_length(model, tokens, 32).loss
-    with scaled_rope(model, LinearScaling(factor=4.0, original_max_position=8)) as scaled:
-        assert scaled is model and isinstance(model.position, RotaryEmbedding) and model.position is not original
-        assert model.position.scaling == LinearScaling(factor=4.0, original_max_position=8)
-        torch.testing.assert_close(model.position.inv_freq, original.inv_freq / 4)
-        assert perplexity_at_length(model, tokens, 32).loss != pytest.approx(plain)
+    linear = LinearScaling(factor=4.0, original_max_position=8)
+    assert perplexity_at_length(model, tokens, 32, scaling=linear).loss != pytest.approx(plain)
+    # the same numbers as a model built with that scaling from the start, on the same weights
+    built = Transformer(dataclasses.replace(model.cfg, rope_scaling=linear)).eval()
+    built.load_state_dict(model.state_dict())
+    assert perplexity_at_length(model, tokens, 32, scaling=linear).loss == \
+        pytest.approx(perplexity_at_length(built, tokens, 32).loss, rel=1e-6)
     assert model.position is original
     assert perplexity_at_length(model, tokens, 32).loss == pytest.approx(plain)
+    assert perplexity_at_length(model, tokens, 32, scaling=Scaling()).loss == pytest.approx(plain)
     for name, value in model.state_dict().items():
         assert torch.equal(value, weights[name]), name
-    with pytest.raises(RuntimeError, match="boom"), scaled_rope(model, YarnScaling(original_max_position=8)):
-        raise RuntimeError("boom")
-    assert model.position is original  # restored on errors too
-    with scaled_rope(model, Scaling()):
-        assert model.position is original
+    key = rotary_key(model, linear, 32)
+    inv_freq, factor = linear.frequencies(original.theta, original.rotary_dim, 32)
+    assert key == (inv_freq.numpy().tobytes(), factor) and key != rotary_key(model, Scaling(), 32)
 
 
-def test_scaled_rope_needs_a_rotary_model():
+def test_a_scaling_needs_a_rotary_model():
     model = tiny_model(position_config("alibi"))
+    tokens = random_tokens(1, 32)
     with pytest.raises(ValueError, match="scaling: 'linear' needs a rotary model, this one uses ALiBi"):
-        with scaled_rope(model, LinearScaling(factor=2.0)):
-            pass
-    with scaled_rope(model, Scaling()):
-        assert isinstance(model.position, ALiBi)
+        perplexity_at_length(model, tokens, 32, scaling=LinearScaling(factor=2.0))
+    assert perplexity_at_length(model, tokens, 32, scaling=Scaling()).loss == \
+        pytest.approx(perplexity_at_length(model, tokens, 32).loss)
+    assert rotary_key(model, Scaling(), 32) is None
 
 
 def test_scaling_factor_rules():
@@ -357,7 +355,7 @@ class Oracle(nn.Module):
         self.anchor = nn.Parameter(torch.zeros(1))  # so that next(model.parameters()) gives the device
         self.sequence, self.vocab, self.margin, self.wrong = sequence, vocab, margin, wrong
 
-    def hidden_states(self, idx: torch.Tensor, attention=None) -> torch.Tensor:
+    def hidden_states(self, idx: torch.Tensor, attention=None, scaling=None, logn=False) -> torch.Tensor:
         return torch.arange(idx.shape[1], dtype=torch.float32)[None, :, None].expand(idx.shape[0], -1, 1)
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -587,8 +585,8 @@ def test_measure_accuracy_refuses_what_the_task_cannot_hold_and_reuses_equal_fre
         (6, direct.counts.answers, direct.counts.exact_match, direct.counts.token_accuracy, direct.answer_loss)
     assert none_64.answers == 6 * 4 and (none_64.run, none_64.seed, none_64.task, none_64.trained_length) == \
         ("mqar_run", 3, "mqar", 32)
-    with scaled_rope(model, LinearScaling(factor=2.0, original_max_position=32)):
-        scaled = task_accuracy(model, *validation_set(task, 64, 6, seed=0, split="test").tensors)
+    scaled = task_accuracy(model, *validation_set(task, 64, 6, seed=0, split="test").tensors,
+                           scaling=LinearScaling(factor=2.0, original_max_position=32))
     assert by_setting["linear", 64].answer_loss == scaled.answer_loss != direct.answer_loss
     assert [(e.method, e.reference_exact_match, e.longest_length) for e in results.effective_length] == \
         [("none", by_setting["none", 32].exact_match, 64), ("linear", by_setting["linear", 32].exact_match, 64)]

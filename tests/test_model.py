@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from minillm.model.config import ModelConfig
+from minillm.model.masks import AttentionPlan
 from minillm.model.transformer import KVCache, QueryTemperature, RMSNorm, Transformer
 from minillm.positions.base import Positions, position_config
 from minillm.positions.rotary import RotaryConfig
@@ -216,7 +217,7 @@ def test_cope_attention_is_the_reference_formula():
         cope.embedding.normal_(generator=torch.Generator().manual_seed(3))
         x = torch.randn(2, 12, 32, generator=torch.Generator().manual_seed(4))
         mask = model._mask(Positions.contiguous(0, 12, x.device), torch.float32, None, cope)
-        ours = attention(x, None, mask, context=cope)
+        ours = attention(x, AttentionPlan(mask=mask, contextual=cope))
         q, k, v = (t.view(2, 12, 4, 8).transpose(1, 2) for t in attention.qkv(x).split(32, dim=-1))
         causal = torch.ones(12, 12).tril()
         gates = torch.sigmoid(q @ k.transpose(-1, -2) / math.sqrt(8)) * causal

@@ -14,10 +14,8 @@ from minillm.eval.config import EvalConfig
 from minillm.eval.passkey import measure_passkey
 from minillm.eval.perplexity import (
     evaluation_tokens,
-    log_n_queries,
     perplexity_at_length,
     rotary_key,
-    scaled_rope,
     scaling_for,
     tail_loss,
 )
@@ -110,38 +108,34 @@ def measure(subject: Subject, config: EvalConfig) -> Results:
     results = Results()
     plan = [(m, a, n) for m in methods for a in config.attention for n in usable]
     done: dict[tuple, tuple[Perplexity, Optional[tuple[float, int]]]] = {}
-    with log_n_queries(model, config.logn):
-        for method, attention, length in tqdm(plan, desc=f"perplexity {info.run}", unit="length"):
-            setting = dict(vars(info), method=method, attention=attention + suffix, stride=config.stride)
-            if attention in refused or (limit is not None and length > limit):
-                note = refused.get(attention) or f"{info.variant} positions stop at {limit}"
-                results.perplexity.append(PerplexityRecord(length=length, loss=None, ppl=None, applicable=False,
-                                                           note=note, **setting))
-                continue
-            scaling = scaling_for(method, length, trained, config.scaling_factor)
-            with scaled_rope(model, scaling):
-                # A scaling that leaves this length's frequencies as another left them (every static one at
-                # factor 1, i.e. up to the training length) computes the same numbers: reuse them.
-                key = (attention, length, rotary_key(model, length))
-                if key not in done:
-                    measured = perplexity_at_length(model, tokens, length, attention=served[attention],
-                                                    stride=config.stride, batch_size=config.batch_size,
-                                                    buckets=config.buckets)
-                    tail = None
-                    if config.tail_loss and length >= trained:  # the same last `trained` targets at every length
-                        tail = tail_loss(model, tokens, length, trained, attention=served[attention],
-                                         batch_size=config.batch_size)
-                    done[key] = measured, tail
-                measured, tail = done[key]
-            if tail is not None:
-                results.tail.append(TailLossRecord(info.model, info.run, info.seed, trained, method,
-                                                   attention + suffix, length, trained, *tail))
-            results.perplexity.append(PerplexityRecord(**vars(measured), factor=scaling.factor, **setting))
+    for method, attention, length in tqdm(plan, desc=f"perplexity {info.run}", unit="length"):
+        setting = dict(vars(info), method=method, attention=attention + suffix, stride=config.stride)
+        if attention in refused or (limit is not None and length > limit):
+            note = refused.get(attention) or f"{info.variant} positions stop at {limit}"
+            results.perplexity.append(PerplexityRecord(length=length, loss=None, ppl=None, applicable=False,
+                                                       note=note, **setting))
+            continue
+        scaling = scaling_for(method, length, trained, config.scaling_factor)
+        reading = dict(attention=served[attention], scaling=scaling, logn=config.logn)
+        # A scaling that leaves this length's frequencies as another left them (every static one at factor 1,
+        # i.e. up to the training length) computes the same numbers: reuse them.
+        key = (attention, length, rotary_key(model, scaling, length))
+        if key not in done:
+            measured = perplexity_at_length(model, tokens, length, **reading, stride=config.stride,
+                                            batch_size=config.batch_size, buckets=config.buckets)
+            tail = None
+            if config.tail_loss and length >= trained:  # the same last `trained` targets at every length
+                tail = tail_loss(model, tokens, length, trained, **reading, batch_size=config.batch_size)
+            done[key] = measured, tail
+        measured, tail = done[key]
+        if tail is not None:
+            results.tail.append(TailLossRecord(info.model, info.run, info.seed, trained, method,
+                                               attention + suffix, length, trained, *tail))
+        results.perplexity.append(PerplexityRecord(**vars(measured), factor=scaling.factor, **setting))
     if config.passkey_trials:
         passkey_lengths = [n for n in usable if limit is None or n <= limit]
         total = len(methods) * len(served) * len(passkey_lengths) * len(config.passkey_depths) * config.passkey_trials
-        with tqdm(total=total, desc=f"passkey {info.run}", unit="trial") as progress, \
-                log_n_queries(model, config.logn):
+        with tqdm(total=total, desc=f"passkey {info.run}", unit="trial") as progress:
             results.passkey = measure_passkey(model, subject.tokenizer, np.concatenate(documents), passkey_lengths, methods,
                                        served, config, info, progress)
     if model.cfg.rope.is_rotary:
@@ -176,24 +170,23 @@ def measure_accuracy(subject: TaskSubject, config: EvalConfig) -> Results:
     examples: dict[int, tuple[Tensor, ...]] = {}  # length -> the test examples, drawn once for every setting
     done: dict[tuple, TaskScore] = {}
     plan = [(m, a, n) for m in methods for a in config.attention for n in lengths]
-    with log_n_queries(model, config.logn):
-        for method, attention, length in tqdm(plan, desc=f"accuracy {info.run}", unit="length"):
-            setting = dict(model=info.model, run=info.run, seed=info.seed, trained_length=trained,
-                           variant=info.variant, task=task.name, method=method, attention=attention + suffix,
-                           length=length)
-            note = refused.get(attention) or unreachable.get(length)
-            if note is not None:
-                results.accuracy.append(AccuracyRecord(applicable=False, note=note, **setting))
-                continue
-            with scaled_rope(model, scaling_for(method, length, trained, config.scaling_factor)):
-                key = (attention, length, rotary_key(model, length))  # the same frequencies: the same numbers
-                if key not in done:
-                    if length not in examples:
-                        examples[length] = validation_set(task, length, config.task_examples, config.seed,
-                                                          split="test").tensors
-                    done[key] = task_accuracy(model, *examples[length], attention=served[attention],
-                                              batch_size=config.batch_size)
-            results.accuracy.append(done[key].record(**setting))
+    for method, attention, length in tqdm(plan, desc=f"accuracy {info.run}", unit="length"):
+        setting = dict(model=info.model, run=info.run, seed=info.seed, trained_length=trained,
+                       variant=info.variant, task=task.name, method=method, attention=attention + suffix,
+                       length=length)
+        note = refused.get(attention) or unreachable.get(length)
+        if note is not None:
+            results.accuracy.append(AccuracyRecord(applicable=False, note=note, **setting))
+            continue
+        scaling = scaling_for(method, length, trained, config.scaling_factor)
+        key = (attention, length, rotary_key(model, scaling, length))  # the same frequencies: the same numbers
+        if key not in done:
+            if length not in examples:
+                examples[length] = validation_set(task, length, config.task_examples, config.seed,
+                                                  split="test").tensors
+            done[key] = task_accuracy(model, *examples[length], attention=served[attention], scaling=scaling,
+                                      logn=config.logn, batch_size=config.batch_size)
+        results.accuracy.append(done[key].record(**setting))
     results.effective_length = effective_lengths(results.accuracy, config.effective_threshold,
                                                  config.effective_min_exact_match)
     if model.cfg.rope.is_rotary:

@@ -11,10 +11,11 @@ import torch
 from torch import Tensor
 
 from minillm.eval.config import EvalConfig
-from minillm.eval.perplexity import scaled_rope, scaling_for
+from minillm.eval.perplexity import scaling_for
 from minillm.eval.records import ModelInfo, PasskeyRecord
 from minillm.model.transformer import Transformer
 from minillm.positions.methods import AttentionMethod
+from minillm.positions.scaling import Scaling
 
 log = logging.getLogger("minillm")
 
@@ -64,14 +65,14 @@ def passkey_prompt(tokenizer, filler: np.ndarray, length: int, depth: float, rng
 
 
 @torch.inference_mode()
-def passkey_trial(model: Transformer, prompt: PasskeyPrompt,
-                  attention: Optional[AttentionMethod] = None) -> tuple[bool, float]:
+def passkey_trial(model: Transformer, prompt: PasskeyPrompt, attention: Optional[AttentionMethod] = None,
+                  scaling: Optional[Scaling] = None, logn: bool = False) -> tuple[bool, float]:
     """Greedy exact match and the log-probability of the key's tokens, from one teacher-forced pass under
     `attention` (None: full causal attention): greedy decoding reproduces the key's tokens exactly when each is
     the argmax given the ones before. (A greedy output that spells the key with other tokens counts as a miss.)"""
     device = next(model.parameters()).device
     tokens = prompt.tokens.to(device)[None]
-    hidden = model.hidden_states(tokens[:, :-1], attention=attention)[0, prompt.answer_start - 1:]
+    hidden = model.hidden_states(tokens[:, :-1], attention=attention, scaling=scaling, logn=logn)[0, prompt.answer_start - 1:]
     logits = model.head(hidden).float()  # the LM head on the answer positions only
     answer = tokens[0, prompt.answer_start:]
     log_probs = logits.log_softmax(-1).gather(-1, answer[:, None]).squeeze(-1)
@@ -104,8 +105,8 @@ def measure_passkey(model: Transformer, tokenizer, filler: np.ndarray, lengths: 
     for method in methods:
         for name, served in attention.items():
             for (length, depth), trials_at in prompts.items():
-                with scaled_rope(model, scaling_for(method, length, trained, config.scaling_factor)):
-                    trials = [passkey_trial(model, prompt, served) for prompt in trials_at]
+                scaling = scaling_for(method, length, trained, config.scaling_factor)
+                trials = [passkey_trial(model, prompt, served, scaling, config.logn) for prompt in trials_at]
                 records.append(PasskeyRecord(info.model, info.run, info.seed, method, name + suffix, length, depth,
                                              len(trials), sum(t[0] for t in trials) / len(trials),
                                              sum(t[1] for t in trials) / len(trials)))

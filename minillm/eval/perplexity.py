@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 import re
 import resource
 import sys
 import time
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from minillm.eval.records import Perplexity, PositionBucket
-from minillm.model.transformer import QueryTemperature, Transformer
+from minillm.model.transformer import Transformer
 from minillm.positions.methods import AttentionMethod, attention_method
+from minillm.positions.rotary import RotaryEmbedding
 from minillm.positions.scaling import SCALINGS, Scaling
 
 # ----------------------------------------------------------------------------------------------
@@ -34,52 +34,15 @@ def scaling_for(method: str, length: int, trained_length: int, given: Optional[f
     return cls(factor=factor, original_max_position=trained_length)
 
 
-@contextlib.contextmanager
-def log_n_queries(model: Transformer, enabled: bool) -> Iterator[Transformer]:
-    """Temporarily scale a model's queries by max(1, log_L(i + 1)) (Qwen's log-n, L the training length), as
-    ReRoPE's evaluation does; a model that already scales its queries is refused."""
-    if not enabled:
-        yield model
-        return
-    trained = model.cfg.context_length
-    if model.cfg.attn_temperature != "none" or trained < 2:
-        raise ValueError(f"logn: the model already scales its queries (model.attn_temperature="
-                         f"{model.cfg.attn_temperature!r})" if trained >= 2 else
-                         f"logn: needs a training length of at least 2, got {trained}")
-    device = next(model.parameters()).device
-    for block in model.blocks:
-        block.attn.temperature = QueryTemperature("logn", model.cfg.n_heads, trained).to(device)
-    try:
-        yield model
-    finally:
-        for block in model.blocks:
-            block.attn.temperature = None
-
-
-def rotary_key(model: Transformer, length: int) -> Optional[tuple]:
-    """What a window of `length` tokens is rotated with (frequencies and temperature), hashable; None for a
-    model without rotary frequencies. Equal keys, equal measurements."""
-    frequencies = getattr(model.position, "_frequencies", None)
-    if frequencies is None:
+def rotary_key(model: Transformer, scaling: Scaling, length: int) -> Optional[tuple]:
+    """What a window of `length` tokens is rotated with under `scaling` (frequencies and temperature, from the
+    scaling's own formula), hashable; None for a model without rotary frequencies. Equal keys, equal
+    measurements."""
+    position = model.position.rescaled(scaling)
+    if not isinstance(position, RotaryEmbedding):
         return None
-    inv_freq, attention_factor = frequencies(length)
-    return inv_freq.cpu().numpy().tobytes(), float(attention_factor)
-
-
-@contextlib.contextmanager
-def scaled_rope(model: Transformer, scaling: Scaling) -> Iterator[Transformer]:
-    """Temporarily give a rotary model another frequency scaling; its weights are untouched. "none" keeps
-    the encoding the model was built with (its training-time scaling, if it had one)."""
-    original = model.position
-    model.position = original.rescaled(scaling)
-    try:
-        yield model
-    finally:
-        model.position = original
-
-
-# ----------------------------------------------------------------------------------------------
-# Perplexity at each length, on the same tokens for every length
+    inv_freq, attention_factor = position.scaling.frequencies(position.theta, position.rotary_dim, length)
+    return inv_freq.numpy().tobytes(), float(attention_factor)
 
 
 def evaluation_tokens(documents: list[np.ndarray], max_length: int, max_documents: int) -> Tensor:
@@ -129,8 +92,10 @@ MAX_ATTENTION_PAIRS = 2**24  # per forward pass: 4 windows of 2048 tokens, 1 of 
 
 @torch.inference_mode()
 def perplexity_at_length(model: Transformer, tokens: Tensor, length: int, *, attention: "str | AttentionMethod" = "full",
-                         stride: Optional[int] = None, batch_size: int = 4, buckets: int = 16) -> "Perplexity":
-    """Mean loss over the targets of `tokens` (n_docs, T + 1) scored with windows of `length` tokens.
+                         scaling: Optional[Scaling] = None, logn: bool = False, stride: Optional[int] = None,
+                         batch_size: int = 4, buckets: int = 16) -> "Perplexity":
+    """Mean loss over the targets of `tokens` (n_docs, T + 1) scored with windows of `length` tokens, the model
+    read under `attention`, `scaling` and `logn` (Transformer.hidden_states).
 
     stride=None (or ≥ length): non-overlapping windows (each token sees its window's past), whole
     windows only, so the targets scored are the same for every length dividing T. stride=S: the sliding
@@ -161,7 +126,7 @@ def perplexity_at_length(model: Transformer, tokens: Tensor, length: int, *, att
         for rows in torch.arange(n_docs).split(max(1, min(batch_size, MAX_ATTENTION_PAIRS // size**2))):
             x = tokens[rows, begin:end].to(device)
             y = tokens[rows, begin + 1:end + 1].to(device)
-            window_losses = model.token_losses(x, y, attention=method)
+            window_losses = model.token_losses(x, y, attention=method, scaling=scaling, logn=logn)
             losses[rows, begin + scored_from:end] = window_losses[:, scored_from:].float().cpu()
             positions[rows, begin + scored_from:end] = torch.arange(scored_from, size)
     if device.type == "cuda":
@@ -191,7 +156,8 @@ def perplexity_at_length(model: Transformer, tokens: Tensor, length: int, *, att
 
 @torch.inference_mode()
 def tail_loss(model: Transformer, tokens: Tensor, length: int, targets: int, *,
-              attention: "str | AttentionMethod" = "full", batch_size: int = 4) -> tuple[float, int]:
+              attention: "str | AttentionMethod" = "full", scaling: Optional[Scaling] = None, logn: bool = False,
+              batch_size: int = 4) -> tuple[float, int]:
     """Mean loss (and count) of the last `targets` targets of each document of `tokens` (n_docs, T + 1), read
     by one window of `length` tokens ending at the document's end: the same targets at every length."""
     device = next(model.parameters()).device
@@ -203,7 +169,7 @@ def tail_loss(model: Transformer, tokens: Tensor, length: int, targets: int, *,
     for rows in torch.arange(tokens.shape[0]).split(max(1, min(batch_size, MAX_ATTENTION_PAIRS // length**2))):
         x = tokens[rows, total - length:total].to(device)
         y = tokens[rows, total - length + 1:total + 1].to(device)
-        losses.append(model.token_losses(x, y, attention=method)[:, -targets:].float().cpu())
+        losses.append(model.token_losses(x, y, attention=method, scaling=scaling, logn=logn)[:, -targets:].float().cpu())
     scored = torch.cat(losses)
     return float(scored.mean()), int(scored.numel())
 

@@ -17,6 +17,7 @@ from minillm.eval.perplexity import MAX_ATTENTION_PAIRS
 from minillm.eval.records import AccuracyRecord, EffectiveLengthRecord
 from minillm.model.transformer import Transformer
 from minillm.positions.methods import AttentionMethod, attention_method
+from minillm.positions.scaling import Scaling
 
 # ----------------------------------------------------------------------------------------------
 # Accuracy of runs trained on a synthetic task (minillm.synthetic)
@@ -44,7 +45,8 @@ class TaskScore:
 
 @torch.inference_mode()
 def task_accuracy(model: Transformer, inputs: Tensor, targets: Tensor, answers: Tensor, *,
-                  attention: "str | AttentionMethod" = "full", batch_size: int = 4) -> TaskScore:
+                  attention: "str | AttentionMethod" = "full", scaling: Optional[Scaling] = None, logn: bool = False,
+                  batch_size: int = 4) -> TaskScore:
     """Exact match, token accuracy and answer-only loss of argmax predictions from one teacher-forced pass over
     examples (n, length) as minillm.synthetic.validation_set gives them; greedy decoding of an answer gives the
     same tokens when each is the argmax given the right ones before it, as the targets are.
@@ -60,7 +62,8 @@ def task_accuracy(model: Transformer, inputs: Tensor, targets: Tensor, answers: 
     for rows in torch.arange(len(inputs)).split(max(1, min(batch_size, MAX_ATTENTION_PAIRS // length**2))):
         y = targets[rows]
         answer = y != IGNORE
-        hidden = model.hidden_states(inputs[rows].to(device), attention=method)[answer.to(device)]
+        hidden = model.hidden_states(inputs[rows].to(device), attention=method, scaling=scaling,
+                                     logn=logn)[answer.to(device)]
         logits = model.head(hidden).float().cpu()
         predictions = torch.full_like(y, IGNORE)  # only the answer positions are compared
         predictions[answer] = logits.argmax(-1)

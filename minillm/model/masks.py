@@ -1,4 +1,4 @@
-"""Attention masks: causal and patterned masks by blocks of queries, score sets merged by log-sum-exp, CoPE's explicit attention."""
+"""Attention masks by blocks of queries, score sets merged by log-sum-exp, CoPE's explicit attention, the plan a layer gets."""
 
 from __future__ import annotations
 
@@ -142,6 +142,25 @@ class ScoreSet:
 
     rotation: Optional[Rotation]
     mask: "Optional[Tensor | BlockedMask]"
+
+
+@dataclass
+class AttentionPlan:
+    """What one layer's attention is handed by the forward, all of it computed once per forward from its positions.
+
+    Either a single set of scores (`rotation` and `mask`; `contextual` for CoPE, whose mask is then a BlockedMask of
+    the keys each query sees) or, for an evaluation's attention method, `score_sets`: disjoint sets of scores, each
+    with its own rotation and mask, attended with one softmax. `query_scale` is a factor on each query handed in by
+    an evaluation (Qwen's log-n); otherwise the layer's own query temperature, if it has one, reads
+    `query_positions`.
+    """
+
+    rotation: Optional[Rotation] = None
+    mask: "Optional[Tensor | BlockedMask]" = None  # None: causal
+    query_positions: Optional[Tensor] = None  # (batch or 1, q_len)
+    contextual: Optional[PositionEncoding] = None
+    score_sets: Optional[list[ScoreSet]] = None
+    query_scale: Optional[Tensor] = None  # (batch or 1, 1, q_len, 1) float32
 
 
 def merged_attention(q: Tensor, k: Tensor, v: Tensor, parts: list[ScoreSet], temperature: Optional[Tensor]) -> Tensor:

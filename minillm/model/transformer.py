@@ -16,6 +16,7 @@ from minillm.model.masks import (
     NO_POSITIONS,
     PATTERN_ROWS,
     Allowed,
+    AttentionPlan,
     BlockedMask,
     ScoreSet,
     contextual_attention,
@@ -24,10 +25,11 @@ from minillm.model.masks import (
 )
 from minillm.positions.base import PositionEncoding, Positions
 from minillm.positions.methods import check_encoding
-from minillm.positions.rotary import Rotation
+from minillm.registry import require
 
 if TYPE_CHECKING:
     from minillm.positions.methods import AttentionMethod
+    from minillm.positions.scaling import Scaling
 
 
 class RMSNorm(nn.Module):
@@ -80,6 +82,12 @@ class KVCache:
         return k, v
 
 
+def log_n_scale(query_positions: Tensor, trained_length: int) -> Tensor:
+    """max(1, log_L(m + 1)) for queries at positions m (batch or 1, q_len) -> (batch or 1, 1, q_len, 1) float32:
+    Qwen's log-n attention, 1 up to the training length L."""
+    return (torch.log1p(query_positions.float())[:, None, :, None] / math.log(trained_length)).clamp(min=1.0)
+
+
 class QueryTemperature(nn.Module):
     """A factor on each query by its position m, so that attention stays as sharp past the training length L as
     within it (scores scale with q):
@@ -90,16 +98,15 @@ class QueryTemperature(nn.Module):
 
     def __init__(self, kind: str, n_heads: int, trained_length: int):
         super().__init__()
-        self.kind, self.log_trained = kind, math.log(trained_length)
+        self.kind, self.trained_length = kind, trained_length
         if kind == "ssmax":
-            self.s = nn.Parameter(torch.full((n_heads,), 1 / self.log_trained))
+            self.s = nn.Parameter(torch.full((n_heads,), 1 / math.log(trained_length)))
 
     def forward(self, query_positions: Tensor) -> Tensor:
         """(batch or 1, q_len) positions -> (batch or 1, heads or 1, q_len, 1) float32 factors."""
-        log_n = torch.log1p(query_positions.float())[:, None, :, None]
         if self.kind == "logn":
-            return (log_n / self.log_trained).clamp(min=1.0)
-        return log_n * self.s.float()[None, :, None, None]
+            return log_n_scale(query_positions, self.trained_length)
+        return torch.log1p(query_positions.float())[:, None, :, None] * self.s.float()[None, :, None, None]
 
 
 class Attention(nn.Module):
@@ -120,12 +127,8 @@ class Attention(nn.Module):
         self.temperature = None if cfg.attn_temperature == "none" else \
             QueryTemperature(cfg.attn_temperature, cfg.n_heads, cfg.context_length)
 
-    def forward(self, x: Tensor, rotation: Optional[Rotation], mask: "Optional[Tensor | BlockedMask]",
-                cache: Optional[KVCache] = None, layer: int = 0, query_positions: Optional[Tensor] = None,
-                context: Optional[PositionEncoding] = None, parts: Optional[list["ScoreSet"]] = None) -> Tensor:
-        """context: a contextual encoding (CoPE) for this layer; mask is then a BlockedMask of visible keys.
-        parts: disjoint score sets, each with its own rotation and mask, attended with one softmax (an evaluation's
-        attention method); rotation and mask are then unused."""
+    def forward(self, x: Tensor, plan: AttentionPlan, cache: Optional[KVCache] = None, layer: int = 0) -> Tensor:
+        """x (batch, seq, d_model) attended as `plan` says (its rotation and mask, or its score sets)."""
         batch, seq, _ = x.shape
         q, k, v = split_linear(x, self.qkv.weight, self.qkv.bias, self.qkv_sizes)
         q = self.q_norm(q.view(batch, seq, self.n_heads, self.head_dim)).transpose(1, 2)  # (B, H, T, hd)
@@ -133,12 +136,16 @@ class Attention(nn.Module):
         v = v.view(batch, seq, self.kv_heads, self.head_dim).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(layer, k, v)
-        temperature = None if self.temperature is None else self.temperature(query_positions).to(q.dtype)
-        if parts is not None:
-            y = merged_attention(q, k, v, parts, temperature)
+        temperature = plan.query_scale
+        if temperature is None and self.temperature is not None:
+            temperature = self.temperature(plan.query_positions)
+        temperature = None if temperature is None else temperature.to(q.dtype)
+        if plan.score_sets is not None:
+            y = merged_attention(q, k, v, plan.score_sets, temperature)
             return self.proj(y.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim))
-        if rotation is not None:
-            q, k = rotation(q, k)
+        mask = plan.mask
+        if plan.rotation is not None:
+            q, k = plan.rotation(q, k)
         if temperature is not None:
             q = q * temperature
         dropout, gqa = self.dropout if self.training else 0.0, self.kv_heads != self.n_heads
@@ -146,8 +153,8 @@ class Attention(nn.Module):
         # interleaved as the projection lays them out (bf16 attention at 4096 tokens 1.2x; a bf16 training step
         # of model=small 1.06x, AMD EPYC). After a rotation in float32 the copy is already made (kernels.rotate).
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        if context is not None:
-            y = contextual_attention(q, k, v, mask, context, dropout)
+        if plan.contextual is not None:
+            y = contextual_attention(q, k, v, mask, plan.contextual, dropout)
         elif isinstance(mask, BlockedMask):
             y = torch.cat([F.scaled_dot_product_attention(q[:, :, rows.start:rows.stop], k[:, :, keys.start:keys.stop],
                                                           v[:, :, keys.start:keys.stop],
@@ -187,10 +194,8 @@ class Block(nn.Module):
         self.ffn_norm, self.ffn = make_norm(cfg, cfg.d_model), FeedForward(cfg)
         self.dropout = nn.Dropout(cfg.resid_dropout)
 
-    def forward(self, x: Tensor, rotation: Optional[Rotation], mask: "Optional[Tensor | BlockedMask]",
-                cache: Optional[KVCache] = None, layer: int = 0, query_positions: Optional[Tensor] = None,
-                context: Optional[PositionEncoding] = None, parts: Optional[list[ScoreSet]] = None) -> Tensor:
-        x = x + self.dropout(self.attn(self.attn_norm(x), rotation, mask, cache, layer, query_positions, context, parts))
+    def forward(self, x: Tensor, plan: AttentionPlan, cache: Optional[KVCache] = None, layer: int = 0) -> Tensor:
+        x = x + self.dropout(self.attn(self.attn_norm(x), plan, cache, layer))
         return x + self.dropout(self.ffn(self.ffn_norm(x)))
 
 
@@ -268,37 +273,51 @@ class Transformer(nn.Module):
         return mask_rows(position, positions, range(q_len), k_len, dtype, allowed)
 
     def hidden_states(self, idx: Tensor, cache: Optional[KVCache] = None, attention_mask: Allowed = None,
-                      positions: Optional[Positions] = None, attention: Optional["AttentionMethod"] = None) -> Tensor:
+                      positions: Optional[Positions] = None, attention: Optional["AttentionMethod"] = None,
+                      scaling: Optional["Scaling"] = None, logn: bool = False) -> Tensor:
         """(batch, seq) token ids -> (batch, seq, d_model) after the final norm.
 
         positions: where the tokens sit; by default after the cache, 0, 1, 2, ... Computed once here and
         handed to the encoding, whose rotary tables are then shared by every layer.
-        attention: an evaluation's attention method (minillm.attention), its parts computed here once; it
-        replaces attention_mask. One this model's encoding cannot serve raises, naming it.
+        How an evaluation reads the model, its weights and modules untouched, is data given here:
+        attention: an attention method (minillm.positions.methods), its parts computed here once; it replaces
+        attention_mask. One this model's encoding cannot serve raises, naming it.
+        scaling: another frequency scaling for a rotary model ("none": the encoding as built).
+        logn: Qwen's log-n factor on every query; refused for a model with a query temperature of its own.
         """
         if positions is None:
             positions = Positions.contiguous(cache.length if cache is not None else 0, idx.shape[1], idx.device)
-        x = self.position.embed(self.embed(idx), positions)
+        position = self.position if scaling is None else self.position.rescaled(scaling)
+        query_scale = None
+        if logn:
+            trained = self.cfg.context_length
+            require(self.cfg.attn_temperature == "none", "logn", "the model already scales its queries "
+                    f"(model.attn_temperature={self.cfg.attn_temperature!r})")
+            require(trained >= 2, "logn", f"needs a training length of at least 2, got {trained}")
+            query_scale = log_n_scale(positions.query, trained)
+        x = position.embed(self.embed(idx), positions)
         if attention is not None:
             check_encoding(attention, self.cfg.rope, self.cfg.context_length)
             parts = [(part.positions, part.pattern) for part in attention.parts(positions, self.cfg.context_length)]
         else:
             parts = [(positions, attention_mask)]
-        rotations = [self.position.rotation(where) for where, _ in parts]
-        masks: dict[tuple[PositionEncoding, int], "Optional[Tensor | BlockedMask]"] = {}  # per layer encoding, part
+        rotations = [position.rotation(where) for where, _ in parts]
+        plans: dict[PositionEncoding, AttentionPlan] = {}  # one per layer encoding: layers that share it share a plan
         for layer, block in enumerate(self.blocks):
             # Position-free layers (model.nope_every): no rotation, and the mask without the encoding's bias.
             free = self.cfg.position_free(layer)
-            encoding = NO_POSITIONS if free else self.position.for_layer(layer)
-            for p, (where, allowed) in enumerate(parts):
-                if (encoding, p) not in masks:
-                    masks[encoding, p] = self._mask(where, x.dtype, allowed, encoding)
-            context = encoding if encoding.contextual else None
-            if len(parts) == 1:
-                x = block(x, None if free else rotations[0], masks[encoding, 0], cache, layer, positions.query, context)
-            else:
-                score_sets = [ScoreSet(None if free else rotation, masks[encoding, p]) for p, rotation in enumerate(rotations)]
-                x = block(x, None, None, cache, layer, positions.query, context, score_sets)
+            encoding = NO_POSITIONS if free else position.for_layer(layer)
+            if encoding not in plans:
+                masks = [self._mask(where, x.dtype, allowed, encoding) for where, allowed in parts]
+                contextual = encoding if encoding.contextual else None
+                if len(parts) == 1:
+                    plans[encoding] = AttentionPlan(None if free else rotations[0], masks[0], positions.query,
+                                                    contextual, query_scale=query_scale)
+                else:
+                    score_sets = [ScoreSet(None if free else rotation, mask) for rotation, mask in zip(rotations, masks)]
+                    plans[encoding] = AttentionPlan(query_positions=positions.query, contextual=contextual,
+                                                    score_sets=score_sets, query_scale=query_scale)
+            x = block(x, plans[encoding], cache, layer)
         return self.norm(x)
 
     def forward(self, idx: Tensor, cache: Optional[KVCache] = None) -> Tensor:
@@ -306,10 +325,12 @@ class Transformer(nn.Module):
         return self.head(self.hidden_states(idx, cache))
 
     def token_losses(self, idx: Tensor, targets: Tensor, chunk_tokens: int = 8192, attention_mask: Allowed = None,
-                     attention: Optional["AttentionMethod"] = None) -> Tensor:
+                     attention: Optional["AttentionMethod"] = None, scaling: Optional["Scaling"] = None,
+                     logn: bool = False) -> Tensor:
         """Cross-entropy of each target (batch, seq) in float32; the LM head runs over chunks of tokens
         so that long evaluations never hold a (batch·seq, vocab) logit matrix at once."""
-        hidden = self.hidden_states(idx, attention_mask=attention_mask, attention=attention).flatten(0, 1)
+        hidden = self.hidden_states(idx, attention_mask=attention_mask, attention=attention, scaling=scaling,
+                                    logn=logn).flatten(0, 1)
         flat_targets = targets.flatten()
         losses = [F.cross_entropy(self.head(h).float(), t, reduction="none")
                   for h, t in zip(hidden.split(chunk_tokens), flat_targets.split(chunk_tokens))]
