@@ -25,7 +25,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from minillm.data.corpus import HUB_PROBE_TIMEOUT, content_hash
 from minillm.data.modules import data_module
 import minillm.data.corpus as corpus_module
-import minillm.data.modules as modules_module
+import minillm.data.text as text_module
 import minillm.data.tokens as tokens_module
 from minillm.data.config import DataConfig, TokenizerConfig
 from minillm.data.synthetic import SYNTHETIC_TASKS, task_config
@@ -566,7 +566,7 @@ def test_token_cache_is_reused(tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("encoded again although the tokens were cached")
 
-    monkeypatch.setattr(modules_module, "encode_documents", refuse)
+    monkeypatch.setattr(text_module, "encode_documents", refuse)
     second = ready(tmp_path)
     assert cache_files(tmp_path) == before
     assert np.array_equal(second.train_tokens, first.train_tokens)

@@ -43,7 +43,7 @@ def _check_architecture(model: Transformer) -> RotaryEmbedding:
         raise _incompatible("model.nope_every", cfg.nope_every, "rotary positions in every layer")
     if cfg.attn_temperature != "none":
         raise _incompatible("model.attn_temperature", cfg.attn_temperature, "no query temperature")
-    # The encoding the model runs with: evaluation may have swapped model.position since cfg was written.
+    # The encoding as built (evaluation reads a model with other scalings as data; it never swaps this module).
     position = model.position
     if not isinstance(position, RotaryEmbedding):
         raise _incompatible("rope.variant", cfg.rope.variant, "rotary")
