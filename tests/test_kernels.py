@@ -98,7 +98,7 @@ needs_triton = pytest.mark.skipif(not (TRITON_AVAILABLE and (torch.cuda.is_avail
 @contextlib.contextmanager
 def routed_to_triton():
     """The tensors kernels.rotate sends to rotate_triton meanwhile; under the interpreter, CPU tensors too."""
-    import minillm.kernels
+    import minillm.kernels.rotary
 
     calls = []
 
@@ -107,9 +107,9 @@ def routed_to_triton():
         return rotate_triton(*args, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(minillm.kernels, "rotate_triton", counted)
+        patch.setattr(minillm.kernels.rotary, "rotate_triton", counted)
         if INTERPRETED:
-            patch.setattr(minillm.kernels, "triton_applies", lambda x: x.dim() == 4)
+            patch.setattr(minillm.kernels.rotary, "triton_applies", lambda x: x.dim() == 4)
         yield calls
 
 
