@@ -11,7 +11,7 @@ Peers, the same tiny model (random weights: time and memory do not depend on the
     cope-explicit  CoPE: its logits depend on the scores, so attention is written out (model.contextual_attention),
                 by blocks of queries; like naive, up to EXPLICIT_MAX_LENGTH
     self_extend, rerope, leaky_rerope, lm_infinite, sinks  the sdpa model read with a training-free attention
-                method (minillm.attention, defaults at the model's training length): two score sets, each through
+                method (minillm.positions.methods, defaults at the model's training length): two score sets, each through
                 SDPA's flash kernel with its log-sum-exp, merged, each block of queries over only the keys it
                 sees (model.BlockedMask); `time_over_sdpa` is each one's time over plain attention's in the same
                 rounds (target ≤ 2.5x at 4096 tokens)

@@ -12,9 +12,9 @@ layouts, p-RoPE, ALiBi, T5, KERPLE, FIRE and CoPE; the layout target is about a 
 run on SDPA's default kernel, as CPU flash attention has no backward into a learned bias, and CoPE writes its
 attention out). Then both compiled: our blocks through Transformer.compile_blocks (what trainer.compile does),
 transformers' whole loss function through torch.compile. MFU: model FLOP/s over the peak of the precision in
-use, on CPU a matmul measured just before the rounds (minillm.task.measure_peak_flops: the best of several
+use, on CPU a matmul measured just before the rounds (minillm.train.task.measure_peak_flops: the best of several
 short timings, so the load of a shared machine lowers it less than the steps), on CUDA the data sheet's
-(minillm.task.GPU_PEAK_FLOPS). Our steps run with SDPA held to its flash backend on both devices, so a change
+(minillm.train.task.GPU_PEAK_FLOPS). Our steps run with SDPA held to its flash backend on both devices, so a change
 that kept attention off the flash kernels (a dtype or shape they lack; on CUDA, any explicit mask) fails here
 instead of being timed on a slower one; transformers' steps keep its own dispatch.
 """

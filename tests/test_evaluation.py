@@ -631,7 +631,7 @@ def save_run(folder: Path, model: Transformer, config: str) -> Path:
 
 
 def test_a_sweep_of_text_and_task_runs_gets_each_its_own_measurement(tmp_path, monkeypatch):
-    """minillm.run.evaluate on a multirun folder holding a synthetic-task run and a text run: accuracy for the
+    """minillm.eval.run.evaluate on a multirun folder holding a synthetic-task run and a text run: accuracy for the
     first, perplexity for the second, one report with both."""
     from omegaconf import OmegaConf
 

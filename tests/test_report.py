@@ -23,7 +23,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 def record(run: str, seed: int, length: int, ppl: float | None, *, model: str = "complex θ=10000",
            method: str = "none", attention: str = "full", trained: int = 32, applicable: bool = True) -> PerplexityRecord:
-    """One record shaped as minillm.evaluation.evaluate writes them."""
+    """One record shaped as minillm.eval.loop.evaluate writes them."""
     row = dict(model=model, run=run, seed=seed, trained_length=trained, variant=model.split()[0],
                checkpoint=f"/runs/{run}/checkpoints/best.ckpt", method=method, attention=attention, length=length,
                applicable=applicable)
@@ -215,7 +215,7 @@ def test_tables_order_lengths_by_value_and_scalings_as_registered():
 
 def accuracy(run: str, seed: int, length: int, right: int | None, *, model: str = "complex θ=10000",
              task: str = "mqar", method: str = "none", trained: int = 64, answers: int = 40) -> AccuracyRecord:
-    """One record shaped as minillm.evaluation.measure_accuracy writes them; right=None: the task refuses it."""
+    """One record shaped as minillm.eval.loop.measure_accuracy writes them; right=None: the task refuses it."""
     row = dict(model=model, run=run, seed=seed, trained_length=trained, variant=model.split()[0], task=task,
                method=method, attention="full", length=length)
     if right is None:

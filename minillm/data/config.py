@@ -27,7 +27,7 @@ class DataConfig:
     # "stdlib" (the embedded corpus), a HuggingFace hub name, a local file (.txt, .jsonl, .json,
     # .parquet), a folder of such files, or a folder written by Dataset.save_to_disk; "synthetic": data.task.
     path: str = "stdlib"
-    # With path=synthetic (data=synthetic): the task generated on the fly (minillm.synthetic), with its knobs
+    # With path=synthetic (data=synthetic): the task generated on the fly (minillm.data.synthetic), with its knobs
     # under data.tasks.<task>, e.g. data.task=copy data.tasks.copy.num_symbols=16.
     task: Optional[str] = None
     tasks: "TaskSettings" = field(default_factory=lambda: TaskSettings())

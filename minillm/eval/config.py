@@ -31,7 +31,7 @@ class EvalConfig:
     # applied to rotary models only; every scaling a factor defines (not longrope: its factors are searched per model)
     scalings: list[str] = field(default_factory=lambda: [name for name, cls in SCALINGS.items() if cls.from_factor])
     scaling_factor: Optional[float] = None  # None: eval length / trained length (dynamic_ntk: 1)
-    attention: list[str] = field(default_factory=lambda: ["full"])  # methods in minillm.attention
+    attention: list[str] = field(default_factory=lambda: ["full"])  # minillm.positions.methods
     methods: "AttentionSettings" = field(default_factory=lambda: AttentionSettings())  # methods.self_extend.group=4
     logn: bool = False  # scale queries by max(1, log_L(i + 1)) (Qwen's log-n) under every method and scaling
     tail_loss: bool = True  # also the loss on each document's last L tokens with 1x..16x L of context (ReRoPE's)

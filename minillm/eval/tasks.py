@@ -20,7 +20,7 @@ from minillm.positions.methods import AttentionMethod, attention_method
 from minillm.positions.scaling import Scaling
 
 # ----------------------------------------------------------------------------------------------
-# Accuracy of runs trained on a synthetic task (minillm.synthetic)
+# Accuracy of runs trained on a synthetic task (minillm.data.synthetic)
 
 
 @dataclass
@@ -48,7 +48,7 @@ def task_accuracy(model: Transformer, inputs: Tensor, targets: Tensor, answers: 
                   attention: "str | AttentionMethod" = "full", scaling: Optional[Scaling] = None, logn: bool = False,
                   batch_size: int = 4) -> TaskScore:
     """Exact match, token accuracy and answer-only loss of argmax predictions from one teacher-forced pass over
-    examples (n, length) as minillm.synthetic.validation_set gives them; greedy decoding of an answer gives the
+    examples (n, length) as minillm.data.answers.validation_set gives them; greedy decoding of an answer gives the
     same tokens when each is the argmax given the right ones before it, as the targets are.
 
     batch_size: examples per forward pass, at most; fewer for long ones, so that a pass never holds more than
