@@ -10,7 +10,7 @@ from minillm.tracking import LoggerConfig
 from minillm.train.config import RunConfig
 from minillm.train.loggers import make_loggers, run_tags
 from minillm.tracking import wandb_mode
-from minillm.positions.base import position_config
+from minillm.positions.base import POSITION_ENCODINGS, position_config
 
 
 @pytest.fixture
@@ -35,6 +35,14 @@ def test_run_tags_name_the_encoding_and_scaling():
     assert run_tags(RunConfig(logger=LoggerConfig(tags=["sweep"]))) == \
         ["rope=complex", "scaling=none", "theta=10000", "xpos=off", "sweep"]
     assert run_tags(RunConfig(rope=position_config("alibi"))) == ["rope=alibi", "scaling=none"]
+
+
+@pytest.mark.parametrize("name", list(POSITION_ENCODINGS))
+def test_run_tags_carry_each_encodings_own_tags(name):
+    rope = position_config(name)
+    tags = run_tags(RunConfig(rope=rope))
+    assert tags == [f"rope={name}", "scaling=none", *rope.tags()]
+    assert any(tag.startswith("theta=") for tag in tags) == rope.is_rotary
 
 
 def test_metrics_csv_keeps_its_rows_when_a_resumed_run_logs_again(tmp_path):

@@ -11,30 +11,21 @@ import torch.nn.functional as F
 from minillm.model.config import ModelConfig
 from minillm.model.masks import AttentionPlan
 from minillm.model.transformer import KVCache, QueryTemperature, RMSNorm, Transformer
-from minillm.positions.base import Positions, position_config
+from minillm.positions.base import POSITION_ENCODINGS, Positions, position_config
 from minillm.positions.rotary import RotaryConfig
 from minillm.positions.scaling import (DynamicNTKScaling, LinearScaling, Llama3Scaling, NTKScaling, Scaling, YarnScaling)
 
 VOCAB = 61
 
-# Every position encoding the model knows, by the name used in test ids.
-ENCODINGS = {
-    "complex": RotaryConfig("complex"),
-    "interleaved": RotaryConfig("interleaved"),
-    "rotate_half": RotaryConfig("rotate_half"),
+# Every registered encoding at its defaults, by its registry name (a new one joins every sweep below), and
+# deliberate variants on top: partial rotary, XPos with a decay visible in 16 tokens, KERPLE's power kernel, p = 1/2.
+ENCODINGS = {name: position_config(name) for name in POSITION_ENCODINGS}
+ENCODINGS.update({
     "partial_rotary": RotaryConfig("rotate_half", rotary_dim=4),
-    "complex_xpos": RotaryConfig("complex", xpos_scale_base=16.0),  # small γ: the decay is visible in 16 tokens
-    "none": position_config("none"),
-    "alibi": position_config("alibi"),
-    "sinusoidal": position_config("sinusoidal"),
-    "learned": position_config("learned"),
-    "t5": position_config("t5"),
-    "kerple_log": position_config("kerple"),
+    "complex_xpos": RotaryConfig("complex", xpos_scale_base=16.0),
     "kerple_power": position_config({"variant": "kerple", "kind": "power"}),
-    "p_rope": position_config({"variant": "p_rope", "p": 0.5}),
-    "fire": position_config("fire"),
-    "cope": position_config("cope"),
-}
+    "p_rope_half": position_config({"variant": "p_rope", "p": 0.5}),
+})
 SCALINGS = {
     "linear": LinearScaling(factor=2.0),
     "ntk": NTKScaling(factor=2.0),

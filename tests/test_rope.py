@@ -620,10 +620,8 @@ def test_learned_embedding_refuses_positions_past_its_table():
 def test_unknown_encoding_lists_valid_variants():
     with pytest.raises(ValueError, match="rope.variant") as error:
         position_config({"variant": "bogus"})
-    for name in (*ROTARY_LAYOUTS, "alibi", "sinusoidal", "learned", "none"):
-        assert repr(name) in str(error.value)
-    assert sorted(POSITION_ENCODINGS) == sorted((*ROTARY_LAYOUTS, "alibi", "sinusoidal", "learned", "none", "t5",
-                                                 "kerple", "p_rope", "fire", "cope"))
+    assert str(error.value) == f"rope.variant: got 'bogus', expected one of {sorted(POSITION_ENCODINGS)}"
+    assert {*ROTARY_LAYOUTS, "alibi", "sinusoidal", "learned", "none"} <= set(POSITION_ENCODINGS)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -283,8 +283,8 @@ class PRopeConfig(RotaryConfig):
 
     def build(self, shape: ModelShape, scaling: Scaling) -> "RotaryEmbedding":
         # r = p·d channels at theta'^(−2i/r) with theta' = theta^(r/d): exactly theta^(−2i/d) for i < r/2.
-        r, theta = self.rotary_spectrum(shape.head_dim)
-        return RotaryEmbedding(shape.head_dim, self.layout, theta, r, self.xpos_scale_base,
+        r = self.rotated(shape.head_dim)
+        return RotaryEmbedding(shape.head_dim, self.layout, self.theta ** (r / shape.head_dim), r, self.xpos_scale_base,
                                scaling.trained_at(shape.context_length))
 
 
