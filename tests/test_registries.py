@@ -133,7 +133,7 @@ def test_encoding_contracts_agree_with_the_built_encoding(name):
         rotary_dim, theta = spectrum
         assert rotation.rotary_dim == rotary_dim and 0 < rotary_dim <= model.cfg.head_dim
         torch.testing.assert_close(model.position.inv_freq, rotary_inv_freq(theta, rotary_dim).float())
-    assert config.max_position(T) == model.position.max_length
+    assert config.max_position(T) == model.position.max_length, f"{name}: max_position is not the built max_length"
     assert config.label and all("=" in tag and not tag.startswith("rope=") for tag in config.tags())
 
 
@@ -145,7 +145,10 @@ def test_reads_positions_says_whether_given_positions_change_the_output(name):
     with torch.no_grad():
         contiguous, moved = model.hidden_states(idx), model.hidden_states(idx, positions=jumped)
     torch.testing.assert_close(moved[:, :4], contiguous[:, :4])  # the same positions before the jump
-    assert config.reads_positions == (not torch.allclose(moved, contiguous, atol=1e-5))
+    changed = not torch.allclose(moved, contiguous, atol=1e-5)
+    assert config.reads_positions == changed, \
+        f"{name}: reads_positions={config.reads_positions}, but given positions {'do' if changed else 'do not'} " \
+        f"change its output"
 
 
 @pytest.mark.parametrize("name", ENCODINGS)
