@@ -1,12 +1,12 @@
-"""Run folders and checkpoints: find them, load them safely, rebuild the model they hold."""
+"""Run folders and checkpoints: the folder's layout, defined once; find runs, load them safely, each file read once."""
 
 from __future__ import annotations
 
 import glob
+import json
 import re
 import tempfile
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -21,32 +21,225 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, corrupt or not one of ours; the message names the file."""
 
 
-@dataclass
-class Run:
-    """A trained model on disk: its checkpoint and the folder with its config and tokenizer."""
+class RunFolder:
+    """A training run's folder as training writes it (train.py's hydra.run.dir):
 
-    checkpoint: Path
-    folder: Path
+        config.yaml       the run's settings, resolved (what a resume continues with)
+        tokenizer.json    its tokenizer (a synthetic task's too)
+        checkpoints/      best.ckpt (lowest val/loss), last.ckpt (the newest save), step-000150.ckpt, ...
+        summary.json      what the run ended with (steps, tokens, losses, wall time)
+        metrics.csv       one row per logged step (Lightning's CSV logger)
+        init_from.json    a fine-tuning's source: its checkpoint, step and checksum
+        val_loss.png      the validation curve
+        train.log         the console's lines (Hydra's file handler)
+        wandb/            W&B's own files; wandb/latest-run -> run-<time>-<id>
+
+    Writers take each file's path from here and readers read through it: config.yaml is parsed once per object
+    and kept (settings, seed, task, wandb_group), as a Run keeps what its checkpoint holds; summary.json,
+    init_from.json and wandb/ are read when asked (one caller each). Making one costs nothing: keep the object
+    for as long as its reads should be shared."""
+
+    CHECKPOINTS = "checkpoints"
+    # Checkpoint file stems (Lightning's ModelCheckpoint filenames; each adds .ckpt).
+    BEST = "best"
+    LAST = "last"
+    STEP = "step-{step:06d}"
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._settings: Optional[dict] = None
+
+    @staticmethod
+    def of_checkpoint(checkpoint: str | Path) -> "RunFolder":
+        """The run folder of a checkpoint: <run>/checkpoints/x.ckpt -> <run> (a .ckpt elsewhere: its folder)."""
+        checkpoint = Path(checkpoint)
+        in_run = checkpoint.parent.name == RunFolder.CHECKPOINTS
+        return RunFolder(checkpoint.parent.parent if in_run else checkpoint.parent)
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.path)!r})"
+
+    def _key(self) -> tuple:
+        return (self.path,)
+
+    # ------------------------------------------------------------------------------------------
+    # The layout
 
     @property
     def name(self) -> str:
-        return self.folder.name
-
-    @property
-    def tokenizer(self) -> Path:
-        return self.folder / "tokenizer.json"
+        return self.path.name
 
     @property
     def config(self) -> Path:
-        return self.folder / "config.yaml"
+        return self.path / "config.yaml"
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.path / "tokenizer.json"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / self.CHECKPOINTS
+
+    @property
+    def best_checkpoint(self) -> Path:
+        return self.checkpoints / f"{self.BEST}.ckpt"
+
+    @property
+    def last_checkpoint(self) -> Path:
+        return self.checkpoints / f"{self.LAST}.ckpt"
+
+    @property
+    def summary(self) -> Path:
+        return self.path / "summary.json"
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / "metrics.csv"
+
+    @property
+    def init_from(self) -> Path:
+        return self.path / "init_from.json"
+
+    @property
+    def curve_plot(self) -> Path:
+        return self.path / "val_loss.png"
+
+    @property
+    def log(self) -> Path:
+        return self.path / "train.log"
+
+    @property
+    def wandb(self) -> Path:
+        return self.path / "wandb"
+
+    def best_or_last(self) -> Optional[Path]:
+        """best.ckpt (lowest validation loss) when there is one, else last.ckpt; None when neither is there."""
+        for path in (self.best_checkpoint, self.last_checkpoint):
+            if path.is_file():
+                return path
+        return None
+
+    def has_run_files(self) -> bool:
+        """Whether config.yaml and tokenizer.json are here (a training run folder, not a loose checkpoint's)."""
+        return self.config.is_file() and self.tokenizer.is_file()
+
+    # ------------------------------------------------------------------------------------------
+    # What the files say, each read once
+
+    @property
+    def settings(self) -> dict:
+        """config.yaml as a plain dict ({} where the folder has none)."""
+        if self._settings is None:
+            from omegaconf import OmegaConf
+
+            self._settings = OmegaConf.to_container(OmegaConf.load(self.config), resolve=True) \
+                if self.config.is_file() else {}
+        return self._settings
+
+    @property
+    def seed(self) -> int:
+        return int(self.settings["seed"])
+
+    @property
+    def wandb_group(self) -> Optional[str]:
+        """The W&B group the run logged to (logger.group), None where it set none."""
+        return (self.settings.get("logger") or {}).get("group")
+
+    @property
+    def task(self):
+        """The synthetic task the run learned (data.path=synthetic) as a TaskConfig with the run's knobs; None for
+        a text run or a folder without config.yaml."""
+        from minillm.data.config import SYNTHETIC
+        from minillm.data.synthetic import task_config
+
+        data = self.settings.get("data") or {}
+        if data.get("path") != SYNTHETIC:
+            return None
+        name, tasks = data.get("task"), data.get("tasks") or {}
+        try:
+            return task_config(name, tasks.get(name))
+        except ValueError as error:
+            raise ValueError(f"ckpt: {self.config}: {error}") from error
+
+    def summary_values(self) -> dict:
+        """summary.json's values ({} where the run wrote none)."""
+        return json.loads(self.summary.read_text()) if self.summary.is_file() else {}
+
+    def source_record(self) -> Optional[dict]:
+        """A fine-tuning's init_from.json (its source as recorded), None where there is none."""
+        return json.loads(self.init_from.read_text()) if self.init_from.is_file() else None
+
+    def wandb_run_id(self) -> Optional[str]:
+        """The id of the W&B run this folder logged to (W&B's own record, wandb/latest-run -> run-<time>-<id>)."""
+        latest = self.wandb / "latest-run"
+        if not latest.exists():
+            return None
+        return latest.resolve().name.rsplit("-", 1)[-1] or None
 
 
-def _checkpoint_in(folder: Path) -> Optional[Path]:
-    """best.ckpt (lowest validation loss) when there is one, else last.ckpt."""
-    for name in ("best.ckpt", "last.ckpt"):
-        if (folder / "checkpoints" / name).is_file():
-            return folder / "checkpoints" / name
-    return None
+class Run(RunFolder):
+    """A trained model on disk: one checkpoint of a run folder (what find_runs finds, an evaluation measures and a
+    fine-tuning starts from). Its checkpoint is loaded once, on first use, and checked as load_checkpoint checks."""
+
+    def __init__(self, checkpoint: str | Path, folder: str | Path):
+        super().__init__(folder)
+        self.checkpoint = Path(checkpoint)
+        self._model_config: Optional[ModelConfig] = None
+        self._weights: Optional[dict[str, torch.Tensor]] = None
+        self._step = 0
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.checkpoint)!r}, {str(self.path)!r})"
+
+    def _key(self) -> tuple:
+        return self.path, self.checkpoint
+
+    @property
+    def folder(self) -> Path:
+        """The run folder's path (a loose checkpoint's: the folder it lies in)."""
+        return self.path
+
+    def _load(self) -> None:
+        checkpoint = load_checkpoint(self.checkpoint)
+        self._model_config = checkpoint_model_config(checkpoint, self.checkpoint)
+        # Only what is read from here on is kept: the optimizer's state (twice the weights for AdamW) is not.
+        self._weights = model_weights(checkpoint)
+        self._step = int(checkpoint.get("global_step", 0))
+
+    @property
+    def model_config(self) -> ModelConfig:
+        """The model config the checkpoint was trained with."""
+        if self._model_config is None:
+            self._load()
+        return self._model_config
+
+    @property
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The Transformer's weights (the checkpoint's "model." entries, without the prefix)."""
+        if self._weights is None:
+            self._load()
+        return self._weights
+
+    @property
+    def step(self) -> int:
+        """The training step the checkpoint was saved at."""
+        if self._model_config is None:
+            self._load()
+        return self._step
+
+    def load_model(self) -> Transformer:
+        """The Transformer the checkpoint holds, in eval mode, on the CPU. The weights move into it: this object
+        lets go of them (a second call reads the file again)."""
+        model = build_model(self.model_config, self.weights, self.checkpoint)
+        self._weights = None
+        return model
 
 
 def _natural_key(path: Path) -> list:
@@ -65,17 +258,16 @@ def find_runs(path: str | Path) -> list[Run]:
         return [run for match in matches for run in find_runs(match)]
     path = Path(path).expanduser()
     if path.is_file():
-        folder = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-        return [Run(path, folder)]
+        return [Run(path, RunFolder.of_checkpoint(path).path)]
     if not path.is_dir():
         raise CheckpointError(f"ckpt: {path} does not exist")
-    if (checkpoint := _checkpoint_in(path)) is not None:
+    if (checkpoint := RunFolder(path).best_or_last()) is not None:
         return [Run(checkpoint, path)]
     runs = [Run(c, sub) for sub in sorted((p for p in path.iterdir() if p.is_dir()), key=_natural_key)
-            if (c := _checkpoint_in(sub)) is not None]
+            if (c := RunFolder(sub).best_or_last()) is not None]
     if not runs:
-        raise CheckpointError(f"ckpt: no checkpoints/best.ckpt or checkpoints/last.ckpt in {path} "
-                              f"or in the folders inside it")
+        raise CheckpointError(f"ckpt: no checkpoints/{RunFolder.BEST}.ckpt or checkpoints/{RunFolder.LAST}.ckpt "
+                              f"in {path} or in the folders inside it")
     return runs
 
 
@@ -121,28 +313,37 @@ def checkpoint_model_config(checkpoint: dict, path: str | Path) -> ModelConfig:
         raise CheckpointError(f"checkpoint {path} holds an invalid model config: {load_failure(error)}") from error
 
 
+def model_weights(checkpoint: dict) -> dict[str, torch.Tensor]:
+    """The Transformer's weights in a training checkpoint: its state_dict's "model." entries, without the prefix."""
+    prefix = "model."
+    return {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+
+
 def run_model_config(run: Run) -> ModelConfig:
     """The model config a run's checkpoint was trained with (the checks an evaluation makes before measuring)."""
-    return checkpoint_model_config(load_checkpoint(run.checkpoint), run.checkpoint)
+    return run.model_config
 
 
-def load_model(path: str | Path) -> Transformer:
-    """Rebuild the Transformer stored in a training checkpoint, in eval mode, on the CPU."""
-    checkpoint = load_checkpoint(path)
-    cfg = checkpoint_model_config(checkpoint, path)
+def build_model(cfg: ModelConfig, weights: dict[str, torch.Tensor], path: str | Path) -> Transformer:
+    """The Transformer of a checkpoint's config and weights, in eval mode, on the CPU; path: the checkpoint, for
+    the messages."""
     try:
         model = Transformer(cfg)
     except (ValueError, TypeError) as error:
         raise CheckpointError(f"checkpoint {path} holds an invalid model config: {load_failure(error)}") from error
-    prefix = "model."
-    state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
     try:
-        model.load_state_dict(state)
+        model.load_state_dict(weights)
     except RuntimeError as error:  # "Error(s) in loading state_dict ...", then one line per problem
         problems = "; ".join(line.strip() for line in str(error).splitlines()[1:] if line.strip())
         raise CheckpointError(f"checkpoint {path}: the weights do not fit the model its config describes "
                               f"({problems[:400] or load_failure(error)})") from error
     return model.eval()
+
+
+def load_model(path: str | Path) -> Transformer:
+    """Rebuild the Transformer stored in a training checkpoint, in eval mode, on the CPU."""
+    checkpoint = load_checkpoint(path)
+    return build_model(checkpoint_model_config(checkpoint, path), model_weights(checkpoint), path)
 
 
 def check_writable(folder: Path) -> None:

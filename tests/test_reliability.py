@@ -37,7 +37,7 @@ from minillm.train.resume import resolve_checkpoint
 from minillm.precision import resolve as resolve_precision
 from minillm.registry import ConfigError
 from minillm.train.run import load_data, trainer_kwargs
-from minillm.cli import to_run_config
+from minillm.registry import to_run_config
 from minillm.train.task import LanguageModelTask, NonFiniteLossError
 from test_train_script import REPO, RESULT_LINE, SMALL, assert_ok, compose_run, hydra_conf, small_run, summary
 from test_train_script import cache_dir, env, shared, small_corpus  # noqa: F401  (fixtures of the script tests)

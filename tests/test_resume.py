@@ -11,8 +11,10 @@ from omegaconf import OmegaConf
 
 from minillm.registry import ConfigError
 from minillm.train.config import RunConfig
-from minillm.cli import folder_name, register_configs, to_run_config
-from minillm.train.resume import (override_keys, resumed, run_config, run_folder, unknown_settings, wandb_run_id)
+from minillm.cli import folder_name, register_configs
+from minillm.registry import to_run_config
+from minillm.runs import RunFolder
+from minillm.train.resume import override_keys, resumed, run_config, unknown_settings
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -76,11 +78,11 @@ def test_resume_refuses_a_contradicting_override(overrides, message):
 
 
 def test_run_folder_and_wandb_id(tmp_path):
-    assert run_folder(tmp_path / "run" / "checkpoints" / "best.ckpt") == tmp_path / "run"
-    assert wandb_run_id(tmp_path) is None
+    assert RunFolder.of_checkpoint(tmp_path / "run" / "checkpoints" / "best.ckpt").path == tmp_path / "run"
+    assert RunFolder(tmp_path).wandb_run_id() is None
     (tmp_path / "wandb" / "offline-run-20261201_120000-abc123").mkdir(parents=True)
     (tmp_path / "wandb" / "latest-run").symlink_to("offline-run-20261201_120000-abc123")
-    assert wandb_run_id(tmp_path) == "abc123"
+    assert RunFolder(tmp_path).wandb_run_id() == "abc123"
 
 
 @pytest.mark.parametrize("dirname", ["rope=alibi,seed=1", "data.path=/x/y.jsonl,logger.tags=[a,b]",

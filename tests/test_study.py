@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import subprocess
 import sys
@@ -10,10 +11,11 @@ from pathlib import Path
 
 import yaml
 
-from minillm.eval.study import context_extension_report, read_run
+from minillm.eval.records import PasskeyRecord, PerplexityRecord, PositionBucket, Results
+from minillm.eval.report import write_report
+from minillm.eval.study import context_extension_report, read_results, read_run
 
 REPO = Path(__file__).resolve().parents[1]
-COLUMNS = ["length", "ppl", "run", "seed", "checkpoint", "method", "applicable"]
 
 
 def make_run(root: Path, name: str, scaling: str, init_from, seed: int, sampler: str = "contiguous",
@@ -32,12 +34,13 @@ def make_run(root: Path, name: str, scaling: str, init_from, seed: int, sampler:
     return folder
 
 
-def write_results(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, COLUMNS)
-        writer.writeheader()
-        writer.writerows({**row, "applicable": "True"} for row in rows)
+def write_results(folder: Path, rows: list[dict], passkey: list[PasskeyRecord] = ()) -> None:
+    """results.json as an evaluation writes it: a perplexity record per row, and one that does not apply."""
+    folder.mkdir(parents=True, exist_ok=True)
+    records = [PerplexityRecord(loss=1.0, **row) for row in rows]
+    records.append(dataclasses.replace(records[0], length=4096, loss=None, ppl=None, applicable=False, note="n/a"))
+    results = Results(perplexity=records, passkey=list(passkey))
+    (folder / "results.json").write_text(json.dumps(dataclasses.asdict(results), indent=1, default=str))
 
 
 def test_report_groups_runs_by_method_with_mean_and_spread(tmp_path):
@@ -48,8 +51,8 @@ def test_report_groups_runs_by_method_with_mean_and_spread(tmp_path):
                   "method": "none"} for run, ppl in ((yarn[0], 10.0), (yarn[1], 12.0), (pose, 20.0), (scratch, 9.0))]
     inference = [{"length": 256, "ppl": ppl, "run": "src", "seed": s, "checkpoint": "sweep/src/checkpoints/best.ckpt",
                   "method": "yarn"} for s, ppl in ((0, 30.0), (1, 34.0))]
-    write_results(tmp_path / "eval_finetuned" / "results.csv", finetuned)
-    write_results(tmp_path / "eval_inference" / "results.csv", inference)
+    write_results(tmp_path / "eval_finetuned", finetuned)
+    write_results(tmp_path / "eval_inference", inference)
 
     report = context_extension_report(tmp_path)
     rows = {tuple(cell.strip() for cell in line.strip("|").split("|")[:2]): line for line in report.splitlines()}
@@ -70,11 +73,37 @@ def test_script_writes_the_report_and_plots(tmp_path):
     run = make_run(tmp_path / "scaled", "0_linear", "linear", "src", 0)
     rows = [{"length": n, "ppl": 10.0 + n / 64, "run": run.name, "seed": 0, "checkpoint": str(run / "checkpoints/x.ckpt"),
              "method": "none"} for n in (64, 128)]
-    write_results(tmp_path / "eval_finetuned" / "results.csv", rows)
-    write_results(tmp_path / "eval_inference" / "results.csv", [{**r, "method": "linear"} for r in rows])
+    write_results(tmp_path / "eval_finetuned", rows)
+    write_results(tmp_path / "eval_inference", [{**r, "method": "linear"} for r in rows])
     result = subprocess.run([sys.executable, "scripts/context_extension_report.py", str(tmp_path), str(tmp_path / "doc")],
                             cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "doc" / "results.md").read_text() in result.stdout
     assert (tmp_path / "doc" / "ppl_vs_length.png").stat().st_size > 0
     assert (tmp_path / "doc" / "finetune_loss.png").stat().st_size > 0
+
+
+def test_report_reads_the_typed_records_write_report_writes(tmp_path):
+    """results.json from minillm.eval.report (the evaluation's own writer): records come back typed, a record
+    that does not apply is left out, and the passkey table joins the runs by name."""
+    runs = [make_run(tmp_path / "scaled", f"{s}_linear", "linear", "src", s) for s in (0, 1)]
+    finetuned = [PerplexityRecord(length=n, loss=1.0, ppl=10.0 + s + n / 64, run=run.name, seed=s, method="none",
+                                  checkpoint=str(run / "checkpoints" / "best.ckpt"),
+                                  by_position=[PositionBucket(0, n, 1.0, n)])
+                 for s, run in enumerate(runs) for n in (64, 128)]
+    finetuned.append(PerplexityRecord(length=512, loss=None, ppl=None, run=runs[0].name, applicable=False,
+                                      checkpoint=str(runs[0] / "checkpoints" / "best.ckpt"), note="too long"))
+    passkey = [PasskeyRecord("m", run.name, s, "none", "full", 128, 0.5, 4, 0.25, -1.0 - s)
+               for s, run in enumerate(runs)]
+    write_report(Results(perplexity=finetuned, passkey=passkey), tmp_path / "eval_finetuned")
+    inference = [PerplexityRecord(length=n, loss=1.0, ppl=20.0, run="src", method="linear",
+                                  checkpoint="sweep/src/checkpoints/best.ckpt") for n in (64, 128)]
+    write_report(Results(perplexity=inference), tmp_path / "eval_inference")
+
+    read = read_results(tmp_path / "eval_finetuned")
+    assert read.perplexity == finetuned and read.passkey == passkey
+    assert read.perplexity[0].by_position == [PositionBucket(0, 64, 1.0, 64)] and read.perplexity[-1].applicable is False
+    report = context_extension_report(tmp_path)
+    assert "| method | protocol | ppl @ 64 | ppl @ 128 |" in report  # 512 did not apply: no column
+    assert "| PI (linear) | fine-tuned | 11.5 ± 0.7 | 12.5 ± 0.7 |" in report
+    assert "| PI (linear) | fine-tuned | -1.50 |" in report  # the mean of the two seeds' log-probabilities

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from minillm.registry import to_run_config
 from minillm.console import quiet_libraries
-from minillm.registry import ConfigError
+from minillm.registry import ConfigError, to_run_config
 from minillm.runs import check_writable
 from minillm.tracking import wandb_mode
 
@@ -31,8 +31,6 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict[str, Path]:
     from minillm.eval.config import EvalConfig
     from minillm.eval.report import write_report
     from minillm.eval.wandb import log_to_wandb
-    from minillm.interop.pretrained import is_pretrained
-    from minillm.runs import find_runs
 
     if not cfg.get("verbose", False):
         quiet_libraries()
@@ -46,9 +44,25 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict[str, Path]:
               f"attention: {', '.join(config.attention)}{stride}.\n")
     files = write_report(results, out_dir, header)
     if config.logger.kind == "wandb":
-        # The training runs' groups (imported models have none), read without re-checking imported files.
-        groups = {OmegaConf.load(run.config).logger.get("group") for path in config.checkpoints
-                  if not is_pretrained(path) for run in find_runs(path)}
-        log_to_wandb(results, out_dir, config.logger.project,
-                     config.logger.group or (groups.pop() if len(groups) == 1 else None), wandb_mode(config.logger.mode))
+        log_to_wandb(results, out_dir, config.logger.project, _wandb_group(config), wandb_mode(config.logger.mode))
     return files
+
+
+def _wandb_group(config) -> Optional[str]:
+    """logger.group, else the one W&B group every training run evaluated logged to (imported models have none and
+    are not opened again; a glob of a list that matched nothing was skipped by the evaluation, and is here)."""
+    from minillm.interop.pretrained import is_pretrained
+    from minillm.runs import CheckpointError, find_runs
+
+    if config.logger.group:
+        return config.logger.group
+    groups = set()
+    for path in config.checkpoints:
+        if is_pretrained(path):
+            continue
+        try:
+            runs = find_runs(path)
+        except CheckpointError:
+            continue
+        groups.update(run.wandb_group for run in runs)
+    return groups.pop() if len(groups) == 1 else None

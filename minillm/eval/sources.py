@@ -28,27 +28,23 @@ class Subject:
     info: ModelInfo
 
 
-def _run_info(run, model: Transformer, seed: int) -> ModelInfo:
-    return ModelInfo(model.cfg.label, run.name, seed, model.cfg.context_length, model.cfg.rope.variant,
+def _run_info(run, model: Transformer) -> ModelInfo:
+    return ModelInfo(model.cfg.label, run.name, run.seed, model.cfg.context_length, model.cfg.rope.variant,
                      str(run.checkpoint))
 
 
 def trained_subject(run, device: torch.device) -> Subject:
-    """A training run (a minillm.checkpoint.Run): its model, tokenizer and validation documents."""
-    from omegaconf import OmegaConf
-
+    """A training run (a minillm.runs.Run): its model, tokenizer and validation documents."""
     from minillm.data.config import DataConfig, TokenizerConfig
     from minillm.data.modules import TextDataModule
-    from minillm.runs import load_model
 
-    model = load_model(run.checkpoint).to(device)
-    if not run.config.is_file() or not run.tokenizer.is_file():
+    model = run.load_model().to(device)
+    if not run.has_run_files():
         raise ValueError(f"ckpt: {run.folder} lacks config.yaml or tokenizer.json (not a training run folder)")
-    run_cfg = OmegaConf.load(run.config)
-    data = TextDataModule(DataConfig(**run_cfg.data), TokenizerConfig(path=str(run.tokenizer)),
-                          seq_len=model.cfg.context_length, seed=int(run_cfg.seed))
+    data = TextDataModule(DataConfig(**run.settings["data"]), TokenizerConfig(path=str(run.tokenizer)),
+                          seq_len=model.cfg.context_length, seed=run.seed)
     data.setup("validate")
-    return Subject(model, data.tokenizer, data.long_documents(min_tokens=1), _run_info(run, model, int(run_cfg.seed)))
+    return Subject(model, data.tokenizer, data.long_documents(min_tokens=1), _run_info(run, model))
 
 
 @dataclass
@@ -63,34 +59,16 @@ class TaskSubject:
 def run_task(run) -> Optional[TaskConfig]:
     """The synthetic task a training run learned (data.path=synthetic), with its knobs; None for a text run (or a
     folder without config.yaml, which trained_subject refuses)."""
-    from omegaconf import OmegaConf
-
-    from minillm.data.config import SYNTHETIC
-    from minillm.data.synthetic import task_config
-
-    if not run.config.is_file():
-        return None
-    data = OmegaConf.load(run.config).get("data") or {}
-    if data.get("path") != SYNTHETIC:
-        return None
-    name, tasks = data.get("task"), data.get("tasks") or {}
-    try:
-        return task_config(name, OmegaConf.to_container(tasks[name]) if name in tasks else None)
-    except ValueError as error:
-        raise ValueError(f"ckpt: {run.config}: {error}") from error
+    return run.task
 
 
 def task_subject(run, task: TaskConfig, device: torch.device) -> TaskSubject:
     """A run trained on `task`: its model, checked to cover the task's vocabulary."""
-    from omegaconf import OmegaConf
-
-    from minillm.runs import load_model
-
-    model = load_model(run.checkpoint).to(device)
+    model = run.load_model().to(device)
     if model.cfg.vocab_size < task.vocab_size:
         raise ValueError(f"ckpt: {run.checkpoint} has {model.cfg.vocab_size} tokens, the {task.name} task of its "
                          f"config.yaml {task.vocab_size}: the run folder's config is not the checkpoint's")
-    return TaskSubject(model, task, _run_info(run, model, int(OmegaConf.load(run.config).seed)))
+    return TaskSubject(model, task, _run_info(run, model))
 
 
 def pretrained_subject(source, config: EvalConfig, device: torch.device) -> Subject:
@@ -116,7 +94,7 @@ def pretrained_documents(tokenizer, data) -> list[np.ndarray]:
 
 
 def model_sources(config: EvalConfig) -> list:
-    """What config.ckpt names: training runs (minillm.checkpoint.Run) and models to import
+    """What config.ckpt names: training runs (minillm.runs.Run) and models to import
     (minillm.pretrained.PretrainedSource), in order. In a list, a glob that matches nothing is skipped with a
     warning (a study's list names every encoding, and a partial sweep lacks some); when none matches, the first
     such glob is the error."""
@@ -144,11 +122,10 @@ def model_sources(config: EvalConfig) -> list:
 def source_config(source, config: EvalConfig):
     """The ModelConfig a source will be measured with, read without loading its weights."""
     from minillm.interop.pretrained import PretrainedSource
-    from minillm.runs import run_model_config
 
     if isinstance(source, PretrainedSource):
         return source.config(config.trained_length)
     if config.trained_length is not None:
         log.warning("trained_length=%d ignored for %s: a trained run's length is the one it was trained at",
                     config.trained_length, source.name)
-    return run_model_config(source)
+    return source.model_config

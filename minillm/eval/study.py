@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import statistics
 from collections import defaultdict
@@ -10,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from omegaconf import OmegaConf
+from minillm.eval.records import PasskeyRecord, PerplexityRecord, PositionBucket, Results
+from minillm.runs import RunFolder
 
 SCALING_NAMES = {"none": "none", "linear": "PI (linear)", "ntk": "NTK-aware", "yarn": "YaRN", "llama3": "Llama 3",
                  "dynamic_ntk": "dynamic NTK", "dynamic_yarn": "dynamic YaRN"}
@@ -30,11 +32,11 @@ class TrainedRun:
     curve: list[tuple[int, float]]  # (step, train/loss)
 
 
-def read_run(folder: Path) -> TrainedRun:
-    config = OmegaConf.load(folder / "config.yaml")
-    summary = json.loads((folder / "summary.json").read_text())
-    scaling = str(config.rope_scaling.type)
-    sampler = str(config.get("positions", {}).get("sampler", "contiguous"))
+def read_run(folder: str | Path) -> TrainedRun:
+    run = RunFolder(folder)
+    config, summary = run.settings, json.loads(run.summary.read_text())
+    scaling = str(config["rope_scaling"]["type"])
+    sampler = str((config.get("positions") or {}).get("sampler", "contiguous"))
     if config.get("init_from") is None:
         method = "scratch"
     elif scaling == "none":
@@ -42,17 +44,26 @@ def read_run(folder: Path) -> TrainedRun:
     else:
         method = SCALING_NAMES.get(scaling, scaling) + (" + PoSE" if sampler == "pose" else "")
     curve = []
-    if (folder / "metrics.csv").is_file():
-        with open(folder / "metrics.csv", newline="") as f:
+    if run.metrics.is_file():
+        with open(run.metrics, newline="") as f:
             curve = [(int(row["step"]), float(row["train/loss"])) for row in csv.DictReader(f)
                      if row.get("train/loss") not in (None, "")]
-    return TrainedRun(folder, method, int(config.model.context_length), int(config.seed), int(summary["steps"]),
-                      int(summary["tokens"]), float(summary["wall_seconds"]), curve)
+    return TrainedRun(run.path, method, int(config["model"]["context_length"]), int(config["seed"]),
+                      int(summary["steps"]), int(summary["tokens"]), float(summary["wall_seconds"]), curve)
 
 
-def _rows(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        return [row for row in csv.DictReader(f) if row["applicable"] == "True"]
+def _record(cls: type, values: dict):
+    """A record from its results.json dict; keys the record does not have (a newer writer's) are left out."""
+    return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values})
+
+
+def read_results(folder: Path) -> Results:
+    """The perplexity and passkey records of an evaluation's results.json (minillm.eval.report.write_report)."""
+    data = json.loads((folder / "results.json").read_text())
+    perplexity = [_record(PerplexityRecord, {**r, "by_position": [_record(PositionBucket, b)
+                                                                  for b in r.get("by_position", [])]})
+                  for r in data.get("perplexity", [])]
+    return Results(perplexity=perplexity, passkey=[_record(PasskeyRecord, r) for r in data.get("passkey", [])])
 
 
 def _cell(values: list[float]) -> str:
@@ -60,11 +71,6 @@ def _cell(values: list[float]) -> str:
         return "–"
     mean = statistics.fmean(values)
     return f"{mean:.1f} ± {statistics.stdev(values):.1f}" if len(values) > 1 else f"{mean:.1f}"
-
-
-def _run_folder(checkpoint: str) -> Path:
-    path = Path(checkpoint)
-    return path.parent.parent if path.parent.name == "checkpoints" else path.parent
 
 
 ORDER = ("scratch", "none", "direct", "PI (linear)", "NTK-aware", "YaRN", "Llama 3", "YaRN + PoSE")
@@ -78,16 +84,17 @@ def _protocol(method: str, finetuned: bool) -> str:
 
 def _perplexities(folder: Path) -> tuple[dict[str, TrainedRun], dict[tuple[str, str], dict[int, list[float]]]]:
     """The trained runs behind eval_finetuned (by folder), and every (method, protocol) -> length -> ppl of seeds."""
-    finetuned = _rows(folder / "eval_finetuned" / "results.csv")
-    inference = _rows(folder / "eval_inference" / "results.csv")
-    trained = {key: read_run(Path(key)) for key in dict.fromkeys(str(_run_folder(r["checkpoint"])) for r in finetuned)}
+    finetuned = [r for r in read_results(folder / "eval_finetuned").perplexity if r.applicable]
+    inference = [r for r in read_results(folder / "eval_inference").perplexity if r.applicable]
+    folders = {r.checkpoint: RunFolder.of_checkpoint(r.checkpoint).path for r in finetuned}
+    trained = {str(path): read_run(path) for path in dict.fromkeys(folders.values())}
     ppl: dict[tuple[str, str], dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in finetuned:
-        method = trained[str(_run_folder(r["checkpoint"]))].method
-        ppl[method, _protocol(method, True)][int(r["length"])].append(float(r["ppl"]))
+        method = trained[str(folders[r.checkpoint])].method
+        ppl[method, _protocol(method, True)][r.length].append(r.ppl)
     for r in inference:
-        method = SCALING_NAMES.get(r["method"], r["method"])
-        ppl[method, _protocol(method, False)][int(r["length"])].append(float(r["ppl"]))
+        method = SCALING_NAMES.get(r.method, r.method)
+        ppl[method, _protocol(method, False)][r.length].append(r.ppl)
     return trained, ppl
 
 
@@ -124,13 +131,9 @@ def _passkey(folder: Path, trained: dict[str, TrainedRun]) -> Optional[str]:
     values: dict[tuple[str, str], dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     by_run = {run.folder.name: run for run in trained.values()}
     for finetuned, name in ((True, "eval_finetuned"), (False, "eval_inference")):
-        path = folder / name / "passkey.csv"
-        if not path.is_file():
-            continue
-        with open(path, newline="") as f:
-            for row in csv.DictReader(f):
-                method = by_run[row["run"]].method if finetuned else SCALING_NAMES.get(row["method"], row["method"])
-                values[method, _protocol(method, finetuned)][int(row["length"])].append(float(row["key_logprob"]))
+        for r in read_results(folder / name).passkey:
+            method = by_run[r.run].method if finetuned else SCALING_NAMES.get(r.method, r.method)
+            values[method, _protocol(method, finetuned)][r.length].append(r.key_logprob)
     if not values:
         return None
     lengths = sorted({n for v in values.values() for n in v})

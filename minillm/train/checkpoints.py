@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 
 from minillm.files import write_atomic
-from minillm.runs import CheckpointError, load_checkpoint
+from minillm.runs import CheckpointError, RunFolder, load_checkpoint
 
 
 def last_good_checkpoint(folder: Path, skip: Optional[Path] = None) -> Optional[tuple[Path, int]]:
@@ -17,7 +17,7 @@ def last_good_checkpoint(folder: Path, skip: Optional[Path] = None) -> Optional[
     Newest by modification time, so only the checkpoints from the newest to the good one are read."""
     good = _good_checkpoints(folder, skip)
     newest = next(good, None)
-    if newest is not None and newest[0].name == "last.ckpt":
+    if newest is not None and newest[0].stem == RunFolder.LAST:
         # last.ckpt repeats another save under a name the next save overwrites: name that stable copy instead.
         twin = next(good, None)
         if twin is not None and twin[1] == newest[1]:

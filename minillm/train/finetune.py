@@ -17,7 +17,7 @@ import torch
 
 from minillm.model.config import ModelConfig
 from minillm.registry import ConfigError
-from minillm.runs import CheckpointError, Run, checkpoint_model_config, find_runs, load_checkpoint
+from minillm.runs import CheckpointError, Run, find_runs
 from minillm.train.config import RunConfig
 from minillm.train.resume import override_keys
 
@@ -57,13 +57,11 @@ def load_source(init_from: str) -> Source:
         raise CheckpointError(f"init_from: {run.folder} has no tokenizer.json, so its vocabulary is unknown "
                               f"(name a training run folder or a checkpoint inside one)")
     try:
-        checkpoint = load_checkpoint(run.checkpoint)
-        model = checkpoint_model_config(checkpoint, run.checkpoint)
+        model, state, step = run.model_config, run.weights, run.step
     except CheckpointError as error:
         raise CheckpointError(f"init_from: {error}") from error
-    state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
     digest = hashlib.sha256(run.checkpoint.read_bytes()).hexdigest()
-    return Source(run, model, state, int(checkpoint.get("global_step", 0)), digest)
+    return Source(run, model, state, step, digest)
 
 
 def from_source(run: RunConfig, source: Source, overrides: Sequence[str]) -> RunConfig:
@@ -106,11 +104,7 @@ def from_source(run: RunConfig, source: Source, overrides: Sequence[str]) -> Run
 
 def source_group(source: Source) -> str:
     """The W&B group a fine-tuning joins: its source's group, else the source run's folder name."""
-    from omegaconf import OmegaConf
-
-    config = source.run.config
-    group = OmegaConf.load(config).get("logger", {}).get("group") if config.is_file() else None
-    return group or source.run.name
+    return source.run.wandb_group or source.run.name
 
 
 @torch.no_grad()

@@ -10,10 +10,9 @@ from typing import Any, Iterator, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from minillm.registry import to_run_config
 from minillm.console import rank_zero
 from minillm.model.config import ModelConfig
-from minillm.registry import ConfigError
+from minillm.registry import ConfigError, to_run_config
 from minillm.train.config import RunConfig
 
 # What a resumed run may change: how long it trains and how it reports. Everything else (shape, encoding,
@@ -127,19 +126,6 @@ def run_config(saved: dict) -> RunConfig:
         raise ConfigError(str(error).splitlines()[0]) from error
 
 
-def run_folder(checkpoint: Path) -> Path:
-    """The run folder of a checkpoint: <run>/checkpoints/x.ckpt -> <run>."""
-    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
-
-
-def wandb_run_id(run_dir: Path) -> Optional[str]:
-    """The id of the W&B run a run folder logged to (W&B's own record, wandb/latest-run -> run-<time>-<id>)."""
-    latest = run_dir / "wandb" / "latest-run"
-    if not latest.exists():
-        return None
-    return latest.resolve().name.rsplit("-", 1)[-1] or None
-
-
 @dataclass
 class Resume:
     """Where a run continues: the checkpoint, and the step and model it holds."""
@@ -162,14 +148,14 @@ def resolve_checkpoint(ckpt_path: Optional[str], run_dir: Path) -> Optional[tupl
     """ckpt_path -> (the checkpoint's path, its contents): 'last' -> this run folder's last checkpoint; a run
     folder -> its last; a file -> itself; None -> None. A corrupt one fails here, naming the newest checkpoint
     beside it that does load."""
-    from minillm.runs import CheckpointError, load_checkpoint
+    from minillm.runs import CheckpointError, RunFolder, load_checkpoint
     from minillm.train.checkpoints import last_good_checkpoint
 
     if ckpt_path is None:
         return None
     path = run_dir if ckpt_path == "last" else Path(ckpt_path).expanduser()
     if path.is_dir():
-        path = path / "checkpoints" / "last.ckpt"
+        path = RunFolder(path).last_checkpoint
     if not path.is_file():
         raise ConfigError(f"ckpt_path: no checkpoint at {path} (to resume a run, start it again in its folder: "
                           f"hydra.run.dir=<run folder> ckpt_path=last)")
@@ -188,26 +174,29 @@ def configure(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> 
     A resume continues the run the checkpoint belongs to: its config.yaml, with only the resumable command-line
     overrides (steps, cadence, logging) applied; one that contradicts the run raises, naming the setting. A new
     run is refused a folder that already holds one."""
+    from minillm.runs import RunFolder
+
     unknown = unknown_settings(cfg)
     if unknown:
         raise ConfigError(unknown[0])
     run = to_run_config(cfg)
     found = resolve_checkpoint(run.ckpt_path, run_dir)  # before the data: a wrong path fails at once
     if found is None:
-        taken = (run_dir / "config.yaml").is_file() or any(run_dir.glob("checkpoints/*.ckpt"))
+        folder = RunFolder(run_dir)
+        taken = folder.config.is_file() or any(folder.checkpoints.glob("*.ckpt"))
         if taken and rank_zero():  # DDP's other ranks find rank 0's files
             raise ConfigError(f"hydra.run.dir={str(run_dir)!r}: already holds a run (config.yaml, checkpoints); "
                               f"continue it with ckpt_path=last, or train a new one in another folder")
         return run, OmegaConf.to_container(OmegaConf.structured(run)), None
     ckpt_path, checkpoint = found
-    source = run_folder(Path(ckpt_path))
-    if not (source / "config.yaml").is_file() or not (source / "tokenizer.json").is_file():
-        raise ConfigError(f"ckpt_path: {source} lacks config.yaml or tokenizer.json, so the run it continues is "
-                          f"unknown (a checkpoint is resumed from its training run folder)")
-    merged = resumed(cfg, OmegaConf.load(source / "config.yaml"), overrides, OmegaConf.structured(RunConfig))
+    source = RunFolder.of_checkpoint(ckpt_path)
+    if not source.has_run_files():
+        raise ConfigError(f"ckpt_path: {source.path} lacks config.yaml or tokenizer.json, so the run it continues "
+                          f"is unknown (a checkpoint is resumed from its training run folder)")
+    merged = resumed(cfg, OmegaConf.create(source.settings), overrides, OmegaConf.structured(RunConfig))
     resumed_run = run_config(OmegaConf.to_container(merged))
     # The run's own tokenizer, whatever tokenizer.path says: the checkpoint's vocabulary is its.
-    resumed_run.tokenizer = dataclasses.replace(resumed_run.tokenizer, path=str(source / "tokenizer.json"))
+    resumed_run.tokenizer = dataclasses.replace(resumed_run.tokenizer, path=str(source.tokenizer))
     resume = Resume(ckpt_path, int(checkpoint.get("global_step", 0)),
                     ModelConfig.from_dict(checkpoint["hyper_parameters"]["model"]))
     return resumed_run, OmegaConf.to_container(merged), resume

@@ -16,7 +16,7 @@ from minillm.console import quiet_libraries
 from minillm.files import write_atomic
 from minillm.precision import resolve as resolve_precision
 from minillm.registry import ConfigError
-from minillm.runs import check_writable
+from minillm.runs import RunFolder, check_writable
 from minillm.train.config import RunConfig
 from minillm.train.loggers import make_loggers
 from minillm.train.resume import configure
@@ -46,17 +46,14 @@ def train(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> dict
     """Train one model as `cfg` says; everything it writes goes under run_dir. Returns the summary.
 
     overrides: the command line's (Hydra's overrides.task), which a resume checks against the run's settings."""
-    from minillm.train.resume import wandb_run_id
-
     started = time.time()
     if not cfg.get("verbose", False):
         quiet_libraries()
     check_writable(run_dir)
+    folder = RunFolder(run_dir)
     run, resolved, resume = configure(cfg, run_dir, overrides)
     if resume is not None and resume.step >= run.trainer.max_steps:  # nothing to train: the run's files stay
-        previous = run_dir / "summary.json"
-        summary = json.loads(previous.read_text()) if previous.is_file() else {}
-        return {**summary, "finished": True, "steps": resume.step, "max_steps": run.trainer.max_steps}
+        return {**folder.summary_values(), "finished": True, "steps": resume.step, "max_steps": run.trainer.max_steps}
     precision, precision_reason = resolve_precision(run.trainer.precision, _accelerator_device(run.trainer.accelerator))
     trainer_args = trainer_kwargs(run, run_dir, precision)
     try:  # before the data: a device that is not there fails at once
@@ -85,9 +82,9 @@ def train(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> dict
         data.save_tokenizer(run_dir)
     else:
         resume.check_model(run.model)
-        if not (run_dir / "tokenizer.json").is_file():  # continued in another folder: it gets the tokenizer too
+        if not folder.tokenizer.is_file():  # continued in another folder: it gets the tokenizer too
             data.save_tokenizer(run_dir)
-    write_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(resolved))
+    write_atomic(folder.config, OmegaConf.to_yaml(resolved))
 
     task = LanguageModelTask(run.model.to_dict(), dataclasses.asdict(run.optim), compile=run.trainer.compile,
                              peak_flops=run.trainer.peak_flops, max_bad_steps=run.trainer.max_bad_steps,
@@ -98,10 +95,10 @@ def train(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> dict
 
         load_weights(task.model, source)
         origin = {"init_from_source": source.record()}
-        write_atomic(run_dir / "init_from.json", json.dumps(origin["init_from_source"], indent=2))  # before any step
-    elif run.init_from is not None and (run_dir / "init_from.json").is_file():  # resumed: the source as recorded
-        origin = {"init_from_source": json.loads((run_dir / "init_from.json").read_text())}
-    resume_id = wandb_run_id(run_dir) if resume is not None else None  # the same W&B run, not a second one
+        write_atomic(folder.init_from, json.dumps(origin["init_from_source"], indent=2))  # before any step
+    elif run.init_from is not None and (recorded := folder.source_record()) is not None:  # resumed: as recorded
+        origin = {"init_from_source": recorded}
+    resume_id = folder.wandb_run_id() if resume is not None else None  # the same W&B run, not a second one
     group = source_group(source) if source is not None else None
     used = {"precision_used": precision, "precision_reason": precision_reason}
     loggers = make_loggers(run, run_dir, {**resolved, "data_fingerprint": data.fingerprint, **used, **origin}, resume_id,
@@ -112,7 +109,7 @@ def train(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> dict
     except NonFiniteLossError as error:  # say where to resume from: the checkpoints after a blow-up hold inf
         from minillm.train.checkpoints import last_good_checkpoint
 
-        good = last_good_checkpoint(run_dir / "checkpoints")
+        good = last_good_checkpoint(folder.checkpoints)
         where = (f"the last good checkpoint is {good[0]} (step {good[1]}); resume from it with "
                  f"ckpt_path={good[0]} and, e.g., a lower optim.lr" if good else
                  "no checkpoint with finite weights was written before it")
@@ -133,7 +130,7 @@ def train(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> dict
         "val_exact_match": metrics.get("val/exact_match"),  # synthetic tasks only
         "best_val_loss": float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else None,
         "best_checkpoint": checkpoint.best_model_path or None,
-        "last_checkpoint": str(run_dir / "checkpoints" / "last.ckpt"),
+        "last_checkpoint": str(folder.last_checkpoint),
         "bad_steps": task.bad_steps,
         "world_size": trainer.world_size,
         "replica_spread": task.replica_spread,  # 0.0: every DDP rank ended with the same weights
@@ -144,17 +141,16 @@ def train(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> dict
         **origin,
     }
     if trainer.is_global_zero:
-        write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2, default=str))
+        write_atomic(folder.summary, json.dumps(summary, indent=2, default=str))
     for logger in loggers:
         logger.finalize("success")
         if hasattr(logger, "experiment") and hasattr(logger.experiment, "finish"):
             logger.experiment.finish()  # W&B writes its summary and config files only when the run ends
-    metrics_csv = run_dir / "metrics.csv"  # complete only once the CSV logger has finalised
-    if trainer.is_global_zero and metrics_csv.is_file():
+    if trainer.is_global_zero and folder.metrics.is_file():  # complete only once the CSV logger has finalised
         from minillm.train.curve import training_curve
 
         try:
-            training_curve(metrics_csv, run_dir / "val_loss.png", data.fingerprint["tokens"]["unigram_entropy_nats"])
+            training_curve(folder.metrics, folder.curve_plot, data.fingerprint["tokens"]["unigram_entropy_nats"])
         except ValueError as error:  # a run too short to validate after a logged step: nothing to draw
             log.warning("no val_loss.png: %s", error)
     return summary
@@ -168,13 +164,16 @@ def trainer_kwargs(run: RunConfig, run_dir: Path, precision: str) -> dict[str, A
     from minillm.train.progress import progress_callbacks
 
     t = run.trainer
-    best = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val/loss", mode="min",
+    folder = RunFolder(run_dir)
+    best = ModelCheckpoint(dirpath=folder.checkpoints, filename=RunFolder.BEST, monitor="val/loss", mode="min",
                            save_top_k=1, save_last=True, auto_insert_metric_name=False,
                            enable_version_counter=False)
     # Both write last.ckpt, so it is always the newest save (best alone rewrites it only when val/loss improves).
-    periodic = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step-{step:06d}",
+    periodic = ModelCheckpoint(dirpath=folder.checkpoints, filename=RunFolder.STEP,
                                every_n_train_steps=t.checkpoint_every_n_steps, save_top_k=-1, save_last=True,
                                auto_insert_metric_name=False, enable_version_counter=False)
+    for callback in (best, periodic):
+        callback.CHECKPOINT_NAME_LAST = RunFolder.LAST  # Lightning's default, named by the layout
     return dict(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
                 precision=precision, max_steps=t.max_steps,
                 val_check_interval=min(t.val_check_interval, t.max_steps),  # a short run still validates once
