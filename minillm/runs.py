@@ -28,7 +28,7 @@ class RunFolder:
         tokenizer.json    its tokenizer (a synthetic task's too)
         checkpoints/      best.ckpt (lowest val/loss), last.ckpt (the newest save), step-000150.ckpt, ...
         summary.json      what the run ended with (steps, tokens, losses, wall time)
-        metrics.csv       one row per logged step (Lightning's CSV logger)
+        metrics.csv       one row per logged step (Lightning's CSV logger; hparams.yaml beside it is its too)
         init_from.json    a fine-tuning's source: its checkpoint, step and checksum
         val_loss.png      the validation curve
         train.log         the console's lines (Hydra's file handler)
