@@ -524,7 +524,7 @@ def test_tokenizer_is_cached_by_its_inputs(tmp_path, train_texts, monkeypatch):
 
 
 def test_tokenizer_from_a_path(tmp_path, dm):
-    saved = dm.save_tokenizer(tmp_path / "run")
+    saved = dm.save_tokenizer(tmp_path / "run" / "tokenizer.json")
     loaded = build_tokenizer(TokenizerConfig(path=str(saved)), [], tmp_path / "unused")
     assert loaded.to_str() == dm.tokenizer.to_str()
     with pytest.raises(DataError, match="^tokenizer.path='.*missing.json': no such file"):

@@ -131,9 +131,9 @@ class ResumableData(L.LightningDataModule):
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
         return self.start_batch + rank, world
 
-    def save_tokenizer(self, folder: str | Path) -> Path:
-        """Write folder/tokenizer.json (loadable as tokenizer.path) and return its path."""
-        path = Path(folder) / "tokenizer.json"
+    def save_tokenizer(self, path: str | Path) -> Path:
+        """Write the tokenizer to `path` (a run folder's tokenizer.json, loadable as tokenizer.path); return it."""
+        path = Path(path)
         write_atomic(path, self.tokenizer.to_str())
         return path
 

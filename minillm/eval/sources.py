@@ -36,14 +36,14 @@ def _run_info(run, model: Transformer) -> ModelInfo:
 def trained_subject(run, device: torch.device) -> Subject:
     """A training run (a minillm.runs.Run): its model, tokenizer and validation documents."""
     from minillm.data.config import DataConfig, TokenizerConfig
-    from minillm.data.modules import TextDataModule
+    from minillm.data.text import TextTokens
 
     model = run.load_model().to(device)
     if not run.has_run_files():
         raise ValueError(f"ckpt: {run.folder} lacks config.yaml or tokenizer.json (not a training run folder)")
-    data = TextDataModule(DataConfig(**run.settings["data"]), TokenizerConfig(path=str(run.tokenizer)),
-                          seq_len=model.cfg.context_length, seed=run.seed)
-    data.setup("validate")
+    data = TextTokens(DataConfig(**run.settings["data"]), TokenizerConfig(path=str(run.tokenizer)),
+                      seq_len=model.cfg.context_length, seed=run.seed)
+    data.load()
     return Subject(model, data.tokenizer, data.long_documents(min_tokens=1), _run_info(run, model))
 
 

@@ -79,11 +79,11 @@ def train(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> dict
     run.model = dataclasses.replace(run.model, vocab_size=data.vocab_size)  # the tokenizer decides
     if resume is None:
         resolved = OmegaConf.to_container(OmegaConf.structured(run))
-        data.save_tokenizer(run_dir)
+        data.save_tokenizer(folder.tokenizer)
     else:
         resume.check_model(run.model)
         if not folder.tokenizer.is_file():  # continued in another folder: it gets the tokenizer too
-            data.save_tokenizer(run_dir)
+            data.save_tokenizer(folder.tokenizer)
     write_atomic(folder.config, OmegaConf.to_yaml(resolved))
 
     task = LanguageModelTask(run.model.to_dict(), dataclasses.asdict(run.optim), compile=run.trainer.compile,
