@@ -254,7 +254,11 @@ def test_nested_configs_given_as_plain_dicts():
     cfg = ModelConfig(rope={"variant": "interleaved", "theta": 500.0},
                       rope_scaling={"type": "llama3", "factor": 2.0, "high_freq_factor": 8.0})
     assert cfg.rope == RotaryConfig("interleaved", theta=500.0)
-    assert cfg.rope_scaling == Llama3Scaling(factor=2.0, high_freq_factor=8.0)
+    # the trained length is resolved once, here: the model's own context length unless the scaling names one
+    assert cfg.rope_scaling == Llama3Scaling(factor=2.0, high_freq_factor=8.0, original_max_position=cfg.context_length)
+    given = ModelConfig(context_length=64, rope_scaling={"type": "yarn", "original_max_position": 32})
+    assert given.rope_scaling.original_max_position == 32
+    assert ModelConfig(context_length=64, rope_scaling={"type": "none"}).rope_scaling == Scaling()
     assert ModelConfig(rope={"variant": "sinusoidal"}, rope_scaling=None).rope == position_config("sinusoidal")
     assert ModelConfig(rope={}).rope == RotaryConfig()  # the default variant is rotary
     assert position_config(cfg.rope) is cfg.rope and scaling_config(cfg.rope_scaling) is cfg.rope_scaling

@@ -528,7 +528,10 @@ def test_every_option_composes_into_the_dataclasses(group, option):
         assert run.model.rope is run.rope
         assert run.rope.variant == ("complex" if option == "xpos" else option)
     if group == "rope_scaling":
-        assert run.model.rope_scaling is run.rope_scaling
+        # the model's is the group's with the trained length resolved (the model's own, unless the group names one)
+        expected = run.rope_scaling if option == "none" else run.rope_scaling.trained_at(run.model.context_length)
+        assert run.model.rope_scaling == expected
+        assert run.model.rope_scaling.original_max_position == (None if option == "none" else run.model.context_length)
         assert run.rope_scaling.type == option and type(run.rope_scaling) is SCALINGS[option]
 
 

@@ -47,6 +47,8 @@ class ModelConfig:
         # Hydra hands nested configs over as DictConfig or dict; normalise to the dataclasses.
         self.rope = position_config(self.rope)
         self.rope_scaling = scaling_config(self.rope_scaling)
+        if self.rope_scaling.name != "none":  # the trained length, resolved here once: the model's own unless given
+            self.rope_scaling = self.rope_scaling.trained_at(self.context_length)
         for name in ("vocab_size", "context_length", "d_model", "n_layers", "n_heads"):
             require(getattr(self, name) > 0, f"model.{name}", f"must be positive, got {getattr(self, name)}")
         if self.head_size is None:

@@ -133,11 +133,11 @@ class RotaryConfig(PositionConfig):
         require(self.rotary_dim is None or self.rotary_dim <= shape.head_dim, "rope.rotary_dim",
                  f"{self.rotary_dim} exceeds head_dim={shape.head_dim}")
         scaling.check_dim(self.rotary_dim or shape.head_dim)
-        scaling.check_length(scaling.original_max_position or shape.context_length)
+        if scaling.name != "none":  # its trained length is resolved (ModelConfig: the model's unless given)
+            scaling.check_length(scaling.original)
 
     def build(self, shape: ModelShape, scaling: Scaling) -> "RotaryEmbedding":
-        return RotaryEmbedding(shape.head_dim, self.variant, self.theta, self.rotary_dim, self.xpos_scale_base,
-                               scaling.trained_at(shape.context_length))
+        return RotaryEmbedding(shape.head_dim, self.variant, self.theta, self.rotary_dim, self.xpos_scale_base, scaling)
 
 
 class RotaryEmbedding(PositionEncoding):
@@ -285,7 +285,7 @@ class PRopeConfig(RotaryConfig):
         # r = p·d channels at theta'^(−2i/r) with theta' = theta^(r/d): exactly theta^(−2i/d) for i < r/2.
         r = self.rotated(shape.head_dim)
         return RotaryEmbedding(shape.head_dim, self.layout, self.theta ** (r / shape.head_dim), r, self.xpos_scale_base,
-                               scaling.trained_at(shape.context_length))
+                               scaling)
 
 
 # ----------------------------------------------------------------------------------------------
