@@ -70,6 +70,13 @@ def check_overrides(argv: list[str]) -> None:
         shown = error.override.encode("unicode_escape").decode("ascii")  # one line, whatever the value holds
         print(f"error: override '{shown}' does not parse" + (f": {reason}" if reason else ""), file=sys.stderr)
         sys.exit(2)
+    for override in overrides:  # the encoding has one slot, the top-level groups; the model's copy is derived
+        key = override.split("=", 1)[0].lstrip("+~")
+        for group in ("rope", "rope_scaling"):
+            if key == f"model.{group}" or key.startswith(f"model.{group}."):
+                print(f"error: model.{group}: set the top-level {group} group instead (e.g. {group}.<field>=...)",
+                      file=sys.stderr)
+                sys.exit(2)
 
 
 def rank_zero() -> bool:

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from minillm.console import fail, quiet_libraries, rank_zero
+from minillm.console import check_overrides, fail, quiet_libraries, rank_zero
 from minillm.files import RunLog
 
 
@@ -50,3 +50,14 @@ def test_quiet_libraries_leaves_minillm_lines_only(monkeypatch):
         for name, level in levels.items():
             logging.getLogger(name).setLevel(level)
     assert rank_zero()
+
+
+@pytest.mark.parametrize("override, group", [("model.rope.theta=5", "rope"), ("model.rope=xpos", "rope"),
+                                             ("+model.rope_scaling.factor=2", "rope_scaling")])
+def test_the_encoding_has_one_slot_and_the_models_copy_is_refused_in_one_line(override, group, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        check_overrides(["trainer.max_steps=3", override])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == \
+        f"error: model.{group}: set the top-level {group} group instead (e.g. {group}.<field>=...)\n"
+    check_overrides([f"{group}.factor=2", "model.d_model=64"])  # the top-level groups and other model settings pass

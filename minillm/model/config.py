@@ -17,8 +17,9 @@ from minillm.registry import choice, require
 
 
 @dataclass
-class ModelConfig:
-    """Shape of the decoder-only transformer; the position encoding and its scaling ride along."""
+class ModelSettings:
+    """What the model group (conf/model, model.*) sets: every model setting but the position encoding and its
+    scaling, which the top-level rope and rope_scaling groups choose, one slot each."""
 
     vocab_size: int = 4096
     context_length: int = 256  # the training sequence length; stored with checkpoints
@@ -40,8 +41,21 @@ class ModelConfig:
     attn_dropout: float = 0.0
     resid_dropout: float = 0.0
     init_std: float = 0.02
-    rope: Any = field(default_factory=RotaryConfig)  # a registered PositionConfig (minillm.rope)
-    rope_scaling: Any = field(default_factory=Scaling)  # a registered Scaling (minillm.scaling)
+
+
+@dataclass
+class ModelConfig(ModelSettings):
+    """The decoder-only transformer with its position encoding and scaling: what builds a Transformer and what a
+    checkpoint stores (plain types, to_dict)."""
+
+    rope: Any = field(default_factory=RotaryConfig)  # a registered PositionConfig (minillm.positions)
+    rope_scaling: Any = field(default_factory=Scaling)  # a registered Scaling (minillm.positions.scaling)
+
+    @classmethod
+    def of(cls, settings: ModelSettings, rope: Any, rope_scaling: Any) -> "ModelConfig":
+        """The model of `settings` with this encoding and scaling (the run's rope and rope_scaling groups)."""
+        return cls(**{f.name: getattr(settings, f.name) for f in dataclasses.fields(ModelSettings)}, rope=rope,
+                   rope_scaling=rope_scaling)
 
     def __post_init__(self) -> None:
         # Hydra hands nested configs over as DictConfig or dict; normalise to the dataclasses.

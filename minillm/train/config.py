@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from minillm.data.config import DataConfig, TokenizerConfig
-from minillm.model.config import ModelConfig
+from minillm.model.config import ModelConfig, ModelSettings
 from minillm.positions.base import position_config
 from minillm.positions.rotary import RotaryConfig
 from minillm.positions.samplers import sampler_config
-from minillm.positions.scaling import Scaling, scaling_config
+from minillm.positions.scaling import scaling_config
 from minillm.registry import choice, require
 from minillm.tracking import LoggerConfig
 
@@ -101,7 +100,8 @@ class TrainerConfig:
 class RunConfig:
     """The whole training run, as Hydra composes it from conf/."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
+    # The model group's settings; once built, the ModelConfig of those settings with rope and rope_scaling.
+    model: ModelSettings = field(default_factory=ModelSettings)
     rope: Any = None  # a registered PositionConfig (conf/rope picks one); None: RoPE defaults
     rope_scaling: Any = None  # a registered Scaling (conf/rope_scaling picks one); None: no scaling
     positions: Any = None  # a registered PositionSampler (conf/positions picks one); None: contiguous
@@ -118,14 +118,10 @@ class RunConfig:
     verbose: bool = False  # show the libraries' console lines too (devices, tips, deprecations)
 
     def __post_init__(self) -> None:
-        # The top-level rope / rope_scaling groups are the source; the model carries them.
+        # The top-level rope / rope_scaling groups are the encoding's one slot; the model built here carries them.
         self.rope = RotaryConfig() if self.rope is None else position_config(self.rope)
         self.rope_scaling = scaling_config(self.rope_scaling)
-        for name, default in (("rope", RotaryConfig()), ("rope_scaling", Scaling())):
-            given = getattr(self.model, name)
-            if given != default and given != getattr(self, name):
-                raise ValueError(f"model.{name}: set the top-level {name} group instead (e.g. {name}.<field>=...)")
-        self.model = dataclasses.replace(self.model, rope=self.rope, rope_scaling=self.rope_scaling)
+        self.model = ModelConfig.of(self.model, self.rope, self.rope_scaling)
         self.positions = sampler_config(self.positions)
         if self.data.synthetic:  # the task's prompt must fit the training windows (and its knobs agree)
             self.data.synthetic_task.check_length(self.model.context_length)

@@ -11,7 +11,7 @@ from typing import Any, Iterator, Optional, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from minillm.console import rank_zero
-from minillm.model.config import ModelConfig
+from minillm.model.config import ModelConfig, ModelSettings
 from minillm.registry import ConfigError, to_run_config
 from minillm.train.config import RunConfig
 
@@ -112,7 +112,7 @@ def run_config(saved: dict) -> RunConfig:
     """A RunConfig from a run's saved config.yaml contents (the top-level rope groups carry the encoding)."""
     values = dict(saved)
     model = {k: v for k, v in values.pop("model", {}).items() if k not in ("rope", "rope_scaling")}
-    kwargs: dict[str, Any] = {"model": ModelConfig(**model)}
+    kwargs: dict[str, Any] = {"model": ModelSettings(**model)}
     for f in dataclasses.fields(RunConfig):
         if f.name in values and f.name != "model":
             value = values.pop(f.name)
