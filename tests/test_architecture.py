@@ -120,3 +120,44 @@ def test_the_rules_catch_a_violation(tmp_path, source, line, rule):
     path.write_text(f'"""A module that breaks a rule."""\n{body}')
     found = violations(package)
     assert len(found) == 1 and rule in found[0] and source.split("/")[-1].removesuffix(".py") in found[0]
+
+
+def test_the_public_names_from_before_the_rooms_still_import():
+    from minillm.export import to_hf_llama
+    from minillm.interop.export import to_hf_llama as exported
+    from minillm.positions.base import Positions as BasePositions
+    from minillm.positions.rotary import RotaryEmbedding as Rotary
+    from minillm.pretrained import load_pretrained
+    from minillm.rope import Positions, RotaryEmbedding
+    from minillm.scaling import LinearScaling, Llama3Scaling, NTKScaling, Scaling, YarnScaling  # noqa: F401
+
+    assert (Positions, RotaryEmbedding, to_hf_llama) == (BasePositions, Rotary, exported)
+    assert load_pretrained.__module__ == "minillm.interop.pretrained"
+
+
+@pytest.mark.slow
+def test_the_evaluation_path_imports_neither_lightning_nor_wandb(tmp_path):
+    """A user's evaluation of a text run with the CSV logger: Lightning (and torchmetrics behind it) and W&B are
+    not imported at all (-X importtime lists every module the command imported)."""
+    import subprocess
+    import sys
+
+    text = " ".join(f"word{i % 37} and some more prose number {i}." for i in range(3000))
+    (tmp_path / "docs").mkdir()
+    for i in range(6):
+        (tmp_path / "docs" / f"d{i}.txt").write_text(text[i * 1000:] + text[:i * 1000])
+    env = {"HOME": str(tmp_path), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+    train = [sys.executable, "scripts/train.py", f"data.path={tmp_path / 'docs'}", "data.val_fraction=0.34",
+             "tokenizer.vocab_size=300", "model.context_length=32", "model.d_model=32", "model.n_layers=1",
+             "model.n_heads=2", "trainer.max_steps=2", "trainer.val_check_interval=2", "logger=csv",
+             f"hydra.run.dir={tmp_path / 'run'}"]
+    done = subprocess.run(train, cwd=PACKAGE.parent, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    evaluate = [sys.executable, "-X", "importtime", "scripts/eval_extrapolate.py", f"ckpt={tmp_path / 'run'}",
+                "lengths=[32,64]", "scalings=[none,yarn]", "passkey_trials=0", "logger=csv",
+                f"hydra.run.dir={tmp_path / 'eval'}"]
+    done = subprocess.run(evaluate, cwd=PACKAGE.parent, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    imported = {line.split("|")[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+    assert "minillm.eval.loop" in imported and "torch" in imported  # the listing is the evaluation's own
+    assert not {name for name in imported if name.split(".")[0] in ("lightning", "wandb", "torchmetrics")}
