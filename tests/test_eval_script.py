@@ -30,8 +30,9 @@ RESULT_COLUMNS = {"model", "run", "seed", "trained_length", "variant", "checkpoi
                   "factor", "applicable", "length", "loss", "ppl", "loss_beyond_train", "tokens", "seconds",
                   "peak_memory_mb"}
 POSITION_COLUMNS = {"model", "run", "seed", "method", "attention", "length", "position_start", "position_end", "loss"}
-PASSKEY_COLUMNS = ["model", "run", "seed", "method", "attention", "length", "depth", "trials", "exact_match",
-                   "key_logprob"]
+SETTING_COLUMNS = ["model", "run", "seed", "trained_length", "variant", "checkpoint", "task", "method", "factor",
+                   "attention", "logn", "stride"]
+PASSKEY_COLUMNS = SETTING_COLUMNS + ["length", "depth", "trials", "exact_match", "key_logprob"]
 SCALINGS = {"none", "linear", "ntk", "dynamic_ntk", "yarn", "dynamic_yarn", "llama3"}
 
 
@@ -193,7 +194,8 @@ def test_checkpoint_list_attention_stride_and_passkey(tiny_runs, tmp_path):
 @pytest.mark.slow
 def test_training_free_methods_with_their_knobs_skip_what_an_encoding_cannot_serve(tiny_runs, tmp_path):
     """attention=[...] with methods.<name>.<knob>: every run gets a row per method, n/a (with the reason) where its
-    encoding cannot serve it; the tail loss (ReRoPE's protocol) comes along, logn labels the attention."""
+    encoding cannot serve it; the tail loss (ReRoPE's protocol) comes along; logn is a column of its own, and the
+    report's attention label."""
     out = tmp_path / "eval"
     result = evaluate(out, f"ckpt={quoted(tiny_runs['multirun'])}", *FAST, "lengths=[32,128]", "scalings=[none]",
                       "attention=[full,self_extend,rerope]", "methods.self_extend.group=4", "logn=true",
@@ -201,17 +203,20 @@ def test_training_free_methods_with_their_knobs_skip_what_an_encoding_cannot_ser
     succeeded(result)
     _, rows = read_csv(out / "results.csv")
     got = {(r["variant"], r["attention"]): r for r in rows if r["length"] == "128"}
-    assert set(got) == {(v, a + "+logn") for v in ("complex", "alibi", "learned") for a in ("full", "self_extend", "rerope")}
-    assert got["alibi", "rerope+logn"]["applicable"] == "False"
-    assert "rerope turns rotary positions" in got["alibi", "rerope+logn"]["note"]
-    assert got["learned", "self_extend+logn"]["applicable"] == "False"  # positions added to the tokens
-    assert got["complex", "self_extend+logn"]["applicable"] == "True"
-    assert float(got["complex", "self_extend+logn"]["ppl"]) != float(got["complex", "full+logn"]["ppl"])
+    assert set(got) == {(v, a) for v in ("complex", "alibi", "learned") for a in ("full", "self_extend", "rerope")}
+    assert {r["logn"] for r in rows} == {"True"}
+    assert got["alibi", "rerope"]["applicable"] == "False"
+    assert "rerope turns rotary positions" in got["alibi", "rerope"]["note"]
+    assert got["learned", "self_extend"]["applicable"] == "False"  # positions added to the tokens
+    assert got["complex", "self_extend"]["applicable"] == "True"
+    assert float(got["complex", "self_extend"]["ppl"]) != float(got["complex", "full"]["ppl"])
     assert "attention rerope skipped for" in result.stdout + result.stderr
     _, tail = read_csv(out / "tail_loss.csv")
-    assert {(r["model"], r["attention"], int(r["length"]), int(r["targets"])) for r in tail if r["model"] == "alibi"} == \
-           {("alibi", a, n, TRAINED) for a in ("full+logn", "self_extend+logn") for n in (32, 128)}
-    assert "## Loss on the last 32 tokens against the context read" in (out / "report.md").read_text()
+    assert {(r["model"], r["attention"], r["logn"], int(r["length"]), int(r["targets"])) for r in tail
+            if r["model"] == "alibi"} == {("alibi", a, "True", n, TRAINED) for a in ("full", "self_extend") for n in (32, 128)}
+    report = (out / "report.md").read_text()
+    assert "## Loss on the last 32 tokens against the context read" in report
+    assert "| alibi | 32 | none | self_extend+logn | 1 |" in report  # the tables' label, from the setting
 
 
 @pytest.mark.slow

@@ -16,15 +16,21 @@ import pytest
 import torch
 from torch import nn
 
-from minillm.eval.perplexity import _window_plan, evaluation_tokens, rotary_key, scaling_for, tail_loss, windows
+from minillm.eval.perplexity import PerplexityRecord, _window_plan, evaluation_tokens, rotary_key, scaling_for, windows
 from minillm.eval.passkey import PASSKEY_INTRO, PASSKEY_QUESTION, PasskeyDoesNotFit, PasskeyPrompt, passkey_prompt, passkey_trial
-from minillm.eval.sources import Subject, TaskSubject, model_sources
-from minillm.eval.records import AccuracyRecord, EffectiveLengthRecord, ModelInfo
-from minillm.eval.loop import measure, measure_accuracy
+from minillm.eval.sources import Subject, model_sources
+from minillm.eval.records import Results, Setting
+from minillm.eval.loop import measure
+from minillm.eval.report import write_report
+from minillm.eval.measurement import MEASUREMENTS
+from minillm.eval.passkey import PasskeyRecord
+from minillm.eval.tail import TailLossRecord, tail_loss
+from minillm.eval.theory import TheoryRecord
 import minillm.eval.loop as loop_module
 import minillm.eval.perplexity as perplexity_module
 import minillm.eval.tasks as tasks_module
-from minillm.eval.tasks import effective_length, effective_lengths, task_accuracy
+from minillm.eval.tasks import (AccuracyRecord, EffectiveLengthRecord, effective_length, effective_lengths,
+                                task_accuracy)
 from minillm.eval.perplexity import perplexity_at_length
 from minillm.positions.methods import attention_method
 from minillm.eval.config import EvalConfig
@@ -422,18 +428,109 @@ def test_a_scaling_that_changes_nothing_at_a_length_reuses_the_measurement(monke
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=64, context_length=16, d_model=32, n_layers=1, n_heads=2)).eval()
     documents = [np.random.default_rng(0).integers(0, 64, 200)]
-    subject = Subject(model, None, documents, ModelInfo("m", "m", 0, 16, "complex", "-"))
+    subject = Subject(model, Setting("m", "m", 0, 16, "complex", "-"), None, documents)
     calls = []
     original = perplexity_at_length
-    monkeypatch.setattr(loop_module, "perplexity_at_length", lambda *a, **k: calls.append(a[2]) or original(*a, **k))
+    monkeypatch.setattr(perplexity_module, "perplexity_at_length", lambda *a, **k: calls.append(a[2]) or original(*a, **k))
     config = EvalConfig(ckpt="-", lengths=[8, 16, 32], scalings=["none", "linear", "yarn", "dynamic_ntk"],
                            passkey_trials=0, tail_loss=False)
     results = measure(subject, config)
     assert sorted(calls) == [8, 16, 32, 32, 32, 32]  # dynamic NTK at factor 1 past L0 still changes the base
-    ppl = {(r.method, r.length): r.ppl for r in results.perplexity}
+    ppl = {(r.setting.scaling, r.length): r.ppl for r in results.of(PerplexityRecord)}
     for length in (8, 16):
         assert len({ppl[m, length] for m in config.scalings}) == 1
     assert len({ppl[m, 32] for m in config.scalings}) == 4
+
+
+# ----------------------------------------------------------------------------------------------
+# The measurement registry through the loop
+
+
+def test_every_measurement_writes_records_with_their_setting_through_the_loop(tokenizer, filler, tmp_path):
+    """A rotary text model and a task-trained one through the one loop: every registered measurement gives records of
+    its own type, each carrying the whole Setting it was measured in; each measurement's section and tables render,
+    and a setting the model cannot serve is a record that does not apply (or none) for each measurement."""
+    torch.manual_seed(0)
+    text_model = Transformer(ModelConfig(vocab_size=tokenizer.get_vocab_size(), context_length=128, d_model=16,
+                                         n_layers=1, n_heads=2)).eval()
+    text = Subject(text_model, Setting(text_model.cfg.label, "text_run", 1, 128, "complex", "t.ckpt"), tokenizer,
+                   [filler])
+    task = MQAR(num_keys=4, num_values=8, tokens_per_pair=16)
+    task_run = task_model(task, context_length=32)
+    scored = Subject(task_run, Setting(task_run.cfg.label, "task_run", 2, 32, "complex", "q.ckpt", task="mqar"),
+                     task=task)
+    config = EvalConfig(ckpt="-", lengths=[128, 256], scalings=["none", "yarn"], attention=["full", "rerope"],
+                        logn=True, stride=64, passkey_trials=2,
+                        passkey_depths=[0.5], task_examples=4, max_documents=2, buckets=4)
+    results = measure(text, config)
+    results.extend(measure(scored, dataclasses.replace(config, lengths=[32, 64])))
+
+    for name, measurement in MEASUREMENTS.items():
+        records = results.of(measurement.record)
+        assert records and all(type(r) is measurement.record and r.kind == name for r in records), name
+        kinds = {"text": "text_run", "task": "task_run"}
+        assert {r.setting.run for r in records} == {kinds[kind] for kind in measurement.kinds}, name
+        for r in records:
+            expected = scored.setting if r.setting.run == "task_run" else text.setting
+            identity = dataclasses.replace(r.setting, scaling="none", factor=None, attention="full", logn=False,
+                                           stride=None)
+            assert identity == expected, name  # model, run, seed, trained length, variant, checkpoint, task
+            if name != "theory":  # the model as trained, beside the settings
+                assert r.setting.logn and r.setting.stride == (64 if r.setting.task is None else None), name
+        for table in measurement.tables(results):
+            assert table.rows and all(list(row)[:len(table.columns)] == list(table.columns)[:len(row)]
+                                      for _, row in table.rows), name
+        if name != "effective_length":  # shown in the accuracy table's last column
+            assert "| model |" in measurement.section(results), name
+    # yarn at 256 is measured with its factor; at the training length every scaling gives the same numbers
+    perplexity = {(r.setting.scaling, r.setting.attention, r.length): r for r in results.of(PerplexityRecord)}
+    assert perplexity["yarn", "rerope", 256].setting.factor == 2.0 and perplexity["yarn", "rerope", 256].applicable
+    assert perplexity["yarn", "full", 128].ppl == perplexity["none", "full", 128].ppl
+    assert perplexity["yarn", "full", 256].ppl != perplexity["none", "full", 256].ppl
+    passkey = results.of(PasskeyRecord)
+    assert [(r.setting.scaling, r.setting.attention, r.length) for r in passkey] == \
+        [(m, a, n) for m in ("none", "yarn") for a in ("full", "rerope") for n in (128, 256)]
+    files = write_report(results, tmp_path)
+    assert f"| {text_model.cfg.label} | 128 | yarn | rerope+logn | 1 |" in files["markdown"].read_text()
+    assert Results.from_json(files["json"].read_text()) == results
+
+
+def test_a_new_measurement_is_one_class_the_loop_and_the_report_pick_up(request, tmp_path):
+    """A measurement registered from outside the package: measured at every setting of the plan through the loop,
+    written to results.json (and read back), its own CSV file and its section of the report."""
+    from dataclasses import dataclass
+
+    from minillm.eval.measurement import Measurement, register_measurement
+    from minillm.eval.records import Record, read_results
+
+    @dataclass
+    class WindowRecord(Record):
+        length: int
+        windows: int  # whole windows of `length` in the evaluation tokens
+
+    class CountWindows(Measurement):
+        record = WindowRecord
+        csv = "windows.csv"
+
+        def measure(self, reading):
+            return [WindowRecord(reading.setting, reading.length, 200 // reading.length)]
+
+        @classmethod
+        def section(cls, results):
+            return "## Windows\n\n" + " ".join(str(r.windows) for r in results.of(cls.record))
+
+    register_measurement("windows")(CountWindows)
+    request.addfinalizer(lambda: MEASUREMENTS.pop("windows"))
+    model = tiny_model(context_length=16)
+    subject = Subject(model, Setting("m", "m", 0, 16, "complex", "-"), None, [np.arange(201) % 64])
+    config = EvalConfig(ckpt="-", lengths=[16, 32], scalings=["none", "linear"], passkey_trials=0, tail_loss=False)
+    results = measure(subject, config)
+    assert [(r.setting.scaling, r.length, r.windows) for r in results.of(WindowRecord)] == \
+        [("none", 16, 12), ("none", 32, 6), ("linear", 16, 12), ("linear", 32, 6)]
+    files = write_report(results, tmp_path)
+    assert files["windows_csv"].read_text().splitlines()[0].endswith(",stride,length,windows")
+    assert "## Windows\n\n12 6 12 6" in files["markdown"].read_text()
+    assert read_results(tmp_path).of(WindowRecord) == results.of(WindowRecord)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -480,8 +577,7 @@ def test_task_accuracy_equals_a_hand_count_on_planned_predictions(monkeypatch):
     monkeypatch.setattr(tasks_module, "MAX_ATTENTION_PAIRS", 2 * 64**2)  # 2 examples per pass, whatever batch_size says
     score = task_accuracy(model, inputs, targets, answers, batch_size=3)
     assert seen == [2] * 5
-    record = score.record(model="m", run="r", seed=0, trained_length=32, variant="complex", task="needle",
-                          method="none", attention="full", length=64)
+    record = score.record(Setting("m", "r", 0, 32, "complex", task="needle"), 64)
     wrong_tokens = 2 * both_wrong + last_wrong
     assert (record.examples, record.answers, record.tokens) == (10, 40, 80)
     assert (both_wrong, last_wrong) == (14, 6) and record.exact_match == (40 - 14 - 6) / 40
@@ -516,10 +612,11 @@ def test_task_accuracy_of_a_real_model_equals_its_full_logits():
 
 def accuracy_record(length: int, exact_match: float | None, *, trained: int = 64, run: str = "run", seed: int = 0,
                     method: str = "none", applicable: bool = True) -> AccuracyRecord:
-    return AccuracyRecord(model="complex θ=10000", run=run, seed=seed, trained_length=trained, variant="complex",
-                             task="mqar", method=method, attention="full", length=length, examples=64, answers=256,
-                             tokens=256, exact_match=exact_match if applicable else None, applicable=applicable,
-                             note=None if applicable else "data.tasks.mqar.num_keys: too many pairs")
+    setting = Setting("complex θ=10000", run, seed, trained, "complex", task="mqar", scaling=method,
+                      factor=length / trained if applicable else None)
+    return AccuracyRecord(setting, length, examples=64, answers=256, tokens=256,
+                          exact_match=exact_match if applicable else None, applicable=applicable,
+                          note=None if applicable else "data.tasks.mqar.num_keys: too many pairs")
 
 
 def test_effective_length_stops_at_the_first_dip():
@@ -547,29 +644,30 @@ def test_effective_lengths_one_per_run_and_setting():
     records = [accuracy_record(n, em, seed=seed, run=f"s{seed}", method=method)
                for seed in (0, 1) for method in ("none", "yarn")
                for n, em in ((64, 0.8), (128, 0.75 if method == "yarn" else 0.5), (256, 0.1))]
-    found = {(e.run, e.method): e for e in effective_lengths(records, 0.9)}
+    found = {(e.setting.run, e.setting.scaling): e for e in effective_lengths(records, 0.9)}
     assert list(found) == [("s0", "none"), ("s0", "yarn"), ("s1", "none"), ("s1", "yarn")]
     assert found["s0", "none"].effective_length == 64 and found["s0", "yarn"].effective_length == 128
-    assert found["s1", "yarn"] == EffectiveLengthRecord("complex θ=10000", "s1", 1, 64, "complex", "mqar", "yarn",
-                                                           "full", 0.9, 0.8, 128, 256)
-    floor = {(e.run, e.method): e for e in effective_lengths(records, 0.9, min_reference=0.9)}
+    assert found["s1", "yarn"] == EffectiveLengthRecord(Setting("complex θ=10000", "s1", 1, 64, "complex", task="mqar",
+                                                                scaling="yarn"), 0.9, 0.8, 128, 256)
+    floor = {(e.setting.run, e.setting.scaling): e for e in effective_lengths(records, 0.9, min_reference=0.9)}
     assert all(e.effective_length is None and e.min_reference == 0.9 for e in floor.values())
 
 
 def test_measure_accuracy_refuses_what_the_task_cannot_hold_and_reuses_equal_frequencies(monkeypatch):
     task = MQAR(num_keys=4, num_values=8, tokens_per_pair=16)  # 4 pairs at 64 tokens; 128 would need 8 keys
     model = task_model(task, context_length=32)
-    subject = TaskSubject(model, task, ModelInfo(model.cfg.label, "mqar_run", 3, 32, "complex", "-"))
+    subject = Subject(model, Setting(model.cfg.label, "mqar_run", 3, 32, "complex", "-", task="mqar"), task=task)
     calls = []
     score = task_accuracy
-    monkeypatch.setattr(loop_module, "task_accuracy", lambda m, x, *a, **k: calls.append(x.shape[1]) or score(m, x, *a, **k))
+    monkeypatch.setattr(tasks_module, "task_accuracy", lambda m, x, *a, **k: calls.append(x.shape[1]) or score(m, x, *a, **k))
     config = EvalConfig(ckpt="-", lengths=[128, 8, 32, 64], scalings=["none", "linear"], task_examples=6)
-    results = measure_accuracy(subject, config)
-    assert results.perplexity == results.passkey == results.tail == []
-    assert [(r.method, r.length) for r in results.accuracy] == [(m, n) for m in ("none", "linear")
-                                                                 for n in (8, 32, 64, 128)]
+    results = measure(subject, config)
+    assert results.of(PerplexityRecord) == results.of(PasskeyRecord) == results.of(TailLossRecord) == []
+    accuracy_records = results.of(AccuracyRecord)
+    assert [(r.setting.scaling, r.length) for r in accuracy_records] == [(m, n) for m in ("none", "linear")
+                                                                         for n in (8, 32, 64, 128)]
     assert sorted(calls) == [32, 64, 64]  # linear at 32 is factor 1: the none measurement again
-    by_setting = {(r.method, r.length): r for r in results.accuracy}
+    by_setting = {(r.setting.scaling, r.length): r for r in accuracy_records}
     for method in ("none", "linear"):
         short, long = by_setting[method, 8], by_setting[method, 128]
         assert not short.applicable and short.note.startswith("model.context_length: the mqar task needs sequences "
@@ -577,34 +675,38 @@ def test_measure_accuracy_refuses_what_the_task_cannot_hold_and_reuses_equal_fre
         assert not long.applicable and long.note.startswith("data.tasks.mqar.num_keys: mqar at length 128 holds 8 "
                                                             "pairs")
         assert long.exact_match is None and long.answer_loss is None and long.answers == 0
-    assert dataclasses.replace(by_setting["linear", 32], method="none") == by_setting["none", 32]
+    assert by_setting["linear", 32].setting == dataclasses.replace(by_setting["none", 32].setting, scaling="linear")
+    assert dataclasses.replace(by_setting["linear", 32], setting=by_setting["none", 32].setting) == \
+        by_setting["none", 32]
     # the test stream, with the eval seed: the numbers a direct measurement gives
     direct = task_accuracy(model, *validation_set(task, 64, 6, seed=0, split="test").tensors)
     none_64 = by_setting["none", 64]
     assert (none_64.examples, none_64.answers, none_64.exact_match, none_64.token_accuracy, none_64.answer_loss) == \
         (6, direct.counts.answers, direct.counts.exact_match, direct.counts.token_accuracy, direct.answer_loss)
-    assert none_64.answers == 6 * 4 and (none_64.run, none_64.seed, none_64.task, none_64.trained_length) == \
-        ("mqar_run", 3, "mqar", 32)
+    assert none_64.answers == 6 * 4 and none_64.setting == Setting(model.cfg.label, "mqar_run", 3, 32, "complex", "-",
+                                                                   task="mqar", factor=1.0)
+    assert by_setting["linear", 64].setting.factor == 2.0 and by_setting["linear", 128].setting.factor is None
     scaled = task_accuracy(model, *validation_set(task, 64, 6, seed=0, split="test").tensors,
                            scaling=LinearScaling(factor=2.0, original_max_position=32))
     assert by_setting["linear", 64].answer_loss == scaled.answer_loss != direct.answer_loss
-    assert [(e.method, e.reference_exact_match, e.longest_length) for e in results.effective_length] == \
-        [("none", by_setting["none", 32].exact_match, 64), ("linear", by_setting["linear", 32].exact_match, 64)]
-    assert {t.length for t in results.theory} == {32, 64}  # the lengths measured
+    assert [(e.setting.scaling, e.reference_exact_match, e.longest_length) for e in results.of(EffectiveLengthRecord)] \
+        == [("none", by_setting["none", 32].exact_match, 64), ("linear", by_setting["linear", 32].exact_match, 64)]
+    assert {t.length for t in results.of(TheoryRecord)} == {32, 64}  # the lengths measured
 
 
 def test_measure_accuracy_past_learned_positions_does_not_apply():
     task = FlipFlop()
     model = task_model(task, context_length=16, rope=position_config("learned"))
-    subject = TaskSubject(model, task, ModelInfo(model.cfg.label, "learned", 0, 16, "learned", "-"))
+    subject = Subject(model, Setting(model.cfg.label, "learned", 0, 16, "learned", "-", task="flipflop"), task=task)
     config = EvalConfig(ckpt="-", scalings=["none", "yarn"], task_examples=4)
-    results = measure_accuracy(subject, config)
-    assert [(r.method, r.length, r.applicable) for r in results.accuracy] == \
+    results = measure(subject, config)
+    accuracy_records = results.of(AccuracyRecord)
+    assert [(r.setting.scaling, r.length, r.applicable) for r in accuracy_records] == \
         [("none", 16, True)] + [("none", n, False) for n in (32, 64, 128, 256)]  # not rotary: no yarn
-    assert all(r.note == "learned positions stop at 16" for r in results.accuracy[1:])
-    assert [e.effective_length for e in results.effective_length] == \
-        [16 if results.accuracy[0].exact_match >= config.effective_min_exact_match else None]
-    assert results.theory == []
+    assert all(r.note == "learned positions stop at 16" for r in accuracy_records[1:])
+    assert [e.effective_length for e in results.of(EffectiveLengthRecord)] == \
+        [16 if accuracy_records[0].exact_match >= config.effective_min_exact_match else None]
+    assert results.of(TheoryRecord) == []
 
 
 def test_task_settings_are_checked_naming_the_field():
@@ -653,8 +755,7 @@ def test_a_sweep_of_text_and_task_runs_gets_each_its_own_measurement(tmp_path, m
     documents = [np.random.default_rng(0).integers(0, 64, 200)]
     # The text run's documents without a corpus: what trained_subject reads is its own concern.
     monkeypatch.setattr(loop_module, "trained_subject", lambda run, device: Subject(
-        text_model, None, documents,
-        ModelInfo(text_model.cfg.label, run.name, 0, 16, "complex", str(run.checkpoint))))
+        text_model, Setting(text_model.cfg.label, run.name, 0, 16, "complex", str(run.checkpoint)), None, documents))
     cfg = OmegaConf.structured(EvalConfig(ckpt=str(tmp_path / "sweep"), lengths=[16, 32, 64, 128], scalings=["none"],
                                           passkey_trials=0, task_examples=4, device="cpu",
                                           logger=LoggerConfig(kind="none")))

@@ -156,15 +156,16 @@ def test_fine_tuned_pi_beats_pi_at_inference_only_at_4x(env, source, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     from minillm.eval.config import EvalConfig
     from minillm.eval.loop import evaluate_run
+    from minillm.eval.perplexity import PerplexityRecord
     from minillm.runs import find_runs
 
     config = EvalConfig(ckpt=str(source), lengths=[128], scalings=["linear"], passkey_trials=0, tail_loss=False,
                            max_documents=4, precision="float32")
-    inference_only = evaluate_run(find_runs(source)[0], config, torch.device("cpu")).perplexity[0]
+    inference_only = evaluate_run(find_runs(source)[0], config, torch.device("cpu")).of(PerplexityRecord)[0]
     config = EvalConfig(ckpt=str(out), lengths=[128], scalings=["none"], passkey_trials=0, tail_loss=False,
                            max_documents=4, precision="float32")
-    tuned = evaluate_run(find_runs(out)[0], config, torch.device("cpu")).perplexity[0]
-    assert inference_only.factor == 4.0 and load_model(out / "checkpoints" / "last.ckpt").cfg.rope_scaling.factor == 4
+    tuned = evaluate_run(find_runs(out)[0], config, torch.device("cpu")).of(PerplexityRecord)[0]
+    assert inference_only.setting.factor == 4.0 and load_model(out / "checkpoints" / "last.ckpt").cfg.rope_scaling.factor == 4
     assert tuned.tokens == inference_only.tokens
     assert tuned.ppl < 0.95 * inference_only.ppl, (tuned.ppl, inference_only.ppl)
 

@@ -10,31 +10,46 @@ from pathlib import Path
 
 import pytest
 
-from minillm.eval.report import ACCURACY_COLUMNS, PASSKEY_COLUMNS, PERPLEXITY_COLUMNS, TAIL_COLUMNS, accuracy_section, accuracy_table, passkey_table, perplexity_table, write_report
+from minillm.eval.report import write_report
 from minillm.eval.grouping import table_groups
+from minillm.eval.measurement import MEASUREMENTS
+from minillm.eval.passkey import PasskeyRecord, passkey_table
+from minillm.eval.perplexity import PerplexityRecord, PositionBucket, perplexity_table
+from minillm.eval.records import SETTING_COLUMNS, Results, Setting, read_results
+from minillm.eval.tail import TailLossRecord
+from minillm.eval.tasks import AccuracyRecord, accuracy_section, accuracy_table, effective_lengths
+from minillm.eval.theory import TheoryRecord
 from minillm.eval.wandb import log_to_wandb
 from minillm.train.curve import training_curve, validation_curve
-from minillm.eval.records import (AccuracyRecord, PasskeyRecord, PerplexityRecord, PositionBucket, Results, TailLossRecord, TheoryRecord)
-from minillm.eval.tasks import effective_lengths
 from minillm.data.answers import wilson_interval
+
+PERPLEXITY_COLUMNS, PASSKEY_COLUMNS = PerplexityRecord.columns(), PasskeyRecord.columns()
+TAIL_COLUMNS, ACCURACY_COLUMNS = TailLossRecord.columns(), AccuracyRecord.columns()
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
+def setting(run: str, seed: int, *, model: str = "complex θ=10000", method: str = "none", attention: str = "full",
+            logn: bool = False, trained: int = 32, task: str | None = None, factor: float | None = None) -> Setting:
+    return Setting(model, run, seed, trained, model.split()[0], f"/runs/{run}/checkpoints/best.ckpt", task=task,
+                   scaling=method, factor=factor, attention=attention, logn=logn)
+
+
 def record(run: str, seed: int, length: int, ppl: float | None, *, model: str = "complex θ=10000",
-           method: str = "none", attention: str = "full", trained: int = 32, applicable: bool = True) -> PerplexityRecord:
+           method: str = "none", attention: str = "full", logn: bool = False, trained: int = 32,
+           applicable: bool = True) -> PerplexityRecord:
     """One record shaped as minillm.eval.loop.evaluate writes them."""
-    row = dict(model=model, run=run, seed=seed, trained_length=trained, variant=model.split()[0],
-               checkpoint=f"/runs/{run}/checkpoints/best.ckpt", method=method, attention=attention, length=length,
-               applicable=applicable)
     if not applicable:
-        return PerplexityRecord(ppl=None, loss=None, note=f"learned positions stop at {trained}", **row)
+        return PerplexityRecord(setting(run, seed, model=model, method=method, attention=attention, logn=logn,
+                                        trained=trained), length, None, None, applicable=False,
+                                note=f"learned positions stop at {trained}")
     loss = math.log(ppl)
-    return PerplexityRecord(factor=max(1.0, length / trained), loss=loss, ppl=ppl,
-                            loss_beyond_train=loss + 0.1 if length > trained else None, tokens=512, seconds=0.01,
-                            peak_memory_mb=300.0,
+    return PerplexityRecord(setting(run, seed, model=model, method=method, attention=attention, logn=logn,
+                                    trained=trained, factor=max(1.0, length / trained)),
+                            length, loss, ppl, loss_beyond_train=loss + 0.1 if length > trained else None, tokens=512,
+                            seconds=0.01, peak_memory_mb=300.0,
                             by_position=[PositionBucket(0, length // 2, loss - 0.1, 256),
-                                         PositionBucket(length // 2, length, loss + 0.1, 256)], **row)
+                                         PositionBucket(length // 2, length, loss + 0.1, 256)])
 
 
 @pytest.fixture
@@ -51,13 +66,13 @@ def records() -> list[PerplexityRecord]:
 
 @pytest.fixture
 def passkey() -> list[PasskeyRecord]:
-    return [PasskeyRecord("complex θ=10000", "complex_seed0", 0, "none", "full", 64, depth, 10, accuracy, -3.5)
+    return [PasskeyRecord(setting("complex_seed0", 0), 64, depth, 10, accuracy, -3.5)
             for depth, accuracy in ((0.1, 0.2), (0.9, 0.6))]
 
 
 @pytest.fixture
 def theory() -> list[TheoryRecord]:
-    return [TheoryRecord("complex θ=10000", f"complex_seed{seed}", 16, 10000.0, 32, 4, 63.0, length, base, supported)
+    return [TheoryRecord(setting(f"complex_seed{seed}", seed), length, 16, 10000.0, 4, 63.0, base, supported)
             for seed in (0, 1) for length, base, supported in ((32, 208.5, 32), (64, 2.77e4, 55))]
 
 
@@ -68,7 +83,7 @@ def read_csv(path: Path) -> tuple[list[str], list[dict]]:
 
 
 def test_write_report_writes_every_file_with_its_columns(records, passkey, theory, tmp_path):
-    results = Results(records, passkey, theory)
+    results = Results.of_records(records + passkey + theory)
     files = write_report(results, tmp_path / "out", header="# Length extrapolation\n")
     out = tmp_path / "out"
     assert {path.name for path in files.values()} == {"results.json", "results.csv", "loss_by_position.csv",
@@ -79,22 +94,29 @@ def test_write_report_writes_every_file_with_its_columns(records, passkey, theor
     assert not list(out.glob(".*tmp*"))  # atomic writes leave no temporary files
 
     data = json.loads((out / "results.json").read_text())
-    assert data == json.loads(json.dumps(dataclasses.asdict(results)))
+    first = data["perplexity"][0]  # a flat row: the setting's columns, then the measurement's
+    assert list(first) == list(PERPLEXITY_COLUMNS[:-2]) + ["by_position", "applicable", "note"]
+    assert {k: first[k] for k in SETTING_COLUMNS} == {
+        "model": "complex θ=10000", "run": "complex_seed0", "seed": 0, "trained_length": 32, "variant": "complex",
+        "checkpoint": "/runs/complex_seed0/checkpoints/best.ckpt", "task": None, "method": "none", "factor": 1.0,
+        "attention": "full", "logn": False, "stride": None}
+    assert (first["length"], first["ppl"], first["tokens"]) == (32, 10.0, 512)
     assert set(data) == {"perplexity", "passkey", "theory", "tail", "accuracy", "effective_length", "precision",
                          "precision_reason"}
     assert data["precision"] == results.precision
     assert data["perplexity"][0]["by_position"][0]["tokens"] == 256 and data["accuracy"] == []
+    assert read_results(out) == results  # the same records back, each with its Setting
 
     columns, rows = read_csv(out / "results.csv")
-    assert {"model", "run", "seed", "trained_length", "method", "attention", "stride", "factor", "applicable",
+    assert columns[:len(SETTING_COLUMNS)] == list(SETTING_COLUMNS)  # the setting, then the measurement
+    assert {"model", "run", "seed", "trained_length", "method", "attention", "logn", "stride", "factor", "applicable",
             "length", "loss", "ppl", "loss_beyond_train", "tokens", "seconds", "peak_memory_mb", "note"} <= set(columns)
     assert "by_position" not in columns and len(rows) == len(records)
     learned_64 = next(r for r in rows if r["model"] == "learned" and r["length"] == "64")
     assert learned_64["applicable"] == "False" and learned_64["ppl"] == ""
 
     columns, rows = read_csv(out / "loss_by_position.csv")
-    assert columns == ["model", "run", "seed", "method", "attention", "length", "position_start", "position_end",
-                       "loss", "tokens"]
+    assert columns == list(SETTING_COLUMNS) + ["length", "position_start", "position_end", "loss", "tokens"]
     assert len(rows) == sum(len(r.by_position) for r in records)
 
     columns, rows = read_csv(out / "passkey.csv")
@@ -107,15 +129,15 @@ def test_write_report_writes_every_file_with_its_columns(records, passkey, theor
         assert f"]({image})" in (out / "report.md").read_text()
 
 
-def tail(seed: int, length: int, loss: float, attention: str = "full") -> TailLossRecord:
-    return TailLossRecord("complex θ=10000", f"complex_seed{seed}", seed, 32, "none", attention, length, 32, loss, 256)
+def tail(seed: int, length: int, loss: float, attention: str = "full", logn: bool = False) -> TailLossRecord:
+    return TailLossRecord(setting(f"complex_seed{seed}", seed, attention=attention, logn=logn), length, 32, loss, 256)
 
 
 def test_tail_loss_table_csv_and_figure(tmp_path):
     records = [tail(seed, length, loss + seed * 0.2, attention)
                for seed in (0, 1) for attention in ("full", "self_extend")
                for length, loss in ((32, 4.0), (64, 3.8), (128, 4.4 if attention == "full" else 3.7))]
-    files = write_report(Results(tail=records), tmp_path)
+    files = write_report(Results.of_records(records), tmp_path)
     lines = (tmp_path / "report.md").read_text().splitlines()
     assert "## Loss on the last 32 tokens against the context read (ReRoPE's protocol)" in lines
     assert "| model | trained | scaling | attention | seeds | context 32 | context 64 | context 128 |" in lines
@@ -127,14 +149,14 @@ def test_tail_loss_table_csv_and_figure(tmp_path):
 
 
 def test_scaling_figure_only_when_scalings_were_evaluated(records, tmp_path):
-    plain = [r for r in records if r.method == "none"]
-    files = write_report(Results(plain), tmp_path)
+    plain = [r for r in records if r.setting.scaling == "none"]
+    files = write_report(Results.of_records(plain), tmp_path)
     assert "scaling_vs_length" not in files and not (tmp_path / "scaling_vs_length.png").exists()
     assert "scaling_vs_length" not in (tmp_path / "report.md").read_text()
 
 
 def test_markdown_averages_seeds_and_marks_what_does_not_apply(records, passkey, theory, tmp_path):
-    write_report(Results(records, passkey, theory), tmp_path)
+    write_report(Results.of_records(records + passkey + theory), tmp_path)
     text = (tmp_path / "report.md").read_text()
     lines = text.splitlines()
     assert "| model | trained | scaling | attention | seeds | ppl @ 32 | ppl @ 64 |" in lines
@@ -153,14 +175,14 @@ def test_runs_sharing_a_label_and_a_seed_are_not_averaged():
     """Two different models that print the same label (another size, another corpus) keep a row each."""
     records = [record("small", 0, 32, 10.0), record("large", 0, 32, 20.0)]
     groups = table_groups(records)
-    assert [key[-1] for key in groups] == ["large", "small"]
+    assert [row.run for row in groups] == ["large", "small"]
     table = perplexity_table(records)
     assert "| complex θ=10000 [small] | 32 | none | full | 1 | 10 |" in table
     assert "| complex θ=10000 [large] | 32 | none | full | 1 | 20 |" in table
 
 
 def test_empty_passkey_gives_a_header_only_csv_and_no_section(records, tmp_path):
-    write_report(Results(records), tmp_path)
+    write_report(Results.of_records(records), tmp_path)
     assert (tmp_path / "passkey.csv").read_text().strip() == ",".join(PASSKEY_COLUMNS)
     text = (tmp_path / "report.md").read_text()
     assert "Passkey" not in text and "RoPE theory" not in text
@@ -169,7 +191,7 @@ def test_empty_passkey_gives_a_header_only_csv_and_no_section(records, tmp_path)
 def test_plots_survive_records_with_nothing_to_draw(tmp_path):
     """Only not-applicable rows (a learned model evaluated past its table): files still written."""
     records = [record("learned", 0, 64, None, model="learned", applicable=False)]
-    files = write_report(Results(records), tmp_path)
+    files = write_report(Results.of_records(records), tmp_path)
     assert files["ppl_vs_length"].read_bytes()[:8] == PNG
     assert "| learned | 32 | none | full | 1 | n/a |" in (tmp_path / "report.md").read_text()
 
@@ -179,7 +201,7 @@ def test_log_to_wandb_offline_writes_a_local_run(records, passkey, theory, tmp_p
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     for name in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
         monkeypatch.setenv(name, str(tmp_path / "wandb_home"))
-    results = Results(records, passkey, theory)
+    results = Results.of_records(records + passkey + theory)
     write_report(results, tmp_path)
     folder = log_to_wandb(results, tmp_path, project="minillm-test", group="sweep", mode="offline")
     assert folder.parent == tmp_path / "wandb" and folder.name.startswith("offline-run-")
@@ -203,7 +225,7 @@ def test_tables_order_lengths_by_value_and_scalings_as_registered():
     records = [record("run", 0, 32, 10.0, method=method) for method in ("yarn", "linear", "none")]
     rows = [line.split(" | ")[2] for line in perplexity_table(records).splitlines()[2:]]
     assert rows == ["none", "linear", "yarn"]
-    passkey = [PasskeyRecord("m", "r", 0, method, attention, length, 0.5, 1, 0.0, -1.0)
+    passkey = [PasskeyRecord(Setting("m", "r", scaling=method, attention=attention), length, 0.5, 1, 0.0, -1.0)
                for method in ("yarn", "none") for attention in ("sinks", "full") for length in (1024, 64)]
     cells = [line.split(" | ")[1:4] for line in passkey_table(passkey).splitlines()[2:]]
     assert cells == [[m, a, n] for m in ("none", "yarn") for a in ("full", "sinks") for n in ("64", "1024")]
@@ -215,16 +237,15 @@ def test_tables_order_lengths_by_value_and_scalings_as_registered():
 
 def accuracy(run: str, seed: int, length: int, right: int | None, *, model: str = "complex θ=10000",
              task: str = "mqar", method: str = "none", trained: int = 64, answers: int = 40) -> AccuracyRecord:
-    """One record shaped as minillm.eval.loop.measure_accuracy writes them; right=None: the task refuses it."""
-    row = dict(model=model, run=run, seed=seed, trained_length=trained, variant=model.split()[0], task=task,
-               method=method, attention="full", length=length)
+    """One record shaped as minillm.eval.loop.measure writes them for a task-trained run; right=None: the task refuses it."""
+    of = setting(run, seed, model=model, method=method, trained=trained, task=task)
     if right is None:
-        return AccuracyRecord(applicable=False, note="data.tasks.mqar.num_keys: too many pairs", **row)
+        return AccuracyRecord(of, length, applicable=False, note="data.tasks.mqar.num_keys: too many pairs")
     low, high = wilson_interval(right, answers)
-    return AccuracyRecord(examples=10, answers=answers, tokens=answers, exact_match=right / answers,
-                          exact_match_low=low, exact_match_high=high, token_accuracy=right / answers,
-                          token_accuracy_low=low, token_accuracy_high=high, answer_loss=1.0 - right / answers,
-                          seconds=0.01, **row)
+    return AccuracyRecord(dataclasses.replace(of, factor=max(1.0, length / trained)), length, examples=10,
+                          answers=answers, tokens=answers, exact_match=right / answers, exact_match_low=low,
+                          exact_match_high=high, token_accuracy=right / answers, token_accuracy_low=low,
+                          token_accuracy_high=high, answer_loss=1.0 - right / answers, seconds=0.01)
 
 
 @pytest.fixture
@@ -238,7 +259,7 @@ def task_records() -> list[AccuracyRecord]:
 
 def test_accuracy_table_csv_json_and_figure(task_records, tmp_path):
     effective = effective_lengths(task_records, 0.9)
-    results = Results(accuracy=task_records, effective_length=effective)
+    results = Results.of_records(task_records + effective)
     files = write_report(results, tmp_path, header="# Length extrapolation\n")
     lines = (tmp_path / "report.md").read_text().splitlines()
     assert "## Task accuracy against evaluation length" in lines
@@ -263,9 +284,10 @@ def test_accuracy_table_csv_json_and_figure(task_records, tmp_path):
     assert read_csv(tmp_path / "results.csv") == (list(PERPLEXITY_COLUMNS), [])  # header only
 
     data = json.loads(files["json"].read_text())
-    assert data["accuracy"] == json.loads(json.dumps([dataclasses.asdict(r) for r in task_records]))
-    assert {(e["run"], e["effective_length"]) for e in data["effective_length"]} == \
-        {("mqar_seed0", 128), ("mqar_seed1", 256), ("alibi", 512), ("flip", None)}
+    assert data["accuracy"] == [{**r.setting.to_row(), **r.values()} for r in task_records]
+    assert {(e["run"], e["task"], e["effective_length"]) for e in data["effective_length"]} == \
+        {("mqar_seed0", "mqar", 128), ("mqar_seed1", "mqar", 256), ("alibi", "mqar", 512), ("flip", "flipflop", None)}
+    assert read_results(tmp_path) == results
 
     assert {"accuracy_vs_length", "accuracy_csv"} <= set(files)
     assert not {"ppl_vs_length", "loss_vs_position", "scaling_vs_length"} & set(files)
@@ -300,7 +322,7 @@ def test_accuracy_rows_order_tasks_then_models_and_keep_clashing_runs_apart(task
 
 
 def test_a_report_with_text_and_task_runs_has_both_sections(records, task_records, tmp_path):
-    files = write_report(Results(records, accuracy=task_records), tmp_path)
+    files = write_report(Results.of_records(records + task_records), tmp_path)
     text = (tmp_path / "report.md").read_text()
     assert text.index("## Perplexity against evaluation length") < text.index("## Task accuracy against")
     assert "| complex θ=10000 | 32 | none | full | 2 | 12 ± 2.8 | 24 ± 5.7 |" in text.splitlines()
@@ -315,7 +337,46 @@ def test_log_to_wandb_offline_with_task_accuracy_only(task_records, tmp_path, mo
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     for name in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
         monkeypatch.setenv(name, str(tmp_path / "wandb_home"))
-    results = Results(accuracy=task_records, effective_length=effective_lengths(task_records, 0.9))
+    results = Results.of_records(task_records + effective_lengths(task_records, 0.9))
     write_report(results, tmp_path)
     folder = log_to_wandb(results, tmp_path, project="minillm-test", group=None, mode="offline")
     assert folder.parent == tmp_path / "wandb" and list(folder.glob("run-*.wandb"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Settings and results.json
+
+
+def test_logn_is_a_setting_field_and_its_label_is_computed_from_it(tmp_path):
+    """log-n is Setting.logn; the tables show it as 'full+logn', and a results.json written before Setting existed
+    (attention 'full+logn', no logn column) reads back as logn=True."""
+    scaled = setting("r", 0, attention="sliding", logn=True)
+    assert (scaled.attention, scaled.logn, scaled.attention_label) == ("sliding", True, "sliding+logn")
+    assert setting("r", 0).attention_label == "full"
+    records = [record("r", 0, 32, 10.0, logn=True), tail(0, 32, 4.0, "self_extend", logn=True)]
+    write_report(Results.of_records(records), tmp_path)
+    lines = (tmp_path / "report.md").read_text().splitlines()
+    assert "| complex θ=10000 | 32 | none | full+logn | 1 | 10 |" in lines
+    assert "| complex θ=10000 | 32 | none | self_extend+logn | 1 | 4 |" in lines
+    _, rows = read_csv(tmp_path / "results.csv")
+    assert (rows[0]["attention"], rows[0]["logn"]) == ("full", "True")  # the data: the method and the switch apart
+
+    old = {"model": "m", "run": "r", "seed": 1, "method": "yarn", "attention": "full+logn", "length": 64}
+    assert Setting.from_row(old) == Setting("m", "r", 1, scaling="yarn", attention="full", logn=True)
+    assert Setting.from_row({**old, "attention": "full"}).logn is False
+
+
+def test_results_json_round_trip_of_every_measurement(records, passkey, theory, task_records, tmp_path):
+    """write_report then read_results gives back equal Results: every record type with its Setting, nested
+    positions, None and infinite values, the precision."""
+    infinite = dataclasses.replace(records[0], ppl=math.inf, loss=800.0)
+    measured = records + [infinite] + passkey + theory + [tail(0, 32, 4.0, logn=True)] + task_records + \
+        effective_lengths(task_records, 0.9, min_reference=0.5)
+    results = Results.of_records(measured, precision="bfloat16", precision_reason="asked for")
+    assert {type(r).kind for r in results.all()} == set(MEASUREMENTS)  # every measurement in it
+    write_report(results, tmp_path)
+    back = read_results(tmp_path)
+    assert back == results
+    assert back.of(PerplexityRecord)[0].by_position == records[0].by_position
+    assert back.of(PerplexityRecord)[len(records)].ppl == math.inf
+    assert all(isinstance(r.setting, Setting) for r in back.all())

@@ -11,9 +11,11 @@ from pathlib import Path
 
 import yaml
 
-from minillm.eval.records import PasskeyRecord, PerplexityRecord, PositionBucket, Results
+from minillm.eval.passkey import PasskeyRecord
+from minillm.eval.perplexity import PerplexityRecord, PositionBucket
+from minillm.eval.records import Results, Setting, read_results
 from minillm.eval.report import write_report
-from minillm.eval.study import context_extension_report, read_results, read_run
+from minillm.eval.study import context_extension_report, read_run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,10 +39,10 @@ def make_run(root: Path, name: str, scaling: str, init_from, seed: int, sampler:
 def write_results(folder: Path, rows: list[dict], passkey: list[PasskeyRecord] = ()) -> None:
     """results.json as an evaluation writes it: a perplexity record per row, and one that does not apply."""
     folder.mkdir(parents=True, exist_ok=True)
-    records = [PerplexityRecord(loss=1.0, **row) for row in rows]
+    records = [PerplexityRecord(Setting(run=row["run"], seed=row["seed"], checkpoint=row["checkpoint"],
+                                        scaling=row["method"]), row["length"], 1.0, row["ppl"]) for row in rows]
     records.append(dataclasses.replace(records[0], length=4096, loss=None, ppl=None, applicable=False, note="n/a"))
-    results = Results(perplexity=records, passkey=list(passkey))
-    (folder / "results.json").write_text(json.dumps(dataclasses.asdict(results), indent=1, default=str))
+    (folder / "results.json").write_text(Results.of_records(records + list(passkey)).to_json())
 
 
 def test_report_groups_runs_by_method_with_mean_and_spread(tmp_path):
@@ -87,22 +89,21 @@ def test_report_reads_the_typed_records_write_report_writes(tmp_path):
     """results.json from minillm.eval.report (the evaluation's own writer): records come back typed, a record
     that does not apply is left out, and the passkey table joins the runs by name."""
     runs = [make_run(tmp_path / "scaled", f"{s}_linear", "linear", "src", s) for s in (0, 1)]
-    finetuned = [PerplexityRecord(length=n, loss=1.0, ppl=10.0 + s + n / 64, run=run.name, seed=s, method="none",
-                                  checkpoint=str(run / "checkpoints" / "best.ckpt"),
-                                  by_position=[PositionBucket(0, n, 1.0, n)])
+    finetuned = [PerplexityRecord(Setting(run=run.name, seed=s, checkpoint=str(run / "checkpoints" / "best.ckpt")),
+                                  n, 1.0, 10.0 + s + n / 64, by_position=[PositionBucket(0, n, 1.0, n)])
                  for s, run in enumerate(runs) for n in (64, 128)]
-    finetuned.append(PerplexityRecord(length=512, loss=None, ppl=None, run=runs[0].name, applicable=False,
-                                      checkpoint=str(runs[0] / "checkpoints" / "best.ckpt"), note="too long"))
-    passkey = [PasskeyRecord("m", run.name, s, "none", "full", 128, 0.5, 4, 0.25, -1.0 - s)
-               for s, run in enumerate(runs)]
-    write_report(Results(perplexity=finetuned, passkey=passkey), tmp_path / "eval_finetuned")
-    inference = [PerplexityRecord(length=n, loss=1.0, ppl=20.0, run="src", method="linear",
-                                  checkpoint="sweep/src/checkpoints/best.ckpt") for n in (64, 128)]
-    write_report(Results(perplexity=inference), tmp_path / "eval_inference")
+    finetuned.append(PerplexityRecord(Setting(run=runs[0].name, checkpoint=str(runs[0] / "checkpoints" / "best.ckpt")),
+                                      512, None, None, applicable=False, note="too long"))
+    passkey = [PasskeyRecord(Setting("m", run.name, s), 128, 0.5, 4, 0.25, -1.0 - s) for s, run in enumerate(runs)]
+    write_report(Results.of_records(finetuned + passkey), tmp_path / "eval_finetuned")
+    inference = [PerplexityRecord(Setting(run="src", checkpoint="sweep/src/checkpoints/best.ckpt", scaling="linear"),
+                                  n, 1.0, 20.0) for n in (64, 128)]
+    write_report(Results.of_records(inference), tmp_path / "eval_inference")
 
     read = read_results(tmp_path / "eval_finetuned")
-    assert read.perplexity == finetuned and read.passkey == passkey
-    assert read.perplexity[0].by_position == [PositionBucket(0, 64, 1.0, 64)] and read.perplexity[-1].applicable is False
+    assert read.of(PerplexityRecord) == finetuned and read.of(PasskeyRecord) == passkey
+    assert read.of(PerplexityRecord)[0].by_position == [PositionBucket(0, 64, 1.0, 64)]
+    assert read.of(PerplexityRecord)[-1].applicable is False
     report = context_extension_report(tmp_path)
     assert "| method | protocol | ppl @ 64 | ppl @ 128 |" in report  # 512 did not apply: no column
     assert "| PI (linear) | fine-tuned | 11.5 ± 0.7 | 12.5 ± 0.7 |" in report

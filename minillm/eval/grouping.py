@@ -1,10 +1,14 @@
-"""How records are grouped into table rows and plot series, in the registries' order."""
+"""How records are grouped into table rows and plot series (each a Setting: `Setting.row`), in the registries'
+order, and the markdown cells every table shares."""
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
+from statistics import mean, stdev
+from typing import Callable, Optional
 
-from minillm.eval.records import AccuracyRecord, EffectiveLengthRecord, PerplexityRecord, TailLossRecord
+from minillm.eval.records import Record, Setting
 from minillm.positions.methods import ATTENTION_METHODS
 from minillm.positions.scaling import SCALINGS
 
@@ -17,71 +21,48 @@ def rank(value, order: tuple) -> tuple:
     return (order.index(value), "") if value in order else (len(order), str(value))
 
 
-def _row_order(key: tuple) -> tuple:
-    model, trained, method, attention, run = key
-    return str(model), trained or 0, rank(method, SCALING_ORDER), rank(attention, ATTENTION_ORDER), str(run)
+def row_order(row: Setting) -> tuple:
+    """Tasks, then models by label and training length, then scalings and attention methods as registered."""
+    return (row.task or "", row.model, row.trained_length or 0, rank(row.scaling, SCALING_ORDER),
+            rank(row.attention_label, ATTENTION_ORDER), row.run)
 
 
-def _row_key(records: list, base):
-    """The table row of a record: base(r) + (None,), so that runs differing only in seed share it and are averaged;
-    base(r) + (run,) where two runs of one base have one seed (different models: another size, another corpus)."""
-    runs_by_seed: dict[tuple, dict] = defaultdict(lambda: defaultdict(set))
+def row_key(records: list[Record]) -> Callable[[Record], Setting]:
+    """The table row of a record: its setting's row (Setting.row), so that runs differing only in seed share it and
+    are averaged; with the run's name where two runs of one row have one seed (different models: another size,
+    another corpus)."""
+    runs_by_seed: dict[Setting, dict] = defaultdict(lambda: defaultdict(set))
     for r in records:
-        runs_by_seed[base(r)][r.seed].add(r.run)
-    clash = {key for key, by_seed in runs_by_seed.items() if any(len(runs) > 1 for runs in by_seed.values())}
-    return lambda r: base(r) + (r.run if base(r) in clash else None,)
+        runs_by_seed[r.setting.row()][r.setting.seed].add(r.setting.run)
+    clash = {row for row, by_seed in runs_by_seed.items() if any(len(runs) > 1 for runs in by_seed.values())}
+    return lambda r: r.setting.row(run=r.setting.row() in clash)
 
 
-def table_groups(records: list[PerplexityRecord]) -> dict[tuple, list[PerplexityRecord]]:
-    """The rows of the perplexity table: (model, trained length, scaling, attention, run) -> records (run: None
-    where seeds are averaged, see _row_key)."""
-    key = _row_key(records, lambda r: (r.model, r.trained_length, r.method, r.attention))
-    groups: dict[tuple, list[PerplexityRecord]] = defaultdict(list)
+def table_groups(records: list[Record]) -> dict[Setting, list[Record]]:
+    """The rows of a table by length (perplexity, tail loss, accuracy): row (see row_key) -> its records, in
+    row_order."""
+    key = row_key(records)
+    groups: dict[Setting, list] = defaultdict(list)
     for r in records:
         groups[key(r)].append(r)
-    return dict(sorted(groups.items(), key=lambda item: _row_order(item[0])))
+    return dict(sorted(groups.items(), key=lambda item: row_order(item[0])))
 
 
-def model_name(model: str, run) -> str:
-    """The model's label; with the run's name where two runs of one label are different models."""
-    return model if run is None else f"{model} [{run}]"
+def model_name(row: Setting) -> str:
+    """The model's label; with the run's name where the row keeps it (two runs of one label are different models)."""
+    return row.model if not row.run else f"{row.model} [{row.run}]"
 
 
-def series_label(key: tuple) -> str:
-    """'complex θ=10000 / yarn / sliding': the model, then what differs from plain evaluation."""
-    model, _, method, attention, run = key
-    parts = [model_name(model, run)]
-    parts += [method] if method != "none" else []
-    parts += [attention] if attention != "full" else []
-    return " / ".join(parts)
+def mean_cell(values: list[Optional[float]]) -> str:
+    """'12', or the mean ± std of several seeds '12 ± 2.8'; n/a where none is finite."""
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return "n/a"
+    if len(values) == 1:
+        return f"{values[0]:.3g}" if values[0] < 1e4 else f"{values[0]:.2e}"
+    return f"{mean(values):.3g} ± {stdev(values):.2g}"
 
 
-def tail_groups(tail: list[TailLossRecord]) -> dict[tuple, list[TailLossRecord]]:
-    """(model, trained length, scaling, attention) -> records of every seed, in the perplexity table's order."""
-    groups: dict[tuple, list[TailLossRecord]] = defaultdict(list)
-    for r in tail:
-        groups[(r.model, r.trained_length, r.method, r.attention)].append(r)
-    return dict(sorted(groups.items(), key=lambda item: _row_order(item[0] + (None,))))
-
-
-def _accuracy_base(r: "AccuracyRecord | EffectiveLengthRecord") -> tuple:
-    return r.model, r.trained_length, r.task, r.method, r.attention
-
-
-def accuracy_groups(records: list[AccuracyRecord], effective: list[EffectiveLengthRecord] = ()) -> \
-        dict[tuple, tuple[list[AccuracyRecord], list[EffectiveLengthRecord]]]:
-    """The rows of the accuracy table: (model, trained length, task, scaling, attention, run) -> the records of
-    every seed and their effective lengths, seeds averaged as in the perplexity table (see _row_key)."""
-    key = _row_key(records, _accuracy_base)
-    groups: dict[tuple, tuple[list, list]] = defaultdict(lambda: ([], []))
-    for r in records:
-        groups[key(r)][0].append(r)
-    for e in effective:
-        if key(e) in groups:
-            groups[key(e)][1].append(e)
-
-    def order(item) -> tuple:
-        model, trained, task, method, attention, run = item[0]
-        return (str(task),) + _row_order((model, trained, method, attention, run))
-
-    return dict(sorted(groups.items(), key=order))
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in rows])

@@ -1,36 +1,20 @@
-"""The evaluation loop: every (model × scaling × attention × length) measurement."""
+"""The evaluation loop: every (model × scaling × attention × length) setting, handed to every measurement that
+applies (minillm.eval.measurement.MEASUREMENTS)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Optional
 
-import numpy as np
 import torch
-from torch import Tensor
 
-from minillm.data.answers import validation_set
 from minillm.eval.config import EvalConfig
-from minillm.eval.passkey import measure_passkey
-from minillm.eval.perplexity import (
-    evaluation_tokens,
-    perplexity_at_length,
-    rotary_key,
-    scaling_for,
-    tail_loss,
-)
-from minillm.eval.records import (
-    AccuracyRecord,
-    ModelInfo,
-    Perplexity,
-    PerplexityRecord,
-    Results,
-    TailLossRecord,
-    TheoryRecord,
-)
+from minillm.eval.measurement import MEASUREMENTS, Measurement, Plan, Reading
+from minillm.eval.perplexity import rotary_key, scaling_for
+from minillm.eval.records import Record, Results
 from minillm.eval.sources import (
     Subject,
-    TaskSubject,
     model_sources,
     pretrained_subject,
     run_task,
@@ -38,22 +22,10 @@ from minillm.eval.sources import (
     task_subject,
     trained_subject,
 )
-from minillm.eval.tasks import TaskScore, effective_lengths, task_accuracy
-from minillm.eval.theory import critical_dimension, minimum_base, supported_length
-from minillm.model.transformer import Transformer
 from minillm.positions.methods import AttentionMethod, check_encoding
 from minillm.precision import eval_dtype
 
 log = logging.getLogger("minillm")
-
-
-def _theory(model: Transformer, info: ModelInfo, lengths: list[int]) -> list[TheoryRecord]:
-    rope, trained = model.cfg.rope, model.cfg.context_length
-    rotary_dim = rope.rotary_dim or model.cfg.head_dim
-    critical, bound = critical_dimension(rotary_dim, rope.theta, trained)
-    return [TheoryRecord(info.model, info.run, rotary_dim, rope.theta, trained, critical, bound, length,
-                         minimum_base(rotary_dim, length), supported_length(rotary_dim, rope.theta, length))
-            for length in lengths]
 
 
 def evaluate_run(run, config: EvalConfig, device: torch.device) -> Results:
@@ -65,132 +37,82 @@ def evaluate_run(run, config: EvalConfig, device: torch.device) -> Results:
         return measure(pretrained_subject(run, config, device), config)
     task = run_task(run)
     if task is not None:
-        return measure_accuracy(task_subject(run, task, device), config)
+        return measure(task_subject(run, task, device), config)
     return measure(trained_subject(run, device), config)
 
 
-def _lengths(config: EvalConfig, trained: int) -> list[int]:
-    return sorted(config.lengths or [trained * m for m in (1, 2, 4, 8, 16)])
-
-
-def _scalings(config: EvalConfig, model: Transformer, info: ModelInfo) -> list[str]:
-    """The scalings to evaluate: config.scalings for a rotary model, "none" for any other."""
-    methods = config.scalings if model.cfg.rope.is_rotary else ["none"]
-    ignored = sorted(set(config.scalings) - set(methods))
+def plan(subject: Subject, config: EvalConfig) -> Plan:
+    """The settings `subject` is read at: config.lengths (1, 2, 4, 8, 16 × the training length by default; for text,
+    those its longest document reaches), config.scalings (rotary models; "none" for any other), the attention
+    methods it can serve, and why some lengths cannot be measured (the task refuses them, the encoding stops
+    short)."""
+    model, run = subject.model, subject.setting.run
+    trained = model.cfg.context_length
+    lengths = sorted(config.lengths or [trained * m for m in (1, 2, 4, 8, 16)])
+    unreachable = {}
+    if subject.task is None:
+        longest = len(subject.documents[0]) - 1 if subject.documents else 0  # targets in the longest document
+        for n in [n for n in lengths if n > longest]:
+            log.warning("length %d skipped for %s: the longest document has %d tokens", n, run, longest + 1)
+        if all(n > longest for n in lengths):
+            raise ValueError(f"lengths: none of {lengths} fits the documents of {run} (longest: {longest + 1} tokens)")
+        lengths = [n for n in lengths if n <= longest]
+    else:
+        for length in lengths:
+            try:
+                subject.task.check_length(length)
+            except ValueError as error:  # names the knob that bounds it
+                unreachable[length] = str(error)
+    limit = model.position.max_length  # the encoding's own limit (learned positions: the training length)
+    for length in lengths:
+        if limit is not None and length > limit:
+            unreachable[length] = f"{subject.setting.variant} positions stop at {limit}"
+    scalings = config.scalings if model.cfg.rope.is_rotary else ["none"]
+    ignored = sorted(set(config.scalings) - set(scalings))
     if ignored:
-        log.warning("scalings %s skipped for %s: %s is not rotary", ignored, info.run, model.cfg.rope.variant)
-    return methods
+        log.warning("scalings %s skipped for %s: %s is not rotary", ignored, run, model.cfg.rope.variant)
+    served, refused = served_methods(config, model.cfg)
+    for name, reason in refused.items():
+        log.warning("attention %s skipped for %s: %s", name, run, reason)
+    return Plan(lengths, scalings, served, refused, unreachable)
 
 
 def measure(subject: Subject, config: EvalConfig) -> Results:
-    """Every (scaling × attention × length) measurement of one model on its documents."""
+    """Every measurement that applies to `subject` at every setting of its plan: where a setting cannot be measured
+    (the model cannot serve the attention method, the length is unreachable) each measurement says so in its own
+    records (or leaves it out); settings whose rotary frequencies are equal are measured once. Then the records
+    derived from the others (effective length) or from the model alone (RoPE theory)."""
     from tqdm.auto import tqdm
 
-    model, info = subject.model, subject.info
-    trained = model.cfg.context_length
-    lengths = _lengths(config, trained)
-    longest_documents = subject.documents  # longest first
-    longest = len(longest_documents[0]) - 1 if longest_documents else 0  # targets in the longest document
-    documents = [d for d in longest_documents if len(d) >= min(lengths) + 1]
-    usable = [n for n in lengths if n <= longest]
-    for n in sorted(set(lengths) - set(usable)):
-        log.warning("length %d skipped for %s: the longest document has %d tokens", n, info.run, longest + 1)
-    if not usable:
-        raise ValueError(f"lengths: none of {lengths} fits the documents of {info.run} "
-                         f"(longest: {longest + 1} tokens)")
-    tokens = evaluation_tokens(documents, max(usable), config.max_documents)
-    methods = _scalings(config, model, info)
-    limit = model.position.max_length  # the encoding's own limit (learned positions: the training length)
-    served, refused = served_methods(config, model.cfg)
-    for name, reason in refused.items():
-        log.warning("attention %s skipped for %s: %s", name, info.run, reason)
-    suffix = "+logn" if config.logn else ""
+    model, trained = subject.model, subject.model.cfg.context_length
+    settings = plan(subject, config)
+    measurements: list[Measurement] = [cls(subject, settings, config) for cls in MEASUREMENTS.values()
+                                       if cls.applies(subject, config)]
+    base = dataclasses.replace(subject.setting, logn=config.logn,
+                               stride=config.stride if subject.task is None else None)
     results = Results()
-    plan = [(m, a, n) for m in methods for a in config.attention for n in usable]
-    done: dict[tuple, tuple[Perplexity, Optional[tuple[float, int]]]] = {}
-    for method, attention, length in tqdm(plan, desc=f"perplexity {info.run}", unit="length"):
-        setting = dict(vars(info), method=method, attention=attention + suffix, stride=config.stride)
-        if attention in refused or (limit is not None and length > limit):
-            note = refused.get(attention) or f"{info.variant} positions stop at {limit}"
-            results.perplexity.append(PerplexityRecord(length=length, loss=None, ppl=None, applicable=False,
-                                                       note=note, **setting))
-            continue
-        scaling = scaling_for(method, length, trained, config.scaling_factor)
-        reading = dict(attention=served[attention], scaling=scaling, logn=config.logn)
-        # A scaling that leaves this length's frequencies as another left them (every static one at factor 1,
-        # i.e. up to the training length) computes the same numbers: reuse them.
-        key = (attention, length, rotary_key(model, scaling, length))
-        if key not in done:
-            measured = perplexity_at_length(model, tokens, length, **reading, stride=config.stride,
-                                            batch_size=config.batch_size, buckets=config.buckets)
-            tail = None
-            if config.tail_loss and length >= trained:  # the same last `trained` targets at every length
-                tail = tail_loss(model, tokens, length, trained, **reading, batch_size=config.batch_size)
-            done[key] = measured, tail
-        measured, tail = done[key]
-        if tail is not None:
-            results.tail.append(TailLossRecord(info.model, info.run, info.seed, trained, method,
-                                               attention + suffix, length, trained, *tail))
-        results.perplexity.append(PerplexityRecord(**vars(measured), factor=scaling.factor, **setting))
-    if config.passkey_trials:
-        passkey_lengths = [n for n in usable if limit is None or n <= limit]
-        total = len(methods) * len(served) * len(passkey_lengths) * len(config.passkey_depths) * config.passkey_trials
-        with tqdm(total=total, desc=f"passkey {info.run}", unit="trial") as progress:
-            results.passkey = measure_passkey(model, subject.tokenizer, np.concatenate(documents), passkey_lengths, methods,
-                                       served, config, info, progress)
-    if model.cfg.rope.is_rotary:
-        results.theory = _theory(model, info, usable)
-    return results
-
-
-def measure_accuracy(subject: TaskSubject, config: EvalConfig) -> Results:
-    """Every (scaling × attention × length) accuracy of one task-trained model on config.task_examples examples of
-    the task's test stream (never seen in training or validation), and its effective lengths. A length the task
-    refuses, or the encoding cannot reach, gives a record that does not apply, with the reason as its note."""
-    from tqdm.auto import tqdm
-
-    model, task, info = subject.model, subject.task, subject.info
-    trained = model.cfg.context_length
-    lengths = _lengths(config, trained)
-    methods = _scalings(config, model, info)
-    limit = model.position.max_length  # the encoding's own limit (learned positions: the training length)
-    served, refused = served_methods(config, model.cfg)
-    for name, reason in refused.items():
-        log.warning("attention %s skipped for %s: %s", name, info.run, reason)
-    unreachable = {}  # length -> why it cannot be measured
-    for length in lengths:
-        try:
-            task.check_length(length)
-        except ValueError as error:  # names the knob that bounds it
-            unreachable[length] = str(error)
-        if limit is not None and length > limit:
-            unreachable[length] = f"{info.variant} positions stop at {limit}"
-    suffix = "+logn" if config.logn else ""
-    results = Results()
-    examples: dict[int, tuple[Tensor, ...]] = {}  # length -> the test examples, drawn once for every setting
-    done: dict[tuple, TaskScore] = {}
-    plan = [(m, a, n) for m in methods for a in config.attention for n in lengths]
-    for method, attention, length in tqdm(plan, desc=f"accuracy {info.run}", unit="length"):
-        setting = dict(model=info.model, run=info.run, seed=info.seed, trained_length=trained,
-                       variant=info.variant, task=task.name, method=method, attention=attention + suffix,
-                       length=length)
-        note = refused.get(attention) or unreachable.get(length)
+    done: dict[tuple, list[Record]] = {}  # (measurement, attention, length, frequencies) -> its records
+    steps = [(m, a, n) for m in settings.scalings for a in config.attention for n in settings.lengths]
+    for scaling_name, attention, length in tqdm(steps, desc=f"measure {subject.setting.run}", unit="setting"):
+        setting = dataclasses.replace(base, scaling=scaling_name, attention=attention)
+        note = settings.note(attention, length)
         if note is not None:
-            results.accuracy.append(AccuracyRecord(applicable=False, note=note, **setting))
+            for measurement in measurements:
+                results.add(measurement.does_not_apply(setting, length, note))
             continue
-        scaling = scaling_for(method, length, trained, config.scaling_factor)
-        key = (attention, length, rotary_key(model, scaling, length))  # the same frequencies: the same numbers
-        if key not in done:
-            if length not in examples:
-                examples[length] = validation_set(task, length, config.task_examples, config.seed,
-                                                  split="test").tensors
-            done[key] = task_accuracy(model, *examples[length], attention=served[attention], scaling=scaling,
-                                      logn=config.logn, batch_size=config.batch_size)
-        results.accuracy.append(done[key].record(**setting))
-    results.effective_length = effective_lengths(results.accuracy, config.effective_threshold,
-                                                 config.effective_min_exact_match)
-    if model.cfg.rope.is_rotary:
-        results.theory = _theory(model, info, [n for n in lengths if n not in unreachable])
+        scaling = scaling_for(scaling_name, length, trained, config.scaling_factor)
+        reading = Reading(model, dataclasses.replace(setting, factor=scaling.factor), length, settings.served[attention],
+                          scaling)
+        # A scaling that leaves this length's frequencies as another left them (every static one at factor 1,
+        # i.e. up to the training length) computes the same numbers: reuse them, in this setting.
+        frequencies = (attention, length, rotary_key(model, scaling, length))
+        for measurement in measurements:
+            key = (measurement.name, *frequencies)
+            if key not in done:
+                done[key] = measurement.measure(reading)
+            results.add(dataclasses.replace(r, setting=reading.setting) for r in done[key])
+    for measurement in measurements:
+        results.add(measurement.derive(results))
     return results
 
 
@@ -207,13 +129,14 @@ def served_methods(config: EvalConfig, model_cfg) -> tuple[dict[str, AttentionMe
     return served, refused
 
 
-def evaluate(config: EvalConfig, device: torch.device) -> Results:
-    """Every (checkpoint × scaling × attention × length) measurement of the checkpoints config names: each run
-    its own kind (task accuracy for runs trained on a synthetic task, perplexity and the rest otherwise).
+def evaluate(config: EvalConfig, device: torch.device, sources: Optional[list] = None) -> Results:
+    """Every (checkpoint × scaling × attention × length) measurement of the checkpoints config names (or of
+    `sources`, model_sources(config) found by the caller): each run its own kind (task accuracy for runs trained on
+    a synthetic task, perplexity and the rest otherwise).
 
     Before measuring anything: an attention method that none of the runs can serve (or whose knobs fit none of
     their training lengths) is an error naming it; one that some runs cannot serve is skipped for those."""
-    sources = [(run, source_config(run, config)) for run in model_sources(config)]
+    sources = [(run, source_config(run, config)) for run in (model_sources(config) if sources is None else sources)]
     if config.logn:  # a model trained with its own query temperature is skipped; with every one so, refused
         scaled = [(run, cfg) for run, cfg in sources if cfg.attn_temperature != "none"]
         if sources and len(scaled) == len(sources):

@@ -1,8 +1,9 @@
-"""Passkey retrieval: the prompt at a length and depth, greedy decoding of the key."""
+"""Passkey retrieval: the prompt at a length and depth, greedy decoding of the key; its record and measurement."""
 
 from __future__ import annotations
 
 import logging
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Optional
 
@@ -10,17 +11,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from minillm.eval.config import EvalConfig
-from minillm.eval.perplexity import scaling_for
-from minillm.eval.records import ModelInfo, PasskeyRecord
+from minillm.eval.grouping import ATTENTION_ORDER, SCALING_ORDER, markdown_table, rank
+from minillm.eval.measurement import Measurement, Reading, register_measurement
+from minillm.eval.records import Record, Results, Setting
 from minillm.model.transformer import Transformer
 from minillm.positions.methods import AttentionMethod
 from minillm.positions.scaling import Scaling
 
 log = logging.getLogger("minillm")
-
-
-
 
 # ----------------------------------------------------------------------------------------------
 # Passkey retrieval (Mohtashami & Jaggi 2023, arXiv:2305.16300)
@@ -80,35 +78,93 @@ def passkey_trial(model: Transformer, prompt: PasskeyPrompt, attention: Optional
 
 
 # ----------------------------------------------------------------------------------------------
-# The evaluation loop
+# The measurement
 
 
-def measure_passkey(model: Transformer, tokenizer, filler: np.ndarray, lengths: list[int], methods: list[str],
-             attention: dict[str, AttentionMethod], config: EvalConfig, info: ModelInfo,
-             progress) -> list[PasskeyRecord]:
-    """Passkey retrieval at each (scaling, attention, length, depth), every setting on the same prompts (a paired
-    comparison); a length too short for the prompt is skipped. attention: the served methods by their names."""
-    rng = np.random.default_rng(config.seed)
-    trained = model.cfg.context_length
-    suffix = "+logn" if config.logn else ""
-    prompts: dict[tuple[int, float], list[PasskeyPrompt]] = {}
-    for length in lengths:
-        try:
-            for depth in config.passkey_depths:
-                prompts[length, depth] = [passkey_prompt(tokenizer, filler, length, depth, rng)
-                                          for _ in range(config.passkey_trials)]
-        except PasskeyDoesNotFit as error:
-            log.warning("passkey at length %d skipped for %s: %s", length, info.run, error)
-            for depth in config.passkey_depths:
-                prompts.pop((length, depth), None)
-    records = []
-    for method in methods:
-        for name, served in attention.items():
-            for (length, depth), trials_at in prompts.items():
-                scaling = scaling_for(method, length, trained, config.scaling_factor)
-                trials = [passkey_trial(model, prompt, served, scaling, config.logn) for prompt in trials_at]
-                records.append(PasskeyRecord(info.model, info.run, info.seed, method, name + suffix, length, depth,
-                                             len(trials), sum(t[0] for t in trials) / len(trials),
-                                             sum(t[1] for t in trials) / len(trials)))
-                progress.update(len(trials))
-    return records
+@dataclass
+class PasskeyRecord(Record):
+    """Passkey retrieval at one setting, length and depth: greedy exact match and the key's log-probability."""
+
+    length: int
+    depth: float
+    trials: int
+    exact_match: float
+    key_logprob: float  # mean log-probability of the key's tokens (nats)
+
+
+@register_measurement("passkey")
+class PasskeyMeasurement(Measurement):
+    """config.passkey_trials prompts per (length, depth), drawn once for every setting of a model (a paired
+    comparison); a length too short for the prompt is skipped with a warning."""
+
+    record = PasskeyRecord
+    csv = "passkey.csv"
+
+    @classmethod
+    def applies(cls, subject, config) -> bool:
+        return super().applies(subject, config) and config.passkey_trials > 0
+
+    def __init__(self, subject, plan, config):
+        super().__init__(subject, plan, config)
+        filler = np.concatenate([d for d in subject.documents if len(d) >= min(plan.lengths) + 1])
+        rng = np.random.default_rng(config.seed)
+        self.prompts: dict[tuple[int, float], list[PasskeyPrompt]] = {}
+        for length in plan.reachable:
+            try:
+                for depth in config.passkey_depths:
+                    self.prompts[length, depth] = [passkey_prompt(subject.tokenizer, filler, length, depth, rng)
+                                                   for _ in range(config.passkey_trials)]
+            except PasskeyDoesNotFit as error:
+                log.warning("passkey at length %d skipped for %s: %s", length, subject.setting.run, error)
+                for depth in config.passkey_depths:
+                    self.prompts.pop((length, depth), None)
+
+    def measure(self, reading: Reading) -> list[PasskeyRecord]:
+        records = []
+        for depth in self.config.passkey_depths:
+            prompts = self.prompts.get((reading.length, depth))
+            if prompts is None:
+                continue
+            trials = [passkey_trial(reading.model, prompt, reading.attention, reading.scaling, reading.setting.logn)
+                      for prompt in prompts]
+            records.append(PasskeyRecord(reading.setting, reading.length, depth, len(trials),
+                                         sum(t[0] for t in trials) / len(trials),
+                                         sum(t[1] for t in trials) / len(trials)))
+        return records
+
+    @classmethod
+    def section(cls, results: Results) -> Optional[str]:
+        records = results.of(cls.record)
+        return "## Passkey retrieval\n\n" + passkey_table(records) if records else None
+
+
+def passkey_table(records: list[PasskeyRecord]) -> str:
+    """Markdown: exact-match accuracy per depth and overall, and the mean key log-probability, per
+    model × scaling × attention × length (seeds and runs pooled)."""
+    if not records:
+        return ""
+    depths = sorted({r.depth for r in records})
+    groups: dict[tuple[Setting, int], list[PasskeyRecord]] = defaultdict(list)
+    for r in records:
+        row = Setting(model=r.setting.model, scaling=r.setting.scaling, attention=r.setting.attention,
+                      logn=r.setting.logn)
+        groups[row, r.length].append(r)
+    header = ["model", "scaling", "attention", "length", "trials"] + [f"depth {d:g}" for d in depths] + \
+             ["exact match", "key log-prob (nats)"]
+    def order(item) -> tuple:
+        (row, length), _ = item
+        return row.model, rank(row.scaling, SCALING_ORDER), rank(row.attention_label, ATTENTION_ORDER), length
+
+    rows = []
+    for (row, length), group in sorted(groups.items(), key=order):
+        trials = sum(g.trials for g in group)
+        per_depth = []
+        for depth in depths:
+            at = [g for g in group if g.depth == depth]
+            n = sum(g.trials for g in at)
+            per_depth.append(f"{sum(g.exact_match * g.trials for g in at) / n:.0%}" if n else "n/a")
+        accuracy = sum(g.exact_match * g.trials for g in group) / trials
+        logprob = sum(g.key_logprob * g.trials for g in group) / trials
+        rows.append([row.model, row.scaling, row.attention_label, str(length), str(trials), *per_depth,
+                     f"{accuracy:.0%}", f"{logprob:.2f}"])
+    return markdown_table(header, rows)

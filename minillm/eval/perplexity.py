@@ -1,4 +1,4 @@
-"""Perplexity and loss by position over windows of a length, and the loss on fixed last tokens against context."""
+"""Perplexity and loss by position over windows of a length: the function, its record and its measurement."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import re
 import resource
 import sys
 import time
+from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -14,11 +16,64 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from minillm.eval.records import Perplexity, PositionBucket
+from minillm.eval.grouping import markdown_table, mean_cell, model_name, table_groups
+from minillm.eval.measurement import Measurement, Reading, Table, register_measurement
+from minillm.eval.records import SETTING_COLUMNS, Record, Results, Setting
 from minillm.model.transformer import Transformer
 from minillm.positions.methods import AttentionMethod, attention_method
 from minillm.positions.rotary import RotaryEmbedding
 from minillm.positions.scaling import SCALINGS, Scaling
+
+# ----------------------------------------------------------------------------------------------
+# What perplexity_at_length measures, and its record
+
+
+@dataclass
+class PositionBucket:
+    """Mean loss of the targets at window positions [position_start, position_end)."""
+
+    position_start: int
+    position_end: int
+    loss: float
+    tokens: int
+
+
+@dataclass
+class Perplexity:
+    """One model at one length: the measurement itself."""
+
+    length: int
+    loss: Optional[float]
+    ppl: Optional[float]
+    loss_beyond_train: Optional[float] = None  # mean loss of targets past the training length
+    tokens: int = 0
+    seconds: float = 0.0
+    peak_memory_mb: float = 0.0
+    by_position: list[PositionBucket] = field(default_factory=list)
+
+
+@dataclass
+class PerplexityRecord(Record):
+    """A Perplexity in its setting; applicable False (and the measured fields None) where the setting cannot be
+    measured: the encoding is undefined at this length, or the model cannot serve the attention method (see note)."""
+
+    nested = ("by_position",)
+
+    length: int
+    loss: Optional[float]
+    ppl: Optional[float]
+    loss_beyond_train: Optional[float] = None
+    tokens: int = 0
+    seconds: float = 0.0
+    peak_memory_mb: float = 0.0
+    by_position: list[PositionBucket] = field(default_factory=list)
+    applicable: bool = True
+    note: Optional[str] = None
+
+    @classmethod
+    def from_row(cls, row: dict) -> "PerplexityRecord":
+        return super().from_row({**row, "by_position": [PositionBucket(**b) for b in row.get("by_position", [])]})
+
 
 # ----------------------------------------------------------------------------------------------
 # Inference-time frequency scaling of a trained rotary model (no retraining)
@@ -154,26 +209,6 @@ def perplexity_at_length(model: Transformer, tokens: Tensor, length: int, *, att
     )
 
 
-@torch.inference_mode()
-def tail_loss(model: Transformer, tokens: Tensor, length: int, targets: int, *,
-              attention: "str | AttentionMethod" = "full", scaling: Optional[Scaling] = None, logn: bool = False,
-              batch_size: int = 4) -> tuple[float, int]:
-    """Mean loss (and count) of the last `targets` targets of each document of `tokens` (n_docs, T + 1), read
-    by one window of `length` tokens ending at the document's end: the same targets at every length."""
-    device = next(model.parameters()).device
-    method = attention_method(attention) if isinstance(attention, str) else attention
-    total = tokens.shape[1] - 1
-    if not targets <= length <= total:
-        raise ValueError(f"length: a window of {length} tokens cannot score the last {targets} of {total} targets")
-    losses = []
-    for rows in torch.arange(tokens.shape[0]).split(max(1, min(batch_size, MAX_ATTENTION_PAIRS // length**2))):
-        x = tokens[rows, total - length:total].to(device)
-        y = tokens[rows, total - length + 1:total + 1].to(device)
-        losses.append(model.token_losses(x, y, attention=method, scaling=scaling, logn=logn)[:, -targets:].float().cpu())
-    scored = torch.cat(losses)
-    return float(scored.mean()), int(scored.numel())
-
-
 def _window_plan(total: int, length: int, stride: Optional[int]) -> list[tuple[int, int, int]]:
     """(begin, end, first scored offset) of each window over `total` targets. A stride of at least the
     window length means non-overlapping windows (so one stride can serve every evaluation length)."""
@@ -189,3 +224,74 @@ def _window_plan(total: int, length: int, stride: Optional[int]) -> list[tuple[i
         plan.append((begin, end, scored_until - begin))
         scored_until, begin = end, begin + stride
     return plan
+
+
+# ----------------------------------------------------------------------------------------------
+# The measurement
+
+
+@register_measurement("perplexity")
+class PerplexityMeasurement(Measurement):
+    """Perplexity and loss by position (perplexity_at_length) of a model's documents at each setting: one record per
+    setting, not applicable (with the reason) where the model cannot be read so."""
+
+    record = PerplexityRecord
+    csv = "results.csv"
+
+    def __init__(self, subject, plan, config):
+        super().__init__(subject, plan, config)
+        # the same targets at every length: the first max(lengths) + 1 tokens of each document that long
+        self.tokens = evaluation_tokens(subject.documents, max(plan.lengths), config.max_documents)
+
+    def measure(self, reading: Reading) -> list[PerplexityRecord]:
+        config = self.config
+        measured = perplexity_at_length(reading.model, self.tokens, reading.length, **reading.read,
+                                        stride=config.stride, batch_size=config.batch_size, buckets=config.buckets)
+        return [PerplexityRecord(reading.setting, **vars(measured))]
+
+    def does_not_apply(self, setting: Setting, length: int, note: str) -> list[PerplexityRecord]:
+        return [PerplexityRecord(setting, length, None, None, applicable=False, note=note)]
+
+    @classmethod
+    def shown(cls, results: Results) -> bool:
+        """Every evaluation with text in it (or with nothing: its empty table says so) has the perplexity section;
+        one of runs trained on a synthetic task only has none."""
+        return bool(results.of(cls.record)) or all(r.setting.task is None for r in results.all())
+
+    @classmethod
+    def tables(cls, results: Results) -> list[Table]:
+        records = results.of(cls.record)
+        positions = [(r, {**r.setting.to_row(), "length": r.length, **vars(bucket)})
+                     for r in records for bucket in r.by_position]
+        return [Table("perplexity", cls.csv, cls.record.columns(), [(r, r.csv_row()) for r in records],
+                      plot=("ppl_vs_length", "length", "ppl", "Perplexity against length")),
+                Table("loss_by_position", "loss_by_position.csv",
+                      SETTING_COLUMNS + ("length", "position_start", "position_end", "loss", "tokens"), positions,
+                      plot=("loss_vs_position", "position_start", "loss", "Loss against position"))]
+
+    @classmethod
+    def section(cls, results: Results) -> Optional[str]:
+        if not cls.shown(results):
+            return None
+        return "## Perplexity against evaluation length\n\n" + perplexity_table(results.of(cls.record))
+
+    @classmethod
+    def figures(cls, results: Results, out_dir: Path) -> list[Path]:
+        from minillm.eval.plots import plot
+
+        return plot(results.of(cls.record), out_dir) if cls.shown(results) else []
+
+
+def perplexity_table(records: list[PerplexityRecord]) -> str:
+    """Markdown: perplexity per length (mean ± std over seeds); n/a where the model cannot run that long."""
+    lengths = sorted({r.length for r in records})
+    header = ["model", "trained", "scaling", "attention", "seeds"] + [f"ppl @ {n}" for n in lengths]
+    rows = []
+    for row, group in table_groups(records).items():
+        by_length: dict[int, list] = defaultdict(list)
+        for r in group:
+            by_length[r.length].append(r.ppl if r.applicable else None)
+        seeds = len({r.setting.seed for r in group})
+        rows.append([model_name(row), str(row.trained_length), row.scaling, row.attention_label, str(seeds)] +
+                    [mean_cell(by_length.get(n, [])) for n in lengths])
+    return markdown_table(header, rows)

@@ -2,37 +2,35 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import defaultdict
 from pathlib import Path
 from statistics import mean
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-from minillm.eval.grouping import (
-    ATTENTION_ORDER,
-    accuracy_groups,
-    model_name,
-    rank,
-    series_label,
-    table_groups,
-    tail_groups,
-)
-from minillm.eval.records import AccuracyRecord, PerplexityRecord, TailLossRecord
+from minillm.eval.grouping import ATTENTION_ORDER, model_name, rank, table_groups
+from minillm.eval.records import Setting
+
+if TYPE_CHECKING:
+    from minillm.eval.perplexity import PerplexityRecord
+    from minillm.eval.tail import TailLossRecord
+    from minillm.eval.tasks import AccuracyRecord
 
 
-def _draw_lengths(ax, groups: dict[tuple, list[PerplexityRecord]], label) -> None:
+def _draw_lengths(ax, groups: dict[Setting, list["PerplexityRecord"]], label) -> None:
     """One line per group: mean perplexity over seeds at each applicable length."""
-    for key, group in groups.items():
+    for row, group in groups.items():
         by_length: dict[int, list] = defaultdict(list)
         for r in group:
             if r.applicable and r.ppl is not None and math.isfinite(r.ppl):
                 by_length[r.length].append(r.ppl)
         if by_length:
             lengths = sorted(by_length)
-            ax.plot(lengths, [mean(by_length[n]) for n in lengths], marker="o", label=label(key))
+            ax.plot(lengths, [mean(by_length[n]) for n in lengths], marker="o", label=label(row))
 
 
-def _length_axes(ax, records: list[PerplexityRecord], trained: list[int], title: str) -> None:
+def _length_axes(ax, records: list["PerplexityRecord"], trained: list[int], title: str) -> None:
     from matplotlib import ticker
 
     for n in trained:
@@ -58,7 +56,7 @@ def _panels(n: int, width: float = 6.0, height: float = 4.5):
     return fig, list(axes.flat[:n])
 
 
-def plot(records: list[PerplexityRecord], out_dir: Path) -> list[Path]:
+def plot(records: list["PerplexityRecord"], out_dir: Path) -> list[Path]:
     """The report's figures, each a grid of panels so that no panel holds more lines than it can show:
 
     ppl_vs_length.png     every model as trained (no inference-time scaling), one panel per attention pattern
@@ -72,37 +70,40 @@ def plot(records: list[PerplexityRecord], out_dir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     groups = table_groups(records)
-    trained = sorted({r.trained_length for r in records if r.trained_length})
-    attentions = sorted({key[3] for key in groups}, key=lambda a: rank(a, ATTENTION_ORDER)) or ["full"]
+    trained = sorted({r.setting.trained_length for r in records if r.setting.trained_length})
+    attentions = sorted({row.attention_label for row in groups}, key=lambda a: rank(a, ATTENTION_ORDER)) or ["full"]
     first = attentions[0]
     paths = []
 
     fig, axes = _panels(len(attentions))
     for ax, attention in zip(axes, attentions):
-        plain = {k: g for k, g in groups.items() if k[2] == "none" and k[3] == attention}
-        _draw_lengths(ax, plain, lambda key: model_name(key[0], key[4]))
+        plain = {row: g for row, g in groups.items() if row.scaling == "none" and row.attention_label == attention}
+        _draw_lengths(ax, plain, model_name)
         _length_axes(ax, records, trained, f"{attention} attention, no scaling (dotted: training length)")
     fig.tight_layout()
     paths.append(out_dir / "ppl_vs_length.png")
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
 
-    scaled_models = sorted({(k[0], k[4]) for k in groups if k[2] != "none" and k[3] == first}, key=str)
+    # the models with a scaling under the first attention method: (label, run) where the run is kept
+    scaled_models = sorted({(row.model, row.run) for row in groups
+                            if row.scaling != "none" and row.attention_label == first})
     if scaled_models:
         fig, axes = _panels(len(scaled_models))
         for ax, (model, run) in zip(axes, scaled_models):
-            methods = {k: g for k, g in groups.items() if k[0] == model and k[4] == run and k[3] == first}
-            _draw_lengths(ax, methods, lambda key: key[2])
-            _length_axes(ax, records, trained, f"{model_name(model, run)}, {first} attention")
+            methods = {row: g for row, g in groups.items()
+                       if row.model == model and row.run == run and row.attention_label == first}
+            _draw_lengths(ax, methods, lambda row: row.scaling)
+            _length_axes(ax, records, trained, f"{model_name(Setting(model=model, run=run))}, {first} attention")
         fig.tight_layout()
         paths.append(out_dir / "scaling_vs_length.png")
         fig.savefig(paths[-1], dpi=110)
         plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    for key, group in groups.items():
+    for row, group in groups.items():
         usable = [r for r in group if r.applicable and r.by_position]
-        if key[2] != "none" or key[3] != first or not usable:
+        if row.scaling != "none" or row.attention_label != first or not usable:
             continue
         longest = max(r.length for r in usable)
         by_start: dict[int, list] = defaultdict(list)
@@ -111,7 +112,7 @@ def plot(records: list[PerplexityRecord], out_dir: Path) -> list[Path]:
                 for bucket in r.by_position:
                     by_start[bucket.position_start].append(bucket.loss)
         starts = sorted(by_start)
-        ax.plot(starts, [mean(by_start[s]) for s in starts], label=f"{model_name(key[0], key[4])} @ {longest}")
+        ax.plot(starts, [mean(by_start[s]) for s in starts], label=f"{model_name(row)} @ {longest}")
     for n in trained:
         ax.axvline(n, color="grey", linestyle=":", linewidth=1)
     ax.set(xlabel="position in window (bucket start)", ylabel="loss (nats)",
@@ -125,7 +126,7 @@ def plot(records: list[PerplexityRecord], out_dir: Path) -> list[Path]:
     return paths
 
 
-def plot_tail(tail: list[TailLossRecord], out_dir: Path) -> Optional[Path]:
+def plot_tail(tail: list["TailLossRecord"], out_dir: Path) -> Optional[Path]:
     """tail_loss.png: one panel per attention method, one line per model × scaling: the loss on the same last
     L tokens against the context length."""
     if not tail:
@@ -136,19 +137,19 @@ def plot_tail(tail: list[TailLossRecord], out_dir: Path) -> Optional[Path]:
     import matplotlib.pyplot as plt
     from matplotlib import ticker
 
-    groups = tail_groups(tail)
-    attentions = sorted({key[3] for key in groups}, key=lambda a: rank(a, ATTENTION_ORDER))
+    groups = table_groups(tail)
+    attentions = sorted({row.attention_label for row in groups}, key=lambda a: rank(a, ATTENTION_ORDER))
     fig, axes = _panels(len(attentions))
     for ax, attention in zip(axes, attentions):
-        for (model, _, method, at), group in groups.items():
-            if at != attention:
+        for row, group in groups.items():
+            if row.attention_label != attention:
                 continue
             by_length: dict[int, list] = defaultdict(list)
             for r in group:
                 by_length[r.length].append(r.loss)
             lengths = sorted(by_length)
             ax.plot(lengths, [mean(by_length[n]) for n in lengths], marker="o",
-                    label=model if method == "none" else f"{model} / {method}")
+                    label=model_name(row) if row.scaling == "none" else f"{model_name(row)} / {row.scaling}")
         ax.set(xscale="log", xlabel="context read (tokens)", ylabel="loss on the last L tokens (nats)",
                title=f"{attention} attention: the same targets, more context")
         ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:g}"))
@@ -162,7 +163,7 @@ def plot_tail(tail: list[TailLossRecord], out_dir: Path) -> Optional[Path]:
     return path
 
 
-def plot_accuracy(records: list[AccuracyRecord], out_dir: Path) -> Optional[Path]:
+def plot_accuracy(records: list["AccuracyRecord"], out_dir: Path) -> Optional[Path]:
     """accuracy_vs_length.png: one panel per task, one line per model × scaling × attention: the exact match (mean
     over seeds) against the length on a log2 axis, with a band (one seed: its Wilson 95% interval; several: their
     min–max), the training lengths dotted."""
@@ -174,12 +175,12 @@ def plot_accuracy(records: list[AccuracyRecord], out_dir: Path) -> Optional[Path
     import matplotlib.pyplot as plt
     from matplotlib import ticker
 
-    groups = accuracy_groups(records)
-    tasks = sorted({key[2] for key in groups})
+    groups = table_groups(records)
+    tasks = sorted({row.task for row in groups})
     fig, axes = _panels(len(tasks))
     for ax, task in zip(axes, tasks):
-        for (model, _, of_task, method, attention, run), (group, _) in groups.items():
-            if of_task != task:
+        for row, group in groups.items():
+            if row.task != task:
                 continue
             by_length: dict[int, list] = defaultdict(list)
             for r in group:
@@ -195,16 +196,16 @@ def plot_accuracy(records: list[AccuracyRecord], out_dir: Path) -> Optional[Path
             else:
                 low = [min(r.exact_match for r in by_length[n]) for n in lengths]
                 high = [max(r.exact_match for r in by_length[n]) for n in lengths]
-            line, = ax.plot(lengths, centre, marker="o", label=series_label((model, None, method, attention, run)))
+            line, = ax.plot(lengths, centre, marker="o", label=dataclasses.replace(row, task=None).label())
             ax.fill_between(lengths, low, high, color=line.get_color(), alpha=0.15, linewidth=0)
-        for n in sorted({r.trained_length for r in records if r.task == task}):
+        for n in sorted({r.setting.trained_length for r in records if r.setting.task == task}):
             ax.axvline(n, color="grey", linestyle=":", linewidth=1)
         ax.set(xlabel="evaluation length (tokens)", ylabel="exact match", ylim=(-0.02, 1.02),
                title=f"{task}: exact match (dotted: training length)")
         ax.set_xscale("log", base=2)
         ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:g}"))
         ax.xaxis.set_minor_formatter(ticker.NullFormatter())
-        ax.set_xticks(sorted({r.length for r in records if r.task == task}))
+        ax.set_xticks(sorted({r.length for r in records if r.setting.task == task}))
         ax.yaxis.set_major_formatter(ticker.PercentFormatter(1.0))
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)

@@ -29,40 +29,35 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict[str, Path]:
     """Every (checkpoint × scaling × attention × length) measurement, written as one report in out_dir."""
     from minillm.eval import loop
     from minillm.eval.config import EvalConfig
+    from minillm.eval.perplexity import PerplexityRecord
     from minillm.eval.report import write_report
-    from minillm.eval.wandb import log_to_wandb
+    from minillm.eval.sources import model_sources
 
     if not cfg.get("verbose", False):
         quiet_libraries()
     check_writable(out_dir)
     config: EvalConfig = to_run_config(cfg)
     device = _device(config.device)
-    results = loop.evaluate(config, device)
-    stride = f"; stride: {config.stride}" if results.perplexity else ""  # windows of text only
+    sources = model_sources(config)
+    results = loop.evaluate(config, device, sources)
+    stride = f"; stride: {config.stride}" if results.of(PerplexityRecord) else ""  # windows of text only
     header = (f"# Length extrapolation\n\nModels: {', '.join(config.checkpoints)}; device: {device}; "
               f"precision: {results.precision} ({results.precision_reason}); "
               f"attention: {', '.join(config.attention)}{stride}.\n")
     files = write_report(results, out_dir, header)
     if config.logger.kind == "wandb":
-        log_to_wandb(results, out_dir, config.logger.project, _wandb_group(config), wandb_mode(config.logger.mode))
+        from minillm.eval.wandb import log_to_wandb
+
+        log_to_wandb(results, out_dir, config.logger.project, _wandb_group(config, sources),
+                     wandb_mode(config.logger.mode))
     return files
 
 
-def _wandb_group(config) -> Optional[str]:
-    """logger.group, else the one W&B group every training run evaluated logged to (imported models have none and
-    are not opened again; a glob of a list that matched nothing was skipped by the evaluation, and is here)."""
-    from minillm.interop.pretrained import is_pretrained
-    from minillm.runs import CheckpointError, find_runs
+def _wandb_group(config, sources: list) -> Optional[str]:
+    """logger.group, else the one W&B group every training run evaluated logged to (imported models have none)."""
+    from minillm.interop.pretrained import PretrainedSource
 
     if config.logger.group:
         return config.logger.group
-    groups = set()
-    for path in config.checkpoints:
-        if is_pretrained(path):
-            continue
-        try:
-            runs = find_runs(path)
-        except CheckpointError:
-            continue
-        groups.update(run.wandb_group for run in runs)
+    groups = {run.wandb_group for run in sources if not isinstance(run, PretrainedSource)}
     return groups.pop() if len(groups) == 1 else None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
@@ -11,7 +11,7 @@ import torch
 
 from minillm.data.synthetic import TaskConfig
 from minillm.eval.config import EvalConfig
-from minillm.eval.records import ModelInfo
+from minillm.eval.records import Setting
 from minillm.model.transformer import Transformer
 
 log = logging.getLogger("minillm")
@@ -19,18 +19,21 @@ log = logging.getLogger("minillm")
 
 @dataclass
 class Subject:
-    """One model to measure and the text it reads: a trained run and its validation documents, or an imported
-    model and the documents of `data`, tokenized by its own tokenizer."""
+    """One model to measure, who it is (its Setting before any evaluation setting: model, run, seed, training
+    length, encoding, checkpoint, task), and what it reads: a trained run's validation documents, or an imported
+    model's documents of `data` tokenized by its own tokenizer; or, for a run trained on a synthetic task, the task
+    with the run's knobs."""
 
     model: Transformer
-    tokenizer: object  # a tokenizers.Tokenizer
-    documents: list[np.ndarray]  # token ids of each document, longest first
-    info: ModelInfo
+    setting: Setting
+    tokenizer: object = None  # a tokenizers.Tokenizer (text)
+    documents: list[np.ndarray] = field(default_factory=list)  # token ids of each document, longest first (text)
+    task: Optional[TaskConfig] = None  # None: text
 
 
-def _run_info(run, model: Transformer) -> ModelInfo:
-    return ModelInfo(model.cfg.label, run.name, run.seed, model.cfg.context_length, model.cfg.rope.variant,
-                     str(run.checkpoint))
+def _run_setting(run, model: Transformer, task: Optional[TaskConfig] = None) -> Setting:
+    return Setting(model.cfg.label, run.name, run.seed, model.cfg.context_length, model.cfg.rope.variant,
+                   str(run.checkpoint), task=task.name if task is not None else None)
 
 
 def trained_subject(run, device: torch.device) -> Subject:
@@ -44,16 +47,7 @@ def trained_subject(run, device: torch.device) -> Subject:
     data = TextTokens(DataConfig(**run.settings["data"]), TokenizerConfig(path=str(run.tokenizer)),
                       seq_len=model.cfg.context_length, seed=run.seed)
     data.load()
-    return Subject(model, data.tokenizer, data.long_documents(min_tokens=1), _run_info(run, model))
-
-
-@dataclass
-class TaskSubject:
-    """A run trained on a synthetic task: its model and the task with the run's knobs."""
-
-    model: Transformer
-    task: TaskConfig
-    info: ModelInfo
+    return Subject(model, _run_setting(run, model), data.tokenizer, data.long_documents(min_tokens=1))
 
 
 def run_task(run) -> Optional[TaskConfig]:
@@ -62,21 +56,21 @@ def run_task(run) -> Optional[TaskConfig]:
     return run.task
 
 
-def task_subject(run, task: TaskConfig, device: torch.device) -> TaskSubject:
+def task_subject(run, task: TaskConfig, device: torch.device) -> Subject:
     """A run trained on `task`: its model, checked to cover the task's vocabulary."""
     model = run.load_model().to(device)
     if model.cfg.vocab_size < task.vocab_size:
         raise ValueError(f"ckpt: {run.checkpoint} has {model.cfg.vocab_size} tokens, the {task.name} task of its "
                          f"config.yaml {task.vocab_size}: the run folder's config is not the checkpoint's")
-    return TaskSubject(model, task, _run_info(run, model))
+    return Subject(model, _run_setting(run, model, task), task=task)
 
 
 def pretrained_subject(source, config: EvalConfig, device: torch.device) -> Subject:
     """An imported model (a minillm.pretrained.PretrainedSource) and the longest documents of config.data."""
     imported = source.load(config.trained_length)
     model = imported.model.to(device)
-    info = ModelInfo(source.name, source.name, 0, model.cfg.context_length, model.cfg.rope.variant, source.location)
-    return Subject(model, imported.tokenizer, pretrained_documents(imported.tokenizer, config.data), info)
+    setting = Setting(source.name, source.name, 0, model.cfg.context_length, model.cfg.rope.variant, source.location)
+    return Subject(model, setting, imported.tokenizer, pretrained_documents(imported.tokenizer, config.data))
 
 
 def pretrained_documents(tokenizer, data) -> list[np.ndarray]:

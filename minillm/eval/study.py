@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import statistics
 from collections import defaultdict
@@ -11,7 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from minillm.eval.records import PasskeyRecord, PerplexityRecord, PositionBucket, Results
+from minillm.eval.passkey import PasskeyRecord
+from minillm.eval.perplexity import PerplexityRecord
+from minillm.eval.records import read_results
 from minillm.runs import RunFolder
 
 SCALING_NAMES = {"none": "none", "linear": "PI (linear)", "ntk": "NTK-aware", "yarn": "YaRN", "llama3": "Llama 3",
@@ -52,20 +53,6 @@ def read_run(folder: str | Path) -> TrainedRun:
                       int(summary["steps"]), int(summary["tokens"]), float(summary["wall_seconds"]), curve)
 
 
-def _record(cls: type, values: dict):
-    """A record from its results.json dict; keys the record does not have (a newer writer's) are left out."""
-    return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values})
-
-
-def read_results(folder: Path) -> Results:
-    """The perplexity and passkey records of an evaluation's results.json (minillm.eval.report.write_report)."""
-    data = json.loads((folder / "results.json").read_text())
-    perplexity = [_record(PerplexityRecord, {**r, "by_position": [_record(PositionBucket, b)
-                                                                  for b in r.get("by_position", [])]})
-                  for r in data.get("perplexity", [])]
-    return Results(perplexity=perplexity, passkey=[_record(PasskeyRecord, r) for r in data.get("passkey", [])])
-
-
 def _cell(values: list[float]) -> str:
     if not values:
         return "–"
@@ -84,16 +71,16 @@ def _protocol(method: str, finetuned: bool) -> str:
 
 def _perplexities(folder: Path) -> tuple[dict[str, TrainedRun], dict[tuple[str, str], dict[int, list[float]]]]:
     """The trained runs behind eval_finetuned (by folder), and every (method, protocol) -> length -> ppl of seeds."""
-    finetuned = [r for r in read_results(folder / "eval_finetuned").perplexity if r.applicable]
-    inference = [r for r in read_results(folder / "eval_inference").perplexity if r.applicable]
-    folders = {r.checkpoint: RunFolder.of_checkpoint(r.checkpoint).path for r in finetuned}
+    finetuned = [r for r in read_results(folder / "eval_finetuned").of(PerplexityRecord) if r.applicable]
+    inference = [r for r in read_results(folder / "eval_inference").of(PerplexityRecord) if r.applicable]
+    folders = {r.setting.checkpoint: RunFolder.of_checkpoint(r.setting.checkpoint).path for r in finetuned}
     trained = {str(path): read_run(path) for path in dict.fromkeys(folders.values())}
     ppl: dict[tuple[str, str], dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in finetuned:
-        method = trained[str(folders[r.checkpoint])].method
+        method = trained[str(folders[r.setting.checkpoint])].method
         ppl[method, _protocol(method, True)][r.length].append(r.ppl)
     for r in inference:
-        method = SCALING_NAMES.get(r.method, r.method)
+        method = SCALING_NAMES.get(r.setting.scaling, r.setting.scaling)
         ppl[method, _protocol(method, False)][r.length].append(r.ppl)
     return trained, ppl
 
@@ -131,8 +118,9 @@ def _passkey(folder: Path, trained: dict[str, TrainedRun]) -> Optional[str]:
     values: dict[tuple[str, str], dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     by_run = {run.folder.name: run for run in trained.values()}
     for finetuned, name in ((True, "eval_finetuned"), (False, "eval_inference")):
-        for r in read_results(folder / name).passkey:
-            method = by_run[r.run].method if finetuned else SCALING_NAMES.get(r.method, r.method)
+        for r in read_results(folder / name).of(PasskeyRecord):
+            method = by_run[r.setting.run].method if finetuned else SCALING_NAMES.get(r.setting.scaling,
+                                                                                      r.setting.scaling)
             values[method, _protocol(method, finetuned)][r.length].append(r.key_logprob)
     if not values:
         return None

@@ -1,26 +1,65 @@
-"""Accuracy of a task-trained model on a synthetic task's test examples, and effective length."""
+"""Accuracy of a task-trained model on a synthetic task's test examples, and effective length: the functions, their
+records and measurements."""
 
 from __future__ import annotations
 
 import math
 import time
+from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
+from statistics import mean
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from minillm.data.answers import Accuracy, accuracy
+from minillm.data.answers import Accuracy, accuracy, validation_set
 from minillm.data.synthetic import IGNORE
+from minillm.eval.grouping import markdown_table, model_name, row_key, row_order
+from minillm.eval.measurement import Measurement, Reading, Table, register_measurement
 from minillm.eval.perplexity import MAX_ATTENTION_PAIRS
-from minillm.eval.records import AccuracyRecord, EffectiveLengthRecord
+from minillm.eval.records import Record, Results, Setting
 from minillm.model.transformer import Transformer
 from minillm.positions.methods import AttentionMethod, attention_method
 from minillm.positions.scaling import Scaling
 
 # ----------------------------------------------------------------------------------------------
 # Accuracy of runs trained on a synthetic task (minillm.data.synthetic)
+
+
+@dataclass
+class AccuracyRecord(Record):
+    """A run trained on a synthetic task (setting.task), at one setting and length on the task's test examples: exact
+    match per answer and accuracy per answer token, each with its Wilson 95% interval, and the answer-only loss.
+    The measured fields are None where the setting does not apply (see note)."""
+
+    length: int
+    examples: int = 0
+    answers: int = 0
+    tokens: int = 0  # answer tokens
+    exact_match: Optional[float] = None
+    exact_match_low: Optional[float] = None
+    exact_match_high: Optional[float] = None
+    token_accuracy: Optional[float] = None
+    token_accuracy_low: Optional[float] = None
+    token_accuracy_high: Optional[float] = None
+    answer_loss: Optional[float] = None  # mean cross-entropy of the answer tokens (nats)
+    applicable: bool = True  # False: the task refuses this length or the encoding cannot reach it (see note)
+    note: Optional[str] = None
+    seconds: float = 0.0
+
+
+@dataclass
+class EffectiveLengthRecord(Record):
+    """The effective length (see `effective_length`) of one run under one setting (setting.series: every length)."""
+
+    threshold: float
+    reference_exact_match: Optional[float]  # the exact match at the training length; None: not evaluated there
+    effective_length: Optional[int]
+    longest_length: Optional[int]  # the longest length measured: an effective length equal to it is a lower bound
+    min_reference: float = 0.0  # below this exact match at the training length, effective_length is None
 
 
 @dataclass
@@ -32,15 +71,15 @@ class TaskScore:
     answer_loss: float  # mean cross-entropy of the answer tokens (nats)
     seconds: float
 
-    def record(self, **setting) -> AccuracyRecord:
-        """The AccuracyRecord of this score in `setting` (the model and the evaluation setting)."""
+    def record(self, setting: Setting, length: int) -> AccuracyRecord:
+        """The AccuracyRecord of this score in `setting` at `length`."""
         exact_low, exact_high = self.counts.exact_match_interval()
         token_low, token_high = self.counts.token_accuracy_interval()
-        return AccuracyRecord(examples=self.examples, answers=self.counts.answers, tokens=self.counts.tokens,
+        return AccuracyRecord(setting, length, examples=self.examples, answers=self.counts.answers, tokens=self.counts.tokens,
                               exact_match=self.counts.exact_match, exact_match_low=exact_low,
                               exact_match_high=exact_high, token_accuracy=self.counts.token_accuracy,
                               token_accuracy_low=token_low, token_accuracy_high=token_high,
-                              answer_loss=self.answer_loss, seconds=self.seconds, **setting)
+                              answer_loss=self.answer_loss, seconds=self.seconds)
 
 
 @torch.inference_mode()
@@ -93,7 +132,7 @@ def effective_length(records: list[AccuracyRecord], threshold: float,
     if len(set(lengths)) < len(lengths):
         raise ValueError("effective_length: takes the records of one run under one scaling and attention, got two "
                          f"at one length ({sorted(n for n in set(lengths) if lengths.count(n) > 1)})")
-    reference = next((r.exact_match for r in measured if r.length == r.trained_length), None)
+    reference = next((r.exact_match for r in measured if r.length == r.setting.trained_length), None)
     if not reference or reference < min_reference:
         return None
     bar = threshold * reference
@@ -107,17 +146,175 @@ def effective_length(records: list[AccuracyRecord], threshold: float,
 
 def effective_lengths(records: list[AccuracyRecord], threshold: float,
                       min_reference: float = 0.0) -> list[EffectiveLengthRecord]:
-    """One EffectiveLengthRecord per run under each (scaling, attention) in `records`, in their order."""
-    series: dict[tuple, list[AccuracyRecord]] = {}
+    """One EffectiveLengthRecord per run under each setting (its series: every length) in `records`, in their
+    order."""
+    series: dict[Setting, list[AccuracyRecord]] = {}
     for r in records:
-        key = (r.model, r.run, r.seed, r.trained_length, r.variant, r.task, r.method, r.attention)
-        series.setdefault(key, []).append(r)
+        series.setdefault(r.setting.series, []).append(r)
     out = []
-    for key, group in series.items():
+    for setting, group in series.items():
         measured = [r for r in group if r.applicable and r.exact_match is not None]
-        reference = next((r.exact_match for r in measured if r.length == r.trained_length), None)
-        out.append(EffectiveLengthRecord(*key, threshold=threshold, reference_exact_match=reference,
+        reference = next((r.exact_match for r in measured if r.length == setting.trained_length), None)
+        out.append(EffectiveLengthRecord(setting, threshold=threshold, reference_exact_match=reference,
                                          effective_length=effective_length(group, threshold, min_reference),
                                          longest_length=max((r.length for r in measured), default=None),
                                          min_reference=min_reference))
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The measurements
+
+
+@register_measurement("accuracy")
+class AccuracyMeasurement(Measurement):
+    """task_accuracy of a run trained on a synthetic task on config.task_examples examples of the task's test stream
+    (never seen in training or validation) at each setting; not applicable (with the reason) where the task refuses
+    the length or the encoding cannot reach it."""
+
+    record = AccuracyRecord
+    kinds = ("task",)
+    csv = "accuracy.csv"
+
+    def __init__(self, subject, plan, config):
+        super().__init__(subject, plan, config)
+        self.examples: dict[int, tuple[Tensor, ...]] = {}  # length -> the test examples, drawn once for every setting
+
+    def measure(self, reading: Reading) -> list[AccuracyRecord]:
+        length = reading.length
+        if length not in self.examples:
+            self.examples[length] = validation_set(self.subject.task, length, self.config.task_examples,
+                                                   self.config.seed, split="test").tensors
+        score = task_accuracy(reading.model, *self.examples[length], **reading.read,
+                              batch_size=self.config.batch_size)
+        return [score.record(reading.setting, length)]
+
+    def does_not_apply(self, setting: Setting, length: int, note: str) -> list[AccuracyRecord]:
+        return [AccuracyRecord(setting, length, applicable=False, note=note)]
+
+    @classmethod
+    def tables(cls, results: Results) -> list[Table]:
+        [table] = super().tables(results)
+        table.plot = ("exact_match_vs_length", "length", "exact_match", "Exact match against length")
+        return [table]
+
+    @classmethod
+    def section(cls, results: Results) -> Optional[str]:
+        records = results.of(cls.record)
+        if not records:
+            return None
+        return "## Task accuracy against evaluation length\n\n" + \
+            accuracy_section(records, results.of(EffectiveLengthRecord))
+
+    @classmethod
+    def figures(cls, results: Results, out_dir: Path) -> list[Path]:
+        from minillm.eval.plots import plot_accuracy
+
+        records = results.of(cls.record)
+        return [plot_accuracy(records, out_dir)] if records else []
+
+
+@register_measurement("effective_length")
+class EffectiveLengthMeasurement(Measurement):
+    """The effective length of each (scaling, attention) of a run, from its accuracy records (shown in the accuracy
+    table's last column)."""
+
+    record = EffectiveLengthRecord
+    kinds = ("task",)
+
+    def derive(self, results: Results) -> list[EffectiveLengthRecord]:
+        return effective_lengths(results.of(AccuracyRecord), self.config.effective_threshold,
+                                 self.config.effective_min_exact_match)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tables
+
+
+def accuracy_groups(records: list[AccuracyRecord], effective: list[EffectiveLengthRecord] = ()) -> \
+        dict[Setting, tuple[list[AccuracyRecord], list[EffectiveLengthRecord]]]:
+    """The rows of the accuracy table: row (see minillm.eval.grouping.row_key) -> the records of every seed and
+    their effective lengths."""
+    key = row_key(records)
+    groups: dict[Setting, tuple[list, list]] = defaultdict(lambda: ([], []))
+    for r in records:
+        groups[key(r)][0].append(r)
+    for e in effective:
+        if key(e) in groups:
+            groups[key(e)][1].append(e)
+    return dict(sorted(groups.items(), key=lambda item: row_order(item[0])))
+
+
+def _exact_match_cell(records: list[AccuracyRecord], metric: str = "exact_match") -> str:
+    """One seed: '97% [89%–99%]', with its Wilson 95% interval; several: '95% (91%–98%)', their mean, min–max.
+    metric: exact_match or token_accuracy."""
+    measured = [r for r in records if r.applicable and getattr(r, metric) is not None]
+    if not measured:
+        return "n/a"
+    if len(measured) == 1:
+        r = measured[0]
+        return f"{getattr(r, metric):.0%} [{getattr(r, f'{metric}_low'):.0%}–{getattr(r, f'{metric}_high'):.0%}]"
+    values = [getattr(r, metric) for r in measured]
+    return f"{mean(values):.0%} ({min(values):.0%}–{max(values):.0%})"
+
+
+def _effective_cell(effective: list[EffectiveLengthRecord]) -> str:
+    """'256', or the seeds' min–max '128–512'; '≥1024' where it reached the longest length measured; n/a where
+    undefined (and the count of seeds it is defined for, when only some)."""
+    known = [e for e in effective if e.effective_length is not None]
+    if not known:
+        return "n/a"
+    text = {e.effective_length: ("≥" if e.effective_length == e.longest_length else "") + str(e.effective_length)
+            for e in known}
+    lo, hi = min(text), max(text)
+    cell = text[lo] if lo == hi else f"{text[lo]}–{text[hi]}"
+    return cell if len(known) == len(effective) else f"{cell} ({len(known)}/{len(effective)} seeds)"
+
+
+def accuracy_table(records: list[AccuracyRecord], effective: list[EffectiveLengthRecord] = (),
+                   metric: str = "exact_match") -> str:
+    """Markdown: exact match (or token accuracy) per length (see _exact_match_cell) and, for exact match, the
+    effective length, per model × task × scaling × attention; n/a where the task or the encoding does not reach
+    the length."""
+    if not records:
+        return ""
+    lengths = sorted({r.length for r in records})
+    short = {"exact_match": "EM", "token_accuracy": "token acc."}[metric]
+    header = ["model", "trained", "task", "scaling", "attention", "seeds"] + [f"{short} @ {n}" for n in lengths] + \
+             (["effective length"] if metric == "exact_match" else [])
+    rows = []
+    for row, (group, effective_of) in accuracy_groups(records, effective).items():
+        by_length: dict[int, list] = defaultdict(list)
+        for r in group:
+            by_length[r.length].append(r)
+        cells = [model_name(row), str(row.trained_length), row.task, row.scaling, row.attention_label,
+                 str(len({r.setting.seed for r in group}))]
+        cells += [_exact_match_cell(by_length.get(n, []), metric) for n in lengths]
+        if metric == "exact_match":
+            cells.append(_effective_cell(effective_of))
+        rows.append(cells)
+    return markdown_table(header, rows)
+
+
+def accuracy_section(records: list[AccuracyRecord], effective: list[EffectiveLengthRecord]) -> str:
+    """The accuracy table with a paragraph saying how to read it."""
+    examples = sorted({r.examples for r in records if r.applicable})
+    thresholds = sorted({e.threshold for e in effective})
+    floors = sorted({e.min_reference for e in effective})
+    rule = (f" Effective length (RULER, Hsieh et al. 2024, arXiv:2404.06654, against the model's own score): the "
+            f"longest length up to which every length measured keeps at least "
+            f"{' / '.join(f'{t:.0%}' for t in thresholds)} of the exact match at the training length; ≥: the "
+            f"longest length measured; n/a: below {' / '.join(f'{m:.0%}' for m in floors)} at the training "
+            f"length, a run that did not learn the task." if thresholds else "")
+    section = (f"Exact match per answer on {' / '.join(map(str, examples)) or 'no'} test examples per length: one "
+               f"seed with its Wilson 95% interval [in brackets], several as their mean with the seeds' min–max "
+               f"(in parentheses).{rule}\n\n" + accuracy_table(records, effective))
+    # Answers of several tokens (a copy, a needle's value): exact match is all or nothing, the tokens say how far.
+    several = [r for r in records if r.applicable and r.tokens > r.answers]
+    if several:
+        tasks = sorted({r.setting.task for r in several})
+        section += (f"\n\nAccuracy per answer token, for the tasks whose answers have several ({', '.join(tasks)}); "
+                    f"its interval treats the tokens of one answer as independent, so it is too narrow where errors "
+                    f"cluster.\n\n" + accuracy_table([r for r in records if r.setting.task in tasks],
+                                                     metric="token_accuracy"))
+    return section

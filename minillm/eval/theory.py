@@ -1,13 +1,19 @@
-"""RoPE-base theory: which lengths a rotary base supports (Liu et al. 2023; Men et al. 2024)."""
+"""RoPE-base theory: which lengths a rotary base supports (Liu et al. 2023; Men et al. 2024), and its record beside
+the measurements."""
 
 from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import Tensor
 
+from minillm.eval.grouping import markdown_table
+from minillm.eval.measurement import Measurement, register_measurement
+from minillm.eval.records import Record, Results
 from minillm.positions.scaling import rotary_inv_freq
 
 
@@ -77,3 +83,65 @@ def minimum_base(rotary_dim: int, length: int) -> float:
             if supported_length(rotary_dim, base, length) >= length:
                 return base
     return math.inf
+
+
+# ----------------------------------------------------------------------------------------------
+# Beside the measurements
+
+
+@dataclass
+class TheoryRecord(Record):
+    """What the RoPE-base literature predicts for one rotary model (its setting as trained) at one length."""
+
+    length: int
+    rotary_dim: int
+    theta: float
+    critical_dim: int  # Liu et al. 2023
+    extrapolation_bound: float  # Liu et al. 2023: T_extra
+    min_base: float  # Men et al. 2024
+    supported_length: int  # Men et al. 2024: the longest length this base supports, up to `length`
+
+
+@register_measurement("theory")
+class TheoryMeasurement(Measurement):
+    """The critical dimension and the base bound of a rotary model at every length the plan reaches."""
+
+    record = TheoryRecord
+    kinds = ("text", "task")
+
+    @classmethod
+    def applies(cls, subject, config) -> bool:
+        return subject.model.cfg.rope.is_rotary
+
+    def derive(self, results: Results) -> list[TheoryRecord]:
+        cfg = self.subject.model.cfg
+        rotary_dim = cfg.rope.rotary_dim or cfg.head_dim
+        critical, bound = critical_dimension(rotary_dim, cfg.rope.theta, cfg.context_length)
+        return [TheoryRecord(self.subject.setting, length, rotary_dim, cfg.rope.theta, critical, bound,
+                             minimum_base(rotary_dim, length), supported_length(rotary_dim, cfg.rope.theta, length))
+                for length in self.plan.reachable]
+
+    @classmethod
+    def section(cls, results: Results) -> Optional[str]:
+        records = results.of(cls.record)
+        return "## RoPE theory beside the measurement\n\n" + theory_table(records) if records else None
+
+
+def theory_table(records: list[TheoryRecord]) -> str:
+    """Markdown: the critical dimension (Liu et al. 2023) and the base bound (Men et al. 2024) per model and
+    length, one row for all seeds of a model. predicted: 'ok' when the model's base keeps B(m) ≥ 0 up to the
+    length."""
+    if not records:
+        return ""
+    header = ["model", "rotary dim", "θ", "critical dim (Liu 2023)", "T_extra", "eval length", "min base (Men 2024)",
+              "base supports (Men 2024)", "predicted"]
+    rows, seen = [], set()
+    for t in records:
+        model = (t.setting.model, t.rotary_dim, t.theta, t.setting.trained_length, t.length)
+        if model in seen:
+            continue
+        seen.add(model)
+        rows.append([t.setting.model, str(t.rotary_dim), f"{t.theta:g}", str(t.critical_dim),
+                     f"{t.extrapolation_bound:.0f}", str(t.length), f"{t.min_base:.3g}", str(t.supported_length),
+                     "ok" if t.supported_length >= t.length else "base too small"])
+    return markdown_table(header, rows)
