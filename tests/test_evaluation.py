@@ -532,6 +532,14 @@ def test_a_new_measurement_is_one_class_the_loop_and_the_report_pick_up(request,
     assert "## Windows\n\n12 6 12 6" in files["markdown"].read_text()
     assert read_results(tmp_path).of(WindowRecord) == results.of(WindowRecord)
 
+    @dataclass
+    class Clashing(Record):
+        factor: float  # a Setting column: flat rows could not tell them apart
+
+    with pytest.raises(ValueError, match=r"^measurements: clash: Clashing repeats the Setting's columns \['factor'\]"):
+        register_measurement("clash")(type("Clash", (Measurement,), {"record": Clashing}))
+    assert "clash" not in MEASUREMENTS
+
 
 # ----------------------------------------------------------------------------------------------
 # Accuracy of task-trained models

@@ -45,7 +45,7 @@ def table_groups(records: list[Record]) -> dict[Setting, list[Record]]:
     groups: dict[Setting, list] = defaultdict(list)
     for r in records:
         groups[key(r)].append(r)
-    return dict(sorted(groups.items(), key=lambda item: row_order(item[0])))
+    return {row: groups[row] for row in sorted(groups, key=row_order)}
 
 
 def model_name(row: Setting) -> str:

@@ -5,15 +5,16 @@ registry's order (minillm/eval/__init__.py imports the modules that hold them, i
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Optional
 
 from minillm.eval.config import EvalConfig
-from minillm.eval.records import Record, Results, Setting
+from minillm.eval.records import SETTING_COLUMNS, Record, Results, Setting
 from minillm.positions.methods import AttentionMethod
 from minillm.positions.scaling import Scaling
-from minillm.registry import Registry
+from minillm.registry import Registry, require
 
 if TYPE_CHECKING:
     from minillm.eval.sources import Subject
@@ -25,6 +26,9 @@ MEASUREMENTS = Registry("measurements")  # name (results.json's key) -> Measurem
 def register_measurement(name: str):
     """Class decorator: file a Measurement under `name`, which names its records' kind too."""
     def add(cls: type["Measurement"]) -> type["Measurement"]:
+        shared = sorted({f.name for f in dataclasses.fields(cls.record)} & set(SETTING_COLUMNS))
+        require(not shared, "measurements", f"{name}: {cls.record.__name__} repeats the Setting's columns {shared} "
+                                            f"(results.json and the CSV files are flat)")
         MEASUREMENTS.register(name)(cls)
         cls.record.kind = name
         return cls

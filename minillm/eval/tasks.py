@@ -236,13 +236,13 @@ def accuracy_groups(records: list[AccuracyRecord], effective: list[EffectiveLeng
     """The rows of the accuracy table: row (see minillm.eval.grouping.row_key) -> the records of every seed and
     their effective lengths."""
     key = row_key(records)
-    groups: dict[Setting, tuple[list, list]] = defaultdict(lambda: ([], []))
+    rows: dict[Setting, list[AccuracyRecord]] = defaultdict(list)
     for r in records:
-        groups[key(r)][0].append(r)
+        rows[key(r)].append(r)
+    effective_of: dict[Setting, list[EffectiveLengthRecord]] = defaultdict(list)
     for e in effective:
-        if key(e) in groups:
-            groups[key(e)][1].append(e)
-    return dict(sorted(groups.items(), key=lambda item: row_order(item[0])))
+        effective_of[key(e)].append(e)
+    return {row: (rows[row], effective_of[row]) for row in sorted(rows, key=row_order)}
 
 
 def _exact_match_cell(records: list[AccuracyRecord], metric: str = "exact_match") -> str:
