@@ -22,7 +22,7 @@ class EvalConfig:
     """Length-extrapolation evaluation of trained checkpoints (scripts/eval_extrapolate.py)."""
 
     # a .ckpt, a run folder, a multirun folder (or a glob of them); hf:<folder or hub id>, or a .gguf file, to
-    # import a pretrained model (minillm.pretrained); or a list of these
+    # import a pretrained model (minillm.interop.pretrained); or a list of these
     ckpt: Any = None
     # The text imported models are read on (trained runs read their own run's validation documents).
     data: DataConfig = field(default_factory=DataConfig)

@@ -113,7 +113,7 @@ class RunConfig:
     seed: int = 0
     ckpt_path: Optional[str] = None  # "last" resumes this run folder's last checkpoint; or a path
     # A run folder or .ckpt whose weights start this run (fresh optimizer and schedule): its shape, vocabulary,
-    # encoding and tokenizer are kept; the context length, scaling and positions are this run's (minillm.finetune).
+    # encoding and tokenizer are kept; the context length, scaling and positions are this run's (minillm.train.finetune).
     init_from: Optional[str] = None
     verbose: bool = False  # show the libraries' console lines too (devices, tips, deprecations)
 
@@ -125,7 +125,7 @@ class RunConfig:
         self.positions = sampler_config(self.positions)
         if self.data.synthetic:  # the task's prompt must fit the training windows (and its knobs agree)
             self.data.synthetic_task.check_length(self.model.context_length)
-        if self.init_from is None:  # a fine-tuning is checked once its source's settings are in (minillm.finetune)
+        if self.init_from is None:  # a fine-tuning is checked once its source's settings are in (minillm.train.finetune)
             self.sampler.check(self.rope, self.model.context_length)
 
     @property

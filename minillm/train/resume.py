@@ -24,7 +24,7 @@ RESUMABLE = ("trainer.max_steps", "trainer.val_check_interval", "trainer.limit_v
 DERIVED = ("model.vocab_size", "model.rope", "model.rope_scaling")  # set from the tokenizer and the groups
 GLOBAL_GROUPS = ("experiment",)  # overlays on the whole tree (`# @package _global_`)
 # Filled in by a new run where the command line leaves them unset (a fine-tuning's scaling takes its source's
-# length, minillm.finetune): asked again unset on resume, they match whatever the run filled in.
+# length, minillm.train.finetune): asked again unset on resume, they match whatever the run filled in.
 FILLED = ("rope_scaling.original_max_position",)
 
 

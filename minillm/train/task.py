@@ -129,7 +129,7 @@ class LanguageModelTask(L.LightningModule):
         self.model_cfg = ModelConfig.from_dict(model)
         self.optim_cfg = OptimConfig(**optim)
         self.model = Transformer(self.model_cfg)
-        # Training positions (minillm.samplers), drawn per step from (seed, step, rank): a resume draws the same.
+        # Training positions (minillm.positions.samplers), drawn per step from (seed, step, rank): a resume draws the same.
         self.sampler = sampler_config(positions)
         self.seed = seed
         self.compile = compile
