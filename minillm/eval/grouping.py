@@ -66,3 +66,19 @@ def mean_cell(values: list[Optional[float]]) -> str:
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in rows])
+
+
+def length_table(records: list, value, column: str) -> str:
+    """Markdown: one row per series (model, training length, scaling, attention), `value(record)` per length in
+    columns named `column.format(length)`, the mean ± std over seeds (n/a where none is finite)."""
+    lengths = sorted({r.length for r in records})
+    header = ["model", "trained", "scaling", "attention", "seeds"] + [column.format(n) for n in lengths]
+    rows = []
+    for row, group in table_groups(records).items():
+        by_length: dict[int, list] = defaultdict(list)
+        for r in group:
+            by_length[r.length].append(value(r))
+        seeds = len({r.setting.seed for r in group})
+        rows.append([model_name(row), str(row.trained_length), row.scaling, row.attention_label, str(seeds)] +
+                    [mean_cell(by_length.get(n, [])) for n in lengths])
+    return markdown_table(header, rows)

@@ -7,7 +7,6 @@ import re
 import resource
 import sys
 import time
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -16,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from minillm.eval.grouping import markdown_table, mean_cell, model_name, table_groups
+from minillm.eval.grouping import length_table
 from minillm.eval.measurement import Measurement, Reading, Table, register_measurement
 from minillm.eval.records import SETTING_COLUMNS, Record, Results, Setting
 from minillm.model.transformer import Transformer
@@ -284,14 +283,4 @@ class PerplexityMeasurement(Measurement):
 
 def perplexity_table(records: list[PerplexityRecord]) -> str:
     """Markdown: perplexity per length (mean ± std over seeds); n/a where the model cannot run that long."""
-    lengths = sorted({r.length for r in records})
-    header = ["model", "trained", "scaling", "attention", "seeds"] + [f"ppl @ {n}" for n in lengths]
-    rows = []
-    for row, group in table_groups(records).items():
-        by_length: dict[int, list] = defaultdict(list)
-        for r in group:
-            by_length[r.length].append(r.ppl if r.applicable else None)
-        seeds = len({r.setting.seed for r in group})
-        rows.append([model_name(row), str(row.trained_length), row.scaling, row.attention_label, str(seeds)] +
-                    [mean_cell(by_length.get(n, [])) for n in lengths])
-    return markdown_table(header, rows)
+    return length_table(records, lambda r: r.ppl if r.applicable else None, "ppl @ {}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -10,7 +9,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from minillm.eval.grouping import markdown_table, mean_cell, model_name, table_groups
+from minillm.eval.grouping import length_table
 from minillm.eval.measurement import Measurement, Reading, Table, register_measurement
 from minillm.eval.perplexity import MAX_ATTENTION_PAIRS, evaluation_tokens
 from minillm.eval.records import Record, Results
@@ -100,15 +99,4 @@ class TailLossMeasurement(Measurement):
 def tail_table(records: list[TailLossRecord]) -> str:
     """Markdown: the loss on each document's last L tokens (L = training length) against the context read
     before and with them (mean ± std over seeds); falling along a row means the extra context helps."""
-    if not records:
-        return ""
-    lengths = sorted({r.length for r in records})
-    header = ["model", "trained", "scaling", "attention", "seeds"] + [f"context {n}" for n in lengths]
-    rows = []
-    for row, group in table_groups(records).items():
-        by_length: dict[int, list] = defaultdict(list)
-        for r in group:
-            by_length[r.length].append(r.loss)
-        rows.append([model_name(row), str(row.trained_length), row.scaling, row.attention_label,
-                     str(len({r.setting.seed for r in group}))] + [mean_cell(by_length.get(n, [])) for n in lengths])
-    return markdown_table(header, rows)
+    return length_table(records, lambda r: r.loss, "context {}") if records else ""
