@@ -127,9 +127,21 @@ class Measurement:
         return [Table(cls.name, cls.csv, cls.record.columns(), [(r, r.csv_row()) for r in records])]
 
     @classmethod
-    def section(cls, results: Results) -> Optional[str]:
-        """The report's markdown section ('## title\\n\\n' and the table); None: no section."""
+    def heading(cls, records: list[Record]) -> Optional[str]:
+        """The title of the report's section on these records; None: no section."""
         return None
+
+    @classmethod
+    def table(cls, records: list[Record], results: Results) -> str:
+        """The markdown table of the section (results: every record, for tables that join another kind)."""
+        return ""
+
+    @classmethod
+    def section(cls, results: Results) -> Optional[str]:
+        """The report's markdown section ('## heading\\n\\n' and the table) where there are records; None: none."""
+        records = results.of(cls.record)
+        title = cls.heading(records) if records else None
+        return None if title is None else f"## {title}\n\n" + cls.table(records, results)
 
     @classmethod
     def figures(cls, results: Results, out_dir: Path) -> list[Path]:

@@ -133,9 +133,12 @@ class PasskeyMeasurement(Measurement):
         return records
 
     @classmethod
-    def section(cls, results: Results) -> Optional[str]:
-        records = results.of(cls.record)
-        return "## Passkey retrieval\n\n" + passkey_table(records) if records else None
+    def heading(cls, records: list[PasskeyRecord]) -> str:
+        return "Passkey retrieval"
+
+    @classmethod
+    def table(cls, records: list[PasskeyRecord], results: Results) -> str:
+        return passkey_table(records)
 
 
 def passkey_table(records: list[PasskeyRecord]) -> str:

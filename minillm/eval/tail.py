@@ -81,12 +81,12 @@ class TailLossMeasurement(Measurement):
         return [table]
 
     @classmethod
-    def section(cls, results: Results) -> Optional[str]:
-        records = results.of(cls.record)
-        if not records:
-            return None
-        return (f"## Loss on the last {records[0].targets} tokens against the context read (ReRoPE's protocol)\n\n"
-                + tail_table(records))
+    def heading(cls, records: list[TailLossRecord]) -> str:
+        return f"Loss on the last {records[0].targets} tokens against the context read (ReRoPE's protocol)"
+
+    @classmethod
+    def table(cls, records: list[TailLossRecord], results: Results) -> str:
+        return tail_table(records)
 
     @classmethod
     def figures(cls, results: Results, out_dir: Path) -> list[Path]:

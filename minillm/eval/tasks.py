@@ -199,12 +199,12 @@ class AccuracyMeasurement(Measurement):
         return [table]
 
     @classmethod
-    def section(cls, results: Results) -> Optional[str]:
-        records = results.of(cls.record)
-        if not records:
-            return None
-        return "## Task accuracy against evaluation length\n\n" + \
-            accuracy_section(records, results.of(EffectiveLengthRecord))
+    def heading(cls, records: list[AccuracyRecord]) -> str:
+        return "Task accuracy against evaluation length"
+
+    @classmethod
+    def table(cls, records: list[AccuracyRecord], results: Results) -> str:
+        return accuracy_section(records, results.of(EffectiveLengthRecord))
 
     @classmethod
     def figures(cls, results: Results, out_dir: Path) -> list[Path]:

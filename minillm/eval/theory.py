@@ -6,7 +6,6 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -122,9 +121,12 @@ class TheoryMeasurement(Measurement):
                 for length in self.plan.reachable]
 
     @classmethod
-    def section(cls, results: Results) -> Optional[str]:
-        records = results.of(cls.record)
-        return "## RoPE theory beside the measurement\n\n" + theory_table(records) if records else None
+    def heading(cls, records: list[TheoryRecord]) -> str:
+        return "RoPE theory beside the measurement"
+
+    @classmethod
+    def table(cls, records: list[TheoryRecord], results: Results) -> str:
+        return theory_table(records)
 
 
 def theory_table(records: list[TheoryRecord]) -> str:
