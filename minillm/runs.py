@@ -319,11 +319,6 @@ def model_weights(checkpoint: dict) -> dict[str, torch.Tensor]:
     return {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
 
 
-def run_model_config(run: Run) -> ModelConfig:
-    """The model config a run's checkpoint was trained with (the checks an evaluation makes before measuring)."""
-    return run.model_config
-
-
 def build_model(cfg: ModelConfig, weights: dict[str, torch.Tensor], path: str | Path) -> Transformer:
     """The Transformer of a checkpoint's config and weights, in eval mode, on the CPU; path: the checkpoint, for
     the messages."""

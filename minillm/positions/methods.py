@@ -68,10 +68,6 @@ class Part:
     pattern: Optional[Pattern] = None
 
 
-def _causal(i: Tensor, j: Tensor) -> Tensor:
-    return j <= i
-
-
 def _at(query: Tensor, key: Tensor, like: Positions) -> Positions:
     """Positions for one part; `length` stays the sequence's, so dynamic scalings and XPos see the real length."""
     return Positions(query, key, like.length)
