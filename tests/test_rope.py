@@ -717,6 +717,18 @@ def test_kerple_bias_is_its_kernel_of_the_distance(kind):
     assert bool((kerple.r1.grad[:2] != 0).all()) and bool((kerple.r2.grad[0] != 0))
 
 
+@pytest.mark.parametrize("kind, r1_high, r2_high", [("log", 2.0, 1.0), ("power", 1.0, 2.0)])
+def test_kerple_initialisation_is_the_references(kind, r1_high, r2_high):
+    """chijames/KERPLE, ParallelKerpleLog: a ~ U(0, 2), c ~ U(0, 1); ParallelKerplePower: the multiplier
+    a ~ U(0, 1), the exponent p ~ U(0, 2). 4096 heads draw each range's extremes close to its ends."""
+    torch.manual_seed(0)
+    kerple = KerpleBias(4096, kind)
+    for values, high in ((kerple.r1, r1_high), (kerple.r2, r2_high)):
+        assert 0 <= float(values.min()) < 0.01 * high
+        assert 0.99 * high < float(values.max()) <= high
+        assert float(values.mean()) == pytest.approx(high / 2, rel=0.05)
+
+
 def fire_by_hand(fire: FireBias, i: int, j: int) -> list[float]:
     """FIRE's bias per head from the paper's definition, in plain Python: f(ψ(i − j) / ψ(max(L, i))), ψ(x) = log(cx + 1)."""
     c, threshold = fire.c.item(), abs(fire.threshold_multiplier.item() * fire.init_threshold.item())

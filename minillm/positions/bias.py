@@ -124,16 +124,20 @@ class KerpleConfig(PositionConfig):
 
 
 class KerpleBias(PositionEncoding):
-    """The kernel's parameters, shared by every layer as in chijames/KERPLE, initialised as there (r₁ ~ U(0, 2),
-    r₂ ~ U(0, 1)) and kept positive by clamping at 0.01 in the forward (power: r₂ ≤ 2, the kernel's range)."""
+    """The kernel's parameters, shared by every layer as in chijames/KERPLE, initialised as there and kept
+    positive by clamping at 0.01 in the forward (power: r₂ ≤ 2, the kernel's range)."""
 
     MIN = 0.01
+    # U(0, scale) for (r₁, r₂), as chijames/KERPLE draws them: the log kernel's multiplier spans (0, 2) and its
+    # inner scale (0, 1); the power kernel's multiplier (0, 1) and its exponent (0, 2), the whole allowed range.
+    INIT_SCALES = {"log": (2.0, 1.0), "power": (1.0, 2.0)}
 
     def __init__(self, n_heads: int, kind: str = "log"):
         super().__init__()
         self.kind = kind
-        self.r1 = nn.Parameter(torch.rand(n_heads) * 2)
-        self.r2 = nn.Parameter(torch.rand(n_heads))
+        r1_scale, r2_scale = self.INIT_SCALES[kind]
+        self.r1 = nn.Parameter(torch.rand(n_heads) * r1_scale)
+        self.r2 = nn.Parameter(torch.rand(n_heads) * r2_scale)
 
     def attention_bias(self, query: Tensor, key: Tensor) -> Tensor:
         distance = (query[..., :, None] - key[..., None, :]).abs().float()[:, None]  # (P, 1, q, k)
