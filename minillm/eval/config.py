@@ -52,6 +52,7 @@ class EvalConfig:
     seed: int = 0
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     verbose: bool = False  # show the libraries' console lines too
+    overwrite: bool = False  # replace the results already in hydra.run.dir (whole); otherwise such a folder is refused
 
     def __post_init__(self) -> None:
         require(self.ckpt not in (None, "", []), "ckpt", "name a checkpoint, a run folder or a multirun folder")
