@@ -1,9 +1,12 @@
-"""Settings plumbing shared by every part: the check that names a setting, the unknown-field check, ConfigError,
-and the Registry each axis (encodings, scalings, attention methods, samplers, tasks) keeps its classes in."""
+"""Settings plumbing shared by every part: the checks that name a setting (finite numbers among them), the
+unknown-field check, ConfigError, and the Registry each axis (encodings, scalings, attention methods, samplers,
+tasks) keeps its classes in."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Sequence
 from typing import Callable, Mapping, Optional, TypeVar
 
 T = TypeVar("T", bound=type)
@@ -21,6 +24,28 @@ def require(condition: bool, name: str, message: str) -> None:
 
 def choice(value: str, name: str, allowed) -> None:
     require(value in allowed, name, f"got {value!r}, expected one of {sorted(allowed)}")
+
+
+def positive(value: float, name: str) -> None:
+    """Refuse anything but a finite number above 0, naming the setting: inf passes `value > 0`, and an infinite
+    step size, epsilon or base trains to nonsense instead of failing."""
+    require(math.isfinite(value) and value > 0, name, f"must be a finite positive number, got {value}")
+
+
+def finite(config, prefix: str, declared_by: Optional[type] = None) -> None:
+    """Refuse NaN and ±inf in the float fields (and lists of floats) of the dataclass instance `config`, naming
+    `prefix`.field: range checks alone let inf through (inf > 0) and NaN makes every comparison false.
+
+    Called at the end of a __post_init__, after the range checks (which say more); declared_by: check only the
+    fields of that dataclass (the caller's class, in a hierarchy whose subclasses check theirs after it), else all.
+    """
+    for f in dataclasses.fields(declared_by or config):
+        value = getattr(config, f.name)
+        if isinstance(value, Sequence) and not isinstance(value, str):
+            require(all(math.isfinite(v) for v in value if isinstance(v, float)), f"{prefix}.{f.name}",
+                    f"must hold finite numbers, got {list(value)}")
+        elif isinstance(value, float):
+            require(math.isfinite(value), f"{prefix}.{f.name}", f"must be a finite number, got {value}")
 
 
 def known_fields(cls: type, d: dict, prefix: str, member: Optional[str] = None) -> dict:

@@ -15,9 +15,9 @@ class LoggerConfig:
     """Where metrics go: W&B (offline without an API key), a CSV file, or nowhere but the run folder."""
 
     kind: str = "wandb"  # wandb | csv | none
-    project: str = "minillm"
-    group: Optional[str] = None
-    tags: list[str] = field(default_factory=list)
+    project: str = "minillm"  # the W&B project
+    group: Optional[str] = None  # the W&B group; None: none (a fine-tuning: its source run's)
+    tags: list[str] = field(default_factory=list)  # W&B tags beside those naming the encoding and its settings
     mode: str = "auto"  # auto: online with an API key, offline otherwise | online | offline | disabled
 
     def __post_init__(self) -> None:

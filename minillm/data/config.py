@@ -6,7 +6,7 @@ from dataclasses import dataclass, field, make_dataclass
 from typing import Optional
 
 from minillm.data.synthetic import SYNTHETIC_TASKS, TaskConfig
-from minillm.registry import choice, require
+from minillm.registry import choice, finite, require
 
 # ----------------------------------------------------------------------------------------------
 # Data and tokenizer (conf/data, conf/tokenizer)
@@ -30,21 +30,21 @@ class DataConfig:
     # With path=synthetic (data=synthetic): the task generated on the fly (minillm.data.synthetic), with its knobs
     # under data.tasks.<task>, e.g. data.task=copy data.tasks.copy.num_symbols=16.
     task: Optional[str] = None
-    tasks: "TaskSettings" = field(default_factory=lambda: TaskSettings())
+    tasks: "TaskSettings" = field(default_factory=lambda: TaskSettings())  # every task's knobs, under its name
     name: Optional[str] = None  # the hub dataset's config name
-    split: str = "train"
+    split: str = "train"  # the split trained on
     # The split to validate on; None: a local dataset's "validation" split if it has one, else documents of
     # data.split held out by hash (val_fraction).
     val_split: Optional[str] = None
-    text_field: str = "text"
+    text_field: str = "text"  # the column that holds each document's text
     streaming: bool = False  # hub sets too large to download whole
     max_documents: Optional[int] = None  # None: all; required with streaming
     val_fraction: float = 0.05  # by document, chosen by a hash of its text
     val_windows: int = 32  # fixed validation windows of context_length + 1 tokens (synthetic: examples)
     long_documents: int = 16  # longest validation documents kept for the extrapolation evaluation
-    batch_size: int = 16
-    num_workers: int = 0
-    cache_dir: str = "~/.cache/minillm"
+    batch_size: int = 16  # windows per training step (per device)
+    num_workers: int = 0  # DataLoader worker processes; 0: load in the training process
+    cache_dir: str = "~/.cache/minillm"  # token caches, trained tokenizers and downloaded datasets
 
     def __post_init__(self) -> None:
         require(bool(self.path), "data.path", "must name a dataset, a file, 'stdlib' or 'synthetic'")
@@ -65,6 +65,7 @@ class DataConfig:
             require(self.max_documents > 0, "data.max_documents", f"must be positive, got {self.max_documents}")
         require(not self.streaming or self.max_documents is not None, "data.max_documents",
                  "must be set when data.streaming is true (a stream has no end to tokenize up to)")
+        finite(self, "data")
 
     @property
     def synthetic(self) -> bool:
@@ -81,8 +82,8 @@ class TokenizerConfig:
     """Byte-level BPE trained on the training split, or a given tokenizer.json."""
 
     path: Optional[str] = None  # a tokenizer.json; None: train one on the training split
-    vocab_size: int = 4096
-    min_frequency: int = 2
+    vocab_size: int = 4096  # the BPE's vocabulary, 256 bytes and the special tokens included
+    min_frequency: int = 2  # a pair is merged only if it occurs at least this often
 
     def __post_init__(self) -> None:
         require(self.vocab_size >= 260, "tokenizer.vocab_size",

@@ -14,14 +14,13 @@ the k-th answer, -1 elsewhere; exact match asks every token of an answer to be r
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar, Optional
 
 import torch
 from torch import Tensor
 
-from minillm.registry import Registry, require
+from minillm.registry import Registry, finite, positive, require
 
 IGNORE = -100  # target of every non-answer position: F.cross_entropy's default ignore_index
 
@@ -121,13 +120,13 @@ class MQAR(TaskConfig):
     num_keys (the defaults reach 16 x 64 = 1024 tokens), and a longer length is refused, not capped.
     """
 
-    num_keys: int = 64
-    num_values: int = 64
+    num_keys: int = 64  # distinct keys; a window holds at most this many pairs
+    num_values: int = 64  # values, drawn with replacement
     # 4 pairs at 64 tokens (Zoology's range is 4..64): with its 8, a 2-layer d_model=64 model stayed on the
     # "some value of the context" plateau (~35% right) for 4000 steps; with 4 it leaves it near step 2000.
-    tokens_per_pair: int = 16
-    power_a: float = 0.01
-    show_values: bool = True
+    tokens_per_pair: int = 16  # tokens per pair: a window of T holds T // tokens_per_pair pairs
+    power_a: float = 0.01  # a of the power law a·(s+1)^(a−1) that places the queries in slots s (Zoology's)
+    show_values: bool = True  # write each queried value after its key (False: `k 0`, as Zoology)
 
     def __post_init__(self) -> None:
         require(self.num_keys >= 1, self.knob("num_keys"), f"must be at least 1, got {self.num_keys}")
@@ -135,8 +134,8 @@ class MQAR(TaskConfig):
         # Each pair takes 2 tokens and its query a 2-token slot: below 4 tokens per pair the queries do not fit.
         require(self.tokens_per_pair >= 4, self.knob("tokens_per_pair"),
                  f"must be at least 4 (2 tokens for a pair, 2 for its query), got {self.tokens_per_pair}")
-        require(math.isfinite(self.power_a) and self.power_a > 0, self.knob("power_a"),
-                 f"must be positive, got {self.power_a}")
+        positive(self.power_a, self.knob("power_a"))
+        finite(self, f"data.tasks.{self.name}", MQAR)
 
     @property
     def vocab_size(self) -> int:
@@ -199,16 +198,16 @@ class Needle(TaskConfig):
     distractors grow with the length at a fixed density; the needles and queries stay q.
     """
 
-    num_keys: int = 64
+    num_keys: int = 64  # keys of the needles and the distractor pairs
     # With 64 values a needle's first value token recurs elsewhere in the window for 15% of needles, where "copy
     # what followed it" is ambiguous: learned runs missed a quarter of those; 128 halves that (docs/synthetic_tasks.md).
-    num_values: int = 128
-    value_length: int = 2
+    num_values: int = 128  # values, drawn with replacement
+    value_length: int = 2  # value tokens per pair: the answer's length
     # Four needles in slots of 8 tokens (6 slots at 64 tokens, 126 at 1024): a 2-layer d_model=128, 4-head model
     # got 90% of them right by step 1000 (d_model=64: 12% after 3800 steps). One needle (niah_single) stayed
     # below 11% for 3800 steps: one answer per window is too little signal.
-    num_queries: int = 4
-    tokens_per_pair: int = 8
+    num_queries: int = 4  # needles, each queried once
+    tokens_per_pair: int = 8  # a haystack slot's tokens: the pair and filler around it
     depth: Optional[float] = None  # the needle's slot as a fraction of the haystack; None: uniform
     # Fillers between the haystack and the queries. With none, a needle that ends the haystack runs into the
     # first query's marker and reads like a query itself: learned runs missed 42–44 of 44 such needles, and
@@ -230,6 +229,7 @@ class Needle(TaskConfig):
                  f"must lie in [0, 1] or be None (uniform), got {self.depth}")
         require(self.depth is None or self.num_queries == 1, self.knob("depth"),
                  f"places a single needle; with {self.knob('num_queries')}={self.num_queries} leave it None (uniform)")
+        finite(self, f"data.tasks.{self.name}", Needle)
 
     @property
     def query_length(self) -> int:
@@ -321,8 +321,8 @@ class Copy(TaskConfig):
     Length scaling: n = length // 2, the copy is half the window at every length.
     """
 
-    num_symbols: int = 32
-    reverse: bool = False
+    num_symbols: int = 32  # the alphabet the copied sequence is drawn from
+    reverse: bool = False  # copy it backwards
 
     def __post_init__(self) -> None:
         require(self.num_symbols >= 1, self.knob("num_symbols"), f"must be at least 1, got {self.num_symbols}")
@@ -367,8 +367,8 @@ class FlipFlop(TaskConfig):
     the sequence (and the farthest write a read may need) grows.
     """
 
-    p_write: float = 0.1
-    p_read: float = 0.1
+    p_write: float = 0.1  # the chance of a write among the middle instructions
+    p_read: float = 0.1  # the chance of a read; the rest are ignores
 
     WRITE: ClassVar[int] = 1  # ignore is WRITE + 1
     READ: ClassVar[int] = 3
@@ -380,6 +380,7 @@ class FlipFlop(TaskConfig):
             require(0.0 <= value <= 1.0, self.knob(name), f"must lie in [0, 1], got {value}")
         require(self.p_write + self.p_read <= 1.0, self.knob("p_read"),
                  f"p_write + p_read must be at most 1 (the rest are ignores), got {self.p_write} + {self.p_read}")
+        finite(self, f"data.tasks.{self.name}", FlipFlop)
 
     @property
     def vocab_size(self) -> int:

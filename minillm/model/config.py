@@ -10,7 +10,7 @@ from typing import Any, Optional
 from minillm.positions.base import ModelShape, position_config
 from minillm.positions.rotary import RotaryConfig
 from minillm.positions.scaling import Scaling, scaling_config
-from minillm.registry import choice, require
+from minillm.registry import choice, finite, positive, require
 
 # ----------------------------------------------------------------------------------------------
 # The model (conf/model)
@@ -21,26 +21,26 @@ class ModelSettings:
     """What the model group (conf/model, model.*) sets: every model setting but the position encoding and its
     scaling, which the top-level rope and rope_scaling groups choose, one slot each."""
 
-    vocab_size: int = 4096
+    vocab_size: int = 4096  # tokens in the vocabulary; a run takes its tokenizer's (tokenizer.vocab_size)
     context_length: int = 256  # the training sequence length; stored with checkpoints
-    d_model: int = 128
-    n_layers: int = 4
-    n_heads: int = 4
+    d_model: int = 128  # the residual stream's width
+    n_layers: int = 4  # transformer blocks
+    n_heads: int = 4  # query heads per attention layer
     n_kv_heads: Optional[int] = None  # None: as many as n_heads (multi-head); fewer: grouped-query
     head_size: Optional[int] = None  # channels per head; None: d_model / n_heads (Qwen3 sets it apart)
     ffn: str = "swiglu"  # swiglu (LLaMA) | gelu (GPT-2)
     ffn_hidden: Optional[int] = None  # None: 4*d_model for gelu, 8/3*d_model rounded to 64 for swiglu
     norm: str = "rmsnorm"  # rmsnorm | layernorm
-    norm_eps: float = 1e-5
+    norm_eps: float = 1e-5  # added to the variance inside every norm, so that a zero vector divides by sqrt(eps)
     bias: bool = False  # biases in every linear layer and LayerNorm
     qkv_bias: bool = False  # biases on the query, key and value projections only (Qwen2)
     qk_norm: bool = False  # RMSNorm over each head's queries and keys before the rotation (arXiv:2302.05442; Qwen3)
     nope_every: Optional[int] = None  # every n-th layer (n, 2n, ...) sees no positions (Llama 4's iRoPE); None: none
     attn_temperature: str = "none"  # none | logn (Qwen's log-n) | ssmax (Scalable-Softmax): queries scaled by position
-    tie_embeddings: bool = True
-    attn_dropout: float = 0.0
-    resid_dropout: float = 0.0
-    init_std: float = 0.02
+    tie_embeddings: bool = True  # the output head shares the token embedding matrix
+    attn_dropout: float = 0.0  # dropout on the attention probabilities, in [0, 1)
+    resid_dropout: float = 0.0  # dropout on each block's output before it joins the residual stream, in [0, 1)
+    init_std: float = 0.02  # std of the normal init of embeddings and linear layers (output projections: ÷√(2L))
 
 
 @dataclass
@@ -78,8 +78,8 @@ class ModelConfig(ModelSettings):
             require(self.ffn_hidden > 0, "model.ffn_hidden", f"must be positive, got {self.ffn_hidden}")
         for name in ("attn_dropout", "resid_dropout"):
             require(0.0 <= getattr(self, name) < 1.0, f"model.{name}", f"must be in [0, 1), got {getattr(self, name)}")
-        require(self.norm_eps > 0, "model.norm_eps", f"must be positive, got {self.norm_eps}")
-        require(self.init_std > 0, "model.init_std", f"must be positive, got {self.init_std}")
+        positive(self.norm_eps, "model.norm_eps")  # inf: every activation normed to 0, a constant predictor
+        positive(self.init_std, "model.init_std")
         choice(self.attn_temperature, "model.attn_temperature", ("none", "logn", "ssmax"))
         require(self.attn_temperature == "none" or self.context_length >= 2, "model.attn_temperature",
                  f"scales by log_L with L = model.context_length, which must be at least 2 (got {self.context_length})")
@@ -88,6 +88,7 @@ class ModelConfig(ModelSettings):
             require(not self.rope.absolute, "model.nope_every",
                      f"position-free layers need a per-layer encoding (rotary or a bias); {self.rope.variant!r} "
                      f"adds positions to the token embeddings, which every layer then sees")
+        finite(self, "model")
         self.rope.validate(self.shape, self.rope_scaling)
 
     @property

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from minillm.positions.base import ModelShape, PositionConfig, PositionEncoding, Positions, register_position
 from minillm.positions.scaling import Scaling
-from minillm.registry import require
+from minillm.registry import finite, require
 
 
 @register_position("sinusoidal")
@@ -25,15 +25,18 @@ class SinusoidalConfig(PositionConfig):
     to a validation loss of 6.0 against 3.9 for every other encoding.
     """
 
-    variant: str = "sinusoidal"
-    max_period: float = 10000.0
+    variant: str = "sinusoidal"  # the registry name (rope=sinusoidal)
+    max_period: float = 10000.0  # the slowest channel's period in positions; above 1
 
     absolute: ClassVar[bool] = True
     reads_positions: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        require(self.max_period > 1, "rope.max_period", f"must be above 1, got {self.max_period}")
+        # inf would make every frequency 0: the same embedding at every position
+        require(math.isfinite(self.max_period) and self.max_period > 1, "rope.max_period",
+                 f"must be a finite number above 1, got {self.max_period}")
+        finite(self, "rope", SinusoidalConfig)
 
     def build(self, shape: ModelShape, scaling: Scaling) -> "SinusoidalEmbedding":
         return SinusoidalEmbedding(shape.d_model, self.max_period, amplitude=shape.init_std * math.sqrt(2))
@@ -62,7 +65,7 @@ class SinusoidalEmbedding(PositionEncoding):
 class LearnedConfig(PositionConfig):
     """Learned absolute positions (GPT-2): one trained vector per position up to the training length."""
 
-    variant: str = "learned"
+    variant: str = "learned"  # the registry name (rope=learned)
 
     absolute: ClassVar[bool] = True
     reads_positions: ClassVar[bool] = True

@@ -75,7 +75,7 @@ register_position = POSITION_ENCODINGS.register
 class PositionConfig:
     """NoPE (Kazemnejad et al. 2023, arXiv:2305.19466): no position information, causal masking only."""
 
-    variant: str = "none"
+    variant: str = "none"  # the encoding's registry name, as rope=<name> chooses it
 
     # What other parts may ask of any encoding: these, and the methods below them (tags, rotary_spectrum,
     # max_position), answered by every encoding, so that no caller tests for a class.

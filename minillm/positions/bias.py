@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from minillm.positions.base import ModelShape, PerLayer, PositionConfig, PositionEncoding, register_position
 from minillm.positions.scaling import Scaling
-from minillm.registry import require
+from minillm.registry import finite, positive, require
 
 
 @register_position("alibi")
@@ -19,7 +19,7 @@ from minillm.registry import require
 class ALiBiConfig(PositionConfig):
     """ALiBi (Press et al. 2021, arXiv:2108.12409): a linear distance penalty per head on the scores."""
 
-    variant: str = "alibi"
+    variant: str = "alibi"  # the registry name (rope=alibi)
 
     reads_positions: ClassVar[bool] = True
 
@@ -60,9 +60,9 @@ class T5Config(PositionConfig):
     """T5's relative bias (Raffel et al. 2020, arXiv:1910.10683): a learned scalar per (distance bucket, head),
     causal buckets as HF's `T5Attention._relative_position_bucket(bidirectional=False)`."""
 
-    variant: str = "t5"
-    num_buckets: int = 32
-    max_distance: int = 128
+    variant: str = "t5"  # the registry name (rope=t5)
+    num_buckets: int = 32  # learned scalars per head: half for exact distances, half logarithmically spaced
+    max_distance: int = 128  # distances from here on share the last bucket
 
     reads_positions: ClassVar[bool] = True
 
@@ -106,7 +106,7 @@ class KerpleConfig(PositionConfig):
     """KERPLE (Chi et al. 2022, arXiv:2205.09921): a conditionally positive definite kernel of the distance as
     the bias; log: −r₁·log(1 + r₂·|i − j|), power: −r₁·|i − j|^r₂, with r₁, r₂ > 0 learned per head."""
 
-    variant: str = "kerple"
+    variant: str = "kerple"  # the registry name (rope=kerple)
     kind: str = "log"  # log | power
 
     reads_positions: ClassVar[bool] = True
@@ -153,9 +153,9 @@ class FireConfig(PositionConfig):
     """FIRE (Li et al. 2023, arXiv:2310.04418): a learned function of the progressively normalised distance,
     b(i, j) = f_θ(ψ(i − j) / ψ(max(L, i))), ψ(x) = log(c·x + 1), f_θ an MLP 1 → mlp_width → heads; one per layer."""
 
-    variant: str = "fire"
-    mlp_width: int = 32
-    init_c: float = 0.1
+    variant: str = "fire"  # the registry name (rope=fire)
+    mlp_width: int = 32  # hidden units of the MLP from the normalised distance to one bias per head
+    init_c: float = 0.1  # the initial c of ψ(x) = log(c·x + 1), learned
     init_threshold: Optional[float] = None  # L before its learned multiplier; None: the training length
 
     reads_positions: ClassVar[bool] = True
@@ -163,9 +163,11 @@ class FireConfig(PositionConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         require(self.mlp_width >= 1, "rope.mlp_width", f"must be at least 1, got {self.mlp_width}")
-        require(self.init_c > 0, "rope.init_c", f"must be positive, got {self.init_c}")
-        require(self.init_threshold is None or self.init_threshold > 0, "rope.init_threshold",
-                 f"must be positive (or null: the training length), got {self.init_threshold}")
+        positive(self.init_c, "rope.init_c")
+        require(self.init_threshold is None or (math.isfinite(self.init_threshold) and self.init_threshold > 0),
+                 "rope.init_threshold", f"must be a finite positive number (or null: the training length), got "
+                 f"{self.init_threshold}")
+        finite(self, "rope", FireConfig)
 
     def build(self, shape: ModelShape, scaling: Scaling) -> "PerLayer":
         threshold = float(self.init_threshold if self.init_threshold is not None else shape.context_length)

@@ -22,7 +22,7 @@ class CoPEConfig(PositionConfig):
     ⌊p⌋ and ⌈p⌉), e a head_dim × npos table shared by the heads of a layer; positions past npos − 1 are clamped.
     """
 
-    variant: str = "cope"
+    variant: str = "cope"  # the registry name (rope=cope)
     npos: Optional[int] = None  # None: the training length + 1 (position 0 is possible), as the reference
 
     contextual: ClassVar[bool] = True

@@ -15,7 +15,6 @@ its knobs (defaults stated as rules of the training length L), `check` and `part
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, ClassVar, Optional
 
@@ -23,7 +22,7 @@ import torch
 from torch import Tensor
 
 from minillm.positions.base import Positions
-from minillm.registry import Registry, require
+from minillm.registry import Registry, finite, positive, require
 
 Pattern = Callable[[Tensor, Tensor], Tensor]  # (query index (q, 1), key index (1, k)) -> bool, True = in this part
 
@@ -114,7 +113,7 @@ class Blockwise(AttentionMethod):
 class Sliding(AttentionMethod):
     """Sliding window: each query sees the last `window` keys, itself included (default: the training length)."""
 
-    window: Optional[int] = None
+    window: Optional[int] = None  # keys each query sees, itself included; None: the training length
 
     def __post_init__(self) -> None:
         require(self.window is None or self.window >= 1, "methods.sliding.window", f"must be at least 1, got {self.window}")
@@ -134,8 +133,8 @@ class SelfExtend(AttentionMethod):
     share one softmax. Defaults: G = 8, W = L/2 (the paper's rule: it reaches (L − W)·G + W tokens).
     """
 
-    group: int = 8
-    window: Optional[int] = None
+    group: int = 8  # G: positions past the window are grouped G to one
+    window: Optional[int] = None  # W: distances below it keep the model's positions; None: L/2
 
     needs: ClassVar[str] = "relative"
 
@@ -162,7 +161,7 @@ class ReRoPE(AttentionMethod):
     """ReRoPE (Su 2023, bojone/rerope; jquesnelle/yarn `scaled_rope/LlamaReRoPE.py`): relative distance
     r' = min(r, w). Past w the query is turned by w and the key not at all. Default w = L/2."""
 
-    window: Optional[int] = None
+    window: Optional[int] = None  # w: distances are capped at it; None: L/2
 
     needs: ClassVar[str] = "rotary"
 
@@ -189,11 +188,12 @@ class LeakyReRoPE(ReRoPE):
     """Leaky ReRoPE (Su 2023): r' = w + (r − w)/k past w, i.e. queries at i/k + w(1 − 1/k) and keys at j/k
     (fractional positions); k = 16 by default, w = L/2."""
 
-    k: float = 16.0
+    k: float = 16.0  # distances past w grow 1/k as fast
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        require(self.k > 0 and math.isfinite(self.k), "methods.leaky_rerope.k", f"must be positive, got {self.k}")
+        positive(self.k, "methods.leaky_rerope.k")
+        finite(self, "methods.leaky_rerope", LeakyReRoPE)
 
     def far(self, positions: Positions, window: int) -> Positions:
         return _at(positions.query.double() / self.k + window * (1 - 1 / self.k), positions.key.double() / self.k,
@@ -207,9 +207,9 @@ class LMInfinite(AttentionMethod):
     pattern, the first n_global tokens and the last n_local; global keys outside the local window sit at
     distance `limit` (the query turned by it, the key not at all). Defaults: n_global 10, n_local = limit = L."""
 
-    n_global: int = 10
-    n_local: Optional[int] = None
-    limit: Optional[int] = None
+    n_global: int = 10  # the first tokens every query sees
+    n_local: Optional[int] = None  # the last keys every query sees; None: L
+    limit: Optional[int] = None  # the distance the global keys are seen at; None: L
 
     needs: ClassVar[str] = "relative"
 
@@ -237,8 +237,8 @@ class AttentionSinks(AttentionMethod):
     keep their distance, a sink j is seen from position min(i, start + recent − 1). Defaults: start 4,
     recent = L − 4, so the cache holds L tokens."""
 
-    start: int = 4
-    recent: Optional[int] = None
+    start: int = 4  # the first tokens kept (the sinks)
+    recent: Optional[int] = None  # the last keys kept; None: L − start
 
     needs: ClassVar[str] = "relative"
 

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from minillm.kernels import rotate
 from minillm.positions.base import ModelShape, PositionConfig, PositionEncoding, Positions, register_position
 from minillm.positions.scaling import Scaling, rotary_inv_freq, scaling_config
-from minillm.registry import require
+from minillm.registry import finite, positive, require
 
 # ----------------------------------------------------------------------------------------------
 # Rotary layouts: the same rotation by angle m*θ_i applied to three different pairings of channels.
@@ -98,21 +98,22 @@ class RotaryConfig(PositionConfig):
     """Rotary position embedding (Su et al. 2021, arXiv:2104.09864), optionally with XPos."""
 
     variant: str = "complex"  # the layout: complex | interleaved (pairs 2i, 2i+1) | rotate_half (pairs i, i+d/2)
-    theta: float = 10000.0
+    theta: float = 10000.0  # the base: pair i turns at theta^(−2i/rotary_dim) radians per position
     rotary_dim: Optional[int] = None  # None: the whole head dimension
-    xpos_scale_base: Optional[float] = None  # None: plain RoPE; a number turns XPos on
+    xpos_scale_base: Optional[float] = None  # XPos's γ: scores decay as ζ^(distance/γ); None: plain RoPE
 
     rotary: ClassVar[bool] = True
     reads_positions: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        require(math.isfinite(self.theta) and self.theta > 0, "rope.theta", f"must be positive, got {self.theta}")
+        positive(self.theta, "rope.theta")
         if self.rotary_dim is not None:
             require(self.rotary_dim > 0 and self.rotary_dim % 2 == 0, "rope.rotary_dim",
                      f"must be a positive even number, got {self.rotary_dim}")
-        if self.xpos_scale_base is not None:
-            require(self.xpos_scale_base > 0, "rope.xpos_scale_base", f"must be positive, got {self.xpos_scale_base}")
+        if self.xpos_scale_base is not None:  # inf: no decay, and no length it can be run to (xpos_max_length)
+            positive(self.xpos_scale_base, "rope.xpos_scale_base")
+        finite(self, "rope", RotaryConfig)
 
     @property
     def label(self) -> str:
@@ -158,9 +159,9 @@ class RotaryEmbedding(PositionEncoding):
         rotary_dim = head_dim if rotary_dim is None else rotary_dim
         require(not (head_dim % 2 or rotary_dim % 2) and 0 < rotary_dim <= head_dim, "rotary_dim",
                  f"need an even rotary_dim <= an even head_dim, got {rotary_dim} and {head_dim}")
-        require(theta > 0, "theta", f"must be positive, got {theta}")
-        require(xpos_scale_base is None or xpos_scale_base > 0, "xpos_scale_base",
-                 f"must be positive, got {xpos_scale_base}")
+        positive(theta, "theta")
+        if xpos_scale_base is not None:
+            positive(xpos_scale_base, "xpos_scale_base")
         self.scaling = scaling_config(scaling)
         self.scaling.check_dim(rotary_dim)
         require(not self.scaling.needs_original or self.scaling.original_max_position is not None,
@@ -251,8 +252,8 @@ class PRopeConfig(RotaryConfig):
     θ_i = theta^(−2i/d), i < p·d/2, turn; the other channels rotate by 0 and carry no position (NoPE channels).
     HF's `proportional` RoPE type is the same rotation, so the model exports to it."""
 
-    variant: str = "p_rope"
-    p: float = 0.75
+    variant: str = "p_rope"  # the registry name (rope=p_rope)
+    p: float = 0.75  # the fraction of the head's channels that turn, in (0, 1]
     layout: str = "rotate_half"  # pairing of the rotated channels: rotate_half (as Gemma), complex or interleaved
 
     def __post_init__(self) -> None:
@@ -261,6 +262,7 @@ class PRopeConfig(RotaryConfig):
         require(self.layout in ROTARY_FUNCTIONS, "rope.layout",
                  f"got {self.layout!r}, expected one of {sorted(ROTARY_FUNCTIONS)}")
         require(self.rotary_dim is None, "rope.rotary_dim", "p-RoPE rotates p·head_dim channels: set rope.p instead")
+        finite(self, "rope", PRopeConfig)
 
     @property
     def label(self) -> str:

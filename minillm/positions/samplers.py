@@ -149,7 +149,7 @@ class PoSESampler(PositionSampler):
     target; positions() refuses it unset.
     """
 
-    sampler: str = "pose"
+    sampler: str = "pose"  # the registry name (positions=pose)
     chunks: int = 2  # the paper's N (sec. 3.2: two keep closest to the pre-training structure)
     target_length: Optional[int] = None  # the context length to reach (positions 0 .. target_length − 1)
 
@@ -208,7 +208,7 @@ class RandomizedSampler(PositionSampler):
     until set, or until `resolved` gives it the run's rope_scaling target; positions() refuses it unset.
     """
 
-    sampler: str = "randomized"
+    sampler: str = "randomized"  # the registry name (positions=randomized)
     max_position: Optional[int] = None  # positions are drawn from 0 .. max_position − 1 (the reference's L)
 
     reach_setting: ClassVar[Optional[str]] = "max_position"

@@ -15,7 +15,7 @@ from typing import ClassVar, Optional
 import torch
 from torch import Tensor
 
-from minillm.registry import Registry, require
+from minillm.registry import Registry, finite, positive, require
 
 
 def rotary_inv_freq(theta: float, dim: int) -> Tensor:
@@ -33,7 +33,7 @@ class Scaling:
     """No frequency scaling: the rotary frequencies the model was built with."""
 
     type: str = "none"  # the registry name: checkpoints store it to rebuild the right class
-    factor: float = 1.0
+    factor: float = 1.0  # the scale: the length meant for ÷ the trained length
     # Length the model was trained at; None means the model's context_length (filled in by `trained_at`).
     original_max_position: Optional[int] = None
 
@@ -46,11 +46,11 @@ class Scaling:
     def __post_init__(self) -> None:
         require(self.type == self.name, "rope_scaling.type",
                  f"{type(self).__name__} is the {self.name!r} scaling, got type={self.type!r}")
-        require(math.isfinite(self.factor) and self.factor > 0, "rope_scaling.factor",
-                 f"must be positive, got {self.factor}")
+        positive(self.factor, "rope_scaling.factor")
         if self.original_max_position is not None:
             require(self.original_max_position > 0, "rope_scaling.original_max_position",
                      f"must be positive, got {self.original_max_position}")
+        finite(self, "rope_scaling", Scaling)
 
     @property
     def original(self) -> int:
@@ -101,8 +101,8 @@ register_scaling("none")(Scaling)
 class LinearScaling(Scaling):
     """Position interpolation (Chen et al. 2023, arXiv:2306.15595): m -> m / factor, i.e. θ_i / factor."""
 
-    type: str = "linear"
-    factor: float = 4.0
+    type: str = "linear"  # the registry name (rope_scaling=linear)
+    factor: float = 4.0  # the scale: the length meant for ÷ the trained length
 
     def frequencies(self, theta: float, dim: int, length: int) -> tuple[Tensor, float]:
         return rotary_inv_freq(theta, dim) / self.factor, 1.0
@@ -116,8 +116,8 @@ class LinearScaling(Scaling):
 class NTKScaling(Scaling):
     """NTK-aware (bloc97 2023): base' = base · factor^(d/(d-2)), so the lowest frequency is interpolated by factor."""
 
-    type: str = "ntk"
-    factor: float = 4.0
+    type: str = "ntk"  # the registry name (rope_scaling=ntk)
+    factor: float = 4.0  # the scale: the length meant for ÷ the trained length
 
     def check_dim(self, rotary_dim: int) -> None:
         require(rotary_dim > 2, "rope.rotary_dim", f"{self.name} scales theta by factor^(d/(d-2)) and needs d > 2, "
@@ -142,8 +142,8 @@ class DynamicNTKScaling(NTKScaling):
     base' = base · (factor·L/L0 − (factor − 1))^(d/(d−2)) for L > L0, the plain base up to L0.
     """
 
-    type: str = "dynamic_ntk"
-    factor: float = 4.0
+    type: str = "dynamic_ntk"  # the registry name (rope_scaling=dynamic_ntk)
+    factor: float = 4.0  # the scale: the length meant for ÷ the trained length
 
     needs_original: ClassVar[bool] = True
     dynamic: ClassVar[bool] = True
@@ -180,15 +180,15 @@ class YarnScaling(Scaling):
     q and k are multiplied by the attention factor (a temperature on the scores).
     """
 
-    type: str = "yarn"
-    factor: float = 4.0
-    beta_fast: float = 32.0
-    beta_slow: float = 1.0
+    type: str = "yarn"  # the registry name (rope_scaling=yarn)
+    factor: float = 4.0  # the scale: the length meant for ÷ the trained length
+    beta_fast: float = 32.0  # dimensions turning more than this many times over the trained length are kept
+    beta_slow: float = 1.0  # dimensions turning fewer than this many times are interpolated by factor
     # None: mscale(factor, mscale) / mscale(factor, mscale_all_dim) if those are set (DeepSeek), else
     # 0.1·ln(factor) + 1. Given, it wins over mscale, as in HF.
     attention_factor: Optional[float] = None
     mscale: Optional[float] = None  # set both or neither: HF reads them only as a pair
-    mscale_all_dim: Optional[float] = None
+    mscale_all_dim: Optional[float] = None  # DeepSeek's denominator temperature: mscale(factor, mscale_all_dim)
     truncate: bool = True  # round the ramp's ends out to whole dimensions; False: as computed (gpt-oss)
 
     needs_original: ClassVar[bool] = True
@@ -199,16 +199,15 @@ class YarnScaling(Scaling):
         require(self.beta_fast > self.beta_slow > 0, "rope_scaling.beta_fast",
                  f"need beta_fast > beta_slow > 0, got {self.beta_fast} and {self.beta_slow}")
         if self.attention_factor is not None:
-            require(self.attention_factor > 0, "rope_scaling.attention_factor",
-                     f"must be positive, got {self.attention_factor}")
+            positive(self.attention_factor, "rope_scaling.attention_factor")
         # HF uses mscale only when mscale_all_dim is set too (DeepSeek's reference defaults the latter to 0):
         # one without the other would mean different temperatures to HF and to DeepSeek.
         require((self.mscale is None) == (self.mscale_all_dim is None), "rope_scaling.mscale",
                  f"set mscale and mscale_all_dim together, got {self.mscale} and {self.mscale_all_dim}")
         for name in ("mscale", "mscale_all_dim"):
-            value = getattr(self, name)
-            require(value is None or (math.isfinite(value) and value > 0), f"rope_scaling.{name}",
-                     f"must be positive, got {value}")
+            if getattr(self, name) is not None:
+                positive(getattr(self, name), f"rope_scaling.{name}")
+        finite(self, "rope_scaling", YarnScaling)
 
     def temperature_at(self, factor: float) -> float:
         """The attention factor when the frequencies are interpolated by `factor`."""
@@ -271,8 +270,8 @@ class DynamicYarnScaling(YarnScaling):
     replaces the temperature as in static YaRN (the reference multiplies it instead). HF has no dynamic YaRN.
     """
 
-    type: str = "dynamic_yarn"
-    factor: float = 1.0
+    type: str = "dynamic_yarn"  # the registry name (rope_scaling=dynamic_yarn)
+    factor: float = 1.0  # the scale the model was fine-tuned at; 1: not fine-tuned
 
     dynamic: ClassVar[bool] = True
 
@@ -304,10 +303,10 @@ class Llama3Scaling(Scaling):
     """Llama 3.1 (Meta 2024, arXiv:2407.21783; HF `_compute_llama3_parameters`): wavelengths above
     L0/low_freq_factor are divided by factor, those below L0/high_freq_factor kept, a smooth ramp between."""
 
-    type: str = "llama3"
-    factor: float = 8.0
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
+    type: str = "llama3"  # the registry name (rope_scaling=llama3)
+    factor: float = 8.0  # the scale: the length meant for ÷ the trained length
+    low_freq_factor: float = 1.0  # wavelengths above L0/low_freq_factor are divided by factor
+    high_freq_factor: float = 4.0  # wavelengths below L0/high_freq_factor are kept
 
     needs_original: ClassVar[bool] = True
     partial_rotary_in_hf: ClassVar[bool] = False
@@ -318,6 +317,7 @@ class Llama3Scaling(Scaling):
         require(self.high_freq_factor > self.low_freq_factor > 0, "rope_scaling.high_freq_factor",
                  f"need high_freq_factor > low_freq_factor > 0, got {self.high_freq_factor} "
                  f"and {self.low_freq_factor}")
+        finite(self, "rope_scaling", Llama3Scaling)
 
     def frequencies(self, theta: float, dim: int, length: int) -> tuple[Tensor, float]:
         inv_freq = rotary_inv_freq(theta, dim)
@@ -345,11 +345,11 @@ class LongRopeScaling(Scaling):
     modeling code, arXiv:2404.14219), applied at every length, unless attention_factor is given.
     """
 
-    type: str = "longrope"
-    factor: float = 4.0
-    short_factor: Optional[list[float]] = None  # rotary_dim/2 values: checked against the model in check_dim
-    long_factor: Optional[list[float]] = None
-    attention_factor: Optional[float] = None
+    type: str = "longrope"  # the registry name (rope_scaling=longrope)
+    factor: float = 4.0  # the scale: the length meant for ÷ the trained length
+    short_factor: Optional[list[float]] = None  # λ_i up to L0, rotary_dim/2 values (checked against the model)
+    long_factor: Optional[list[float]] = None  # λ_i past L0, rotary_dim/2 values
+    attention_factor: Optional[float] = None  # None: sqrt(1 + ln(factor)/ln(L0)) (Phi-3)
 
     needs_original: ClassVar[bool] = True
     dynamic: ClassVar[bool] = True
@@ -364,11 +364,11 @@ class LongRopeScaling(Scaling):
                 continue
             values = [float(v) for v in values]  # a plain list (Hydra hands over a ListConfig)
             require(len(values) > 0 and all(math.isfinite(v) and v > 0 for v in values), f"rope_scaling.{name}",
-                     f"must be positive rescale factors, got {values}")
+                     f"must be finite positive rescale factors, got {values}")
             setattr(self, name, values)
         if self.attention_factor is not None:
-            require(self.attention_factor > 0, "rope_scaling.attention_factor",
-                     f"must be positive, got {self.attention_factor}")
+            positive(self.attention_factor, "rope_scaling.attention_factor")
+        finite(self, "rope_scaling", LongRopeScaling)
 
     def check_dim(self, rotary_dim: int) -> None:
         for name in ("short_factor", "long_factor"):

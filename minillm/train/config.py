@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from minillm.data.config import DataConfig, TokenizerConfig
 from minillm.model.config import ModelConfig, ModelSettings
@@ -12,7 +13,7 @@ from minillm.positions.base import position_config
 from minillm.positions.rotary import RotaryConfig
 from minillm.positions.samplers import sampler_config
 from minillm.positions.scaling import scaling_config
-from minillm.registry import choice, require
+from minillm.registry import choice, finite, positive, require
 from minillm.tracking import LoggerConfig
 
 # ----------------------------------------------------------------------------------------------
@@ -23,21 +24,24 @@ from minillm.tracking import LoggerConfig
 class OptimConfig:
     """AdamW with linear warm-up then cosine decay to min_lr_ratio · lr."""
 
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
+    lr: float = 3e-3  # the peak learning rate, reached after the warm-up
+    min_lr_ratio: float = 0.1  # the learning rate at trainer.max_steps, as a fraction of lr
     weight_decay: float = 0.1  # on matrices only: never on norms, biases or embeddings
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    warmup_steps: int = 100
+    beta1: float = 0.9  # AdamW's decay of the gradient's running mean
+    beta2: float = 0.95  # AdamW's decay of the squared gradient's running mean
+    eps: float = 1e-8  # added to AdamW's denominator
+    warmup_steps: int = 100  # steps of linear warm-up to lr (then cosine decay)
 
     def __post_init__(self) -> None:
-        require(self.lr > 0, "optim.lr", f"must be positive, got {self.lr}")
+        positive(self.lr, "optim.lr")
         require(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
-        require(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        require(math.isfinite(self.weight_decay) and self.weight_decay >= 0, "optim.weight_decay",
+                 f"must be a finite number >= 0, got {self.weight_decay}")
         for name in ("beta1", "beta2"):
             require(0 <= getattr(self, name) < 1, f"optim.{name}", f"must be in [0, 1), got {getattr(self, name)}")
+        positive(self.eps, "optim.eps")
         require(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        finite(self, "optim")
 
 
 def _valid_devices(devices: Any, cpu: bool) -> bool:
@@ -58,33 +62,53 @@ def _valid_devices(devices: Any, cpu: bool) -> bool:
     return len(indices) > 0 and all(str(i).strip().isdigit() for i in indices)
 
 
+def _valid_batch_limit(limit: Any) -> bool:
+    """A positive count of validation batches, or a fraction of them in (0, 1]. Lightning takes 0 too (no
+    validation): refused here, as val/loss, which the best checkpoint follows, would never be measured."""
+    if isinstance(limit, bool):
+        return False
+    if isinstance(limit, int):
+        return limit > 0
+    return isinstance(limit, float) and 0 < limit <= 1
+
+
 @dataclass
 class TrainerConfig:
     """What Lightning's Trainer gets, plus the checkpoint cadence and compilation."""
 
-    accelerator: str = "cpu"
-    devices: Any = 1
-    num_nodes: int = 1
-    strategy: str = "auto"
+    accelerator: str = "cpu"  # auto | cpu | gpu | cuda | mps | tpu
+    devices: Any = 1  # auto, a count (the CPU: processes, at most its cores), -1 for every GPU, or GPU indices
+    num_nodes: int = 1  # machines in a multi-node run
+    strategy: str = "auto"  # auto, or one of Lightning's registered strategies (ddp, fsdp, deepspeed, ...)
     # auto: bf16-mixed where the processor multiplies bf16 natively (AVX-512 BF16, AMX; a GPU with bf16), float32
     # elsewhere (minillm.precision); a Lightning precision is taken as asked.
     precision: str = "auto"
-    max_steps: int = 1000
+    max_steps: int = 1000  # optimizer steps to train for (the schedule ends there)
     val_check_interval: int = 100  # steps between validations
-    limit_val_batches: Optional[int] = None
-    log_every_n_steps: int = 10
-    gradient_clip_val: float = 1.0
-    checkpoint_every_n_steps: int = 250
+    limit_val_batches: Optional[Union[int, float]] = None  # batches per validation, or a fraction in (0, 1]; None: all
+    log_every_n_steps: int = 10  # steps between logged training metrics
+    gradient_clip_val: float = 1.0  # clip the gradient's norm to this; 0: no clipping
+    checkpoint_every_n_steps: int = 250  # steps between step-numbered checkpoints (last.ckpt is kept too)
     max_bad_steps: int = 0  # steps with a NaN/inf loss to skip (no update) before the run stops
     compile: bool = False  # torch.compile the model
     peak_flops: Optional[float] = None  # for MFU; None: measured on CPU, looked up for known GPUs
 
     def __post_init__(self) -> None:
+        # Everything Lightning's Trainer would refuse is refused here, naming its setting: run.py's one guard
+        # around the Trainer can name only the devices.
         for name in ("max_steps", "val_check_interval", "log_every_n_steps", "checkpoint_every_n_steps", "num_nodes"):
             require(getattr(self, name) > 0, f"trainer.{name}", f"must be positive, got {getattr(self, name)}")
-        require(self.gradient_clip_val >= 0, "trainer.gradient_clip_val", f"must be >= 0, got {self.gradient_clip_val}")
+        if self.limit_val_batches is not None:
+            require(_valid_batch_limit(self.limit_val_batches), "trainer.limit_val_batches",
+                     f"must be a positive number of batches or a fraction in (0, 1], got {self.limit_val_batches!r}")
+        require(math.isfinite(self.gradient_clip_val) and self.gradient_clip_val >= 0, "trainer.gradient_clip_val",
+                 f"must be a finite number >= 0, got {self.gradient_clip_val}")
         require(self.max_bad_steps >= 0, "trainer.max_bad_steps", f"must be >= 0, got {self.max_bad_steps}")
         choice(self.accelerator, "trainer.accelerator", ("auto", "cpu", "gpu", "cuda", "mps", "tpu"))
+        if self.strategy != "auto":  # Lightning's registry only then: configs that keep auto need no Lightning import
+            from lightning.pytorch.strategies import StrategyRegistry
+
+            choice(self.strategy, "trainer.strategy", ["auto", *StrategyRegistry.available_strategies()])
         require(_valid_devices(self.devices, cpu=self.accelerator == "cpu"), "trainer.devices",
                  f"got {self.devices!r}, expected 'auto', a positive count" +
                  (f" (the CPU takes a count of processes, at most this machine's {os.cpu_count() or 1} cores)"
@@ -93,7 +117,11 @@ class TrainerConfig:
         choice(self.precision, "trainer.precision",
                 ("auto", "32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "64-true"))
         if self.peak_flops is not None:
-            require(self.peak_flops > 0, "trainer.peak_flops", f"must be positive, got {self.peak_flops}")
+            positive(self.peak_flops, "trainer.peak_flops")
+        finite(self, "trainer")
+
+
+SEED_MAX = 2**32 - 1  # Lightning's seed_everything seeds numpy, whose seeds are 32-bit
 
 
 @dataclass
@@ -105,12 +133,12 @@ class RunConfig:
     rope: Any = None  # a registered PositionConfig (conf/rope picks one); None: RoPE defaults
     rope_scaling: Any = None  # a registered Scaling (conf/rope_scaling picks one); None: no scaling
     positions: Any = None  # a registered PositionSampler (conf/positions picks one); None: contiguous
-    data: DataConfig = field(default_factory=DataConfig)
-    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
-    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)  # the text or synthetic task trained on (conf/data)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)  # conf/tokenizer
+    optim: OptimConfig = field(default_factory=OptimConfig)  # conf/optim
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)  # conf/trainer
+    logger: LoggerConfig = field(default_factory=LoggerConfig)  # where metrics go (conf/logger)
+    seed: int = 0  # seeds the weights, the data order and the positions drawn; in [0, 2**32 − 1]
     ckpt_path: Optional[str] = None  # "last" resumes this run folder's last checkpoint; or a path
     # A run folder or .ckpt whose weights start this run (fresh optimizer and schedule): its shape, vocabulary,
     # encoding and tokenizer are kept; the context length, scaling and positions are this run's (minillm.train.finetune).
@@ -118,6 +146,7 @@ class RunConfig:
     verbose: bool = False  # show the libraries' console lines too (devices, tips, deprecations)
 
     def __post_init__(self) -> None:
+        require(0 <= self.seed <= SEED_MAX, "seed", f"must be in [0, {SEED_MAX}] (what numpy seeds), got {self.seed}")
         # The top-level rope / rope_scaling groups are the encoding's one slot; the model built here carries them.
         self.rope = RotaryConfig() if self.rope is None else position_config(self.rope)
         self.rope_scaling = scaling_config(self.rope_scaling)
