@@ -121,11 +121,11 @@ INVALID_SCALING = {
     "unknown type in a dict": (lambda: scaling_config({"type": "rope2"}), "rope_scaling.type"),
     "original_max_position zero": (lambda: Llama3Scaling(original_max_position=0), "rope_scaling.original_max_position"),
     "yarn beta_fast below beta_slow": (lambda: YarnScaling(beta_fast=1.0, beta_slow=32.0), "rope_scaling.beta_fast"),
-    "yarn beta_slow zero": (lambda: YarnScaling(beta_slow=0.0), "rope_scaling.beta_fast"),
+    "yarn beta_slow zero": (lambda: YarnScaling(beta_slow=0.0), "rope_scaling.beta_slow"),
     "yarn attention_factor zero": (lambda: YarnScaling(attention_factor=0.0), "rope_scaling.attention_factor"),
     "llama3 equal freq factors": (lambda: Llama3Scaling(low_freq_factor=2.0, high_freq_factor=2.0),
                                   "rope_scaling.high_freq_factor"),
-    "llama3 low_freq_factor zero": (lambda: Llama3Scaling(low_freq_factor=0.0), "rope_scaling.high_freq_factor"),
+    "llama3 low_freq_factor zero": (lambda: Llama3Scaling(low_freq_factor=0.0), "rope_scaling.low_freq_factor"),
 }
 
 

@@ -26,10 +26,10 @@ class ModelSettings:
     d_model: int = 128  # the residual stream's width
     n_layers: int = 4  # transformer blocks
     n_heads: int = 4  # query heads per attention layer
-    n_kv_heads: Optional[int] = None  # None: as many as n_heads (multi-head); fewer: grouped-query
+    n_kv_heads: Optional[int] = None  # key/value heads; None: as many as n_heads (multi-head); fewer: grouped-query
     head_size: Optional[int] = None  # channels per head; None: d_model / n_heads (Qwen3 sets it apart)
     ffn: str = "swiglu"  # swiglu (LLaMA) | gelu (GPT-2)
-    ffn_hidden: Optional[int] = None  # None: 4*d_model for gelu, 8/3*d_model rounded to 64 for swiglu
+    ffn_hidden: Optional[int] = None  # the feed-forward's width; None: 4*d_model (gelu), 8/3*d_model to 64 (swiglu)
     norm: str = "rmsnorm"  # rmsnorm | layernorm
     norm_eps: float = 1e-5  # added to the variance inside every norm, so that a zero vector divides by sqrt(eps)
     bias: bool = False  # biases in every linear layer and LayerNorm

@@ -156,7 +156,7 @@ class FireConfig(PositionConfig):
     variant: str = "fire"  # the registry name (rope=fire)
     mlp_width: int = 32  # hidden units of the MLP from the normalised distance to one bias per head
     init_c: float = 0.1  # the initial c of ψ(x) = log(c·x + 1), learned
-    init_threshold: Optional[float] = None  # L before its learned multiplier; None: the training length
+    init_threshold: Optional[float] = None  # L: the normaliser follows the query past it; None: the training length
 
     reads_positions: ClassVar[bool] = True
 

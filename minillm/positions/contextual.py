@@ -23,7 +23,7 @@ class CoPEConfig(PositionConfig):
     """
 
     variant: str = "cope"  # the registry name (rope=cope)
-    npos: Optional[int] = None  # None: the training length + 1 (position 0 is possible), as the reference
+    npos: Optional[int] = None  # rows of each layer's table, counts clamped below it; None: training length + 1
 
     contextual: ClassVar[bool] = True
     reads_positions: ClassVar[bool] = False  # it counts its own from the scores: given positions change nothing

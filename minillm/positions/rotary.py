@@ -99,7 +99,7 @@ class RotaryConfig(PositionConfig):
 
     variant: str = "complex"  # the layout: complex | interleaved (pairs 2i, 2i+1) | rotate_half (pairs i, i+d/2)
     theta: float = 10000.0  # the base: pair i turns at theta^(−2i/rotary_dim) radians per position
-    rotary_dim: Optional[int] = None  # None: the whole head dimension
+    rotary_dim: Optional[int] = None  # channels per head that rotate (the rest see no position); None: all
     xpos_scale_base: Optional[float] = None  # XPos's γ: scores decay as ζ^(distance/γ); None: plain RoPE
 
     rotary: ClassVar[bool] = True

@@ -196,8 +196,9 @@ class YarnScaling(Scaling):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        require(self.beta_fast > self.beta_slow > 0, "rope_scaling.beta_fast",
-                 f"need beta_fast > beta_slow > 0, got {self.beta_fast} and {self.beta_slow}")
+        positive(self.beta_slow, "rope_scaling.beta_slow")
+        require(self.beta_fast > self.beta_slow, "rope_scaling.beta_fast",
+                 f"need beta_fast > beta_slow, got {self.beta_fast} and {self.beta_slow}")
         if self.attention_factor is not None:
             positive(self.attention_factor, "rope_scaling.attention_factor")
         # HF uses mscale only when mscale_all_dim is set too (DeepSeek's reference defaults the latter to 0):
@@ -314,9 +315,9 @@ class Llama3Scaling(Scaling):
     def __post_init__(self) -> None:
         super().__post_init__()
         # equal factors would divide by zero: NaN frequencies, no error
-        require(self.high_freq_factor > self.low_freq_factor > 0, "rope_scaling.high_freq_factor",
-                 f"need high_freq_factor > low_freq_factor > 0, got {self.high_freq_factor} "
-                 f"and {self.low_freq_factor}")
+        positive(self.low_freq_factor, "rope_scaling.low_freq_factor")
+        require(self.high_freq_factor > self.low_freq_factor, "rope_scaling.high_freq_factor",
+                 f"need high_freq_factor > low_freq_factor, got {self.high_freq_factor} and {self.low_freq_factor}")
         finite(self, "rope_scaling", Llama3Scaling)
 
     def frequencies(self, theta: float, dim: int, length: int) -> tuple[Tensor, float]:
