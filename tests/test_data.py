@@ -445,11 +445,16 @@ def test_rows_without_the_text_field_are_counted_and_skipped(tmp_path, caplog):
     # No row has it: the error lists the fields the rows do have.
     write_jsonl(path, [{"text": None, "body": "b", "title": "t"}] * 3)
     with pytest.raises(DataError, match=r"^data.text_field='text': none of the 3 rows of data.path=.* has it; "
-                                        r"the rows have fields \['body', 'title'\]$"):
+                                        r"the rows' other fields: \['body', 'title'\]$"):
         load_documents(cfg)
     pq.write_table(pa.table({"text": pa.array([None, None], pa.string()), "n": [1, 2]}), tmp_path / "docs.parquet")
-    with pytest.raises(DataError, match=r"^data.text_field='text': none of the 2 rows .* fields \['n'\]$"):
+    with pytest.raises(DataError, match=r"^data.text_field='text': none of the 2 rows .* fields: \['n'\]$"):
         load_documents(local(tmp_path / "docs.parquet", tmp_path))
+    # Values that are not text: the error names the field and what it holds (no other field to list here).
+    write_jsonl(path, [{"text": 5}, {"text": 7}])
+    with pytest.raises(DataError, match=r"^data.text_field='text': none of the 2 rows of data.path=.* holds text in "
+                                        r"it, only int64 values$"):
+        load_documents(cfg)
 
 
 def test_text_that_is_not_utf8_names_data_text_field(tmp_path):
@@ -507,7 +512,7 @@ def test_tokenizer_round_trips_text(tmp_path, train_texts, text):
 
 def test_tokenizer_is_cached_by_its_inputs(tmp_path, train_texts, monkeypatch):
     first = build_tokenizer(SMALL_VOCAB, train_texts, tmp_path)
-    (cached,) = tmp_path.glob("*.json")
+    (cached,) = (p for p in tmp_path.glob("*.json") if not p.name.endswith(".record.json"))
     mtime = cached.stat().st_mtime_ns
 
     def refuse(*args, **kwargs):
@@ -521,6 +526,24 @@ def test_tokenizer_is_cached_by_its_inputs(tmp_path, train_texts, monkeypatch):
     monkeypatch.undo()
     cached.write_text('{"truncated": ')
     assert build_tokenizer(SMALL_VOCAB, train_texts, tmp_path).to_str() == first.to_str()  # retrained, same result
+
+
+@pytest.mark.parametrize("with_record", [False, True])
+def test_a_cached_tokenizer_swapped_for_another_is_trained_again(tmp_path, train_texts, caplog, with_record):
+    """The cache file's record (its inputs and sha256) must vouch for it: another valid tokenizer put in its place,
+    alone or with its own record, is not used (it would train a model of another vocabulary than asked)."""
+    build_tokenizer(SMALL_VOCAB, train_texts, tmp_path / "asked")
+    build_tokenizer(TokenizerConfig(vocab_size=300), train_texts, tmp_path / "other")
+    (cached,) = (p for p in (tmp_path / "asked").glob("bpe-*.json") if not p.name.endswith(".record.json"))
+    (other,) = (p for p in (tmp_path / "other").glob("bpe-*.json") if not p.name.endswith(".record.json"))
+    shutil.copy(other, cached)
+    if with_record:
+        shutil.copy(other.with_name(f"{other.stem}.record.json"), cached.with_name(f"{cached.stem}.record.json"))
+    with caplog.at_level(logging.WARNING, logger="minillm.data"):
+        tokenizer = build_tokenizer(SMALL_VOCAB, train_texts, tmp_path / "asked")
+    assert tokenizer.get_vocab_size() == SMALL_VOCAB.vocab_size == 400
+    assert f"cached tokenizer {cached} is not what it claims" in caplog.text
+    assert build_tokenizer(SMALL_VOCAB, train_texts, tmp_path / "asked").get_vocab_size() == 400  # rebuilt whole
 
 
 def test_tokenizer_from_a_path(tmp_path, dm):
@@ -591,6 +614,32 @@ def test_corrupt_cache_is_rebuilt_identically(tmp_path, caplog, dm, damage):
     assert "corrupt" in caplog.text and "train.npy" in caplog.text
     assert np.array_equal(rebuilt.train_tokens, expected)
     assert path.read_bytes() == raw
+
+
+def test_a_token_cache_swapped_in_from_another_folder_is_rebuilt(tmp_path, caplog, dm):
+    """A stream and its record copied from another cache folder (another split of the documents) are valid files
+    that vouch for themselves; the record also says what they were built from, so they are rebuilt."""
+    expected = np.array(warm_copy(dm, tmp_path).train_tokens)
+    ready(tmp_path, val_fraction=0.5)
+    folders = {p.parent for p in (tmp_path / "tokens").rglob("train.npy")}
+    (ours,) = {p.parent for p in (tmp_path / "tokens").rglob("train.npy")
+               if np.array_equal(np.load(p), expected)}
+    (theirs,) = folders - {ours}
+    for name in ("train.npy", "train.json"):
+        shutil.copy(theirs / name, ours / name)
+    with caplog.at_level(logging.WARNING, logger="minillm.data"):
+        rebuilt = ready(tmp_path)
+    assert f"token cache {ours / 'train.npy'} is corrupt (its record does not vouch for it)" in caplog.text
+    assert np.array_equal(rebuilt.train_tokens, expected)
+
+
+@pytest.mark.parametrize("below", [False, True])
+def test_a_cache_dir_that_is_a_file_names_data_cache_dir(tmp_path, below):
+    (tmp_path / "file").write_text("x")
+    cache_dir = tmp_path / "file" / "sub" if below else tmp_path / "file"
+    with pytest.raises(DataError, match=rf"^data.cache_dir='{cache_dir}': cannot hold the caches "
+                                        rf"\({tmp_path / 'file'} is a file, not a folder\)$"):
+        load_documents(DataConfig(path="stdlib", cache_dir=str(cache_dir)))
 
 
 def test_cache_writes_leave_no_temporary_files(tmp_path):

@@ -81,12 +81,12 @@ class TextTokens:
         tokenizer = build_tokenizer(self.tokenizer_config, train_texts, self.cache_dir / "tokenizers")
         tokenizer_sha = hashlib.sha256(tokenizer.to_str().encode()).hexdigest()
         corpus_sha = content_hash(texts)
-        key = _hash_json({"format": CACHE_FORMAT, "documents": corpus_sha, **split_key, "tokenizer": tokenizer_sha})
-        folder = self.cache_dir / "tokens" / key[:20]
+        inputs = {"format": CACHE_FORMAT, "documents": corpus_sha, **split_key, "tokenizer": tokenizer_sha}
+        folder = self.cache_dir / "tokens" / _hash_json(inputs)[:20]
         encode_val = functools.cache(lambda: encode_documents(tokenizer, val_texts))
-        train = cached_array(folder / "train.npy", lambda: encode_documents(tokenizer, train_texts)[0])
-        val = cached_array(folder / "val.npy", lambda: encode_val()[0])
-        val_starts = cached_array(folder / "val_starts.npy", lambda: encode_val()[1])
+        train = cached_array(folder / "train.npy", lambda: encode_documents(tokenizer, train_texts)[0], inputs)
+        val = cached_array(folder / "val.npy", lambda: encode_val()[0], inputs)
+        val_starts = cached_array(folder / "val_starts.npy", lambda: encode_val()[1], inputs)
 
         window = self.seq_len + 1
         if len(val) < window:

@@ -20,7 +20,7 @@ from minillm.files import write_atomic
 log = logging.getLogger(__name__)
 
 EOS_TOKEN = "<|endoftext|>"  # separates documents in the packed streams; id 0 in trained tokenizers
-CACHE_FORMAT = 1  # bump when the layout of the token caches changes
+CACHE_FORMAT = 2  # bump when the layout of the caches (tokenizers, token streams, their records) changes
 ENCODE_BATCH = 512  # documents per encode_batch call: large enough for the Rust threads, small enough for memory
 
 
@@ -47,38 +47,69 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int, min_frequency: int) -
     return tokenizer
 
 
-def build_tokenizer(cfg: TokenizerConfig, train_texts: Sequence[str], cache_dir: str | Path) -> Tokenizer:
-    """cfg.path's tokenizer.json, or a BPE trained on train_texts and cached under cache_dir by its inputs."""
-    if cfg.path is not None:
-        path = Path(cfg.path).expanduser()
-        if not path.is_file():
-            raise DataError(f"tokenizer.path={cfg.path!r}: no such file (resolved to {path.resolve()})")
-        try:
-            tokenizer = Tokenizer.from_file(str(path))
-        except Exception as error:  # the Rust side raises a bare Exception for any parse failure
-            raise DataError(f"tokenizer.path={cfg.path!r}: not a valid tokenizer.json ({error})") from error
-        if tokenizer.token_to_id(EOS_TOKEN) is None:
-            raise DataError(f"tokenizer.path={cfg.path!r}: has no {EOS_TOKEN!r} token to separate documents")
-        return tokenizer
-
-    key = _hash_json({"texts": content_hash(train_texts), "vocab_size": cfg.vocab_size,
-                      "min_frequency": cfg.min_frequency, "tokenizers": tokenizers.__version__})
-    path = Path(cache_dir) / f"bpe-{key[:20]}.json"
-    if path.exists():
-        try:
-            return Tokenizer.from_file(str(path))
-        except Exception as error:
-            log.warning("cached tokenizer %s is unreadable (%s); training it again", path, error)
-    log.info("training a %d-token byte-level BPE on %d documents", cfg.vocab_size, len(train_texts))
-    tokenizer = train_tokenizer(train_texts, cfg.vocab_size, cfg.min_frequency)
-    write_atomic(path, tokenizer.to_str())
+def read_tokenizer(path: str | Path, setting: str = "tokenizer.path") -> Tokenizer:
+    """A tokenizer.json with the EOS token; DataError naming `setting` and the file otherwise."""
+    resolved = Path(path).expanduser()
+    if not resolved.is_file():
+        raise DataError(f"{setting}={str(path)!r}: no such file (resolved to {resolved.resolve()})")
+    try:
+        tokenizer = Tokenizer.from_file(str(resolved))
+    except Exception as error:  # the Rust side raises a bare Exception for any parse failure
+        raise DataError(f"{setting}={str(path)!r}: not a valid tokenizer.json ({error})") from error
+    if tokenizer.token_to_id(EOS_TOKEN) is None:
+        raise DataError(f"{setting}={str(path)!r}: has no {EOS_TOKEN!r} token to separate documents")
     return tokenizer
+
+
+def build_tokenizer(cfg: TokenizerConfig, train_texts: Sequence[str], cache_dir: str | Path) -> Tokenizer:
+    """cfg.path's tokenizer.json, or a BPE trained on train_texts and cached under cache_dir by its inputs. The
+    cached file's record (its inputs and sha256, beside it) must vouch for it, else it is trained again: a cache
+    swapped for another valid tokenizer would train a model of another vocabulary than asked."""
+    if cfg.path is not None:
+        return read_tokenizer(cfg.path)
+    inputs = {"format": CACHE_FORMAT, "texts": content_hash(train_texts), "vocab_size": cfg.vocab_size,
+              "min_frequency": cfg.min_frequency, "tokenizers": tokenizers.__version__}
+    path = Path(cache_dir) / f"bpe-{_hash_json(inputs)[:20]}.json"
+    tokenizer = _cached_tokenizer(path, inputs)
+    if tokenizer is None:
+        log.info("training a %d-token byte-level BPE on %d documents", cfg.vocab_size, len(train_texts))
+        tokenizer = train_tokenizer(train_texts, cfg.vocab_size, cfg.min_frequency)
+        text = tokenizer.to_str()
+        write_atomic(path, text)
+        write_atomic(_record(path), json.dumps({"inputs": inputs, "sha256": _sha256(text)}))  # after: it vouches
+    return tokenizer
+
+
+def _record(path: Path) -> Path:
+    """Where a cached file's record (what it was built from, its sha256) lies: x.npy -> x.json, x.json ->
+    x.record.json."""
+    return path.with_name(f"{path.stem}.record.json") if path.suffix == ".json" else path.with_suffix(".json")
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _cached_tokenizer(path: Path, inputs: dict) -> Optional[Tokenizer]:
+    """The tokenizer cached at path if its record says it was built from `inputs` and has its bytes; else None
+    (a warning names the file when there was one)."""
+    if not path.exists() and not _record(path).exists():
+        return None
+    try:
+        text = path.read_text()
+        if json.loads(_record(path).read_text()) == {"inputs": inputs, "sha256": _sha256(text)}:
+            return Tokenizer.from_str(text)
+        problem = "its record does not vouch for it: another file, or one built from other settings"
+    except Exception as error:  # missing or unreadable file or record; the Rust parser raises a bare Exception
+        problem = str(error).splitlines()[0] if str(error) else type(error).__name__
+    log.warning("cached tokenizer %s is not what it claims (%s); training it again", path, problem)
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
 # Token caches: one packed stream per split, each document followed by EOS, as a memory-mapped .npy
-# with a JSON sidecar (dtype, length, sha256) written after it; a file the sidecar does not vouch for
-# (torn write, truncation, bit rot) is rebuilt.
+# with a JSON record (what it was built from, its name, dtype, length, sha256) written after it; a file the record
+# does not vouch for (torn write, truncation, bit rot, a file swapped in from elsewhere) is rebuilt.
 
 
 def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
@@ -105,32 +136,34 @@ def _hash_json(value: dict) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
 
 
-def _describe(array: np.ndarray) -> dict:
-    return {"dtype": str(array.dtype), "length": int(array.shape[0]), "sha256": hashlib.sha256(array).hexdigest()}
+def _describe(array: np.ndarray, inputs: dict, name: str) -> dict:
+    return {"inputs": inputs, "file": name, "dtype": str(array.dtype), "length": int(array.shape[0]),
+            "sha256": hashlib.sha256(array).hexdigest()}
 
 
-def _load_verified(path: Path) -> Optional[np.ndarray]:
-    sidecar = path.with_suffix(".json")
-    if not path.exists() and not sidecar.exists():
+def _load_verified(path: Path, inputs: dict) -> Optional[np.ndarray]:
+    record = _record(path)
+    if not path.exists() and not record.exists():
         return None
     try:
         array = np.load(path, mmap_mode="r")
-        if array.ndim == 1 and _describe(array) == json.loads(sidecar.read_text()):
+        if array.ndim == 1 and _describe(array, inputs, path.name) == json.loads(record.read_text()):
             return array
-        problem = "contents differ from its sidecar"
+        problem = "its record does not vouch for it"
     except (OSError, ValueError, EOFError) as error:  # missing or truncated file, bad header, bad JSON
         problem = str(error)
     log.warning("token cache %s is corrupt (%s); rebuilding it", path, problem)
     return None
 
 
-def cached_array(path: Path, build: Callable[[], np.ndarray]) -> np.ndarray:
-    """Memory-map path if its sidecar vouches for it; otherwise build it, write it atomically and map that."""
-    array = _load_verified(path)
+def cached_array(path: Path, build: Callable[[], np.ndarray], inputs: dict) -> np.ndarray:
+    """Memory-map path if its record vouches for it (built from `inputs`, these bytes); otherwise build it, write
+    it atomically, then its record, and map that."""
+    array = _load_verified(path, inputs)
     if array is None:
         built = build()
         write_atomic(path, lambda f: np.save(f, built))
-        write_atomic(path.with_suffix(".json"), json.dumps(_describe(built)))
+        write_atomic(_record(path), json.dumps(_describe(built, inputs, path.name)))
         array = np.load(path, mmap_mode="r")
     return array
 
