@@ -97,9 +97,21 @@ class Corpus:
     val_split: Optional[str] = None  # the split `val` came from
 
 
+def cache_folder(cfg: DataConfig) -> Path:
+    """data.cache_dir, made if missing; DataError naming it when it cannot be (a file, or a file above it)."""
+    folder = Path(cfg.cache_dir).expanduser()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        blocking = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+        why = f"{blocking} is a file, not a folder" if blocking is not None else error.strerror or str(error)
+        raise DataError(f"data.cache_dir={cfg.cache_dir!r}: cannot hold the caches ({why})") from error
+    return folder
+
+
 def load_corpus(cfg: DataConfig) -> Corpus:
     """The splits cfg names, each cut to cfg.max_documents and checked for a text column."""
-    hf_cache = str(Path(cfg.cache_dir).expanduser() / "hf_datasets")  # never HF's default under $HOME
+    hf_cache = str(cache_folder(cfg) / "hf_datasets")  # never HF's default under $HOME
     local = Path(cfg.path).expanduser()
     val_split = getattr(cfg, "val_split", None)  # DataConfig.val_split; None: "validation" if the data has it
     if val_split is not None and val_split == cfg.split:
@@ -287,7 +299,7 @@ def _checked(docs: datasets.Dataset, cfg: DataConfig, split: str) -> datasets.Da
     if feature is None:
         raise DataError(f"data.text_field={field!r} is not a column of {source}: none of its {len(docs)} rows has "
                         f"it; the rows have fields {others}")
-    dtype = getattr(feature, "dtype", None)
+    dtype, held = getattr(feature, "dtype", None), None
     if dtype in ("string", "large_string"):
         column = docs.with_format("arrow")[field]  # counted in Arrow: no Python strings made yet
         missing, empty = column.null_count, pc.sum(pc.equal(pc.utf8_length(column), 0)).as_py() or 0
@@ -296,10 +308,11 @@ def _checked(docs: datasets.Dataset, cfg: DataConfig, split: str) -> datasets.Da
     else:  # mixed kinds of value (datasets' Json feature) or one that is not text: look at each
         values = docs[field]
         missing, empty = sum(not isinstance(value, str) for value in values), sum(value == "" for value in values)
+        held = dtype or ", ".join(sorted({type(value).__name__ for value in values if value is not None}))
     if missing == len(docs):
-        held = "" if dtype == "null" else f" as text (it holds {feature})"
-        raise DataError(f"data.text_field={field!r}: none of the {len(docs)} rows of {source} has it{held}; "
-                        f"the rows have fields {others}")
+        what = "has it" if held is None else f"holds text in it, only {held} values"
+        elsewhere = f"; the rows' other fields: {others}" if others else ""
+        raise DataError(f"data.text_field={field!r}: none of the {len(docs)} rows of {source} {what}{elsewhere}")
     if missing:
         log.warning("data.text_field=%r: %d of %d rows of %s lack it or are not text; skipped",
                     field, missing, len(docs), source)
