@@ -14,7 +14,15 @@ import torch
 
 from minillm.model.config import ModelConfig
 from minillm.model.transformer import Transformer
-from minillm.registry import ConfigError
+from minillm.registry import ConfigError, to_run_config
+
+# What a reader of a run folder (an evaluation, a fine-tuning from it) takes from its config.yaml: which run it was
+# (seed, W&B group) and which documents it trained on and held out. Nothing else is read: where caches are written
+# (data.cache_dir) and everything a command does are its own command line's. The data a run names is read (finding
+# its validation documents is why it is named), never written: every cache goes under the reader's data.cache_dir.
+READ_FROM_RUN = ("seed", "logger.group", "data.path", "data.name", "data.split", "data.val_split", "data.text_field",
+                 "data.streaming", "data.max_documents", "data.val_fraction", "data.long_documents", "data.task",
+                 "data.tasks")
 
 
 class CheckpointError(ValueError):
@@ -37,7 +45,11 @@ class RunFolder:
     Writers take each file's path from here and readers read through it: config.yaml is parsed once per object
     and kept (settings, seed, task, wandb_group), as a Run keeps what its checkpoint holds; summary.json,
     init_from.json and wandb/ are read when asked (one caller each). Making one costs nothing: keep the object
-    for as long as its reads should be shared."""
+    for as long as its reads should be shared.
+
+    A folder someone hands over is data, not instructions: config.yaml is plain values (a YAML tag, an
+    interpolation or a _target_ key is refused), and what a reader takes from it is READ_FROM_RUN; cache_dir, the
+    reader's own data.cache_dir, is where the run's documents are cached (None: DataConfig's default)."""
 
     CHECKPOINTS = "checkpoints"
     # Checkpoint file stems (Lightning's ModelCheckpoint filenames; each adds .ckpt).
@@ -45,8 +57,9 @@ class RunFolder:
     LAST = "last"
     STEP = "step-{step:06d}"
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, cache_dir: Optional[str] = None):
         self.path = Path(path)
+        self.cache_dir = cache_dir
         self._settings: Optional[dict] = None
 
     @staticmethod
@@ -135,22 +148,54 @@ class RunFolder:
 
     @property
     def settings(self) -> dict:
-        """config.yaml as a plain dict ({} where the folder has none)."""
+        """config.yaml as a plain dict, all of it ({} where the folder has none): what a resume of this run
+        continues with. ConfigError naming the file unless it is plain values, as training writes it."""
         if self._settings is None:
-            from omegaconf import OmegaConf
-
-            self._settings = OmegaConf.to_container(OmegaConf.load(self.config), resolve=True) \
-                if self.config.is_file() else {}
+            self._settings = read_settings(self.config) if self.config.is_file() else {}
         return self._settings
+
+    def read_from_run(self, section: Optional[str] = None) -> dict:
+        """The settings of READ_FROM_RUN that config.yaml holds (those of one section: "data", "logger")."""
+        chosen: dict = {}
+        for key in READ_FROM_RUN:
+            parent, _, name = key.rpartition(".")  # one level of sections at most
+            node = self.settings.get(parent) if parent else self.settings
+            if node is not None and not isinstance(node, dict):
+                raise ConfigError(f"{self.config}: {parent} must hold settings, got {node!r}")
+            if node and name in node:
+                (chosen.setdefault(parent, {}) if parent else chosen)[name] = node[name]
+        return chosen if section is None else chosen.get(section, {})
 
     @property
     def seed(self) -> int:
-        return int(self.settings["seed"])
+        seed = self.read_from_run().get("seed")
+        if type(seed) is not int:
+            raise ConfigError(f"{self.config}: seed must be a whole number, got {seed!r}")
+        return seed
 
     @property
     def wandb_group(self) -> Optional[str]:
         """The W&B group the run logged to (logger.group), None where it set none."""
-        return (self.settings.get("logger") or {}).get("group")
+        return self.read_from_run("logger").get("group")
+
+    def data_config(self):
+        """The DataConfig of the text the run trained on, as READ_FROM_RUN allows: its documents and split from
+        config.yaml, its caches under self.cache_dir (the reader's), never where config.yaml says."""
+        from omegaconf import OmegaConf
+        from omegaconf.errors import OmegaConfBaseException
+
+        from minillm.data.config import DataConfig
+
+        data = {k: v for k, v in self.read_from_run("data").items() if k not in ("task", "tasks")}
+        try:
+            config = to_run_config(OmegaConf.merge(OmegaConf.structured(DataConfig), data))
+        except OmegaConfBaseException as error:  # a value of the wrong type
+            raise ConfigError(f"{self.config}: data.{error.full_key}: {str(error).splitlines()[0]}") from error
+        except ConfigError as error:  # DataConfig's own checks name the setting
+            raise ConfigError(f"{self.config}: {error}") from error
+        if self.cache_dir is not None:
+            config.cache_dir = self.cache_dir
+        return config
 
     @property
     def task(self):
@@ -159,10 +204,12 @@ class RunFolder:
         from minillm.data.config import SYNTHETIC
         from minillm.data.synthetic import task_config
 
-        data = self.settings.get("data") or {}
+        data = self.read_from_run("data")
         if data.get("path") != SYNTHETIC:
             return None
         name, tasks = data.get("task"), data.get("tasks") or {}
+        if not isinstance(tasks, dict):
+            raise ConfigError(f"{self.config}: data.tasks must hold each task's settings, got {tasks!r}")
         try:
             return task_config(name, tasks.get(name))
         except ValueError as error:
@@ -188,8 +235,8 @@ class Run(RunFolder):
     """A trained model on disk: one checkpoint of a run folder (what find_runs finds, an evaluation measures and a
     fine-tuning starts from). Its checkpoint is loaded once, on first use, and checked as load_checkpoint checks."""
 
-    def __init__(self, checkpoint: str | Path, folder: str | Path):
-        super().__init__(folder)
+    def __init__(self, checkpoint: str | Path, folder: str | Path, cache_dir: Optional[str] = None):
+        super().__init__(folder, cache_dir)
         self.checkpoint = Path(checkpoint)
         self._model_config: Optional[ModelConfig] = None
         self._weights: Optional[dict[str, torch.Tensor]] = None
@@ -242,28 +289,70 @@ class Run(RunFolder):
         return model
 
 
+def read_settings(path: Path) -> dict:
+    """A run's config.yaml as a plain dict; ConfigError naming the file unless it is a mapping of plain values
+    (training writes them resolved: a YAML tag, an interpolation or a _target_ key is no run's setting)."""
+    import yaml
+    from omegaconf import DictConfig, OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        loaded = OmegaConf.load(path)
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        tag = re.search(r"constructor for the tag '([^']+)'", str(error))
+        problem = (f"the YAML tag {tag.group(1).replace('tag:yaml.org,2002:', '!!')} would build an object; a "
+                   f"run's settings are plain values") if tag else \
+            f"not valid YAML ({error.problem or str(error).splitlines()[0]})"
+        raise ConfigError(f"{path}: {where}{problem}") from error
+    except (yaml.YAMLError, OmegaConfBaseException, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: not a run's settings ({load_failure(error)})") from error
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"{path}: not a run's settings (a YAML list, not a mapping of settings)")
+    settings = OmegaConf.to_container(loaded, resolve=False)
+    for key, value in _entries(settings):
+        if key.rsplit(".", 1)[-1] == "_target_":
+            raise ConfigError(f"{path}: {key}={value!r} names an object to build; a run's settings are plain values")
+        if isinstance(value, str) and "${" in value:
+            raise ConfigError(f"{path}: {key}={value!r} is an interpolation; a run's settings are plain values "
+                              f"(training writes them resolved)")
+    return settings
+
+
+def _entries(node, prefix: str = ""):
+    """(dotted key, value) of every entry of nested dicts and lists, outermost first."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, value in items:
+        yield f"{prefix}{key}", value
+        yield from _entries(value, f"{prefix}{key}.")
+
+
 def _natural_key(path: Path) -> list:
     """'2_rope=alibi' before '10_rope=xpos': Hydra numbers multirun jobs without padding."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
 
 
-def find_runs(path: str | Path) -> list[Run]:
+def find_runs(path: str | Path, cache_dir: Optional[str] = None) -> list[Run]:
     """A .ckpt file, a run folder, or a folder of run folders (a multirun, one level deep) -> the runs in it;
     a glob pattern (`sweep/*rope-alibi__*`) -> the runs of every path it matches, in natural order.
-    A run folder's checkpoint is checkpoints/best.ckpt, else checkpoints/last.ckpt."""
+    A run folder's checkpoint is checkpoints/best.ckpt, else checkpoints/last.ckpt. cache_dir: the reader's
+    data.cache_dir, where the runs' documents are cached (RunFolder)."""
     if any(char in str(path) for char in "*?[") and not Path(path).expanduser().exists():
         matches = sorted(glob.glob(str(Path(path).expanduser())), key=lambda p: _natural_key(Path(p)))
         if not matches:
             raise CheckpointError(f"ckpt: nothing matches {path}")
-        return [run for match in matches for run in find_runs(match)]
+        return [run for match in matches for run in find_runs(match, cache_dir)]
     path = Path(path).expanduser()
     if path.is_file():
-        return [Run(path, RunFolder.of_checkpoint(path).path)]
+        return [Run(path, RunFolder.of_checkpoint(path).path, cache_dir)]
     if not path.is_dir():
-        raise CheckpointError(f"ckpt: {path} does not exist")
+        raise CheckpointError(f"ckpt: {path} does not exist" if not path.exists() else
+                              f"ckpt: {path} is neither a regular file nor a folder (a device or a pipe?): name a "
+                              f".ckpt file, a run folder or a folder of runs")
     if (checkpoint := RunFolder(path).best_or_last()) is not None:
-        return [Run(checkpoint, path)]
-    runs = [Run(c, sub) for sub in sorted((p for p in path.iterdir() if p.is_dir()), key=_natural_key)
+        return [Run(checkpoint, path, cache_dir)]
+    runs = [Run(c, sub, cache_dir) for sub in sorted((p for p in path.iterdir() if p.is_dir()), key=_natural_key)
             if (c := RunFolder(sub).best_or_last()) is not None]
     if not runs:
         raise CheckpointError(f"ckpt: no checkpoints/{RunFolder.BEST}.ckpt or checkpoints/{RunFolder.LAST}.ckpt "
@@ -285,7 +374,8 @@ def load_failure(error: Exception) -> str:
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    """torch.load with weights_only=True: a checkpoint someone hands you cannot run code."""
+    """torch.load with weights_only=True (a checkpoint someone hands you cannot run code), checked to be one of
+    ours with finite weights (one that holds NaN or inf measures nothing, and trains no further)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist" if not path.exists() else
@@ -303,6 +393,12 @@ def load_checkpoint(path: str | Path) -> dict:
         found = sorted(map(str, checkpoint))[:8] if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise CheckpointError(f"checkpoint {path} was not written by minillm's training (expected state_dict and "
                               f"hyper_parameters.model; found {found})")
+    for name, tensor in checkpoint["state_dict"].items():
+        if torch.is_tensor(tensor) and (tensor.is_floating_point() or tensor.is_complex()) \
+                and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"checkpoint {path} holds weights that are not finite: {name} has "
+                                  f"{int(torch.isnan(tensor).sum())} NaN and {int(torch.isinf(tensor).sum())} "
+                                  f"infinite values of {tensor.numel()}")
     return checkpoint
 
 

@@ -12,6 +12,7 @@ import torch
 import yaml
 from omegaconf import OmegaConf
 
+from minillm.data.config import DataConfig
 from minillm.data.synthetic import MQAR
 from minillm.data.tokens import train_tokenizer
 from minillm.eval.config import EvalConfig
@@ -157,11 +158,13 @@ def test_one_evaluation_loads_each_checkpoint_once_and_parses_each_config_once(t
     text_run(sweep / "1_text", tmp_path)
     cfg = OmegaConf.structured(EvalConfig(ckpt=str(sweep), lengths=[16, 32], scalings=["none"], passkey_trials=0,
                                           task_examples=4, max_documents=1, buckets=2, device="cpu",
-                                          logger=LoggerConfig(kind="none")))
+                                          logger=LoggerConfig(kind="none"),
+                                          data=DataConfig(cache_dir=str(tmp_path / "eval_cache"))))
     files = evaluate(cfg, tmp_path / "eval")
     data = json.loads(files["json"].read_text())
     assert {r["run"] for r in data["perplexity"]} == {"1_text"} and {r["run"] for r in data["accuracy"]} == {"0_task"}
     assert {r["seed"] for r in data["perplexity"]} == {1} and {r["seed"] for r in data["accuracy"]} == {2}
+    assert not (tmp_path / "cache").exists() and any((tmp_path / "eval_cache" / "tokens").iterdir())  # ours, not the run's
     runs = {name: RunFolder(sweep / name) for name in ("0_task", "1_text")}
     assert {path: n for path, n in reads.items() if path.suffix in (".ckpt", ".yaml")} == \
            {**{run.config: 1 for run in runs.values()}, **{run.last_checkpoint: 1 for run in runs.values()}}

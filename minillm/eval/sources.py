@@ -37,14 +37,21 @@ def _run_setting(run, model: Transformer, task: Optional[TaskConfig] = None) -> 
 
 
 def trained_subject(run, device: torch.device) -> Subject:
-    """A training run (a minillm.runs.Run): its model, tokenizer and validation documents."""
-    from minillm.data.config import DataConfig, TokenizerConfig
+    """A training run (a minillm.runs.Run): its model, tokenizer and validation documents. What the run folder
+    may say of them is minillm.runs.READ_FROM_RUN; its tokenizer must be the model's vocabulary."""
+    from minillm.data.config import TokenizerConfig
     from minillm.data.text import TextTokens
+    from minillm.data.tokens import read_tokenizer
+    from minillm.runs import CheckpointError
 
     model = run.load_model().to(device)
     if not run.has_run_files():
         raise ValueError(f"ckpt: {run.folder} lacks config.yaml or tokenizer.json (not a training run folder)")
-    data = TextTokens(DataConfig(**run.settings["data"]), TokenizerConfig(path=str(run.tokenizer)),
+    vocab_size = read_tokenizer(run.tokenizer, "ckpt").get_vocab_size()
+    if vocab_size != model.cfg.vocab_size:  # another vocabulary reads as plausible, wrong perplexities
+        raise CheckpointError(f"ckpt: {run.tokenizer} has {vocab_size} tokens, the model of {run.checkpoint} "
+                              f"{model.cfg.vocab_size}: the run folder's tokenizer is not the checkpoint's")
+    data = TextTokens(run.data_config(), TokenizerConfig(path=str(run.tokenizer)),
                       seq_len=model.cfg.context_length, seed=run.seed)
     data.load()
     return Subject(model, _run_setting(run, model), data.tokenizer, data.long_documents(min_tokens=1))
@@ -101,7 +108,7 @@ def model_sources(config: EvalConfig) -> list:
             sources.append(PretrainedSource.parse(path))
             continue
         try:
-            sources.extend(find_runs(path))
+            sources.extend(find_runs(path, config.data.cache_dir))  # the runs' documents cached where we say
         except CheckpointError as error:
             if not str(error).startswith("ckpt: nothing matches") or len(config.checkpoints) == 1:
                 raise
