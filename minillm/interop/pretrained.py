@@ -322,17 +322,18 @@ class PretrainedSource:
         where, kwargs = self._from_pretrained_args()
         try:
             return transformers.AutoConfig.from_pretrained(where, **kwargs)
-        except (OSError, ValueError, KeyError) as error:
+        except Exception as error:  # a malformed config.json: transformers' validators raise their own kinds
             raise CheckpointError(f"ckpt: the config of {self.describe()} could not be read "
-                                  f"({load_failure(error)})") from error
+                                  f"({load_failure(_innermost(error))})") from error
 
     def config(self, trained_length: Optional[int] = None) -> ModelConfig:
         """Our model config for it, from its config alone (no weights read); trained_length replaces the
         pretraining length read from the config (what 1x means, and what scalings extend by default)."""
+        hf = self.hf_config()
         try:
-            cfg = model_config(self.hf_config())
-        except UnsupportedModel as error:
-            raise UnsupportedModel(f"ckpt: {self.describe()}: {error}") from error
+            cfg = model_config(hf)
+        except (ValueError, TypeError) as error:  # UnsupportedModel, ModelConfig's checks, a value of another type
+            raise UnsupportedModel(f"ckpt: {self.describe()}: {str(error).splitlines()[0]}") from error
         return cfg if trained_length is None else dataclasses.replace(cfg, context_length=trained_length)
 
     def load(self, trained_length: Optional[int] = None) -> Pretrained:
@@ -342,7 +343,7 @@ class PretrainedSource:
         cfg = self.config(trained_length)
         try:
             hf = transformers.AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, **kwargs)
-        except (OSError, ValueError, KeyError, RuntimeError, struct.error) as error:
+        except (OSError, ValueError, KeyError, RuntimeError, AttributeError, TypeError, struct.error) as error:
             raise CheckpointError(f"ckpt: the weights of {self.describe()} could not be read "
                                   f"({load_failure(error)})") from error
         tokenizer = self.tokenizer()
@@ -369,6 +370,14 @@ class PretrainedSource:
             raise CheckpointError(f"ckpt: {self.describe()} has no fast (tokenizers) tokenizer; minillm reads "
                                   f"text with a tokenizer.json")
         return backend
+
+
+def _innermost(error: BaseException) -> BaseException:
+    """The cause at the end of an error's chain: transformers' validators wrap the sentence that names the field
+    ("Field 'num_attention_heads' expected int, got str") in one that only says validation failed."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return error
 
 
 def load_pretrained(source: str, trained_length: Optional[int] = None) -> Pretrained:
