@@ -1,17 +1,9 @@
-"""The command line: Hydra's schemas and resolvers, --help, validated configs."""
+"""The command line: Hydra's schemas and resolvers (--help is minillm.help, which needs none of them)."""
 
 from __future__ import annotations
 
 import hashlib
 import re
-from pathlib import Path
-from typing import Optional
-
-from minillm.eval.config import EvalConfig
-from minillm.positions.base import POSITION_ENCODINGS
-from minillm.positions.samplers import POSITION_SAMPLERS
-from minillm.positions.scaling import SCALINGS
-from minillm.train.config import RunConfig
 
 
 def folder_name(override_dirname: str, limit: int = 200) -> str:
@@ -26,35 +18,21 @@ def folder_name(override_dirname: str, limit: int = 200) -> str:
     return f"{name.encode()[:limit - 9].decode(errors='ignore')}-{digest}"
 
 
-HELP = """{script}: {purpose}
-
-Choose an option of a group with group=option, set any value with key=value (the defaults are below).
-{groups}
-Every group and setting is described in the README ("Configuration groups"); the dataclasses in minillm/
-hold the defaults and checks.
-
-== Config ==
-$CONFIG
-"""
-
-
-def help_text(conf_dir: Path, script: str, purpose: str, groups: list[str]) -> str:
-    """--help for a script: its groups and their options (the files in conf/), without internal schemas."""
-    lines = [f"  {group}: {', '.join(sorted(p.stem for p in (conf_dir / group).glob('*.yaml')))}" for group in groups]
-    return HELP.format(script=script, purpose=purpose, groups="\n".join(["Groups:", *lines]))
-
-
-def register_configs(conf_dir: Optional[Path] = None) -> None:
+def register_configs() -> None:
     """Put the schemas in Hydra's ConfigStore (conf/ YAML files extend them and never restate defaults), and
-    the resolvers the YAML uses (folder names; --help from conf_dir's groups)."""
+    the resolver the YAML uses (folder names). The schemas' modules import torch: imported here, when a command
+    composes its config, so that importing this module (and --help, before it) stays instant."""
     from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
 
+    from minillm.eval.config import EvalConfig
+    from minillm.positions.base import POSITION_ENCODINGS
+    from minillm.positions.samplers import POSITION_SAMPLERS
+    from minillm.positions.scaling import SCALINGS
+    from minillm.train.config import RunConfig
+
     if not OmegaConf.has_resolver("folder_name"):
         OmegaConf.register_new_resolver("folder_name", folder_name)
-    if conf_dir is not None:
-        OmegaConf.register_new_resolver(
-            "help", lambda script, purpose, *groups: help_text(conf_dir, script, purpose, list(groups)), replace=True)
 
     store = ConfigStore.instance()
     store.store(name="run_schema", node=RunConfig)

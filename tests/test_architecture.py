@@ -7,13 +7,14 @@ eval/ never each other; only cli.py imports everything. No underscore name cross
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "minillm"
 
-LEAVES = {"registry", "kernels", "files", "console", "precision"}
+LEAVES = {"registry", "kernels", "files", "console", "precision", "help"}
 # room -> the rooms it may import (besides itself)
 ALLOWED = {
     **{leaf: set() for leaf in LEAVES},
@@ -161,3 +162,13 @@ def test_the_evaluation_path_imports_neither_lightning_nor_wandb(tmp_path):
     imported = {line.split("|")[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
     assert "minillm.eval.loop" in imported and "torch" in imported  # the listing is the evaluation's own
     assert not {name for name in imported if name.split(".")[0] in ("lightning", "wandb", "torchmetrics")}
+
+
+def test_help_reads_the_source_and_imports_no_heavy_library():
+    """minillm.help answers --help before anything heavy is imported: from the source (ast) and conf/, with the
+    standard library and PyYAML only (no torch, Hydra or OmegaConf), and nothing of the package."""
+    tree = ast.parse((PACKAGE / "help.py").read_text())
+    modules = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+               for alias in node.names}
+    modules |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    assert modules - set(sys.stdlib_module_names) == {"yaml"}

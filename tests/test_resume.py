@@ -20,7 +20,7 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def composed(*overrides: str):
-    register_configs(CONF)
+    register_configs()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose("config", overrides=list(overrides))
 
