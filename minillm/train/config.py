@@ -80,8 +80,8 @@ class TrainerConfig:
     devices: Any = 1  # auto, a count (the CPU: processes, at most its cores), -1 for every GPU, or GPU indices
     num_nodes: int = 1  # machines in a multi-node run
     strategy: str = "auto"  # auto, or one of Lightning's registered strategies (ddp, fsdp, deepspeed, ...)
-    # auto: bf16-mixed where the processor multiplies bf16 natively (AVX-512 BF16, AMX; a GPU with bf16), float32
-    # elsewhere (minillm.precision); a Lightning precision is taken as asked.
+    # Lightning's precision (32-true, bf16-mixed, ...), taken as asked; auto: bf16-mixed where the processor
+    # multiplies bf16 natively (AVX-512 BF16, AMX; a GPU with bf16), float32 elsewhere (minillm.precision).
     precision: str = "auto"
     max_steps: int = 1000  # optimizer steps to train for (the schedule ends there)
     val_check_interval: int = 100  # steps between validations
