@@ -1,56 +1,255 @@
-"""What a command shows and leaves behind: minillm's own lines, one line per failure, no empty run folders."""
+"""What a command shows and leaves behind: minillm's own lines, one line per failure or signal, an output folder
+held by one process, and a failed command's own files removed (never anything it found there)."""
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
+import shutil
+import signal
+import socket
 import sys
+import time
 import warnings
 from pathlib import Path
-from typing import NoReturn
+from typing import Callable, NoReturn, Optional
 
 
 def quiet_libraries() -> None:
     """Only minillm's own lines on the console: the libraries' notices (devices, tips, deprecations, W&B's
-    login advice) go unshown unless verbose=true. Their errors still surface, as exceptions."""
+    login advice) and progress bars go unshown unless verbose=true. Their errors still surface, as exceptions."""
+    from functools import partialmethod
+
     warnings.filterwarnings("ignore")
     warnings.filterwarnings("default", module="minillm")
     for name in ("lightning", "lightning.pytorch", "lightning.fabric", "torch", "wandb", "datasets", "hydra",
                  "transformers"):
         logging.getLogger(name).setLevel(logging.ERROR)
     os.environ.setdefault("WANDB_SILENT", "true")
-    try:  # the hub's progress bars, and with them transformers' (GGUF dequantization, weight loading)
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # "Generating train split" for local files
+    try:  # the hub's progress bars, and with them transformers' (weight loading)
         from huggingface_hub.utils import disable_progress_bars
         disable_progress_bars()
     except ImportError:
         pass
+    if "datasets" in sys.modules:  # imported already: the variable above came too late
+        from datasets.utils import disable_progress_bars as disable_datasets_bars
+        disable_datasets_bars()
+    import tqdm
+
+    # A bar that does not say whether to show (transformers' GGUF de-quantizing bar) stays hidden; minillm's
+    # and Lightning's bars pass `disable` themselves and are unaffected.
+    if not isinstance(tqdm.std.tqdm.__init__, partialmethod):
+        tqdm.std.tqdm.__init__ = partialmethod(tqdm.std.tqdm.__init__, disable=True)
 
 
-def fail(error: Exception, run_dir: Path) -> NoReturn:
-    """A failed command: one line on stderr (and in the run folder's log), exit 2. A run folder the command
-    made and left holding nothing but its log is removed instead, so failures leave no empty folders."""
-    message = f"error: {error}"
-    print(message, file=sys.stderr)
-    logs = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
-    leftovers = [p for p in run_dir.iterdir() if p.suffix != ".log"] if run_dir.is_dir() else []
-    if run_dir.is_dir() and not leftovers:
-        for handler in logs:
-            handler.close()
+# ----------------------------------------------------------------------------------------------
+# Signals
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # not SIGUSR1: Lightning's SLURM requeue keeps it
+_received: list[int] = []  # the stop signals this process received, in order
+
+
+class Stopped(BaseException):
+    """The command was ended by a signal; the message says what was kept. Exit status 128 + the signal's number,
+    as a shell reports a process killed by it. A BaseException, so that no `except Exception` swallows it."""
+
+    def __init__(self, signum: int, message: str = ""):
+        self.signum = signum
+        super().__init__(message or f"stopped by {signal.Signals(signum).name}")
+
+
+def _on_stop_signal(signum: int, _frame) -> None:
+    _received.append(signum)
+    # Lightning's handler (during trainer.fit) calls this one after flagging the trainer, which then stops at its
+    # next step boundary and raises there (train() turns that into Stopped); otherwise stop here.
+    if signal.getsignal(signum) is _on_stop_signal:
+        raise Stopped(signum)
+
+
+def catch_stop_signals() -> None:
+    """SIGTERM and SIGINT end the command with Stopped (a line and status 128 + signum) instead of a traceback
+    or a silent exit 0."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _on_stop_signal)
+
+
+def received_signal() -> Optional[int]:
+    """The first stop signal this process received (None: none)."""
+    return _received[0] if _received else None
+
+
+# ----------------------------------------------------------------------------------------------
+# The output folder
+
+_new_folders: set[Path] = set()  # output folders Hydra made for this command (noted by NewOutputFolders)
+
+
+class NewOutputFolders:
+    """Hydra callback (hydra.callbacks in conf/): notes whether the output folder exists before Hydra makes it,
+    so that a failed command removes a folder only when the command made it."""
+
+    def __init__(self) -> None:
+        self.new_sweep = False  # pickled to a parallel launcher's workers with the callback
+
+    def on_run_start(self, config, **_) -> None:
         try:
-            for path in run_dir.glob("*.log"):
-                path.unlink()
-            run_dir.rmdir()
-        except OSError:  # a folder that cannot be written cannot be removed either: stderr has the line
+            folder = Path(str(config.hydra.run.dir)).absolute()
+        except Exception:  # an unresolvable folder fails in Hydra next, named there
+            return
+        if not folder.exists():
+            _new_folders.add(folder)
+
+    def on_multirun_start(self, config, **_) -> None:
+        try:
+            self.new_sweep = not Path(str(config.hydra.sweep.dir)).exists()
+        except Exception:
             pass
-    else:
-        record = logging.makeLogRecord({"name": "minillm", "levelname": "ERROR", "levelno": logging.ERROR,
-                                        "msg": message})
-        for handler in logs:
+
+    def on_job_start(self, config, **_) -> None:
+        if self.new_sweep and str(config.hydra.mode) == "RunMode.MULTIRUN":  # every job folder in it is new too
+            _new_folders.add(Path(config.hydra.runtime.output_dir).absolute())
+
+
+def _rank_zero_by_environment() -> bool:
+    """Whether this process is the first of a run (DDP's other ranks, started with a rank in their environment,
+    run in rank 0's folder and leave its ownership to it). Read as Lightning does, without importing it."""
+    return all(os.environ.get(key, "0") in ("", "0")
+               for key in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"))
+
+
+class FolderInUse(ValueError):
+    """Another live process holds the output folder."""
+
+
+class OutputFolder:
+    """The command's output folder, held by this process alone for its life: an exclusive lock (fcntl.flock,
+    released by the OS however the process ends) on a file in it naming the holder. It remembers what the folder
+    held before, so that a failed command removes what it made (unless `worth_keeping()` says otherwise, e.g. a
+    checkpoint was written) and nothing else. DDP's other ranks share rank 0's folder without holding it."""
+
+    LOCK = ".minillm.lock"
+
+    def __init__(self, path: Path, setting: str = "hydra.run.dir", worth_keeping: Callable[[], bool] = lambda: False):
+        self.path = Path(path).absolute()
+        self.setting = setting
+        self.worth_keeping = worth_keeping
+        self.made = self.path in _new_folders  # made by Hydra for this command
+        self.before: Optional[set[str]] = None  # the names the folder held when this process took it
+        self._lock: Optional[int] = None  # the lock file's descriptor while held
+
+    def __enter__(self) -> "OutputFolder":
+        if _rank_zero_by_environment():
+            self._acquire()
+        return self
+
+    def __exit__(self, kind, _error, _traceback) -> None:
+        if kind is None:  # a failure keeps the folder held until fail() has removed what this process made
+            self.release()
+
+    @property
+    def held(self) -> bool:
+        return self._lock is not None
+
+    def _acquire(self) -> None:
+        lock = self.path / self.LOCK
+        while True:
+            try:
+                descriptor = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            except OSError as error:
+                raise ValueError(f"{self.setting}={str(self.path)!r}: the output folder cannot be written "
+                                 f"({error.strerror or error})") from error
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(descriptor, 200).decode(errors="replace").strip() or "another process"
+                os.close(descriptor)
+                raise FolderInUse(f"{self.setting}={str(self.path)!r}: in use by {holder}; one folder holds one "
+                                  f"run at a time: wait for it to end, or choose another folder") from None
+            try:  # the file a previous holder removed while this one waited is no lock: take the new one
+                same = os.stat(lock, follow_symlinks=False).st_ino == os.fstat(descriptor).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(descriptor)
+        self._lock = descriptor
+        self.before = set(os.listdir(self.path)) - {self.LOCK}
+        started = time.strftime("%Y-%m-%d %H:%M:%S")
+        os.ftruncate(descriptor, 0)
+        os.write(descriptor, f"pid {os.getpid()} on {socket.gethostname()} since {started}\n".encode())
+
+    def release(self) -> None:
+        """Give the folder up (its lock file removed while still held, so no waiter takes a stale one)."""
+        if self._lock is None:
+            return
+        try:
+            (self.path / self.LOCK).unlink(missing_ok=True)
+        except OSError:
+            pass
+        os.close(self._lock)
+        self._lock = None
+
+    def new_entries(self) -> list[Path]:
+        """What this process added to the folder since it took it (the lock file aside)."""
+        if self.before is None or not self.path.is_dir():
+            return []
+        return sorted(self.path / name for name in set(os.listdir(self.path)) - self.before - {self.LOCK})
+
+    def discard(self) -> None:
+        """After a failure: remove what this process added, and the folder if Hydra made it for this command,
+        unless worth_keeping(). Only a holder removes anything: a refused process touches nothing."""
+        if not self.held or self.worth_keeping():
+            return
+        _close_logs_in(self.path)
+        for entry in self.new_entries():
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+        if self.made and not self.new_entries() and not self.before:
+            self.release()
+            try:
+                self.path.rmdir()
+            except OSError:  # a folder that cannot be written cannot be removed either: stderr has the line
+                pass
+
+
+def _close_logs_in(folder: Path) -> None:
+    """Close and detach the log files in `folder` (Hydra's job log), so that nothing writes them again."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == folder:
+            handler.close()
+            root.removeHandler(handler)
+
+
+def report(message: str) -> None:
+    """One line on stderr, and in the run folder's log (Hydra's file handler) where it can be written."""
+    print(message, file=sys.stderr)
+    record = logging.makeLogRecord({"name": "minillm", "levelname": "ERROR", "levelno": logging.ERROR, "msg": message})
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
             try:
                 handler.emit(record)
             except OSError:  # a folder that cannot be written: stderr has it
                 pass
-    sys.exit(2)
+
+
+def fail(error: BaseException, output: Optional[OutputFolder] = None) -> NoReturn:
+    """A failed or stopped command: one line (`error: ...`) on stderr and in the run's log; exit 2, or 128 + the
+    signal's number when a signal stopped it. What the command made in `output` is removed unless worth keeping."""
+    if not (isinstance(error, Stopped) and not _rank_zero_by_environment()):  # DDP: rank 0 says where it stopped
+        report(f"error: {error}")
+    if output is not None:
+        output.discard()
+        output.release()
+    sys.exit(128 + error.signum if isinstance(error, Stopped) else 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line
 
 
 def check_overrides(argv: list[str]) -> None:
@@ -77,6 +276,70 @@ def check_overrides(argv: list[str]) -> None:
                 print(f"error: model.{group}: set the top-level {group} group instead (e.g. {group}.<field>=...)",
                       file=sys.stderr)
                 sys.exit(2)
+
+
+def hydra_error_line(error: Exception) -> str:
+    """Hydra's or OmegaConf's error as one line naming the override or setting: 'optim.lr=fast: Value 'fast'
+    could not be converted to Float'."""
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    cause = error.__cause__
+    reason = str(cause).strip().splitlines()[0] if cause is not None and str(cause).strip() else ""
+    merging = "Error merging override "
+    if first.startswith(merging) and reason:
+        return f"{first.removeprefix(merging)}: {reason}"
+    key = getattr(error, "full_key", None) or getattr(cause, "full_key", None)
+    line = f"{first.rstrip('.')}: {reason}" if reason and reason not in first else first
+    return f"{key}: {line}" if key and str(key) not in line else line
+
+
+def unique_suffix() -> str:
+    """A short random name part (the `unique` resolver of hydra.run.dir): two runs started in the same second
+    get two folders."""
+    return os.urandom(3).hex()
+
+
+def run_script(main: Callable[[], object]) -> None:
+    """Run a Hydra script's main(): a stop signal, Hydra's own errors (types, missing options) and a folder Hydra
+    cannot make each end in one `error:` line, exit 128 + signum or 2, instead of a traceback."""
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its errors instead of printing a trimmed traceback
+    check_overrides(sys.argv[1:])
+    if not OmegaConf.has_resolver("unique"):
+        OmegaConf.register_new_resolver("unique", unique_suffix, use_cache=True)  # one value per run
+    catch_stop_signals()
+    try:
+        main()
+    except Stopped as stop:  # before the output folder was taken: nothing was written
+        print(f"error: {stop}", file=sys.stderr)
+        sys.exit(128 + stop.signum)
+    except (HydraException, OmegaConfBaseException) as error:
+        print(f"error: {hydra_error_line(error)}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as error:  # Hydra making the output folder (a file in the way, no permission)
+        setting = "hydra.sweep.dir" if {"-m", "--multirun"} & set(sys.argv) else "hydra.run.dir"
+        where = f"={str(error.filename)!r}" if error.filename else ""
+        print(f"error: {setting}{where}: the output folder cannot be made ({error.strerror or error})",
+              file=sys.stderr)
+        sys.exit(2)
+
+
+def shares_console() -> bool:
+    """Whether progress bars would garble the console: stdout is no terminal (a file, a pipe, a scheduler's log),
+    or this is one of several jobs a parallel launcher (Hydra's joblib) runs at once on one terminal."""
+    if not sys.stdout.isatty():
+        return True
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():
+            hydra = HydraConfig.get()
+            return str(hydra.mode) == "RunMode.MULTIRUN" and "joblib" in str(hydra.launcher.get("_target_", ""))
+    except ImportError:
+        pass
+    return False
 
 
 def rank_zero() -> bool:

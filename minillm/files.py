@@ -1,10 +1,12 @@
-"""Files written whole (a temporary file beside the target, fsynced, renamed over it, the folder fsynced), and
-the run folder's log file."""
+"""Files written whole (a temporary file beside the target, fsynced, renamed over it, the folder fsynced), a
+folder's contents replaced whole, and the run folder's log file (never written through a symbolic link)."""
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
+import signal
 import socket
 from pathlib import Path
 from typing import BinaryIO, Callable, Optional, Union
@@ -54,12 +56,40 @@ def _fsync_folder(folder: Path) -> None:
         os.close(descriptor)
 
 
+def replace_contents(folder: Path, staging: Path, spare: Callable[[str], bool]) -> None:
+    """Make `folder` hold what `staging` (a folder inside it) holds, in place of its own entries; the entries
+    whose name `spare` accepts (its log, its lock) stay. Old entries are moved aside, the new ones moved in, then
+    the old removed, with SIGTERM and SIGINT held back meanwhile: a stop leaves the old set or the new, never a
+    mix (renames within one file system, no copies)."""
+    aside = folder / f".replaced-{os.getpid()}"
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    try:
+        aside.mkdir()
+        for entry in list(folder.iterdir()):
+            if entry not in (staging, aside) and not spare(entry.name):
+                os.replace(entry, aside / entry.name)
+        for entry in list(staging.iterdir()):
+            os.replace(entry, folder / entry.name)
+        staging.rmdir()
+        _fsync_folder(folder)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 class RunLog(logging.FileHandler):
     """The run folder's log file (Hydra's job log), opened at its first line. Where the folder cannot be
-    written the lines are dropped instead of every logging call raising; minillm then stops, naming it."""
+    written the lines are dropped instead of every logging call raising; minillm then stops, naming it. A log
+    that is a symbolic link is not opened (its lines are dropped): a run writes its folder, not where a link
+    in it points."""
 
     def __init__(self, filename: str, mode: str = "a", encoding: Optional[str] = None):
         super().__init__(filename, mode, encoding, delay=True)
+
+    def _open(self):
+        flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_APPEND if "a" in self.mode else os.O_TRUNC)
+        return open(os.open(self.baseFilename, flags, 0o644), self.mode, encoding=self.encoding,
+                    errors=self.errors)
 
     def emit(self, record: logging.LogRecord) -> None:
         try:

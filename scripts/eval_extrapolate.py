@@ -8,25 +8,29 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from minillm.cli import register_configs
-from minillm.console import check_overrides
-
-register_configs(Path(__file__).resolve().parents[1] / "conf")
+from minillm.console import run_script
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
-    from minillm.console import fail
-    from minillm.eval.run import evaluate  # here, not above: --help needs no Lightning
+    from minillm.console import OutputFolder, Stopped, fail
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
+    output = OutputFolder(out_dir, worth_keeping=lambda: (out_dir / "report.md").is_file())
     try:
-        files = evaluate(cfg, out_dir)
-    except (ValueError, OSError) as error:  # bad checkpoint, config, length or folder: the message names it
-        fail(error, out_dir)
+        with output:  # held while it runs, taken before anything is written; a failure leaves it as it was
+            from minillm.eval.run import evaluate  # here, not above: --help needs no Lightning
+
+            files = evaluate(cfg, out_dir)
+    except (ValueError, OSError, Stopped) as error:  # bad checkpoint, config, length, folder, a signal: named
+        fail(error, output)
     print(open(files["markdown"]).read())
     print(f"results in {out_dir}")
 
 
 if __name__ == "__main__":
-    check_overrides(sys.argv[1:])
-    main()
+    from minillm.help import answer_help
+
+    answer_help("eval", sys.argv[1:])  # before the schemas, which import torch: help needs none
+    register_configs()
+    run_script(main)

@@ -8,22 +8,30 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from minillm.cli import register_configs
-from minillm.console import check_overrides
+from minillm.console import run_script
 
-register_configs(Path(__file__).resolve().parents[1] / "conf")
+
+def checkpointed(run_dir: Path) -> bool:
+    """Whether the run wrote a checkpoint (from then on a failure keeps its folder: the run resumes from it)."""
+    from minillm.train.run import has_checkpoint
+
+    return has_checkpoint(run_dir)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    from minillm.console import fail, rank_zero
-    from minillm.train.run import train  # here, not above: --help needs no Lightning
+    from minillm.console import OutputFolder, Stopped, fail, rank_zero
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
+    output = OutputFolder(run_dir, worth_keeping=lambda: checkpointed(run_dir))
     try:
-        summary = train(cfg, run_dir, hydra_cfg.overrides.task)
-    except (ValueError, OSError) as error:  # bad config or data, NaN loss, corrupt checkpoint, full disk: named
-        fail(error, run_dir)
+        with output:  # held for the run's life, taken before anything is written (even a log line)
+            from minillm.train.run import train  # here, not above: --help needs no Lightning
+
+            summary = train(cfg, run_dir, hydra_cfg.overrides.task)
+    except (ValueError, OSError, Stopped) as error:  # bad config or data, NaN loss, full disk, a signal: named
+        fail(error, output)
     if not rank_zero():  # under DDP every rank runs this script; one result line is enough
         return
     if summary.get("finished"):
@@ -35,5 +43,8 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    check_overrides(sys.argv[1:])
-    main()
+    from minillm.help import answer_help
+
+    answer_help("train", sys.argv[1:])  # before the schemas, which import torch: help needs none
+    register_configs()
+    run_script(main)

@@ -1,4 +1,5 @@
-"""write_atomic: whole files or none, one temporary name per process, nothing left behind a failure."""
+"""write_atomic: whole files or none, one temporary name per process, nothing left behind a failure; a folder's
+contents replaced whole; the run log never written through a link."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from minillm.files import write_atomic
+from minillm.files import replace_contents, write_atomic
 
 
 def test_text_bytes_and_writer_functions_all_land_whole(tmp_path):
@@ -66,3 +67,31 @@ def test_run_log_opens_at_its_first_line_and_drops_lines_it_cannot_write(tmp_pat
     missing = RunLog(str(tmp_path / "no_such_folder" / "train.log"))
     missing.emit(logging.makeLogRecord({"msg": "dropped", "levelname": "INFO"}))  # no exception
     assert not (tmp_path / "no_such_folder").exists()
+
+
+def test_a_link_named_like_the_log_is_not_written_through(tmp_path):
+    import logging
+
+    from minillm.files import RunLog
+
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not the run's\n")
+    (tmp_path / "train.log").symlink_to(outside)
+    log = RunLog(str(tmp_path / "train.log"))
+    log.emit(logging.makeLogRecord({"msg": "a line", "levelname": "INFO"}))  # dropped, no exception
+    log.close()
+    assert outside.read_text() == "not the run's\n"
+
+
+def test_replace_contents_swaps_every_entry_but_the_spared_and_leaves_no_mix(tmp_path):
+    folder = tmp_path / "eval"
+    (folder / "old_plots").mkdir(parents=True)
+    for name, text in (("report.md", "old"), ("tail_loss.png", "old"), ("eval.log", "log"), (".lock", "")):
+        (folder / name).write_text(text)
+    staging = folder / ".staging"
+    staging.mkdir()
+    (staging / "report.md").write_text("new")
+    (staging / "results.json").write_text("{}")
+    replace_contents(folder, staging, spare=lambda name: name.startswith(".") or name.endswith(".log"))
+    assert sorted(p.name for p in folder.iterdir()) == [".lock", "eval.log", "report.md", "results.json"]
+    assert (folder / "report.md").read_text() == "new" and (folder / "eval.log").read_text() == "log"

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 from typing import Optional
 
 from omegaconf import DictConfig
 
-from minillm.console import quiet_libraries
+from minillm.console import Stopped, quiet_libraries
+from minillm.files import replace_contents
 from minillm.registry import ConfigError, to_run_config
 from minillm.runs import check_writable
 from minillm.tracking import wandb_mode
@@ -25,8 +28,31 @@ def _device(requested: str):
     return torch.device(requested)
 
 
+def _not_results(name: str) -> bool:
+    """Entries of a results folder that are no results: its logs and hidden files (the lock, a staging folder)."""
+    return name.startswith(".") or name.endswith(".log")
+
+
+def check_results_folder(out_dir: Path, overwrite: bool) -> None:
+    """Raise, naming the folder, where it holds results already and overwrite=true does not say to replace them
+    (or where what it holds is not an evaluation's: overwrite replaces only those)."""
+    present = sorted(p.name for p in out_dir.iterdir() if not _not_results(p.name)) if out_dir.is_dir() else []
+    if not present:
+        return
+    shown = ", ".join(present[:4]) + (", ..." if len(present) > 4 else "")
+    if not overwrite:
+        raise ConfigError(f"hydra.run.dir={str(out_dir)!r}: already holds results ({shown}); evaluate into another "
+                          f"folder, or pass overwrite=true to replace them")
+    if not {"report.md", "results.json"} & set(present):
+        raise ConfigError(f"hydra.run.dir={str(out_dir)!r}: holds files that are not an evaluation's results "
+                          f"({shown}); overwrite=true replaces only an evaluation's")
+
+
 def evaluate(cfg: DictConfig, out_dir: Path) -> dict[str, Path]:
-    """Every (checkpoint × scaling × attention × length) measurement, written as one report in out_dir."""
+    """Every (checkpoint × scaling × attention × length) measurement, written as one report in out_dir.
+
+    The report is written into a staging folder inside out_dir and swapped in whole at the end, so that out_dir
+    holds the old results or the new ones, never a mix, whatever stops the evaluation."""
     from minillm.eval import loop
     from minillm.eval.config import EvalConfig
     from minillm.eval.perplexity import PerplexityRecord
@@ -37,14 +63,24 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict[str, Path]:
         quiet_libraries()
     check_writable(out_dir)
     config: EvalConfig = to_run_config(cfg)
-    device = _device(config.device)
-    sources = model_sources(config)
-    results = loop.evaluate(config, device, sources)
-    stride = f"; stride: {config.stride}" if results.of(PerplexityRecord) else ""  # windows of text only
-    header = (f"# Length extrapolation\n\nModels: {', '.join(config.checkpoints)}; device: {device}; "
-              f"precision: {results.precision} ({results.precision_reason}); "
-              f"attention: {', '.join(config.attention)}{stride}.\n")
-    files = write_report(results, out_dir, header)
+    check_results_folder(out_dir, config.overwrite)
+    staging = out_dir / f".staging-{os.getpid()}"
+    try:
+        device = _device(config.device)
+        sources = model_sources(config)
+        results = loop.evaluate(config, device, sources)
+        windows = f"stride: {config.stride}" if config.stride is not None else "non-overlapping windows"
+        windows = f"; {windows}" if results.of(PerplexityRecord) else ""  # windows of text only
+        header = (f"# Length extrapolation\n\nModels: {', '.join(config.checkpoints)}; device: {device}; "
+                  f"precision: {results.precision} ({results.precision_reason}); "
+                  f"attention: {', '.join(config.attention)}{windows}.\n")
+        staged = write_report(results, staging, header)
+        replace_contents(out_dir, staging, spare=_not_results)
+    except Stopped as stop:
+        raise Stopped(stop.signum, f"{stop}; no results were written") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    files = {key: out_dir / path.relative_to(staging) for key, path in staged.items()}
     if config.logger.kind == "wandb":
         from minillm.eval.wandb import log_to_wandb
 

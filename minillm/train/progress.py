@@ -1,11 +1,13 @@
-"""The console progress bar: training counts optimizer steps towards trainer.max_steps, across epochs and resumes."""
+"""The console progress display: training counts optimizer steps towards trainer.max_steps, across epochs and
+resumes; a bar on a terminal of its own, a status line now and then where the console is shared or no terminal."""
 
 from __future__ import annotations
 
 import sys
+import time
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, ProgressBar, TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 
 
@@ -51,6 +53,56 @@ class StepProgressBar(TQDMProgressBar):
             self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))
 
 
-def progress_callbacks() -> list[Callback]:
-    """The progress callbacks a training run adds to its Trainer (which keeps enable_progress_bar=True)."""
-    return [StepProgressBar()]
+class StepStatusLines(ProgressBar):
+    """No bars: one line every `every` seconds of training and one after each validation, prefixed with the
+    job's name: "[1_rope-alibi] step 40/1000 (4%), 2.1 steps/s, train/loss 3.214, val/loss 3.402".
+
+    For a console that bars would garble: several jobs of a parallel launcher drawing over each other, or output
+    that is a file or a scheduler's log, where each redraw of a bar becomes another line."""
+
+    def __init__(self, name: str = "", every: float = 30.0):
+        super().__init__()
+        self.prefix = f"[{name}] " if name else ""
+        self.every = every  # seconds between two lines while training
+        self.enabled = True
+        self._started = self._last = 0.0
+        self._first_step = 0
+
+    def disable(self) -> None:
+        self.enabled = False  # as Lightning does on every rank but 0
+
+    def enable(self) -> None:
+        self.enabled = True
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._started = self._last = time.monotonic()
+        self._first_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        now = time.monotonic()
+        if now - self._last >= self.every or trainer.global_step == trainer.max_steps:
+            self.status(trainer, pl_module)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self.status(trainer, pl_module)
+
+    def status(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Print the status line (rank 0 only)."""
+        if not self.enabled:
+            return
+        self._last = now = time.monotonic()
+        step, total = trainer.global_step, trainer.max_steps
+        line = f"{self.prefix}step {step}" + (f"/{total} ({step / total:.0%})" if total > 0 else "")
+        if now > self._started and step > self._first_step:
+            line += f", {(step - self._first_step) / (now - self._started):.3g} steps/s"
+        metrics = {k: v for k, v in self.get_metrics(trainer, pl_module).items() if k != "v_num"}
+        shown = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()]
+        print(", ".join([line, *shown]), file=sys.stdout, flush=True)
+
+
+def progress_callbacks(lines: bool = False, name: str = "") -> list[Callback]:
+    """The progress callbacks a training run adds to its Trainer (which keeps enable_progress_bar=True): the step
+    bar, or with lines=True (a shared console or none: minillm.console.shares_console) status lines named `name`."""
+    return [StepStatusLines(name) if lines else StepProgressBar()]

@@ -157,6 +157,10 @@ def resolve_checkpoint(ckpt_path: Optional[str], run_dir: Path) -> Optional[tupl
     if path.is_dir():
         path = RunFolder(path).last_checkpoint
     if not path.is_file():
+        if ckpt_path == "last" and RunFolder(run_dir).config.is_file():  # a start killed before its first save
+            raise ConfigError(f"ckpt_path: no checkpoint at {path}: the run in {run_dir} stopped before its first "
+                              f"checkpoint, so there is nothing to resume; start it afresh there (the same command "
+                              f"without ckpt_path)")
         raise ConfigError(f"ckpt_path: no checkpoint at {path} (to resume a run, start it again in its folder: "
                           f"hydra.run.dir=<run folder> ckpt_path=last)")
     try:
@@ -182,8 +186,9 @@ def configure(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> 
     run = to_run_config(cfg)
     found = resolve_checkpoint(run.ckpt_path, run_dir)  # before the data: a wrong path fails at once
     if found is None:
-        folder = RunFolder(run_dir)
-        taken = folder.config.is_file() or any(folder.checkpoints.glob("*.ckpt"))
+        # A config.yaml without a checkpoint is a start killed before its first save (this process holds the
+        # folder, so its writer is gone): nothing to resume, and a new run takes the folder.
+        taken = any(RunFolder(run_dir).checkpoints.glob("*.ckpt"))
         if taken and rank_zero():  # DDP's other ranks find rank 0's files
             raise ConfigError(f"hydra.run.dir={str(run_dir)!r}: already holds a run (config.yaml, checkpoints); "
                               f"continue it with ckpt_path=last, or train a new one in another folder")

@@ -5,14 +5,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
+import signal
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
-from minillm.console import quiet_libraries
+from minillm.console import Stopped, quiet_libraries, received_signal, shares_console
 from minillm.files import write_atomic
 from minillm.precision import resolve as resolve_precision
 from minillm.registry import ConfigError
@@ -42,15 +44,59 @@ def load_data(run: RunConfig):
     return data
 
 
+def has_checkpoint(run_dir: Path) -> bool:
+    """Whether the run folder holds a checkpoint: from then on a failed command keeps the folder (it resumes)."""
+    return any(RunFolder(run_dir).checkpoints.glob("*.ckpt"))
+
+
+def refuse_links(folder: RunFolder) -> None:
+    """Raise, naming it, where the run folder (or its checkpoints/) holds a symbolic link: the logs and
+    checkpoints written there would land wherever it points."""
+    entries = [*folder.path.iterdir()] if folder.path.is_dir() else []
+    if folder.checkpoints.is_dir() and not folder.checkpoints.is_symlink():
+        entries += [*folder.checkpoints.iterdir()]
+    for entry in entries:
+        if entry.is_symlink():
+            raise ConfigError(f"hydra.run.dir={str(folder.path)!r}: {entry.relative_to(folder.path)} is a symbolic "
+                              f"link (to {os.readlink(entry)}); a run writes only its own folder: replace the link "
+                              f"with the file it points to")
+
+
+def stopped(signum: int, folder: RunFolder, step: Optional[int]) -> Stopped:
+    """The Stopped a signal ends training with, saying what was kept: the last checkpoint and how to resume."""
+    from minillm.runs import CheckpointError, load_checkpoint
+
+    name = signal.Signals(signum).name
+    when = f"stopped by {name}" + (f" at step {step}" if step is not None else " before training started")
+    if not folder.last_checkpoint.is_file():
+        return Stopped(signum, f"{when}; no checkpoint was written, so nothing is kept")
+    try:
+        saved = f" (step {load_checkpoint(folder.last_checkpoint).get('global_step', '?')})"
+    except CheckpointError:
+        saved = ""
+    return Stopped(signum, f"{when}; the run's last checkpoint is {folder.last_checkpoint}{saved}: resume with "
+                           f"hydra.run.dir={folder.path} ckpt_path=last")
+
+
 def train(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Train one model as `cfg` says; everything it writes goes under run_dir. Returns the summary.
 
-    overrides: the command line's (Hydra's overrides.task), which a resume checks against the run's settings."""
+    overrides: the command line's (Hydra's overrides.task), which a resume checks against the run's settings.
+    A stop signal raises Stopped saying where the run can resume."""
+    progress: dict[str, int] = {}  # the step reached, once training runs
+    try:
+        return _train(cfg, run_dir, overrides, progress)
+    except Stopped as stop:
+        raise stopped(stop.signum, RunFolder(run_dir), progress.get("step")) from None
+
+
+def _train(cfg: DictConfig, run_dir: Path, overrides: Sequence[str], progress: dict[str, int]) -> dict[str, Any]:
     started = time.time()
     if not cfg.get("verbose", False):
         quiet_libraries()
     check_writable(run_dir)
     folder = RunFolder(run_dir)
+    refuse_links(folder)  # before anything is written
     run, resolved, resume = configure(cfg, run_dir, overrides)
     if resume is not None and resume.step >= run.trainer.max_steps:  # nothing to train: the run's files stay
         return {**folder.summary_values(), "finished": True, "steps": resume.step, "max_steps": run.trainer.max_steps}
@@ -101,11 +147,18 @@ def train(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> dict
     resume_id = folder.wandb_run_id() if resume is not None else None  # the same W&B run, not a second one
     group = source_group(source) if source is not None else None
     used = {"precision_used": precision, "precision_reason": precision_reason}
+    # A new run starts metrics.csv afresh (step 0 on), whatever a run killed before its first checkpoint left.
     loggers = make_loggers(run, run_dir, {**resolved, "data_fingerprint": data.fingerprint, **used, **origin}, resume_id,
-                           resume.step if resume is not None else None, group=group)
+                           resume.step if resume is not None else 0, group=group)
     trainer = L.Trainer(**trainer_args, logger=loggers or False)
     try:
         trainer.fit(task, datamodule=data, ckpt_path=resume.checkpoint if resume is not None else None)
+    except (SystemExit, Stopped) as stop:  # Lightning ends fit on SIGTERM with SIGTERMException (a SystemExit, 0)
+        signum = stop.signum if isinstance(stop, Stopped) else received_signal()
+        if signum is None:
+            raise
+        progress["step"] = trainer.global_step
+        raise Stopped(signum) from None
     except NonFiniteLossError as error:  # say where to resume from: the checkpoints after a blow-up hold inf
         from minillm.train.checkpoints import last_good_checkpoint
 
@@ -179,7 +232,8 @@ def trainer_kwargs(run: RunConfig, run_dir: Path, precision: str) -> dict[str, A
                 val_check_interval=min(t.val_check_interval, t.max_steps),  # a short run still validates once
                 check_val_every_n_epoch=None, limit_val_batches=t.limit_val_batches,
                 log_every_n_steps=t.log_every_n_steps, gradient_clip_val=t.gradient_clip_val or None,
-                callbacks=[best, periodic, *progress_callbacks()], plugins=[atomic_checkpoint_io()], default_root_dir=str(run_dir),
+                callbacks=[best, periodic, *progress_callbacks(lines=shares_console(), name=run_dir.name)],
+                plugins=[atomic_checkpoint_io()], default_root_dir=str(run_dir),
                 enable_model_summary=False)
 
 
