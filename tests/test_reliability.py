@@ -339,7 +339,8 @@ def test_ddp_on_cpu_reads_interleaved_batches_and_keeps_the_replicas_equal(tmp_p
 
 SETTINGS = ["trainer.max_steps", "trainer.max_bad_steps", "trainer.val_check_interval", "trainer.precision",
             "trainer.devices", "trainer.gradient_clip_val", "trainer.checkpoint_every_n_steps", "trainer.peak_flops",
-            "trainer.limit_val_batches", "trainer.strategy", "optim.eps", "optim.lr", "optim.beta1", "optim.min_lr_ratio", "optim.warmup_steps", "model.d_model", "model.n_heads",
+            "trainer.limit_val_batches", "trainer.strategy", "optim.eps", "optim.lr", "optim.beta1", "optim.min_lr_ratio",
+            "optim.warmup_steps", "model.d_model", "model.n_heads",
             "model.n_kv_heads", "model.n_layers", "model.ffn", "model.norm_eps", "model.attn_dropout",
             "data.batch_size", "data.val_fraction", "data.max_documents", "tokenizer.vocab_size", "rope.theta",
             "rope.rotary_dim", "logger.kind", "logger.mode", "seed", "ckpt_path"]
