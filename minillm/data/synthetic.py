@@ -118,12 +118,13 @@ class MQAR(TaskConfig):
     plateau is real: a d_model=128 model at lr 1e-3 sat at 51% (H_4/4) for 1500 steps.
     Length scaling: p = length // tokens_per_pair pairs, so 4x the length holds 4x the pairs; p must not exceed
     num_keys (the defaults reach 16 x 64 = 1024 tokens), and a longer length is refused, not capped.
+    Defaults: tokens_per_pair 16 puts 4 pairs in 64 tokens (Zoology's range is 4..64): with its 8, a 2-layer
+    d_model=64 model stayed on the "some value of the context" plateau (~35% right) for 4000 steps; with 4 it
+    leaves it near step 2000.
     """
 
     num_keys: int = 64  # distinct keys; a window holds at most this many pairs
     num_values: int = 64  # values, drawn with replacement
-    # 4 pairs at 64 tokens (Zoology's range is 4..64): with its 8, a 2-layer d_model=64 model stayed on the
-    # "some value of the context" plateau (~35% right) for 4000 steps; with 4 it leaves it near step 2000.
     tokens_per_pair: int = 16  # tokens per pair: a window of T holds T // tokens_per_pair pairs
     power_a: float = 0.01  # a of the power law a·(s+1)^(a−1) that places the queries in slots s (Zoology's)
     show_values: bool = True  # write each queried value after its key (False: `k 0`, as Zoology)
@@ -196,23 +197,23 @@ class Needle(TaskConfig):
     with pairs (no filler).
     Length scaling: h = (length + 1 − g − q·(2 + n)) // tokens_per_pair slots, so the haystack and its
     distractors grow with the length at a fixed density; the needles and queries stay q.
+    Defaults: with 64 values a needle's first value token recurs elsewhere in the window for 15% of needles,
+    where "copy what followed it" is ambiguous: learned runs missed a quarter of those; 128 halves that
+    (docs/synthetic_tasks.md). Four needles in slots of 8 tokens (6 slots at 64 tokens, 126 at 1024): a 2-layer
+    d_model=128, 4-head model got 90% of them right by step 1000 (d_model=64: 12% after 3800 steps); one needle
+    (niah_single) stayed below 11% for 3800 steps: one answer per window is too little signal. One filler
+    between the haystack and the queries: with none, a needle that ends the haystack runs into the first
+    query's marker and reads like a query itself: learned runs missed 42–44 of 44 such needles, and none with
+    one filler.
     """
 
     num_keys: int = 64  # keys of the needles and the distractor pairs
-    # With 64 values a needle's first value token recurs elsewhere in the window for 15% of needles, where "copy
-    # what followed it" is ambiguous: learned runs missed a quarter of those; 128 halves that (docs/synthetic_tasks.md).
     num_values: int = 128  # values, drawn with replacement
     value_length: int = 2  # value tokens per pair: the answer's length
-    # Four needles in slots of 8 tokens (6 slots at 64 tokens, 126 at 1024): a 2-layer d_model=128, 4-head model
-    # got 90% of them right by step 1000 (d_model=64: 12% after 3800 steps). One needle (niah_single) stayed
-    # below 11% for 3800 steps: one answer per window is too little signal.
     num_queries: int = 4  # needles, each queried once
     tokens_per_pair: int = 8  # a haystack slot's tokens: the pair and filler around it
     depth: Optional[float] = None  # the needle's slot as a fraction of the haystack; None: uniform
-    # Fillers between the haystack and the queries. With none, a needle that ends the haystack runs into the
-    # first query's marker and reads like a query itself: learned runs missed 42–44 of 44 such needles, and
-    # none with one filler.
-    query_gap: int = 1
+    query_gap: int = 1  # fillers between the haystack and the queries (they stand for RULER's question)
 
     def __post_init__(self) -> None:
         require(self.num_queries >= 1, self.knob("num_queries"), f"must be at least 1, got {self.num_queries}")
