@@ -24,17 +24,14 @@ TaskSettings.__module__ = __name__  # so it pickles by reference (a parallel swe
 class DataConfig:
     """Which text (or synthetic task) to train on and how it is cut into windows."""
 
-    # "stdlib" (the embedded corpus), a HuggingFace hub name, a local file (.txt, .jsonl, .json,
-    # .parquet), a folder of such files, or a folder written by Dataset.save_to_disk; "synthetic": data.task.
+    # stdlib (embedded), a hub dataset, a .txt/.jsonl/.json/.parquet file or folder, a save_to_disk folder, synthetic
     path: str = "stdlib"
-    # With path=synthetic (data=synthetic): the task generated on the fly (minillm.data.synthetic), with its knobs
-    # under data.tasks.<task>, e.g. data.task=copy data.tasks.copy.num_symbols=16.
+    # With data=synthetic: the task generated on the fly (its knobs: data.tasks.<task>.<knob>)
     task: Optional[str] = None
     tasks: "TaskSettings" = field(default_factory=lambda: TaskSettings())  # every task's knobs, under its name
     name: Optional[str] = None  # the hub dataset's config name
     split: str = "train"  # the split trained on
-    # The split to validate on; None: a local dataset's "validation" split if it has one, else documents of
-    # data.split held out by hash (val_fraction).
+    # The split validated on; None: a local dataset's "validation" split, else data.val_fraction of data.split
     val_split: Optional[str] = None
     text_field: str = "text"  # the column that holds each document's text
     streaming: bool = False  # hub sets too large to download whole

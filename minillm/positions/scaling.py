@@ -34,8 +34,7 @@ class Scaling:
 
     type: str = "none"  # the registry name: checkpoints store it to rebuild the right class
     factor: float = 1.0  # the scale: the length meant for ÷ the trained length
-    # Length the model was trained at; None means the model's context_length (filled in by `trained_at`).
-    original_max_position: Optional[int] = None
+    original_max_position: Optional[int] = None  # the length the model was trained at; None: model.context_length
 
     name: ClassVar[str] = "none"
     needs_original: ClassVar[bool] = False  # the formula reads the trained length
@@ -184,8 +183,7 @@ class YarnScaling(Scaling):
     factor: float = 4.0  # the scale: the length meant for ÷ the trained length
     beta_fast: float = 32.0  # dimensions turning more than this many times over the trained length are kept
     beta_slow: float = 1.0  # dimensions turning fewer than this many times are interpolated by factor
-    # None: mscale(factor, mscale) / mscale(factor, mscale_all_dim) if those are set (DeepSeek), else
-    # 0.1·ln(factor) + 1. Given, it wins over mscale, as in HF.
+    # the factor on q and k; None: 0.1·ln(factor) + 1, or DeepSeek's ratio when mscale is set (a given one wins)
     attention_factor: Optional[float] = None
     mscale: Optional[float] = None  # set both or neither: HF reads them only as a pair
     mscale_all_dim: Optional[float] = None  # DeepSeek's denominator temperature: mscale(factor, mscale_all_dim)

@@ -80,8 +80,7 @@ class TrainerConfig:
     devices: Any = 1  # auto, a count (the CPU: processes, at most its cores), -1 for every GPU, or GPU indices
     num_nodes: int = 1  # machines in a multi-node run
     strategy: str = "auto"  # auto, or one of Lightning's registered strategies (ddp, fsdp, deepspeed, ...)
-    # Lightning's precision (32-true, bf16-mixed, ...), taken as asked; auto: bf16-mixed where the processor
-    # multiplies bf16 natively (AVX-512 BF16, AMX; a GPU with bf16), float32 elsewhere (minillm.precision).
+    # Lightning's precision (32-true, bf16-mixed, ...); auto: bf16-mixed where bf16 is native, else 32-true
     precision: str = "auto"
     max_steps: int = 1000  # optimizer steps to train for (the schedule ends there)
     val_check_interval: int = 100  # steps between validations
@@ -140,8 +139,7 @@ class RunConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)  # where metrics go (conf/logger)
     seed: int = 0  # seeds the weights, the data order and the positions drawn; in [0, 2**32 − 1]
     ckpt_path: Optional[str] = None  # "last" resumes this run folder's last checkpoint; or a path
-    # A run folder or .ckpt whose weights start this run (fresh optimizer and schedule): its shape, vocabulary,
-    # encoding and tokenizer are kept; the context length, scaling and positions are this run's (minillm.train.finetune).
+    # A run folder or .ckpt to fine-tune: its weights, shape, encoding and tokenizer, with a fresh optimizer
     init_from: Optional[str] = None
     verbose: bool = False  # show the libraries' console lines too (devices, tips, deprecations)
 
