@@ -34,18 +34,19 @@ def positive(value: float, name: str) -> None:
 
 def finite(config, prefix: str, declared_by: Optional[type] = None) -> None:
     """Refuse NaN and ±inf in the float fields (and lists of floats) of the dataclass instance `config`, naming
-    `prefix`.field: range checks alone let inf through (inf > 0) and NaN makes every comparison false.
+    `prefix`.field (the field alone for a top-level config, prefix ""): range checks alone let inf through
+    (inf > 0) and NaN makes every comparison false.
 
     Called at the end of a __post_init__, after the range checks (which say more); declared_by: check only the
     fields of that dataclass (the caller's class, in a hierarchy whose subclasses check theirs after it), else all.
     """
     for f in dataclasses.fields(declared_by or config):
-        value = getattr(config, f.name)
+        value, name = getattr(config, f.name), f"{prefix}.{f.name}" if prefix else f.name
         if isinstance(value, Sequence) and not isinstance(value, str):
-            require(all(math.isfinite(v) for v in value if isinstance(v, float)), f"{prefix}.{f.name}",
+            require(all(math.isfinite(v) for v in value if isinstance(v, float)), name,
                     f"must hold finite numbers, got {list(value)}")
         elif isinstance(value, float):
-            require(math.isfinite(value), f"{prefix}.{f.name}", f"must be a finite number, got {value}")
+            require(math.isfinite(value), name, f"must be a finite number, got {value}")
 
 
 def known_fields(cls: type, d: dict, prefix: str, member: Optional[str] = None) -> dict:

@@ -20,7 +20,7 @@ from minillm.positions.base import POSITION_ENCODINGS, position_config
 from minillm.positions.methods import ATTENTION_METHODS, attention_method
 from minillm.positions.samplers import POSITION_SAMPLERS, sampler_config
 from minillm.positions.scaling import SCALINGS, scaling_config
-from minillm.registry import ConfigError, to_run_config
+from minillm.registry import ConfigError, finite, to_run_config
 from minillm.tracking import LoggerConfig
 from minillm.train.config import SEED_MAX, OptimConfig, RunConfig, TrainerConfig
 
@@ -91,6 +91,19 @@ def test_a_non_finite_float_setting_is_refused_naming_it(build, field, value, na
     message = str(error.value)
     assert message.startswith(f"{name}: ") and "\n" not in message, message
     assert str(value) in message, message  # what was given is shown
+
+
+def test_finite_names_a_top_level_setting_by_itself_and_checks_lists():
+    @dataclasses.dataclass
+    class Settings:
+        scale: float = 1.0
+        depths: list = dataclasses.field(default_factory=lambda: [0.5])
+
+    with pytest.raises(ValueError, match=r"^scale: must be a finite number, got inf$"):
+        finite(Settings(scale=INF), "")
+    with pytest.raises(ValueError, match=r"^eval[.]depths: must hold finite numbers, got \[0[.]5, nan\]$"):
+        finite(Settings(depths=[0.5, NAN]), "eval")
+    finite(Settings(), "")
 
 
 @pytest.mark.parametrize("key", sorted(config_builders()))
