@@ -15,6 +15,7 @@ import pytest
 
 from minillm.data.config import DataConfig, TokenizerConfig
 from minillm.data.synthetic import SYNTHETIC_TASKS, task_config
+from minillm.eval.config import EvalConfig
 from minillm.model.config import ModelConfig
 from minillm.positions.base import POSITION_ENCODINGS, position_config
 from minillm.positions.methods import ATTENTION_METHODS, attention_method
@@ -28,23 +29,26 @@ REPO = Path(__file__).resolve().parents[1]
 NAN, INF = float("nan"), float("inf")
 
 
-def config_builders() -> dict[str, tuple[type, typing.Callable[[dict], object]]]:
-    """Every config class a command line reaches, by the prefix its settings have there (model.norm_eps,
-    rope.theta, methods.leaky_rerope.k, data.tasks.mqar.power_a, ...), with a builder from a dict of settings."""
-    builders = {"model": (ModelConfig, lambda d: ModelConfig(**d)), "optim": (OptimConfig, lambda d: OptimConfig(**d)),
-                "trainer": (TrainerConfig, lambda d: TrainerConfig(**d)), "data": (DataConfig, lambda d: DataConfig(**d)),
-                "tokenizer": (TokenizerConfig, lambda d: TokenizerConfig(**d)),
-                "logger": (LoggerConfig, lambda d: LoggerConfig(**d)), "": (RunConfig, lambda d: RunConfig(**d))}
+def config_builders() -> dict[str, tuple[str, type, typing.Callable[[dict], object]]]:
+    """Every config class a command line reaches, by a test id: the prefix its settings have there (model.norm_eps,
+    rope.theta, methods.leaky_rerope.k, data.tasks.mqar.power_a; "" for the scripts' top-level settings), the
+    class, and a builder from a dict of settings."""
+    flat = {"model": ModelConfig, "optim": OptimConfig, "trainer": TrainerConfig, "data": DataConfig,
+            "tokenizer": TokenizerConfig, "logger": LoggerConfig}
+    builders = {key: (key, cls, lambda d, cls=cls: cls(**d)) for key, cls in flat.items()}
+    builders["train"] = ("", RunConfig, lambda d: RunConfig(**d))
+    builders["eval"] = ("", EvalConfig, lambda d: EvalConfig(**{"ckpt": "run", **d}))
     for name, cls in POSITION_ENCODINGS.items():
-        builders[f"rope[{name}]"] = (cls, lambda d, name=name: position_config({"variant": name, **d}))
+        builders[f"rope[{name}]"] = ("rope", cls, lambda d, name=name: position_config({"variant": name, **d}))
     for name, cls in SCALINGS.items():
-        builders[f"rope_scaling[{name}]"] = (cls, lambda d, name=name: scaling_config({"type": name, **d}))
+        builders[f"rope_scaling[{name}]"] = ("rope_scaling", cls,
+                                            lambda d, name=name: scaling_config({"type": name, **d}))
     for name, cls in POSITION_SAMPLERS.items():
-        builders[f"positions[{name}]"] = (cls, lambda d, name=name: sampler_config({"sampler": name, **d}))
+        builders[f"positions[{name}]"] = ("positions", cls, lambda d, name=name: sampler_config({"sampler": name, **d}))
     for name, cls in ATTENTION_METHODS.items():
-        builders[f"methods.{name}"] = (cls, lambda d, name=name: attention_method(name, d))
+        builders[f"methods.{name}"] = (f"methods.{name}", cls, lambda d, name=name: attention_method(name, d))
     for name, cls in SYNTHETIC_TASKS.items():
-        builders[f"data.tasks.{name}"] = (cls, lambda d, name=name: task_config(name, d))
+        builders[f"data.tasks.{name}"] = (f"data.tasks.{name}", cls, lambda d, name=name: task_config(name, d))
     return builders
 
 
@@ -59,13 +63,13 @@ PARTNERS = {"mscale": {"mscale_all_dim": 1.0}, "mscale_all_dim": {"mscale": 1.0}
 
 def float_cases() -> list:
     cases = []
-    for key, (cls, build) in config_builders().items():
-        prefix = key.split("[")[0]
+    for key, (prefix, cls, build) in config_builders().items():
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
-            if not takes_float(hints[f.name]):
+            hint = hints[f.name]
+            if not takes_float(hint):
                 continue
-            listed = typing.get_origin(hints[f.name]) is list or list in map(typing.get_origin, typing.get_args(hints[f.name]))
+            listed = list in (typing.get_origin(hint), *map(typing.get_origin, typing.get_args(hint)))
             name = f"{prefix}.{f.name}" if prefix else f.name
             for bad in (NAN, INF, -INF):
                 value = [1.0, bad] if listed else bad
@@ -81,7 +85,7 @@ def test_the_float_cases_cover_every_part():
     assert {"model.norm_eps", "model.init_std", "optim.lr", "optim.eps", "trainer.gradient_clip_val",
             "trainer.limit_val_batches", "data.val_fraction", "rope.theta", "rope.xpos_scale_base", "rope.max_period",
             "rope_scaling.factor", "rope_scaling.short_factor", "methods.leaky_rerope.k",
-            "data.tasks.mqar.power_a", "data.tasks.flipflop.p_read"} <= names
+            "data.tasks.mqar.power_a", "data.tasks.flipflop.p_read", "scaling_factor", "passkey_depths"} <= names
 
 
 @pytest.mark.parametrize("build, field, value, name", FLOAT_CASES)
@@ -109,7 +113,7 @@ def test_finite_names_a_top_level_setting_by_itself_and_checks_lists():
 @pytest.mark.parametrize("key", sorted(config_builders()))
 def test_every_config_builds_from_its_defaults(key):
     """So that the refusals above are the values', not the classes'."""
-    cls, build = config_builders()[key]
+    _, cls, build = config_builders()[key]
     assert isinstance(build({}), cls)
 
 
