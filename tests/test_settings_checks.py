@@ -19,6 +19,7 @@ from minillm.eval.config import EvalConfig
 from minillm.model.config import ModelConfig
 from minillm.positions.base import POSITION_ENCODINGS, position_config
 from minillm.positions.methods import ATTENTION_METHODS, attention_method
+from minillm.positions.rotary import MultiAxisRotary, RotaryEmbedding
 from minillm.positions.samplers import POSITION_SAMPLERS, sampler_config
 from minillm.positions.scaling import SCALINGS, scaling_config
 from minillm.registry import ConfigError, finite, to_run_config
@@ -219,3 +220,14 @@ def test_train_script_refuses_the_setting_in_one_line_with_exit_2(tmp_path, comm
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {ISSUE_COMMANDS[command]}"), done.stderr[-3000:]
     assert not (tmp_path / "run" / "config.yaml").exists()
+
+
+@pytest.mark.parametrize("build, name", [
+    (lambda: RotaryEmbedding(8, theta=INF), "theta"),
+    (lambda: RotaryEmbedding(8, xpos_scale_base=INF), "xpos_scale_base"),
+    (lambda: MultiAxisRotary([4], theta=NAN), "theta"),
+])
+def test_the_rotary_modules_refuse_a_non_finite_base_too(build, name):
+    """The library's own constructors (minillm.rope) hold to the configs' ranges: inf would turn no channel."""
+    with pytest.raises(ValueError, match=rf"^{name}: must be a finite positive number"):
+        build()

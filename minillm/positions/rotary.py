@@ -302,6 +302,7 @@ class MultiAxisRotary(nn.Module):
         super().__init__()
         if not axes_dims or any(d <= 0 or d % 2 for d in axes_dims):
             raise ValueError(f"axes_dims: need positive even sizes, got {axes_dims}")
+        positive(theta, "theta")
         self.axes_dims, self.theta, self.rotary_dim = list(axes_dims), float(theta), sum(axes_dims)
         self._inv_freqs = [rotary_inv_freq(theta, d) for d in axes_dims]
 
