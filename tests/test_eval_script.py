@@ -94,8 +94,11 @@ def test_multirun_folder_default_lengths(tiny_runs, tmp_path):
     """One table for every run of a sweep: each scaling for the rotary model, none for ALiBi, n/a for
     learned positions past their table; every output file with its columns."""
     out = tmp_path / "eval"
-    result = evaluate(out, f"ckpt={quoted(tiny_runs['multirun'])}", *FAST, "passkey_trials=0")
+    result = evaluate(out, f"ckpt={quoted(tiny_runs['multirun'])}", *FAST, "passkey_trials=0", "scalings=all")
     succeeded(result)
+    # said before measuring: learned positions stop at their table, the tail loss starts at the training length
+    assert "measuring 3 models (7×1×5 + 1×1×5 + 1×1×5 scalings × attention × lengths) = 45 settings; cells: " \
+           "41 perplexity, 41 tail\n" in result.stdout + result.stderr
 
     columns, rows = read_csv(out / "results.csv")
     assert RESULT_COLUMNS <= set(columns)
@@ -424,3 +427,24 @@ def test_a_synthetic_task_run_is_scored_by_accuracy_at_every_length(synthetic_ru
     assert set(effective) == {"none", "yarn"} and all(e["effective_length"] >= 16 for e in effective.values())
     report = (out / "report.md").read_text()
     assert "Task accuracy against evaluation length" in report and (out / "accuracy_vs_length.png").is_file()
+
+
+def make_commands(*args: str) -> list[str]:
+    """The commands `make -n <args>` would run, continuation lines joined."""
+    done = subprocess.run(["make", "-n", *args], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return [line for line in done.stdout.replace("\\\n", " ").splitlines() if "scripts/" in line]
+
+
+def test_make_compare_gives_args_to_training_and_eval_args_to_the_evaluation():
+    train, evaluate = make_commands("compare", "ARGS=trainer.max_steps=5", "EVAL_ARGS=lengths=[64,128] passkey_trials=2")
+    assert "scripts/train.py" in train and train.endswith(" trainer.max_steps=5")
+    assert "scripts/eval_extrapolate.py" in evaluate and evaluate.endswith(" lengths=[64,128] passkey_trials=2")
+    assert "lengths=" not in train and "trainer.max_steps" not in evaluate
+    # the studies split them the same way; a target that only evaluates refuses ARGS instead of dropping it
+    commands = make_commands("extrapolation", "ARGS=trainer.max_steps=5", "EVAL_ARGS=batch_size=2")
+    assert all(("trainer.max_steps=5" in c) == ("train.py" in c) for c in commands)
+    assert all(("batch_size=2" in c) == ("eval_extrapolate.py" in c) for c in commands)
+    done = subprocess.run(["make", "-n", "real-models", "ARGS=device=cpu"], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 2 and "ARGS=device=cpu: real-models only evaluates; give its overrides as EVAL_ARGS" \
+        in done.stderr

@@ -795,3 +795,55 @@ def test_a_glob_of_a_list_that_matches_nothing_is_skipped_unless_nothing_matches
     for ckpt in (absent, [absent], [absent, str(tmp_path / "sweep" / "*rope-t5__*")]):
         with pytest.raises(CheckpointError, match=r"ckpt: nothing matches .*\*rope-xpos__\*"):
             model_sources(EvalConfig(ckpt=ckpt))
+
+
+def test_the_default_scalings_are_few_and_all_is_the_full_sweep():
+    """A default evaluation reads none and yarn (minutes on 2 cores); scalings=all (or a single name) is one
+    override away, all meaning every scaling a factor defines."""
+    from minillm.eval.config import ALL_SCALINGS
+
+    assert EvalConfig(ckpt="-").scalings == ["none", "yarn"]
+    assert EvalConfig(ckpt="-", scalings="all").scalings == ALL_SCALINGS == \
+        ["none", "linear", "ntk", "dynamic_ntk", "yarn", "dynamic_yarn", "llama3"]
+    assert EvalConfig(ckpt="-", scalings=["all"]).scalings == ALL_SCALINGS
+    assert EvalConfig(ckpt="-", scalings="linear").scalings == ["linear"]
+    for bad, message in [("lots", "scalings: got 'lots'"), ([], "scalings: name scalings"), (3, "scalings: name"),
+                         (["longrope"], "scalings: longrope needs factors")]:
+        with pytest.raises(ValueError, match=message):
+            EvalConfig(ckpt="-", scalings=bad)
+
+
+@pytest.mark.parametrize("name, value", [(n, v) for n in ("scaling_factor", "effective_threshold",
+                                                          "effective_min_exact_match")
+                                         for v in (math.nan, math.inf, -math.inf)] +
+                         [("passkey_depths", [0.5, math.nan]), ("passkey_depths", [math.inf])])
+def test_every_float_setting_of_the_evaluation_refuses_nan_and_inf(name, value):
+    floats = {f.name for f in dataclasses.fields(EvalConfig) if "float" in str(f.type)}
+    assert floats == {"scaling_factor", "effective_threshold", "effective_min_exact_match", "passkey_depths"}
+    with pytest.raises(ValueError, match=f"^{name}: "):
+        EvalConfig(ckpt="-", **{name: value})
+
+
+def test_the_evaluation_says_how_many_cells_it_will_measure_before_it_starts():
+    """One line from the models' configs alone (no weights loaded): models × scalings × attention × lengths, and
+    each measurement's cells (tail loss from the training length up; passkey per depth; learned positions stop at
+    their table)."""
+    from types import SimpleNamespace
+
+    from minillm.eval.loop import forecast
+
+    text = SimpleNamespace(task=None)
+    rotary, alibi = ModelConfig(context_length=64), ModelConfig(context_length=64, rope=position_config("alibi"))
+    config = EvalConfig(ckpt="-")
+    assert forecast([(text, rotary), (text, rotary)], config) == (
+        "measuring 2 models × 2 scalings × 1 attention method × 5 lengths = 20 settings; cells: 20 perplexity, "
+        "20 tail, 60 passkey; scalings=all measures every scaling")
+    config = EvalConfig(ckpt="-", scalings="all", lengths=[32, 64, 128], passkey_trials=0, attention=["full", "sliding"])
+    learned = ModelConfig(context_length=64, rope=position_config("learned"))
+    assert forecast([(text, rotary), (text, alibi), (text, learned)], config) == (
+        "measuring 3 models (7×2×3 + 1×2×3 + 1×2×3 scalings × attention × lengths) = 54 settings; cells: "
+        "52 perplexity, 34 tail")
+    task = SimpleNamespace(task=Needle())
+    assert forecast([(task, rotary)], EvalConfig(ckpt="-", scalings="none", lengths=[64])) == \
+        "measuring 1 model × 1 scaling × 1 attention method × 1 length = 1 setting; cells: 1 accuracy; " \
+        "scalings=all measures every scaling"

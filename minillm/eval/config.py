@@ -9,12 +9,15 @@ from minillm.data.config import DataConfig
 from minillm.positions.methods import ATTENTION_METHODS
 from minillm.positions.scaling import SCALINGS
 from minillm.precision import EVAL_PRECISIONS
-from minillm.registry import choice, require
+from minillm.registry import choice, positive, require
 from minillm.tracking import LoggerConfig
 
 # Every attention method's knobs, one field per registered method (its config class): the schema of `methods`.
 AttentionSettings = make_dataclass("AttentionSettings", [(name, cls, field(default_factory=cls))
                                                          for name, cls in ATTENTION_METHODS.items()])
+# The scalings `scalings=all` measures: every one a factor defines (not longrope: its factors are searched per model).
+ALL_SCALINGS = [name for name, cls in SCALINGS.items() if cls.from_factor]
+DEFAULT_SCALINGS = ["none", "yarn"]  # a few minutes on 2 CPU cores for a default run; scalings=all: the full sweep
 
 
 @dataclass
@@ -28,28 +31,31 @@ class EvalConfig:
     data: DataConfig = field(default_factory=DataConfig)
     trained_length: Optional[int] = None  # imported models' 1x; None: their config's (original) context length
     lengths: Optional[list[int]] = None  # None: 1, 2, 4, 8, 16 × each model's training length
-    # applied to rotary models only; every scaling a factor defines (not longrope: its factors are searched per model)
-    scalings: list[str] = field(default_factory=lambda: [name for name, cls in SCALINGS.items() if cls.from_factor])
+    # The frequency scalings applied to rotary models (others are read as trained): a list, one name, or all (every
+    # scaling a factor defines: none, linear, ntk, dynamic_ntk, yarn, dynamic_yarn, llama3), each a pass as long.
+    scalings: Any = field(default_factory=lambda: list(DEFAULT_SCALINGS))
     scaling_factor: Optional[float] = None  # None: eval length / trained length (dynamic_ntk: 1)
     attention: list[str] = field(default_factory=lambda: ["full"])  # minillm.positions.methods
-    methods: "AttentionSettings" = field(default_factory=lambda: AttentionSettings())  # methods.self_extend.group=4
+    # each attention method's knobs, under its name (methods.self_extend.group=4)
+    methods: "AttentionSettings" = field(default_factory=lambda: AttentionSettings())
     logn: bool = False  # scale queries by max(1, log_L(i + 1)) (Qwen's log-n) under every method and scaling
     tail_loss: bool = True  # also the loss on each document's last L tokens with 1x..16x L of context (ReRoPE's)
     stride: Optional[int] = None  # sliding-window evaluation (ALiBi paper); None: non-overlapping windows
     max_documents: int = 8  # long validation documents evaluated at every length
-    batch_size: int = 4
+    batch_size: int = 4  # windows per forward pass (fewer at long lengths, to bound the attention's memory)
     buckets: int = 16  # loss-against-position resolution
-    passkey_trials: int = 10  # per (length, depth); 0 turns passkey retrieval off
+    # prompts per (length, depth) under every scaling and method; 0 turns passkey retrieval off (10: the full sweep's)
+    passkey_trials: int = 3
+    # where the key sits in the passkey prompt's filler: 0 its start, 1 its end
     passkey_depths: list[float] = field(default_factory=lambda: [0.1, 0.5, 0.9])
-    # Runs trained on a synthetic task (data=synthetic) are scored on its test examples instead of on text.
-    task_examples: int = 64  # test examples per length
+    task_examples: int = 64  # test examples per length for runs trained on a synthetic task (data=synthetic)
     effective_threshold: float = 0.9  # effective length: the share of the 1x exact match each length up to it keeps
-    # ... defined only for runs whose 1x exact match reaches this: below it the run did not learn the task
+    # the 1x exact match a run needs for an effective length: below it the run did not learn the task
     effective_min_exact_match: float = 0.5
     device: str = "auto"  # auto: cuda when available
     # auto: bf16 matmuls where the processor multiplies bf16 natively (minillm.precision), float32 elsewhere
     precision: str = "auto"
-    seed: int = 0
+    seed: int = 0  # draws the passkeys, their filler and the task examples
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     verbose: bool = False  # show the libraries' console lines too
     overwrite: bool = False  # replace the results already in hydra.run.dir (whole); otherwise such a folder is refused
@@ -62,6 +68,10 @@ class EvalConfig:
         if self.trained_length is not None:
             require(self.trained_length >= 1, "trained_length", f"must be a positive token count, got "
                      f"{self.trained_length}")
+        names = [self.scalings] if isinstance(self.scalings, str) else self.scalings  # scalings=yarn, scalings=all
+        require(isinstance(names, (list, tuple)) and len(names) > 0 and all(isinstance(n, str) for n in names),
+                 "scalings", f"name scalings: a list, one name, or all; got {self.scalings!r}")
+        self.scalings = list(ALL_SCALINGS) if "all" in names else list(names)
         for method in self.scalings:
             choice(method, "scalings", SCALINGS)
             require(SCALINGS[method].from_factor, "scalings", f"{method} needs factors searched for the model (a "
@@ -69,7 +79,7 @@ class EvalConfig:
         for method in self.attention:
             choice(method, "attention", ATTENTION_METHODS)
         if self.scaling_factor is not None:
-            require(self.scaling_factor > 0, "scaling_factor", f"must be positive, got {self.scaling_factor}")
+            positive(self.scaling_factor, "scaling_factor")
         if self.stride is not None:
             require(self.stride > 0, "stride", f"must be positive, got {self.stride}")
         for name in ("max_documents", "batch_size", "buckets", "task_examples"):

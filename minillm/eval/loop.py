@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from minillm.eval.config import EvalConfig
+from minillm.eval.config import ALL_SCALINGS, EvalConfig
 from minillm.eval.measurement import MEASUREMENTS, Measurement, Plan, Reading
 from minillm.eval.perplexity import rotary_key, scaling_for
 from minillm.eval.records import Record, Results
@@ -41,15 +41,54 @@ def evaluate_run(run, config: EvalConfig, device: torch.device) -> Results:
     return measure(trained_subject(run, device), config)
 
 
-def plan(subject: Subject, config: EvalConfig) -> Plan:
-    """The settings `subject` is read at: config.lengths (1, 2, 4, 8, 16 × the training length by default; for text,
-    those its longest document reaches), config.scalings (rotary models; "none" for any other), the attention
-    methods it can serve, and why some lengths cannot be measured (the task refuses them, the encoding stops
-    short)."""
-    model, run = subject.model, subject.setting.run
-    trained = model.cfg.context_length
+def outline(model_cfg, config: EvalConfig) -> Plan:
+    """The settings a model of `model_cfg` is read at, known before its weights are loaded: config.lengths (1, 2, 4,
+    8, 16 × the training length by default), config.scalings (rotary models; "none" for any other), the attention
+    methods it can serve, and the lengths past the encoding's own limit (learned positions: the training length)."""
+    trained = model_cfg.context_length
     lengths = sorted(config.lengths or [trained * m for m in (1, 2, 4, 8, 16)])
-    unreachable = {}
+    scalings = config.scalings if model_cfg.rope.is_rotary else ["none"]
+    served, refused = served_methods(config, model_cfg)
+    limit = model_cfg.rope.max_position(trained)
+    unreachable = {n: f"{model_cfg.rope.variant} positions stop at {limit}" for n in lengths
+                   if limit is not None and n > limit}
+    return Plan(lengths, scalings, served, refused, unreachable)
+
+
+def forecast(sources: list, config: EvalConfig) -> str:
+    """One line, said before anything is measured: the models, their settings (scalings × attention methods ×
+    lengths) and the cells each measurement will fill, so that a long evaluation is known to be long up front."""
+    from minillm.interop.pretrained import PretrainedSource
+
+    shapes, cells = [], {}
+    for run, model_cfg in sources:
+        kind = "text" if isinstance(run, PretrainedSource) or run_task(run) is None else "task"
+        settings = outline(model_cfg, config)
+        shapes.append((len(settings.scalings), len(settings.served), len(settings.lengths)))
+        for cls in (cls for cls in MEASUREMENTS.values() if kind in cls.kinds):
+            cells[cls.name] = cells.get(cls.name, 0) + cls.cells(settings, model_cfg.context_length, config)
+    total = sum(s * a * n for s, a, n in shapes)
+    if len(set(shapes)) == 1:
+        s, a, n = shapes[0]
+        head = " × ".join([counted(len(shapes), "model"), counted(s, "scaling"), counted(a, "attention method"),
+                           counted(n, "length")])
+    else:
+        head = f"{len(shapes)} models ({' + '.join(f'{s}×{a}×{n}' for s, a, n in shapes)} scalings × attention × lengths)"
+    measured = ", ".join(f"{n} {name}" for name, n in cells.items() if n)
+    more = "" if set(config.scalings) >= set(ALL_SCALINGS) else "; scalings=all measures every scaling"
+    return f"measuring {head} = {counted(total, 'setting')}; cells: {measured}{more}"
+
+
+def counted(n: int, thing: str) -> str:
+    return f"{n} {thing}{'' if n == 1 else 's'}"
+
+
+def plan(subject: Subject, config: EvalConfig) -> Plan:
+    """The settings `subject` is read at (its outline), for text those lengths its longest document reaches, and
+    why some lengths cannot be measured (the task refuses them, the encoding stops short)."""
+    model, run = subject.model, subject.setting.run
+    settings = outline(model.cfg, config)
+    lengths, unreachable = settings.lengths, dict(settings.unreachable)
     if subject.task is None:
         longest = len(subject.documents[0]) - 1 if subject.documents else 0  # targets in the longest document
         for n in [n for n in lengths if n > longest]:
@@ -63,18 +102,12 @@ def plan(subject: Subject, config: EvalConfig) -> Plan:
                 subject.task.check_length(length)
             except ValueError as error:  # names the knob that bounds it
                 unreachable[length] = str(error)
-    limit = model.position.max_length  # the encoding's own limit (learned positions: the training length)
-    for length in lengths:
-        if limit is not None and length > limit:
-            unreachable[length] = f"{subject.setting.variant} positions stop at {limit}"
-    scalings = config.scalings if model.cfg.rope.is_rotary else ["none"]
-    ignored = sorted(set(config.scalings) - set(scalings))
+    ignored = sorted(set(config.scalings) - set(settings.scalings))
     if ignored:
         log.warning("scalings %s skipped for %s: %s is not rotary", ignored, run, model.cfg.rope.variant)
-    served, refused = served_methods(config, model.cfg)
-    for name, reason in refused.items():
+    for name, reason in settings.refused.items():
         log.warning("attention %s skipped for %s: %s", name, run, reason)
-    return Plan(lengths, scalings, served, refused, unreachable)
+    return dataclasses.replace(settings, lengths=lengths, unreachable=unreachable)
 
 
 def measure(subject: Subject, config: EvalConfig) -> Results:
@@ -151,6 +184,7 @@ def evaluate(config: EvalConfig, device: torch.device, sources: Optional[list] =
     for name in config.attention:
         if runs and all(name in refused for refused in refusals):
             raise ValueError(refusals[0][name])
+    log.info(forecast(sources, config))
     dtype, reason = eval_dtype(config.precision, device)
     results = Results(precision=str(dtype).removeprefix("torch."), precision_reason=reason)
     # bf16: the matmuls under autocast; losses, norms, softmax statistics and rotary angles stay float32.

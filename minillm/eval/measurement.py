@@ -104,6 +104,13 @@ class Measurement:
         """Whether this model gets this measurement (its kind; a config switch; a rotary encoding)."""
         return ("text" if subject.task is None else "task") in cls.kinds
 
+    @classmethod
+    def cells(cls, plan: Plan, trained_length: int, config: EvalConfig) -> int:
+        """How many cells (table entries, each measured) this will measure for a model of `plan`, said before the
+        evaluation starts: one per setting where it measures settings, none where it only derives records."""
+        measures = cls.measure is not Measurement.measure
+        return len(plan.scalings) * len(plan.served) * len(plan.reachable) if measures else 0
+
     def measure(self, reading: Reading) -> list[Record]:
         """The records of one setting that can be measured."""
         return []

@@ -104,6 +104,11 @@ class PasskeyMeasurement(Measurement):
     def applies(cls, subject, config) -> bool:
         return super().applies(subject, config) and config.passkey_trials > 0
 
+    @classmethod
+    def cells(cls, plan, trained_length, config) -> int:
+        """One cell per (setting, depth), each of config.passkey_trials prompts."""
+        return super().cells(plan, trained_length, config) * len(config.passkey_depths) if config.passkey_trials else 0
+
     def __init__(self, subject, plan, config):
         super().__init__(subject, plan, config)
         filler = np.concatenate([d for d in subject.documents if len(d) >= min(plan.lengths) + 1])

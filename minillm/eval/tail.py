@@ -61,6 +61,12 @@ class TailLossMeasurement(Measurement):
     def applies(cls, subject, config) -> bool:
         return super().applies(subject, config) and config.tail_loss
 
+    @classmethod
+    def cells(cls, plan, trained_length, config) -> int:
+        if not config.tail_loss:
+            return 0
+        return len(plan.scalings) * len(plan.served) * sum(n >= trained_length for n in plan.reachable)
+
     def __init__(self, subject, plan, config):
         super().__init__(subject, plan, config)
         self.tokens = evaluation_tokens(subject.documents, max(plan.lengths), config.max_documents)
