@@ -226,11 +226,12 @@ def _close_logs_in(folder: Path) -> None:
 
 
 def report(message: str) -> None:
-    """One line on stderr, and in the run folder's log (Hydra's file handler) where it can be written."""
+    """One line on stderr, and in the run folder's log (Hydra's file handler) where this command has logged
+    already: a command refused before its first line leaves a log it found as it was."""
     print(message, file=sys.stderr)
     record = logging.makeLogRecord({"name": "minillm", "levelname": "ERROR", "levelno": logging.ERROR, "msg": message})
     for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.FileHandler):
+        if isinstance(handler, logging.FileHandler) and handler.stream is not None:  # opened at its first line
             try:
                 handler.emit(record)
             except OSError:  # a folder that cannot be written: stderr has it

@@ -72,9 +72,9 @@ def replace_contents(folder: Path, staging: Path, spare: Callable[[str], bool]) 
             os.replace(entry, folder / entry.name)
         staging.rmdir()
         _fsync_folder(folder)
+        shutil.rmtree(aside, ignore_errors=True)
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
-    shutil.rmtree(aside, ignore_errors=True)
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)  # a signal held back is delivered here
 
 
 class RunLog(logging.FileHandler):

@@ -1,5 +1,6 @@
 """The step progress bar, in real Trainer runs on the CPU: its total is max_steps and its count the global
-step, across epochs, validations and a resume from a checkpoint saved mid-run."""
+step, across epochs, validations and a resume from a checkpoint saved mid-run; status lines in its place where
+the console is shared or is no terminal."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from minillm.model.config import ModelConfig
 from minillm.train.config import OptimConfig
-from minillm.train.progress import StepProgressBar, progress_callbacks
+from minillm.console import shares_console
+from minillm.train.progress import StepProgressBar, StepStatusLines, progress_callbacks
 from minillm.train.task import LanguageModelTask
 
 SEQ_LEN, BATCH, WINDOWS = 8, 4, 20  # 5 batches an epoch: 8 steps cross an epoch boundary
@@ -52,7 +54,7 @@ def windows() -> TensorDataset:
     return TensorDataset(x, torch.stack([stream[s + 1:s + SEQ_LEN + 1] for s in range(WINDOWS)]))
 
 
-def fit(tmp_path, max_steps=MAX_STEPS, ckpt_path=None, bar=None, **trainer_kwargs):
+def fit(tmp_path, max_steps=MAX_STEPS, ckpt_path=None, bar=None, record=True, **trainer_kwargs):
     L.seed_everything(0)
     model = ModelConfig(vocab_size=16, context_length=SEQ_LEN, d_model=16, n_layers=1, n_heads=2)
     task = LanguageModelTask(model.to_dict(), dataclasses.asdict(OptimConfig(warmup_steps=2)), peak_flops=1e12)
@@ -62,7 +64,7 @@ def fit(tmp_path, max_steps=MAX_STEPS, ckpt_path=None, bar=None, **trainer_kwarg
     callbacks = [bar] if bar is not None else progress_callbacks()
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, val_check_interval=3,
                         check_val_every_n_epoch=None, limit_val_batches=2, logger=False, enable_model_summary=False,
-                        callbacks=[*callbacks, recorder, checkpoints], default_root_dir=tmp_path, **trainer_kwargs)
+                        callbacks=[*callbacks, *([recorder] if record else []), checkpoints], default_root_dir=tmp_path, **trainer_kwargs)
     data = windows()
     trainer.fit(task, DataLoader(data, batch_size=BATCH, shuffle=True), DataLoader(data, batch_size=BATCH),
                 ckpt_path=ckpt_path)
@@ -124,3 +126,21 @@ def test_a_disabled_bar_draws_nothing_and_training_runs(tmp_path):
     assert trainer.global_step == 2 and bar.train_progress_bar.disable
     assert recorder.at_start == (None, 0, 2, 0) and recorder.text == ""
     assert recorder.after_batch == [(0, 2), (0, 2)]  # a disabled bar is never advanced
+
+
+def test_progress_callbacks_choose_lines_for_a_shared_console():
+    assert shares_console()  # pytest captures stdout: no terminal
+    (lines,) = progress_callbacks(lines=True, name="1_rope-alibi")
+    assert isinstance(lines, StepStatusLines)
+    trainer = L.Trainer(accelerator="cpu", logger=False, callbacks=[lines])
+    assert trainer.progress_bar_callback is lines  # no bar of Lightning's beside it
+
+
+def test_status_lines_name_the_job_and_count_steps(tmp_path, capsys):
+    lines = StepStatusLines("1_rope-alibi", every=0)  # a line after every step
+    fit(tmp_path, max_steps=4, bar=lines, record=False)
+    out = capsys.readouterr().out.splitlines()
+    steps = [line for line in out if line.startswith("[1_rope-alibi] step ")]
+    assert [line.split(",")[0] for line in steps][:4] == [f"[1_rope-alibi] step {n}/4 ({n / 4:.0%})" for n in (1, 2, 3, 3)]
+    assert any("val/loss" in line for line in steps)  # the line after the validation at step 3
+    assert "\r" not in "".join(out) and "Validation" not in "".join(out)  # no bars

@@ -65,6 +65,8 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict[str, Path]:
     config: EvalConfig = to_run_config(cfg)
     check_results_folder(out_dir, config.overwrite)
     staging = out_dir / f".staging-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)  # one a killed process of the same pid left
+    staging.mkdir()
     try:
         device = _device(config.device)
         sources = model_sources(config)
@@ -76,8 +78,9 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict[str, Path]:
                   f"attention: {', '.join(config.attention)}{windows}.\n")
         staged = write_report(results, staging, header)
         replace_contents(out_dir, staging, spare=_not_results)
-    except Stopped as stop:
-        raise Stopped(stop.signum, f"{stop}; no results were written") from None
+    except Stopped as stop:  # the staging folder is gone once swapped in: a signal held back until then
+        written = "the results were written before it" if not staging.exists() else "no results were written"
+        raise Stopped(stop.signum, f"{stop}; {written}") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     files = {key: out_dir / path.relative_to(staging) for key, path in staged.items()}
