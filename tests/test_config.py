@@ -265,6 +265,29 @@ def test_nested_configs_given_as_plain_dicts():
     assert scaling_config(None) == Scaling()
 
 
+def test_a_synthetic_runs_saved_settings_build_again():
+    """A run's config.yaml holds data.tasks as plain dicts; read back, as a resume reads it, they build the tasks
+    (they were a dict's methods: resuming a synthetic run raised AttributeError)."""
+    from omegaconf import OmegaConf
+
+    from minillm.data.synthetic import Copy, Needle
+    from minillm.model.config import ModelSettings
+    from minillm.train.config import RunConfig
+    from minillm.train.resume import run_config
+
+    run = RunConfig(model=ModelSettings(context_length=16), data=DataConfig(path="synthetic", task="copy"))
+    run.data.tasks.copy.num_symbols = 8
+    saved = OmegaConf.to_container(OmegaConf.structured(run))
+    assert isinstance(saved["data"]["tasks"]["copy"], dict)
+    assert run_config(saved).data.synthetic_task == Copy(num_symbols=8)
+    data = DataConfig(path="synthetic", task="needle", tasks={"needle": {"num_queries": 2}})
+    assert data.synthetic_task == Needle(num_queries=2) and data.tasks.copy == Copy()
+    with raises_naming("data.tasks.copyy"):
+        DataConfig(tasks={"copyy": {}})
+    with raises_naming("data.tasks.copy.num_symbol"):
+        DataConfig(tasks={"copy": {"num_symbol": 3}})
+
+
 def test_from_dict_with_an_unknown_key_names_it():
     d = ModelConfig().to_dict()
     d["n_head"] = 4

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, make_dataclass
 from typing import Optional
 
-from minillm.data.synthetic import SYNTHETIC_TASKS, TaskConfig
-from minillm.registry import choice, finite, require
+from minillm.data.synthetic import SYNTHETIC_TASKS, TaskConfig, task_config
+from minillm.registry import choice, finite, known_fields, require
 
 # ----------------------------------------------------------------------------------------------
 # Data and tokenizer (conf/data, conf/tokenizer)
@@ -44,6 +44,9 @@ class DataConfig:
     cache_dir: str = "~/.cache/minillm"  # token caches, trained tokenizers and downloaded datasets
 
     def __post_init__(self) -> None:
+        if not isinstance(self.tasks, TaskSettings):  # a plain dict (a run's config.yaml read back): build each task
+            tasks = known_fields(TaskSettings, dict(self.tasks), "data.tasks", "data.tasks")
+            self.tasks = TaskSettings(**{name: task_config(name, knobs) for name, knobs in tasks.items()})
         require(bool(self.path), "data.path", "must name a dataset, a file, 'stdlib' or 'synthetic'")
         if self.synthetic:
             require(self.task is not None, "data.task", f"data.path=synthetic needs a task: one of "
