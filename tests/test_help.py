@@ -101,7 +101,7 @@ def test_eval_help_describes_every_setting_and_offers_no_training_group():
     assert "methods.self_extend.group" in expected and "logger.kind" in expected
     assert [key for key in expected if key not in shown] == []
     assert {key: row for key, row in shown.items() if UNDOCUMENTED in row} == {}
-    assert "  logger          csv, none, wandb*" in done.stdout
+    assert "  logger        csv, none, wandb*" in done.stdout
     assert not any(key.startswith(("rope", "model", "trainer", "optim")) for key in shown)
 
 

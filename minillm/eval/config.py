@@ -73,7 +73,7 @@ class EvalConfig:
                  "scalings", f"name scalings: a list, one name, or all; got {self.scalings!r}")
         self.scalings = list(ALL_SCALINGS) if "all" in names else list(names)
         for method in self.scalings:
-            choice(method, "scalings", SCALINGS)
+            choice(method, "scalings", [*SCALINGS, "all"])
             require(SCALINGS[method].from_factor, "scalings", f"{method} needs factors searched for the model (a "
                      f"checkpoint trained or imported with rope_scaling={method} keeps them: evaluate it with none)")
         for method in self.attention:
