@@ -26,6 +26,9 @@ TINY = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", f"model.conte
         "data.batch_size=4", "trainer.max_steps=6", "trainer.val_check_interval=3", "data.val_windows=4",
         "tokenizer.vocab_size=300", "logger=csv"]
 FAST = ["logger=csv", "max_documents=1", "buckets=4"]  # every eval below: one document, few position buckets
+# The session's data cache, once tiny_runs has trained into it: evaluations cache the runs' documents there, as a
+# user who trained with data.cache_dir=X evaluates with it (a run folder's own data.cache_dir is never read).
+SESSION_CACHE: list[Path] = []
 RESULT_COLUMNS = {"model", "run", "seed", "trained_length", "variant", "checkpoint", "method", "attention", "stride",
                   "factor", "applicable", "length", "loss", "ppl", "loss_beyond_train", "tokens", "seconds",
                   "peak_memory_mb"}
@@ -62,6 +65,7 @@ def tiny_runs(tmp_path_factory) -> dict[str, Path]:
                 cwd=REPO, env=script_env(root), capture_output=True, text=True, timeout=600)
             assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
             (root / "done").touch()
+    SESSION_CACHE[:] = [root / "cache"]
     runs = {str(OmegaConf.load(folder / "config.yaml").rope.variant): folder
             for folder in sorted(sweep.iterdir()) if (folder / "config.yaml").is_file()}
     assert set(runs) == {"complex", "alibi", "learned"}, runs
@@ -74,8 +78,13 @@ def quoted(*paths: Path) -> str:
     return items[0] if len(items) == 1 else f"[{','.join(items)}]"
 
 
+def session_cache() -> list[str]:
+    return [f"data.cache_dir={path}" for path in SESSION_CACHE]
+
+
 def evaluate(out: Path, *overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "scripts/eval_extrapolate.py", f"hydra.run.dir={out}", *overrides],
+    return subprocess.run([sys.executable, "scripts/eval_extrapolate.py", f"hydra.run.dir={out}", *session_cache(),
+                           *overrides],
                           cwd=REPO, env=script_env(out.parent), capture_output=True, text=True, timeout=600)
 
 
@@ -256,7 +265,7 @@ def compose_eval(*overrides: str) -> DictConfig:
     """The eval script's configuration, composed in-process (the script's error handling is tested by subprocess)."""
     register_configs()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose("eval", overrides=list(overrides))
+        return compose("eval", overrides=[*session_cache(), *overrides])
 
 
 @pytest.mark.slow

@@ -161,10 +161,11 @@ def test_fine_tuned_pi_beats_pi_at_inference_only_at_4x(env, source, tmp_path):
 
     config = EvalConfig(ckpt=str(source), lengths=[128], scalings=["linear"], passkey_trials=0, tail_loss=False,
                            max_documents=4, precision="float32")
-    inference_only = evaluate_run(find_runs(source)[0], config, torch.device("cpu")).of(PerplexityRecord)[0]
+    cache = str(source.parent / "cache")  # the evaluation's own data.cache_dir (a run folder's is never read)
+    inference_only = evaluate_run(find_runs(source, cache)[0], config, torch.device("cpu")).of(PerplexityRecord)[0]
     config = EvalConfig(ckpt=str(out), lengths=[128], scalings=["none"], passkey_trials=0, tail_loss=False,
                            max_documents=4, precision="float32")
-    tuned = evaluate_run(find_runs(out)[0], config, torch.device("cpu")).of(PerplexityRecord)[0]
+    tuned = evaluate_run(find_runs(out, cache)[0], config, torch.device("cpu")).of(PerplexityRecord)[0]
     assert inference_only.setting.factor == 4.0 and load_model(out / "checkpoints" / "last.ckpt").cfg.rope_scaling.factor == 4
     assert tuned.tokens == inference_only.tokens
     assert tuned.ppl < 0.95 * inference_only.ppl, (tuned.ppl, inference_only.ppl)
