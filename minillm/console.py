@@ -4,6 +4,7 @@ held by one process, and a failed command's own files removed (never anything it
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import logging
 import os
 import shutil
@@ -294,9 +295,16 @@ def hydra_error_line(error: Exception) -> str:
 
 
 def unique_suffix() -> str:
-    """A short random name part (the `unique` resolver of hydra.run.dir): two runs started in the same second
-    get two folders."""
-    return os.urandom(3).hex()
+    """A short name part (the `unique` resolver of hydra.run.dir), random: two runs started in the same second
+    get two folders. The ranks of one job started by a launcher (srun's tasks, torchrun's workers) each compose
+    their own config: they take the job's ids, hashed, so that all of them agree on one folder."""
+    if int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1:
+        shared = ("SLURM_JOB_ID", "SLURM_STEP_ID")
+    elif int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        shared = ("MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+    else:
+        return os.urandom(3).hex()
+    return hashlib.sha1("/".join(os.environ.get(key, "") for key in shared).encode()).hexdigest()[:6]
 
 
 def run_script(main: Callable[[], object]) -> None:

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from minillm.console import (STOP_SIGNALS, NewOutputFolders, OutputFolder, Stopped, catch_stop_signals,
-                             check_overrides, fail, quiet_libraries, rank_zero, received_signal)
+                             check_overrides, fail, quiet_libraries, rank_zero, received_signal, unique_suffix)
 from minillm.files import RunLog
 
 
@@ -137,3 +137,15 @@ def test_quiet_libraries_hides_the_bars_that_do_not_say_whether_to_show():
             "tqdm.tqdm(range(3), disable=False).disable)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.stdout.split() == ["True", "True", "False"], done.stderr
+
+
+def test_default_folders_differ_per_run_and_agree_across_the_ranks_of_one_launched_job(monkeypatch):
+    for key in ("SLURM_NTASKS", "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    assert len({unique_suffix() for _ in range(20)}) == 20  # runs started in the same second
+    monkeypatch.setenv("SLURM_NTASKS", "2")  # srun's tasks: DDP ranks composing their own configs
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
+    first_job = {unique_suffix() for _ in range(5)}
+    monkeypatch.setenv("SLURM_JOB_ID", "4243")
+    assert len(first_job) == 1 and unique_suffix() not in first_job  # one folder per job, not per rank
