@@ -4,6 +4,8 @@ of every group, no derived copies, exit 0, and neither torch nor Hydra imported 
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -25,27 +27,36 @@ GROUP_REGISTRIES = {"rope": POSITION_ENCODINGS, "rope_scaling": SCALINGS, "posit
 NESTED_REGISTRIES = {"data.tasks": SYNTHETIC_TASKS, "methods": ATTENTION_METHODS}
 
 
-def settings(cls: type, prefix: str = "") -> list[str]:
-    """Every key=value setting of a config class, from the classes themselves (not their source): nested configs,
-    the registries' option classes (rope.<field>, ...) and the per-member settings (data.tasks.<task>.<knob>)."""
-    keys = []
+def settings(cls: type, prefix: str = "") -> dict[str, tuple[type, str]]:
+    """Every key=value setting of a config class -> (the class declaring it, the field), from the classes themselves
+    (not their source): nested configs, the registries' option classes (rope.<field>, ...) and the per-member
+    settings (data.tasks.<task>.<knob>)."""
+    keys = {}
     for item in dataclasses.fields(cls):
         key = f"{prefix}{item.name}"
         if key in GROUP_REGISTRIES:
             registry = GROUP_REGISTRIES[key]
             for member in set(registry.values()):
                 own = [n for n, c in registry.items() if c is member]
-                keys += [f"{key}.{f.name}" for f in dataclasses.fields(member)
-                         if not (f.name == registry.field and len(own) == 1)]
+                keys.update({f"{key}.{f.name}": (member, f.name) for f in dataclasses.fields(member)
+                             if not (f.name == registry.field and len(own) == 1)})
         elif key in NESTED_REGISTRIES:
             for name, member in NESTED_REGISTRIES[key].items():
-                keys += [f"{key}.{name}.{f.name}" for f in dataclasses.fields(member)]
-        elif dataclasses.is_dataclass(item.type if isinstance(item.type, type) else None) or \
-                (item.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(item.default_factory)):
-            keys += settings(item.default_factory, f"{key}.")
+                keys.update({f"{key}.{name}.{f.name}": (member, f.name) for f in dataclasses.fields(member)})
+        elif item.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(item.default_factory):
+            keys.update(settings(item.default_factory, f"{key}."))
         else:
-            keys.append(key)
-    return sorted(set(keys))
+            keys[key] = (cls, item.name)
+    return dict(sorted(keys.items()))
+
+
+def trailing_comment(cls: type, name: str) -> str | None:
+    """The comment at the end of the line declaring field `name` in cls (or a base), if there is one there."""
+    for klass in cls.__mro__:
+        if name in getattr(klass, "__annotations__", {}):
+            match = re.search(rf"^    {name}: [^#\n]*#\s*(.+)$", inspect.getsource(klass), re.MULTILINE)
+            return " ".join(match.group(1).split()) if match else None
+    return None
 
 
 def rows(text: str) -> dict[str, str]:
@@ -82,7 +93,12 @@ def test_train_help_describes_every_setting_in_one_row_and_exits_0():
     assert "data.tasks.copy.num_symbols" in expected and "rope.theta" in expected and "rope_scaling.beta_fast" in expected
     assert [key for key in expected if key not in shown] == []
     assert {key: row for key, row in shown.items() if UNDOCUMENTED in row} == {}
-    # the field comment is the row's description; a chosen option's values are shown with it
+    # the field comment is the row's description (the trailing ones checked here, read by another route)
+    described = {key: trailing_comment(*where) for key, where in expected.items()}
+    assert len([c for c in described.values() if c]) > 60
+    text = " ".join(done.stdout.split())  # a setting several options share has a row under each
+    assert {key: comment for key, comment in described.items() if comment and comment not in text} == {}
+    # a chosen option's values are shown with it
     assert shown["trainer.val_check_interval"].startswith("trainer.val_check_interval=100 ")
     assert "steps between validations" in shown["trainer.val_check_interval"]
     assert shown["model.context_length"].startswith("model.context_length=256 ")
@@ -101,6 +117,8 @@ def test_eval_help_describes_every_setting_and_offers_no_training_group():
     assert "methods.self_extend.group" in expected and "logger.kind" in expected
     assert [key for key in expected if key not in shown] == []
     assert {key: row for key, row in shown.items() if UNDOCUMENTED in row} == {}
+    described = {key: trailing_comment(*where) for key, where in expected.items()}
+    assert {key: shown[key] for key, comment in described.items() if comment and comment not in shown[key]} == {}
     assert "  logger        csv, none, wandb*" in done.stdout
     assert not any(key.startswith(("rope", "model", "trainer", "optim")) for key in shown)
 
