@@ -17,9 +17,8 @@ from minillm.model.transformer import Transformer
 from minillm.registry import ConfigError, to_run_config
 
 # What a reader of a run folder (an evaluation, a fine-tuning from it) takes from its config.yaml: which run it was
-# (seed, W&B group) and which documents it trained on and held out. Nothing else is read: where caches are written
-# (data.cache_dir) and everything a command does are its own command line's. The data a run names is read (finding
-# its validation documents is why it is named), never written: every cache goes under the reader's data.cache_dir.
+# and which documents it trained on and held out. Nothing else: where caches go (data.cache_dir) and all a command
+# does are its command line's. The data a run names is read, never written: caches go under the reader's cache_dir.
 READ_FROM_RUN = ("seed", "logger.group", "data.path", "data.name", "data.split", "data.val_split", "data.text_field",
                  "data.streaming", "data.max_documents", "data.val_fraction", "data.long_documents", "data.task",
                  "data.tasks")
@@ -299,8 +298,7 @@ def read_settings(path: Path) -> dict:
     try:
         loaded = OmegaConf.load(path)
     except yaml.MarkedYAMLError as error:
-        mark = error.problem_mark or error.context_mark
-        where = f"line {mark.line + 1}: " if mark is not None else ""
+        where = f"line {error.problem_mark.line + 1}: " if error.problem_mark is not None else ""
         tag = re.search(r"constructor for the tag '([^']+)'", str(error))
         problem = (f"the YAML tag {tag.group(1).replace('tag:yaml.org,2002:', '!!')} would build an object; a "
                    f"run's settings are plain values") if tag else \
@@ -310,13 +308,11 @@ def read_settings(path: Path) -> dict:
         raise ConfigError(f"{path}: not a run's settings ({load_failure(error)})") from error
     if not isinstance(loaded, DictConfig):
         raise ConfigError(f"{path}: not a run's settings (a YAML list, not a mapping of settings)")
-    settings = OmegaConf.to_container(loaded, resolve=False)
-    for key, value in _entries(settings):
+    for key, value in _entries(settings := OmegaConf.to_container(loaded, resolve=False)):
         if key.rsplit(".", 1)[-1] == "_target_":
             raise ConfigError(f"{path}: {key}={value!r} names an object to build; a run's settings are plain values")
         if isinstance(value, str) and "${" in value:
-            raise ConfigError(f"{path}: {key}={value!r} is an interpolation; a run's settings are plain values "
-                              f"(training writes them resolved)")
+            raise ConfigError(f"{path}: {key}={value!r} is an interpolation; a run's settings are plain values")
     return settings
 
 
@@ -393,13 +389,19 @@ def load_checkpoint(path: str | Path) -> dict:
         found = sorted(map(str, checkpoint))[:8] if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise CheckpointError(f"checkpoint {path} was not written by minillm's training (expected state_dict and "
                               f"hyper_parameters.model; found {found})")
-    for name, tensor in checkpoint["state_dict"].items():
+    if (problem := non_finite(checkpoint["state_dict"])) is not None:
+        raise CheckpointError(f"checkpoint {path} holds weights that are not finite: {problem}")
+    return checkpoint
+
+
+def non_finite(tensors: dict) -> Optional[str]:
+    """'<name> has N NaN and M infinite values of T' for the first tensor that is not all finite, else None."""
+    for name, tensor in tensors.items():
         if torch.is_tensor(tensor) and (tensor.is_floating_point() or tensor.is_complex()) \
                 and not bool(torch.isfinite(tensor).all()):
-            raise CheckpointError(f"checkpoint {path} holds weights that are not finite: {name} has "
-                                  f"{int(torch.isnan(tensor).sum())} NaN and {int(torch.isinf(tensor).sum())} "
-                                  f"infinite values of {tensor.numel()}")
-    return checkpoint
+            return (f"{name} has {int(torch.isnan(tensor).sum())} NaN and {int(torch.isinf(tensor).sum())} infinite "
+                    f"values of {tensor.numel()}")
+    return None
 
 
 def checkpoint_model_config(checkpoint: dict, path: str | Path) -> ModelConfig:

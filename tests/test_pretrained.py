@@ -222,6 +222,16 @@ def test_bad_folders_and_files_name_themselves(tmp_path):
         PretrainedSource.parse(f"hf:{folder}")
 
 
+def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path):
+    hf = random_hf(family_config("llama"))
+    with torch.no_grad():
+        hf.model.layers[1].mlp.down_proj.weight[0, :2] = torch.tensor([float("nan"), float("inf")])
+    folder = save_with_tokenizer(hf, tmp_path / "m")
+    with pytest.raises(CheckpointError, match=rf"^ckpt: the weights of {folder} are not all finite: "
+                                              rf"blocks.1.ffn.down.weight has 1 NaN and 1 infinite values of 6144$"):
+        PretrainedSource.parse(f"hf:{folder}").load()
+
+
 def test_truncated_gguf_names_the_file(tmp_path):
     gguf = pytest.importorskip("gguf")
     path = tmp_path / "tiny.gguf"

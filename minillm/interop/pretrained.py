@@ -22,7 +22,7 @@ from minillm.positions.scaling import (
     Scaling,
     YarnScaling,
 )
-from minillm.runs import CheckpointError, load_failure
+from minillm.runs import CheckpointError, load_failure, non_finite
 
 if TYPE_CHECKING:  # transformers is the optional `interop` extra
     import tokenizers
@@ -354,6 +354,8 @@ class PretrainedSource:
             model = from_hf(hf, cfg)  # consumes hf's tensors
         finally:
             del hf
+        if (problem := non_finite(model.state_dict())) is not None:  # NaN weights measure nothing: say so
+            raise CheckpointError(f"ckpt: the weights of {self.describe()} are not all finite: {problem}")
         return Pretrained(model, tokenizer, self)
 
     def tokenizer(self) -> "tokenizers.Tokenizer":
