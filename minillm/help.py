@@ -93,7 +93,8 @@ def imported(module: str, name: str) -> Optional[str]:
 def assignment(module: str, name: str) -> Optional[ast.expr]:
     """The value module-level `name = ...` is given, or None."""
     for node in parse(module)[0].body:
-        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        targets = node.targets if isinstance(node, ast.Assign) else \
+            [node.target] if isinstance(node, ast.AnnAssign) else []
         if any(isinstance(t, ast.Name) and t.id == name for t in targets) and node.value is not None:
             return node.value
     return None

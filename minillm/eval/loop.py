@@ -73,7 +73,8 @@ def forecast(sources: list, config: EvalConfig) -> str:
         head = " × ".join([counted(len(shapes), "model"), counted(s, "scaling"), counted(a, "attention method"),
                            counted(n, "length")])
     else:
-        head = f"{len(shapes)} models ({' + '.join(f'{s}×{a}×{n}' for s, a, n in shapes)} scalings × attention × lengths)"
+        each = " + ".join(f"{s}×{a}×{n}" for s, a, n in shapes)
+        head = f"{len(shapes)} models ({each} scalings × attention × lengths)"
     measured = ", ".join(f"{n} {name}" for name, n in cells.items() if n)
     more = "" if set(config.scalings) >= set(ALL_SCALINGS) else "; scalings=all measures every scaling"
     return f"measuring {head} = {counted(total, 'setting')}; cells: {measured}{more}"
