@@ -17,7 +17,6 @@ AttentionSettings = make_dataclass("AttentionSettings", [(name, cls, field(defau
                                                          for name, cls in ATTENTION_METHODS.items()])
 # The scalings `scalings=all` measures: every one a factor defines (not longrope: its factors are searched per model).
 ALL_SCALINGS = [name for name, cls in SCALINGS.items() if cls.from_factor]
-DEFAULT_SCALINGS = ["none", "yarn"]  # a few minutes on 2 CPU cores for a default run; scalings=all: the full sweep
 
 
 @dataclass
@@ -33,9 +32,12 @@ class EvalConfig:
     lengths: Optional[list[int]] = None  # None: 1, 2, 4, 8, 16 × each model's training length
     # The frequency scalings applied to rotary models (others are read as trained): a list, one name, or all (every
     # scaling a factor defines: none, linear, ntk, dynamic_ntk, yarn, dynamic_yarn, llama3), each a pass as long.
-    scalings: Any = field(default_factory=lambda: list(DEFAULT_SCALINGS))
+    # Two by default: a default run's evaluation then takes minutes on 2 CPU cores.
+    scalings: Any = field(default_factory=lambda: ["none", "yarn"])
     scaling_factor: Optional[float] = None  # None: eval length / trained length (dynamic_ntk: 1)
-    attention: list[str] = field(default_factory=lambda: ["full"])  # minillm.positions.methods
+    # the attention methods each model is read under: full, blockwise, sliding, self_extend, rerope, leaky_rerope,
+    # lm_infinite, sinks (minillm.positions.methods)
+    attention: list[str] = field(default_factory=lambda: ["full"])
     # each attention method's knobs, under its name (methods.self_extend.group=4)
     methods: "AttentionSettings" = field(default_factory=lambda: AttentionSettings())
     logn: bool = False  # scale queries by max(1, log_L(i + 1)) (Qwen's log-n) under every method and scaling
