@@ -44,7 +44,7 @@ class Field:
 
 @dataclass
 class ConfigClass:
-    """A class of the package as written: its module, docstring, decorators and fields (bases' merged in)."""
+    """A class of the package as written: its module, docstring and fields (its bases' merged in, in order)."""
 
     name: str
     module: str
@@ -117,7 +117,7 @@ def config_class(module: str, name: str) -> Optional[ConfigClass]:
     node = next((n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == name), None)
     if node is None:
         source = imported(module, name)
-        return config_class(source, name) if source and source.split(".")[0] == ROOT.joinpath("minillm").name else None
+        return config_class(source, name) if source and source.startswith("minillm.") else None  # the package's
     fields: dict[str, Field] = {}
     for base in node.bases:
         parent = config_class(module, base.id) if isinstance(base, ast.Name) else None
@@ -154,7 +154,7 @@ def registry_of(module: str, name: str) -> Optional[tuple[str, str]]:
     value = assignment(module, name)
     if value is None:
         source = imported(module, name)
-        return registry_of(source, name) if source and source.startswith("minillm") else None
+        return registry_of(source, name) if source and source.startswith("minillm.") else None
     if isinstance(value, ast.Attribute) and value.attr == "register" and isinstance(value.value, ast.Name):
         return registry_of(module, value.value.id)
     if isinstance(value, ast.Call) and isinstance(value.func, ast.Name) and value.func.id == "Registry":
