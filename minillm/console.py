@@ -226,13 +226,14 @@ def _close_logs_in(folder: Path) -> None:
             root.removeHandler(handler)
 
 
-def report(message: str) -> None:
-    """One line on stderr, and in the run folder's log (Hydra's file handler) where this command has logged
-    already: a command refused before its first line leaves a log it found as it was."""
+def report(message: str, logged: bool = True) -> None:
+    """One line on stderr, and (logged=True) in the run folder's log (Hydra's file handler)."""
     print(message, file=sys.stderr)
+    if not logged:
+        return
     record = logging.makeLogRecord({"name": "minillm", "levelname": "ERROR", "levelno": logging.ERROR, "msg": message})
     for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.FileHandler) and handler.stream is not None:  # opened at its first line
+        if isinstance(handler, logging.FileHandler):
             try:
                 handler.emit(record)
             except OSError:  # a folder that cannot be written: stderr has it
@@ -242,8 +243,11 @@ def report(message: str) -> None:
 def fail(error: BaseException, output: Optional[OutputFolder] = None) -> NoReturn:
     """A failed or stopped command: one line (`error: ...`) on stderr and in the run's log; exit 2, or 128 + the
     signal's number when a signal stopped it. What the command made in `output` is removed unless worth keeping."""
-    if not (isinstance(error, Stopped) and not _rank_zero_by_environment()):  # DDP: rank 0 says where it stopped
-        report(f"error: {error}")
+    if isinstance(error, Stopped) and not _rank_zero_by_environment():
+        # DDP's other ranks stop with rank 0, which says where and exits 128 + signum: a non-zero status here
+        # would make Lightning's process observer SIGKILL rank 0 before its line.
+        sys.exit(0)
+    report(f"error: {error}", logged=output is None or output.held)  # a refused command writes no folder's log
     if output is not None:
         output.discard()
         output.release()
