@@ -9,7 +9,7 @@ from minillm.data.config import DataConfig
 from minillm.positions.methods import ATTENTION_METHODS
 from minillm.positions.scaling import SCALINGS
 from minillm.precision import EVAL_PRECISIONS
-from minillm.registry import choice, positive, require
+from minillm.registry import choice, finite, positive, require
 from minillm.tracking import LoggerConfig
 
 # Every attention method's knobs, one field per registered method (its config class): the schema of `methods`.
@@ -96,6 +96,7 @@ class EvalConfig:
                  f"must lie in [0, 1] (an exact match at the training length), got {self.effective_min_exact_match}")
         choice(self.device, "device", ("auto", "cpu", "cuda", "mps"))
         choice(self.precision, "precision", EVAL_PRECISIONS)
+        finite(self, "")  # any float setting the checks above do not bound, now or added later
 
     def method(self, name: str):
         """The attention method `name` with its knobs from `methods`."""
