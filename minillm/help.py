@@ -351,9 +351,8 @@ class Page:
         chosen = self.groups.get(key)
         self.text()
         self.text(f"{key}: {item.comment or (first_line(inner.doc) if inner else UNDOCUMENTED)}", 0)
-        if key in self.groups:
-            listed = ", ".join(o + ("*" if o == chosen else "") for o in options(key))
-            self.text(f"choose with {key}=<option> ({listed}; * the default), set with {key}.<setting>=<value>", 2)
+        if key in self.groups:  # its options are the rows below
+            self.text(f"{key}=<option> chooses one (* the default); {key}.<setting>=<value> sets one", 2)
         if key in self.by_group:  # each option chooses a registered class (rope, rope_scaling, positions)
             self.registered_options(key, self.by_group[key], chosen)
         elif members is not None:  # one settings class per registered member: data.tasks.<task>.<knob>
