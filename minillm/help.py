@@ -366,14 +366,15 @@ class Page:
 
     def registered_options(self, group: str, reg: Registry, chosen: Optional[str]) -> None:
         """The options of a group by the class each chooses; settings every option has are shown once (with the
-        default option's defaults), each class's own below its options (and those whose default it changes)."""
+        default option's defaults), each class's own below its options (and those whose default or meaning it
+        changes)."""
         classes: dict[str, list[str]] = {}
         for option in options(group):
             schema = next((d for d in option_file(group, option)[2] if isinstance(d, str) and "/schema/" in d), "")
             classes.setdefault(reg.members[schema.split("/")[-1].split("@")[0]].name, []).append(option)
         members = {name: next(c for c in reg.members.values() if c.name == name) for name in classes}
         base = members[next(name for name, chosen_by in classes.items() if chosen in chosen_by)]
-        common = {name: default_of(item) for name, item in base.fields.items() if name != reg.field
+        common = {name: (default_of(item), item.comment) for name, item in base.fields.items() if name != reg.field
                   and all(name in c.fields for c in members.values())}
         if common:
             self.text(f"every option has {', '.join(f'{group}.{name}' for name in common)}:", 2)
@@ -382,7 +383,7 @@ class Page:
             cls = members[cls_name]
             for option in chosen_by:
                 self.option(group, option, chosen, first_line(cls.doc))
-            hide = {name for name, item in cls.fields.items() if common.get(name) == default_of(item)}
+            hide = {name for name, item in cls.fields.items() if common.get(name) == (default_of(item), item.comment)}
             if reg.field and sum(c.name == cls_name for c in reg.members.values()) == 1:  # the option names it
                 hide.add(reg.field)
             if not set(cls.fields) - hide:

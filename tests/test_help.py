@@ -26,26 +26,27 @@ GROUP_REGISTRIES = {"rope": POSITION_ENCODINGS, "rope_scaling": SCALINGS, "posit
 NESTED_REGISTRIES = {"data.tasks": SYNTHETIC_TASKS, "methods": ATTENTION_METHODS}
 
 
-def settings(cls: type, prefix: str = "") -> dict[str, tuple[type, str]]:
-    """Every key=value setting of a config class -> (the class declaring it, the field), from the classes themselves
-    (not their source): nested configs, the registries' option classes (rope.<field>, ...) and the per-member
-    settings (data.tasks.<task>.<knob>)."""
-    keys = {}
+def settings(cls: type, prefix: str = "") -> dict[str, list[tuple[type, str]]]:
+    """Every key=value setting of a config class -> the (class, field) pairs declaring it (several where options
+    share a key: rope_scaling.factor), from the classes themselves (not their source): nested configs, the
+    registries' option classes (rope.<field>, ...) and the per-member settings (data.tasks.<task>.<knob>)."""
+    keys: dict[str, list[tuple[type, str]]] = {}
     for item in dataclasses.fields(cls):
         key = f"{prefix}{item.name}"
         if key in GROUP_REGISTRIES:
             registry = GROUP_REGISTRIES[key]
-            for member in set(registry.values()):
+            for member in dict.fromkeys(registry.values()):
                 own = [n for n, c in registry.items() if c is member]
-                keys.update({f"{key}.{f.name}": (member, f.name) for f in dataclasses.fields(member)
-                             if not (f.name == registry.field and len(own) == 1)})
+                for f in dataclasses.fields(member):
+                    if not (f.name == registry.field and len(own) == 1):
+                        keys.setdefault(f"{key}.{f.name}", []).append((member, f.name))
         elif key in NESTED_REGISTRIES:
             for name, member in NESTED_REGISTRIES[key].items():
-                keys.update({f"{key}.{name}.{f.name}": (member, f.name) for f in dataclasses.fields(member)})
+                keys.update({f"{key}.{name}.{f.name}": [(member, f.name)] for f in dataclasses.fields(member)})
         elif item.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(item.default_factory):
             keys.update(settings(item.default_factory, f"{key}."))
         else:
-            keys[key] = (cls, item.name)
+            keys[key] = [(cls, item.name)]
     return dict(sorted(keys.items()))
 
 
@@ -94,9 +95,10 @@ def test_train_help_describes_every_setting_in_one_row_and_exits_0():
     assert [key for key in expected if key not in shown] == []
     assert {key: row for key, row in shown.items() if UNDOCUMENTED in row} == {}
     # the field comment is the row's description (the trailing ones checked here, read by another route)
-    described = {key: trailing_comment(*where) for key, where in expected.items()}
+    described = {(key, cls.__name__): trailing_comment(cls, name) for key, wheres in expected.items()
+                 for cls, name in wheres}
     assert len([c for c in described.values() if c]) > 60
-    text = " ".join(done.stdout.split())  # a setting several options share has a row under each
+    text = " ".join(done.stdout.split())  # a setting several options share has a row under each that defines it
     assert {key: comment for key, comment in described.items() if comment and comment not in text} == {}
     # a chosen option's values are shown with it
     assert shown["trainer.val_check_interval"].startswith("trainer.val_check_interval=100 ")
@@ -117,7 +119,7 @@ def test_eval_help_describes_every_setting_and_offers_no_training_group():
     assert "methods.self_extend.group" in expected and "logger.kind" in expected
     assert [key for key in expected if key not in shown] == []
     assert {key: row for key, row in shown.items() if UNDOCUMENTED in row} == {}
-    described = {key: trailing_comment(*where) for key, where in expected.items()}
+    described = {key: trailing_comment(*wheres[0]) for key, wheres in expected.items()}
     assert {key: shown[key] for key, comment in described.items() if comment and comment not in shown[key]} == {}
     assert "  logger        csv, none, wandb*" in done.stdout
     assert not any(key.startswith(("rope", "model", "trainer", "optim")) for key in shown)
