@@ -129,9 +129,9 @@ class RunConfig:
 
     # The model group's settings; once built, the ModelConfig of those settings with rope and rope_scaling.
     model: ModelSettings = field(default_factory=ModelSettings)
-    rope: Any = None  # a registered PositionConfig (conf/rope picks one); None: RoPE defaults
-    rope_scaling: Any = None  # a registered Scaling (conf/rope_scaling picks one); None: no scaling
-    positions: Any = None  # a registered PositionSampler (conf/positions picks one); None: contiguous
+    rope: Any = None  # the position encoding
+    rope_scaling: Any = None  # the rotary frequency scaling that extends the context (PI, NTK, YaRN, ...)
+    positions: Any = None  # how training positions are drawn (contiguous, PoSE, randomized)
     data: DataConfig = field(default_factory=DataConfig)  # the text or synthetic task trained on (conf/data)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)  # conf/tokenizer
     optim: OptimConfig = field(default_factory=OptimConfig)  # conf/optim
