@@ -372,7 +372,7 @@ def test_synthetic_copy_run_learns_the_task_at_its_training_length(synthetic_run
 @pytest.mark.parametrize("override, setting, detail", [
     ("rope.thetaa=1", "rope.thetaa", "Key 'thetaa' not in 'RotaryConfig'"),
     ("trainer.max_steps=abc", "trainer.max_steps", "could not be converted to Integer"),
-    ("rope.theta=-1", "rope.theta", "must be positive"),
+    ("rope.theta=-1", "rope.theta", "must be a finite positive number"),
     ("model.n_heads=3", "model.n_heads", "not divisible by n_heads=3"),
 ], ids=["unknown-key", "wrong-type", "invalid-value", "heads-do-not-divide"])
 def test_bad_config_exits_naming_the_setting(override, setting, detail, tmp_path, env, cache_dir):
@@ -543,7 +543,7 @@ def test_eval_config_composes():
 
 
 INVALID_OVERRIDES = [
-    (("rope_scaling=linear", "rope_scaling.factor=0"), r"^rope_scaling\.factor: must be positive"),
+    (("rope_scaling=linear", "rope_scaling.factor=0"), r"^rope_scaling\.factor: must be a finite positive number"),
     (("rope=alibi", "rope_scaling=yarn"), r"^rope_scaling\.type: 'yarn' scales rotary frequencies"),
     (("model.n_heads=3",), r"^model\.n_heads: d_model=128 is not divisible by n_heads=3"),
 ]
