@@ -223,7 +223,8 @@ def test_sigterm_before_the_first_checkpoint_leaves_no_folder(tmp_path, env, cac
     wait_for(run_dir / "config.yaml", process)
     process.send_signal(signal.SIGTERM)
     line = one_line(finish(process), 128 + signal.SIGTERM)
-    assert line.startswith("error: stopped by SIGTERM") and line.endswith("no checkpoint was written, so nothing is kept")
+    assert line.startswith("error: stopped by SIGTERM")
+    assert line.endswith("no checkpoint was written, so nothing is kept")
     assert not run_dir.exists()
 
 

@@ -64,7 +64,8 @@ def fit(tmp_path, max_steps=MAX_STEPS, ckpt_path=None, bar=None, record=True, **
     callbacks = [bar] if bar is not None else progress_callbacks()
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, val_check_interval=3,
                         check_val_every_n_epoch=None, limit_val_batches=2, logger=False, enable_model_summary=False,
-                        callbacks=[*callbacks, *([recorder] if record else []), checkpoints], default_root_dir=tmp_path, **trainer_kwargs)
+                        callbacks=[*callbacks, *([recorder] if record else []), checkpoints], default_root_dir=tmp_path,
+                        **trainer_kwargs)
     data = windows()
     trainer.fit(task, DataLoader(data, batch_size=BATCH, shuffle=True), DataLoader(data, batch_size=BATCH),
                 ckpt_path=ckpt_path)
@@ -141,6 +142,8 @@ def test_status_lines_name_the_job_and_count_steps(tmp_path, capsys):
     fit(tmp_path, max_steps=4, bar=lines, record=False)
     out = capsys.readouterr().out.splitlines()
     steps = [line for line in out if line.startswith("[1_rope-alibi] step ")]
-    assert [line.split(",")[0] for line in steps][:4] == [f"[1_rope-alibi] step {n}/4 ({n / 4:.0%})" for n in (1, 2, 3, 3)]
-    assert any("val/loss" in line for line in steps)  # the line after the validation at step 3
+    # after each step, and once more after the validation at step 3 (val_check_interval=3)
+    shown = [f"[1_rope-alibi] step {n}/4 ({n / 4:.0%})" for n in (1, 2, 3, 3, 4)]
+    assert [line.split(",")[0] for line in steps] == shown
+    assert "val/loss" in steps[3] and "steps/s" in steps[3]
     assert "\r" not in "".join(out) and "Validation" not in "".join(out)  # no bars
