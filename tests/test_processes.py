@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import fcntl
-import os
 import shutil
 import signal
 import subprocess
