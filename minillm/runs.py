@@ -5,7 +5,6 @@ from __future__ import annotations
 import glob
 import json
 import re
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -42,13 +41,12 @@ class RunFolder:
         wandb/            W&B's own files; wandb/latest-run -> run-<time>-<id>
 
     Writers take each file's path from here and readers read through it: config.yaml is parsed once per object
-    and kept (settings, seed, task, wandb_group), as a Run keeps what its checkpoint holds; summary.json,
-    init_from.json and wandb/ are read when asked (one caller each). Making one costs nothing: keep the object
-    for as long as its reads should be shared.
+    and kept, as a Run keeps what its checkpoint holds; the rest is read when asked (one caller each).
 
     A folder someone hands over is data, not instructions: config.yaml is plain values (a YAML tag, an
     interpolation or a _target_ key is refused), and what a reader takes from it is READ_FROM_RUN; cache_dir, the
-    reader's own data.cache_dir, is where the run's documents are cached (None: DataConfig's default)."""
+    reader's own data.cache_dir, is where the run's documents are cached (None: DataConfig's default); a symbolic
+    link among its files (link()) is refused by readers and writers alike."""
 
     CHECKPOINTS = "checkpoints"
     # Checkpoint file stems (Lightning's ModelCheckpoint filenames; each adds .ckpt).
@@ -137,6 +135,13 @@ class RunFolder:
             if path.is_file():
                 return path
         return None
+
+    def link(self) -> Optional[Path]:
+        """The first symbolic link among the folder's entries and checkpoints/ (it points outside the folder)."""
+        entries = [*self.path.iterdir()] if self.path.is_dir() else []
+        if self.checkpoints.is_dir() and not self.checkpoints.is_symlink():
+            entries += [*self.checkpoints.iterdir()]
+        return next((entry for entry in entries if entry.is_symlink()), None)
 
     def has_run_files(self) -> bool:
         """Whether config.yaml and tokenizer.json are here (a training run folder, not a loose checkpoint's)."""
@@ -236,6 +241,9 @@ class Run(RunFolder):
 
     def __init__(self, checkpoint: str | Path, folder: str | Path, cache_dir: Optional[str] = None):
         super().__init__(folder, cache_dir)
+        if self.config.is_file() and (link := self.link()) is not None:  # a run folder is read as it is
+            raise CheckpointError(f"ckpt: {link} is a symbolic link (to {link.readlink()}); a run folder is read as "
+                                  f"it is: replace the link with the file it points to")
         self.checkpoint = Path(checkpoint)
         self._model_config: Optional[ModelConfig] = None
         self._weights: Optional[dict[str, torch.Tensor]] = None
@@ -437,14 +445,3 @@ def load_model(path: str | Path) -> Transformer:
     """Rebuild the Transformer stored in a training checkpoint, in eval mode, on the CPU."""
     checkpoint = load_checkpoint(path)
     return build_model(checkpoint_model_config(checkpoint, path), model_weights(checkpoint), path)
-
-
-def check_writable(folder: Path) -> None:
-    """Raise, naming the folder, unless files can be written in it (before any work is done)."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as error:
-        raise ConfigError(f"hydra.run.dir={str(folder)!r}: the output folder cannot be written "
-                          f"({error.strerror or error})") from error

@@ -181,6 +181,29 @@ def test_ckpt_that_is_a_device_or_a_pipe_says_so():
         find_runs("/dev/null")
 
 
+def test_ckpt_path_that_is_a_device_says_so(tmp_path):
+    from minillm.train.resume import resolve_checkpoint
+
+    with pytest.raises(ConfigError, match=r"^ckpt_path: /dev/null is not a regular file \(a device or a pipe\?\)"):
+        resolve_checkpoint("/dev/null", tmp_path)
+
+
+@pytest.mark.parametrize("entry", ["tokenizer.json", "config.yaml", "checkpoints/best.ckpt"])
+def test_a_link_inside_a_run_folder_is_refused_to_readers(tmp_path, entry):
+    """A run folder read for evaluation or fine-tuning cannot send a read outside itself through a link."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    for name in ("tokenizer.json", "config.yaml", "checkpoints/best.ckpt"):
+        (run / name).write_text("x")
+    outside = tmp_path / "elsewhere.txt"
+    outside.write_text("someone else's file")
+    (run / entry).unlink()
+    (run / entry).symlink_to(outside)
+    with pytest.raises(CheckpointError, match=rf"^ckpt: {run / entry} is a symbolic link \(to {outside}\); a run "
+                                              r"folder is read as it is"):
+        find_runs(run)
+
+
 # ----------------------------------------------------------------------------------------------
 # Through the scripts
 
@@ -202,6 +225,21 @@ def test_a_run_folder_cannot_move_where_the_evaluation_writes(handed_over, tmp_p
     outside = sorted(str(p) for p in written if not {out, ours, home} & set(p.parents))
     assert written and not outside, outside
     assert any((ours / "tokens").iterdir()) and (out / "results.json").is_file()
+
+
+@pytest.mark.slow
+def test_a_resume_caches_where_its_command_line_says_not_where_the_folder_does(handed_over, tmp_path):
+    """Case 5a on resume: the folder's data.cache_dir names a folder elsewhere; the resume caches under its own
+    (here the default, under HOME) and records that in config.yaml."""
+    edit_config(handed_over, lambda s: s["data"].update(cache_dir=str(tmp_path / "elsewhere")))
+    home = tmp_path / "home"
+    result = script("train.py", home, f"hydra.run.dir={handed_over}", "ckpt_path=last", "trainer.max_steps=6")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not (tmp_path / "elsewhere").exists()
+    assert any((home / ".cache" / "minillm").rglob("*.npy")) or any((home / ".cache" / "minillm").rglob("*.bin"))
+    saved = yaml.safe_load((handed_over / "config.yaml").read_text())
+    assert saved["data"]["cache_dir"] != str(tmp_path / "elsewhere")
+    assert load_checkpoint(handed_over / "checkpoints" / "last.ckpt")["global_step"] == 6
 
 
 @pytest.mark.slow

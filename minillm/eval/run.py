@@ -10,9 +10,8 @@ from typing import Optional
 from omegaconf import DictConfig
 
 from minillm.console import Stopped, quiet_libraries
-from minillm.files import replace_contents
+from minillm.files import check_writable, replace_contents
 from minillm.registry import ConfigError, to_run_config
-from minillm.runs import check_writable
 from minillm.tracking import wandb_mode
 
 

@@ -156,6 +156,9 @@ def resolve_checkpoint(ckpt_path: Optional[str], run_dir: Path) -> Optional[tupl
     path = run_dir if ckpt_path == "last" else Path(ckpt_path).expanduser()
     if path.is_dir():
         path = RunFolder(path).last_checkpoint
+    if path.exists() and not path.is_file():
+        raise ConfigError(f"ckpt_path: {path} is not a regular file (a device or a pipe?): name a .ckpt file or a "
+                          f"run folder")
     if not path.is_file():
         if ckpt_path == "last" and RunFolder(run_dir).config.is_file():  # a start killed before its first save
             raise ConfigError(f"ckpt_path: no checkpoint at {path}: the run in {run_dir} stopped before its first "
@@ -199,6 +202,8 @@ def configure(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> 
         raise ConfigError(f"ckpt_path: {source.path} lacks config.yaml or tokenizer.json, so the run it continues "
                           f"is unknown (a checkpoint is resumed from its training run folder)")
     merged = resumed(cfg, OmegaConf.create(source.settings), overrides, OmegaConf.structured(RunConfig))
+    # Caches go where this command line says (or the default), never where the folder's config.yaml points.
+    OmegaConf.update(merged, "data.cache_dir", cfg.data.cache_dir, merge=False)
     resumed_run = run_config(OmegaConf.to_container(merged))
     # The run's own tokenizer, whatever tokenizer.path says: the checkpoint's vocabulary is its.
     resumed_run.tokenizer = dataclasses.replace(resumed_run.tokenizer, path=str(source.tokenizer))

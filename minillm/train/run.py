@@ -15,10 +15,10 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from minillm.console import Stopped, quiet_libraries, received_signal, shares_console
-from minillm.files import write_atomic
+from minillm.files import check_writable, write_atomic
 from minillm.precision import resolve as resolve_precision
 from minillm.registry import ConfigError
-from minillm.runs import RunFolder, check_writable
+from minillm.runs import RunFolder
 from minillm.train.config import RunConfig
 from minillm.train.loggers import make_loggers
 from minillm.train.resume import configure
@@ -52,14 +52,10 @@ def has_checkpoint(run_dir: Path) -> bool:
 def refuse_links(folder: RunFolder) -> None:
     """Raise, naming it, where the run folder (or its checkpoints/) holds a symbolic link: the logs and
     checkpoints written there would land wherever it points."""
-    entries = [*folder.path.iterdir()] if folder.path.is_dir() else []
-    if folder.checkpoints.is_dir() and not folder.checkpoints.is_symlink():
-        entries += [*folder.checkpoints.iterdir()]
-    for entry in entries:
-        if entry.is_symlink():
-            raise ConfigError(f"hydra.run.dir={str(folder.path)!r}: {entry.relative_to(folder.path)} is a symbolic "
-                              f"link (to {os.readlink(entry)}); a run writes only its own folder: replace the link "
-                              f"with the file it points to")
+    if (link := folder.link()) is not None:
+        raise ConfigError(f"hydra.run.dir={str(folder.path)!r}: {link.relative_to(folder.path)} is a symbolic "
+                          f"link (to {os.readlink(link)}); a run writes only its own folder: replace the link "
+                          f"with the file it points to")
 
 
 def stopped(signum: int, folder: RunFolder, step: Optional[int]) -> Stopped:
@@ -106,7 +102,8 @@ def _train(cfg: DictConfig, run_dir: Path, overrides: Sequence[str], progress: d
         L.Trainer(**trainer_args, logger=False)
     except Exception as error:  # Lightning's MisconfigurationException and friends, one line naming the devices
         raise ConfigError(f"trainer.accelerator={run.trainer.accelerator!r} with trainer.devices="
-                          f"{run.trainer.devices!r}: {str(error).splitlines()[0]}") from error
+                          f"{run.trainer.devices!r} and trainer.strategy={run.trainer.strategy!r}: "
+                          f"{str(error).splitlines()[0]}") from error
     L.seed_everything(run.seed, workers=True, verbose=False)
     log.info("%s %s: %d steps of %d × %d tokens, in %s", "resuming" if resume else "training", run.model.label,
              run.trainer.max_steps, run.data.batch_size, run.model.context_length, run_dir)
