@@ -16,6 +16,8 @@ import warnings
 from pathlib import Path
 from typing import Callable, NoReturn, Optional
 
+from hydra.experimental.callback import Callback
+
 
 def quiet_libraries() -> None:
     """Only minillm's own lines on the console: the libraries' notices (devices, tips, deprecations, W&B's
@@ -87,11 +89,11 @@ def received_signal() -> Optional[int]:
 _new_folders: set[Path] = set()  # output folders Hydra made for this command (noted by NewOutputFolders)
 
 
-class NewOutputFolders:
+class NewOutputFolders(Callback):
     """Hydra callback (hydra.callbacks in conf/): notes whether the output folder exists before Hydra makes it,
     so that a failed command removes a folder only when the command made it."""
 
-    def __init__(self) -> None:
+    def __init__(self) -> None:  # Callback's other hooks (on_job_end, on_run_end, ...) do nothing
         self.new_sweep = False  # pickled to a parallel launcher's workers with the callback
 
     def on_run_start(self, config, **_) -> None:
