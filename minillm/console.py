@@ -14,7 +14,8 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Callable, NoReturn, Optional
+from contextlib import contextmanager
+from typing import Callable, Iterator, NoReturn, Optional
 
 from hydra.experimental.callback import Callback
 
@@ -52,6 +53,8 @@ def quiet_libraries() -> None:
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # not SIGUSR1: Lightning's SLURM requeue keeps it
 _received: list[int] = []  # the stop signals this process received, in order
+_holding: list[bool] = [False]  # within held_signals(): a stop signal is recorded, raised at its end
+_main_pid: list[int] = [os.getpid()]  # the command's process (forked DataLoader workers inherit the handler)
 
 
 class Stopped(BaseException):
@@ -64,7 +67,11 @@ class Stopped(BaseException):
 
 
 def _on_stop_signal(signum: int, _frame) -> None:
+    if os.getpid() != _main_pid[0]:  # a forked worker: torch's worker loop ends quietly on KeyboardInterrupt
+        raise KeyboardInterrupt
     _received.append(signum)
+    if _holding[0]:
+        return
     # Lightning's handler (during trainer.fit) calls this one after flagging the trainer, which then stops at its
     # next step boundary and raises there (train() turns that into Stopped); otherwise stop here.
     if signal.getsignal(signum) is _on_stop_signal:
@@ -74,8 +81,46 @@ def _on_stop_signal(signum: int, _frame) -> None:
 def catch_stop_signals() -> None:
     """SIGTERM and SIGINT end the command with Stopped (a line and status 128 + signum) instead of a traceback
     or a silent exit 0."""
+    _main_pid[0] = os.getpid()
     for signum in STOP_SIGNALS:
         signal.signal(signum, _on_stop_signal)
+
+
+@contextmanager
+def held_signals() -> Iterator[None]:
+    """A stretch no stop signal interrupts (files being swapped): one received meanwhile raises Stopped at its
+    end. A flag, not a signal mask: the kernel may hand the signal to any thread, and Python runs the handler
+    in the main thread whichever received it."""
+    before = len(_received)
+    _holding[0] = True
+    try:
+        yield
+    finally:
+        _holding[0] = False
+    if len(_received) > before:
+        raise Stopped(_received[before])
+
+
+@contextmanager
+def interrupt_at_step_end(request_stop: Callable[[], None]) -> Iterator[None]:
+    """Within (a training loop): Ctrl-C (SIGINT) is recorded and calls request_stop(), so that training stops at
+    its next step boundary with its files whole, as Lightning stops on SIGTERM; a second Ctrl-C stops at once."""
+    start = len(_received)
+
+    def on_interrupt(signum: int, _frame) -> None:
+        if os.getpid() != _main_pid[0]:
+            raise KeyboardInterrupt
+        again = signum in _received[start:]
+        _received.append(signum)
+        if again:
+            raise Stopped(signum)
+        request_stop()
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def received_signal() -> Optional[int]:
@@ -334,6 +379,8 @@ def run_script(main: Callable[[], object]) -> None:
         print(f"error: {hydra_error_line(error)}", file=sys.stderr)
         sys.exit(2)
     except OSError as error:  # Hydra making the output folder (a file in the way, no permission)
+        if error.filename is None:  # not a path (a closed pipe, say): not the folder's fault
+            raise
         setting = "hydra.sweep.dir" if {"-m", "--multirun"} & set(sys.argv) else "hydra.run.dir"
         where = f"={str(error.filename)!r}" if error.filename else ""
         print(f"error: {setting}{where}: the output folder cannot be made ({error.strerror or error})",

@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import signal
 import socket
 import tempfile
 from pathlib import Path
@@ -61,22 +60,31 @@ def _fsync_folder(folder: Path) -> None:
 def replace_contents(folder: Path, staging: Path, spare: Callable[[str], bool]) -> None:
     """Make `folder` hold what `staging` (a folder inside it) holds, in place of its own entries; the entries
     whose name `spare` accepts (its log, its lock) stay. Old entries are moved aside, the new ones moved in, then
-    the old removed, with SIGTERM and SIGINT held back meanwhile: a stop leaves the old set or the new, never a
-    mix (renames within one file system, no copies)."""
+    the old removed (renames within one file system, no copies). Any failure on the way moves everything back:
+    the folder holds the old set or the new, never a mix. Callers hold stop signals off meanwhile
+    (minillm.console.held_signals)."""
     aside = folder / f".replaced-{os.getpid()}"
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    moved_aside: list[str] = []
+    moved_in: list[str] = []
+    aside.mkdir()
     try:
-        aside.mkdir()
         for entry in list(folder.iterdir()):
             if entry not in (staging, aside) and not spare(entry.name):
                 os.replace(entry, aside / entry.name)
+                moved_aside.append(entry.name)
         for entry in list(staging.iterdir()):
             os.replace(entry, folder / entry.name)
-        staging.rmdir()
-        _fsync_folder(folder)
-        shutil.rmtree(aside, ignore_errors=True)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)  # a signal held back is delivered here
+            moved_in.append(entry.name)
+    except BaseException:
+        for name in moved_in:
+            os.replace(folder / name, staging / name)
+        for name in moved_aside:
+            os.replace(aside / name, folder / name)
+        aside.rmdir()
+        raise
+    staging.rmdir()
+    _fsync_folder(folder)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 class RunLog(logging.FileHandler):

@@ -19,7 +19,7 @@ def main(cfg: DictConfig) -> None:
     output = OutputFolder(out_dir, worth_keeping=lambda: (out_dir / "report.md").is_file())
     try:
         with output:  # held while it runs, taken before anything is written; a failure leaves it as it was
-            from minillm.eval.run import evaluate  # here, not above: --help needs no Lightning
+            from minillm.eval.run import evaluate  # here, not above: a refused command line loads no Lightning
 
             files = evaluate(cfg, out_dir)
     except (ValueError, OSError, Stopped) as error:  # bad checkpoint, config, length, folder, a signal: named

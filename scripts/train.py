@@ -27,7 +27,7 @@ def main(cfg: DictConfig) -> None:
     output = OutputFolder(run_dir, worth_keeping=lambda: checkpointed(run_dir))
     try:
         with output:  # held for the run's life, taken before anything is written (even a log line)
-            from minillm.train.run import train  # here, not above: --help needs no Lightning
+            from minillm.train.run import train  # here, not above: a refused command line loads no Lightning
 
             summary = train(cfg, run_dir, hydra_cfg.overrides.task)
     except (ValueError, OSError, Stopped) as error:  # bad config or data, NaN loss, full disk, a signal: named

@@ -14,7 +14,8 @@ import time
 import pytest
 
 from minillm.console import (STOP_SIGNALS, NewOutputFolders, OutputFolder, Stopped, catch_stop_signals,
-                             check_overrides, fail, quiet_libraries, rank_zero, received_signal, unique_suffix)
+                             check_overrides, fail, held_signals, quiet_libraries, rank_zero, received_signal,
+                             unique_suffix)
 from minillm.files import RunLog
 
 
@@ -147,3 +148,22 @@ def test_default_folders_differ_per_run_and_agree_across_the_ranks_of_one_launch
     first_job = {unique_suffix() for _ in range(5)}
     monkeypatch.setenv("SLURM_JOB_ID", "4243")
     assert len(first_job) == 1 and unique_suffix() not in first_job  # one folder per job, not per rank
+
+
+def test_a_stop_signal_inside_held_signals_is_raised_at_their_end():
+    """The results' swap is never cut in two: the signal is recorded, and Stopped raised once the stretch ends."""
+    previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    finished = []
+    try:
+        catch_stop_signals()
+        with pytest.raises(Stopped) as stop:
+            with held_signals():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.2)  # the handler has run by now: it must not have raised here
+                finished.append(True)
+        assert finished == [True] and stop.value.signum == signal.SIGTERM
+        with held_signals():  # nothing received meanwhile: nothing raised
+            pass
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

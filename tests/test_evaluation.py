@@ -847,3 +847,28 @@ def test_the_evaluation_says_how_many_cells_it_will_measure_before_it_starts():
     assert forecast([(task, rotary)], EvalConfig(ckpt="-", scalings="none", lengths=[64])) == \
         "measuring 1 model × 1 scaling × 1 attention method × 1 length = 1 setting; cells: 1 accuracy; " \
         "scalings=all measures every scaling"
+
+
+def test_overwrite_replaces_only_an_evaluations_files(tmp_path):
+    """overwrite=true never takes a run's files or a user's folders along with the old report."""
+    from minillm.eval.run import check_results_folder
+    from minillm.registry import ConfigError
+
+    out = tmp_path / "eval"
+    (out / "checkpoints").mkdir(parents=True)
+    for name in ("report.md", "results.json", "tokenizer.json"):
+        (out / name).write_text("x")
+    with pytest.raises(ConfigError, match=r"holds files that are not an evaluation's results \(checkpoints, "
+                                          r"tokenizer.json\); overwrite=true replaces only an evaluation's"):
+        check_results_folder(out, overwrite=True)
+    (out / "checkpoints").rmdir()
+    (out / "tokenizer.json").unlink()
+    (out / "wandb").mkdir()
+    check_results_folder(out, overwrite=True)  # an evaluation's own files: replaced
+
+
+def test_all_scalings_is_given_alone():
+    from minillm.eval.config import EvalConfig
+
+    with pytest.raises(ValueError, match=r"^scalings: all is every scaling: give it alone, got \['all', 'longrope'\]"):
+        EvalConfig(ckpt="run", scalings=["all", "longrope"])

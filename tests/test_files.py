@@ -95,3 +95,31 @@ def test_replace_contents_swaps_every_entry_but_the_spared_and_leaves_no_mix(tmp
     replace_contents(folder, staging, spare=lambda name: name.startswith(".") or name.endswith(".log"))
     assert sorted(p.name for p in folder.iterdir()) == [".lock", "eval.log", "report.md", "results.json"]
     assert (folder / "report.md").read_text() == "new" and (folder / "eval.log").read_text() == "log"
+
+
+@pytest.mark.parametrize("failing_call", [1, 3, 4])
+def test_replace_contents_that_fails_midway_puts_the_old_entries_back(tmp_path, monkeypatch, failing_call):
+    """A failure while moving (the 1st rename: old aside; 3rd and 4th: new in) leaves the old set, whole."""
+    folder = tmp_path / "eval"
+    folder.mkdir()
+    for name in ("report.md", "tail_loss.png"):
+        (folder / name).write_text("old")
+    staging = folder / ".staging"
+    staging.mkdir()
+    for name in ("report.md", "results.json"):
+        (staging / name).write_text("new")
+    real, calls = os.replace, []
+
+    def replace(source, target):
+        calls.append(1)
+        if len(calls) == failing_call:
+            raise OSError(28, "No space left on device")
+        real(source, target)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError):
+        replace_contents(folder, staging, spare=lambda name: name.startswith("."))
+    monkeypatch.setattr(os, "replace", real)
+    assert sorted(p.name for p in folder.iterdir()) == [".staging", "report.md", "tail_loss.png"]
+    assert all((folder / name).read_text() == "old" for name in ("report.md", "tail_loss.png"))
+    assert sorted(p.name for p in staging.iterdir()) == ["report.md", "results.json"]

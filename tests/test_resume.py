@@ -93,3 +93,17 @@ def test_job_folder_names_pass_back_unquoted(dirname):
     override = OverridesParser.create().parse_override(f"hydra.run.dir=multirun/2026-12-01/0_{name}")
     assert override.value() == f"multirun/2026-12-01/0_{name}"
     assert folder_name("rope=alibi,seed=1") == "rope-alibi__seed-1"
+
+
+def test_a_folder_whose_run_finished_is_not_taken_for_a_dead_start(tmp_path):
+    """config.yaml without a checkpoint is a start killed before its first save, unless summary.json says the
+    run finished (its checkpoints pruned): a new run there would overwrite its config and metrics."""
+    from minillm.train.resume import configure
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("seed: 0\n")
+    configure(composed(), run_dir)  # a dead start: taken over
+    (run_dir / "summary.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"already holds a run"):
+        configure(composed(), run_dir)

@@ -73,9 +73,11 @@ class EvalConfig:
         names = [self.scalings] if isinstance(self.scalings, str) else self.scalings  # scalings=yarn, scalings=all
         require(isinstance(names, (list, tuple)) and len(names) > 0 and all(isinstance(n, str) for n in names),
                  "scalings", f"name scalings: a list, one name, or all; got {self.scalings!r}")
+        require("all" not in names or len(names) == 1, "scalings", f"all is every scaling: give it alone, got "
+                 f"{list(names)}")
         self.scalings = list(ALL_SCALINGS) if "all" in names else list(names)
         for method in self.scalings:
-            choice(method, "scalings", [*SCALINGS, "all"])
+            choice(method, "scalings", [*SCALINGS, "all"])  # an unknown name is offered all too
             require(SCALINGS[method].from_factor, "scalings", f"{method} needs factors searched for the model (a "
                      f"checkpoint trained or imported with rope_scaling={method} keeps them: evaluate it with none)")
         for method in self.attention:

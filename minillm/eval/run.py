@@ -9,7 +9,7 @@ from typing import Optional
 
 from omegaconf import DictConfig
 
-from minillm.console import Stopped, quiet_libraries
+from minillm.console import Stopped, held_signals, quiet_libraries
 from minillm.files import check_writable, replace_contents
 from minillm.registry import ConfigError, to_run_config
 from minillm.tracking import wandb_mode
@@ -42,9 +42,20 @@ def check_results_folder(out_dir: Path, overwrite: bool) -> None:
     if not overwrite:
         raise ConfigError(f"hydra.run.dir={str(out_dir)!r}: already holds results ({shown}); evaluate into another "
                           f"folder, or pass overwrite=true to replace them")
-    if not {"report.md", "results.json"} & set(present):
+    foreign = [name for name in present if not _written_by_evaluations(out_dir / name)]
+    if not {"report.md", "results.json"} & set(present) or foreign:
         raise ConfigError(f"hydra.run.dir={str(out_dir)!r}: holds files that are not an evaluation's results "
-                          f"({shown}); overwrite=true replaces only an evaluation's")
+                          f"({', '.join(foreign[:4]) or shown}); overwrite=true replaces only an evaluation's")
+
+
+def _written_by_evaluations(path: Path) -> bool:
+    """Whether an evaluation writes entries like this one: report files (.md, .csv, .json, .png, not a run's own
+    tokenizer.json, summary.json or init_from.json) and W&B's folder; a run's config.yaml, checkpoints/ or a
+    user's other files are never replaced."""
+    if path.is_dir() and not path.is_symlink():
+        return path.name == "wandb"
+    return path.suffix in (".md", ".csv", ".json", ".png") and path.name not in (
+        "tokenizer.json", "summary.json", "init_from.json")
 
 
 def evaluate(cfg: DictConfig, out_dir: Path) -> dict[str, Path]:
@@ -76,7 +87,8 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict[str, Path]:
                   f"precision: {results.precision} ({results.precision_reason}); "
                   f"attention: {', '.join(config.attention)}{windows}.\n")
         staged = write_report(results, staging, header)
-        replace_contents(out_dir, staging, spare=_not_results)
+        with held_signals():
+            replace_contents(out_dir, staging, spare=_not_results)
     except Stopped as stop:  # the staging folder is gone once swapped in: a signal held back until then
         written = "the results were written before it" if not staging.exists() else "no results were written"
         raise Stopped(stop.signum, f"{stop}; {written}") from None

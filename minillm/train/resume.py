@@ -191,13 +191,17 @@ def configure(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> 
     if found is None:
         # A config.yaml without a checkpoint is a start killed before its first save (this process holds the
         # folder, so its writer is gone): nothing to resume, and a new run takes the folder.
-        taken = any(RunFolder(run_dir).checkpoints.glob("*.ckpt"))
+        folder = RunFolder(run_dir)
+        taken = any(folder.checkpoints.glob("*.ckpt")) or folder.summary.is_file()  # summary: a run that finished
         if taken and rank_zero():  # DDP's other ranks find rank 0's files
             raise ConfigError(f"hydra.run.dir={str(run_dir)!r}: already holds a run (config.yaml, checkpoints); "
                               f"continue it with ckpt_path=last, or train a new one in another folder")
         return run, OmegaConf.to_container(OmegaConf.structured(run)), None
     ckpt_path, checkpoint = found
     source = RunFolder.of_checkpoint(ckpt_path)
+    if (link := source.link()) is not None:  # what a resume reads and writes stays inside the folder
+        raise ConfigError(f"ckpt_path: {link} is a symbolic link (to {link.readlink()}); a run folder is read as it "
+                          f"is: replace the link with the file it points to")
     if not source.has_run_files():
         raise ConfigError(f"ckpt_path: {source.path} lacks config.yaml or tokenizer.json, so the run it continues "
                           f"is unknown (a checkpoint is resumed from its training run folder)")

@@ -14,7 +14,7 @@ from typing import Any, Optional, Sequence
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
-from minillm.console import Stopped, quiet_libraries, received_signal, shares_console
+from minillm.console import Stopped, interrupt_at_step_end, quiet_libraries, received_signal, shares_console
 from minillm.files import check_writable, write_atomic
 from minillm.precision import resolve as resolve_precision
 from minillm.registry import ConfigError
@@ -60,15 +60,15 @@ def refuse_links(folder: RunFolder) -> None:
 
 def stopped(signum: int, folder: RunFolder, step: Optional[int]) -> Stopped:
     """The Stopped a signal ends training with, saying what was kept: the last checkpoint and how to resume."""
-    from minillm.runs import CheckpointError, load_checkpoint
+    import torch
 
     name = signal.Signals(signum).name
     when = f"stopped by {name}" + (f" at step {step}" if step is not None else " before training started")
     if not folder.last_checkpoint.is_file():
         return Stopped(signum, f"{when}; no checkpoint was written, so nothing is kept")
-    try:
-        saved = f" (step {load_checkpoint(folder.last_checkpoint).get('global_step', '?')})"
-    except CheckpointError:
+    try:  # the step alone, memory-mapped: a scheduler's grace period is short
+        saved = f" (step {torch.load(folder.last_checkpoint, mmap=True, weights_only=True)['global_step']})"
+    except Exception:  # a checkpoint that does not load is named by the resume that tries it
         saved = ""
     return Stopped(signum, f"{when}; the run's last checkpoint is {folder.last_checkpoint}{saved}: resume with "
                            f"hydra.run.dir={folder.path} ckpt_path=last")
@@ -149,7 +149,10 @@ def _train(cfg: DictConfig, run_dir: Path, overrides: Sequence[str], progress: d
                            resume.step if resume is not None else 0, group=group)
     trainer = L.Trainer(**trainer_args, logger=loggers or False)
     try:
-        trainer.fit(task, datamodule=data, ckpt_path=resume.checkpoint if resume is not None else None)
+        with interrupt_at_step_end(lambda: setattr(trainer, "should_stop", True)):
+            trainer.fit(task, datamodule=data, ckpt_path=resume.checkpoint if resume is not None else None)
+        if received_signal() is not None:  # Ctrl-C: fit ended at the step boundary it asked for
+            raise Stopped(received_signal())
     except (SystemExit, Stopped) as stop:  # Lightning ends fit on SIGTERM with SIGTERMException (a SystemExit, 0)
         signum = stop.signum if isinstance(stop, Stopped) else received_signal()
         if signum is None:
