@@ -20,11 +20,12 @@ def folder_name(override_dirname: str, limit: int = 200) -> str:
 
 def register_configs() -> None:
     """Put the schemas in Hydra's ConfigStore (conf/ YAML files extend them and never restate defaults), and
-    the resolver the YAML uses (folder names). The schemas' modules import torch: imported here, when a command
+    the resolvers the YAML uses (folder names, the default folders' unique suffix). The schemas' modules import torch: imported here, when a command
     composes its config, so that importing this module (and --help, before it) stays instant."""
     from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
 
+    from minillm.console import unique_suffix
     from minillm.eval.config import EvalConfig
     from minillm.positions.base import POSITION_ENCODINGS
     from minillm.positions.samplers import POSITION_SAMPLERS
@@ -33,6 +34,8 @@ def register_configs() -> None:
 
     if not OmegaConf.has_resolver("folder_name"):
         OmegaConf.register_new_resolver("folder_name", folder_name)
+    if not OmegaConf.has_resolver("unique"):
+        OmegaConf.register_new_resolver("unique", unique_suffix, use_cache=True)  # one value per run
 
     store = ConfigStore.instance()
     store.store(name="run_schema", node=RunConfig)

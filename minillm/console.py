@@ -362,13 +362,10 @@ def run_script(main: Callable[[], object]) -> None:
     """Run a Hydra script's main(): a stop signal, Hydra's own errors (types, missing options) and a folder Hydra
     cannot make each end in one `error:` line, exit 128 + signum or 2, instead of a traceback."""
     from hydra.errors import HydraException
-    from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its errors instead of printing a trimmed traceback
     check_overrides(sys.argv[1:])
-    if not OmegaConf.has_resolver("unique"):
-        OmegaConf.register_new_resolver("unique", unique_suffix, use_cache=True)  # one value per run
     catch_stop_signals()
     try:
         main()

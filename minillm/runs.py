@@ -136,12 +136,15 @@ class RunFolder:
                 return path
         return None
 
-    def link(self) -> Optional[Path]:
-        """The first symbolic link among the folder's entries and checkpoints/ (it points outside the folder)."""
+    def refuse_links(self, culprit: str, rule: str) -> None:
+        """ConfigError ('<culprit>: <link> is a symbolic link (to ...); <rule>: replace the link ...') where the
+        folder or its checkpoints/ holds a symbolic link: what is read or written through one lies outside it."""
         entries = [*self.path.iterdir()] if self.path.is_dir() else []
         if self.checkpoints.is_dir() and not self.checkpoints.is_symlink():
             entries += [*self.checkpoints.iterdir()]
-        return next((entry for entry in entries if entry.is_symlink()), None)
+        for link in (entry for entry in entries if entry.is_symlink()):
+            raise ConfigError(f"{culprit}: {link} is a symbolic link (to {link.readlink()}); {rule}: replace the "
+                              f"link with the file it points to")
 
     def has_run_files(self) -> bool:
         """Whether config.yaml and tokenizer.json are here (a training run folder, not a loose checkpoint's)."""
@@ -241,9 +244,8 @@ class Run(RunFolder):
 
     def __init__(self, checkpoint: str | Path, folder: str | Path, cache_dir: Optional[str] = None):
         super().__init__(folder, cache_dir)
-        if self.config.is_file() and (link := self.link()) is not None:  # a run folder is read as it is
-            raise CheckpointError(f"ckpt: {link} is a symbolic link (to {link.readlink()}); a run folder is read as "
-                                  f"it is: replace the link with the file it points to")
+        if self.config.is_file():  # a run folder, read as it is (a loose checkpoint's folder is no run's)
+            self.refuse_links("ckpt", "a run folder is read as it is")
         self.checkpoint = Path(checkpoint)
         self._model_config: Optional[ModelConfig] = None
         self._weights: Optional[dict[str, torch.Tensor]] = None

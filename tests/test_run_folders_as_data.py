@@ -199,7 +199,7 @@ def test_a_link_inside_a_run_folder_is_refused_to_readers(tmp_path, entry):
     outside.write_text("someone else's file")
     (run / entry).unlink()
     (run / entry).symlink_to(outside)
-    with pytest.raises(CheckpointError, match=rf"^ckpt: {run / entry} is a symbolic link \(to {outside}\); a run "
+    with pytest.raises(ConfigError, match=rf"^ckpt: {run / entry} is a symbolic link \(to {outside}\); a run "
                                               r"folder is read as it is"):
         find_runs(run)
 

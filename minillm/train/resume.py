@@ -199,9 +199,7 @@ def configure(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> 
         return run, OmegaConf.to_container(OmegaConf.structured(run)), None
     ckpt_path, checkpoint = found
     source = RunFolder.of_checkpoint(ckpt_path)
-    if (link := source.link()) is not None:  # what a resume reads and writes stays inside the folder
-        raise ConfigError(f"ckpt_path: {link} is a symbolic link (to {link.readlink()}); a run folder is read as it "
-                          f"is: replace the link with the file it points to")
+    source.refuse_links("ckpt_path", "a run folder is read as it is")  # what a resume reads stays inside it
     if not source.has_run_files():
         raise ConfigError(f"ckpt_path: {source.path} lacks config.yaml or tokenizer.json, so the run it continues "
                           f"is unknown (a checkpoint is resumed from its training run folder)")

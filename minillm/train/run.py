@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import signal
 import time
 from pathlib import Path
@@ -49,15 +48,6 @@ def has_checkpoint(run_dir: Path) -> bool:
     return any(RunFolder(run_dir).checkpoints.glob("*.ckpt"))
 
 
-def refuse_links(folder: RunFolder) -> None:
-    """Raise, naming it, where the run folder (or its checkpoints/) holds a symbolic link: the logs and
-    checkpoints written there would land wherever it points."""
-    if (link := folder.link()) is not None:
-        raise ConfigError(f"hydra.run.dir={str(folder.path)!r}: {link.relative_to(folder.path)} is a symbolic "
-                          f"link (to {os.readlink(link)}); a run writes only its own folder: replace the link "
-                          f"with the file it points to")
-
-
 def stopped(signum: int, folder: RunFolder, step: Optional[int]) -> Stopped:
     """The Stopped a signal ends training with, saying what was kept: the last checkpoint and how to resume."""
     import torch
@@ -92,7 +82,7 @@ def _train(cfg: DictConfig, run_dir: Path, overrides: Sequence[str], progress: d
         quiet_libraries()
     check_writable(run_dir)
     folder = RunFolder(run_dir)
-    refuse_links(folder)  # before anything is written
+    folder.refuse_links("hydra.run.dir", "a run writes only its own folder")  # before anything is written
     run, resolved, resume = configure(cfg, run_dir, overrides)
     if resume is not None and resume.step >= run.trainer.max_steps:  # nothing to train: the run's files stay
         return {**folder.summary_values(), "finished": True, "steps": resume.step, "max_steps": run.trainer.max_steps}
