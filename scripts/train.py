@@ -11,20 +11,15 @@ from minillm.cli import register_configs
 from minillm.console import run_script
 
 
-def checkpointed(run_dir: Path) -> bool:
-    """Whether the run wrote a checkpoint (from then on a failure keeps its folder: the run resumes from it)."""
-    from minillm.train.run import has_checkpoint
-
-    return has_checkpoint(run_dir)
-
-
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     from minillm.console import OutputFolder, Stopped, fail, rank_zero
+    from minillm.runs import RunFolder
+    from minillm.train.resume import has_checkpoint
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
-    output = OutputFolder(run_dir, worth_keeping=lambda: checkpointed(run_dir))
+    output = OutputFolder(run_dir, worth_keeping=lambda: has_checkpoint(RunFolder(run_dir)))
     try:
         with output:  # held for the run's life, taken before anything is written (even a log line)
             from minillm.train.run import train  # here, not above: a refused command line loads no Lightning

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from minillm.console import rank_zero
 from minillm.model.config import ModelConfig, ModelSettings
 from minillm.registry import ConfigError, to_run_config
+from minillm.runs import RunFolder
 from minillm.train.config import RunConfig
 
 # What a resumed run may change: how long it trains and how it reports. Everything else (shape, encoding,
@@ -144,11 +145,16 @@ class Resume:
                                   f"{getattr(model, f.name)!r}")
 
 
+def has_checkpoint(folder: RunFolder) -> bool:
+    """Whether the run folder holds a checkpoint: from then on it is a run (a failure keeps it; it resumes)."""
+    return any(folder.checkpoints.glob("*.ckpt"))
+
+
 def resolve_checkpoint(ckpt_path: Optional[str], run_dir: Path) -> Optional[tuple[str, dict]]:
     """ckpt_path -> (the checkpoint's path, its contents): 'last' -> this run folder's last checkpoint; a run
     folder -> its last; a file -> itself; None -> None. A corrupt one fails here, naming the newest checkpoint
     beside it that does load."""
-    from minillm.runs import CheckpointError, RunFolder, load_checkpoint
+    from minillm.runs import CheckpointError, load_checkpoint
     from minillm.train.checkpoints import last_good_checkpoint
 
     if ckpt_path is None:
@@ -181,7 +187,6 @@ def configure(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> 
     A resume continues the run the checkpoint belongs to: its config.yaml, with only the resumable command-line
     overrides (steps, cadence, logging) applied; one that contradicts the run raises, naming the setting. A new
     run is refused a folder that already holds one."""
-    from minillm.runs import RunFolder
 
     unknown = unknown_settings(cfg)
     if unknown:
@@ -192,7 +197,7 @@ def configure(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> 
         # A config.yaml without a checkpoint is a start killed before its first save (this process holds the
         # folder, so its writer is gone): nothing to resume, and a new run takes the folder.
         folder = RunFolder(run_dir)
-        taken = any(folder.checkpoints.glob("*.ckpt")) or folder.summary.is_file()  # summary: a run that finished
+        taken = has_checkpoint(folder) or folder.summary.is_file()  # summary: a run that finished
         if taken and rank_zero():  # DDP's other ranks find rank 0's files
             raise ConfigError(f"hydra.run.dir={str(run_dir)!r}: already holds a run (config.yaml, checkpoints); "
                               f"continue it with ckpt_path=last, or train a new one in another folder")

@@ -43,11 +43,6 @@ def load_data(run: RunConfig):
     return data
 
 
-def has_checkpoint(run_dir: Path) -> bool:
-    """Whether the run folder holds a checkpoint: from then on a failed command keeps the folder (it resumes)."""
-    return any(RunFolder(run_dir).checkpoints.glob("*.ckpt"))
-
-
 def stopped(signum: int, folder: RunFolder, step: Optional[int]) -> Stopped:
     """The Stopped a signal ends training with, saying what was kept: the last checkpoint and how to resume."""
     import torch
