@@ -813,13 +813,15 @@ def test_the_default_scalings_are_few_and_all_is_the_full_sweep():
             EvalConfig(ckpt="-", scalings=bad)
 
 
-@pytest.mark.parametrize("name, value", [(n, v) for n in ("scaling_factor", "effective_threshold",
-                                                          "effective_min_exact_match")
-                                         for v in (math.nan, math.inf, -math.inf)] +
+FLOAT_SETTINGS = ("scaling_factor", "effective_threshold", "effective_min_exact_match", "effective_absolute",
+                  "longppl_alpha", "longppl_beta")
+
+
+@pytest.mark.parametrize("name, value", [(n, v) for n in FLOAT_SETTINGS for v in (math.nan, math.inf, -math.inf)] +
                          [("passkey_depths", [0.5, math.nan]), ("passkey_depths", [math.inf])])
 def test_every_float_setting_of_the_evaluation_refuses_nan_and_inf(name, value):
     floats = {f.name for f in dataclasses.fields(EvalConfig) if "float" in str(f.type)}
-    assert floats == {"scaling_factor", "effective_threshold", "effective_min_exact_match", "passkey_depths"}
+    assert floats == {*FLOAT_SETTINGS, "passkey_depths"}
     with pytest.raises(ValueError, match=f"^{name}: "):
         EvalConfig(ckpt="-", **{name: value})
 

@@ -54,6 +54,22 @@ class EvalConfig:
     effective_threshold: float = 0.9  # effective length: the share of the 1x exact match each length up to it keeps
     # the 1x exact match a run needs for an effective length: below it the run did not learn the task
     effective_min_exact_match: float = 0.5
+    # RULER's synthetic tasks (minillm.data.ruler) measured at every setting, by name (niah_single_1, vt, cwe, ...),
+    # or all; empty: none
+    ruler: list[str] = field(default_factory=list)
+    ruler_samples: int = 8  # RULER samples per (task, length), drawn once from the seed and shared by every setting
+    # RULER prompts through the tokenizer's chat template: auto (where it has one), never (completion prompts), always
+    ruler_chat: str = "auto"
+    # effective length against a fixed score instead (RULER's: Llama-2-7B's 85.6% at 4k is 0.856); None: the
+    # relative rule of effective_threshold
+    effective_absolute: Optional[float] = None
+    longppl: bool = False  # also LongPPL (Fang et al. 2024): perplexity on the tokens that need the long context
+    # tokens of context the short pass sees when picking key tokens; None: the model's training length
+    longppl_short: Optional[int] = None
+    longppl_alpha: float = 2.0  # a key token's log-probability gains more than alpha nats from the long context
+    longppl_beta: float = -2.0  # and its full-context log-probability is above beta
+    # the model whose losses pick the key tokens (a run folder, .ckpt, hf:..., .gguf); None: each model itself
+    longppl_evaluator: Optional[str] = None
     device: str = "auto"  # auto: cuda when available
     # auto: bf16 matmuls where the processor multiplies bf16 natively (minillm.precision), float32 elsewhere
     precision: str = "auto"
@@ -96,6 +112,14 @@ class EvalConfig:
                  f"{self.effective_threshold}")
         require(0 <= self.effective_min_exact_match <= 1, "effective_min_exact_match",
                  f"must lie in [0, 1] (an exact match at the training length), got {self.effective_min_exact_match}")
+        require(self.ruler_samples > 0, "ruler_samples", f"must be positive, got {self.ruler_samples}")
+        choice(self.ruler_chat, "ruler_chat", ("auto", "never", "always"))
+        if self.effective_absolute is not None:
+            require(0 < self.effective_absolute <= 1, "effective_absolute", f"must lie in (0, 1] (a score: RULER's "
+                     f"85.6% is 0.856), got {self.effective_absolute}")
+        if self.longppl_short is not None:
+            require(self.longppl_short >= 1, "longppl_short", f"must be a positive token count, got "
+                     f"{self.longppl_short}")
         choice(self.device, "device", ("auto", "cpu", "cuda", "mps"))
         choice(self.precision, "precision", EVAL_PRECISIONS)
         finite(self, "")  # any float setting the checks above do not bound, now or added later
