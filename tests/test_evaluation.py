@@ -656,7 +656,9 @@ def test_effective_lengths_one_per_run_and_setting():
     assert list(found) == [("s0", "none"), ("s0", "yarn"), ("s1", "none"), ("s1", "yarn")]
     assert found["s0", "none"].effective_length == 64 and found["s0", "yarn"].effective_length == 128
     assert found["s1", "yarn"] == EffectiveLengthRecord(Setting("complex θ=10000", "s1", 1, 64, "complex", task="mqar",
-                                                                scaling="yarn"), 0.9, 0.8, 128, 256)
+                                                                scaling="yarn"), 0.9, 0.8, 128, 256,
+                                                        effective_low=64, effective_high=128, bar=0.9 * 0.8,
+                                                        shortest_length=64, samples=256)  # 75% of 256: [69%, 80%]
     floor = {(e.setting.run, e.setting.scaling): e for e in effective_lengths(records, 0.9, min_reference=0.9)}
     assert all(e.effective_length is None and e.min_reference == 0.9 for e in floor.values())
 

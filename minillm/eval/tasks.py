@@ -17,6 +17,7 @@ from torch import Tensor
 
 from minillm.data.answers import Accuracy, accuracy, validation_set
 from minillm.data.synthetic import IGNORE
+from minillm.eval.effective import EffectiveLength, effective_length as effective_length_of_cells, effective_length_text
 from minillm.eval.grouping import markdown_table, model_name, row_key, row_order
 from minillm.eval.measurement import Measurement, Reading, Table, register_measurement
 from minillm.eval.perplexity import MAX_ATTENTION_PAIRS
@@ -53,13 +54,25 @@ class AccuracyRecord(Record):
 
 @dataclass
 class EffectiveLengthRecord(Record):
-    """The effective length (see `effective_length`) of one run under one setting (setting.series: every length)."""
+    """The effective length (see `effective_length_of`) of one run under one setting (setting.series: every length),
+    with its interval from the Wilson intervals of the exact match per length (minillm.eval.effective)."""
 
     threshold: float
     reference_exact_match: Optional[float]  # the exact match at the training length; None: not evaluated there
     effective_length: Optional[int]
     longest_length: Optional[int]  # the longest length measured: an effective length equal to it is a lower bound
     min_reference: float = 0.0  # below this exact match at the training length, effective_length is None
+    effective_low: Optional[int] = None  # the effective length of the exact matches' Wilson 95% lower bounds
+    effective_high: Optional[int] = None  # ... of their upper bounds
+    bar: Optional[float] = None  # the exact match each length up to it keeps; None: none (see effective_length_of)
+    absolute: Optional[float] = None  # the fixed bar it was held to (RULER's rule); None: threshold × the 1x score
+    shortest_length: Optional[int] = None  # the shortest length measured: an effective length None is shorter
+    samples: int = 0  # the fewest answers behind the exact match at any length measured
+
+    @property
+    def found(self) -> EffectiveLength:
+        return EffectiveLength(self.effective_length, self.effective_low, self.effective_high, self.bar,
+                               self.reference_exact_match, self.shortest_length, self.longest_length, self.samples)
 
 
 @dataclass
@@ -114,38 +127,26 @@ def task_accuracy(model: Transformer, inputs: Tensor, targets: Tensor, answers: 
     return TaskScore(len(inputs), counts, loss_sum / counts.tokens if counts.tokens else math.nan, round(seconds, 3))
 
 
-def effective_length(records: list[AccuracyRecord], threshold: float,
-                     min_reference: float = 0.0) -> Optional[int]:
-    """The effective length of one run under one (scaling, attention): the longest evaluated length L such that the
-    exact match at L and at every shorter evaluated length is at least threshold × the exact match at the training
-    length (1x). RULER's notion (Hsieh et al. 2024, arXiv:2404.06654), whose bar is a fixed score (Llama-2-7B's at
-    4k), is taken relative to the model's own score at its training length, as tasks differ in difficulty.
-
-    A dip ends it: a length that recovers after a failing one does not count. Lengths not applicable (refused by
-    the task, past the encoding's positions) are not evaluated lengths. None when the training length was not
-    evaluated, when the exact match there is 0 or below min_reference (a run that did not learn the task has no
-    length to keep: at 1 right answer in 256, a bar of 0.9/256 passes every length), or when a length shorter
-    than the training length already fails.
-    """
-    measured = sorted((r for r in records if r.applicable and r.exact_match is not None), key=lambda r: r.length)
-    lengths = [r.length for r in measured]
-    if len(set(lengths)) < len(lengths):
-        raise ValueError("effective_length: takes the records of one run under one scaling and attention, got two "
-                         f"at one length ({sorted(n for n in set(lengths) if lengths.count(n) > 1)})")
-    reference = next((r.exact_match for r in measured if r.length == r.setting.trained_length), None)
-    if not reference or reference < min_reference:
-        return None
-    bar = threshold * reference
-    longest = None
-    for r in measured:
-        if r.exact_match < bar:
-            break
-        longest = r.length
-    return longest
+def effective_length_of(records: list[AccuracyRecord], threshold: float, min_reference: float = 0.0,
+                        absolute: Optional[float] = None) -> EffectiveLength:
+    """The effective length, with its interval, of one run under one (scaling, attention) from its exact match per
+    length (minillm.eval.effective.effective_length: threshold × the exact match at the training length, or the
+    absolute bar; min_reference: the training length's exact match a run needs). Lengths not applicable (refused by
+    the task, past the encoding's positions) are not evaluated lengths."""
+    measured = [r for r in records if r.applicable and r.exact_match is not None]
+    trained = measured[0].setting.trained_length if measured else None
+    return effective_length_of_cells(((r.length, r.exact_match, r.answers) for r in measured), trained_length=trained,
+                     threshold=threshold, absolute=absolute, min_reference=min_reference)
 
 
-def effective_lengths(records: list[AccuracyRecord], threshold: float,
-                      min_reference: float = 0.0) -> list[EffectiveLengthRecord]:
+def effective_length(records: list[AccuracyRecord], threshold: float, min_reference: float = 0.0,
+                     absolute: Optional[float] = None) -> Optional[int]:
+    """The effective length (see effective_length_of) without its interval; None where undefined."""
+    return effective_length_of(records, threshold, min_reference, absolute).length
+
+
+def effective_lengths(records: list[AccuracyRecord], threshold: float, min_reference: float = 0.0,
+                      absolute: Optional[float] = None) -> list[EffectiveLengthRecord]:
     """One EffectiveLengthRecord per run under each setting (its series: every length) in `records`, in their
     order."""
     series: dict[Setting, list[AccuracyRecord]] = {}
@@ -153,12 +154,12 @@ def effective_lengths(records: list[AccuracyRecord], threshold: float,
         series.setdefault(r.setting.series, []).append(r)
     out = []
     for setting, group in series.items():
-        measured = [r for r in group if r.applicable and r.exact_match is not None]
-        reference = next((r.exact_match for r in measured if r.length == setting.trained_length), None)
-        out.append(EffectiveLengthRecord(setting, threshold=threshold, reference_exact_match=reference,
-                                         effective_length=effective_length(group, threshold, min_reference),
-                                         longest_length=max((r.length for r in measured), default=None),
-                                         min_reference=min_reference))
+        found = effective_length_of(group, threshold, min_reference, absolute)
+        out.append(EffectiveLengthRecord(setting, threshold=threshold, reference_exact_match=found.reference,
+                                         effective_length=found.length, longest_length=found.longest,
+                                         min_reference=min_reference, effective_low=found.low,
+                                         effective_high=found.high, bar=found.bar, absolute=absolute,
+                                         shortest_length=found.shortest, samples=found.samples))
     return out
 
 
@@ -224,7 +225,7 @@ class EffectiveLengthMeasurement(Measurement):
 
     def derive(self, results: Results) -> list[EffectiveLengthRecord]:
         return effective_lengths(results.of(AccuracyRecord), self.config.effective_threshold,
-                                 self.config.effective_min_exact_match)
+                                 self.config.effective_min_exact_match, self.config.effective_absolute)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -259,9 +260,12 @@ def _exact_match_cell(records: list[AccuracyRecord], metric: str = "exact_match"
 
 
 def _effective_cell(effective: list[EffectiveLengthRecord]) -> str:
-    """'256', or the seeds' min–max '128–512'; '≥1024' where it reached the longest length measured; n/a where
-    undefined (and the count of seeds it is defined for, when only some)."""
+    """One seed: '256 [128–512]', with its interval (minillm.eval.effective.effective_length_text); several: the
+    seeds' min–max '128–512'; '≥1024' where it reached the longest length measured; n/a where undefined (and the
+    count of seeds it is defined for, when only some)."""
     known = [e for e in effective if e.effective_length is not None]
+    if len(effective) == 1 and effective[0].bar is not None:
+        return effective_length_text(effective[0].found)
     if not known:
         return "n/a"
     text = {e.effective_length: ("≥" if e.effective_length == e.longest_length else "") + str(e.effective_length)
@@ -296,16 +300,27 @@ def accuracy_table(records: list[AccuracyRecord], effective: list[EffectiveLengt
     return markdown_table(header, rows)
 
 
+def _effective_rule(effective: list[EffectiveLengthRecord]) -> str:
+    """The paragraph's sentence on how the effective length was found."""
+    thresholds = sorted({e.threshold for e in effective if e.absolute is None})
+    absolutes = sorted({e.absolute for e in effective if e.absolute is not None})
+    floors = sorted({e.min_reference for e in effective if e.absolute is None})
+    bars = ([f"{' / '.join(f'{t:.0%}' for t in thresholds)} of the exact match at the training length (n/a: below "
+             f"{' / '.join(f'{m:.0%}' for m in floors)} there, a run that did not learn the task)"] if thresholds
+            else []) + ([f"an exact match of {' / '.join(f'{a:.1%}' for a in absolutes)} (RULER's fixed bar)"]
+                        if absolutes else [])
+    samples = sorted({e.samples for e in effective if e.bar is not None})
+    return (f" Effective length (RULER, Hsieh et al. 2024, arXiv:2404.06654): the longest length up to which every "
+            f"length measured keeps at least {' or '.join(bars)}; ≥: the longest length measured, <: even the "
+            f"shortest fails. One seed's [interval]: the same rule applied to every length's Wilson 95% lower and "
+            f"upper bound" + (f" ({' / '.join(map(str, samples))} answers per length)." if samples else ".")
+            if bars else "")
+
+
 def accuracy_section(records: list[AccuracyRecord], effective: list[EffectiveLengthRecord]) -> str:
     """The accuracy table with a paragraph saying how to read it."""
     examples = sorted({r.examples for r in records if r.applicable})
-    thresholds = sorted({e.threshold for e in effective})
-    floors = sorted({e.min_reference for e in effective})
-    rule = (f" Effective length (RULER, Hsieh et al. 2024, arXiv:2404.06654, against the model's own score): the "
-            f"longest length up to which every length measured keeps at least "
-            f"{' / '.join(f'{t:.0%}' for t in thresholds)} of the exact match at the training length; ≥: the "
-            f"longest length measured; n/a: below {' / '.join(f'{m:.0%}' for m in floors)} at the training "
-            f"length, a run that did not learn the task." if thresholds else "")
+    rule = _effective_rule(effective)
     section = (f"Exact match per answer on {' / '.join(map(str, examples)) or 'no'} test examples per length: one "
                f"seed with its Wilson 95% interval [in brackets], several as their mean with the seeds' min–max "
                f"(in parentheses).{rule}\n\n" + accuracy_table(records, effective))
