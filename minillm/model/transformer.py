@@ -344,15 +344,25 @@ class Transformer(nn.Module):
 
     @torch.inference_mode()
     def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
-                 stop_token: Optional[int] = None, generator: Optional[torch.Generator] = None) -> Tensor:
+                 stop_token: Optional[int] = None, generator: Optional[torch.Generator] = None,
+                 scaling: Optional["Scaling"] = None, attention: Optional["AttentionMethod"] = None,
+                 logn: bool = False) -> Tensor:
         """Extend idx (batch, seq) by up to max_new_tokens; temperature 0 is greedy. Rows that emitted
-        stop_token keep repeating it; generation ends early once every row has."""
+        stop_token keep repeating it; generation ends early once every row has.
+
+        scaling, attention, logn: how the model is read, as hidden_states takes them; every step goes through the
+        KV cache, each new query after the cached keys. Every attention method decodes with the cache: its parts
+        are patterns of (query index, key index) and positions computed from the whole sequence at each step,
+        and the cache keeps keys unrotated, so greedy decoding equals the argmax of full forwards over the
+        growing sequence. The exception is a dynamic scaling (dynamic_ntk, dynamic_yarn, longrope's switch)
+        past the training length in a model of more than one layer: see KVCache."""
         if temperature < 0:
             raise ValueError(f"temperature: must be >= 0, got {temperature}")
         if top_k is not None and top_k < 1:
             raise ValueError(f"top_k: must be >= 1, got {top_k}")
+        read = dict(scaling=scaling, attention=attention, logn=logn)
         cache = KVCache(self.cfg.n_layers)
-        logits = self.head(self.hidden_states(idx, cache)[:, -1])  # the LM head on the last position only
+        logits = self.head(self.hidden_states(idx, cache, **read)[:, -1])  # the LM head on the last position only
         finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
         out = idx
         for step in range(max_new_tokens):
@@ -371,5 +381,5 @@ class Transformer(nn.Module):
             out = torch.cat((out, next_token[:, None]), dim=1)
             if step + 1 == max_new_tokens or (stop_token is not None and bool(finished.all())):
                 break  # no forward pass for a token nobody will sample after
-            logits = self(next_token[:, None], cache)[:, -1]
+            logits = self.head(self.hidden_states(next_token[:, None], cache, **read)[:, -1])
         return out
