@@ -45,7 +45,8 @@ class RulerSample:
     metric: str  # all (string_match_all) or part (string_match_part)
     prompt_tokens: int  # count_tokens(input)
     haystack_units: int  # the haystack's size in the task's units (lines, words, needles, listed or coded words)
-    depth: Optional[float] = None  # where the first answer's needle sits, a share of the context (None: no needle)
+    # where the first needle holding an answer starts, a share of the context's characters (None: cwe, fwe)
+    depth: Optional[float] = None
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "answers": list(self.answers)}
@@ -68,9 +69,22 @@ class RulerSample:
         return cls(**{**d, "answers": tuple(d["answers"])})
 
 
+def completion(user: str) -> str:
+    """No chat template: the prompt is the user's text itself."""
+    return user
+
+
 def ruler_task(task: Union[str, RulerTask]) -> RulerTask:
     """The task's config: an instance as given, a name with RULER's settings."""
     return task if isinstance(task, RulerTask) else RULER_TASKS.lookup(task)()
+
+
+def sample_prompt(config: RulerTask, units: int, seed: int, index: int, inputs: PromptInputs,
+                  wrap: Callable[[str], str]) -> tuple[Prompt, str]:
+    """Sample `index`'s prompt under `seed` with a haystack of `units`, and its whole text (what the search tries:
+    its draws depend on the seed, the task and the index alone)."""
+    made = config.prompt(units, random.Random(f"ruler/{config.name}/{seed}/{index}"), inputs)
+    return made, wrap(made.user) + made.answer_prefix
 
 
 def ruler_samples(task: Union[str, RulerTask], length: int, count_tokens: Callable[[str], int],
@@ -88,7 +102,7 @@ def ruler_samples(task: Union[str, RulerTask], length: int, count_tokens: Callab
     words = essay_words(haystack_texts) if config.reads_prose else []
     require(bool(words) or not config.reads_prose, "ruler", f"{config.name} reads prose (type_haystack=essay) "
             f"and the haystack texts hold none")
-    wrap = wrap or (lambda user: user)
+    wrap = wrap or completion
     inputs = PromptInputs(length, words, count_tokens)
     budget = length - config.tokens_to_generate
     lowest = config.smallest(length)
@@ -97,8 +111,7 @@ def ruler_samples(task: Union[str, RulerTask], length: int, count_tokens: Callab
         probes: dict[int, tuple[Prompt, str, int]] = {}
 
         def tokens_at(units: int) -> int:
-            made = config.prompt(units, random.Random(f"ruler/{config.name}/{seed}/{index}"), inputs)
-            text = wrap(made.user) + made.answer_prefix
+            made, text = sample_prompt(config, units, seed, index, inputs, wrap)
             probes[units] = (made, text, count_tokens(text))
             return probes[units][2]
 

@@ -43,7 +43,8 @@ class Prompt:
     user: str  # the task's text, to go through the chat template (or none)
     answer_prefix: str  # appended after the template: the model's answer continues it
     answers: tuple[str, ...]  # every string the reply should hold
-    depth: Optional[float]  # where the first answer's needle or chain starts, as a share of the context's characters
+    # where the first needle holding an answer (the asked chain's first line) starts, a share of the context's characters
+    depth: Optional[float]
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ class RulerTask:
 
 
 def _depth(context: str, needle: str) -> float:
+    """Where `needle` starts in the context, as a share of its characters."""
     return context.index(needle) / max(len(context), 1)
 
 
@@ -125,8 +127,8 @@ class NeedleTask(RulerTask):
         queries = [keys[k] for k in asked]
         query = queries[0] if len(queries) == 1 else ", ".join(queries[:-1]) + ", and " + queries[-1]
         user, prefix = self._text(context, query, plural=len(answers) > 1)
-        first = self._needle(queries[0], values[asked[0]][0])
-        return Prompt(user, prefix, answers, _depth(context, first))
+        depth = min(_depth(context, self._needle(keys[k], value)) for k in asked for value in values[k])
+        return Prompt(user, prefix, answers, depth)
 
     def _needle(self, key: str, value: str) -> str:
         return f"One of the special magic {self.type_needle_v} for {key} is: {value}."
