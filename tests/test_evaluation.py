@@ -26,6 +26,7 @@ from minillm.eval.measurement import MEASUREMENTS
 from minillm.eval.passkey import PasskeyRecord
 from minillm.eval.tail import TailLossRecord, tail_loss
 from minillm.eval.theory import TheoryRecord
+from minillm.eval.longppl import LongPPLRecord  # noqa: F401  (registers the measurement)
 import minillm.eval.loop as loop_module
 import minillm.eval.perplexity as perplexity_module
 import minillm.eval.tasks as tasks_module
@@ -460,7 +461,7 @@ def test_every_measurement_writes_records_with_their_setting_through_the_loop(to
     scored = Subject(task_run, Setting(task_run.cfg.label, "task_run", 2, 32, "complex", "q.ckpt", task="mqar"),
                      task=task)
     config = EvalConfig(ckpt="-", lengths=[128, 256], scalings=["none", "yarn"], attention=["full", "rerope"],
-                        logn=True, stride=64, passkey_trials=2,
+                        logn=True, stride=64, passkey_trials=2, longppl=True,
                         passkey_depths=[0.5], task_examples=4, max_documents=2, buckets=4)
     results = measure(text, config)
     results.extend(measure(scored, dataclasses.replace(config, lengths=[32, 64])))

@@ -12,6 +12,7 @@ import pytest
 
 from minillm.eval.report import write_report
 from minillm.eval.grouping import table_groups
+from minillm.eval.longppl import LongPPLRecord
 from minillm.eval.measurement import MEASUREMENTS
 from minillm.eval.passkey import PasskeyRecord, passkey_table
 from minillm.eval.perplexity import PerplexityRecord, PositionBucket, perplexity_table
@@ -87,7 +88,8 @@ def test_write_report_writes_every_file_with_its_columns(records, passkey, theor
     files = write_report(results, tmp_path / "out", header="# Length extrapolation\n")
     out = tmp_path / "out"
     assert {path.name for path in files.values()} == {"results.json", "results.csv", "loss_by_position.csv",
-                                                      "passkey.csv", "tail_loss.csv", "accuracy.csv", "report.md",
+                                                      "passkey.csv", "tail_loss.csv", "accuracy.csv", "longppl.csv",
+                                                      "report.md",
                                                       "ppl_vs_length.png", "scaling_vs_length.png",
                                                       "loss_vs_position.png"}
     assert all(path.parent == out and path.is_file() for path in files.values())
@@ -101,8 +103,8 @@ def test_write_report_writes_every_file_with_its_columns(records, passkey, theor
         "checkpoint": "/runs/complex_seed0/checkpoints/best.ckpt", "task": None, "method": "none", "factor": 1.0,
         "attention": "full", "logn": False, "stride": None}
     assert (first["length"], first["ppl"], first["tokens"]) == (32, 10.0, 512)
-    assert set(data) == {"perplexity", "passkey", "theory", "tail", "accuracy", "effective_length", "precision",
-                         "precision_reason"}
+    assert set(data) == {*MEASUREMENTS, "precision", "precision_reason"} >= \
+        {"perplexity", "passkey", "theory", "tail", "accuracy", "effective_length", "longppl"}
     assert data["precision"] == results.precision
     assert data["perplexity"][0]["by_position"][0]["tokens"] == 256 and data["accuracy"] == []
     assert read_results(out) == results  # the same records back, each with its Setting
@@ -372,7 +374,9 @@ def test_results_json_round_trip_of_every_measurement(records, passkey, theory, 
     positions, None and infinite values, the precision."""
     infinite = dataclasses.replace(records[0], ppl=math.inf, loss=800.0)
     measured = records + [infinite] + passkey + theory + [tail(0, 32, 4.0, logn=True)] + task_records + \
-        effective_lengths(task_records, 0.9, min_reference=0.5)
+        effective_lengths(task_records, 0.9, min_reference=0.5) + \
+        [LongPPLRecord(setting("r", 0), 64, 3, 100, 0.03, 20.0, 10.0, 32, 2.0, -2.0),
+         LongPPLRecord(setting("r", 0), 32, 0, 100, 0.0, None, 9.0, 32, 2.0, -2.0, note="no key token")]
     results = Results.of_records(measured, precision="bfloat16", precision_reason="asked for")
     assert {type(r).kind for r in results.all()} == set(MEASUREMENTS)  # every measurement in it
     write_report(results, tmp_path)

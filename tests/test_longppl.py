@@ -1,0 +1,181 @@
+"""LongPPL (arXiv:2410.23771): the key tokens and LongPPL against the authors' `longppl` package on an exported tiny
+Llama and against explicit per-token loops from the definition; the measurement, its evaluator and its table."""
+
+from __future__ import annotations
+
+import inspect
+import json.decoder
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from minillm.data.tokens import train_tokenizer
+from minillm.eval.config import EvalConfig
+from minillm.eval.longppl import (LongPPLMeasurement, LongPPLRecord, key_token_mask, key_tokens, load_evaluator,
+                                  longppl, longppl_section, short_context_losses, window_losses)
+from minillm.eval.measurement import Plan, Reading
+from minillm.eval.perplexity import perplexity_at_length, scaling_for
+from minillm.eval.records import Results, Setting
+from minillm.eval.sources import Subject
+from minillm.model.config import ModelConfig
+from minillm.model.transformer import Transformer
+from minillm.positions.methods import attention_method
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer([Path(inspect.__file__).read_text()], 300, 2)
+
+
+def sharp_model(vocab_size: int, seed: int = 0, context_length: int = 16) -> Transformer:
+    """Random weights large enough that attention is sharp, so that context changes the losses."""
+    torch.manual_seed(seed)
+    model = Transformer(ModelConfig(vocab_size=vocab_size, context_length=context_length, d_model=32, n_layers=2,
+                                    n_heads=2)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(1 + 0.3 * torch.randn_like(p)) if p.dim() == 1 else p.normal_(std=1.5 * p.shape[-1] ** -0.5)
+    return model
+
+
+def test_key_token_mask_edges():
+    full = torch.tensor([1.0, 1.0, 3.0, 0.5, 0.5])
+    short = torch.tensor([3.5, 3.0, 6.0, math.nan, 2.5])
+    # gains 2.5, 2.0 (not > 2: strict), 3.0 but log p = −3 (not > −2), NaN (no short context), 2.0
+    assert key_token_mask(full, short, 2.0, -2.0).tolist() == [True, False, False, False, False]
+    assert key_token_mask(full, short, 1.9, -3.5).tolist() == [True, True, True, False, True]
+    # log p = −1 is not above beta = −1 (strict); −0.5 is
+    assert key_token_mask(full, short, 1.9, -1.0).tolist() == [False, False, False, False, True]
+    assert not key_token_mask(full, short, 100.0, -100.0).any()
+
+
+@pytest.mark.parametrize("alpha, beta", [(0.5, -6.0), (2.0, -2.0), (0.0, -100.0), (-100.0, -100.0)])
+def test_longppl_equals_the_longppl_package(tokenizer, alpha, beta):
+    transformers = pytest.importorskip("transformers")
+    package = pytest.importorskip("longppl.longppl")
+    from minillm.interop.export import to_hf_llama
+
+    model = sharp_model(tokenizer.get_vocab_size())
+    length, short, step = 40, 8, 3
+    text = Path(json.decoder.__file__).read_text()
+    text = text[:tokenizer.encode(text).offsets[length][1]]  # one window of 40 targets: the package's text
+    ids = torch.tensor([tokenizer.encode(text).ids])
+    assert ids.shape == (1, length + 1)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer)
+    hf = to_hf_llama(model).eval()
+    theirs = package.compute_longppl(text, hf, hf, fast, fast, trunc_len=short, sliding_window=step, alpha=alpha,
+                                     beta=beta)
+    key = key_tokens(model, ids, length, short=short, alpha=alpha, beta=beta, step=step)
+    ours = longppl(*window_losses(model, ids, length), key)
+    assert ours.ppl == pytest.approx(float(theirs["ppl"]), rel=1e-4)
+    if theirs["longppl"] is None:  # (2, −2): the package finds none
+        assert (ours.key_tokens, ours.longppl) == (0, None)
+    else:
+        assert ours.key_tokens == theirs["n_key_token"] and ours.longppl == pytest.approx(float(theirs["longppl"]),
+                                                                                            rel=1e-4)
+    if alpha == -100.0:  # every target but the first short − 1, which have no shorter context
+        assert ours.key_tokens == length - (short - 1)
+
+
+@torch.no_grad()
+def explicit_short_losses(model: Transformer, chunk: torch.Tensor, short: int, step: int) -> list[float]:
+    """From the definition: target t (token t of the chunk) read alone from its sub-window's start, one forward
+    pass per target; the sub-windows start every `step` tokens and score the `step` tokens after `short`."""
+    out = [math.nan] * (len(chunk) - 1)
+    for start in range(0, len(chunk) - short, step):
+        for t in range(start + short, min(start + short + step, len(chunk))):
+            logits = model(chunk[None, start:t])[0, -1]
+            out[t - 1] = float(torch.log_softmax(logits.double(), -1)[chunk[t]].neg())
+    return out
+
+
+@pytest.mark.parametrize("stride", [None, 12])
+def test_key_tokens_in_every_window_equal_explicit_loops(stride):
+    model = sharp_model(64, seed=1)
+    tokens = torch.randint(64, (2, 49), generator=torch.Generator().manual_seed(3))
+    length, short, step, alpha, beta = 24, 6, 4, 0.3, -8.0
+    key = key_tokens(model, tokens, length, short=short, alpha=alpha, beta=beta, step=step, stride=stride)
+    plan = [(b, b + length, 0) for b in range(0, 48 - length + 1, length)] if stride is None else \
+        [(0, 24, 0), (12, 36, 12), (24, 48, 12)]  # perplexity's sliding plan: the last 12 targets of later windows
+    expected = torch.zeros(2, 48, dtype=torch.bool)
+    with torch.no_grad():
+        for doc in range(2):
+            for begin, end, scored_from in plan:
+                chunk = tokens[doc, begin:end + 1]
+                short_losses = explicit_short_losses(model, chunk, short, step)
+                for j in range(scored_from, end - begin):  # target j predicts chunk[j + 1] from chunk[:j + 1]
+                    full = float(torch.log_softmax(model(chunk[None, :j + 1])[0, -1].double(), -1)[chunk[j + 1]].neg())
+                    expected[doc, begin + j] = short_losses[j] - full > alpha and -full > beta
+    assert key.tolist() == expected.tolist() and 0 < int(key.sum()) < key.numel()
+    # batched sub-windows equal the explicit ones
+    batched = short_context_losses(model, tokens[:, :length + 1], short, step)
+    assert batched[0].tolist() == pytest.approx(explicit_short_losses(model, tokens[0, :length + 1], short, step),
+                                                abs=1e-4, nan_ok=True)
+    # every target scored: window_losses' mean is perplexity_at_length's loss
+    losses, scored = window_losses(model, tokens, length, stride=stride)
+    assert float(losses[scored].mean()) == pytest.approx(perplexity_at_length(model, tokens, length,
+                                                                               stride=stride).loss, rel=1e-5)
+
+
+def subject_and_plan(tokenizer, lengths=(16, 32, 64)):
+    model = sharp_model(tokenizer.get_vocab_size())
+    documents = [tokenizer.encode(Path(m.__file__).read_text()).ids for m in (json.decoder, inspect)]
+    import numpy as np
+
+    subject = Subject(model, Setting("complex θ=10000", "run", 0, 16, "complex"), tokenizer,
+                      [np.asarray(d[:200], dtype=np.int64) for d in documents])
+    return subject, Plan(list(lengths), ["none", "yarn"], {"full": attention_method("full")}, {})
+
+
+def readings(measurement, subject, length, attention="full"):
+    for name in ("none", "yarn"):
+        scaling = scaling_for(name, length, 16, None)
+        setting = Setting("complex θ=10000", "run", 0, 16, "complex", scaling=name, factor=scaling.factor,
+                          attention=attention)
+        yield measurement.measure(Reading(subject.model, setting, length, attention_method(attention), scaling))[0]
+
+
+def test_measurement_scores_every_setting_on_the_key_tokens_of_the_evaluator(tokenizer, tmp_path):
+    subject, plan = subject_and_plan(tokenizer)
+    config = EvalConfig(ckpt="-", longppl=True, longppl_alpha=0.5, longppl_beta=-8.0, max_documents=2)
+    assert LongPPLMeasurement.applies(subject, config) and not LongPPLMeasurement.applies(subject, EvalConfig(ckpt="-"))
+    measurement = LongPPLMeasurement(subject, plan, config)
+    at_16 = list(readings(measurement, subject, 16))  # short = the training length: the window is short already
+    assert all(r.key_tokens == 0 and r.longppl is None and "longppl_short=16" in r.note for r in at_16)
+    none, yarn = readings(measurement, subject, 64)
+    assert none.key_tokens == yarn.key_tokens > 0 and none.tokens == yarn.tokens == 2 * 64  # 2 documents' 64 targets
+    assert none.key_share == none.key_tokens / none.tokens and none.longppl != yarn.longppl  # same tokens, two reads
+    # the evaluator as trained picks them, whatever the reading: the key mask of the model itself at 64
+    expected = key_tokens(subject.model, measurement.tokens, 64, short=16, alpha=0.5, beta=-8.0)
+    assert int(expected.sum()) == none.key_tokens
+    losses, scored = window_losses(subject.model, measurement.tokens, 64, scaling=scaling_for("yarn", 64, 16, None))
+    assert yarn.longppl == pytest.approx(math.exp(float(losses[expected].mean())))
+    assert yarn.ppl == pytest.approx(math.exp(float(losses[scored].mean())))
+    refused = measurement.does_not_apply(none.setting, 128, "complex positions stop at 64")
+    section = longppl_section(at_16 + [none, yarn] + refused)
+    assert "nan" not in section.lower() and "arXiv:2410.23771" in section
+    assert "| complex θ=10000 | 16 | none | full | 1 | n/a | " in section  # no key token at 16: n/a, not NaN
+    back = Results.from_json(Results.of_records(at_16 + [none, yarn]).to_json()).of(LongPPLRecord)
+    assert back == at_16 + [none, yarn]
+
+
+def test_evaluator_from_a_folder_must_share_the_tokenizer(tokenizer, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from minillm.interop.export import to_hf_llama
+
+    subject, plan = subject_and_plan(tokenizer)
+    other = sharp_model(tokenizer.get_vocab_size(), seed=5)
+    folder = tmp_path / "evaluator"
+    to_hf_llama(other).save_pretrained(folder)
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer).save_pretrained(folder)
+    config = EvalConfig(ckpt="-", longppl=True, longppl_alpha=0.5, longppl_beta=-8.0, max_documents=2,
+                        longppl_evaluator=f"hf:{folder}")
+    measurement = LongPPLMeasurement(subject, plan, config)
+    record = next(readings(measurement, subject, 64))
+    expected = key_tokens(other, measurement.tokens, 64, short=16, alpha=0.5, beta=-8.0)
+    assert record.key_tokens == int(expected.sum()) and record.evaluator == f"hf:{folder}"
+    another = train_tokenizer([Path(json.decoder.__file__).read_text()], 300, 2)
+    with pytest.raises(ValueError, match=r"^longppl_evaluator: .* has another tokenizer"):
+        load_evaluator(f"hf:{folder}", another, None, torch.device("cpu"))
