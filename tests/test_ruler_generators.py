@@ -212,7 +212,8 @@ def test_the_prompt_is_rulers_template_filled_in(name, samples):
                                                        value=r"[\w-]+"))
             lines = match.group("context").split("\n")
             if args["type_haystack"] == "noise":
-                assert [line for line in lines if not re.fullmatch(needle, line)] == [RULER_NOISE] * sample.haystack_units
+                noise = [line for line in lines if not re.fullmatch(needle, line)]
+                assert noise == [RULER_NOISE] * sample.haystack_units
             elif args["type_haystack"] == "needle":
                 assert all(re.fullmatch(needle, line) for line in lines)
                 assert len(lines) == sample.haystack_units + len(sample.answers)

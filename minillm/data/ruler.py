@@ -102,30 +102,34 @@ def ruler_samples(task: Union[str, RulerTask], length: int, count_tokens: Callab
     words = essay_words(haystack_texts) if config.reads_prose else []
     require(bool(words) or not config.reads_prose, "ruler", f"{config.name} reads prose (type_haystack=essay) "
             f"and the haystack texts hold none")
-    wrap = wrap or completion
     inputs = PromptInputs(length, words, count_tokens)
-    budget = length - config.tokens_to_generate
-    lowest = config.smallest(length)
-    samples, hint = [], None
+    samples: list[RulerSample] = []
     for index in range(n):
-        probes: dict[int, tuple[Prompt, str, int]] = {}
-
-        def tokens_at(units: int) -> int:
-            made, text = sample_prompt(config, units, seed, index, inputs, wrap)
-            probes[units] = (made, text, count_tokens(text))
-            return probes[units][2]
-
-        units = largest_fitting(tokens_at, budget, lowest, hint)
-        if units is None:
-            raise RulerDoesNotFit(
-                f"ruler: {config.name} does not fit in {length} tokens: its smallest prompt takes "
-                f"{probes[lowest][2]} tokens and {config.tokens_to_generate} more are generated; take a longer "
-                f"length")
-        made, text, tokens = probes[units]
-        samples.append(RulerSample(config.name, index, length, text, made.answers, config.tokens_to_generate,
-                                   config.metric, tokens, units, made.depth))
-        hint = units
+        samples.append(fitted_sample(config, seed, index, inputs, wrap or completion,
+                                     samples[-1].haystack_units if samples else None))
     return samples
+
+
+def fitted_sample(config: RulerTask, seed: int, index: int, inputs: PromptInputs, wrap: Callable[[str], str],
+                  hint: Optional[int]) -> RulerSample:
+    """Sample `index` with the largest haystack that leaves the task's tokens to generate free (hint: a size to
+    try first)."""
+    probes: dict[int, tuple[Prompt, str, int]] = {}
+
+    def tokens_at(units: int) -> int:
+        made, text = sample_prompt(config, units, seed, index, inputs, wrap)
+        probes[units] = (made, text, inputs.count_tokens(text))
+        return probes[units][2]
+
+    lowest = config.smallest(inputs.length)
+    units = largest_fitting(tokens_at, inputs.length - config.tokens_to_generate, lowest, hint)
+    if units is None:
+        raise RulerDoesNotFit(f"ruler: {config.name} does not fit in {inputs.length} tokens: its smallest prompt "
+                              f"takes {probes[lowest][2]} tokens and {config.tokens_to_generate} more are generated; "
+                              f"take a longer length")
+    made, text, tokens = probes[units]
+    return RulerSample(config.name, index, inputs.length, text, made.answers, config.tokens_to_generate,
+                       config.metric, tokens, units, made.depth)
 
 
 def cache_key(config: RulerTask, length: int, tokenizer_hash: str, haystack_texts: Sequence[str], n: int,

@@ -10,8 +10,8 @@ import random
 import re
 import uuid
 from collections.abc import Callable, Sequence
-from typing import Optional
 from importlib import resources
+from typing import Optional
 
 import wonderwords.assets
 

@@ -9,6 +9,7 @@ haystack in RULER's own steps: noise lines, words of prose, decoy needles, liste
 
 from __future__ import annotations
 
+import abc
 import heapq
 import random
 import string
@@ -43,12 +44,12 @@ class Prompt:
     user: str  # the task's text, to go through the chat template (or none)
     answer_prefix: str  # appended after the template: the model's answer continues it
     answers: tuple[str, ...]  # every string the reply should hold
-    # where the first needle holding an answer (the asked chain's first line) starts, a share of the context's characters
+    # where the first needle holding an answer (vt: the asked chain's first line) starts, a share of the context
     depth: Optional[float]
 
 
 @dataclass(frozen=True)
-class RulerTask:
+class RulerTask(abc.ABC):
     """A RULER task's knobs; subclasses build the prompt. tokens_to_generate: RULER's per task (constants.py)."""
 
     name: ClassVar[str]
@@ -60,12 +61,13 @@ class RulerTask:
         """Whether the prompt is made of the prose texts handed in (the essay haystack)."""
         return getattr(self, "type_haystack", None) == "essay"
 
+    @abc.abstractmethod
     def smallest(self, length: int) -> int:
-        """The fewest haystack units a prompt can have."""
-        raise NotImplementedError
+        """The fewest haystack units a prompt can have at this length."""
 
+    @abc.abstractmethod
     def prompt(self, units: int, rng: random.Random, inputs: PromptInputs) -> Prompt:
-        raise NotImplementedError
+        """The prompt with a haystack of `units`, every draw from `rng`."""
 
 
 def _depth(context: str, needle: str) -> float:
