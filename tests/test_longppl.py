@@ -179,3 +179,55 @@ def test_evaluator_from_a_folder_must_share_the_tokenizer(tokenizer, tmp_path):
     another = train_tokenizer([Path(json.decoder.__file__).read_text()], 300, 2)
     with pytest.raises(ValueError, match=r"^longppl_evaluator: .* has another tokenizer"):
         load_evaluator(f"hf:{folder}", another, None, torch.device("cpu"))
+
+
+# ----------------------------------------------------------------------------------------------
+# The study's correlation of LongPPL with effective length (minillm.eval.study)
+
+
+def study_records(longppl_by_label: dict, effective_by_label: dict, length: int = 256):
+    from minillm.eval.tasks import EffectiveLengthRecord
+
+    texts = [LongPPLRecord(Setting(label, f"text_{i}", 0, 64, "v"), length, 5, 100, 0.05, value, 10.0,
+                           note=None if value is not None else "no key token: none gains")
+             for i, (label, value) in enumerate(longppl_by_label.items())]
+    texts += [LongPPLRecord(Setting(label, f"text_{i}", 0, 64, "v", scaling="yarn"), length, 5, 100, 0.05, 1.0, 1.0)
+              for i, label in enumerate(longppl_by_label)]  # another scaling: not in the default correlation
+    tasks = [EffectiveLengthRecord(Setting(label, f"task_{i}", 0, 64, "v", task="mqar"), 0.9, 0.9, value, 1024)
+             for i, (label, value) in enumerate(effective_by_label.items())]
+    return texts, tasks
+
+
+def test_correlation_equals_scipy_with_ties_and_says_what_it_left_out(tmp_path):
+    from scipy.stats import pearsonr, spearmanr
+
+    from minillm.eval.study import correlation_table, longppl_correlation_report, longppl_effective_correlation
+
+    longppl = {"alibi": 12.0, "complex θ=1e+04": 30.0, "fire": 9.5, "nope": 30.0, "t5": 14.0, "xpos": 200.0,
+               "kerple": None, "learned": 50.0}
+    effective = {"alibi": 512, "complex θ=1e+04": 128, "fire": 1024, "nope": 128, "t5": 256, "xpos": 64,
+                 "kerple": 512, "learned": None, "only_task": 64}
+    texts, tasks = study_records(longppl, effective)
+    found = longppl_effective_correlation(texts, tasks, 256)
+    used = ["alibi", "complex θ=1e+04", "fire", "nope", "t5", "xpos"]
+    assert [label for label, _, _ in found.pairs] == used and found.n == 6
+    x, y = [longppl[k] for k in used], [effective[k] for k in used]
+    assert found.spearman == pytest.approx(spearmanr(x, y).statistic)  # ties on both sides: average ranks
+    assert found.pearson == pytest.approx(pearsonr(x, y).statistic)
+    assert found.left_out == {"kerple": "no key token: none gains", "learned": "no effective length (the task was "
+                              "not learned)", "only_task": "no text run"}
+    yarn = longppl_effective_correlation(texts, tasks, 256, scaling="yarn")
+    assert yarn.n == 0 and (yarn.spearman, yarn.pearson) == (None, None)  # the task runs were read without yarn
+    two = longppl_effective_correlation(*study_records({"a": 1.0, "b": 2.0}, {"a": 64, "b": 128}), 256)
+    assert two.n == 2 and two.spearman is None and two.pearson is None  # two points: no correlation to state
+    table = correlation_table([found, two])
+    assert f"| 256 | 6 | {spearmanr(x, y).statistic:+.2f} | {pearsonr(x, y).statistic:+.2f} | kerple: " in table
+    assert "| 256 | 2 | n/a | n/a | – |" in table and "| xpos | 256 | 200 | 64 |" in table
+    with pytest.raises(ValueError, match=r"^study: a has 2 text runs"):
+        doubled = study_records({"a": 1.0}, {"a": 64})[0]
+        longppl_effective_correlation(doubled + [LongPPLRecord(Setting("a", "other", 1, 64, "v"), 256, longppl=2.0)],
+                                      tasks, 256)
+    for name, records in (("text", texts), ("task", tasks)):  # two evaluations' folders, read back
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(Results.of_records(records).to_json())
+    assert longppl_correlation_report(tmp_path / "text", tmp_path / "task") == correlation_table([found])

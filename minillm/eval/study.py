@@ -1,4 +1,5 @@
-"""Study reports that join evaluation results with the runs behind them: context extension by fine-tuning."""
+"""Study reports that join evaluation results with the runs behind them: context extension by fine-tuning, and
+LongPPL against the synthetic tasks' effective length across a study's encodings."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from minillm.eval.longppl import LongPPLRecord
 from minillm.eval.passkey import PasskeyRecord
 from minillm.eval.perplexity import PerplexityRecord
 from minillm.eval.records import read_results
+from minillm.eval.tasks import EffectiveLengthRecord
 from minillm.runs import RunFolder
 
 SCALING_NAMES = {"none": "none", "linear": "PI (linear)", "ntk": "NTK-aware", "yarn": "YaRN", "llama3": "Llama 3",
@@ -181,3 +184,113 @@ def plot_context_extension(folder: Path, out: Path) -> list[Path]:
     fig.savefig(curve_png, dpi=120)
     plt.close(fig)
     return [lengths_png, curve_png]
+
+
+# ----------------------------------------------------------------------------------------------
+# LongPPL against effective length across the encodings of a study (issue 34)
+
+
+@dataclass
+class Correlation:
+    """LongPPL at one length against the effective length, across encodings: one (encoding, LongPPL, effective
+    length) pair each, with the rank (Spearman) and linear (Pearson) correlation of the n pairs."""
+
+    length: int
+    pairs: list[tuple[str, float, int]]  # (encoding label, LongPPL, effective length), by encoding
+    left_out: dict[str, str]  # encoding -> why it has no pair (no key token, no effective length, one run only)
+    spearman: Optional[float]  # None: fewer than 3 pairs, or a constant side
+    pearson: Optional[float]
+
+    @property
+    def n(self) -> int:
+        return len(self.pairs)
+
+
+def _pearson(x: list[float], y: list[float]) -> Optional[float]:
+    """Pearson's r; None below 3 pairs (2 points always fall on a line) or where one side is constant."""
+    if len(x) < 3 or len(set(x)) == 1 or len(set(y)) == 1:
+        return None
+    return statistics.correlation(x, y)
+
+
+def _ranks(values: list[float]) -> list[float]:
+    """Ranks from 1, ties given the mean of the ranks they span (Spearman's rho with ties)."""
+    order = sorted(range(len(values)), key=values.__getitem__)
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in order[i:j + 1]:
+            ranks[k] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def _one_per_encoding(records: list, kind: str) -> dict[str, list]:
+    """Records by encoding label (Setting.model); two runs of one encoding are refused by name."""
+    by_label: dict[str, list] = defaultdict(list)
+    runs: dict[str, set] = defaultdict(set)
+    for r in records:
+        by_label[r.setting.model].append(r)
+        runs[r.setting.model].add(r.setting.run)
+    for label, names in runs.items():
+        if len(names) > 1:
+            raise ValueError(f"study: {label} has {len(names)} {kind} runs ({', '.join(sorted(names))}): the "
+                             f"correlation takes one per encoding")
+    return by_label
+
+
+def longppl_effective_correlation(longppl: list[LongPPLRecord], effective: list[EffectiveLengthRecord], length: int,
+                                  scaling: str = "none", attention: str = "full") -> Correlation:
+    """LongPPL at `length` of each encoding's text run against the effective length of its task run, under one
+    (scaling, attention label): encodings matched by label (Setting.model), one text and one task run each.
+    An encoding is left out, with the reason, where it has no LongPPL there (no key token, not measured) or no
+    effective length (did not learn the task). An effective length at the longest length measured is a lower bound
+    and enters as it is."""
+    def selected(r) -> bool:
+        return r.setting.scaling == scaling and r.setting.attention_label == attention
+
+    texts = _one_per_encoding([r for r in longppl if selected(r) and r.length == length], "text")
+    tasks = _one_per_encoding([r for r in effective if selected(r)], "task")
+    pairs, left_out = [], {}
+    for label in sorted(set(texts) | set(tasks)):
+        values = [r.longppl for r in texts.get(label, []) if r.applicable and r.longppl is not None]
+        known = [r.effective_length for r in tasks.get(label, []) if r.effective_length is not None]
+        if label not in texts or label not in tasks:
+            left_out[label] = f"no {'task' if label in texts else 'text'} run"
+        elif not values:
+            left_out[label] = texts[label][0].note or f"no LongPPL at {length}"
+        elif not known:
+            left_out[label] = "no effective length (the task was not learned)"
+        else:
+            pairs.append((label, values[0], known[0]))
+    x, y = [p[1] for p in pairs], [float(p[2]) for p in pairs]
+    return Correlation(length, pairs, left_out, _pearson(_ranks(x), _ranks(y)), _pearson(x, y))
+
+
+def correlation_table(correlations: list[Correlation]) -> str:
+    """Markdown: one row per length, with n and both coefficients ('n/a' where undefined), then the pairs."""
+    def coefficient(value: Optional[float]) -> str:
+        return "n/a" if value is None else f"{value:+.2f}"
+
+    lines = ["| length | n | Spearman ρ | Pearson r | left out |", "|---|---|---|---|---|"]
+    for c in correlations:
+        left = "; ".join(f"{label}: {why}" for label, why in c.left_out.items()) or "–"
+        lines.append(f"| {c.length} | {c.n} | {coefficient(c.spearman)} | {coefficient(c.pearson)} | {left} |")
+    lines += ["", "| encoding | length | LongPPL | effective length |", "|---|---|---|---|"]
+    lines += [f"| {label} | {c.length} | {value:.3g} | {effective} |" for c in correlations
+              for label, value, effective in c.pairs]
+    return "\n".join(lines) + "\n"
+
+
+def longppl_correlation_report(text_folder: Path, task_folder: Path, lengths: Optional[list[int]] = None,
+                               scaling: str = "none", attention: str = "full") -> str:
+    """The correlation table from two evaluations' results.json: text runs with longppl=true, and the task runs
+    of the same encodings; lengths None: every length LongPPL was measured at."""
+    longppl = read_results(text_folder).of(LongPPLRecord)
+    effective = read_results(task_folder).of(EffectiveLengthRecord)
+    lengths = lengths or sorted({r.length for r in longppl})
+    return correlation_table([longppl_effective_correlation(longppl, effective, n, scaling, attention)
+                              for n in lengths])
