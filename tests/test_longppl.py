@@ -141,6 +141,9 @@ def test_measurement_scores_every_setting_on_the_key_tokens_of_the_evaluator(tok
     subject, plan = subject_and_plan(tokenizer)
     config = EvalConfig(ckpt="-", longppl=True, longppl_alpha=0.5, longppl_beta=-8.0, max_documents=2)
     assert LongPPLMeasurement.applies(subject, config) and not LongPPLMeasurement.applies(subject, EvalConfig(ckpt="-"))
+    # the opening line's forecast: a cell per setting when on, none when off
+    assert (LongPPLMeasurement.cells(plan, 16, config), LongPPLMeasurement.cells(plan, 16, EvalConfig(ckpt="-"))) == \
+        (2 * 1 * 3, 0)
     measurement = LongPPLMeasurement(subject, plan, config)
     at_16 = list(readings(measurement, subject, 16))  # short = the training length: the window is short already
     assert all(r.key_tokens == 0 and r.longppl is None and "longppl_short=16" in r.note for r in at_16)

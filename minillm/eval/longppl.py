@@ -185,6 +185,10 @@ class LongPPLMeasurement(Measurement):
     def applies(cls, subject, config) -> bool:
         return super().applies(subject, config) and config.longppl
 
+    @classmethod
+    def cells(cls, plan, trained_length, config) -> int:
+        return super().cells(plan, trained_length, config) if config.longppl else 0
+
     def measure(self, reading: Reading) -> list[LongPPLRecord]:
         config, length = self.config, reading.length
         started = time.perf_counter()
