@@ -17,6 +17,7 @@ from minillm.eval.measurement import MEASUREMENTS
 from minillm.eval.passkey import PasskeyRecord, passkey_table
 from minillm.eval.perplexity import PerplexityRecord, PositionBucket, perplexity_table
 from minillm.eval.records import SETTING_COLUMNS, Results, Setting, read_results
+from minillm.eval.ruler import RulerEffectiveRecord, RulerRecord
 from minillm.eval.tail import TailLossRecord
 from minillm.eval.tasks import AccuracyRecord, accuracy_section, accuracy_table, effective_lengths
 from minillm.eval.theory import TheoryRecord
@@ -89,6 +90,7 @@ def test_write_report_writes_every_file_with_its_columns(records, passkey, theor
     out = tmp_path / "out"
     assert {path.name for path in files.values()} == {"results.json", "results.csv", "loss_by_position.csv",
                                                       "passkey.csv", "tail_loss.csv", "accuracy.csv", "longppl.csv",
+                                                      "ruler.csv",
                                                       "report.md",
                                                       "ppl_vs_length.png", "scaling_vs_length.png",
                                                       "loss_vs_position.png"}
@@ -376,7 +378,11 @@ def test_results_json_round_trip_of_every_measurement(records, passkey, theory, 
     measured = records + [infinite] + passkey + theory + [tail(0, 32, 4.0, logn=True)] + task_records + \
         effective_lengths(task_records, 0.9, min_reference=0.5) + \
         [LongPPLRecord(setting("r", 0), 64, 3, 100, 0.03, 20.0, 10.0, 32, 2.0, -2.0),
-         LongPPLRecord(setting("r", 0), 32, 0, 100, 0.0, None, 9.0, 32, 2.0, -2.0, note="no key token")]
+         LongPPLRecord(setting("r", 0), 32, 0, 100, 0.0, None, 9.0, 32, 2.0, -2.0, note="no key token")] + \
+        [RulerRecord(setting("r", 0), "vt", 64, 2, 0.5, 0.09, 0.91, 60.0, 5.0, predictions=["a", "b"],
+                     sample_scores=[1.0, 0.0]),
+         RulerRecord(setting("r", 0), "vt", 32, applicable=False, note="does not fit"),
+         RulerEffectiveRecord(setting("r", 0), None, None, 64, 0.45, 0.9, None, 0.5, 64, 64, 2)]
     results = Results.of_records(measured, precision="bfloat16", precision_reason="asked for")
     assert {type(r).kind for r in results.all()} == set(MEASUREMENTS)  # every measurement in it
     write_report(results, tmp_path)

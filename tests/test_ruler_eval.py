@@ -4,10 +4,31 @@ end."""
 
 from __future__ import annotations
 
+import _pydecimal
+import csv
+import inspect
+import json
+import json.decoder
+import re
+import textwrap
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
+from scipy.stats import binomtest
+from tokenizers import processors
 
+import minillm.eval.ruler as ruler_module
+from minillm.data.ruler import RULER_TASKS, cached_ruler_samples, score
+from minillm.data.tokens import eos_id, train_tokenizer
+from minillm.eval.config import EvalConfig
+from minillm.eval.loop import measure, outline
 from minillm.eval.perplexity import scaling_for
+from minillm.eval.records import Results, Setting
+from minillm.eval.report import write_report
+from minillm.eval.ruler import AVERAGE, Prompting, RulerEffectiveRecord, RulerMeasurement, RulerRecord, tokenizer_hash
+from minillm.eval.sources import ChatTemplate, Subject
 from minillm.model.config import ModelConfig
 from minillm.model.transformer import Transformer
 from minillm.positions.base import POSITION_ENCODINGS, position_config
@@ -83,3 +104,186 @@ def test_greedy_generate_with_log_n_equals_full_forwards_for_every_encoding(enco
             continue
         out = model.generate(idx, steps, temperature=0, attention=method, logn=True)
         assert torch.equal(out, greedy_by_full_forwards(model, idx, steps, attention=method, logn=True)), name
+
+
+# ----------------------------------------------------------------------------------------------
+# The measurement on a real tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """A 300-token byte-level BPE trained on a few standard-library modules."""
+    texts = [Path(module.__file__).read_text() for module in (inspect, _pydecimal, json.decoder)]
+    return train_tokenizer(texts, 300, 2)
+
+
+@pytest.fixture(scope="module")
+def documents(tokenizer) -> list[np.ndarray]:
+    """A held-out module as the model's one document: the essay haystacks' prose."""
+    return [np.asarray(tokenizer.encode(Path(textwrap.__file__).read_text()).ids, dtype=np.int64)]
+
+
+def text_subject(tokenizer, documents, trained: int, chat: ChatTemplate = None) -> Subject:
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=tokenizer.get_vocab_size(), context_length=trained, d_model=32,
+                                    n_layers=1, n_heads=2, init_std=0.5)).eval()  # wide logits: varied output
+    return Subject(model, Setting(model.cfg.label, "tiny", 0, trained, "complex", "-"), tokenizer, documents,
+                   stop_token=eos_id(tokenizer), chat_template=chat)
+
+
+def ruler_config(tmp_path, **settings) -> EvalConfig:
+    settings = dict(dict(scalings=["none"], ruler_samples=2), **settings)
+    config = EvalConfig(ckpt="tiny", passkey_trials=0, tail_loss=False, max_documents=1, **settings)
+    config.data.cache_dir = str(tmp_path / "cache")
+    return config
+
+
+def test_scores_intervals_average_and_effective_length_of_an_oracle_that_fails_past_1024_tokens(
+        tokenizer, documents, tmp_path, monkeypatch):
+    """The scoring plumbing: a stub decoder (not a model: a tiny model learns no RULER task) that answers every
+    prompt of at most 1100 tokens right and every longer one wrong. Each cell's score, Wilson interval (scipy's),
+    the average over the tasks, the effective length at 90% of the average at the training length (512), the
+    length whose prompt does not fit, the report's table, the CSV and results.json."""
+    answers_of: dict[str, tuple[str, ...]] = {}
+
+    def recording(*args, **kwargs):
+        samples = cached_ruler_samples(*args, **kwargs)
+        answers_of.update({s.input: s.answers for s in samples})
+        return samples
+
+    def oracle(model, prompt, max_new_tokens, stop_token, read):
+        answers = answers_of[tokenizer.decode(prompt)]
+        reply = ", ".join(answers) if len(prompt) <= 1100 else "I do not know"
+        return tokenizer.encode(" " + reply + ".").ids[:max_new_tokens]
+
+    monkeypatch.setattr(ruler_module, "cached_ruler_samples", recording)
+    monkeypatch.setattr(ruler_module, "ruler_answer", oracle)
+    config = ruler_config(tmp_path, lengths=[64, 512, 1024, 2048], ruler=["niah_single_1", "niah_single_2"])
+    results = measure(text_subject(tokenizer, documents, 512), config)
+
+    records = {(r.ruler_task, r.length): r for r in results.of(RulerRecord)}
+    assert set(records) == {(t, n) for t in ("niah_single_1", "niah_single_2", AVERAGE)
+                            for n in (64, 512, 1024, 2048)}
+    for task in ("niah_single_1", "niah_single_2", AVERAGE):
+        unfit = records[task, 64]
+        assert not unfit.applicable and unfit.score is None and unfit.samples == 0
+        assert ("does not fit in 64 tokens" if task != AVERAGE else "not every task was measured") in unfit.note
+        for length in (512, 1024, 2048):
+            r = records[task, length]
+            right = length <= 1024  # RULER's prompts fill the budget: those of 2048 tokens exceed 1100
+            assert r.applicable and r.score == (1.0 if right else 0.0)
+            assert r.samples == (4 if task == AVERAGE else 2)
+            wilson = binomtest(r.samples if right else 0, r.samples).proportion_ci(method="wilson")
+            assert (r.score_low, r.score_high) == pytest.approx((wilson.low, wilson.high), abs=1e-4)  # z 1.96
+            if task != AVERAGE:
+                assert r.sample_scores == [r.score] * 2 and len(r.predictions) == 2
+                assert length // 2 < r.prompt_tokens <= length - 128  # fitted: the answer's tokens left free
+    [effective] = results.of(RulerEffectiveRecord)
+    assert (effective.effective_length, effective.reference_score, effective.bar) == (1024, 1.0, pytest.approx(0.9))
+    # 4 of 4 right: a Wilson lower bound of 0.51 misses the bar at once; 0 of 4: an upper bound of 0.49
+    assert (effective.effective_low, effective.effective_high, effective.samples) == (None, 1024, 4)
+
+    files = write_report(results, tmp_path / "out")
+    report = files["markdown"].read_text()
+    assert "## RULER against evaluation length" in report and "![ruler vs length](ruler_vs_length.png)" in report
+    row = next(line for line in report.splitlines() if "| average |" in line)
+    assert row.split(" | ")[-4:] == ["100% [51%–100%]", "100% [51%–100%]", "0% [0%–49%]", "1024 [<512–1024] |"]
+    with open(files["ruler_csv"], newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 12 and "predictions" not in rows[0] and rows[0]["ruler_task"] == "niah_single_1"
+    saved = json.loads(files["json"].read_text())
+    assert len(saved["ruler"]) == 12 and saved["ruler_effective"][0]["effective_length"] == 1024
+    read_back = {(r.ruler_task, r.length): r for r in Results.from_json(files["json"].read_text()).of(RulerRecord)}
+    assert read_back == records
+
+
+def test_each_setting_decodes_the_shared_samples_greedily_under_its_scaling_and_method(tokenizer, documents,
+                                                                                        tmp_path):
+    """A real tiny model: every record's predictions are the tokens Transformer.generate gives under the setting's
+    scaling and attention method (greedy, KV cache, stop at EOS), decoded and scored by RULER's metric."""
+    subject = text_subject(tokenizer, documents, 64)
+    config = ruler_config(tmp_path, lengths=[512], ruler=["niah_single_1"], ruler_samples=1,
+                          scalings=["none", "yarn"], attention=["full", "sliding"])
+    results = measure(subject, config)
+    [sample] = cached_ruler_samples("niah_single_1", 512, Prompting(tokenizer).count, [], 1, config.seed,
+                                    cache_dir=tmp_path / "cache", tokenizer_hash=tokenizer_hash(tokenizer))
+    records = results.of(RulerRecord)
+    assert [(r.setting.scaling, r.setting.attention) for r in records] == [
+        ("none", "full"), ("none", "sliding"), ("yarn", "full"), ("yarn", "sliding")]
+    prompt = torch.tensor([tokenizer.encode(sample.input).ids])
+    for r in records:
+        read = dict(scaling=scaling_for(r.setting.scaling, 512, 64, None), attention=config.method(r.setting.attention))
+        new = subject.model.generate(prompt, 128, temperature=0, stop_token=eos_id(tokenizer), **read)[0, prompt.shape[1]:]
+        new = new.tolist()[:new.tolist().index(eos_id(tokenizer))] if eos_id(tokenizer) in new else new.tolist()
+        assert r.predictions == [tokenizer.decode(new)] and r.new_tokens == len(new)
+        assert r.sample_scores == [score(sample, r.predictions[0])] and r.prompt_tokens == sample.prompt_tokens
+        assert r.setting.factor == (1.0 if r.setting.scaling == "none" else 8.0) and not r.chat
+    assert len({tuple(r.predictions) for r in records}) > 1  # the settings read the model differently
+    cells = RulerMeasurement.cells(outline(subject.model.cfg, config), 64, config)
+    assert cells == 2 * 2 * 1 * 1  # scalings × methods × lengths × tasks: the forecast line's count
+
+
+# Chat templates written for this test, each with a construct transformers' renderer supports (the first as
+# SmolLM2-Instruct's: a default system turn).
+TEMPLATES = {
+    "system_default": "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+                      "{{ '<|im_start|>system\nYou are helpful.<|im_end|>\n' }}{% endif %}"
+                      "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+                      "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}",
+    "bos_and_checks": "{{ bos_token }}{% for message in messages %}{% if message['role'] not in ['user', 'assistant'] %}"
+                      "{{ raise_exception('roles must be user or assistant') }}{% endif %}\n"
+                      "  [INST] {{ message['content'] | trim }} [/INST]\n{% endfor %}"
+                      "{% if add_generation_prompt %}Answer:{% endif %}",
+    "tojson_namespace": "{% set ns = namespace(n=0) %}{% for m in messages %}{% set ns.n = ns.n + 1 %}"
+                        "{{ m | tojson }}{% endfor %}|{{ ns.n }}{{ eos_token }}",
+}
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+def test_chat_template_renders_as_transformers_does(name, tokenizer):
+    from transformers import PreTrainedTokenizerFast
+
+    reference = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="<|endoftext|>",
+                                        chat_template=TEMPLATES[name])
+    text = "Memorize this: ünïcode \"quoted\".\nWhat is it?"
+    expected = reference.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                             add_generation_prompt=True)
+    assert ChatTemplate(TEMPLATES[name], "<s>", "<|endoftext|>").render(text) == expected
+
+
+def test_chat_prompts_go_through_the_template_without_the_tokenizers_own_special_tokens(tokenizer, documents,
+                                                                                        tmp_path, monkeypatch):
+    """ruler_chat=auto: the template wraps each prompt, the answer prefix after it, encoded as transformers'
+    apply_chat_template encodes (no BOS of the post-processor: the template writes its own); never: completion
+    prompts with the BOS; always, for a tokenizer without a template: refused by name."""
+    with_bos = tokenizer.__class__.from_str(tokenizer.to_str())
+    with_bos.post_processor = processors.TemplateProcessing(single="<|endoftext|> $A",
+                                                            special_tokens=[("<|endoftext|>", eos_id(tokenizer))])
+    template = ChatTemplate(TEMPLATES["system_default"], None, "<|endoftext|>")
+    chat, completion = Prompting(with_bos, template.render), Prompting(with_bos)
+    assert chat.encode("Hi") == tokenizer.encode("Hi").ids
+    assert completion.encode("Hi") == [eos_id(tokenizer)] + tokenizer.encode("Hi").ids
+    monkeypatch.setattr(ruler_module, "ruler_answer", lambda *args: [])  # only the prompts are looked at here
+    subject = text_subject(with_bos, documents, 64, chat=template)
+    for mode, chatted in (("auto", True), ("never", False)):
+        measurement = RulerMeasurement(subject, outline(subject.model.cfg, ruler_config(tmp_path)),
+                                       ruler_config(tmp_path, ruler=["niah_single_1"], ruler_chat=mode))
+        [sample, _] = measurement.samples_at("niah_single_1", 1024)
+        head = "<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\n" if chatted else ""
+        assert sample.input.startswith(head + "A special magic number is hidden within the following text.")
+        assert ("?<|im_end|>\n<|im_start|>assistant\n The special magic number for " in sample.input) == chatted
+        assert sample.prompt_tokens == len((chat if chatted else completion).encode(sample.input))
+    with pytest.raises(ValueError, match="^ruler_chat: always, but the tokenizer of tiny has no chat template"):
+        plain = text_subject(tokenizer, documents, 64)
+        RulerMeasurement(plain, outline(plain.model.cfg, ruler_config(tmp_path)),
+                         ruler_config(tmp_path, ruler=["vt"], ruler_chat="always"))
+
+
+def test_ruler_setting_takes_names_a_list_or_all_and_refuses_others_by_name():
+    assert EvalConfig(ckpt="x", ruler="all").ruler == list(RULER_TASKS)
+    assert EvalConfig(ckpt="x", ruler="vt").ruler == ["vt"]
+    for bad, message in ((["nope"], "ruler: got 'nope', expected one of ['all', 'cwe'"),
+                         (["all", "vt"], "ruler: all is every task: give it alone"),
+                         (["vt", "vt"], "ruler: names a task twice"), (3, "ruler: name RULER tasks")):
+        with pytest.raises(ValueError, match="^" + re.escape(message)):
+            EvalConfig(ckpt="x", ruler=bad)

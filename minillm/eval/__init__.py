@@ -4,4 +4,4 @@ Importing the package imports every module that registers a measurement, in the 
 figures, results.json), so that minillm.eval.measurement.MEASUREMENTS holds them all.
 """
 
-from minillm.eval import perplexity, tasks, tail, passkey, theory  # noqa: F401  (in this order)
+from minillm.eval import perplexity, longppl, tasks, tail, passkey, ruler, theory  # noqa: F401  (in this order)

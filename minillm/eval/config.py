@@ -6,6 +6,7 @@ from dataclasses import dataclass, field, make_dataclass
 from typing import Any, Optional
 
 from minillm.data.config import DataConfig
+from minillm.data.ruler import RULER_TASKS
 from minillm.positions.methods import ATTENTION_METHODS
 from minillm.positions.scaling import SCALINGS
 from minillm.precision import EVAL_PRECISIONS
@@ -54,9 +55,9 @@ class EvalConfig:
     effective_threshold: float = 0.9  # effective length: the share of the 1x exact match each length up to it keeps
     # the 1x exact match a run needs for an effective length: below it the run did not learn the task
     effective_min_exact_match: float = 0.5
-    # RULER's synthetic tasks (minillm.data.ruler) measured at every setting, by name (niah_single_1, vt, cwe, ...),
-    # or all; empty: none
-    ruler: list[str] = field(default_factory=list)
+    # RULER's synthetic tasks (minillm.data.ruler) measured at every setting: a list, one name (niah_single_1, vt,
+    # cwe, ...), or all (every task); empty: none
+    ruler: Any = field(default_factory=list)
     ruler_samples: int = 8  # RULER samples per (task, length), drawn once from the seed and shared by every setting
     # RULER prompts through the tokenizer's chat template: auto (where it has one), never (completion prompts), always
     ruler_chat: str = "auto"
@@ -112,6 +113,14 @@ class EvalConfig:
                  f"{self.effective_threshold}")
         require(0 <= self.effective_min_exact_match <= 1, "effective_min_exact_match",
                  f"must lie in [0, 1] (an exact match at the training length), got {self.effective_min_exact_match}")
+        tasks = [self.ruler] if isinstance(self.ruler, str) else self.ruler  # ruler=vt, ruler=all
+        require(isinstance(tasks, (list, tuple)) and all(isinstance(t, str) for t in tasks), "ruler",
+                 f"name RULER tasks: a list, one name, or all; got {self.ruler!r}")
+        require("all" not in tasks or len(tasks) == 1, "ruler", f"all is every task: give it alone, got {list(tasks)}")
+        for task in tasks:
+            choice(task, "ruler", [*RULER_TASKS, "all"])
+        require(len(set(tasks)) == len(tasks), "ruler", f"names a task twice: {list(tasks)}")
+        self.ruler = list(RULER_TASKS) if "all" in tasks else list(tasks)
         require(self.ruler_samples > 0, "ruler_samples", f"must be positive, got {self.ruler_samples}")
         choice(self.ruler_chat, "ruler_chat", ("auto", "never", "always"))
         if self.effective_absolute is not None:

@@ -1,4 +1,4 @@
-"""PNG plots of evaluation records: perplexity against length, tail loss, task accuracy."""
+"""PNG plots of evaluation records: perplexity against length, tail loss, task accuracy, RULER scores."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from minillm.eval.records import Setting
 
 if TYPE_CHECKING:
     from minillm.eval.perplexity import PerplexityRecord
+    from minillm.eval.ruler import RulerRecord
     from minillm.eval.tail import TailLossRecord
     from minillm.eval.tasks import AccuracyRecord
 
@@ -163,54 +164,89 @@ def plot_tail(tail: list["TailLossRecord"], out_dir: Path) -> Optional[Path]:
     return path
 
 
-def plot_accuracy(records: list["AccuracyRecord"], out_dir: Path) -> Optional[Path]:
-    """accuracy_vs_length.png: one panel per task, one line per model × scaling × attention: the exact match (mean
-    over seeds) against the length on a log2 axis, with a band (one seed: its Wilson 95% interval; several: their
-    min–max), the training lengths dotted."""
-    if not records:
-        return None
+def _score_panels(panels: dict[str, dict[str, list[tuple[int, float, float, float]]]], trained: dict[str, list[int]],
+                  ylabel: str, path: Path) -> Path:
+    """One panel per title, one line per label: (length, centre, low, high) points, the centre against the length on
+    a log2 axis with a band from low to high, the panel's training lengths dotted; scores as percentages."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib import ticker
 
-    groups = table_groups(records)
-    tasks = sorted({row.task for row in groups})
-    fig, axes = _panels(len(tasks))
-    for ax, task in zip(axes, tasks):
-        for row, group in groups.items():
-            if row.task != task:
-                continue
-            by_length: dict[int, list] = defaultdict(list)
-            for r in group:
-                if r.applicable and r.exact_match is not None:
-                    by_length[r.length].append(r)
-            if not by_length:
-                continue
-            lengths = sorted(by_length)
-            centre = [mean(r.exact_match for r in by_length[n]) for n in lengths]
-            if all(len(by_length[n]) == 1 for n in lengths):
-                low = [by_length[n][0].exact_match_low for n in lengths]
-                high = [by_length[n][0].exact_match_high for n in lengths]
-            else:
-                low = [min(r.exact_match for r in by_length[n]) for n in lengths]
-                high = [max(r.exact_match for r in by_length[n]) for n in lengths]
-            line, = ax.plot(lengths, centre, marker="o", label=dataclasses.replace(row, task=None).label())
+    fig, axes = _panels(len(panels))
+    for ax, (title, lines) in zip(axes, panels.items()):
+        for label, points in lines.items():
+            lengths, centre, low, high = zip(*sorted(points))
+            line, = ax.plot(lengths, centre, marker="o", label=label)
             ax.fill_between(lengths, low, high, color=line.get_color(), alpha=0.15, linewidth=0)
-        for n in sorted({r.setting.trained_length for r in records if r.setting.task == task}):
+        for n in trained[title]:
             ax.axvline(n, color="grey", linestyle=":", linewidth=1)
-        ax.set(xlabel="evaluation length (tokens)", ylabel="exact match", ylim=(-0.02, 1.02),
-               title=f"{task}: exact match (dotted: training length)")
+        ax.set(xlabel="evaluation length (tokens)", ylabel=ylabel, ylim=(-0.02, 1.02),
+               title=f"{title}: {ylabel} (dotted: training length)")
         ax.set_xscale("log", base=2)
         ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:g}"))
         ax.xaxis.set_minor_formatter(ticker.NullFormatter())
-        ax.set_xticks(sorted({r.length for r in records if r.setting.task == task}))
+        ax.set_xticks(sorted({n for points in lines.values() for n, *_ in points}))
         ax.yaxis.set_major_formatter(ticker.PercentFormatter(1.0))
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     fig.tight_layout()
-    path = out_dir / "accuracy_vs_length.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _band(group: list, value: str) -> list[tuple[int, float, float, float]]:
+    """(length, mean, low, high) of `value` per applicable length: one run's Wilson 95% interval (value_low,
+    value_high), several runs' min–max."""
+    by_length: dict[int, list] = defaultdict(list)
+    for r in group:
+        if r.applicable and getattr(r, value) is not None:
+            by_length[r.length].append(r)
+    points = []
+    for n, at in sorted(by_length.items()):
+        values = [getattr(r, value) for r in at]
+        if len(at) == 1:
+            points.append((n, values[0], getattr(at[0], f"{value}_low"), getattr(at[0], f"{value}_high")))
+        else:
+            points.append((n, mean(values), min(values), max(values)))
+    return points
+
+
+def plot_accuracy(records: list["AccuracyRecord"], out_dir: Path) -> Optional[Path]:
+    """accuracy_vs_length.png: one panel per task, one line per model × scaling × attention: the exact match (mean
+    over seeds) against the length on a log2 axis, with a band (one seed: its Wilson 95% interval; several: their
+    min–max), the training lengths dotted."""
+    if not records:
+        return None
+    panels: dict[str, dict[str, list]] = defaultdict(dict)
+    for row, group in table_groups(records).items():
+        points = _band(group, "exact_match")
+        if points:
+            panels[row.task][dataclasses.replace(row, task=None).label()] = points
+    tasks = sorted({row.task for row in table_groups(records)})
+    trained = {task: sorted({r.setting.trained_length for r in records if r.setting.task == task}) for task in tasks}
+    return _score_panels({task: panels.get(task, {}) for task in tasks}, trained, "exact match",
+                         out_dir / "accuracy_vs_length.png")
+
+
+def plot_ruler(records: list["RulerRecord"], out_dir: Path) -> Optional[Path]:
+    """ruler_vs_length.png: one panel per RULER task (the registry's order, then the average), one line per model ×
+    scaling × attention: the score against the length on a log2 axis with a band (one run: its Wilson 95%
+    interval; several: their min–max), the training lengths dotted."""
+    if not records:
+        return None
+    from minillm.data.ruler import RULER_TASKS
+    from minillm.eval.ruler import AVERAGE
+
+    order = [*RULER_TASKS, AVERAGE]
+    tasks = sorted({r.ruler_task for r in records}, key=order.index)
+    trained = sorted({r.setting.trained_length for r in records if r.setting.trained_length})
+    panels: dict[str, dict[str, list]] = {task: {} for task in tasks}
+    for task in tasks:
+        for row, group in table_groups([r for r in records if r.ruler_task == task]).items():
+            points = _band(group, "score")
+            if points:
+                panels[task][row.label()] = points
+    return _score_panels(panels, {task: trained for task in tasks}, "score", out_dir / "ruler_vs_length.png")

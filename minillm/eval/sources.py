@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 from typing import Optional
@@ -29,6 +30,49 @@ class Subject:
     tokenizer: object = None  # a tokenizers.Tokenizer (text)
     documents: list[np.ndarray] = field(default_factory=list)  # token ids of each document, longest first (text)
     task: Optional[TaskConfig] = None  # None: text
+    stop_token: Optional[int] = None  # the token that ends a generated reply (EOS); None: generation runs its length
+    chat_template: Optional["ChatTemplate"] = None  # an imported tokenizer's chat template; None: it has none
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """A tokenizer's chat template (jinja) with the special tokens it may name, rendered as transformers'
+    apply_chat_template renders it: a sandboxed environment with trim_blocks and lstrip_blocks, loop controls,
+    raise_exception, strftime_now and a tojson that keeps non-ASCII text; the special tokens as variables."""
+
+    template: str
+    bos_token: Optional[str] = None
+    eos_token: Optional[str] = None
+
+    @functools.cached_property
+    def compiled(self):
+        """The template compiled once (samples render it many times while their haystacks are fitted)."""
+        import json
+        from datetime import datetime
+
+        from jinja2.exceptions import TemplateError
+        from jinja2.ext import loopcontrols
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise TemplateError(message)
+
+        def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+            return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                              sort_keys=sort_keys)
+
+        environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+        environment.filters["tojson"] = tojson
+        environment.globals.update(raise_exception=raise_exception,
+                                   strftime_now=lambda format: datetime.now().strftime(format))
+        return environment.from_string(self.template)
+
+    def render(self, user_text: str) -> str:
+        """One user turn, then the assistant's header (add_generation_prompt=True): the text a reply continues."""
+        specials = {name: value for name, value in (("bos_token", self.bos_token), ("eos_token", self.eos_token))
+                    if value is not None}
+        return self.compiled.render(messages=[{"role": "user", "content": user_text}], add_generation_prompt=True,
+                                    **specials)
 
 
 def _run_setting(run, model: Transformer, task: Optional[TaskConfig] = None) -> Setting:
@@ -54,7 +98,8 @@ def trained_subject(run, device: torch.device) -> Subject:
     data = TextTokens(run.data_config(), TokenizerConfig(path=str(run.tokenizer)),
                       seq_len=model.cfg.context_length, seed=run.seed)
     data.load()
-    return Subject(model, _run_setting(run, model), data.tokenizer, data.long_documents(min_tokens=1))
+    return Subject(model, _run_setting(run, model), data.tokenizer, data.long_documents(min_tokens=1),
+                   stop_token=data.eos_id)
 
 
 def run_task(run) -> Optional[TaskConfig]:
@@ -77,7 +122,25 @@ def pretrained_subject(source, config: EvalConfig, device: torch.device) -> Subj
     imported = source.load(config.trained_length)
     model = imported.model.to(device)
     setting = Setting(source.name, source.name, 0, model.cfg.context_length, model.cfg.rope.variant, source.location)
-    return Subject(model, setting, imported.tokenizer, pretrained_documents(imported.tokenizer, config.data))
+    subject = Subject(model, setting, imported.tokenizer, pretrained_documents(imported.tokenizer, config.data))
+    if config.ruler:  # generation: where a reply ends, and the chat template its prompts may go through
+        subject.chat_template, subject.stop_token = reply_format(source)
+    return subject
+
+
+def reply_format(source) -> tuple[Optional[ChatTemplate], Optional[int]]:
+    """An imported model's chat template (None: its tokenizer has none) and its EOS token's id, which
+    transformers' tokenizer keeps beside the tokenizer.json (the backend minillm encodes with has neither)."""
+    import transformers
+
+    where, kwargs = (str(source.path.parent), {"gguf_file": source.path.name}) if source.gguf else \
+        (str(source.path) if source.local else source.location, {})
+    tokenizer = transformers.AutoTokenizer.from_pretrained(where, **kwargs)
+    template = tokenizer.chat_template
+    if isinstance(template, dict):  # several named templates: the default one, as transformers picks
+        template = template.get("default")
+    chat = ChatTemplate(template, tokenizer.bos_token, tokenizer.eos_token) if template else None
+    return chat, tokenizer.eos_token_id
 
 
 def pretrained_documents(tokenizer, data) -> list[np.ndarray]:
