@@ -3,6 +3,7 @@ Llama and against explicit per-token loops from the definition; the measurement,
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json.decoder
 import math
@@ -22,6 +23,8 @@ from minillm.eval.sources import Subject
 from minillm.model.config import ModelConfig
 from minillm.model.transformer import Transformer
 from minillm.positions.methods import attention_method
+
+from test_eval_script import SESSION_CACHE, tiny_runs  # noqa: F401  (the session's trained runs)
 
 
 @pytest.fixture(scope="module")
@@ -131,9 +134,8 @@ def subject_and_plan(tokenizer, lengths=(16, 32, 64)):
 
 def readings(measurement, subject, length, attention="full"):
     for name in ("none", "yarn"):
-        scaling = scaling_for(name, length, 16, None)
-        setting = Setting("complex θ=10000", "run", 0, 16, "complex", scaling=name, factor=scaling.factor,
-                          attention=attention)
+        scaling = scaling_for(name, length, subject.setting.trained_length, None)
+        setting = dataclasses.replace(subject.setting, scaling=name, factor=scaling.factor, attention=attention)
         yield measurement.measure(Reading(subject.model, setting, length, attention_method(attention), scaling))[0]
 
 
@@ -234,3 +236,20 @@ def test_correlation_equals_scipy_with_ties_and_says_what_it_left_out(tmp_path):
         (tmp_path / name).mkdir()
         (tmp_path / name / "results.json").write_text(Results.of_records(records).to_json())
     assert longppl_correlation_report(tmp_path / "text", tmp_path / "task") == correlation_table([found])
+
+
+@pytest.mark.slow
+def test_a_trained_run_read_with_another_run_as_its_evaluator(tiny_runs):  # noqa: F811 (the session's runs)
+    from minillm.eval.loop import plan
+    from minillm.eval.sources import trained_subject
+    from minillm.runs import find_runs
+
+    [run] = find_runs(tiny_runs["complex"], SESSION_CACHE[0])
+    subject = trained_subject(run, torch.device("cpu"))
+    config = EvalConfig(ckpt="-", longppl=True, longppl_evaluator=str(tiny_runs["alibi"]), longppl_short=8,
+                        longppl_alpha=0.0, longppl_beta=-20.0, lengths=[32, 64], max_documents=1)
+    measurement = LongPPLMeasurement(subject, plan(subject, config), config)
+    assert measurement.evaluator.cfg.rope.variant == "alibi"  # the other run, with the same tokenizer
+    record = next(readings(measurement, subject, 64))
+    expected = key_tokens(measurement.evaluator, measurement.tokens, 64, short=8, alpha=0.0, beta=-20.0)
+    assert record.key_tokens == int(expected.sum()) > 0 and record.evaluator == str(tiny_runs["alibi"])
