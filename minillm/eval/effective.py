@@ -72,9 +72,10 @@ def effective_length(cells: Iterable[Union[Cell, tuple[int, float, int]]], *, tr
     """
     measured = sorted((c if isinstance(c, Cell) else Cell(*c) for c in cells), key=lambda c: c.length)
     lengths = [c.length for c in measured]
-    if len(set(lengths)) < len(lengths):
-        raise ValueError("effective_length: takes the records of one run under one scaling and attention (one cell "
-                         f"per length), got two at one length ({sorted(n for n in set(lengths) if lengths.count(n) > 1)})")
+    repeated = sorted(n for n in set(lengths) if lengths.count(n) > 1)
+    if repeated:
+        raise ValueError(f"effective_length: takes the records of one run under one scaling and attention (one cell "
+                         f"per length), got two at one length ({repeated})")
     reference = next((c.score for c in measured if c.length == trained_length), None)
     shortest, longest = (lengths[0], lengths[-1]) if lengths else (None, None)
     samples = min((c.samples for c in measured), default=0)

@@ -231,10 +231,11 @@ def longppl_section(records: list[LongPPLRecord]) -> str:
     knobs = sorted({(r.short, r.alpha, r.beta, r.evaluator) for r in measured})
     said = "; ".join(f"short context {s} tokens, α={a:g}, β={b:g}, evaluator {e}" for s, a, b, e in knobs)
     return (f"LongPPL (Fang et al. 2024, arXiv:2410.23771): perplexity on the key tokens only, the targets whose "
-            f"log-probability gains more than α nats from the full window over a short context and exceeds β ({said or 'none measured'}). "
+            f"log-probability gains more than α nats from the full window over a short context and exceeds β "
+            f"({said or 'none measured'}). "
             f"Key tokens are picked once per length by the evaluator read as trained, so every scaling and attention "
-            f"method is scored on the same tokens; n/a: no key token at that length (the short context covers the "
-            f"window) or not measured.\n\n"
+            f"method is scored on the same tokens; n/a: no key token at that length (at the training length the short "
+            f"context is the whole window; longppl.csv's note says why) or not measured.\n\n"
             + length_table(records, lambda r: r.longppl if r.applicable else None, "LongPPL @ {}")
             + "\n\nPerplexity on the same windows' tokens:\n\n"
             + length_table(records, lambda r: r.ppl if r.applicable else None, "ppl @ {}")
