@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from minillm.cli import register_configs
 from minillm.precision import eval_dtype
+from minillm.eval.measurement import MEASUREMENTS
 from minillm.eval.run import evaluate as run_evaluate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -152,8 +153,9 @@ def test_multirun_folder_default_lengths(tiny_runs, tmp_path):
     assert learned_line.count("n/a") == 4
 
     data = json.loads((out / "results.json").read_text())
-    assert set(data) == {"perplexity", "passkey", "theory", "tail", "accuracy", "effective_length", "precision",
-                         "precision_reason"}
+    assert set(data) == {*MEASUREMENTS, "precision", "precision_reason"} >= \
+        {"perplexity", "passkey", "theory", "tail", "accuracy", "effective_length", "longppl"}
+    assert data["longppl"] == []  # longppl=false by default
     assert len(data["perplexity"]) == len(rows) and data["passkey"] == []
     complex_tail = [t for t in data["tail"] if t["run"] == tiny_runs["complex"].name]
     assert {(t["method"], t["length"]) for t in complex_tail} == {(m, n) for m in SCALINGS for n in default_lengths}

@@ -24,7 +24,7 @@ from minillm.model.config import ModelConfig
 from minillm.model.transformer import Transformer
 from minillm.positions.methods import attention_method
 
-from test_eval_script import SESSION_CACHE, tiny_runs  # noqa: F401  (the session's trained runs)
+from test_eval_script import FAST, SESSION_CACHE, evaluate, quoted, tiny_runs  # noqa: F401  (the session's runs)
 
 
 @pytest.fixture(scope="module")
@@ -184,6 +184,9 @@ def test_evaluator_from_a_folder_must_share_the_tokenizer(tokenizer, tmp_path):
     another = train_tokenizer([Path(json.decoder.__file__).read_text()], 300, 2)
     with pytest.raises(ValueError, match=r"^longppl_evaluator: .* has another tokenizer"):
         load_evaluator(f"hf:{folder}", another, None, torch.device("cpu"))
+    for missing in (f"hf:{tmp_path / 'nothing'}", str(tmp_path / "nothing")):  # named as the evaluator, not ckpt
+        with pytest.raises(ValueError, match=rf"^longppl_evaluator: {tmp_path / 'nothing'} does not exist"):
+            load_evaluator(missing, tokenizer, None, torch.device("cpu"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -253,3 +256,21 @@ def test_a_trained_run_read_with_another_run_as_its_evaluator(tiny_runs):  # noq
     record = next(readings(measurement, subject, 64))
     expected = key_tokens(measurement.evaluator, measurement.tokens, 64, short=8, alpha=0.0, beta=-20.0)
     assert record.key_tokens == int(expected.sum()) > 0 and record.evaluator == str(tiny_runs["alibi"])
+
+
+@pytest.mark.slow
+def test_the_script_reports_longppl_and_names_a_missing_evaluator(tiny_runs, tmp_path):  # noqa: F811
+    out = tmp_path / "eval"
+    result = evaluate(out, f"ckpt={quoted(tiny_runs['complex'])}", *FAST, "lengths=[32,64]", "scalings=[none]",
+                      "passkey_trials=0", "tail_loss=false", "longppl=true", "longppl_short=8", "longppl_alpha=0",
+                      "longppl_beta=-30")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    rows = {row["length"]: row for row in json.loads((out / "results.json").read_text())["longppl"]}
+    assert set(rows) == {32, 64} and all(row["key_tokens"] > 0 and row["longppl"] > 0 for row in rows.values())
+    assert rows[64]["tokens"] == 64 and rows[64]["evaluator"] == "itself" and rows[64]["short"] == 8
+    assert "## LongPPL against evaluation length" in (out / "report.md").read_text()
+    assert (out / "longppl.csv").read_text().count("\n") == 3  # header and two lengths
+    missing = evaluate(tmp_path / "missing", f"ckpt={quoted(tiny_runs['complex'])}", *FAST, "lengths=[64]",
+                       "longppl=true", f"longppl_evaluator={tmp_path / 'nothing'}")
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1, missing.stderr[-3000:]
+    assert missing.stderr.startswith(f"error: longppl_evaluator: {tmp_path / 'nothing'} does not exist")

@@ -141,23 +141,30 @@ def longppl(losses: Tensor, scored: Tensor, key: Tensor) -> LongPPL:
 # The evaluator and the measurement
 
 
-def load_evaluator(location: str, tokenizer, cache_dir: Optional[str], device: torch.device) -> Transformer:
-    """config.longppl_evaluator's model, loaded as the evaluation loads a ckpt (a run folder or .ckpt of ours, or
-    hf:... / .gguf), refused by name unless its tokenizer has `tokenizer`'s vocabulary: key tokens are positions."""
+def _evaluator_and_tokenizer(location: str, cache_dir: Optional[str]):
+    """The model and tokenizer `location` names, loaded as the evaluation loads a ckpt."""
     from minillm.data.tokens import read_tokenizer
     from minillm.interop.pretrained import PretrainedSource, is_pretrained
     from minillm.runs import find_runs
 
     if is_pretrained(location):
         imported = PretrainedSource.parse(location).load()
-        model, own = imported.model, imported.tokenizer
-    else:
-        runs = find_runs(location, cache_dir)
-        if len(runs) != 1:
-            raise ValueError(f"longppl_evaluator: {location} holds {len(runs)} runs, name one")
-        if not runs[0].has_run_files():
-            raise ValueError(f"longppl_evaluator: {runs[0].folder} lacks tokenizer.json (not a training run folder)")
-        model, own = runs[0].load_model(), read_tokenizer(runs[0].tokenizer, "longppl_evaluator")
+        return imported.model, imported.tokenizer
+    runs = find_runs(location, cache_dir)
+    if len(runs) != 1:
+        raise ValueError(f"{location} holds {len(runs)} runs, name one")
+    if not runs[0].has_run_files():
+        raise ValueError(f"{runs[0].folder} lacks tokenizer.json (not a training run folder)")
+    return runs[0].load_model(), read_tokenizer(runs[0].tokenizer, "tokenizer")
+
+
+def load_evaluator(location: str, tokenizer, cache_dir: Optional[str], device: torch.device) -> Transformer:
+    """config.longppl_evaluator's model (a run folder or .ckpt of ours, or hf:... / .gguf), refused by name unless
+    its tokenizer has `tokenizer`'s vocabulary: key tokens are positions of one tokenization."""
+    try:
+        model, own = _evaluator_and_tokenizer(location, cache_dir)
+    except (ValueError, OSError) as error:  # the loaders name ckpt, the setting they usually read
+        raise ValueError(f"longppl_evaluator: {str(error).removeprefix('ckpt: ')}") from error
     if tokenizer is None or own.get_vocab(with_added_tokens=True) != tokenizer.get_vocab(with_added_tokens=True):
         raise ValueError(f"longppl_evaluator: {location} has another tokenizer than the model it evaluates: key "
                          f"tokens are picked per token, so the evaluator must share the tokenization")
