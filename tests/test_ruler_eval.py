@@ -29,6 +29,8 @@ from minillm.eval.records import Results, Setting
 from minillm.eval.report import write_report
 from minillm.eval.ruler import AVERAGE, Prompting, RulerEffectiveRecord, RulerMeasurement, RulerRecord, tokenizer_hash
 from minillm.eval.sources import ChatTemplate, Subject
+from test_eval_script import FAST, evaluate, quoted, read_csv, succeeded
+from test_eval_script import tiny_runs  # noqa: F401  (the session's trained runs, shared with the script tests)
 from minillm.model.config import ModelConfig
 from minillm.model.transformer import Transformer
 from minillm.positions.base import POSITION_ENCODINGS, position_config
@@ -211,10 +213,11 @@ def test_each_setting_decodes_the_shared_samples_greedily_under_its_scaling_and_
     assert [(r.setting.scaling, r.setting.attention) for r in records] == [
         ("none", "full"), ("none", "sliding"), ("yarn", "full"), ("yarn", "sliding")]
     prompt = torch.tensor([tokenizer.encode(sample.input).ids])
+    eos = eos_id(tokenizer)
     for r in records:
         read = dict(scaling=scaling_for(r.setting.scaling, 512, 64, None), attention=config.method(r.setting.attention))
-        new = subject.model.generate(prompt, 128, temperature=0, stop_token=eos_id(tokenizer), **read)[0, prompt.shape[1]:]
-        new = new.tolist()[:new.tolist().index(eos_id(tokenizer))] if eos_id(tokenizer) in new else new.tolist()
+        new = subject.model.generate(prompt, 128, temperature=0, stop_token=eos, **read)[0, prompt.shape[1]:].tolist()
+        new = new[:new.index(eos)] if eos in new else new
         assert r.predictions == [tokenizer.decode(new)] and r.new_tokens == len(new)
         assert r.sample_scores == [score(sample, r.predictions[0])] and r.prompt_tokens == sample.prompt_tokens
         assert r.setting.factor == (1.0 if r.setting.scaling == "none" else 8.0) and not r.chat
@@ -230,7 +233,8 @@ TEMPLATES = {
                       "{{ '<|im_start|>system\nYou are helpful.<|im_end|>\n' }}{% endif %}"
                       "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
                       "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}",
-    "bos_and_checks": "{{ bos_token }}{% for message in messages %}{% if message['role'] not in ['user', 'assistant'] %}"
+    "bos_and_checks": "{{ bos_token }}{% for message in messages %}"
+                      "{% if message['role'] not in ['user', 'assistant'] %}"
                       "{{ raise_exception('roles must be user or assistant') }}{% endif %}\n"
                       "  [INST] {{ message['content'] | trim }} [/INST]\n{% endfor %}"
                       "{% if add_generation_prompt %}Answer:{% endif %}",
@@ -287,3 +291,46 @@ def test_ruler_setting_takes_names_a_list_or_all_and_refuses_others_by_name():
                          (["vt", "vt"], "ruler: names a task twice"), (3, "ruler: name RULER tasks")):
         with pytest.raises(ValueError, match="^" + re.escape(message)):
             EvalConfig(ckpt="x", ruler=bad)
+
+
+# ----------------------------------------------------------------------------------------------
+# scripts/eval_extrapolate.py
+
+
+@pytest.mark.slow
+def test_script_measures_ruler_on_a_trained_run_and_says_where_a_prompt_does_not_fit(tiny_runs, tmp_path):
+    """ruler=[niah_single_1,vt] on a tiny trained run: the forecast counts the cells, results.json holds a record
+    per (task, length) and their average, a length too short for the prompts is a record saying so; ruler.csv,
+    the report's section with the effective length and the plot."""
+    out = tmp_path / "eval"
+    result = evaluate(out, f"ckpt={quoted(tiny_runs['complex'])}", *FAST, "passkey_trials=0", "tail_loss=false",
+                      "scalings=[none]", "lengths=[32,2048]", "ruler=[niah_single_1,vt]", "ruler_samples=1")
+    succeeded(result)
+    assert "cells: 2 perplexity, 4 ruler" in result.stdout + result.stderr
+    saved = json.loads((out / "results.json").read_text())
+    records = {(r["ruler_task"], r["length"]): r for r in saved["ruler"]}
+    assert set(records) == {(t, n) for t in ("niah_single_1", "vt", "average") for n in (32, 2048)}
+    for task in ("niah_single_1", "vt"):
+        assert not records[task, 32]["applicable"] and "does not fit in 32 tokens" in records[task, 32]["note"]
+        measured = records[task, 2048]
+        assert measured["applicable"] and measured["samples"] == 1 and measured["prompt_tokens"] <= 2048
+        assert measured["sample_scores"] == [measured["score"]] and len(measured["predictions"]) == 1
+        assert measured["new_tokens"] <= {"niah_single_1": 128, "vt": 30}[task]
+    assert records["average", 2048]["samples"] == 2
+    [effective] = saved["ruler_effective"]
+    assert effective["effective_length"] is None and effective["reference_score"] is None  # nothing fits at 32
+    columns, rows = read_csv(out / "ruler.csv")
+    assert columns[columns.index("ruler_task"):] == ["ruler_task", "length", "samples", "score", "score_low",
+                                                     "score_high", "prompt_tokens", "new_tokens", "chat", "applicable",
+                                                     "note", "seconds"] and len(rows) == 6
+    report = (out / "report.md").read_text()
+    assert "## RULER against evaluation length" in report and "| average | 2 | n/a |" in report
+    assert (out / "ruler_vs_length.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_script_refuses_an_unknown_ruler_task_in_one_line(tmp_path):
+    result = evaluate(tmp_path / "eval", "ckpt=any_run", "ruler=[niah_single_1,nope]")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith("error: ruler: got 'nope', expected one of ['all', ")
+    assert "Traceback" not in result.stderr and not (tmp_path / "eval" / "results.json").exists()

@@ -253,8 +253,8 @@ class RulerMeasurement(Measurement):
         tables = [Table(cls.name, cls.csv, cls.record.columns(), [(r, r.csv_row()) for r in records])]
         for task in dict.fromkeys(r.ruler_task for r in records):
             rows = [(r, r.csv_row()) for r in records if r.ruler_task == task]
-            tables.append(Table(f"ruler_{task}", None, cls.record.columns(), rows,
-                                plot=(f"ruler_{task}_vs_length", "length", "score", f"RULER {task}: score against length")))
+            plot = (f"ruler_{task}_vs_length", "length", "score", f"RULER {task}: score against length")
+            tables.append(Table(f"ruler_{task}", None, cls.record.columns(), rows, plot=plot))
         return tables
 
     @classmethod
