@@ -20,7 +20,7 @@ the model_args to the tasks, whose `tokenizer` it is:
 
 from __future__ import annotations
 
-import inspect
+import json
 import logging
 import sys
 from dataclasses import dataclass, fields
@@ -64,10 +64,10 @@ class HarnessConfig:
     logn: bool = False  # scale queries by max(1, log_L(i + 1)) (Qwen's log-n)
     max_length: Optional[int] = None  # tokens a request is read with at most; None: trained length × factor
     trained_length: Optional[int] = None  # imported models' 1x; None: their config's context length
-    device: str = "auto"  # auto (cuda where there is one), cpu, cuda, cuda:<n>, mps
+    device: str = "auto"  # lm_eval's --device: auto (cuda where there is one), cpu, cuda, cuda:<n>, mps
     # auto: bf16 matmuls where the processor multiplies bf16 natively (minillm.precision), float32 elsewhere
     precision: str = "auto"
-    batch_size: int = 1  # requests per forward pass
+    batch_size: int = 1  # lm_eval's --batch_size: requests per forward pass
     max_gen_toks: int = 256  # tokens generate_until produces at most where the task sets no limit
     # a folder to write the model's tokenizer to as a transformers tokenizer, for tasks that load one (RULER)
     tokenizer: Optional[str] = None
@@ -83,6 +83,8 @@ class HarnessConfig:
             positive(self.factor, "factor")
         choice(self.attention, "attention", ATTENTION_METHODS)
         require(isinstance(self.logn, bool), "logn", f"must be true or false, got {self.logn!r}")
+        if isinstance(self.batch_size, str) and self.batch_size.isdigit():  # lm_eval's --batch_size is text
+            self.batch_size = int(self.batch_size)
         for name in ("max_length", "trained_length", "batch_size", "max_gen_toks"):
             value = getattr(self, name)
             require(value is None or (isinstance(value, int) and value >= 1), name,
@@ -151,9 +153,9 @@ def load(config: HarnessConfig):
 
 
 def write_tokenizer_folder(tokenizer, folder: str, eos_id: int, bos_id: int) -> None:
-    """`tokenizer` as a transformers tokenizer folder (what AutoTokenizer.from_pretrained(folder) reads). A folder
-    that holds another tokenizer, or files that are no tokenizer's, is refused: a task would size its prompts
-    with the wrong one."""
+    """`tokenizer` as a transformers tokenizer folder (what AutoTokenizer.from_pretrained(folder) reads), adding no
+    special tokens when it encodes. A folder that holds another tokenizer, or files that are no tokenizer's, is
+    refused: a task would size its prompts with the wrong one."""
     from pathlib import Path
 
     from tokenizers import Tokenizer
@@ -161,13 +163,21 @@ def write_tokenizer_folder(tokenizer, folder: str, eos_id: int, bos_id: int) -> 
 
     path = Path(folder).expanduser()
     if (path / "tokenizer.json").is_file():
-        require(Tokenizer.from_file(str(path / "tokenizer.json")).to_str() == tokenizer.to_str(), "tokenizer",
+        require(_encoding(Tokenizer.from_file(str(path / "tokenizer.json"))) == _encoding(tokenizer), "tokenizer",
                 f"{path} holds another tokenizer than this model's; name a new folder")
         return
     require(not path.exists() or (path.is_dir() and not any(path.iterdir())), "tokenizer",
             f"{path} exists and holds no tokenizer.json; name a new or empty folder")
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=tokenizer.id_to_token(eos_id),
+    copy = Tokenizer.from_str(tokenizer.to_str())  # transformers sets its own post-processor on the object it wraps
+    PreTrainedTokenizerFast(tokenizer_object=copy, eos_token=tokenizer.id_to_token(eos_id),
                             bos_token=tokenizer.id_to_token(bos_id)).save_pretrained(str(path))
+
+
+def _encoding(tokenizer) -> dict:
+    """What decides a tokenizer's ids for a text: all of tokenizer.json but the special tokens added around it
+    (transformers writes a post-processor of its own) and padding and truncation, which encode() does not apply."""
+    settings = json.loads(tokenizer.to_str())
+    return {key: value for key, value in settings.items() if key not in ("post_processor", "padding", "truncation")}
 
 
 @register_model("minillm")
@@ -192,8 +202,6 @@ class MiniLLM(TemplateLM):
         require(limit is None or self.max_length <= limit, "max_length",
                 f"{self.max_length} is past {model.cfg.rope.variant} positions, which stop at {limit}")
         self.reading = {"scaling": self.scaling, "attention": attention_method(config.attention), "logn": config.logn}
-        self.read_otherwise = {"scaling": config.scaling != "none", "attention": config.attention != "full",
-                               "logn": config.logn}
         self.dtype, self.precision_reason = eval_dtype(config.precision, self._device)
         # A two-token forward now: whatever the model refuses (a scaling on a non-rotary model, an attention method
         # its encoding cannot serve, log-n on a model with its own query temperature) is said before any task runs.
@@ -344,14 +352,9 @@ class MiniLLM(TemplateLM):
 
     def _generate(self, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
         """Greedy tokens after each prompt (equal lengths), up to the end-of-text token (not included)."""
-        accepted = inspect.signature(self.model.generate).parameters
-        for key, value in self.reading.items():  # a Transformer.generate that cannot read the model so says it
-            require(key in accepted or not self.read_otherwise[key], key, f"this Transformer.generate reads the "
-                    f"model as trained: generate_until cannot apply {key}={getattr(self.config, key)}")
-        reading = {key: value for key, value in self.reading.items() if key in accepted}
         with self._autocast():
             out = self.model.generate(torch.tensor(prompts, device=self._device), new_tokens, temperature=0,
-                                      stop_token=self.end_id, **reading)
+                                      stop_token=self.end_id, **self.reading)
         return [row[:row.index(self.end_id)] if self.end_id in row else row
                 for row in out[:, len(prompts[0]):].tolist()]
 
