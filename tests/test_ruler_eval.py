@@ -28,7 +28,8 @@ from minillm.eval.perplexity import scaling_for
 from minillm.eval.records import Results, Setting
 from minillm.eval.report import write_report
 from minillm.eval.ruler import AVERAGE, Prompting, RulerEffectiveRecord, RulerMeasurement, RulerRecord, tokenizer_hash
-from minillm.eval.sources import ChatTemplate, Subject
+from minillm.eval.sources import ChatTemplate, Subject, reply_format
+from minillm.interop.pretrained import PretrainedSource
 from test_eval_script import FAST, evaluate, quoted, read_csv, succeeded
 from test_eval_script import tiny_runs  # noqa: F401  (the session's trained runs, shared with the script tests)
 from minillm.model.config import ModelConfig
@@ -253,6 +254,19 @@ def test_chat_template_renders_as_transformers_does(name, tokenizer):
     expected = reference.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                              add_generation_prompt=True)
     assert ChatTemplate(TEMPLATES[name], "<s>", "<|endoftext|>").render(text) == expected
+
+
+def test_an_imported_tokenizers_template_and_eos_are_read_from_its_folder(tokenizer, tmp_path):
+    """reply_format: what transformers' tokenizer keeps beside the tokenizer.json (the template, the EOS token that
+    ends a reply); none for a tokenizer without a template."""
+    from transformers import PreTrainedTokenizerFast
+
+    for name, template in (("chat", TEMPLATES["system_default"]), ("plain", None)):
+        PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>",
+                                chat_template=template).save_pretrained(tmp_path / name)
+        chat, stop = reply_format(PretrainedSource(str(tmp_path / name), gguf=False))
+        assert stop == eos_id(tokenizer)
+        assert chat == (ChatTemplate(template, None, "<|endoftext|>") if template else None)
 
 
 def test_chat_prompts_go_through_the_template_without_the_tokenizers_own_special_tokens(tokenizer, documents,
