@@ -123,8 +123,8 @@ def load(config: HarnessConfig):
     from minillm.runs import CheckpointError
 
     sources = model_sources(EvalConfig(ckpt=config.ckpt))
-    require(len(sources) == 1, "ckpt", f"names {len(sources)} models ({', '.join(s.name for s in sources[:3])}, ...); "
-                                       f"the harness reads one")
+    named = ", ".join(source.name for source in sources[:3]) + (", ..." if len(sources) > 3 else "")
+    require(len(sources) == 1, "ckpt", f"names {len(sources)} models ({named}); the harness reads one")
     source = sources[0]
     if isinstance(source, PretrainedSource):
         imported = source.load(config.trained_length)
@@ -137,9 +137,9 @@ def load(config: HarnessConfig):
     if config.trained_length is not None:
         log.warning("trained_length=%d ignored for %s: a trained run's length is the one it was trained at",
                     config.trained_length, source.name)
-    task = source.task
-    require(task is None, "ckpt", f"{source.name} was trained on the synthetic task {task and task.name}; the "
-                                  f"harness reads text")
+    if source.task is not None:
+        raise ValueError(f"ckpt: {source.name} was trained on the synthetic task {source.task.name}; the harness "
+                         f"reads text")
     model = source.load_model()
     if not source.has_run_files():
         raise ValueError(f"ckpt: {source.folder} lacks config.yaml or tokenizer.json (not a training run folder)")
@@ -222,10 +222,6 @@ class MiniLLM(TemplateLM):
     @property
     def prefix_token_id(self) -> int:
         return self.prefix_id
-
-    @property
-    def tokenizer_name(self) -> str:
-        return self.config.ckpt
 
     def tok_encode(self, string: str, add_special_tokens: Optional[bool] = None, **kwargs) -> list[int]:
         """The model's own tokenizer, no special tokens added (as our training and the evaluation encode)."""
@@ -369,11 +365,13 @@ def main(argv: Optional[list[str]] = None) -> None:
         argv += ["--device", "auto"]
     sys.argv = ["lm_eval", *argv]
     try:
+        for flag in ("device", "batch_size"):  # lm_eval passes its own --device and --batch_size beside model_args
+            require(not any(arg.startswith(f"{flag}=") or f",{flag}=" in arg for arg in argv), "model_args",
+                    f"{flag} is lm_eval's --{flag}: give it as --{flag} <value>")
         cli_evaluate()
     except (ValueError, OSError) as error:
         print(f"error: {str(error).splitlines()[0] if str(error) else type(error).__name__}", file=sys.stderr)
         sys.exit(2)
-
 
 if __name__ == "__main__":
     main()
