@@ -179,6 +179,39 @@ def test_generate_until_is_transformer_generate_cut_at_the_stop_string(which, re
     assert any(len(cut) < len(text) for cut, text in zip(generated, full))  # a stop string did cut
 
 
+# ChatML, as Qwen's and SmolLM2's tokenizers write it (a user's template: the test's own)
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_an_imported_model_scores_as_its_token_losses_and_renders_its_chat_template(lm, tmp_path):
+    """ckpt=hf:<folder>: its tokenizer's EOS ends generations, loglikelihood equals our token losses, and
+    --apply_chat_template renders the turns as transformers does; a run's tokenizer has no template to apply."""
+    from test_pretrained import family_config, random_hf, save_with_tokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    folder = save_with_tokenizer(random_hf(family_config("qwen2")), tmp_path / "tiny-qwen2")
+    PreTrainedTokenizerFast(tokenizer_object=AutoTokenizer.from_pretrained(folder).backend_tokenizer,
+                            eos_token="<|endoftext|>", chat_template=CHATML).save_pretrained(folder)
+    reference = AutoTokenizer.from_pretrained(folder)
+    imported = harness.MiniLLM(ckpt=f"hf:{folder}", device="cpu", precision="float32")
+    assert imported.eot_token_id == reference.eos_token_id == imported.prefix_token_id  # no BOS: EOS before a text
+    pairs = [("def f(x):", " return x + 1"), ("", "import os")]
+    results = imported.loglikelihood([Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)],
+                                     disable_tqdm=True)
+    for (logprob, greedy), pair in zip(results, pairs):
+        assert (logprob, greedy) == (pytest.approx(own_loglikelihood(imported, *pair)[0], rel=1e-5),
+                                     own_loglikelihood(imported, *pair)[1])
+    turns = [{"role": "user", "content": "2 + 2?"}, {"role": "assistant", "content": "4"},
+             {"role": "user", "content": "3 + 3?"}]
+    for prompt in (True, False):
+        assert imported.apply_chat_template(turns, prompt) == reference.apply_chat_template(
+            turns, tokenize=False, add_generation_prompt=prompt)
+    assert imported.chat_template(True) == CHATML
+    with pytest.raises(ValueError, match=r"^apply_chat_template: the tokenizer of .* has no chat template"):
+        lm.apply_chat_template(turns)
+
+
 # ----------------------------------------------------------------------------------------------
 # Through lm_eval: a local task, RULER's offline tasks
 

@@ -24,7 +24,7 @@ import json
 import logging
 import sys
 from dataclasses import dataclass, fields
-from typing import Optional
+from typing import TYPE_CHECKING, NamedTuple, Optional
 
 import torch
 
@@ -46,6 +46,12 @@ from minillm.positions.methods import ATTENTION_METHODS, attention_method
 from minillm.positions.scaling import SCALINGS
 from minillm.precision import EVAL_PRECISIONS, eval_dtype
 from minillm.registry import choice, positive, require
+
+if TYPE_CHECKING:
+    import tokenizers
+
+    from minillm.eval.sources import ChatTemplate
+    from minillm.model.transformer import Transformer
 
 log = logging.getLogger("minillm")
 
@@ -113,12 +119,21 @@ def torch_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
-def load(config: HarnessConfig):
-    """(model, tokenizers.Tokenizer, prefix token id, end-of-text token id) of config.ckpt, read as the evaluation
-    reads it (minillm.eval.sources): the same refusals, in the same words."""
+class Loaded(NamedTuple):
+    """A model to read and how its text is written."""
+
+    model: "Transformer"
+    tokenizer: "tokenizers.Tokenizer"  # the model's own (what it was trained or imported with)
+    prefix_id: int  # the token a text's first token is predicted after: BOS, else EOS (as lm_eval's HF model)
+    end_id: int  # end of text: where a generation stops
+    chat: Optional["ChatTemplate"] = None  # an imported tokenizer's chat template; None: it has none
+
+
+def load(config: HarnessConfig) -> Loaded:
+    """config.ckpt read as the evaluation reads it (minillm.eval.sources): the same refusals, in the same words."""
     from minillm.data.tokens import EOS_TOKEN, read_tokenizer
     from minillm.eval.config import EvalConfig
-    from minillm.eval.sources import model_sources
+    from minillm.eval.sources import model_sources, reply_format
     from minillm.interop.pretrained import PretrainedSource
     from minillm.runs import CheckpointError
 
@@ -128,12 +143,11 @@ def load(config: HarnessConfig):
     source = sources[0]
     if isinstance(source, PretrainedSource):
         imported = source.load(config.trained_length)
-        model, tokenizer = imported.model, imported.tokenizer
-        hf = source.hf_config()
-        end = hf.eos_token_id if isinstance(hf.eos_token_id, int) else tokenizer.token_to_id(EOS_TOKEN)
-        require(end is not None, "ckpt", f"{source.describe()} names no end-of-text token (eos_token_id)")
-        prefix = hf.bos_token_id if isinstance(hf.bos_token_id, int) else end  # as lm_eval's HFLM: BOS, else EOS
-        return model, tokenizer, prefix, end
+        chat, end = reply_format(source)  # the EOS and template transformers' tokenizer keeps beside tokenizer.json
+        end = end if end is not None else imported.tokenizer.token_to_id(EOS_TOKEN)
+        require(end is not None, "ckpt", f"{source.describe()} names no end-of-text token (eos_token)")
+        bos = source.hf_config().bos_token_id
+        return Loaded(imported.model, imported.tokenizer, bos if isinstance(bos, int) else end, end, chat)
     if config.trained_length is not None:
         log.warning("trained_length=%d ignored for %s: a trained run's length is the one it was trained at",
                     config.trained_length, source.name)
@@ -149,7 +163,7 @@ def load(config: HarnessConfig):
                               f"{source.checkpoint} {model.cfg.vocab_size}: the run folder's tokenizer is not the "
                               f"checkpoint's")
     end = tokenizer.token_to_id(EOS_TOKEN)  # what training put between documents: the context of a first token
-    return model, tokenizer, end, end
+    return Loaded(model, tokenizer, end, end)
 
 
 def write_tokenizer_folder(tokenizer, folder: str, eos_id: int, bos_id: int) -> None:
@@ -190,7 +204,7 @@ class MiniLLM(TemplateLM):
         super().__init__()
         config = self.config = harness_config(model_args)
         self._device = torch_device(config.device)
-        model, self.tokenizer, self.prefix_id, self.end_id = load(config)
+        model, self.tokenizer, self.prefix_id, self.end_id, self.chat = load(config)
         self.model = model.to(self._device).eval()
         trained = model.cfg.context_length
         if config.max_length is None:
@@ -222,6 +236,25 @@ class MiniLLM(TemplateLM):
     @property
     def prefix_token_id(self) -> int:
         return self.prefix_id
+
+    @property
+    def tokenizer_name(self) -> str:
+        """What lm_eval keys its cache of chat-templated requests by."""
+        return self.config.ckpt
+
+    def chat_template(self, chat_template: "bool | str" = False) -> Optional[str]:
+        """The imported tokenizer's template (lm_eval records it with the results); None where there is none."""
+        return self.chat.template if self.chat is not None else None
+
+    def apply_chat_template(self, chat_history: list[dict], add_generation_prompt: bool = True) -> str:
+        """The turns (--apply_chat_template, few-shot ones too) rendered by the tokenizer's chat template, as
+        transformers renders it (minillm.eval.sources.ChatTemplate)."""
+        require(self.chat is not None, "apply_chat_template", f"the tokenizer of {self.config.ckpt} has no chat "
+                                                              f"template")
+        specials = {name: value for name, value in (("bos_token", self.chat.bos_token),
+                                                    ("eos_token", self.chat.eos_token)) if value is not None}
+        return self.chat.compiled.render(messages=chat_history, add_generation_prompt=add_generation_prompt,
+                                         **specials)
 
     def tok_encode(self, string: str, add_special_tokens: Optional[bool] = None, **kwargs) -> list[int]:
         """The model's own tokenizer, no special tokens added (as our training and the evaluation encode)."""
