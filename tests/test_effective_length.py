@@ -79,7 +79,7 @@ def test_task_records_go_through_the_cells():
     records = [AccuracyRecord(setting, n, examples=16, answers=64, tokens=64, exact_match=em)
                for n, em in ((64, 0.75), (128, 0.7), (256, 0.25))]
     records.append(AccuracyRecord(setting, 512, applicable=False, note="refused"))  # not an evaluated length
-    direct = effective_length([(64, 0.75, 64), (128, 0.7, 64), (256, 0.25, 64)], trained_length=64)
+    direct = effective_length([(64, 0.75, 64), (128, 0.7, 64), (256, 0.25, 64)], trained_length=64, threshold=0.9)
     assert effective_length_of(records, 0.9) == direct
     [record] = effective_lengths(records, 0.9, absolute=0.72)
     assert (record.effective_length, record.absolute, record.bar, record.longest_length) == (64, 0.72, 0.72, 256)

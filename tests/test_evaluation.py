@@ -721,7 +721,7 @@ def test_measure_accuracy_past_learned_positions_does_not_apply():
 
 
 def test_task_settings_are_checked_naming_the_field():
-    assert (EvalConfig(ckpt="-").task_examples, EvalConfig(ckpt="-").effective_threshold) == (64, 0.9)
+    assert (EvalConfig(ckpt="-").task_examples, EvalConfig(ckpt="-").effective_threshold) == (64, 0.85)  # NoLiMa's
     assert EvalConfig(ckpt="-", effective_threshold=1.0).effective_threshold == 1.0
     with pytest.raises(ValueError, match="^task_examples: must be positive, got 0$"):
         EvalConfig(ckpt="-", task_examples=0)

@@ -196,10 +196,12 @@ def test_evaluator_from_a_folder_must_share_the_tokenizer(tokenizer, tmp_path):
 def study_records(longppl_by_label: dict, effective_by_label: dict, length: int = 256):
     from minillm.eval.tasks import EffectiveLengthRecord
 
+    judge = dict(evaluator="runs/long", short=64)  # one evaluator picked every run's key tokens, as the paper's
     texts = [LongPPLRecord(Setting(label, f"text_{i}", 0, 64, "v"), length, 5, 100, 0.05, value, 10.0,
-                           note=None if value is not None else "no key token: none gains")
+                           note=None if value is not None else "no key token: none gains", **judge)
              for i, (label, value) in enumerate(longppl_by_label.items())]
-    texts += [LongPPLRecord(Setting(label, f"text_{i}", 0, 64, "v", scaling="yarn"), length, 5, 100, 0.05, 1.0, 1.0)
+    texts += [LongPPLRecord(Setting(label, f"text_{i}", 0, 64, "v", scaling="yarn"), length, 5, 100, 0.05, 1.0, 1.0,
+                            **judge)
               for i, label in enumerate(longppl_by_label)]  # another scaling: not in the default correlation
     tasks = [EffectiveLengthRecord(Setting(label, f"task_{i}", 0, 64, "v", task="mqar"), 0.9, 0.9, value, 1024)
              for i, (label, value) in enumerate(effective_by_label.items())]
@@ -233,8 +235,15 @@ def test_correlation_equals_scipy_with_ties_and_says_what_it_left_out(tmp_path):
     assert "| 256 | 2 | n/a | n/a | – |" in table and "| xpos | 256 | 200 | 64 |" in table
     with pytest.raises(ValueError, match=r"^study: a has 2 text runs"):
         doubled = study_records({"a": 1.0}, {"a": 64})[0]
-        longppl_effective_correlation(doubled + [LongPPLRecord(Setting("a", "other", 1, 64, "v"), 256, longppl=2.0)],
-                                      tasks, 256)
+        longppl_effective_correlation(doubled + [LongPPLRecord(Setting("a", "other", 1, 64, "v"), 256, longppl=2.0,
+                                                               evaluator="runs/long", short=64)], tasks, 256)
+    # Key tokens each run picked for itself, or by two evaluators, compare nothing: refused by name.
+    own = [dataclasses.replace(r, evaluator="itself") for r in texts]
+    with pytest.raises(ValueError, match=r"^longppl_evaluator: the study's text runs picked their own key tokens"):
+        longppl_effective_correlation(own, tasks, 256)
+    mixed = texts[:1] + [dataclasses.replace(r, evaluator="runs/other") for r in texts[1:]]
+    with pytest.raises(ValueError, match=r"^longppl_evaluator: .* different key-token settings"):
+        longppl_effective_correlation(mixed, tasks, 256)
     for name, records in (("text", texts), ("task", tasks)):  # two evaluations' folders, read back
         (tmp_path / name).mkdir()
         (tmp_path / name / "results.json").write_text(Results.of_records(records).to_json())

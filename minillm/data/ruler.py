@@ -18,6 +18,7 @@ import json
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Optional, Union
 
@@ -135,14 +136,16 @@ def fitted_sample(config: RulerTask, seed: int, index: int, inputs: PromptInputs
 def cache_key(config: RulerTask, length: int, tokenizer_hash: str, haystack_texts: Sequence[str], n: int,
               seed: int, wrap: Optional[Callable[[str], str]]) -> dict:
     """Everything the samples depend on: the task's settings, the length, the tokenizer, the prose (for essay
-    haystacks only), the seed and count, and the chat template (known by what it makes of a marker text)."""
+    haystacks only), the seed and count, the word lists' version, and the chat template (known by what it makes of a
+    marker text)."""
     prose = hashlib.sha256()
     for text in haystack_texts if config.reads_prose else ():
         prose.update(f"{len(text)}:".encode() + text.encode("utf-8"))
     marker = "\x00ruler user text\x00"
     return {"format": CACHE_FORMAT, "task": config.name, "settings": dataclasses.asdict(config), "length": length,
             "tokenizer": tokenizer_hash, "prose": prose.hexdigest() if config.reads_prose else None, "n": n,
-            "seed": seed, "wrap": None if wrap is None else hashlib.sha256(wrap(marker).encode()).hexdigest()}
+            "seed": seed, "wrap": None if wrap is None else hashlib.sha256(wrap(marker).encode()).hexdigest(),
+            "words": metadata.version("wonderwords")}
 
 
 def cached_ruler_samples(task: Union[str, RulerTask], length: int, count_tokens: Callable[[str], int],

@@ -53,7 +53,7 @@ def _passing_prefix(lengths: list[int], scores: list[float], bar: float) -> Opti
 
 
 def effective_length(cells: Iterable[Union[Cell, tuple[int, float, int]]], *, trained_length: Optional[int] = None,
-                     threshold: float = 0.9, absolute: Optional[float] = None, min_reference: float = 0.0,
+                     threshold: float = 0.85, absolute: Optional[float] = None, min_reference: float = 0.0,
                      z: float = 1.96) -> EffectiveLength:
     """The effective length of one model under one setting from its (length, score, samples) cells, one per length.
 
@@ -61,10 +61,11 @@ def effective_length(cells: Iterable[Union[Cell, tuple[int, float, int]]], *, tr
     shorter evaluated length is at least a bar; a dip ends it (a length that recovers after a failing one does not
     count). The bar is
       - absolute (absolute given): a fixed score, RULER's 85.6% (Llama-2-7B's at 4k) being 0.856;
-      - relative (otherwise): threshold × the model's own score at trained_length, as NoLiMa (arXiv:2502.05167)
-        takes 0.85 of the base score, since tasks differ in difficulty. No bar, and so no effective length, when
+      - relative (otherwise): threshold × the model's own score at trained_length, since tasks differ in
+        difficulty; NoLiMa (arXiv:2502.05167) takes 0.85 of a base score too, the model's at a short context
+        rather than at its training length. No bar, and so no effective length, when
         trained_length was not evaluated, or the score there is 0 or below min_reference (a model that did not
-        learn the task has no length to keep: at 1 right answer in 256, a bar of 0.9/256 passes every length).
+        learn the task has no length to keep: at 1 right answer in 256, a bar of 0.85/256 passes every length).
 
     The interval [low, high]: the same rule, against the same bar, applied to every cell's Wilson score interval
     (z: 1.96 for 95%) lower bound (low) and upper bound (high); low <= length <= high, None counting as shortest.

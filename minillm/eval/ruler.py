@@ -67,7 +67,7 @@ class RulerEffectiveRecord(Record):
     effective_low: Optional[int] = None  # the effective length of the averages' Wilson 95% lower bounds
     effective_high: Optional[int] = None  # ... of their upper bounds
     bar: Optional[float] = None  # the score each length up to it keeps; None: no bar (no score at the trained length)
-    threshold: float = 0.9  # the relative rule's share of the score at the training length
+    threshold: float = 0.85  # the relative rule's share of the score at the training length
     absolute: Optional[float] = None  # the fixed bar it was held to (RULER's 0.856); None: the relative rule
     reference_score: Optional[float] = None  # the average at the training length; None: not measured there
     shortest_length: Optional[int] = None  # an effective length None is shorter than this
@@ -160,10 +160,10 @@ def averages(records: list[RulerRecord], tasks: list[str]) -> list[RulerRecord]:
 
 
 def ruler_effective_lengths(records: list[RulerRecord], tasks: list[str], threshold: float,
-                            absolute: Optional[float]) -> list[RulerEffectiveRecord]:
+                            absolute: Optional[float], min_reference: float = 0.0) -> list[RulerEffectiveRecord]:
     """One RulerEffectiveRecord per setting series in `records`, from the average over `tasks` (one task: its own
-    score): RULER's rule (minillm.eval.effective.effective_length), relative to that score at the training length,
-    or absolute."""
+    score): RULER's rule (minillm.eval.effective.effective_length), relative to that score at the training length
+    (none below min_reference there), or absolute."""
     scored = AVERAGE if len(tasks) > 1 else tasks[0]
     series: dict[Setting, list[RulerRecord]] = defaultdict(list)
     for r in records:
@@ -172,7 +172,7 @@ def ruler_effective_lengths(records: list[RulerRecord], tasks: list[str], thresh
     out = []
     for setting, group in series.items():
         found = effective_length([r.cell() for r in group if r.applicable], trained_length=setting.trained_length,
-                                 threshold=threshold, absolute=absolute)
+                                 threshold=threshold, absolute=absolute, min_reference=min_reference)
         out.append(RulerEffectiveRecord(setting, found.length, found.low, found.high, found.bar, threshold, absolute,
                                         found.reference, found.shortest, found.longest, found.samples))
     return out
@@ -283,7 +283,8 @@ class RulerEffectiveMeasurement(Measurement):
 
     def derive(self, results: Results) -> list[RulerEffectiveRecord]:
         return ruler_effective_lengths(results.of(RulerRecord), list(self.config.ruler),
-                                       self.config.effective_threshold, self.config.effective_absolute)
+                                       self.config.effective_threshold, self.config.effective_absolute,
+                                       self.config.effective_min_exact_match)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -252,7 +252,17 @@ def longppl_effective_correlation(longppl: list[LongPPLRecord], effective: list[
     def selected(r) -> bool:
         return r.setting.scaling == scaling and r.setting.attention_label == attention
 
-    texts = _one_per_encoding([r for r in longppl if selected(r) and r.length == length], "text")
+    at_length = [r for r in longppl if selected(r) and r.length == length]
+    # The paper compares models on the key tokens of one fixed evaluator; a model that picks its own keys keeps only
+    # tokens it already predicts (log-probability above beta), so its LongPPL is below e^-beta whatever it is.
+    judges = sorted({(r.evaluator, r.short, r.alpha, r.beta) for r in at_length})
+    if any(judge[0] == "itself" for judge in judges):
+        raise ValueError("longppl_evaluator: the study's text runs picked their own key tokens; correlate LongPPL "
+                         "measured with one longppl_evaluator shared by every run")
+    if len(judges) > 1:
+        raise ValueError(f"longppl_evaluator: the study's text runs were measured with different key-token settings "
+                         f"(evaluator, short, alpha, beta) {judges}: measure them with one")
+    texts = _one_per_encoding(at_length, "text")
     tasks = _one_per_encoding([r for r in effective if selected(r)], "task")
     pairs, left_out = [], {}
     for label in sorted(set(texts) | set(tasks)):
@@ -263,7 +273,9 @@ def longppl_effective_correlation(longppl: list[LongPPLRecord], effective: list[
         elif not values:
             left_out[label] = texts[label][0].note or f"no LongPPL at {length}"
         elif not known:
-            left_out[label] = "no effective length (the task was not learned)"
+            task = tasks[label][0]
+            left_out[label] = "no effective length (the task was not learned)" if task.bar is None else \
+                f"no effective length (the shortest length, {task.shortest_length}, already fails)"
         else:
             pairs.append((label, values[0], known[0]))
     x, y = [p[1] for p in pairs], [float(p[2]) for p in pairs]
