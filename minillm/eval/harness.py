@@ -14,8 +14,8 @@ prompts with one) are given this model's: `tokenizer=<folder>` among the model_a
 transformers tokenizer folder (PreTrainedTokenizerFast(tokenizer_object=...).save_pretrained), and lm_eval hands
 the model_args to the tasks, whose `tokenizer` it is:
 
-    python -m minillm.eval.harness --model minillm --model_args ckpt=run,tokenizer=run/hf_tokenizer \\
-        --tasks niah_single_1,ruler_vt --metadata '{"max_seq_lengths": [1024]}'
+    python -m minillm.eval.harness --model minillm --model_args ckpt=<run>,tokenizer=hf_tokenizer \\
+        --tasks niah_single_1,ruler_vt,ruler_cwe,ruler_fwe --metadata '{"max_seq_lengths": [4096]}'
 """
 
 from __future__ import annotations
