@@ -135,6 +135,7 @@ def test_loglikelihood_is_our_summed_token_losses_and_says_whether_greedy(which,
         assert logprob == pytest.approx(own_logprob, rel=1e-5, abs=1e-5)
         assert greedy is own_greedy
     assert expected[0][1] and not expected[1][1]  # the greedy continuation is greedy, a zebra is not
+    assert lm.loglikelihood([Instance("loglikelihood", {}, ("x = 1", ""), 0)], disable_tqdm=True) == [(0.0, True)]
 
 
 def test_loglikelihood_rolling_is_minus_our_perplexity_windows_summed(lm, run):

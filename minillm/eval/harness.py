@@ -297,6 +297,9 @@ class MiniLLM(TemplateLM):
         with self._autocast():
             hidden = self.model.hidden_states(inputs.to(self._device), **self.reading)
             for row, (tokens, n) in enumerate(windows):
+                if n == 0:  # an empty continuation: certain, and what greedy decoding yields
+                    scored.append((0.0, True))
+                    continue
                 end = len(tokens) - 1  # the row's last input: it predicts the last token
                 logits = self.model.head(hidden[row, end - n:end]).float()  # the LM head on scored positions only
                 targets = torch.tensor(tokens[-n:], device=logits.device)
@@ -309,7 +312,7 @@ class MiniLLM(TemplateLM):
         than max_length leaves is cut from the left (as lm_eval's HF model does), said in a warning."""
         windows, cut = [], 0
         for (strings, context, continuation) in requests:
-            require(0 < len(continuation) <= self.max_length, "max_length", f"a continuation of {len(continuation)} "
+            require(len(continuation) <= self.max_length, "max_length", f"a continuation of {len(continuation)} "
                     f"tokens cannot be scored within max_length={self.max_length}")
             tokens = (context + continuation)[-(self.max_length + 1):]
             cut += len(tokens) < len(context) + len(continuation)
