@@ -269,7 +269,9 @@ def write_local_tasks(folder: Path, lm: harness.MiniLLM) -> dict:
 
 
 def test_a_local_task_through_simple_evaluate_scores_what_we_compute(lm, run, tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")  # not the user's cache
     docs = write_local_tasks(tmp_path, lm)
     out = lm_eval.simple_evaluate(model="minillm", model_args={"ckpt": str(run), "device": "cpu",
                                                                "precision": "float32"},
