@@ -279,6 +279,7 @@ def test_the_script_reports_longppl_and_names_a_missing_evaluator(tiny_runs, tmp
     assert rows[64]["tokens"] == 64 and rows[64]["evaluator"] == "itself" and rows[64]["short"] == 8
     assert "## LongPPL against evaluation length" in (out / "report.md").read_text()
     assert (out / "longppl.csv").read_text().count("\n") == 3  # header and two lengths
+    assert (out / "longppl_vs_length.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     missing = evaluate(tmp_path / "missing", f"ckpt={quoted(tiny_runs['complex'])}", *FAST, "lengths=[64]",
                        "longppl=true", f"longppl_evaluator={tmp_path / 'nothing'}")
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1, missing.stderr[-3000:]

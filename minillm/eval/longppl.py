@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -222,6 +223,13 @@ class LongPPLMeasurement(Measurement):
         [table] = super().tables(results)
         table.plot = ("longppl_vs_length", "length", "longppl", "LongPPL against length")
         return [table]
+
+    @classmethod
+    def figures(cls, results: Results, out_dir: Path) -> list[Path]:
+        from minillm.eval.plots import plot_longppl
+
+        path = plot_longppl(results.of(cls.record), out_dir)
+        return [path] if path else []
 
     @classmethod
     def heading(cls, records: list[LongPPLRecord]) -> str:

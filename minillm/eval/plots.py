@@ -1,4 +1,4 @@
-"""PNG plots of evaluation records: perplexity against length, tail loss, task accuracy, RULER scores."""
+"""PNG plots of evaluation records: perplexity against length, tail loss, LongPPL, task accuracy, RULER scores."""
 
 from __future__ import annotations
 
@@ -13,19 +13,21 @@ from minillm.eval.grouping import ATTENTION_ORDER, model_name, rank, table_group
 from minillm.eval.records import Setting
 
 if TYPE_CHECKING:
+    from minillm.eval.longppl import LongPPLRecord
     from minillm.eval.perplexity import PerplexityRecord
     from minillm.eval.ruler import RulerRecord
     from minillm.eval.tail import TailLossRecord
     from minillm.eval.tasks import AccuracyRecord
 
 
-def _draw_lengths(ax, groups: dict[Setting, list["PerplexityRecord"]], label) -> None:
-    """One line per group: mean perplexity over seeds at each applicable length."""
+def _draw_lengths(ax, groups: dict[Setting, list["PerplexityRecord"]], label, value: str = "ppl") -> None:
+    """One line per group: the mean of `value` (perplexity) over seeds at each applicable length where it is known."""
     for row, group in groups.items():
         by_length: dict[int, list] = defaultdict(list)
         for r in group:
-            if r.applicable and r.ppl is not None and math.isfinite(r.ppl):
-                by_length[r.length].append(r.ppl)
+            measured = getattr(r, value)
+            if r.applicable and measured is not None and math.isfinite(measured):
+                by_length[r.length].append(measured)
         if by_length:
             lengths = sorted(by_length)
             ax.plot(lengths, [mean(by_length[n]) for n in lengths], marker="o", label=label(row))
@@ -125,6 +127,29 @@ def plot(records: list["PerplexityRecord"], out_dir: Path) -> list[Path]:
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
     return paths
+
+
+def plot_longppl(records: list["LongPPLRecord"], out_dir: Path) -> Optional[Path]:
+    """longppl_vs_length.png: LongPPL (left) and the perplexity on the same windows (right) against the length, one
+    line per model × scaling × attention (mean over seeds), lengths with no key token left out of the left panel."""
+    if not any(r.longppl is not None for r in records):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = table_groups(records)
+    trained = sorted({r.setting.trained_length for r in records if r.setting.trained_length})
+    fig, axes = _panels(2)
+    for ax, value, title in zip(axes, ("longppl", "ppl"), ("LongPPL: the key tokens", "perplexity: every target")):
+        _draw_lengths(ax, groups, lambda row: row.label(), value)
+        _length_axes(ax, records, trained, f"{title} (dotted: training length)")
+    fig.tight_layout()
+    path = out_dir / "longppl_vs_length.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def plot_tail(tail: list["TailLossRecord"], out_dir: Path) -> Optional[Path]:
