@@ -106,7 +106,8 @@ ruler: setup  ## RULER on SmolLM2-135M at 1k..16k, as trained and under YaRN (~1
 
 # docs/long_context_eval.md: LongPPL beside perplexity for the extrapolation study's seed-0 runs (make extrapolation),
 # key tokens picked for all of them by one complex-RoPE run trained at 1024 tokens (16x theirs, trained first if
-# absent), then LongPPL against the needle's effective length (make synthetic TASKS=needle) across the encodings.
+# absent), with the paper's thresholds and with thresholds a 1.4M-parameter evaluator meets (alpha 0.5, beta -4),
+# then LongPPL against the needle's effective length (make synthetic TASKS=needle) across the encodings.
 LONGPPL_EVALUATOR = $(SWEEP)/evaluator_1024
 longppl: setup  ## LongPPL of the extrapolation runs, and its correlation with the needle's effective length
 	[ -d $(LONGPPL_EVALUATOR)/checkpoints ] || $(BIN)/python scripts/train.py experiment=extrapolation rope=complex \
@@ -114,8 +115,10 @@ longppl: setup  ## LongPPL of the extrapolation runs, and its correlation with t
 		hydra.run.dir=$(LONGPPL_EVALUATOR) $(ARGS)
 	$(EVAL_EXTRAPOLATION) "ckpt=[$(SWEEP)/train/*__seed-0]" scalings=[none] tail_loss=false longppl=true \
 		longppl_evaluator=$(LONGPPL_EVALUATOR) hydra.run.dir=$(SWEEP)/eval_longppl
+	$(EVAL_EXTRAPOLATION) "ckpt=[$(SWEEP)/train/*__seed-0]" scalings=[none,yarn] tail_loss=false longppl=true \
+		longppl_evaluator=$(LONGPPL_EVALUATOR) longppl_alpha=0.5 longppl_beta=-4 hydra.run.dir=$(SWEEP)/eval_longppl_scaled
 	$(EVAL_SYNTHETIC) "ckpt=[$(SYNTHETIC)/needle/*__seed-0__*]" scalings=[none] hydra.run.dir=$(SYNTHETIC)/eval_needle_seed0
-	$(BIN)/python scripts/longppl_report.py $(SWEEP)/eval_longppl $(SYNTHETIC)/eval_needle_seed0 docs/long_context_eval
+	$(BIN)/python scripts/longppl_report.py $(SWEEP)/eval_longppl_scaled $(SYNTHETIC)/eval_needle_seed0 docs/long_context_eval
 
 # docs/context_extension.md: the 64-token complex-RoPE runs of the extrapolation study (trained first if absent)
 # fine-tuned to 256 tokens with each scaling at s = 4, YaRN + PoSE in the 64-token window, a 256-token run from
