@@ -25,7 +25,7 @@ def main(cfg: DictConfig) -> None:
     except (ValueError, OSError, Stopped) as error:  # bad checkpoint, config, length, folder, a signal: named
         fail(error, output)
     print(open(files["markdown"]).read())
-    print(f"results in {out_dir}")
+    print(f"results in {out_dir}", flush=True)  # flushed now: a sweep's worker may be stopped with its buffer unwritten
 
 
 if __name__ == "__main__":

@@ -31,10 +31,11 @@ def main(cfg: DictConfig) -> None:
         return
     if summary.get("finished"):
         print(f"the run in {run_dir} has already trained {summary['steps']} steps (trainer.max_steps="
-              f"{summary['max_steps']}); nothing was changed: raise trainer.max_steps to train on")
+              f"{summary['max_steps']}); nothing was changed: raise trainer.max_steps to train on", flush=True)
         return
     loss = "n/a" if summary["val_loss"] is None else f"{summary['val_loss']:.4f}"
-    print(f"val/loss {loss} after {summary['tokens']:,} tokens; results in {run_dir}")
+    # flushed now: a sweep's joblib worker lives on after the job and may be stopped with its buffer unwritten
+    print(f"val/loss {loss} after {summary['tokens']:,} tokens; results in {run_dir}", flush=True)
 
 
 if __name__ == "__main__":
