@@ -15,6 +15,7 @@ from minillm.positions.samplers import sampler_config
 from minillm.positions.scaling import scaling_config
 from minillm.registry import choice, finite, positive, require
 from minillm.tracking import LoggerConfig
+from minillm.train.lora import LoraConfig
 
 # ----------------------------------------------------------------------------------------------
 # Optimisation, trainer, logger (conf/optim, conf/trainer, conf/logger)
@@ -139,8 +140,10 @@ class RunConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)  # where metrics go (conf/logger)
     seed: int = 0  # seeds the weights, the data order and the positions drawn; in [0, 2**32 − 1]
     ckpt_path: Optional[str] = None  # "last" resumes this run folder's last checkpoint; or a path
-    # A run folder or .ckpt to fine-tune: its weights, shape, encoding and tokenizer, with a fresh optimizer
+    # What to fine-tune: a run folder or .ckpt, hf:<folder or hub id>, or a .gguf file; its weights, shape, encoding
+    # and tokenizer, with a fresh optimizer
     init_from: Optional[str] = None
+    lora: LoraConfig = field(default_factory=LoraConfig)  # low-rank adapters instead of full fine-tuning (lora.rank=8)
     verbose: bool = False  # show the libraries' console lines too (devices, tips, deprecations)
 
     def __post_init__(self) -> None:

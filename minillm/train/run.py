@@ -116,7 +116,8 @@ def _train(cfg: DictConfig, run_dir: Path, overrides: Sequence[str], progress: d
 
     task = LanguageModelTask(run.model.to_dict(), dataclasses.asdict(run.optim), compile=run.trainer.compile,
                              peak_flops=run.trainer.peak_flops, max_bad_steps=run.trainer.max_bad_steps,
-                             positions=dataclasses.asdict(run.sampler), seed=run.seed)
+                             positions=dataclasses.asdict(run.sampler), seed=run.seed,
+                             lora=dataclasses.asdict(run.lora) if run.lora.enabled else None)
     origin = {}
     if source is not None:
         from minillm.train.finetune import load_weights, source_group

@@ -122,7 +122,8 @@ class LanguageModelTask(L.LightningModule):
     """Next-token prediction on windows of context_length tokens."""
 
     def __init__(self, model: dict, optim: dict, compile: bool = False, peak_flops: Optional[float] = None,
-                 max_bad_steps: int = 0, positions: Optional[dict] = None, seed: int = 0):
+                 max_bad_steps: int = 0, positions: Optional[dict] = None, seed: int = 0,
+                 lora: Optional[dict] = None):
         super().__init__()
         # Plain dicts, so the checkpoint rebuilds the model with torch.load(weights_only=True).
         self.save_hyperparameters()
@@ -132,6 +133,7 @@ class LanguageModelTask(L.LightningModule):
         # Training positions (minillm.positions.samplers), drawn per step from (seed, step, rank): a resume draws the same.
         self.sampler = sampler_config(positions)
         self.seed = seed
+        self.lora = lora  # LoraConfig's fields when fine-tuning with adapters (minillm.train.lora), else None
         self.compile = compile
         self.peak_flops = peak_flops
         self.max_bad_steps = max_bad_steps
