@@ -1,4 +1,5 @@
-"""Conversion to other ecosystems: HF transformers' LlamaForCausalLM."""
+"""Conversion to HF transformers: our Transformer as a LlamaForCausalLM, Qwen2ForCausalLM or Qwen3ForCausalLM with
+equal logits, and saved as a transformers folder with its tokenizer."""
 
 from __future__ import annotations
 
@@ -23,32 +24,52 @@ def _import_transformers():
     return transformers
 
 
-def _incompatible(setting: str, value, llama: str) -> ValueError:
-    return ValueError(f"{setting}={value!r} is not LLaMA-compatible (LLaMA uses {llama})")
+# HF family -> (its name in messages, config class, model class). Ours is each of them term for term; the family is
+# the one whose attention has exactly our extras: Qwen2 biases q, k and v (not the output); Qwen3 normalizes each
+# head's q and k (RMSNorm) before the rotation.
+FAMILIES = {"llama": ("LLaMA", "LlamaConfig", "LlamaForCausalLM"),
+            "qwen2": ("Qwen2", "Qwen2Config", "Qwen2ForCausalLM"),
+            "qwen3": ("Qwen3", "Qwen3Config", "Qwen3ForCausalLM")}
 
 
-def _check_architecture(model: Transformer) -> RotaryEmbedding:
-    """Raise on the first setting LlamaForCausalLM cannot express; the rotary encoding otherwise."""
+def hf_family(model: Transformer) -> str:
+    """The transformers family that expresses `model`: qwen3 with QK-norm, qwen2 with q/k/v biases, else llama."""
+    cfg = model.cfg
+    if cfg.qkv_bias and cfg.qk_norm:  # Qwen3's attention_bias also biases the output projection; ours does not
+        raise ValueError("model.qkv_bias=True with model.qk_norm=True has no transformers family (Qwen2 has the "
+                         "biases without QK-norm, Qwen3 QK-norm without q/k/v-only biases)")
+    return "qwen3" if cfg.qk_norm else "qwen2" if cfg.qkv_bias else "llama"
+
+
+def _incompatible(setting: str, value, family: str, expected: str) -> ValueError:
+    label = FAMILIES[family][0]
+    return ValueError(f"{setting}={value!r} is not {label}-compatible ({label} uses {expected})")
+
+
+def _check_architecture(model: Transformer, family: str) -> RotaryEmbedding:
+    """Raise on the first setting `family` cannot express; the rotary encoding otherwise."""
     cfg = model.cfg
     if cfg.norm != "rmsnorm":
-        raise _incompatible("model.norm", cfg.norm, "rmsnorm")
+        raise _incompatible("model.norm", cfg.norm, family, "rmsnorm")
     if cfg.ffn != "swiglu":
-        raise _incompatible("model.ffn", cfg.ffn, "swiglu")
-    if cfg.bias or cfg.qkv_bias:
-        setting = "model.bias" if cfg.bias else "model.qkv_bias"
-        raise _incompatible(setting, True, "no biases")
-    if cfg.qk_norm:
-        raise _incompatible("model.qk_norm", cfg.qk_norm, "no QK-norm")
+        raise _incompatible("model.ffn", cfg.ffn, family, "swiglu")
+    if cfg.bias:
+        raise _incompatible("model.bias", True, family, "no biases" if family != "qwen2" else "biases on q, k, v only")
+    if cfg.qkv_bias != (family == "qwen2"):
+        raise _incompatible("model.qkv_bias", cfg.qkv_bias, family,
+                            "biases on q, k and v" if family == "qwen2" else "no biases")
+    if cfg.qk_norm != (family == "qwen3"):
+        raise _incompatible("model.qk_norm", cfg.qk_norm, family, "QK-norm" if family == "qwen3" else "no QK-norm")
     if cfg.nope_every is not None:
-        raise _incompatible("model.nope_every", cfg.nope_every, "rotary positions in every layer")
+        raise _incompatible("model.nope_every", cfg.nope_every, family, "rotary positions in every layer")
     if cfg.attn_temperature != "none":
-        raise _incompatible("model.attn_temperature", cfg.attn_temperature, "no query temperature")
+        raise _incompatible("model.attn_temperature", cfg.attn_temperature, family, "no query temperature")
     # The encoding as built (evaluation reads a model with other scalings as data; it never swaps this module).
     position = model.position
     if not isinstance(position, RotaryEmbedding):
-        raise _incompatible("rope.variant", cfg.rope.variant, "rotary")
+        raise _incompatible("rope.variant", cfg.rope.variant, family, "rotary")
     if position.xpos_scale_base is not None:
-        raise _incompatible("rope.xpos_scale_base", position.xpos_scale_base, "plain rotary, no XPos")
+        raise _incompatible("rope.xpos_scale_base", position.xpos_scale_base, family, "plain rotary, no XPos")
     return position
 
 
@@ -86,7 +107,8 @@ def _permute_heads(weight: torch.Tensor, heads: int, perm: torch.Tensor) -> torc
 # dict, less rope_theta, as `rope_scaling`).
 
 
-def _rope_parameters(position: RotaryEmbedding, head_dim: int, context_length: int) -> tuple[dict, int]:
+def _rope_parameters(position: RotaryEmbedding, head_dim: int, context_length: int,
+                     label: str = "LLaMA") -> tuple[dict, int]:
     """HF `rope_parameters` reproducing the model's frequencies (each scaling states its own), and
     max_position_embeddings."""
     scaling, rotary_dim = position.scaling, position.rotary_dim
@@ -97,7 +119,7 @@ def _rope_parameters(position: RotaryEmbedding, head_dim: int, context_length: i
         # LLaMA rotates every channel; only HF's `proportional` type leaves some unrotated (zero
         # frequencies), and it has no yarn / llama3 / dynamic / longrope variant.
         raise ValueError(f"rope_scaling.type={scaling.name!r} with rope.rotary_dim={rotary_dim} < head_dim={head_dim} "
-                         "is not LLaMA-compatible (HF LLaMA rotates part of a head only with plain, linear or "
+                         f"is not {label}-compatible (HF {label} rotates part of a head only with plain, linear or "
                          "NTK frequencies, through its 'proportional' RoPE type)")
     # `proportional` spaces the r/2 frequencies over head_dim: base'^(−2i/head_dim) = base^(−2i/r).
     base = params["rope_theta"] ** (head_dim / rotary_dim)
@@ -134,39 +156,57 @@ def to_hf_llama(model: Transformer, attn_implementation: str = "sdpa") -> "trans
     differs, because HF caches rotated keys: dynamic NTK keeps the frequencies of the longest length seen so
     far, and LongRoPE's keys from before the sequence passed L0 stay rotated with the short factors.
     """
+    return to_hf(model, attn_implementation, family="llama")
+
+
+def to_hf(model: Transformer, attn_implementation: str = "sdpa", family: str | None = None):
+    """`model` as the transformers family that expresses it (hf_family: Llama, Qwen2 with q/k/v biases, Qwen3
+    with QK-norm), float32, eval mode, equal logits; what to_hf_llama says of LLaMA holds for each."""
     transformers = _import_transformers()
-    position = _check_architecture(model)
+    family = hf_family(model) if family is None else family
+    label, config_class, model_class = FAMILIES[family]
+    position = _check_architecture(model, family)
     cfg = model.cfg
     head_dim = cfg.head_dim
-    rope_params, max_positions = _rope_parameters(position, head_dim, cfg.context_length)
-    config = transformers.LlamaConfig(
+    rope_params, max_positions = _rope_parameters(position, head_dim, cfg.context_length, label)
+    extra = {"use_sliding_window": False} if family != "llama" else {"attention_bias": False, "mlp_bias": False}
+    config = getattr(transformers, config_class)(
         vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.hidden_dim,
         num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.kv_heads,
         head_dim=head_dim, hidden_act="silu", rms_norm_eps=cfg.norm_eps, max_position_embeddings=max_positions,
-        attention_bias=False, mlp_bias=False, attention_dropout=cfg.attn_dropout,
-        tie_word_embeddings=cfg.tie_embeddings, bos_token_id=None, eos_token_id=None, pad_token_id=None,
-        attn_implementation=attn_implementation, **_rope_kwargs(transformers, rope_params))
-    hf = transformers.LlamaForCausalLM(config)
+        attention_dropout=cfg.attn_dropout, tie_word_embeddings=cfg.tie_embeddings, bos_token_id=None,
+        eos_token_id=None, pad_token_id=None, attn_implementation=attn_implementation,
+        **extra, **_rope_kwargs(transformers, rope_params))
+    hf = getattr(transformers, model_class)(config)
 
     perm = rotary_permutation(position.variant, head_dim, position.rotary_dim)
-    q_size, kv_size = cfg.n_heads * head_dim, cfg.kv_heads * head_dim
+    sizes = [cfg.n_heads * head_dim, cfg.kv_heads * head_dim, cfg.kv_heads * head_dim]
     state = {"model.embed_tokens.weight": model.embed.weight, "model.norm.weight": model.norm.weight,
              "lm_head.weight": model.head.weight}  # the same tensor as the embedding when tied
     for i, block in enumerate(model.blocks):
         prefix = f"model.layers.{i}."
-        q, k, v = block.attn.qkv.weight.split([q_size, kv_size, kv_size])
+        attention = prefix + "self_attn."
+        q, k, v = block.attn.qkv.weight.split(sizes)
         gate, up = block.ffn.up.weight.chunk(2)  # fused rows: [gate | up]
         state.update({
-            prefix + "self_attn.q_proj.weight": _permute_heads(q, cfg.n_heads, perm),
-            prefix + "self_attn.k_proj.weight": _permute_heads(k, cfg.kv_heads, perm),
-            prefix + "self_attn.v_proj.weight": v,
-            prefix + "self_attn.o_proj.weight": block.attn.proj.weight,
+            attention + "q_proj.weight": _permute_heads(q, cfg.n_heads, perm),
+            attention + "k_proj.weight": _permute_heads(k, cfg.kv_heads, perm),
+            attention + "v_proj.weight": v,
+            attention + "o_proj.weight": block.attn.proj.weight,
             prefix + "input_layernorm.weight": block.attn_norm.weight,
             prefix + "post_attention_layernorm.weight": block.ffn_norm.weight,
             prefix + "mlp.gate_proj.weight": gate,
             prefix + "mlp.up_proj.weight": up,
             prefix + "mlp.down_proj.weight": block.ffn.down.weight,
         })
+        if cfg.qkv_bias:  # a bias is one more column of the projection: its entries move with the rows
+            q_bias, k_bias, v_bias = block.attn.qkv.bias.split(sizes)
+            state.update({attention + "q_proj.bias": _permute_heads(q_bias[:, None], cfg.n_heads, perm)[:, 0],
+                          attention + "k_proj.bias": _permute_heads(k_bias[:, None], cfg.kv_heads, perm)[:, 0],
+                          attention + "v_proj.bias": v_bias})
+        if cfg.qk_norm:  # RMSNorm over a head is blind to the channels' order; its gains follow the permutation
+            state.update({attention + "q_norm.weight": block.attn.q_norm.weight[perm],
+                          attention + "k_norm.weight": block.attn.k_norm.weight[perm]})
     # Copies (load_state_dict copies into HF's own parameters), in float32 whatever the model's dtype.
     hf.load_state_dict({name: t.detach().float() for name, t in state.items()}, strict=True)
     return hf.float().to(model.embed.weight.device).eval()
