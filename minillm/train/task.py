@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -20,6 +21,7 @@ from minillm.positions.base import Positions
 from minillm.positions.samplers import generator_for, sampler_config
 from minillm.precision import training_dtype
 from minillm.train.config import OptimConfig
+from minillm.train.lora import LoraConfig, apply_adapters, parameter_counts
 
 log = logging.getLogger("minillm")
 
@@ -133,7 +135,11 @@ class LanguageModelTask(L.LightningModule):
         # Training positions (minillm.positions.samplers), drawn per step from (seed, step, rank): a resume draws the same.
         self.sampler = sampler_config(positions)
         self.seed = seed
-        self.lora = lora  # LoraConfig's fields when fine-tuning with adapters (minillm.train.lora), else None
+        # Low-rank adapters (minillm.train.lora), put on in configure_model; None: every weight trains.
+        self.lora = None if lora is None else LoraConfig(**lora)
+        if self.lora is not None:
+            self.lora.check_model(self.model_cfg)
+            self.hparams["lora"] = dataclasses.asdict(self.lora)  # alpha resolved: what a checkpoint's merge reads
         self.compile = compile
         self.peak_flops = peak_flops
         self.max_bad_steps = max_bad_steps
@@ -144,8 +150,18 @@ class LanguageModelTask(L.LightningModule):
         self._peak_raised = False  # warned once that a step beat the peak
 
     def configure_model(self) -> None:
+        # Lightning calls this inside fit: after init_from's weights are in, before a resume's checkpoint is
+        # restored, whose state_dict then holds the adapters' entries. The adapters go on before compiling, so
+        # that the compiled blocks trace them.
+        if self.lora is not None:
+            apply_adapters(self.model, self.lora)
         if self.compile:
             self.model.compile_blocks()
+
+    def parameter_counts(self) -> dict[str, int]:
+        """The parameters training updates and all of them (the adapters' included): for the run's summary."""
+        trainable, total = parameter_counts(self.model)
+        return {"trainable_parameters": trainable, "total_parameters": total}
 
     def setup(self, stage: str) -> None:
         # Lightning calls setup before it moves the model, so self.device is still the CPU here; the
