@@ -7,6 +7,7 @@ from typing import Any, Optional
 
 from minillm.data.config import DataConfig
 from minillm.data.ruler import RULER_TASKS
+from minillm.interop.pretrained import is_pretrained
 from minillm.positions.methods import ATTENTION_METHODS
 from minillm.positions.scaling import SCALINGS
 from minillm.precision import EVAL_PRECISIONS
@@ -33,8 +34,10 @@ class EvalConfig:
     lengths: Optional[list[int]] = None  # None: 1, 2, 4, 8, 16 × each model's training length
     # The frequency scalings applied to rotary models (others are read as trained): a list, one name, or all (every
     # scaling a factor defines: none, linear, ntk, dynamic_ntk, yarn, dynamic_yarn, llama3), each a pass as long.
-    # Two by default: a default run's evaluation then takes minutes on 2 CPU cores.
+    # Two by default: a default run's evaluation then takes minutes on 2 CPU cores. longrope reads factors searched
+    # for the model (scripts/longrope_search.py): longrope_factors, else a run folder's longrope.json.
     scalings: Any = field(default_factory=lambda: ["none", "yarn"])
+    longrope_factors: Optional[str] = None  # a result of scripts/longrope_search.py for scalings=[..., longrope]
     scaling_factor: Optional[float] = None  # None: eval length / trained length (dynamic_ntk: 1)
     # the attention methods each model is read under: full, blockwise, sliding, self_extend, rerope, leaky_rerope,
     # lm_infinite, sinks (minillm.positions.methods)
@@ -98,8 +101,12 @@ class EvalConfig:
         self.scalings = list(ALL_SCALINGS) if "all" in names else list(names)
         for method in self.scalings:
             choice(method, "scalings", [*SCALINGS, "all"])  # an unknown name is offered all too
-            require(SCALINGS[method].from_factor, "scalings", f"{method} needs factors searched for the model (a "
-                     f"checkpoint trained or imported with rope_scaling={method} keeps them: evaluate it with none)")
+        require(self.longrope_factors is None or "longrope" in self.scalings, "longrope_factors",
+                f"factors for scalings=[..., longrope], which does not name it: {self.scalings}")
+        if "longrope" in self.scalings and self.longrope_factors is None:
+            for path in self.checkpoints:  # an imported model has no run folder to hold its factors
+                require(not is_pretrained(path), "scalings", f"longrope needs factors searched for {path}: run "
+                        f"scripts/longrope_search.py ckpt={path}, then pass longrope_factors=<its longrope.json>")
         for method in self.attention:
             choice(method, "attention", ATTENTION_METHODS)
         if self.scaling_factor is not None:

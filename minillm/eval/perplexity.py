@@ -78,12 +78,19 @@ class PerplexityRecord(Record):
 # Inference-time frequency scaling of a trained rotary model (no retraining)
 
 
-def scaling_for(method: str, length: int, trained_length: int, given: Optional[float]) -> Scaling:
+def scaling_for(method: str, length: int, trained_length: int, given: Optional[float],
+                searched: Optional[Scaling] = None) -> Scaling:
     """The scaling `method` for an evaluation at `length`: factor = given, else the method's own rule
-    (length / trained length; dynamic NTK: 1)."""
+    (length / trained length; dynamic NTK: 1). A scaling whose factors are searched per model (longrope) is
+    `searched` as it is, at every length (its factor is the one searched for; its switch follows the length)."""
     cls = SCALINGS[method]
     if cls.name == "none":
         return cls()
+    if not cls.from_factor:
+        if searched is None or searched.name != method:
+            raise ValueError(f"scalings: {method} needs factors searched for the model "
+                             f"(scripts/longrope_search.py)")
+        return searched
     factor = given if given is not None else cls().factor_for(length, trained_length)
     return cls(factor=factor, original_max_position=trained_length)
 

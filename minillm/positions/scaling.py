@@ -8,8 +8,10 @@ Adding a scaling means one class registered here with `@register_scaling` and on
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar, Optional
 
 import torch
@@ -349,6 +351,8 @@ class LongRopeScaling(Scaling):
     short_factor: Optional[list[float]] = None  # λ_i up to L0, rotary_dim/2 values (checked against the model)
     long_factor: Optional[list[float]] = None  # λ_i past L0, rotary_dim/2 values
     attention_factor: Optional[float] = None  # None: sqrt(1 + ln(factor)/ln(L0)) (Phi-3)
+    # a result of scripts/longrope_search.py, read once into factor, original_max_position and both factor lists
+    factors: Optional[str] = None
 
     needs_original: ClassVar[bool] = True
     dynamic: ClassVar[bool] = True
@@ -356,6 +360,8 @@ class LongRopeScaling(Scaling):
     from_factor: ClassVar[bool] = False  # its per-frequency factors are searched for one model
 
     def __post_init__(self) -> None:
+        if self.factors is not None and (self.short_factor is None or self.long_factor is None):
+            self.read_factors()  # once: a checkpoint keeps the lists, and its rebuild needs no file
         super().__post_init__()
         for name in ("short_factor", "long_factor"):
             values = getattr(self, name)
@@ -369,13 +375,35 @@ class LongRopeScaling(Scaling):
             positive(self.attention_factor, "rope_scaling.attention_factor")
         finite(self, "rope_scaling", LongRopeScaling)
 
+    def read_factors(self) -> None:
+        """factor, original_max_position and both lists from the result file `factors` (a given
+        original_max_position must agree with it)."""
+        require(self.short_factor is None and self.long_factor is None, "rope_scaling.factors",
+                 "give the searched file or short_factor and long_factor, not both")
+        try:
+            result = json.loads(Path(self.factors).expanduser().read_text())
+        except (OSError, ValueError) as error:
+            raise ValueError(f"rope_scaling.factors: {self.factors} cannot be read as a LongRoPE search result "
+                             f"({getattr(error, 'strerror', None) or error})") from None
+        keys = ("factor", "original_max_position", "short_factor", "long_factor")
+        require(isinstance(result, dict) and result.get("type") == "longrope" and all(k in result for k in keys),
+                 "rope_scaling.factors", f"{self.factors} is no result of scripts/longrope_search.py (it needs "
+                 f"type: longrope, {', '.join(keys)})")
+        require(self.original_max_position in (None, result["original_max_position"]), "rope_scaling.factors",
+                 f"{self.factors} was searched for a trained length of {result['original_max_position']}, "
+                 f"rope_scaling.original_max_position is {self.original_max_position}")
+        self.factor, self.original_max_position = float(result["factor"]), int(result["original_max_position"])
+        self.short_factor, self.long_factor = result["short_factor"], result["long_factor"]
+
     def check_dim(self, rotary_dim: int) -> None:
+        where = f" ({self.factors} was searched for another model)" if self.factors is not None else ""
         for name in ("short_factor", "long_factor"):
             values = getattr(self, name)
             require(values is not None, f"rope_scaling.{name}",
-                     f"longrope needs its searched factors, one per frequency: {rotary_dim // 2} values")
+                     f"longrope needs its searched factors, one per frequency: {rotary_dim // 2} values "
+                     f"(rope_scaling.factors=<a result of scripts/longrope_search.py>)")
             require(len(values) == rotary_dim // 2, f"rope_scaling.{name}",
-                     f"needs one factor per frequency, rotary_dim/2 = {rotary_dim // 2}, got {len(values)}")
+                     f"needs one factor per frequency, rotary_dim/2 = {rotary_dim // 2}, got {len(values)}{where}")
 
     def check_length(self, trained_length: int) -> None:
         require(self.attention_factor is not None or self.factor <= 1.0 or trained_length >= 2,

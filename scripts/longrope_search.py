@@ -1,0 +1,37 @@
+"""Search LongRoPE's rescale factors for one model: python scripts/longrope_search.py ckpt=<run folder, hf:, .gguf>."""
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from minillm.cli import register_configs
+from minillm.console import run_script
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="longrope_search")
+def main(cfg: DictConfig) -> None:
+    from minillm.console import Stopped, fail, quiet_libraries
+
+    try:
+        from minillm.eval.longrope_search import run_search
+        from minillm.registry import to_run_config
+
+        if not cfg.get("verbose", False):
+            quiet_libraries()
+        settings = to_run_config(cfg)
+        out, result = run_search(settings)
+    except (ValueError, OSError, Stopped) as error:  # bad model, setting, length, log: named in one line
+        fail(error)
+    seeds = ", ".join(f"{name} {value['ppl']:.4f}" for name, value in result["seeds"].items())
+    print(f"best ppl {result['best']['ppl']:.4f} ({result['best']['origin']}, candidate {result['best']['index']}) "
+          f"at {result['fitness_length']} tokens; seeds: {seeds}")
+    print(f"factors in {out}", flush=True)
+
+
+if __name__ == "__main__":
+    register_configs()
+    from minillm.eval.longrope_search import register_schema
+
+    register_schema()
+    run_script(main)
