@@ -813,7 +813,7 @@ def test_the_default_scalings_are_few_and_all_is_the_full_sweep():
     for bad, message in [("lots", "scalings: got 'lots'"), ([], "scalings: name scalings"), (3, "scalings: name"),
                          (["longrope"], "scalings: longrope needs factors")]:
         with pytest.raises(ValueError, match=message):
-            EvalConfig(ckpt="-", scalings=bad)
+            EvalConfig(ckpt="x.gguf", scalings=bad)
 
 
 FLOAT_SETTINGS = ("scaling_factor", "effective_threshold", "effective_min_exact_match", "effective_absolute",

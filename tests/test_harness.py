@@ -293,7 +293,7 @@ def test_a_local_task_through_simple_evaluate_scores_what_we_compute(lm, run, tm
 
 @pytest.mark.parametrize("model_args, message", [
     ({"scaling": "bogus"}, r"^scaling: got 'bogus', expected one of \['dynamic_ntk', "),
-    ({"scaling": "longrope"}, r"^scaling: longrope needs factors searched for the model"),
+    ({"scaling": "longrope"}, r"^scaling: longrope needs factors searched for .*: run scripts/longrope_search.py"),
     ({"attention": "sideways"}, r"^attention: got 'sideways', expected one of \['blockwise', "),
     ({"factor": -2}, r"^factor: must be a finite positive number, got -2"),
     ({"max_length": 0}, r"^max_length: must be a positive whole number, got 0"),

@@ -41,6 +41,7 @@ except ImportError as missing:
         sys.exit(2)
     raise ImportError(MISSING) from missing
 
+from minillm.eval.longrope_search import searched_for
 from minillm.eval.perplexity import scaling_for
 from minillm.positions.methods import ATTENTION_METHODS, attention_method
 from minillm.positions.scaling import SCALINGS
@@ -61,9 +62,12 @@ class HarnessConfig:
     """The minillm model of lm-evaluation-harness (--model_args key=value,...)."""
 
     ckpt: str  # one model: a run folder, a .ckpt, hf:<folder or hub id>, or a .gguf file (as the evaluation's ckpt)
-    # the frequency scaling a rotary model is read under (none, linear, ntk, dynamic_ntk, yarn, dynamic_yarn, llama3)
+    # the frequency scaling a rotary model is read under (none, linear, ntk, dynamic_ntk, yarn, dynamic_yarn, llama3,
+    # longrope)
     scaling: str = "none"
     factor: Optional[float] = None  # the scaling's factor; None: max_length / trained length (dynamic_ntk: 1)
+    # scaling=longrope: a result of scripts/longrope_search.py for this model; None: the run folder's longrope.json
+    longrope_factors: Optional[str] = None
     # the attention method, with its default knobs: full, blockwise, sliding, self_extend, rerope, leaky_rerope,
     # lm_infinite, sinks (minillm.positions.methods)
     attention: str = "full"
@@ -83,7 +87,8 @@ class HarnessConfig:
                                                                         "or .gguf file")
         self.scaling = "none" if self.scaling is None else str(self.scaling)  # lm_eval reads scaling=none as None
         choice(self.scaling, "scaling", SCALINGS)
-        require(SCALINGS[self.scaling].from_factor, "scaling", f"{self.scaling} needs factors searched for the model")
+        require(self.longrope_factors is None or self.scaling == "longrope", "longrope_factors",
+                f"factors for scaling=longrope, not {self.scaling}")
         if self.factor is not None:
             self.factor = float(self.factor)
             positive(self.factor, "factor")
@@ -211,7 +216,8 @@ class MiniLLM(TemplateLM):
             self.max_length = round(trained * config.factor) if config.factor is not None else trained
         else:
             self.max_length = config.max_length
-        self.scaling = scaling_for(config.scaling, self.max_length, trained, config.factor)
+        searched = searched_for(config.ckpt, trained, config.longrope_factors) if config.scaling == "longrope" else None
+        self.scaling = scaling_for(config.scaling, self.max_length, trained, config.factor, searched)
         limit = model.cfg.rope.max_position(trained)
         require(limit is None or self.max_length <= limit, "max_length",
                 f"{self.max_length} is past {model.cfg.rope.variant} positions, which stop at {limit}")

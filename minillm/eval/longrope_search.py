@@ -314,12 +314,15 @@ def log_path(result: Path) -> Path:
     return result.with_name(result.name.removesuffix(".json") + LOG_SUFFIX)
 
 
-def searched_scaling(location: str, is_run: bool, trained: int, factors: Optional[str]) -> LongRopeScaling:
+def searched_scaling(location: str, is_run: bool, trained: int, factors: Optional[str],
+                     setting: str = "scalings") -> LongRopeScaling:
     """The longrope scaling an evaluation reads the model at `location` with: the result file `factors`, else the
     run folder's longrope.json; refused by name when there is none, or when it was searched for another model."""
     result = Path(factors).expanduser() if factors is not None else (
         default_result(location, True) if is_run else None)
-    require(result is not None and result.is_file(), "scalings", f"longrope needs factors searched for {location}: "
+    if factors is not None:
+        require(result.is_file(), "longrope_factors", f"{result} does not exist")
+    require(result is not None and result.is_file(), setting, f"longrope needs factors searched for {location}: "
             f"run scripts/longrope_search.py ckpt={location} (or name a result with longrope_factors=<file>)")
     scaling = LongRopeScaling(factors=str(result))
     written = json.loads(result.read_text()).get("model") or {}
@@ -330,6 +333,16 @@ def searched_scaling(location: str, is_run: bool, trained: int, factors: Optiona
     require(scaling.original == trained, "longrope_factors", f"{result} was searched at a trained length of "
             f"{scaling.original}, this model is read at {trained}")
     return scaling
+
+
+def searched_for(ckpt: str, trained: int, factors: Optional[str]) -> LongRopeScaling:
+    """searched_scaling for the one model the harness's `ckpt` names (a run folder, .ckpt, hf:, .gguf)."""
+    from minillm.interop.pretrained import PretrainedSource, is_pretrained
+    from minillm.runs import find_runs
+
+    if is_pretrained(ckpt):
+        return searched_scaling(PretrainedSource.parse(ckpt).location, False, trained, factors, "scaling")
+    return searched_scaling(str(find_runs(ckpt)[0].checkpoint), True, trained, factors, "scaling")
 
 
 def write_result(path: Path, candidates: list[Candidate], identity: dict, scale: float, trained: int) -> dict:

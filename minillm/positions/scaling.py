@@ -396,14 +396,17 @@ class LongRopeScaling(Scaling):
         self.short_factor, self.long_factor = result["short_factor"], result["long_factor"]
 
     def check_dim(self, rotary_dim: int) -> None:
-        where = f" ({self.factors} was searched for another model)" if self.factors is not None else ""
+        if self.factors is not None and self.long_factor is not None:
+            require(len(self.long_factor) == rotary_dim // 2, "rope_scaling.factors",
+                     f"{self.factors} holds {len(self.long_factor)} factors, this model has rotary_dim/2 = "
+                     f"{rotary_dim // 2} frequencies: it was searched for another model")
         for name in ("short_factor", "long_factor"):
             values = getattr(self, name)
             require(values is not None, f"rope_scaling.{name}",
                      f"longrope needs its searched factors, one per frequency: {rotary_dim // 2} values "
                      f"(rope_scaling.factors=<a result of scripts/longrope_search.py>)")
             require(len(values) == rotary_dim // 2, f"rope_scaling.{name}",
-                     f"needs one factor per frequency, rotary_dim/2 = {rotary_dim // 2}, got {len(values)}{where}")
+                     f"needs one factor per frequency, rotary_dim/2 = {rotary_dim // 2}, got {len(values)}")
 
     def check_length(self, trained_length: int) -> None:
         require(self.attention_factor is not None or self.factor <= 1.0 or trained_length >= 2,
