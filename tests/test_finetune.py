@@ -190,7 +190,7 @@ def test_a_pose_fine_tuning_resumed_mid_run_ends_where_an_uninterrupted_one_does
 
 
 def test_load_weights_gives_the_source_weights_exactly(source):
-    from minillm.train.finetune import load_source, load_weights, source_group
+    from minillm.train.finetune import load_source, load_weights
     from minillm.model.transformer import Transformer
 
     loaded = load_source(str(source))
@@ -198,4 +198,4 @@ def test_load_weights_gives_the_source_weights_exactly(source):
     load_weights(model, loaded)
     original = load_checkpoint(source / "checkpoints" / "best.ckpt")["state_dict"]
     assert all(torch.equal(model.state_dict()[k.removeprefix("model.")], v) for k, v in original.items())
-    assert source_group(loaded) == source.name  # the source logged without a group: its folder names the group
+    assert loaded.group() == source.name  # the source logged without a group: its folder names the group

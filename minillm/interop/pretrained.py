@@ -299,12 +299,25 @@ class PretrainedSource:
                                   f"config.json, or a .gguf file)")
         if not (self.path / "config.json").is_file():
             raise CheckpointError(f"ckpt: {self.path} has no config.json (not a transformers checkpoint folder)")
-        weights = sorted(self.path.glob("*.safetensors")) or sorted(self.path.glob("*.bin"))
+        weights = self.weight_files()
         if not weights:
             raise CheckpointError(f"ckpt: {self.path} has no *.safetensors weights")
         for file in weights:
             if file.suffix == ".safetensors":
                 _check_safetensors(file)
+
+    def weight_files(self) -> list[Path]:
+        """The files the weights are read from: the GGUF file, or the folder's (a hub id's cached snapshot's)
+        *.safetensors, else its *.bin."""
+        if self.gguf:
+            return [self.path]
+        if self.local:
+            folder = self.path
+        else:  # read after load(): the files it fetched are in the hub's cache
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(self.location, local_files_only=True))
+        return sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
 
     def _from_pretrained_args(self) -> tuple[str, dict]:
         if self.gguf:

@@ -90,21 +90,26 @@ def _train(cfg: DictConfig, run_dir: Path, overrides: Sequence[str], progress: d
                           f"{run.trainer.devices!r} and trainer.strategy={run.trainer.strategy!r}: "
                           f"{str(error).splitlines()[0]}") from error
     L.seed_everything(run.seed, workers=True, verbose=False)
+    source = None
+    if resume is None and run.init_from is not None:  # a fine-tuning: the source's shape, encoding, tokenizer
+        from minillm.train.finetune import ImportedSource, from_source, load_source
+
+        log.info("starting from init_from=%s", run.init_from)
+        source = load_source(run.init_from)  # an imported model: its weights held from here (one float32 copy)
+        run = from_source(run, source, overrides, folder.tokenizer)
+        if isinstance(source, ImportedSource):  # its own tokenizer becomes the run's, read by the data from there
+            write_atomic(folder.tokenizer, source.tokenizer_json())
     log.info("%s %s: %d steps of %d × %d tokens, in %s", "resuming" if resume else "training", run.model.label,
              run.trainer.max_steps, run.data.batch_size, run.model.context_length, run_dir)
     log.info("precision %s (%s)", precision, precision_reason)
-
-    source = None
-    if resume is None and run.init_from is not None:  # a fine-tuning: the source's shape, encoding, tokenizer
-        from minillm.train.finetune import from_source, load_source
-
-        source = load_source(run.init_from)
-        run = from_source(run, source, overrides)
     data = load_data(run)
-    if source is not None and data.vocab_size != source.model.vocab_size:
-        raise ConfigError(f"init_from: {source.run.tokenizer} has {data.vocab_size} tokens, its checkpoint's model "
-                          f"{source.model.vocab_size}: the run folder's tokenizer is not the checkpoint's")
-    run.model = dataclasses.replace(run.model, vocab_size=data.vocab_size)  # the tokenizer decides
+    if run.init_from is None:
+        run.model = dataclasses.replace(run.model, vocab_size=data.vocab_size)  # the tokenizer decides
+    elif data.vocab_size > run.model.vocab_size or (source is not None and not isinstance(source, ImportedSource)
+                                                    and data.vocab_size != run.model.vocab_size):
+        # A fine-tuning's vocabulary is its source's; an imported embedding may have rows past its tokenizer (Qwen)
+        raise ConfigError(f"init_from: {run.tokenizer.path} has {data.vocab_size} tokens, the model of "
+                          f"init_from={run.init_from} {run.model.vocab_size}: the tokenizer is not the model's")
     if resume is None:
         resolved = OmegaConf.to_container(OmegaConf.structured(run))
         data.save_tokenizer(folder.tokenizer)
@@ -119,16 +124,20 @@ def _train(cfg: DictConfig, run_dir: Path, overrides: Sequence[str], progress: d
                              positions=dataclasses.asdict(run.sampler), seed=run.seed,
                              lora=dataclasses.asdict(run.lora) if run.lora.enabled else None)
     origin = {}
-    if source is not None:
-        from minillm.train.finetune import load_weights, source_group
+    if source is not None:  # before fit: LoRA's adapters (the task's configure_model) go on the loaded weights
+        from minillm.train.finetune import load_weights
 
-        load_weights(task.model, source)
+        load_weights(task.model, source)  # the source lets go of its copy
         origin = {"init_from_source": source.record()}
         write_atomic(folder.init_from, json.dumps(origin["init_from_source"], indent=2))  # before any step
-    elif run.init_from is not None and (recorded := folder.source_record()) is not None:  # resumed: as recorded
-        origin = {"init_from_source": recorded}
+    elif run.init_from is not None:  # resumed: the source as recorded, never imported again
+        recorded = folder.source_record() or RunFolder.of_checkpoint(resume.checkpoint).source_record()
+        if recorded is not None:
+            origin = {"init_from_source": recorded}
+            if not folder.init_from.is_file():  # continued in another folder: it records its source too
+                write_atomic(folder.init_from, json.dumps(recorded, indent=2))
     resume_id = folder.wandb_run_id() if resume is not None else None  # the same W&B run, not a second one
-    group = source_group(source) if source is not None else None
+    group = source.group() if source is not None else None
     used = {"precision_used": precision, "precision_reason": precision_reason}
     # A new run starts metrics.csv afresh (step 0 on), whatever a run killed before its first checkpoint left.
     loggers = make_loggers(run, run_dir, {**resolved, "data_fingerprint": data.fingerprint, **used, **origin}, resume_id,
