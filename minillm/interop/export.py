@@ -4,6 +4,10 @@ equal logits, and saved as a transformers folder with its tokenizer."""
 from __future__ import annotations
 
 import inspect
+import os
+import shutil
+import tempfile
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -12,6 +16,7 @@ from minillm.model.transformer import Transformer
 from minillm.positions.rotary import RotaryEmbedding
 
 if TYPE_CHECKING:  # transformers is the optional `interop` extra
+    import tokenizers
     import transformers
 
 
@@ -210,3 +215,60 @@ def to_hf(model: Transformer, attn_implementation: str = "sdpa", family: str | N
     # Copies (load_state_dict copies into HF's own parameters), in float32 whatever the model's dtype.
     hf.load_state_dict({name: t.detach().float() for name, t in state.items()}, strict=True)
     return hf.float().to(model.embed.weight.device).eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# A transformers folder: the model (config.json with the rope parameters, safetensors) and its tokenizer.
+
+
+def hf_tokenizer(tokenizer: "tokenizers.Tokenizer", eos_token: str | None = None):
+    """The tokenizer as transformers' PreTrainedTokenizerFast; eos_token (where the vocabulary has it) is its end
+    of sequence and its padding, and nothing is prepended (minillm trains without a BOS)."""
+    transformers = _import_transformers()
+    special = {}
+    if eos_token is not None and tokenizer.token_to_id(eos_token) is not None:
+        special = {"eos_token": eos_token, "pad_token": eos_token}
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, **special)
+
+
+def save_hf_folder(model: Transformer, tokenizer: "tokenizers.Tokenizer", out: Path,
+                   eos_token: str | None = None, dtype: torch.dtype = torch.float32) -> Path:
+    """`model` (as to_hf builds it, its weights in dtype) and its tokenizer saved into the folder `out`, which
+    AutoModelForCausalLM and AutoTokenizer load; every refusal comes before anything is written, and `out` is replaced whole or not at all."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out={str(out)!r} is a file: name a folder for format=hf")
+    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
+        raise ValueError(f"out={str(out)!r} is a folder with other files (no config.json): name a new folder")
+    hf = to_hf(model).to(dtype)
+    fast = hf_tokenizer(tokenizer, eos_token)
+    if len(fast) > hf.config.vocab_size:
+        raise ValueError(f"tokenizer.json: {len(fast)} tokens, more than the model's vocab_size={hf.config.vocab_size}")
+    for settings in (hf.config, hf.generation_config):
+        settings.eos_token_id = fast.eos_token_id
+        settings.pad_token_id = fast.pad_token_id
+
+    def fill(folder: Path) -> None:
+        hf.save_pretrained(folder)
+        fast.save_pretrained(folder)
+
+    _write_folder(out, fill)
+    return out
+
+
+def _write_folder(out: Path, fill) -> None:
+    """fill() a sibling folder, then swap it in for `out` (renames): a failure or a kill leaves `out` as it was."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    aside = out.with_name(f".{out.name}.{os.getpid()}.old")
+    try:
+        fill(staging)
+        if out.exists():
+            os.replace(out, aside)
+        os.replace(staging, out)
+    except BaseException:
+        if aside.exists() and not out.exists():
+            os.replace(aside, out)
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)

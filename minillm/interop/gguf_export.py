@@ -40,15 +40,14 @@ def _import_gguf():
 def _check_expressible(model: Transformer, hf) -> None:
     """Raise, naming the setting, for what transformers' GGUF reader would read back as another model."""
     cfg, config = model.cfg, hf.config
-    params = config.rope_parameters
+    family, params = config.model_type, config.rope_parameters
+    if model.position.rotary_dim != cfg.head_dim:  # HF's `proportional` RoPE: no rope type the reader sets
+        raise ValueError(f"rope.rotary_dim={model.position.rotary_dim} < head_dim={cfg.head_dim} cannot go into a "
+                         f"GGUF file that transformers reads back: its reader rotates whole heads")
     if params["rope_type"] != "default":  # static NTK is plain RoPE with another base: that one survives
         raise ValueError(f"rope_scaling.type={cfg.rope_scaling.name!r} cannot go into a GGUF file that transformers "
-                         f"reads back: its GGUF reader ignores {config.model_type}.rope.scaling.* and would load "
+                         f"reads back: its GGUF reader ignores {family}.rope.scaling.* and would load "
                          f"plain RoPE (use format=hf, or a scaling of plain frequencies: none, ntk)")
-    family = config.model_type
-    if family == "llama" and model.position.rotary_dim != cfg.head_dim:
-        raise ValueError(f"rope.rotary_dim={model.position.rotary_dim} < head_dim={cfg.head_dim} cannot go into a "
-                         f"GGUF file: transformers' reader takes llama.rope.dimension_count as the head size")
     expected = cfg.d_model // cfg.n_heads if family == "qwen2" else \
         type(config)().head_dim if family == "qwen3" else cfg.head_dim
     if cfg.head_dim != expected:
