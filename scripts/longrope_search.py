@@ -30,8 +30,10 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    register_configs()
-    from minillm.eval.longrope_search import register_schema
+    from hydra.core.config_store import ConfigStore
 
-    register_schema()
+    from minillm.eval.longrope_search import LongRopeSearchConfig
+
+    register_configs()
+    ConfigStore.instance().store(name="longrope_search_schema", node=LongRopeSearchConfig)
     run_script(main)

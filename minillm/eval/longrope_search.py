@@ -382,20 +382,12 @@ def fitness(model, tokens: torch.Tensor, length: int, scaling_of: Callable[[np.n
     return score
 
 
-def search_device(requested: str) -> torch.device:
-    """The device `device=` names; auto: cuda when there is one."""
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}.get(requested, True)
-    require(available, "device", f"torch sees no {requested} device here; use device=cpu (or device=auto)")
-    return torch.device(requested)
-
-
 def run_search(settings: LongRopeSearchConfig) -> tuple[Path, dict]:
     """Load the model and its held-out text, search, write the result: (its path, its contents)."""
     from tqdm.auto import tqdm
 
     from minillm.console import shares_console
+    from minillm.eval.run import _device  # the evaluation's device rule (this room's)
     from minillm.eval.perplexity import evaluation_tokens
     from minillm.eval.sources import pretrained_documents, trained_subject
     from minillm.interop.pretrained import PretrainedSource, is_pretrained
@@ -413,7 +405,7 @@ def run_search(settings: LongRopeSearchConfig) -> tuple[Path, dict]:
         require(len(runs) == 1, "ckpt", f"{settings.ckpt} names {len(runs)} runs; name one run folder or checkpoint")
         subject = trained_subject(runs[0], torch.device("cpu"))
         model, location, is_run, documents = subject.model, str(runs[0].checkpoint), True, subject.documents
-    device = search_device(settings.device)
+    device = _device(settings.device)
     model = model.to(device).eval()
     rope = model.position
     require(isinstance(rope, RotaryEmbedding), "ckpt", f"{location} has {model.cfg.rope.variant} positions: "
@@ -451,11 +443,3 @@ def run_search(settings: LongRopeSearchConfig) -> tuple[Path, dict]:
         candidates = evolve(fitness(model, tokens, length, scaling_of), seeds, settings, scale, search_log, progress)
     bar.close()
     return out, write_result(out, candidates, identity, scale, trained)
-
-
-def register_schema() -> None:
-    """The search's schema in Hydra's ConfigStore (conf/longrope_search.yaml extends it)."""
-    from hydra.core.config_store import ConfigStore
-
-    ConfigStore.instance().store(name="longrope_search_schema", node=LongRopeSearchConfig)
-
