@@ -27,6 +27,17 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, corrupt or not one of ours; the message names the file."""
 
 
+class InFolder:
+    """A path in a run folder, read as an attribute of it: RunFolder.summary = InFolder("summary.json") makes
+    folder.summary the Path <folder>/summary.json."""
+
+    def __init__(self, *parts: str):
+        self.parts = parts
+
+    def __get__(self, folder: Optional["RunFolder"], owner: type) -> "Path | InFolder":
+        return self if folder is None else folder.path.joinpath(*self.parts)
+
+
 class RunFolder:
     """A training run's folder as training writes it (train.py's hydra.run.dir):
 
@@ -85,49 +96,17 @@ class RunFolder:
     def name(self) -> str:
         return self.path.name
 
-    @property
-    def config(self) -> Path:
-        return self.path / "config.yaml"
-
-    @property
-    def tokenizer(self) -> Path:
-        return self.path / "tokenizer.json"
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.path / self.CHECKPOINTS
-
-    @property
-    def best_checkpoint(self) -> Path:
-        return self.checkpoints / f"{self.BEST}.ckpt"
-
-    @property
-    def last_checkpoint(self) -> Path:
-        return self.checkpoints / f"{self.LAST}.ckpt"
-
-    @property
-    def summary(self) -> Path:
-        return self.path / "summary.json"
-
-    @property
-    def metrics(self) -> Path:
-        return self.path / "metrics.csv"
-
-    @property
-    def init_from(self) -> Path:
-        return self.path / "init_from.json"
-
-    @property
-    def curve_plot(self) -> Path:
-        return self.path / "val_loss.png"
-
-    @property
-    def log(self) -> Path:
-        return self.path / "train.log"
-
-    @property
-    def wandb(self) -> Path:
-        return self.path / "wandb"
+    config = InFolder("config.yaml")
+    tokenizer = InFolder("tokenizer.json")
+    checkpoints = InFolder(CHECKPOINTS)
+    best_checkpoint = InFolder(CHECKPOINTS, f"{BEST}.ckpt")
+    last_checkpoint = InFolder(CHECKPOINTS, f"{LAST}.ckpt")
+    summary = InFolder("summary.json")
+    metrics = InFolder("metrics.csv")
+    init_from = InFolder("init_from.json")
+    curve_plot = InFolder("val_loss.png")
+    log = InFolder("train.log")
+    wandb = InFolder("wandb")
 
     def best_or_last(self) -> Optional[Path]:
         """best.ckpt (lowest validation loss) when there is one, else last.ckpt; None when neither is there."""
@@ -266,7 +245,7 @@ class Run(RunFolder):
         checkpoint = load_checkpoint(self.checkpoint)
         self._model_config = checkpoint_model_config(checkpoint, self.checkpoint)
         # Only what is read from here on is kept: the optimizer's state (twice the weights for AdamW) is not.
-        self._weights = model_weights(checkpoint)
+        self._weights = model_weights(checkpoint, self.checkpoint)
         self._step = int(checkpoint.get("global_step", 0))
 
     @property
@@ -421,10 +400,32 @@ def checkpoint_model_config(checkpoint: dict, path: str | Path) -> ModelConfig:
         raise CheckpointError(f"checkpoint {path} holds an invalid model config: {load_failure(error)}") from error
 
 
-def model_weights(checkpoint: dict) -> dict[str, torch.Tensor]:
-    """The Transformer's weights in a training checkpoint: its state_dict's "model." entries, without the prefix."""
-    prefix = "model."
-    return {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+def model_weights(checkpoint: dict, path: str | Path) -> dict[str, torch.Tensor]:
+    """The Transformer's weights in a training checkpoint: its state_dict's "model." entries, without the prefix;
+    a LoRA run's adapters (hyper_parameters.lora) merged into them, so that every reader sees one plain model."""
+    prefix, lora = "model.", checkpoint["hyper_parameters"].get("lora")
+    weights = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+    try:
+        return merge_adapters(weights, float(lora["alpha"]) / int(lora["rank"])) if lora else weights
+    except (KeyError, TypeError, ValueError, RuntimeError, ZeroDivisionError) as error:
+        raise CheckpointError(f"checkpoint {path}: its LoRA adapters do not merge ({load_failure(error)})") from error
+
+
+# peft's layout of an adapted linear layer <name>: <name>.base_layer.weight (and .bias), the frozen layer, with
+# <name>.lora_A.<adapter>.weight (r, in) and <name>.lora_B.<adapter>.weight (out, r).
+LORA_A = re.compile(r"(.+)\.lora_A\.([^.]+)\.weight")
+
+
+def merge_adapters(weights: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
+    """peft's adapted layers as plain ones under the model's own names: W' = W + scale·B·A, scale = alpha / r
+    (Hu et al. 2021, arXiv:2106.09685, eq. 3 and sec. 4.1), computed in float32, stored in W's dtype."""
+    plain = {k.replace(".base_layer.", "."): v for k, v in weights.items() if ".lora_" not in k}
+    for name, a in weights.items():
+        if (entry := LORA_A.fullmatch(name)) is not None:
+            layer, adapter = entry.groups()
+            b, base = weights[f"{layer}.lora_B.{adapter}.weight"], plain[f"{layer}.weight"]
+            plain[f"{layer}.weight"] = (base.float() + scale * (b.float() @ a.float())).to(base.dtype)
+    return plain
 
 
 def build_model(cfg: ModelConfig, weights: dict[str, torch.Tensor], path: str | Path) -> Transformer:
@@ -446,4 +447,4 @@ def build_model(cfg: ModelConfig, weights: dict[str, torch.Tensor], path: str | 
 def load_model(path: str | Path) -> Transformer:
     """Rebuild the Transformer stored in a training checkpoint, in eval mode, on the CPU."""
     checkpoint = load_checkpoint(path)
-    return build_model(checkpoint_model_config(checkpoint, path), model_weights(checkpoint), path)
+    return build_model(checkpoint_model_config(checkpoint, path), model_weights(checkpoint, path), path)
