@@ -93,7 +93,8 @@ def test_a_run_starts_from_the_checkpoints_weights_and_architecture(family, tmp_
     run's YaRN those of transformers' YaRN model of the same weights; everything the weights fix is the source's."""
     hf = checkpoint(family, tmp_path / family, rms_norm_eps=1e-5)
     before = digest(tmp_path / family)
-    overrides = run_args(f"hf:{tmp_path / family}", corpus, tmp_path / "run", *POSE)
+    overrides = run_args(f"hf:{tmp_path / family}", corpus, tmp_path / "run", *POSE,
+                         f"tokenizer.path={tmp_path / family / 'tokenizer.json'}")  # the model's own: accepted
     run = to_run_config(composed(*overrides))
     source = load_source(run.init_from)
     tuned = from_source(run, source, overrides, tmp_path / "run" / "tokenizer.json")
@@ -105,6 +106,10 @@ def test_a_run_starts_from_the_checkpoints_weights_and_architecture(family, tmp_
     assert tuned.model.context_length == 16 and tuned.model.rope_scaling == YarnScaling(factor=4.0, original_max_position=32)
     assert tuned.sampler.target_length == 128  # PoSE reaches the scaling's extended length: 32 × 4
     assert tuned.tokenizer.path == str(tmp_path / "run" / "tokenizer.json")
+
+    randomized = [*overrides, "positions=randomized"]
+    assert from_source(to_run_config(composed(*randomized)), source, randomized,
+                       tmp_path / "tokenizer.json").sampler.max_position == 128  # its reach too
 
     task = LanguageModelTask(tuned.model.to_dict(), dataclasses.asdict(tuned.optim),
                              positions=dataclasses.asdict(tuned.sampler), seed=tuned.seed)
@@ -126,6 +131,27 @@ def test_a_run_starts_from_the_checkpoints_weights_and_architecture(family, tmp_
                       "sha256": {"model.safetensors": hashlib.sha256(
                           (tmp_path / family / "model.safetensors").read_bytes()).hexdigest()}}
     assert digest(tmp_path / family) == before
+
+
+def test_a_scaled_checkpoint_keeps_its_scaling_unless_the_run_names_one(tmp_path, corpus):
+    """A model published with a scaling (Llama 3.1's llama3) is trained as published when the command line names
+    no rope_scaling: the step-0 model computes transformers' logits past the pretraining length."""
+    llama3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+              "high_freq_factor": 4.0, "original_max_position_embeddings": 8}
+    hf = checkpoint("llama", tmp_path / "llama3", rope_parameters=llama3)
+    overrides = run_args(f"hf:{tmp_path / 'llama3'}", corpus, tmp_path / "run", "model.context_length=16")
+    source = load_source(f"hf:{tmp_path / 'llama3'}")
+    tuned = from_source(to_run_config(composed(*overrides)), source, overrides, tmp_path / "tokenizer.json")
+    assert tuned.model.rope_scaling == model_config(hf.config).rope_scaling
+    assert tuned.model.rope_scaling.original_max_position == 8 and tuned.model.context_length == 16
+    model = Transformer(tuned.model)
+    load_weights(model, source)
+    with torch.no_grad():
+        assert float((model(ids(48)) - hf(ids(48)).logits).abs().max()) < ATOL
+    named = [*overrides, "rope_scaling=linear", "rope_scaling.factor=2"]
+    source = load_source(f"hf:{tmp_path / 'llama3'}")
+    scaled = from_source(to_run_config(composed(*named)), source, named, tmp_path / "tokenizer.json").model.rope_scaling
+    assert (scaled.name, scaled.factor, scaled.original_max_position) == ("linear", 2.0, 8)  # from the pretraining length
 
 
 # ----------------------------------------------------------------------------------------------
@@ -162,10 +188,17 @@ def test_a_pose_run_records_its_source_and_resumes_bit_exactly_without_it(tmp_pa
     assert a["hyper_parameters"]["positions"] == {"sampler": "pose", "chunks": 2, "target_length": 128}
     assert a["hyper_parameters"]["model"]["rope"]["variant"] == "rotate_half"
 
+    # Continued from the step-2 checkpoint in a folder of its own, a run records the same source.
+    other = train_in_process(run_args(init_from, corpus, tmp_path / "other", *args,
+                                      f"ckpt_path={tmp_path / 'whole' / 'checkpoints' / 'step-000002.ckpt'}"),
+                             tmp_path / "other")
+    c = load_checkpoint(tmp_path / "other" / "checkpoints" / "last.ckpt")["state_dict"]
+    assert all(torch.equal(a["state_dict"][k], c[k]) for k in a["state_dict"])
+
     sha = hashlib.sha256((tmp_path / "moved" / "model.safetensors").read_bytes()).hexdigest()
     expected = {"init_from": init_from, "path": str(tmp_path / "llama"), "format": "transformers",
                 "architecture": "llama", "context_length": 32, "sha256": {"model.safetensors": sha}}
-    for run, summary in (("whole", whole), ("part", resumed)):
+    for run, summary in (("whole", whole), ("part", resumed), ("other", other)):
         assert summary["init_from_source"] == expected
         assert json.loads((tmp_path / run / "init_from.json").read_text()) == expected
     # The run folder's tokenizer.json is the checkpoint's: it encodes text as transformers' tokenizer does.

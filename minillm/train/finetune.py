@@ -221,8 +221,9 @@ def kept_rope(run: RunConfig, source: AnySource, keys: set[str]):
 
 
 def check_imported_tokenizer(run: RunConfig, source: ImportedSource, keys: set[str]) -> None:
-    """ConfigError naming tokenizer.path where the command line gives a tokenizer other than the model's own
-    (the same vocabulary and merges, whatever the file's formatting)."""
+    """ConfigError naming tokenizer.path where the command line gives a tokenizer other than the model's own (its
+    vocabulary and merges). The run reads text with the model's as transformers builds it, which may replace the
+    file's normalizer and pre-tokenizer with its class's (Qwen2)."""
     if "tokenizer.path" not in keys or run.tokenizer.path is None:
         return
     from tokenizers import Tokenizer
@@ -232,8 +233,8 @@ def check_imported_tokenizer(run: RunConfig, source: ImportedSource, keys: set[s
     except Exception as error:  # tokenizers raises its own Exception type for unreadable files
         raise ConfigError(f"tokenizer.path={run.tokenizer.path!r}: not a readable tokenizer.json "
                           f"({str(error).splitlines()[0]})") from error
-    if json.loads(given.to_str())["model"] != json.loads(source.tokenizer.to_str())["model"] or \
-            given.get_vocab(with_added_tokens=True) != source.tokenizer.get_vocab(with_added_tokens=True):
+    merges = [json.loads(t.to_str())["model"].get("merges") for t in (given, source.tokenizer)]
+    if merges[0] != merges[1] or given.get_vocab(with_added_tokens=True) != source.tokenizer.get_vocab(True):
         raise ConfigError(f"tokenizer.path={run.tokenizer.path!r}: not the tokenizer of init_from={source.name} "
                           f"(the run reads text with the model's own: leave tokenizer.path unset)")
 
