@@ -3,7 +3,6 @@ training step moves, and a LoRA run of scripts/train.py that resumes bit for bit
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from pathlib import Path
 from types import SimpleNamespace

@@ -39,7 +39,8 @@ class LoraConfig:
     def __post_init__(self) -> None:
         self.targets = [str(t) for t in self.targets]  # a plain list (Hydra hands over a ListConfig)
         if self.rank is not None:
-            require(isinstance(self.rank, int) and self.rank > 0, "lora.rank", f"must be a positive integer, got {self.rank!r}")
+            require(isinstance(self.rank, int) and self.rank > 0, "lora.rank",
+                    f"must be a positive integer, got {self.rank!r}")
         if self.alpha is not None:
             positive(self.alpha, "lora.alpha")
         elif self.rank is not None:  # the run's record (and a checkpoint's merge) then holds the factor used
@@ -72,9 +73,10 @@ class LoraConfig:
         kernel (FusedReadLinear): its update enters as a weight, where dropout on the input has no place."""
         fused = [t for t in self.targets if t in fused_targets(model)]
         if self.enabled and self.dropout > 0 and fused:
+            others = [t for t in LORA_TARGETS if t not in fused]
             raise ConfigError(f"lora.dropout={self.dropout}: the adapters on {fused} enter the model's fused "
                               f"projection kernel as the weight W + (alpha/r)·B·A, where dropout on their input "
-                              f"has no place; set lora.dropout=0, or target only {sorted(set(LORA_TARGETS) - set(fused))}")
+                              f"has no place; set lora.dropout=0, or target only {others}")
 
     def peft_config(self):
         """This config as peft's LoraConfig, its targets as a pattern over the Transformer's module names."""
@@ -134,7 +136,8 @@ def apply_adapters(model: nn.Module, cfg: LoraConfig) -> None:
         raise ConfigError(f"lora.rank: needs the peft package ({error}); install it with pip install "
                           f"'minillm[real]'") from error
 
-    peft.inject_adapter_in_model(cfg.peft_config(), model)  # freezes every weight but the adapters' A and B
+    # peft freezes every weight but the adapters' A and B: biases, learned position tables and ssmax's factors too.
+    peft.inject_adapter_in_model(cfg.peft_config(), model)
     trained = [p for m in model.modules() if cfg.train_norms and isinstance(m, NORMS) for p in m.parameters()]
     if cfg.train_embeddings:
         trained += [model.embed.weight, model.head.weight]  # the same tensor when tied
