@@ -208,6 +208,14 @@ def test_a_pose_run_records_its_source_and_resumes_bit_exactly_without_it(tmp_pa
     assert ours.encode(text, add_special_tokens=False).ids == theirs.encode(text, add_special_tokens=False)
     assert ours.get_vocab_size() < a["hyper_parameters"]["model"]["vocab_size"] == 320  # an embedding past it is kept
 
+    # The run is a source like any other: a later init_from of it keeps its architecture, tokenizer and vocabulary.
+    again = train_in_process(run_args(str(tmp_path / "whole"), corpus, tmp_path / "again", "model.context_length=16",
+                                      "trainer.max_steps=1"), tmp_path / "again")
+    assert again["init_from_source"]["run"] == "whole"
+    model = load_checkpoint(tmp_path / "again" / "checkpoints" / "last.ckpt")["hyper_parameters"]["model"]
+    assert model == {**a["hyper_parameters"]["model"], "rope_scaling": model["rope_scaling"]}
+    assert (tmp_path / "again" / "tokenizer.json").read_bytes() == (tmp_path / "whole" / "tokenizer.json").read_bytes()
+
 
 # ----------------------------------------------------------------------------------------------
 # Refusals: one line naming the culprit, the source untouched

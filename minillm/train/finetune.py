@@ -119,7 +119,8 @@ def load_source(init_from: str) -> AnySource:
     try:
         runs = find_runs(init_from)
     except CheckpointError as error:
-        raise CheckpointError(f"init_from: {str(error).removeprefix('ckpt: ')}") from error
+        hint = " (a transformers folder: init_from=hf:<folder>)" if (Path(init_from) / "config.json").is_file() else ""
+        raise CheckpointError(f"{as_init_from(error)}{hint}") from error
     if len(runs) != 1:
         raise CheckpointError(f"init_from={init_from!r} names {len(runs)} runs ({', '.join(r.name for r in runs[:3])}"
                               f"{', ...' if len(runs) > 3 else ''}); name one run folder or checkpoint")
@@ -132,6 +133,14 @@ def load_source(init_from: str) -> AnySource:
     except CheckpointError as error:
         raise CheckpointError(f"init_from: {error}") from error
     return Source(run, model, state, step, file_sha256(run.checkpoint))
+
+
+def as_init_from(error: Exception) -> str:
+    """An import's or a run finder's message ('ckpt: ...', 'ckpt=hf:: ...') as init_from's."""
+    message = str(error).splitlines()[0]
+    if message.startswith("ckpt="):
+        return "init_from=" + message.removeprefix("ckpt=")
+    return f"init_from: {message.removeprefix('ckpt: ')}"
 
 
 def load_imported(init_from: str) -> ImportedSource:
@@ -148,8 +157,8 @@ def load_imported(init_from: str) -> ImportedSource:
         files = pretrained.weight_files()
     except ImportError as error:  # transformers or gguf missing: the message says what to install
         raise ConfigError(f"init_from={init_from!r}: {error}") from error
-    except ValueError as error:  # CheckpointError, UnsupportedModel: they name the file or field as "ckpt: ..."
-        raise CheckpointError(f"init_from: {str(error).removeprefix('ckpt: ')}") from error
+    except ValueError as error:  # CheckpointError, UnsupportedModel: they name the file or field
+        raise CheckpointError(as_init_from(error)) from error
     if imported.tokenizer.token_to_id(EOS_TOKEN) is None:  # (data.tokens: a tokenizer.json must have it)
         raise CheckpointError(f"init_from: the tokenizer of {pretrained.describe()} has no {EOS_TOKEN!r} token, "
                               f"which minillm's token streams separate documents with")

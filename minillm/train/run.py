@@ -15,7 +15,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from minillm.console import Stopped, interrupt_at_step_end, quiet_libraries, received_signal, shares_console
 from minillm.files import check_writable, write_atomic
-from minillm.interop.pretrained import is_pretrained
 from minillm.precision import resolve as resolve_precision
 from minillm.registry import ConfigError
 from minillm.runs import RunFolder
@@ -106,10 +105,9 @@ def _train(cfg: DictConfig, run_dir: Path, overrides: Sequence[str], progress: d
     data = load_data(run)
     if run.init_from is None:
         run.model = dataclasses.replace(run.model, vocab_size=data.vocab_size)  # the tokenizer decides
-    elif data.vocab_size != run.model.vocab_size and not (is_pretrained(run.init_from) and
-                                                          data.vocab_size < run.model.vocab_size):
-        # A fine-tuning's vocabulary is its source's; an imported embedding may have rows past its tokenizer (Qwen2:
-        # 151,936 rows for 151,665 tokens), none of which the data will ask for
+    elif data.vocab_size > run.model.vocab_size:
+        # A fine-tuning's vocabulary is its source's: an imported embedding may have rows past its tokenizer (Qwen2:
+        # 151,936 rows for 151,665 tokens, and so do the runs fine-tuned from it), none of which the data asks for
         raise ConfigError(f"init_from: {run.tokenizer.path} has {data.vocab_size} tokens, the model of "
                           f"init_from={run.init_from} {run.model.vocab_size}: the tokenizer is not the model's")
     if resume is None:
