@@ -30,6 +30,7 @@ from minillm.eval.longrope_search import (
     run_search,
     searched_scaling,
     seed_factors,
+    subject_longrope,
 )
 from minillm.positions.scaling import LongRopeScaling
 from minillm.registry import to_run_config
@@ -220,7 +221,7 @@ def test_the_result_is_a_training_scaling_and_an_evaluation_scaling(searched, tm
                         longrope_factors=file, lengths=[128], max_documents=settings.windows, batch_size=1,
                         passkey_trials=0, precision="float32")
     subject = pretrained_subject(PretrainedSource.parse(config.ckpt), config, torch.device("cpu"))
-    searched_for_model = searched_scaling(subject.setting.checkpoint, False, TRAINED, file)
+    searched_for_model = subject_longrope(subject, config.longrope_factors)
     measurement = PerplexityMeasurement(subject, plan(subject, config), config)
     reading = Reading(subject.model, subject.setting, 128, config.method("full"),
                       scaling_for("longrope", 128, TRAINED, None, searched_for_model))
@@ -228,6 +229,13 @@ def test_the_result_is_a_training_scaling_and_an_evaluation_scaling(searched, tm
     assert record.ppl == pytest.approx(result["best"]["ppl"], rel=1e-6)
     with pytest.raises(ValueError, match=r"^scalings: longrope needs factors searched for"):
         scaling_for("longrope", 128, TRAINED, None, None)
+    with pytest.raises(ValueError, match=rf"^scalings: longrope needs factors searched for hf:{folder}: run "
+                                         rf"scripts/longrope_search.py ckpt=hf:{folder}, then pass longrope_factors="):
+        EvalConfig(ckpt=f"hf:{folder}", scalings=["longrope"])
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("seed: 0\n")  # a run folder without longrope.json
+    with pytest.raises(ValueError, match=r"^scalings: longrope needs factors searched for .*run: run scripts/"):
+        EvalConfig(ckpt=str(tmp_path / "run"), scalings=["none", "longrope"])
     other = tmp_path / "other.gguf"
     other.write_bytes(b"not this model")
     with pytest.raises(ValueError, match=r"^longrope_factors: .*longrope.json was searched for .*tiny-qwen2"):

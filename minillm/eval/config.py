@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, make_dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 from minillm.data.config import DataConfig
 from minillm.data.ruler import RULER_TASKS
+from minillm.eval.longrope_search import RESULT_NAME
 from minillm.interop.pretrained import is_pretrained
 from minillm.positions.methods import ATTENTION_METHODS
 from minillm.positions.scaling import SCALINGS
@@ -105,8 +107,11 @@ class EvalConfig:
                 f"factors for scalings=[..., longrope], which does not name it: {self.scalings}")
         if "longrope" in self.scalings and self.longrope_factors is None:
             for path in self.checkpoints:  # an imported model has no run folder to hold its factors
-                require(not is_pretrained(path), "scalings", f"longrope needs factors searched for {path}: run "
-                        f"scripts/longrope_search.py ckpt={path}, then pass longrope_factors=<its longrope.json>")
+                run = Path(str(path)).expanduser()
+                then = ", then pass longrope_factors=<its longrope.json>" if is_pretrained(path) else ""
+                require(not is_pretrained(path) and not ((run / "config.yaml").is_file() and not (
+                    run / RESULT_NAME).is_file()), "scalings", f"longrope needs factors searched for {path}: run "
+                        f"scripts/longrope_search.py ckpt={path}{then}")
         for method in self.attention:
             choice(method, "attention", ATTENTION_METHODS)
         if self.scaling_factor is not None:

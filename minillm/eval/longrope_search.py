@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -327,12 +328,19 @@ def searched_scaling(location: str, is_run: bool, trained: int, factors: Optiona
     scaling = LongRopeScaling(factors=str(result))
     written = json.loads(result.read_text()).get("model") or {}
     ours = model_identity(location)
-    require(written.get("sha256") == ours["sha256"], "longrope_factors", f"{result} was searched for "
+    same = written.get("sha256") == ours["sha256"] if ours["sha256"] else written.get("path") == ours["path"]
+    require(same, "longrope_factors", f"{result} was searched for "
             f"{written.get('path')} (sha256 {str(written.get('sha256'))[:12]}), not {ours['path']} (sha256 "
             f"{str(ours['sha256'])[:12]}): search this model's factors")
     require(scaling.original == trained, "longrope_factors", f"{result} was searched at a trained length of "
             f"{scaling.original}, this model is read at {trained}")
     return scaling
+
+
+def subject_longrope(subject, factors: Optional[str]) -> LongRopeScaling:
+    """searched_scaling for an evaluation's Subject (a run's checkpoint is its .ckpt, an import's its location)."""
+    checkpoint = subject.setting.checkpoint
+    return searched_scaling(checkpoint, checkpoint.endswith(".ckpt"), subject.setting.trained_length, factors)
 
 
 def searched_for(ckpt: str, trained: int, factors: Optional[str]) -> LongRopeScaling:
@@ -436,6 +444,7 @@ def run_search(settings: LongRopeSearchConfig) -> tuple[Path, dict]:
         how = "from the log" if logged else f"{candidate.seconds:.1f} s"
         bar.write(f"candidate {candidate.index} (generation {candidate.generation}, {candidate.origin}): "
                   f"ppl {candidate.ppl:.4f} at {length} tokens, {how}")
+        sys.stdout.flush()  # a line per candidate that a log file shows as it comes, minutes apart at 32k
 
     log.info("longrope search of %s: s = %g (%d -> %d tokens), %d window(s) of %d tokens, at most %d candidates",
              location, scale, trained, target, settings.windows, length, settings.budget)
