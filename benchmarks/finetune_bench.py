@@ -110,7 +110,8 @@ def build_step(peer: str, source: str, window: int, precision: str, device: torc
 
 def measure(source: str, window: int, precision: str, settings: Settings) -> dict:
     """Ours against transformers in one precision, interleaved rounds, with each process's peak memory."""
-    builds = {peer: (build_step, (peer, source, window, precision, settings.device)) for peer in ("ours", "transformers")}
+    builds = {peer: (build_step, (peer, source, window, precision, settings.device))
+              for peer in ("ours", "transformers")}
     with peer_processes(builds, settings.device) as workers:
         timings = time_samplers({peer: w.sample for peer, w in workers.items()}, settings.rounds, settings.min_sample_s)
         memory = {peer: w.apply(resident_peak) for peer, w in workers.items()}
@@ -155,7 +156,7 @@ def print_results(name: str, records: list[dict]) -> None:
     print_table("fine-tuning step of an imported model (forward + backward + AdamW, batch 1)",
                 ["model precision:peer", "window", "s/step", "tokens/s", "vs hf", "vs hf (cpu time)",
                  "step peak RSS GiB", "process peak RSS GiB"], rows,
-                ("vs hf: how many times faster than transformers' own step on the same weights, median of per-round "
-                 "ratios (same run, interleaved)",
-                 "peak RSS: the process's resident high-water mark over one step (reset before it), and over its life "
-                 "(loading the GGUF file included)"))
+                (("vs hf: how many times faster than transformers' own step on the same weights, median of "
+                  "per-round ratios (same run, interleaved)"),
+                 ("peak RSS: the process's resident high-water mark over one step (reset before it), and over its "
+                  "life (loading the GGUF file included)")))

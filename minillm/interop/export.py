@@ -234,7 +234,8 @@ def hf_tokenizer(tokenizer: "tokenizers.Tokenizer", eos_token: str | None = None
 def save_hf_folder(model: Transformer, tokenizer: "tokenizers.Tokenizer", out: Path,
                    eos_token: str | None = None, dtype: torch.dtype = torch.float32) -> Path:
     """`model` (as to_hf builds it, its weights in dtype) and its tokenizer saved into the folder `out`, which
-    AutoModelForCausalLM and AutoTokenizer load; every refusal comes before anything is written, and `out` is replaced whole or not at all."""
+    AutoModelForCausalLM and AutoTokenizer load; every refusal comes before anything is written, and `out` is
+    replaced whole or not at all."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"out={str(out)!r} is a file: name a folder for format=hf")
