@@ -13,7 +13,7 @@ import torch
 from minillm.model.config import ModelConfig
 from minillm.model.transformer import Transformer
 from minillm.registry import ConfigError
-from minillm.runs import find_runs, load_checkpoint, merge_adapters
+from minillm.runs import CheckpointError, find_runs, load_checkpoint, merge_adapters, model_weights
 from minillm.train.config import OptimConfig
 from minillm.train.lora import LoraConfig, apply_adapters
 from minillm.train.task import LanguageModelTask
@@ -145,6 +145,14 @@ def test_lora_settings_that_make_no_sense_are_refused_by_name():
         task_with(LoraConfig(rank=4, dropout=0.1, targets=ALL), tiny())
     task_with(LoraConfig(rank=4, dropout=0.1, targets=["proj", "up"]), tiny(ffn="gelu"))
     assert LoraConfig(rank=8).alpha == 16.0 and LoraConfig(rank=8, alpha=8).scale == 1.0
+
+
+def test_a_checkpoint_whose_adapters_do_not_merge_names_the_file():
+    entries = {"model.blocks.0.attn.qkv.base_layer.weight": torch.zeros(6, 2),
+               "model.blocks.0.attn.qkv.lora_A.default.weight": torch.zeros(1, 2)}  # and no lora_B
+    checkpoint = {"state_dict": entries, "hyper_parameters": {"lora": {"rank": 1, "alpha": 2.0}}}
+    with pytest.raises(CheckpointError, match=r"^checkpoint x.ckpt: its LoRA adapters do not merge \(KeyError"):
+        model_weights(checkpoint, "x.ckpt")
 
 
 LORA_RUN = ["lora.rank=4", "lora.targets=[qkv,proj,up]", "lora.train_norms=true", "model.context_length=32",

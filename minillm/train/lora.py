@@ -31,7 +31,7 @@ class LoraConfig:
 
     rank: Optional[int] = None  # the adapters' rank r; None: full fine-tuning, every weight trained
     alpha: Optional[float] = None  # the update is scaled by alpha / r; None: alpha = 2 r (recorded as the number)
-    dropout: float = 0.0  # dropout on the adapters' input
+    dropout: float = 0.0  # dropout on the adapters' input; not on qkv or a SwiGLU's up (read as one weight)
     targets: list[str] = field(default_factory=lambda: ["qkv", "proj"])  # layers that get adapters: qkv, proj, up, down
     train_norms: bool = False  # also train every norm's weight (LongLoRA's LoRA+)
     train_embeddings: bool = False  # also train the token embedding and output head (LongLoRA's LoRA+)
