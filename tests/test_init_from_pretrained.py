@@ -19,26 +19,26 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from hydra import compose, initialize_config_dir  # noqa: E402
-from tokenizers import Tokenizer  # noqa: E402
+from hydra import compose, initialize_config_dir
+from tokenizers import Tokenizer
 
-from minillm.cli import register_configs  # noqa: E402
-from minillm.interop.pretrained import model_config  # noqa: E402
-from minillm.model.transformer import Transformer  # noqa: E402
-from minillm.positions.scaling import Scaling, YarnScaling  # noqa: E402
-from minillm.registry import to_run_config  # noqa: E402
-from minillm.runs import CheckpointError, load_checkpoint  # noqa: E402
-from minillm.train.finetune import KEPT, from_source, load_source, load_weights  # noqa: E402
-from minillm.train.run import train  # noqa: E402
-from minillm.train.task import LanguageModelTask  # noqa: E402
-from test_pretrained import ATOL, family_config, ids, random_hf, save_with_tokenizer  # noqa: E402
+from minillm.cli import register_configs
+from minillm.interop.pretrained import model_config
+from minillm.model.transformer import Transformer
+from minillm.positions.scaling import Scaling, YarnScaling
+from minillm.registry import to_run_config
+from minillm.runs import CheckpointError, load_checkpoint
+from minillm.train.finetune import KEPT, from_source, load_source, load_weights
+from minillm.train.run import train
+from minillm.train.task import LanguageModelTask
+from test_pretrained import ATOL, family_config, ids, random_hf, save_with_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 # A few PoSE steps under YaRN ×4: 16-token windows carrying positions up to 4 × 32 (the checkpoints' pretraining
 # length, max_position_embeddings=32 in test_pretrained.SHAPE).
 POSE = ["positions=pose", "rope_scaling=yarn", "rope_scaling.factor=4", "model.context_length=16"]
-QUICK = ["logger=csv", "data.batch_size=2", "data.val_windows=2", "trainer.precision=32-true", "trainer.peak_flops=1e12",
-         "trainer.val_check_interval=2", "trainer.checkpoint_every_n_steps=2", "trainer.log_every_n_steps=1",
+QUICK = ["logger=csv", "data.batch_size=2", "data.val_windows=2", "trainer.precision=32-true",
+         "trainer.peak_flops=1e12", "trainer.val_check_interval=2", "trainer.checkpoint_every_n_steps=2", "trainer.log_every_n_steps=1",
          "optim.warmup_steps=1", "optim.lr=1e-3"]
 
 

@@ -39,11 +39,11 @@ KEPT = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_size
 class Source:
     """The run a fine-tuning starts from: its checkpoint's weights and model, with the file's checksum."""
 
-    run: Run
-    model: ModelConfig
+    run: Run  # the run folder and the checkpoint in it
+    model: ModelConfig  # the model the checkpoint was trained as
     state: dict  # the Transformer's weights (the checkpoint's "model." entries); emptied once loaded
-    step: int
-    sha256: str
+    step: int  # the training step the checkpoint was saved at
+    sha256: str  # the checkpoint file's
 
     @property
     def name(self) -> str:
@@ -66,7 +66,7 @@ class ImportedSource:
     Transformer's, its own tokenizer, and the checksums of the files they were read from."""
 
     given: str  # init_from as the command line named it
-    pretrained: "PretrainedSource"
+    pretrained: "PretrainedSource"  # where it was read from (its transformers config, read once)
     model: ModelConfig  # its context_length is the pretraining length (what a scaling extends by default)
     state: dict  # the Transformer's weights, float32; emptied once loaded
     tokenizer: "tokenizers.Tokenizer"
@@ -75,6 +75,7 @@ class ImportedSource:
 
     @property
     def name(self) -> str:
+        """How messages name it: as the command line did."""
         return self.given
 
     def record(self) -> dict:
@@ -102,6 +103,7 @@ AnySource = Union[Source, ImportedSource]
 
 
 def file_sha256(path: Path) -> str:
+    """The file's sha256, read in blocks (a 7B model's weights do not fit in memory twice)."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 24), b""):
@@ -164,7 +166,8 @@ def load_imported(init_from: str) -> ImportedSource:
                               f"which minillm's token streams separate documents with")
     state, model, tokenizer = imported.model.state_dict(), imported.model.cfg, imported.tokenizer
     del imported  # the weights live on in `state` alone: one float32 copy
-    return ImportedSource(init_from, pretrained, model, state, tokenizer, files[0] if pretrained.gguf else files[0].parent,
+    path = files[0] if pretrained.gguf else files[0].parent
+    return ImportedSource(init_from, pretrained, model, state, tokenizer, path,
                           {file.name: file_sha256(file) for file in files})
 
 
