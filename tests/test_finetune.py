@@ -199,3 +199,16 @@ def test_load_weights_gives_the_source_weights_exactly(source):
     original = load_checkpoint(source / "checkpoints" / "best.ckpt")["state_dict"]
     assert all(torch.equal(model.state_dict()[k.removeprefix("model.")], v) for k, v in original.items())
     assert loaded.group() == source.name  # the source logged without a group: its folder names the group
+
+
+def test_a_fine_tuning_keeps_its_sources_norm_eps(source, tmp_path):
+    """norm_eps is the source's (its weights were trained with it): taken when unnamed, refused when named otherwise."""
+    from minillm.model.config import ModelSettings
+    from minillm.registry import ConfigError
+    from minillm.train.finetune import from_source, load_source
+
+    loaded = load_source(str(source))
+    run = RunConfig(init_from=str(source), model=ModelSettings(norm_eps=1e-3))
+    assert from_source(run, loaded, [], tmp_path / "tokenizer.json").model.norm_eps == loaded.model.norm_eps == 1e-5
+    with pytest.raises(ConfigError, match=r"^model\.norm_eps: init_from=.* holds a model with 1e-05, this run asks"):
+        from_source(run, loaded, ["model.norm_eps=1e-3"], tmp_path / "tokenizer.json")

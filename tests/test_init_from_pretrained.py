@@ -133,6 +133,32 @@ def test_a_run_starts_from_the_checkpoints_weights_and_architecture(family, tmp_
     assert digest(tmp_path / family) == before
 
 
+def test_a_gguf_file_starts_a_run_with_its_weights_and_tokenizer(tmp_path, corpus):
+    """init_from=<file>.gguf (written by minillm's GGUF export from a transformers checkpoint): the step-0 model
+    computes transformers' logits, the run reads text with the file's tokenizer, the record names the file."""
+    from minillm.interop.gguf_export import write_gguf
+    from minillm.interop.pretrained import PretrainedSource
+
+    hf = checkpoint("llama", tmp_path / "llama")
+    folder = PretrainedSource.parse(f"hf:{tmp_path / 'llama'}").load()
+    gguf = write_gguf(folder.model, folder.tokenizer, tmp_path / "tiny.gguf")
+    before = digest(gguf)
+    overrides = run_args(str(gguf), corpus, tmp_path / "run", *POSE)
+    source = load_source(str(gguf))
+    tuned = from_source(to_run_config(composed(*overrides)), source, overrides, tmp_path / "tokenizer.json")
+    model = Transformer(dataclasses.replace(tuned.model, rope_scaling=Scaling()))
+    load_weights(model, source)
+    with torch.no_grad():
+        assert float((model(ids(32)) - hf(ids(32)).logits).abs().max()) < ATOL
+    text = "Document 3. the river model\n"
+    assert Tokenizer.from_str(source.tokenizer_json()).encode(text, add_special_tokens=False).ids == \
+        folder.tokenizer.encode(text, add_special_tokens=False).ids
+    assert source.record() == {"init_from": str(gguf), "path": str(gguf.resolve()), "format": "gguf",
+                               "architecture": "llama", "context_length": 32,
+                               "sha256": {"tiny.gguf": hashlib.sha256(gguf.read_bytes()).hexdigest()}}
+    assert digest(gguf) == before
+
+
 def test_a_scaled_checkpoint_keeps_its_scaling_unless_the_run_names_one(tmp_path, corpus):
     """A model published with a scaling (Llama 3.1's llama3) is trained as published when the command line names
     no rope_scaling: the step-0 model computes transformers' logits past the pretraining length."""
