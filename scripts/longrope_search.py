@@ -1,7 +1,5 @@
 """Search LongRoPE's rescale factors for one model: python scripts/longrope_search.py ckpt=<run folder, hf:, .gguf>."""
 
-import sys
-
 import hydra
 from omegaconf import DictConfig
 

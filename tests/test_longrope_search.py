@@ -19,18 +19,16 @@ from hydra import compose, initialize_config_dir
 
 from minillm.cli import register_configs
 from minillm.data.config import DataConfig
+from minillm.eval.longrope_factors import model_identity, searched_scaling, subject_longrope
 from minillm.eval.longrope_search import (
     Evolution,
     LongRopeSearchConfig,
     SearchLog,
     evolve,
     log_path,
-    model_identity,
     monotone,
     run_search,
-    searched_scaling,
     seed_factors,
-    subject_longrope,
 )
 from minillm.positions.scaling import LongRopeScaling
 from minillm.registry import to_run_config

@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 from minillm.data.config import DataConfig
 from minillm.data.ruler import RULER_TASKS
-from minillm.eval.longrope_search import RESULT_NAME
+from minillm.eval.longrope_factors import RESULT_NAME
 from minillm.interop.pretrained import is_pretrained
 from minillm.positions.methods import ATTENTION_METHODS
 from minillm.positions.scaling import SCALINGS

@@ -41,7 +41,7 @@ except ImportError as missing:
         sys.exit(2)
     raise ImportError(MISSING) from missing
 
-from minillm.eval.longrope_search import searched_for
+from minillm.eval.longrope_factors import searched_for
 from minillm.eval.perplexity import scaling_for
 from minillm.positions.methods import ATTENTION_METHODS, attention_method
 from minillm.positions.scaling import SCALINGS

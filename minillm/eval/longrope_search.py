@@ -1,6 +1,5 @@
 """LongRoPE's evolutionary search of per-frequency rescale factors (Ding et al. 2024, arXiv:2402.13753, sec. 3.2,
-Algorithm 1), scored by perplexity at the target length; its resumable log, its result file, and the factors an
-evaluation reads back."""
+Algorithm 1), scored by perplexity at the target length; its resumable log and its result file."""
 
 from __future__ import annotations
 
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 
 from minillm.data.config import DataConfig
+from minillm.eval.longrope_factors import default_result, model_identity
 from minillm.files import write_atomic
 from minillm.positions.scaling import LinearScaling, LongRopeScaling, NTKScaling, YarnScaling, rotary_inv_freq
 from minillm.precision import EVAL_PRECISIONS
@@ -25,7 +25,6 @@ from minillm.registry import choice, finite, positive, require
 
 log = logging.getLogger("minillm")
 
-RESULT_NAME = "longrope.json"  # the result's name in a run folder, where an evaluation looks for it by default
 LOG_SUFFIX = ".search.jsonl"  # the log lies beside the result: longrope.json -> longrope.search.jsonl
 SEEDS = ("pi", "ntk", "yarn")  # the candidates the first population starts from (the paper's sec. 3.2)
 
@@ -280,77 +279,8 @@ def rank(candidate: Candidate) -> tuple[float, int]:
     return (candidate.ppl if math.isfinite(candidate.ppl) else math.inf), candidate.index
 
 
-# ----------------------------------------------------------------------------------------------
-# Which model: its identity, and the factors an evaluation finds for it
-
-
-def model_identity(location: str) -> dict:
-    """{"path", "sha256"} of a model's file (a .ckpt, a .gguf) or, for a transformers folder, of its config.json
-    and weights in name order; sha256 None for a hub id (nothing local to hash)."""
-    path = Path(location).expanduser()
-    if path.is_file():
-        files = [path]
-    elif path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.name == "config.json" or p.suffix in (".safetensors", ".bin"))
-    else:
-        return {"path": location, "sha256": None}
-    digest = hashlib.sha256()
-    for file in files:
-        with open(file, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    return {"path": str(path.resolve()), "sha256": digest.hexdigest()}
-
-
-def default_result(location: str, is_run: bool) -> Path:
-    """Where a search writes its result when out= is not given, and where an evaluation looks for one."""
-    if is_run:
-        from minillm.runs import RunFolder
-
-        return RunFolder.of_checkpoint(location).path / RESULT_NAME
-    return Path("outputs/longrope") / Path(location).stem / RESULT_NAME
-
-
 def log_path(result: Path) -> Path:
     return result.with_name(result.name.removesuffix(".json") + LOG_SUFFIX)
-
-
-def searched_scaling(location: str, is_run: bool, trained: int, factors: Optional[str],
-                     setting: str = "scalings") -> LongRopeScaling:
-    """The longrope scaling an evaluation reads the model at `location` with: the result file `factors`, else the
-    run folder's longrope.json; refused by name when there is none, or when it was searched for another model."""
-    result = Path(factors).expanduser() if factors is not None else (
-        default_result(location, True) if is_run else None)
-    if factors is not None:
-        require(result.is_file(), "longrope_factors", f"{result} does not exist")
-    require(result is not None and result.is_file(), setting, f"longrope needs factors searched for {location}: "
-            f"run scripts/longrope_search.py ckpt={location} (or name a result with longrope_factors=<file>)")
-    scaling = LongRopeScaling(factors=str(result))
-    written = json.loads(result.read_text()).get("model") or {}
-    ours = model_identity(location)
-    same = written.get("sha256") == ours["sha256"] if ours["sha256"] else written.get("path") == ours["path"]
-    require(same, "longrope_factors", f"{result} was searched for "
-            f"{written.get('path')} (sha256 {str(written.get('sha256'))[:12]}), not {ours['path']} (sha256 "
-            f"{str(ours['sha256'])[:12]}): search this model's factors")
-    require(scaling.original == trained, "longrope_factors", f"{result} was searched at a trained length of "
-            f"{scaling.original}, this model is read at {trained}")
-    return scaling
-
-
-def subject_longrope(subject, factors: Optional[str]) -> LongRopeScaling:
-    """searched_scaling for an evaluation's Subject (a run's checkpoint is its .ckpt, an import's its location)."""
-    checkpoint = subject.setting.checkpoint
-    return searched_scaling(checkpoint, checkpoint.endswith(".ckpt"), subject.setting.trained_length, factors)
-
-
-def searched_for(ckpt: str, trained: int, factors: Optional[str]) -> LongRopeScaling:
-    """searched_scaling for the one model the harness's `ckpt` names (a run folder, .ckpt, hf:, .gguf)."""
-    from minillm.interop.pretrained import PretrainedSource, is_pretrained
-    from minillm.runs import find_runs
-
-    if is_pretrained(ckpt):
-        return searched_scaling(PretrainedSource.parse(ckpt).location, False, trained, factors, "scaling")
-    return searched_scaling(str(find_runs(ckpt)[0].checkpoint), True, trained, factors, "scaling")
 
 
 def write_result(path: Path, candidates: list[Candidate], identity: dict, scale: float, trained: int) -> dict:
@@ -395,8 +325,8 @@ def run_search(settings: LongRopeSearchConfig) -> tuple[Path, dict]:
     from tqdm.auto import tqdm
 
     from minillm.console import shares_console
-    from minillm.eval.run import _device  # the evaluation's device rule (this room's)
     from minillm.eval.perplexity import evaluation_tokens
+    from minillm.eval.run import _device  # the evaluation's device rule (this room's)
     from minillm.eval.sources import pretrained_documents, trained_subject
     from minillm.interop.pretrained import PretrainedSource, is_pretrained
     from minillm.positions.rotary import RotaryEmbedding
