@@ -55,7 +55,7 @@ def test_the_merged_model_is_the_adapter_forward_and_peft_merge_and_unload(chang
     theirs = peft.get_peft_model(Transformer(cfg), peft.LoraConfig(
         r=4, lora_alpha=6.0, target_modules=[f"blocks.{i}.{PATHS[t]}" for i in range(cfg.n_layers) for t in ALL]))
     theirs.base_model.model.load_state_dict(model.state_dict())
-    unmerged = theirs(x)  # peft's plain Linear: the model reads qkv.weight itself and never calls it
+    unmerged = theirs(x)  # peft's own adapted layers, before the merge
     merged = theirs.merge_and_unload().eval()
     base = Transformer(cfg)
     base.load_state_dict(merge_adapters(model.state_dict(), 0.0))  # W alone
@@ -64,8 +64,8 @@ def test_the_merged_model_is_the_adapter_forward_and_peft_merge_and_unload(chang
         assert (ours - base(x)).abs().max() > 0.1  # the adapters move the logits
     torch.testing.assert_close(ours, by_us, atol=1e-5, rtol=0)
     torch.testing.assert_close(ours, by_peft, atol=1e-5, rtol=0)
+    torch.testing.assert_close(unmerged, by_peft, atol=1e-5, rtol=0)  # the model calls the adapted layers
     assert {k: v.shape for k, v in plain.state_dict().items()} == {k: v.shape for k, v in merged.state_dict().items()}
-    assert (unmerged - ours).abs().max() > 1e-3  # why minillm's layer exposes .weight as W + (alpha/r)·B·A
 
 
 def task_with(lora: LoraConfig, cfg: ModelConfig, compile: bool = False) -> LanguageModelTask:
@@ -140,10 +140,6 @@ def test_lora_settings_that_make_no_sense_are_refused_by_name():
         LoraConfig(rank=8).check_source(None)
     LoraConfig(rank=8).check_source("outputs/run")
     LoraConfig().check_source(None)  # full training
-    # qkv (and up in a SwiGLU) enter the fused kernel as a weight, where input dropout has no place
-    with pytest.raises(ConfigError, match=r"^lora.dropout=0.1: the adapters on \['qkv', 'up'\]"):
-        task_with(LoraConfig(rank=4, dropout=0.1, targets=ALL), tiny())
-    task_with(LoraConfig(rank=4, dropout=0.1, targets=["proj", "up"]), tiny(ffn="gelu"))
     assert LoraConfig(rank=8).alpha == 16.0 and LoraConfig(rank=8, alpha=8).scale == 1.0
 
 
@@ -216,9 +212,3 @@ def test_a_lora_run_resumes_bit_exact_and_reads_back_as_one_merged_model(env, so
                         tail_loss=False, max_documents=4, precision="float32")
     record = evaluate_run(run, config, torch.device("cpu")).of(PerplexityRecord)[0]
     assert 1 < record.ppl < 300 and record.tokens > 0
-
-    # A fused projection's adapter with dropout, refused by name when the task is built, before any step
-    with pytest.raises(ConfigError, match=r"^lora.dropout=0.1: the adapters on \['qkv', 'up'\]"):
-        train_in_process([f"init_from={source}", "logger=csv", f"data.cache_dir={source.parent / 'cache'}",
-                          *LORA_RUN, "lora.dropout=0.1"], tmp_path / "dropout")
-    assert not (tmp_path / "dropout" / "checkpoints").exists()

@@ -32,6 +32,14 @@ if TYPE_CHECKING:
     from minillm.positions.scaling import Scaling
 
 
+
+def project(layer: nn.Module, x: Tensor, sizes: tuple[int, ...]) -> tuple[Tensor, ...]:
+    """layer(x) split into `sizes` along the last dim: a plain Linear by split_linear's one fused matmul, any other
+    layer (a LoRA-wrapped one, minillm.train.lora) called, so that what it adds to the weight is not skipped."""
+    if type(layer) is nn.Linear:
+        return split_linear(x, layer.weight, layer.bias, sizes)
+    return layer(x).split(sizes, dim=-1)
+
 class RMSNorm(nn.Module):
     """x / sqrt(mean(x²) + eps) · g (Zhang & Sennrich 2019, arXiv:1910.07467), computed in float32."""
 
@@ -130,7 +138,7 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, plan: AttentionPlan, cache: Optional[KVCache] = None, layer: int = 0) -> Tensor:
         """x (batch, seq, d_model) attended as `plan` says (its rotation and mask, or its score sets)."""
         batch, seq, _ = x.shape
-        q, k, v = split_linear(x, self.qkv.weight, self.qkv.bias, self.qkv_sizes)
+        q, k, v = project(self.qkv, x, self.qkv_sizes)
         q = self.q_norm(q.view(batch, seq, self.n_heads, self.head_dim)).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_norm(k.view(batch, seq, self.kv_heads, self.head_dim)).transpose(1, 2)  # (B, Hkv, T, hd)
         v = v.view(batch, seq, self.kv_heads, self.head_dim).transpose(1, 2)
@@ -180,7 +188,7 @@ class FeedForward(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.gated:
-            gate, up = split_linear(x, self.up.weight, self.up.bias, (self.hidden, self.hidden))
+            gate, up = project(self.up, x, (self.hidden, self.hidden))
             return self.down(F.silu(gate) * up)
         return self.down(F.gelu(self.up(x), approximate="tanh"))
 

@@ -153,6 +153,7 @@ class RunConfig:
         self.rope_scaling = scaling_config(self.rope_scaling)
         self.model = ModelConfig.of(self.model, self.rope, self.rope_scaling)
         self.positions = sampler_config(self.positions)
+        self.lora.check_source(self.init_from)  # adapters need pretrained weights to adapt
         if self.data.synthetic:  # the task's prompt must fit the training windows (and its knobs agree)
             self.data.synthetic_task.check_length(self.model.context_length)
         if self.init_from is None:  # a fine-tuning is checked once its source's settings are in (minillm.train.finetune)

@@ -3,16 +3,14 @@ LongLoRA's trainable norms and embeddings, arXiv:2309.12307)."""
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import re
 from dataclasses import dataclass, field
 from typing import Optional
 
-from torch import Tensor, nn
+from torch import nn
 
-from minillm.model.config import ModelConfig
 from minillm.model.transformer import RMSNorm
 from minillm.registry import ConfigError, positive, require
 
@@ -31,7 +29,7 @@ class LoraConfig:
 
     rank: Optional[int] = None  # the adapters' rank r; None: full fine-tuning, every weight trained
     alpha: Optional[float] = None  # the update is scaled by alpha / r; None: alpha = 2 r (recorded as the number)
-    dropout: float = 0.0  # dropout on the adapters' input; not on qkv or a SwiGLU's up (read as one weight)
+    dropout: float = 0.0  # dropout on the adapters' input
     targets: list[str] = field(default_factory=lambda: ["qkv", "proj"])  # layers that get adapters: qkv, proj, up, down
     train_norms: bool = False  # also train every norm's weight (LongLoRA's LoRA+)
     train_embeddings: bool = False  # also train the token embedding and output head (LongLoRA's LoRA+)
@@ -68,16 +66,6 @@ class LoraConfig:
                               f"from random ones; name them with init_from=<run folder or checkpoint>, or drop "
                               f"lora.rank to train every weight")
 
-    def check_model(self, model: ModelConfig) -> None:
-        """ConfigError naming lora.dropout where a target is one the model multiplies by its weight in a fused
-        kernel (FusedReadLinear): its update enters as a weight, where dropout on the input has no place."""
-        fused = [t for t in self.targets if t in fused_targets(model)]
-        if self.enabled and self.dropout > 0 and fused:
-            others = [t for t in LORA_TARGETS if t not in fused]
-            raise ConfigError(f"lora.dropout={self.dropout}: the adapters on {fused} enter the model's fused "
-                              f"projection kernel as the weight W + (alpha/r)·B·A, where dropout on their input "
-                              f"has no place; set lora.dropout=0, or target only {others}")
-
     def peft_config(self):
         """This config as peft's LoraConfig, its targets as a pattern over the Transformer's module names."""
         import peft
@@ -85,39 +73,7 @@ class LoraConfig:
         paths = "|".join(re.escape(TARGET_PATHS[t]) for t in self.targets)
         config = peft.LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout, bias="none",
                                  target_modules=rf"blocks\.\d+\.({paths})")
-        config._register_custom_module({nn.Linear: fused_read_linear()})  # peft's documented (experimental) hook
         return config
-
-
-def fused_targets(model: ModelConfig) -> tuple[str, ...]:
-    """The targets minillm.model.transformer multiplies by their .weight (kernels.split_linear) instead of calling:
-    the q|k|v projection, and gate|up in a SwiGLU."""
-    return ("qkv", "up") if model.ffn == "swiglu" else ("qkv",)
-
-
-@functools.cache
-def fused_read_linear() -> type:
-    """peft's LoRA Linear, built on first use (importing peft takes seconds), with .weight the adapted W + s·B·A.
-
-    peft's own .weight is the frozen base weight, for code that reads a layer's weight to inspect it. Our model
-    reads it to multiply: attention and SwiGLU call split_linear(x, qkv.weight, ...), one fused matmul returned in
-    parts, and would skip the adapters silently. Here the layer's forward (for a layer the model calls) is
-    peft's, x Wᵀ + s·B·A·dropout(x), and its .weight is the same map as a matrix; both read base_layer and the
-    adapters where they lie, so merging, state_dict and peft's own methods see peft's layout."""
-    from peft.tuners.lora import Linear
-
-    class FusedReadLinear(Linear):
-        @property
-        def weight(self) -> Tensor:
-            weight = self.get_base_layer().weight
-            if self.disable_adapters or self.merged:
-                return weight
-            for name in self.active_adapters:
-                if name in self.lora_A:  # W + (alpha / r)·B·A (Hu et al. 2021, arXiv:2106.09685, eq. 3 and sec. 4.1)
-                    weight = weight + self.scaling[name] * (self.lora_B[name].weight @ self.lora_A[name].weight)
-            return weight
-
-    return FusedReadLinear
 
 
 def has_adapters(model: nn.Module) -> bool:

@@ -138,7 +138,6 @@ class LanguageModelTask(L.LightningModule):
         # Low-rank adapters (minillm.train.lora), put on in configure_model; None: every weight trains.
         self.lora = None if lora is None else LoraConfig(**lora)
         if self.lora is not None:
-            self.lora.check_model(self.model_cfg)
             self.hparams["lora"] = dataclasses.asdict(self.lora)  # alpha resolved: what a checkpoint's merge reads
         self.compile = compile
         self.peak_flops = peak_flops
