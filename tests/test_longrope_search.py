@@ -32,6 +32,7 @@ from minillm.eval.longrope_search import (
 )
 from minillm.positions.scaling import LongRopeScaling
 from minillm.registry import to_run_config
+from test_eval_script import tiny_runs  # noqa: F401  (the session's trained runs, shared with the script tests)
 
 transformers = pytest.importorskip("transformers")
 
@@ -283,3 +284,28 @@ def test_the_script_searches_and_refuses_in_one_line(searched, tmp_path):
     refused = script("parents=9")
     assert refused.returncode == 2 and refused.stderr == "error: parents: keeps the best of a generation: at most " \
                                                          "population=8, got 9\n"
+
+
+@pytest.mark.slow
+def test_a_run_of_ours_is_searched_on_its_validation_documents_into_its_folder(tiny_runs, tmp_path):
+    """A trained run (the session's tiny sweep, copied): the result lands in the run folder, where the evaluation
+    finds it by default; the fitness equals perplexity_at_length of the run's own validation windows."""
+    import shutil
+
+    from minillm.eval.perplexity import evaluation_tokens, perplexity_at_length
+    from minillm.eval.sources import trained_subject
+    from minillm.runs import find_runs
+    from test_eval_script import SESSION_CACHE
+
+    run = shutil.copytree(tiny_runs["complex"], tmp_path / "run")
+    settings = LongRopeSearchConfig(ckpt=str(run), data=DataConfig(cache_dir=str(SESSION_CACHE[0])), population=4,
+                                    parents=2, generations=1, precision="float32")
+    out, result = run_search(settings)
+    assert out == run / "longrope.json" and log_path(out).parent == run
+    assert result["model"] == model_identity(str(find_runs(run)[0].checkpoint))
+    subject = trained_subject(find_runs(run, settings.data.cache_dir)[0], torch.device("cpu"))
+    found = subject_longrope(subject, None)  # no longrope_factors: the run folder's own
+    assert found.long_factor == result["long_factor"] and found.original == 32
+    tokens = evaluation_tokens(subject.documents, 128, 1)
+    measured = perplexity_at_length(subject.model, tokens, 128, scaling=found, batch_size=1)
+    assert measured.ppl == pytest.approx(result["best"]["ppl"], rel=1e-6)
