@@ -27,7 +27,7 @@ from minillm.interop.pretrained import model_config
 from minillm.model.transformer import Transformer
 from minillm.positions.scaling import Scaling, YarnScaling
 from minillm.registry import to_run_config
-from minillm.runs import CheckpointError, load_checkpoint
+from minillm.runs import CheckpointError, find_runs, load_checkpoint
 from minillm.train.finetune import KEPT, from_source, load_source, load_weights
 from minillm.train.run import train
 from minillm.train.task import LanguageModelTask
@@ -233,6 +233,21 @@ def test_a_pose_run_records_its_source_and_resumes_bit_exactly_without_it(tmp_pa
     text = "Document 3. the river model ünïcode\n"
     assert ours.encode(text, add_special_tokens=False).ids == theirs.encode(text, add_special_tokens=False)
     assert ours.get_vocab_size() < a["hyper_parameters"]["model"]["vocab_size"] == 320  # an embedding past it is kept
+    # ... which evaluation reads with the tokenizer the run trained with (its data fingerprint), and refuses with another
+    from minillm.eval.config import EvalConfig
+    from minillm.eval.loop import evaluate_run
+    from minillm.eval.perplexity import PerplexityRecord
+
+    config = EvalConfig(ckpt=str(tmp_path / "whole"), lengths=[16], scalings=["none"], passkey_trials=0,
+                        tail_loss=False, max_documents=2, precision="float32")
+    (run,) = find_runs(tmp_path / "whole", str(corpus.parent / "cache"))
+    assert evaluate_run(run, config, torch.device("cpu")).of(PerplexityRecord)[0].ppl > 1
+    other = Tokenizer.from_str(ours.to_str())
+    other.enable_truncation(1000)  # the same tokens, another file: not what the run trained with
+    other.save(str(tmp_path / "whole" / "tokenizer.json"))
+    with pytest.raises(CheckpointError, match="the run folder's tokenizer is not the checkpoint's"):
+        evaluate_run(find_runs(tmp_path / "whole", str(corpus.parent / "cache"))[0], config, torch.device("cpu"))
+    (tmp_path / "whole" / "tokenizer.json").write_text(ours.to_str())
 
     # The run is a source like any other: a later init_from of it keeps its architecture, tokenizer and vocabulary.
     again = train_in_process(run_args(str(tmp_path / "whole"), corpus, tmp_path / "again", "model.context_length=16",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 from dataclasses import dataclass, field
 from typing import Optional
@@ -86,13 +87,20 @@ def trained_subject(run, device: torch.device) -> Subject:
     from minillm.data.config import TokenizerConfig
     from minillm.data.text import TextTokens
     from minillm.data.tokens import read_tokenizer
-    from minillm.runs import CheckpointError
+    from minillm.runs import CheckpointError, RunFolder
 
     model = run.load_model().to(device)
     if not run.has_run_files():
         raise ValueError(f"ckpt: {run.folder} lacks config.yaml or tokenizer.json (not a training run folder)")
-    vocab_size = read_tokenizer(run.tokenizer, "ckpt").get_vocab_size()
-    if vocab_size != model.cfg.vocab_size:  # another vocabulary reads as plausible, wrong perplexities
+    tokenizer = read_tokenizer(run.tokenizer, "ckpt")
+    vocab_size = tokenizer.get_vocab_size()
+    # Another vocabulary reads as plausible, wrong perplexities. Fewer tokens than embedding rows is a padded table
+    # (Qwen2: 151,936 rows for 151,665 tokens, kept by runs started from it) when the summary's data fingerprint
+    # says the run trained with this very tokenizer.
+    trained_with = RunFolder(run.folder).summary_values().get("data_fingerprint", {}).get("tokenizer", {})
+    padded = vocab_size < model.cfg.vocab_size and \
+        trained_with.get("sha256") == hashlib.sha256(tokenizer.to_str().encode()).hexdigest()
+    if vocab_size != model.cfg.vocab_size and not padded:
         raise CheckpointError(f"ckpt: {run.tokenizer} has {vocab_size} tokens, the model of {run.checkpoint} "
                               f"{model.cfg.vocab_size}: the run folder's tokenizer is not the checkpoint's")
     data = TextTokens(run.data_config(), TokenizerConfig(path=str(run.tokenizer)),

@@ -63,8 +63,8 @@ class LoraConfig:
         learn a low-rank patch to noise."""
         if self.enabled and init_from is None:
             raise ConfigError(f"lora.rank={self.rank}: adapters fine-tune pretrained weights, and this run starts "
-                              f"from random ones; name them with init_from=<run folder or checkpoint>, or drop "
-                              f"lora.rank to train every weight")
+                              f"from random ones; name them with init_from=<run folder, checkpoint, hf:<folder> or "
+                              f".gguf>, or drop lora.rank to train every weight")
 
     def peft_config(self):
         """This config as peft's LoraConfig, its targets as a pattern over the Transformer's module names."""
