@@ -241,6 +241,18 @@ def test_the_result_is_a_training_scaling_and_an_evaluation_scaling(searched, tm
         searched_scaling(str(other), False, TRAINED, file)
 
 
+def test_the_harness_reads_the_model_with_its_searched_factors(searched):
+    pytest.importorskip("lm_eval")
+    from minillm.eval import harness
+
+    settings, result, folder, _ = searched
+    lm = harness.MiniLLM(ckpt=f"hf:{folder}", scaling="longrope", longrope_factors=settings.out, device="cpu",
+                         precision="float32")
+    assert lm.max_length == 128 and lm.scaling.long_factor == result["long_factor"]  # the searched target
+    with pytest.raises(ValueError, match=r"^longrope_factors: factors for scaling=longrope, not yarn"):
+        harness.MiniLLM(ckpt=f"hf:{folder}", scaling="yarn", longrope_factors=settings.out, device="cpu")
+
+
 @pytest.mark.parametrize("knobs, message", [
     ({"factor": 1.0}, r"^factor: must extend the context \(> 1\), got 1.0"),
     ({"parents": 9}, r"^parents: keeps the best of a generation: at most population=8, got 9"),

@@ -65,7 +65,8 @@ class HarnessConfig:
     # the frequency scaling a rotary model is read under (none, linear, ntk, dynamic_ntk, yarn, dynamic_yarn, llama3,
     # longrope)
     scaling: str = "none"
-    factor: Optional[float] = None  # the scaling's factor; None: max_length / trained length (dynamic_ntk: 1)
+    # the scaling's factor; None: max_length / trained length (dynamic_ntk: 1; longrope: the one searched for)
+    factor: Optional[float] = None
     # scaling=longrope: a result of scripts/longrope_search.py for this model; None: the run folder's longrope.json
     longrope_factors: Optional[str] = None
     # the attention method, with its default knobs: full, blockwise, sliding, self_extend, rerope, leaky_rerope,
@@ -212,11 +213,12 @@ class MiniLLM(TemplateLM):
         model, self.tokenizer, self.prefix_id, self.end_id, self.chat = load(config)
         self.model = model.to(self._device).eval()
         trained = model.cfg.context_length
+        searched = searched_for(config.ckpt, trained, config.longrope_factors) if config.scaling == "longrope" else None
+        factor = searched.factor if searched is not None and config.factor is None else config.factor  # its target's
         if config.max_length is None:
-            self.max_length = round(trained * config.factor) if config.factor is not None else trained
+            self.max_length = round(trained * factor) if factor is not None else trained
         else:
             self.max_length = config.max_length
-        searched = searched_for(config.ckpt, trained, config.longrope_factors) if config.scaling == "longrope" else None
         self.scaling = scaling_for(config.scaling, self.max_length, trained, config.factor, searched)
         limit = model.cfg.rope.max_position(trained)
         require(limit is None or self.max_length <= limit, "max_length",
