@@ -271,6 +271,8 @@ def test_a_search_refuses_another_searchs_log_and_text_too_short_leaving_the_fil
     before = {path: path.read_bytes() for path in (out, log_path(out))}
     with pytest.raises(ValueError, match=rf"^log: {log_path(out)} was written by another search: seed 0 there, 3 here"):
         run_search(dataclasses.replace(settings, seed=3))
+    with pytest.raises(ValueError, match=r"^log: .* was written by another search: tokens_sha256 "):
+        run_search(dataclasses.replace(settings, skip_tokens=100))  # other tokens than the evaluation's first ones
     with pytest.raises(ValueError, match=r"^fitness_length: no held-out document of .*tiny-qwen2 has 100001 tokens"):
         run_search(dataclasses.replace(settings, fitness_length=100000, out=str(tmp_path / "x.json")))
     assert {path: path.read_bytes() for path in before} == before and not (tmp_path / "x.json").exists()

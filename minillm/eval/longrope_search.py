@@ -43,6 +43,8 @@ class LongRopeSearchConfig:
     target_length: Optional[int] = None  # the length the factors are for; given, s = target_length / L0
     fitness_length: Optional[int] = None  # tokens per scored window, past L0; None: the target length
     windows: int = 1  # held-out windows scored per candidate, one forward each (the longest documents' first tokens)
+    # tokens skipped at each document's start: score other tokens than an evaluation reads (each document's first)
+    skip_tokens: int = 0
     population: int = 8  # candidates per generation, the first one seeded from PI, NTK and YaRN
     parents: int = 4  # the best candidates kept each generation (top-k), the others replaced by their children
     generations: int = 3  # generations after the first population
@@ -64,9 +66,10 @@ class LongRopeSearchConfig:
         for name in ("trained_length", "target_length", "fitness_length", "evaluations"):
             value = getattr(self, name)
             require(value is None or value >= 1, name, f"must be a positive whole number, got {value}")
-        for name in ("windows", "population", "parents", "generations"):
-            require(getattr(self, name) >= 0 if name == "generations" else getattr(self, name) >= 1, name,
-                    f"must be {'non-negative' if name == 'generations' else 'positive'}, got {getattr(self, name)}")
+        for name in ("windows", "population", "parents"):
+            require(getattr(self, name) >= 1, name, f"must be positive, got {getattr(self, name)}")
+        for name in ("generations", "skip_tokens"):
+            require(getattr(self, name) >= 0, name, f"must be non-negative, got {getattr(self, name)}")
         require(self.parents <= self.population, "parents",
                 f"keeps the best of a generation: at most population={self.population}, got {self.parents}")
         require(0 < self.mutation_rate <= 1, "mutation_rate", f"must lie in (0, 1], got {self.mutation_rate}")
@@ -350,12 +353,14 @@ def run_search(settings: LongRopeSearchConfig) -> tuple[Path, dict]:
             f"LongRoPE rescales rotary frequencies")
     trained = model.cfg.context_length
     scale, target, length = settings.lengths(trained)
+    documents = [document[settings.skip_tokens:] for document in documents]
     try:
         tokens = evaluation_tokens(documents, length, settings.windows)
     except ValueError:
-        raise ValueError(f"fitness_length: no held-out document of {location} has {length + 1} tokens (longest: "
-                         f"{max((len(d) for d in documents), default=0)}); choose longer text (data=sotu) or a "
-                         f"shorter fitness_length") from None
+        skipped = f" after skip_tokens={settings.skip_tokens}" if settings.skip_tokens else ""
+        raise ValueError(f"fitness_length: no held-out document of {location} has {length + 1} tokens{skipped} "
+                         f"(longest: {max((len(d) for d in documents), default=0)}); choose longer text (data=sotu) "
+                         f"or a shorter fitness_length") from None
     dtype, _ = eval_dtype(settings.precision, device)
     out = Path(settings.out).expanduser() if settings.out is not None else default_result(location, is_run)
     identity = search_identity(settings, model_identity(location), scale, target, length, tokens,
