@@ -241,6 +241,20 @@ def test_the_result_is_a_training_scaling_and_an_evaluation_scaling(searched, tm
         searched_scaling(str(other), False, TRAINED, file)
 
 
+def test_rope_scaling_factors_refuses_what_is_no_search_result_by_name(searched, tmp_path):
+    file = searched[0].out
+    (tmp_path / "other.json").write_text('{"type": "yarn"}')
+    for factors, message in [(tmp_path / "absent.json", r"absent.json cannot be read as a LongRoPE search result"),
+                             (tmp_path / "other.json", r"other.json is no result of scripts/longrope_search.py")]:
+        with pytest.raises(ValueError, match=rf"^rope_scaling.factors: .*{message}"):
+            LongRopeScaling(factors=str(factors))
+    with pytest.raises(ValueError, match=r"^rope_scaling.factors: .* was searched for a trained length of 32, "
+                                         r"rope_scaling.original_max_position is 64"):
+        LongRopeScaling(factors=file, original_max_position=64)
+    with pytest.raises(ValueError, match=r"^rope_scaling.factors: give the searched file or short_factor and "):
+        LongRopeScaling(factors=file, long_factor=[2.0] * 8)
+
+
 def test_the_harness_reads_the_model_with_its_searched_factors(searched):
     pytest.importorskip("lm_eval")
     from minillm.eval import harness
