@@ -6,7 +6,6 @@ from __future__ import annotations
 import inspect
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -260,8 +259,10 @@ def save_hf_folder(model: Transformer, tokenizer: "tokenizers.Tokenizer", out: P
 def _write_folder(out: Path, fill) -> None:
     """fill() a sibling folder, then swap it in for `out` (renames): a failure or a kill leaves `out` as it was."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    staging = out.with_name(f".{out.name}.{os.getpid()}.partial")  # mkdir: the umask's permissions, not mkdtemp's 700
     aside = out.with_name(f".{out.name}.{os.getpid()}.old")
+    shutil.rmtree(staging, ignore_errors=True)  # what a killed export of the same process id left
+    staging.mkdir()
     try:
         fill(staging)
         if out.exists():
