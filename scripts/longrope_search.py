@@ -1,5 +1,8 @@
 """Search LongRoPE's rescale factors for one model: python scripts/longrope_search.py ckpt=<run folder, hf:, .gguf>."""
 
+import shutil
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
@@ -27,7 +30,25 @@ def main(cfg: DictConfig) -> None:
     print(f"factors in {out}", flush=True)
 
 
+def answer_help(argv: list[str]) -> None:
+    """-h / --help: the settings read from LongRopeSearchConfig's source (minillm.help: instant, no torch)."""
+    if "-h" not in argv and "--help" not in argv:
+        return
+    from minillm.help import Page, config_class
+
+    page = Page(min(max(shutil.get_terminal_size((100, 24)).columns, 80), 120), {"data": None})
+    page.text(f"scripts/longrope_search.py: {__doc__.splitlines()[0]}")
+    page.text()
+    page.text("usage: python scripts/longrope_search.py ckpt=<model> [data=<option>] [key=value ...]")
+    page.text()
+    page.text("Settings (key=default [type] description):")
+    page.fields(config_class("minillm.eval.longrope_search", "LongRopeSearchConfig"), "", 2)
+    print("\n".join(page.lines))
+    sys.exit(0)
+
+
 if __name__ == "__main__":
+    answer_help(sys.argv[1:])  # before the schemas, which import torch
     from hydra.core.config_store import ConfigStore
 
     from minillm.eval.longrope_search import LongRopeSearchConfig

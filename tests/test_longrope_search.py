@@ -337,3 +337,13 @@ def test_a_run_of_ours_is_searched_on_its_validation_documents_into_its_folder(t
     tokens = evaluation_tokens(subject.documents, 128, 1)
     measured = perplexity_at_length(subject.model, tokens, 128, scaling=found, batch_size=1)
     assert measured.ppl == pytest.approx(result["best"]["ppl"], rel=1e-6)
+
+
+def test_help_lists_every_setting_without_loading_torch():
+    done = subprocess.run([sys.executable, "-X", "importtime", "scripts/longrope_search.py", "--help"], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert all(f"  {f.name}=" in done.stdout for f in dataclasses.fields(LongRopeSearchConfig) if f.name != "data")
+    assert "data=sotu" in done.stdout and "  data.val_fraction=0.05" in done.stdout
+    imported = {line.split("|")[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+    assert "minillm.help" in imported and "torch" not in imported
