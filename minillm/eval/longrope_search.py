@@ -215,9 +215,9 @@ class Candidate:
     generation: int  # 0: the first population
     origin: str  # pi, ntk, yarn, mutation or crossover
     factors: np.ndarray  # λ_i, rotary_dim/2 of them
-    loss: float
-    ppl: float
-    seconds: float
+    loss: float  # mean loss of the scored windows' targets
+    ppl: float  # exp(loss): the fitness, lower is better
+    seconds: float  # wall time of its forwards (as logged when read back)
 
     def record(self) -> dict:
         return {"index": self.index, "generation": self.generation, "origin": self.origin,
