@@ -46,8 +46,7 @@ class RunFolder:
         checkpoints/      best.ckpt (lowest val/loss), last.ckpt (the newest save), step-000150.ckpt, ...
         summary.json      what the run ended with (steps, tokens, losses, wall time)
         metrics.csv       one row per logged step (Lightning's CSV logger; hparams.yaml beside it is its too)
-        init_from.json    a fine-tuning's source: a run's checkpoint, step and checksum, or an imported model's
-                          path, format, architecture, pretraining length and file checksums
+        init_from.json    a fine-tuning's source (a run's checkpoint and step; an import's path and architecture; checksums)
         val_loss.png      the validation curve
         train.log         the console's lines (Hydra's file handler)
         wandb/            W&B's own files; wandb/latest-run -> run-<time>-<id>

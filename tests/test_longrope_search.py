@@ -197,7 +197,7 @@ def test_the_result_is_a_training_scaling_and_an_evaluation_scaling(searched, tm
     from minillm.eval.config import EvalConfig
     from minillm.eval.loop import plan
     from minillm.eval.measurement import Reading
-    from minillm.eval.perplexity import PerplexityMeasurement, scaling_for
+    from minillm.eval.perplexity import PerplexityMeasurement, PerplexityRecord, scaling_for
     from minillm.eval.sources import pretrained_subject
     from minillm.interop.pretrained import PretrainedSource
 
@@ -226,6 +226,12 @@ def test_the_result_is_a_training_scaling_and_an_evaluation_scaling(searched, tm
                       scaling_for("longrope", 128, TRAINED, None, searched_for_model))
     [record] = measurement.measure(reading)
     assert record.ppl == pytest.approx(result["best"]["ppl"], rel=1e-6)
+    # the evaluation's loop finds the factors itself, beside "none" (the model as trained)
+    from minillm.eval.loop import measure
+
+    by_scaling = {r.setting.scaling: r.ppl for r in measure(subject, config).of(PerplexityRecord)}
+    assert by_scaling["longrope"] == pytest.approx(result["best"]["ppl"], rel=1e-6)
+    assert by_scaling["none"] != pytest.approx(by_scaling["longrope"], rel=1e-3)
     with pytest.raises(ValueError, match=r"^scalings: longrope needs factors searched for"):
         scaling_for("longrope", 128, TRAINED, None, None)
     with pytest.raises(ValueError, match=rf"^scalings: longrope needs factors searched for hf:{folder}: run "

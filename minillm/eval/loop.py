@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 
 from minillm.eval.config import ALL_SCALINGS, EvalConfig
+from minillm.eval.longrope_factors import subject_longrope
 from minillm.eval.measurement import MEASUREMENTS, Measurement, Plan, Reading
 from minillm.eval.perplexity import rotary_key, scaling_for
 from minillm.eval.records import Record, Results
@@ -120,6 +121,8 @@ def measure(subject: Subject, config: EvalConfig) -> Results:
 
     model, trained = subject.model, subject.model.cfg.context_length
     settings = plan(subject, config)
+    # LongRoPE's factors, searched for this model (scripts/longrope_search.py), read once for every length
+    searched = subject_longrope(subject, config.longrope_factors) if "longrope" in settings.scalings else None
     measurements: list[Measurement] = [cls(subject, settings, config) for cls in MEASUREMENTS.values()
                                        if cls.applies(subject, config)]
     base = dataclasses.replace(subject.setting, logn=config.logn,
@@ -134,7 +137,7 @@ def measure(subject: Subject, config: EvalConfig) -> Results:
             for measurement in measurements:
                 results.add(measurement.does_not_apply(setting, length, note))
             continue
-        scaling = scaling_for(scaling_name, length, trained, config.scaling_factor)
+        scaling = scaling_for(scaling_name, length, trained, config.scaling_factor, searched)
         reading = Reading(model, dataclasses.replace(setting, factor=scaling.factor), length, settings.served[attention],
                           scaling)
         # A scaling that leaves this length's frequencies as another left them (every static one at factor 1,
