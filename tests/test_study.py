@@ -77,10 +77,21 @@ def test_script_writes_the_report_and_plots(tmp_path):
              "method": "none"} for n in (64, 128)]
     write_results(tmp_path / "eval_finetuned", rows)
     write_results(tmp_path / "eval_inference", [{**r, "method": "linear"} for r in rows])
+    # LongRoPE at inference, one evaluation per source (each with its own factors): joined to the inference rows
+    for seed, ppl in ((0, 30.0), (1, 34.0)):
+        write_results(tmp_path / "eval_inference_longrope" / f"seed-{seed}",
+                      [{**rows[0], "method": "longrope", "run": f"src{seed}", "seed": seed, "ppl": ppl}])
+    (tmp_path / "eval_finetuned" / "loss_vs_position.png").write_bytes(b"png")
     result = subprocess.run([sys.executable, "scripts/context_extension_report.py", str(tmp_path), str(tmp_path / "doc")],
                             cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "doc" / "results.md").read_text() in result.stdout
+    assert "| longrope | inference only | 32.0 ± 2.8 | – |" in result.stdout  # both sources' rows, at 64 only
+    assert "| PI (linear) | inference only | 11.0 | 12.0 |" in result.stdout  # eval_inference's rows are kept
+    assert (tmp_path / "doc" / "loss_vs_position_finetuned.png").read_bytes() == b"png"
+    assert not (tmp_path / "doc" / "loss_vs_position_inference.png").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["doc", "eval_finetuned", "eval_inference",
+                                                           "eval_inference_longrope", "scaled"]  # nothing written
     assert (tmp_path / "doc" / "ppl_vs_length.png").stat().st_size > 0
     assert (tmp_path / "doc" / "finetune_loss.png").stat().st_size > 0
 
