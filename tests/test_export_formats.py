@@ -148,11 +148,12 @@ def test_gguf_round_trip(tmp_path, family, scaled):
                                                                                            "factor": 4.0}}))
         model.load_state_dict(imported(family, PLAIN).state_dict())
     tokenizer = byte_bpe(QWEN2_SPLIT if family != "llama" else None)
-    out = export(str(save_run(tmp_path / "run", model, tokenizer)), "gguf", str(tmp_path / "m.gguf"), eos_token=EOS)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name, dtype=torch.float32).eval()
+    run = save_run(tmp_path / "run", model, tokenizer)
+    out = export(str(run), "gguf", str(tmp_path / "new" / "m.gguf"), eos_token=EOS)  # its folder made too
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out.parent, gguf_file=out.name, dtype=torch.float32).eval()
     assert type(hf).__name__ == CLASSES[family]
     assert gap(model, hf, ids(LONG)) < ATOL
-    loaded = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=out.name)
+    loaded = transformers.AutoTokenizer.from_pretrained(out.parent, gguf_file=out.name)
     assert loaded.eos_token == EOS
     for text in SAMPLES:
         assert loaded.encode(text, add_special_tokens=False) == tokenizer.encode(text).ids

@@ -124,6 +124,7 @@ def write_gguf(model: Transformer, tokenizer: "tokenizers.Tokenizer", path: Path
     file_type, matrix_dtype = DTYPES[dtype]
 
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     writer = gguf.GGUFWriter(partial, arch=family)
     try:
