@@ -48,4 +48,8 @@ def main(folder: str, out: str) -> None:
 if __name__ == "__main__":
     if len(sys.argv) != 3:
         sys.exit(__doc__)
-    main(*sys.argv[1:])
+    try:
+        main(*sys.argv[1:])
+    except (ValueError, OSError) as error:  # a study folder without an evaluation, an unreadable results.json
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

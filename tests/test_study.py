@@ -92,6 +92,10 @@ def test_script_writes_the_report_and_plots(tmp_path):
     assert not (tmp_path / "doc" / "loss_vs_position_inference.png").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["doc", "eval_finetuned", "eval_inference",
                                                            "eval_inference_longrope", "scaled"]  # nothing written
+    missing = subprocess.run([sys.executable, "scripts/context_extension_report.py", str(tmp_path / "scaled"),
+                              str(tmp_path / "doc")], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and missing.stderr.startswith("error: ") and len(missing.stderr.splitlines()) == 1
+    assert "eval_inference" in missing.stderr and (tmp_path / "doc" / "results.md").read_text() in result.stdout
     assert (tmp_path / "doc" / "ppl_vs_length.png").stat().st_size > 0
     assert (tmp_path / "doc" / "finetune_loss.png").stat().st_size > 0
 
