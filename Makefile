@@ -141,25 +141,38 @@ longppl: setup  ## LongPPL of the extrapolation runs, and its correlation with t
 	$(BIN)/python scripts/longppl_report.py $(SWEEP)/eval_longppl_scaled $(SYNTHETIC)/eval_needle_seed0 docs/long_context_eval
 
 # docs/context_extension.md: the 64-token complex-RoPE runs of the extrapolation study (trained first if absent)
-# fine-tuned to 256 tokens with each scaling at s = 4, YaRN + PoSE in the 64-token window, a 256-token run from
-# scratch on the same total tokens (the source's 2048 tokens a step, 600 steps), then every model at 64..1024 tokens beside the sources with each scaling
-# applied at inference only. About 45 minutes on 2 CPU cores.
+# fine-tuned to 256 tokens with each scaling at s = 4, LongRoPE with factors searched for each source, YaRN + PoSE in
+# the 64-token window, a 256-token run from scratch on the same total tokens (the source's 2048 tokens a step, 600
+# steps), then every model at 64..1024 tokens beside the sources with each scaling applied at inference only (LongRoPE
+# one source at a time: each reads its own factors). About 50 minutes on 2 CPU cores.
 EXTENSION ?= outputs/context_extension
 FINETUNE = $(BIN)/python scripts/train.py -m experiment=context_extension $(LAUNCHER) init_from='$(SWEEP)/train/*rope-complex__seed-$${seed}' $(ARGS)
 EXTENSION_LENGTHS = lengths=[64,128,256,512,1024] passkey_trials=3
-context-extension: setup  ## fine-tune 64-token RoPE runs to 256 tokens: PI, NTK, YaRN, Llama 3, YaRN + PoSE, 3 seeds
+# LongRoPE's search (arXiv:2402.13753) per source: s = 4, scored at 256 tokens on 8 windows of the longest validation
+# documents past the 1025 tokens the evaluation reads; 16 candidates a generation, 8 parents, 4 generations (~20 s).
+LONGROPE_FACTORS = $(EXTENSION)/longrope_search/seed-$$seed/longrope.json
+LONGROPE_SEARCH = $(BIN)/python scripts/longrope_search.py factor=4 windows=8 skip_tokens=1025 population=16 \
+	parents=8 generations=4
+context-extension: setup  ## fine-tune 64-token RoPE runs to 256 tokens: PI, NTK, YaRN, Llama 3, LongRoPE, YaRN + PoSE, 3 seeds
 	[ -n "$$(ls -d $(SWEEP)/train/*rope-complex__seed-2 2>/dev/null)" ] || \
 		$(TRAIN_EXTRAPOLATION) rope=complex hydra.sweep.dir=$(SWEEP)/train
+	for seed in 0 1 2; do $(LONGROPE_SEARCH) ckpt="$(SWEEP)/train/*rope-complex__seed-$$seed" \
+		out=$(LONGROPE_FACTORS) || exit 1; done
 	$(FINETUNE) rope_scaling=none hydra.sweep.dir=$(EXTENSION)/direct
 	$(FINETUNE) rope_scaling=linear,ntk,yarn,llama3 rope_scaling.factor=4 hydra.sweep.dir=$(EXTENSION)/scaled
+	$(FINETUNE) rope_scaling=longrope \
+		rope_scaling.factors='$(EXTENSION)/longrope_search/seed-$${seed}/longrope.json' hydra.sweep.dir=$(EXTENSION)/longrope
 	$(FINETUNE) rope_scaling=yarn rope_scaling.factor=4 positions=pose model.context_length=64 data.batch_size=64 \
 		hydra.sweep.dir=$(EXTENSION)/pose
 	$(TRAIN_EXTRAPOLATION) rope=complex model.context_length=256 data.batch_size=8 trainer.max_steps=600 \
 		trainer.checkpoint_every_n_steps=600 logger.group=context_extension hydra.sweep.dir=$(EXTENSION)/scratch
-	$(EVAL_EXTRAPOLATION) ckpt=[$(EXTENSION)/direct,$(EXTENSION)/scaled,$(EXTENSION)/pose,$(EXTENSION)/scratch] \
+	$(EVAL_EXTRAPOLATION) ckpt=[$(EXTENSION)/direct,$(EXTENSION)/scaled,$(EXTENSION)/longrope,$(EXTENSION)/pose,$(EXTENSION)/scratch] \
 		scalings=[none] $(EXTENSION_LENGTHS) hydra.run.dir=$(EXTENSION)/eval_finetuned
 	$(EVAL_EXTRAPOLATION) "ckpt=[$(SWEEP)/train/*rope-complex__*]" scalings=[none,linear,ntk,yarn,llama3] scaling_factor=4 \
 		$(EXTENSION_LENGTHS) hydra.run.dir=$(EXTENSION)/eval_inference
+	for seed in 0 1 2; do $(EVAL_EXTRAPOLATION) "ckpt=[$(SWEEP)/train/*rope-complex__seed-$$seed]" scalings=[longrope] \
+		longrope_factors=$(LONGROPE_FACTORS) $(EXTENSION_LENGTHS) \
+		hydra.run.dir=$(EXTENSION)/eval_inference_longrope/seed-$$seed || exit 1; done
 	$(BIN)/python scripts/context_extension_report.py $(EXTENSION) docs/context_extension
 
 # docs/synthetic_tasks.md: every encoding × 3 seeds trained on each synthetic task at 64 tokens (conf/experiment/

@@ -86,7 +86,7 @@ def test_script_writes_the_report_and_plots(tmp_path):
                             cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "doc" / "results.md").read_text() in result.stdout
-    assert "| longrope | inference only | 32.0 ± 2.8 | – |" in result.stdout  # both sources' rows, at 64 only
+    assert "| LongRoPE | inference only | 32.0 ± 2.8 | – |" in result.stdout  # both sources' rows, at 64 only
     assert "| PI (linear) | inference only | 11.0 | 12.0 |" in result.stdout  # eval_inference's rows are kept
     assert (tmp_path / "doc" / "loss_vs_position_finetuned.png").read_bytes() == b"png"
     assert not (tmp_path / "doc" / "loss_vs_position_inference.png").exists()
@@ -102,14 +102,15 @@ def test_script_writes_the_report_and_plots(tmp_path):
 
 def test_report_reads_the_typed_records_write_report_writes(tmp_path):
     """results.json from minillm.eval.report (the evaluation's own writer): records come back typed, a record
-    that does not apply is left out, and the passkey table joins the runs by name."""
+    that does not apply is left out, and the passkey table joins the runs by checkpoint."""
     runs = [make_run(tmp_path / "scaled", f"{s}_linear", "linear", "src", s) for s in (0, 1)]
     finetuned = [PerplexityRecord(Setting(run=run.name, seed=s, checkpoint=str(run / "checkpoints" / "best.ckpt")),
                                   n, 1.0, 10.0 + s + n / 64, by_position=[PositionBucket(0, n, 1.0, n)])
                  for s, run in enumerate(runs) for n in (64, 128)]
     finetuned.append(PerplexityRecord(Setting(run=runs[0].name, checkpoint=str(runs[0] / "checkpoints" / "best.ckpt")),
                                       512, None, None, applicable=False, note="too long"))
-    passkey = [PasskeyRecord(Setting("m", run.name, s), 128, 0.5, 4, 0.25, -1.0 - s) for s, run in enumerate(runs)]
+    passkey = [PasskeyRecord(Setting("m", run.name, s, checkpoint=str(run / "checkpoints" / "best.ckpt")), 128, 0.5, 4,
+                             0.25, -1.0 - s) for s, run in enumerate(runs)]
     write_report(Results.of_records(finetuned + passkey), tmp_path / "eval_finetuned")
     inference = [PerplexityRecord(Setting(run="src", checkpoint="sweep/src/checkpoints/best.ckpt", scaling="linear"),
                                   n, 1.0, 20.0) for n in (64, 128)]

@@ -19,7 +19,7 @@ from minillm.eval.tasks import EffectiveLengthRecord
 from minillm.runs import RunFolder
 
 SCALING_NAMES = {"none": "none", "linear": "PI (linear)", "ntk": "NTK-aware", "yarn": "YaRN", "llama3": "Llama 3",
-                 "dynamic_ntk": "dynamic NTK", "dynamic_yarn": "dynamic YaRN"}
+                 "longrope": "LongRoPE", "dynamic_ntk": "dynamic NTK", "dynamic_yarn": "dynamic YaRN"}
 
 
 @dataclass
@@ -63,7 +63,7 @@ def _cell(values: list[float]) -> str:
     return f"{mean:.1f} ± {statistics.stdev(values):.1f}" if len(values) > 1 else f"{mean:.1f}"
 
 
-ORDER = ("scratch", "none", "direct", "PI (linear)", "NTK-aware", "YaRN", "Llama 3", "YaRN + PoSE")
+ORDER = ("scratch", "none", "direct", "PI (linear)", "NTK-aware", "YaRN", "Llama 3", "LongRoPE", "YaRN + PoSE")
 
 
 def _protocol(method: str, finetuned: bool) -> str:
@@ -119,11 +119,11 @@ def context_extension_report(folder: Path) -> str:
 def _passkey(folder: Path, trained: dict[str, TrainedRun]) -> Optional[str]:
     """Mean log-probability of the passkey's tokens (nats) per method and length: exact match is 0 at this size."""
     values: dict[tuple[str, str], dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
-    by_run = {run.folder.name: run for run in trained.values()}
     for finetuned, name in ((True, "eval_finetuned"), (False, "eval_inference")):
         for r in read_results(folder / name).of(PasskeyRecord):
-            method = by_run[r.setting.run].method if finetuned else SCALING_NAMES.get(r.setting.scaling,
-                                                                                      r.setting.scaling)
+            # by checkpoint, as the perplexities: two methods' runs may share a folder name
+            method = trained[str(RunFolder.of_checkpoint(r.setting.checkpoint).path)].method if finetuned else \
+                SCALING_NAMES.get(r.setting.scaling, r.setting.scaling)
             values[method, _protocol(method, finetuned)][r.length].append(r.key_logprob)
     if not values:
         return None
