@@ -180,6 +180,26 @@ def test_a_scaled_checkpoint_keeps_its_scaling_unless_the_run_names_one(tmp_path
     assert (scaled.name, scaled.factor, scaled.original_max_position) == ("linear", 2.0, 8)  # from the pretraining length
 
 
+def test_longrope_factors_searched_for_the_source_fit_its_shape_not_the_model_groups(tmp_path, corpus):
+    """A search result for the imported model (head_dim 16: 8 factors) starts its fine-tuning, though the composed
+    model group's head_dim (32) has 16 frequencies; factors for another shape are refused by name."""
+    checkpoint("llama", tmp_path / "llama")
+    factors = [1.0 + i / 4 for i in range(8)]
+    result = {"type": "longrope", "factor": 4.0, "original_max_position": 32, "short_factor": [1.0] * 8,
+              "long_factor": factors}
+    (tmp_path / "longrope.json").write_text(json.dumps(result))
+    overrides = run_args(f"hf:{tmp_path / 'llama'}", corpus, tmp_path / "run", "model.context_length=16",
+                         "rope_scaling=longrope", f"rope_scaling.factors={tmp_path / 'longrope.json'}")
+    tuned = from_source(to_run_config(composed(*overrides)), load_source(f"hf:{tmp_path / 'llama'}"), overrides,
+                        tmp_path / "tokenizer.json")
+    assert tuned.model.rope_scaling.long_factor == factors and tuned.model.head_dim == 16
+    (tmp_path / "longrope.json").write_text(json.dumps({**result, "long_factor": factors * 2,
+                                                        "short_factor": [1.0] * 16}))
+    with pytest.raises(ValueError, match=r"^rope_scaling.factors: .* holds 16 factors, this model has rotary_dim/2 = 8"):
+        from_source(to_run_config(composed(*overrides)), load_source(f"hf:{tmp_path / 'llama'}"), overrides,
+                    tmp_path / "tokenizer.json")
+
+
 # ----------------------------------------------------------------------------------------------
 # Training, resuming, recording
 

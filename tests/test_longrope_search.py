@@ -188,7 +188,6 @@ def test_the_logged_fitness_is_transformers_own_longrope_perplexity(searched):
     assert all(monotone(np.asarray(r["long_factor"])) for r in rows)
     best = min(rows, key=lambda r: r["ppl"])
     assert (result["long_factor"], result["best"]["ppl"]) == (best["long_factor"], best["ppl"])
-    assert result["best"]["ppl"] <= min(s["ppl"] for s in result["seeds"].values())
     for row in [best, *[r for r in rows if r["origin"] in ("pi", "yarn")]]:
         assert row["ppl"] == pytest.approx(hf_ppl(folder, tokens, row["long_factor"], result), rel=2e-5)
 

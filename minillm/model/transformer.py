@@ -32,13 +32,13 @@ if TYPE_CHECKING:
     from minillm.positions.scaling import Scaling
 
 
-
 def project(layer: nn.Module, x: Tensor, sizes: tuple[int, ...]) -> tuple[Tensor, ...]:
     """layer(x) split into `sizes` along the last dim: a plain Linear by split_linear's one fused matmul, any other
     layer (a LoRA-wrapped one, minillm.train.lora) called, so that what it adds to the weight is not skipped."""
     if type(layer) is nn.Linear:
         return split_linear(x, layer.weight, layer.bias, sizes)
     return layer(x).split(sizes, dim=-1)
+
 
 class RMSNorm(nn.Module):
     """x / sqrt(mean(x²) + eps) · g (Zhang & Sennrich 2019, arXiv:1910.07467), computed in float32."""

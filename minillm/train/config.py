@@ -12,7 +12,7 @@ from minillm.model.config import ModelConfig, ModelSettings
 from minillm.positions.base import position_config
 from minillm.positions.rotary import RotaryConfig
 from minillm.positions.samplers import sampler_config
-from minillm.positions.scaling import scaling_config
+from minillm.positions.scaling import Scaling, scaling_config
 from minillm.registry import choice, finite, positive, require
 from minillm.tracking import LoggerConfig
 from minillm.train.lora import LoraConfig
@@ -151,7 +151,14 @@ class RunConfig:
         # The top-level rope / rope_scaling groups are the encoding's one slot; the model built here carries them.
         self.rope = RotaryConfig() if self.rope is None else position_config(self.rope)
         self.rope_scaling = scaling_config(self.rope_scaling)
-        self.model = ModelConfig.of(self.model, self.rope, self.rope_scaling)
+        try:
+            self.model = ModelConfig.of(self.model, self.rope, self.rope_scaling)
+        except ValueError:
+            if self.init_from is None or self.rope_scaling.from_factor:
+                raise
+            # Factors searched for one model (longrope) fit its source's shape, not the model group's:
+            # minillm.train.finetune.from_source puts that shape in and checks them there.
+            self.model = ModelConfig.of(self.model, self.rope, Scaling())
         self.positions = sampler_config(self.positions)
         self.lora.check_source(self.init_from)  # adapters need pretrained weights to adapt
         if self.data.synthetic:  # the task's prompt must fit the training windows (and its knobs agree)
