@@ -123,9 +123,14 @@ def interrupt_at_step_end(request_stop: Callable[[], None]) -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
-def received_signal() -> Optional[int]:
-    """The first stop signal this process received (None: none)."""
-    return _received[0] if _received else None
+def received_signal(since: int = 0) -> Optional[int]:
+    """The first stop signal this process received after its first `since` ones (None: none)."""
+    return _received[since] if len(_received) > since else None
+
+
+def signals_received() -> int:
+    """How many stop signals this process has received: a `since` for received_signal."""
+    return len(_received)
 
 
 # ----------------------------------------------------------------------------------------------

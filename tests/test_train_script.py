@@ -512,6 +512,10 @@ GROUPS = ["model", "rope", "rope_scaling", "positions", "data", "tokenizer", "op
 
 @pytest.mark.parametrize("group, option", [(g, o) for g in GROUPS for o in options(g)])
 def test_every_option_composes_into_the_dataclasses(group, option):
+    if group == "rope_scaling" and not SCALINGS[option].from_factor:  # factors searched for one model: none here
+        with pytest.raises(ValueError, match=rf"^rope_scaling.short_factor: {option} needs its searched factors"):
+            compose_run(f"{group}={option}")
+        return
     # A sampler that reaches past the window takes its reach from a scaling's extended length.
     run = compose_run(f"{group}={option}", *(["rope_scaling=yarn"] if group == "positions" else []))
     assert isinstance(run, RunConfig) and isinstance(run.model, ModelConfig)

@@ -13,7 +13,14 @@ from typing import Any, Optional, Sequence
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
-from minillm.console import Stopped, interrupt_at_step_end, quiet_libraries, received_signal, shares_console
+from minillm.console import (
+    Stopped,
+    interrupt_at_step_end,
+    quiet_libraries,
+    received_signal,
+    shares_console,
+    signals_received,
+)
 from minillm.files import check_writable, write_atomic
 from minillm.precision import resolve as resolve_precision
 from minillm.registry import ConfigError
@@ -143,13 +150,14 @@ def _train(cfg: DictConfig, run_dir: Path, overrides: Sequence[str], progress: d
     loggers = make_loggers(run, run_dir, {**resolved, "data_fingerprint": data.fingerprint, **used, **origin}, resume_id,
                            resume.step if resume is not None else 0, group=group)
     trainer = L.Trainer(**trainer_args, logger=loggers or False)
+    earlier = signals_received()  # a signal before this fit (another run in the same process) is not this run's
     try:
         with interrupt_at_step_end(lambda: setattr(trainer, "should_stop", True)):
             trainer.fit(task, datamodule=data, ckpt_path=resume.checkpoint if resume is not None else None)
-        if received_signal() is not None:  # Ctrl-C: fit ended at the step boundary it asked for
-            raise Stopped(received_signal())
+        if received_signal(earlier) is not None:  # Ctrl-C: fit ended at the step boundary it asked for
+            raise Stopped(received_signal(earlier))
     except (SystemExit, Stopped) as stop:  # Lightning ends fit on SIGTERM with SIGTERMException (a SystemExit, 0)
-        signum = stop.signum if isinstance(stop, Stopped) else received_signal()
+        signum = stop.signum if isinstance(stop, Stopped) else received_signal(earlier)
         if signum is None:
             raise
         progress["step"] = trainer.global_step
