@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common import Settings, autocast, peer_processes, print_table, speedup, time_samplers
+from common import Settings, peer_processes, print_table, speedup, time_samplers
 from minillm.interop.pretrained import load_pretrained
-from minillm.train.task import parameter_groups
+from train_bench import trainer_step
 
 WINDOW = 2048  # PoSE's fine-tuning window in the study (2k windows carrying positions up to 32k)
 SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -96,15 +96,7 @@ def build_step(peer: str, source: str, window: int, precision: str, device: torc
     g = torch.Generator(device).manual_seed(0)
     x = torch.randint(0, vocab, (1, window), generator=g, device=device)
     y = torch.randint(0, vocab, (1, window), generator=g, device=device)
-    optimizer = torch.optim.AdamW(parameter_groups(model, 0.1), lr=3e-5, betas=(0.9, 0.95), eps=1e-8, fused=True)
-
-    def step():
-        with autocast(device, precision):
-            loss = loss_of(x, y)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
+    step = trainer_step(model, loss_of, x, y, device, precision)  # the training benchmark's step, AdamW as the task's
     return step, {"params": sum(p.numel() for p in model.parameters())}
 
 
