@@ -97,7 +97,8 @@ real-models: setup  ## SmolLM2-135M past its training length: every scaling, the
 # State of the Union addresses in PoSE windows of 2048 tokens (experiment=extend_real), with PI, YaRN and LongRoPE
 # (its factors searched first, scored on a 16k window of the longest address, Carter 1981, which no evaluation
 # reads), then every model beside the same scalings at inference only, at 4k..32k on the held-out Truman 1946
-# message (34k tokens). About 4 hours on 2 CPU cores.
+# message (34k tokens). The control is the same fine-tuning without a scaling (PoSE positions within the 8k the
+# model was trained at), read at 4k and 8k: what the prose alone does. About 4 hours on 2 CPU cores.
 EXTEND ?= outputs/extend_real
 LONGROPE_SMOLLM2 = $(EXTEND)/longrope/longrope.json
 EXTEND_LENGTHS = lengths=[4096,8192,16384,32768]
@@ -107,10 +108,13 @@ extend-real: setup  ## SmolLM2-135M fine-tuned from 8k to 32k with PI, YaRN and 
 		population=6 parents=3 generations=1 out=$(LONGROPE_SMOLLM2)
 	$(TRAIN_EXTEND) -m rope_scaling=linear,yarn rope_scaling.factor=4 hydra.sweep.dir=$(EXTEND)/finetune
 	$(TRAIN_EXTEND) rope_scaling=longrope rope_scaling.factors=$(LONGROPE_SMOLLM2) hydra.run.dir=$(EXTEND)/finetune_longrope
+	$(TRAIN_EXTEND) rope_scaling=none positions.target_length=8192 hydra.run.dir=$(EXTEND)/finetune_control
 	$(EVAL_REAL) data.path=sotu data.val_fraction=0.26 $(EXTEND_LENGTHS) scalings=[none,linear,yarn,longrope] scaling_factor=4 \
-		longrope_factors=$(LONGROPE_SMOLLM2) hydra.run.dir=$(EXTEND)/eval_inference
+		longrope_factors=$(LONGROPE_SMOLLM2) tail_loss=false hydra.run.dir=$(EXTEND)/eval_inference
 	$(EVAL_EXTRAPOLATION) ckpt=[$(EXTEND)/finetune,$(EXTEND)/finetune_longrope] max_documents=1 $(EXTEND_LENGTHS) scalings=[none] \
 		hydra.run.dir=$(EXTEND)/eval_finetuned
+	$(EVAL_EXTRAPOLATION) ckpt=$(EXTEND)/finetune_control max_documents=1 lengths=[4096,8192] scalings=[none] \
+		hydra.run.dir=$(EXTEND)/eval_control
 
 # docs/long_context_eval.md: RULER on SmolLM2-135M-Instruct (chat template, trained at 8k) with the books' prose as
 # the essay haystack: four tasks at 1k..8k, 3 samples each, where every static scaling is the model as trained; then
