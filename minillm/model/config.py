@@ -15,6 +15,8 @@ from minillm.registry import choice, finite, positive, require
 # ----------------------------------------------------------------------------------------------
 # The model (conf/model)
 
+ATTENTION_GATES = ("none", "headwise", "elementwise")  # model.attn_gate: how many gates each head's output gets
+
 
 @dataclass
 class ModelSettings:
@@ -37,6 +39,9 @@ class ModelSettings:
     qk_norm: bool = False  # RMSNorm over each head's queries and keys before the rotation (arXiv:2302.05442; Qwen3)
     nope_every: Optional[int] = None  # every n-th layer (n, 2n, ...) sees no positions (Llama 4's iRoPE); None: none
     attn_temperature: str = "none"  # none | logn (Qwen's log-n) | ssmax (Scalable-Softmax): queries scaled by position
+    # none | headwise (a scalar per head) | elementwise (one per channel): a sigmoid gate from the layer input on
+    # the attention output (Qiu et al. 2025, arXiv:2505.06708)
+    attn_gate: str = "none"
     tie_embeddings: bool = True  # the output head shares the token embedding matrix
     attn_dropout: float = 0.0  # dropout on the attention probabilities, in [0, 1)
     resid_dropout: float = 0.0  # dropout on each block's output before it joins the residual stream, in [0, 1)
@@ -81,6 +86,7 @@ class ModelConfig(ModelSettings):
         positive(self.norm_eps, "model.norm_eps")  # inf: every activation normed to 0, a constant predictor
         positive(self.init_std, "model.init_std")
         choice(self.attn_temperature, "model.attn_temperature", ("none", "logn", "ssmax"))
+        choice(self.attn_gate, "model.attn_gate", ATTENTION_GATES)
         require(self.attn_temperature == "none" or self.context_length >= 2, "model.attn_temperature",
                  f"scales by log_L with L = model.context_length, which must be at least 2 (got {self.context_length})")
         if self.nope_every is not None:
@@ -102,7 +108,8 @@ class ModelConfig(ModelSettings):
         """A short name for what a model was trained with: 'complex θ=1e+04', 'xpos(complex) γ=512', 'alibi', ..."""
         nope = f" nope/{self.nope_every}" if self.nope_every is not None else ""
         temperature = f" {self.attn_temperature}" if self.attn_temperature != "none" else ""
-        return self.rope.label + self.rope_scaling.label + nope + temperature
+        gate = f" gate={self.attn_gate}" if self.attn_gate != "none" else ""
+        return self.rope.label + self.rope_scaling.label + nope + temperature + gate
 
     def position_free(self, layer: int) -> bool:
         """Whether layer (0-based) is one of the nope_every-th layers, which see no positions."""

@@ -118,7 +118,8 @@ class QueryTemperature(nn.Module):
 
 
 class Attention(nn.Module):
-    """Causal self-attention: fused qkv projection, grouped-query heads, optional QK-norm and query temperature, SDPA."""
+    """Causal self-attention: fused qkv projection, grouped-query heads, optional QK-norm, query temperature and
+    output gate, SDPA."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -134,6 +135,12 @@ class Attention(nn.Module):
         self.dropout = cfg.attn_dropout
         self.temperature = None if cfg.attn_temperature == "none" else \
             QueryTemperature(cfg.attn_temperature, cfg.n_heads, cfg.context_length)
+        # Gated attention (Qiu et al. 2025, arXiv:2505.06708, their best variant G1): Y' = Y ⊙ σ(X W_g + b), X the
+        # layer's normed input that q, k, v read, Y each head's attention output before the output projection;
+        # one gate per head (headwise) or per channel (elementwise). Initialised as every linear layer (normal,
+        # init_std; bias 0), as Qwen3-Next's gate rows of q_proj are: every gate starts near σ(0) = 1/2.
+        gates = {"none": 0, "headwise": cfg.n_heads, "elementwise": cfg.n_heads * cfg.head_dim}[cfg.attn_gate]
+        self.gate = nn.Linear(cfg.d_model, gates, bias=cfg.bias) if gates else None
 
     def forward(self, x: Tensor, plan: AttentionPlan, cache: Optional[KVCache] = None, layer: int = 0) -> Tensor:
         """x (batch, seq, d_model) attended as `plan` says (its rotation and mask, or its score sets)."""
@@ -148,9 +155,15 @@ class Attention(nn.Module):
         if temperature is None and self.temperature is not None:
             temperature = self.temperature(plan.query_positions)
         temperature = None if temperature is None else temperature.to(q.dtype)
+        y = self.attend(q, k, v, plan, temperature).transpose(1, 2)  # (B, T, H, hd)
+        if self.gate is not None:
+            y = y * torch.sigmoid(self.gate(x)).view(batch, seq, self.n_heads, -1).to(y.dtype)
+        return self.proj(y.reshape(batch, seq, self.n_heads * self.head_dim))
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, plan: AttentionPlan, temperature: Optional[Tensor]) -> Tensor:
+        """Each head's attention output (B, H, T, hd) over the keys the plan lets each query see."""
         if plan.score_sets is not None:
-            y = merged_attention(q, k, v, plan.score_sets, temperature)
-            return self.proj(y.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim))
+            return merged_attention(q, k, v, plan.score_sets, temperature)
         mask = plan.mask
         if plan.rotation is not None:
             q, k = plan.rotation(q, k)
@@ -162,17 +175,16 @@ class Attention(nn.Module):
         # of model=small 1.06x, AMD EPYC). After a rotation in float32 the copy is already made (kernels.rotate).
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         if plan.contextual is not None:
-            y = contextual_attention(q, k, v, mask, plan.contextual, dropout)
-        elif isinstance(mask, BlockedMask):
-            y = torch.cat([F.scaled_dot_product_attention(q[:, :, rows.start:rows.stop], k[:, :, keys.start:keys.stop],
-                                                          v[:, :, keys.start:keys.stop],
-                                                          attn_mask=rows_mask, dropout_p=dropout, enable_gqa=gqa)
-                           for rows, keys, rows_mask in mask.blocks()], dim=2)
-        else:
-            # No mask and as many keys as queries: the fused causal kernels apply (flash / memory-efficient).
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and seq == k.shape[-2] and seq > 1,
-                                               dropout_p=dropout, enable_gqa=gqa)
-        return self.proj(y.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim))
+            return contextual_attention(q, k, v, mask, plan.contextual, dropout)
+        if isinstance(mask, BlockedMask):
+            return torch.cat([F.scaled_dot_product_attention(q[:, :, rows.start:rows.stop], k[:, :, keys.start:keys.stop],
+                                                             v[:, :, keys.start:keys.stop],
+                                                             attn_mask=rows_mask, dropout_p=dropout, enable_gqa=gqa)
+                              for rows, keys, rows_mask in mask.blocks()], dim=2)
+        # No mask and as many keys as queries: the fused causal kernels apply (flash / memory-efficient).
+        seq = q.shape[-2]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and seq == k.shape[-2] and seq > 1,
+                                              dropout_p=dropout, enable_gqa=gqa)
 
 
 class FeedForward(nn.Module):
