@@ -1,4 +1,5 @@
-"""Attention masks by blocks of queries, score sets merged by log-sum-exp, CoPE's explicit attention, the plan a layer gets."""
+"""Attention masks by blocks of queries, biases from the layer's input, score sets merged by log-sum-exp, CoPE's
+explicit attention, the plan a layer gets."""
 
 from __future__ import annotations
 
@@ -135,6 +136,21 @@ def mask_rows(position: PositionEncoding, positions: Positions, rows: range, key
     return visible if bias is None else bias.masked_fill_(~visible, float("-inf")).to(dtype)
 
 
+def with_input_bias(mask: Optional[Tensor], sums: Optional[Tensor], q_len: int, rows: range, keys: range,
+                    dtype: torch.dtype) -> Optional[Tensor]:
+    """The mask of query rows `rows` over `keys` (bool, additive, or None: every key) with the bias an encoding reads
+    from the layer's input added (PositionEncoding.token_increments): c_i − c_j = Σ_{t=j+1..i} u_t, `sums` the
+    running sums c (batch, heads, k_len) float32 over every key, the queries being the last q_len. Without sums,
+    the mask as it is."""
+    if sums is None:
+        return mask
+    first = sums.shape[-1] - q_len + rows.start  # key index of query row rows.start
+    bias = sums[..., first:first + len(rows), None] - sums[..., None, keys.start:keys.stop]
+    if mask is not None:
+        bias = bias.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else bias + mask.float()
+    return bias.to(dtype)
+
+
 @dataclass
 class ScoreSet:
     """One set of a layer's attention scores: q and k turned by `rotation` (None: as they are), restricted by `mask`
@@ -152,7 +168,8 @@ class AttentionPlan:
     the keys each query sees) or, for an evaluation's attention method, `score_sets`: disjoint sets of scores, each
     with its own rotation and mask, attended with one softmax. `query_scale` is a factor on each query handed in by
     an evaluation (Qwen's log-n); otherwise the layer's own query temperature, if it has one, reads
-    `query_positions`.
+    `query_positions`. `input_bias` is the layer encoding whose bias reads the layer's input (FoX): the layer
+    computes its sums, and every mask is then a BlockedMask, the bias added one block of queries at a time.
     """
 
     rotation: Optional[Rotation] = None
@@ -161,14 +178,18 @@ class AttentionPlan:
     contextual: Optional[PositionEncoding] = None
     score_sets: Optional[list[ScoreSet]] = None
     query_scale: Optional[Tensor] = None  # (batch or 1, 1, q_len, 1) float32
+    input_bias: Optional[PositionEncoding] = None  # the layer encoding whose bias reads the layer's input (FoX)
 
 
-def merged_attention(q: Tensor, k: Tensor, v: Tensor, parts: list[ScoreSet], temperature: Optional[Tensor]) -> Tensor:
+def merged_attention(q: Tensor, k: Tensor, v: Tensor, parts: list[ScoreSet], temperature: Optional[Tensor],
+                     sums: Optional[Tensor] = None) -> Tensor:
     """One softmax over the union of disjoint score sets, computed set by set: each set's attention output is
     weighted by exp(lse_p − logsumexp_p(lse_p)), its share of the softmax's normaliser (exact: the two-pass merge
     of ReRoPE and Self-Extend; each set through kernels.attention_with_lse, SDPA's fused kernel on CPU). A long
-    set goes by blocks of queries, each over the pieces of keys it sees (BlockedMask.pieces), merged the same way.
-    Queries that no set sees get zeros."""
+    set goes by blocks of queries, each over the pieces of keys it sees (BlockedMask.pieces), merged the same way;
+    `sums`: an input bias's running sums (with_input_bias), added to every piece. Queries that no set sees get
+    zeros."""
+    q_len = q.shape[-2]
     merged = []
     for part in parts:
         q_part, k_part = part.rotation(q, k) if part.rotation is not None else (q, k)
@@ -176,8 +197,9 @@ def merged_attention(q: Tensor, k: Tensor, v: Tensor, parts: list[ScoreSet], tem
             q_part = q_part * temperature
         if isinstance(part.mask, BlockedMask):
             blocks = [merge_by_lse([attention_with_lse(q_part[:, :, rows.start:rows.stop],
-                                                       k_part[:, :, keys.start:keys.stop],
-                                                       v[:, :, keys.start:keys.stop], mask, causal=False)
+                                                       k_part[:, :, keys.start:keys.stop], v[:, :, keys.start:keys.stop],
+                                                       with_input_bias(mask, sums, q_len, rows, keys, q.dtype),
+                                                       causal=False)
                                     for keys, mask in pieces])
                       for rows, pieces in part.mask.pieces()]
             merged.append((torch.cat([b[0] for b in blocks], dim=2), torch.cat([b[1] for b in blocks], dim=2)))

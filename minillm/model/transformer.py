@@ -22,6 +22,7 @@ from minillm.model.masks import (
     contextual_attention,
     mask_rows,
     merged_attention,
+    with_input_bias,
 )
 from minillm.positions.base import PositionEncoding, Positions
 from minillm.positions.methods import check_encoding
@@ -72,11 +73,14 @@ class KVCache:
     over the first t + 1 tokens. Deeper layers' keys and values are functions of the earlier tokens'
     hidden states, which were computed, and cached, at those tokens' own lengths; recomputing them
     would cost the full forward a cache exists to avoid. (HF transformers caches rotated keys: staler.)
+
+    A bias that reads the layer's input (FoX) keeps its running sums c of the cached tokens (see update_sums).
     """
 
     def __init__(self, n_layers: int):
         self.keys: list[Optional[Tensor]] = [None] * n_layers
         self.values: list[Optional[Tensor]] = [None] * n_layers
+        self.sums: list[Optional[Tensor]] = [None] * n_layers
 
     @property
     def length(self) -> int:
@@ -88,6 +92,14 @@ class KVCache:
             v = torch.cat((self.values[layer], v), dim=-2)
         self.keys[layer], self.values[layer] = k, v
         return k, v
+
+    def update_sums(self, layer: int, sums: Tensor) -> Tensor:
+        """The running sums (batch, heads, new) of the new tokens' increments continued from the cached tokens' last
+        and appended: those of every key."""
+        if self.sums[layer] is not None:
+            sums = torch.cat((self.sums[layer], self.sums[layer][..., -1:] + sums), dim=-1)
+        self.sums[layer] = sums
+        return sums
 
 
 def log_n_scale(query_positions: Tensor, trained_length: int) -> Tensor:
@@ -151,19 +163,25 @@ class Attention(nn.Module):
         v = v.view(batch, seq, self.kv_heads, self.head_dim).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(layer, k, v)
+        sums = None
+        if plan.input_bias is not None:  # c_t = Σ_{s≤t} u_s over every key: the bias c_i − c_j (FoX's)
+            sums = plan.input_bias.token_increments(x).cumsum(-1)
+            sums = sums if cache is None else cache.update_sums(layer, sums)
         temperature = plan.query_scale
         if temperature is None and self.temperature is not None:
             temperature = self.temperature(plan.query_positions)
         temperature = None if temperature is None else temperature.to(q.dtype)
-        y = self.attend(q, k, v, plan, temperature).transpose(1, 2)  # (B, T, H, hd)
+        y = self.attend(q, k, v, plan, temperature, sums).transpose(1, 2)  # (B, T, H, hd)
         if self.gate is not None:
             y = y * torch.sigmoid(self.gate(x)).view(batch, seq, self.n_heads, -1).to(y.dtype)
         return self.proj(y.reshape(batch, seq, self.n_heads * self.head_dim))
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, plan: AttentionPlan, temperature: Optional[Tensor]) -> Tensor:
-        """Each head's attention output (B, H, T, hd) over the keys the plan lets each query see."""
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, plan: AttentionPlan, temperature: Optional[Tensor],
+               sums: Optional[Tensor]) -> Tensor:
+        """Each head's attention output (B, H, T, hd) over the keys the plan lets each query see; sums: those of
+        the plan's input bias (masks.with_input_bias), or None."""
         if plan.score_sets is not None:
-            return merged_attention(q, k, v, plan.score_sets, temperature)
+            return merged_attention(q, k, v, plan.score_sets, temperature, sums)
         mask = plan.mask
         if plan.rotation is not None:
             q, k = plan.rotation(q, k)
@@ -176,13 +194,14 @@ class Attention(nn.Module):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         if plan.contextual is not None:
             return contextual_attention(q, k, v, mask, plan.contextual, dropout)
+        seq = q.shape[-2]
         if isinstance(mask, BlockedMask):
             return torch.cat([F.scaled_dot_product_attention(q[:, :, rows.start:rows.stop], k[:, :, keys.start:keys.stop],
                                                              v[:, :, keys.start:keys.stop],
-                                                             attn_mask=rows_mask, dropout_p=dropout, enable_gqa=gqa)
+                                                             attn_mask=with_input_bias(rows_mask, sums, seq, rows, keys, q.dtype),
+                                                             dropout_p=dropout, enable_gqa=gqa)
                               for rows, keys, rows_mask in mask.blocks()], dim=2)
         # No mask and as many keys as queries: the fused causal kernels apply (flash / memory-efficient).
-        seq = q.shape[-2]
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and seq == k.shape[-2] and seq > 1,
                                               dropout_p=dropout, enable_gqa=gqa)
 
@@ -266,11 +285,12 @@ class Transformer(nn.Module):
         return 6 * self.num_params() + 12 * self.cfg.n_layers * self.cfg.d_model * seq_len
 
     def _mask(self, positions: Positions, dtype: torch.dtype, allowed: Allowed = None,
-              position: Optional[PositionEncoding] = None) -> "Optional[Tensor | BlockedMask]":
+              position: Optional[PositionEncoding] = None, batch: int = 1) -> "Optional[Tensor | BlockedMask]":
         """The attention mask of the layers that use `position`: None when SDPA's own causal flag suffices, a
         BlockedMask when the whole mask would hold more than MASK_BUDGET elements (always, for a contextual
-        encoding: its attention goes by blocks; and for a pattern longer than PATTERN_ROWS queries, whose
-        blocks then skip the keys they do not see), the mask itself otherwise.
+        encoding: its attention goes by blocks; for one whose bias reads the layer's input, (batch, heads) per
+        pair, added by blocks; and for a pattern longer than PATTERN_ROWS queries, whose blocks then skip the
+        keys they do not see), the mask itself otherwise.
 
         allowed: an optional (q_len, k_len) bool mask (True = may attend), or a pattern of (query index, key
         index), that replaces plain causal attention, e.g. the windows of an evaluation's attention method.
@@ -280,8 +300,8 @@ class Transformer(nn.Module):
         q_len, k_len = positions.query.shape[-1], positions.key.shape[-1]
         if isinstance(allowed, Tensor) and allowed.shape != (q_len, k_len):
             raise ValueError(f"attention_mask: expected shape {(q_len, k_len)}, got {tuple(allowed.shape)}")
-        if position.contextual:  # the attention is explicit, by blocks of queries: its scores are the budget
-            return BlockedMask(position, positions, dtype, allowed, MASK_BUDGET // (k_len * self.cfg.n_heads))
+        if position.contextual or position.input_dependent:  # by blocks of queries: their scores are the budget
+            return BlockedMask(position, positions, dtype, allowed, MASK_BUDGET // (k_len * self.cfg.n_heads * batch))
         last_row = position.attention_bias(positions.query[:, -1:], positions.key)  # a bias? of how many heads?
         if allowed is None and last_row is None and (q_len == k_len or q_len == 1):
             return None
@@ -328,15 +348,17 @@ class Transformer(nn.Module):
             free = self.cfg.position_free(layer)
             encoding = NO_POSITIONS if free else position.for_layer(layer)
             if encoding not in plans:
-                masks = [self._mask(where, x.dtype, allowed, encoding) for where, allowed in parts]
+                masks = [self._mask(where, x.dtype, allowed, encoding, x.shape[0]) for where, allowed in parts]
                 contextual = encoding if encoding.contextual else None
+                input_bias = encoding if encoding.input_dependent else None
                 if len(parts) == 1:
                     plans[encoding] = AttentionPlan(None if free else rotations[0], masks[0], positions.query,
-                                                    contextual, query_scale=query_scale)
+                                                    contextual, query_scale=query_scale, input_bias=input_bias)
                 else:
                     score_sets = [ScoreSet(None if free else rotation, mask) for rotation, mask in zip(rotations, masks)]
                     plans[encoding] = AttentionPlan(query_positions=positions.query, contextual=contextual,
-                                                    score_sets=score_sets, query_scale=query_scale)
+                                                    score_sets=score_sets, query_scale=query_scale,
+                                                    input_bias=input_bias)
             x = block(x, plans[encoding], cache, layer)
         return self.norm(x)
 

@@ -141,6 +141,7 @@ class PositionEncoding(nn.Module):
 
     max_length: Optional[int] = None  # the longest sequence the encoding is defined for; None: any
     contextual: bool = False  # positions from the attention scores: the layer adds context_logits (CoPE)
+    input_dependent: bool = False  # a bias from the layer's input: the layer adds sums of token_increments (FoX)
 
     def for_layer(self, layer: int) -> "PositionEncoding":
         """The part of the encoding that layer `layer` (0-based) uses; the whole encoding when layers share it."""
@@ -155,6 +156,12 @@ class PositionEncoding(nn.Module):
     def attention_bias(self, query: Tensor, key: Tensor) -> Optional[Tensor]:
         """(batch or 1, heads, q_len, k_len) float32 scores added for queries and keys at these positions
         (causal masking is the attention's: positions need not be increasing)."""
+        return None
+
+    def token_increments(self, x: Tensor) -> Optional[Tensor]:
+        """A bias that reads the layer's input: x (batch, seq, d_model), the normed input q, k and v are read from
+        -> u (batch, heads, seq) float32, and the score of query i for key j gains Σ_{t=j+1..i} u_t, a sum over the
+        tokens in between (by their order, cache included; not by position). None: no such bias."""
         return None
 
     def rescaled(self, scaling: Scaling) -> "PositionEncoding":
