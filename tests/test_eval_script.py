@@ -37,7 +37,7 @@ POSITION_COLUMNS = {"model", "run", "seed", "method", "attention", "length", "po
 SETTING_COLUMNS = ["model", "run", "seed", "trained_length", "variant", "checkpoint", "task", "method", "factor",
                    "attention", "logn", "stride"]
 PASSKEY_COLUMNS = SETTING_COLUMNS + ["length", "depth", "trials", "exact_match", "key_logprob"]
-SCALINGS = {"none", "linear", "ntk", "dynamic_ntk", "yarn", "dynamic_yarn", "llama3"}
+SCALINGS = {"none", "linear", "ntk", "dynamic_ntk", "yarn", "dynamic_yarn", "llama3", "resonance"}
 
 
 def script_env(home: Path) -> dict[str, str]:
@@ -107,8 +107,8 @@ def test_multirun_folder_default_lengths(tiny_runs, tmp_path):
     result = evaluate(out, f"ckpt={quoted(tiny_runs['multirun'])}", *FAST, "passkey_trials=0", "scalings=all")
     succeeded(result)
     # said before measuring: learned positions stop at their table, the tail loss starts at the training length
-    assert "measuring 3 models (7×1×5 + 1×1×5 + 1×1×5 scalings × attention × lengths) = 45 settings; cells: " \
-           "41 perplexity, 41 tail\n" in result.stdout + result.stderr
+    assert "measuring 3 models (8×1×5 + 1×1×5 + 1×1×5 scalings × attention × lengths) = 50 settings; cells: " \
+           "46 perplexity, 46 tail\n" in result.stdout + result.stderr
 
     columns, rows = read_csv(out / "results.csv")
     assert RESULT_COLUMNS <= set(columns)

@@ -807,7 +807,7 @@ def test_the_default_scalings_are_few_and_all_is_the_full_sweep():
 
     assert EvalConfig(ckpt="-").scalings == ["none", "yarn"]
     assert EvalConfig(ckpt="-", scalings="all").scalings == ALL_SCALINGS == \
-        ["none", "linear", "ntk", "dynamic_ntk", "yarn", "dynamic_yarn", "llama3"]
+        ["none", "linear", "ntk", "dynamic_ntk", "yarn", "dynamic_yarn", "llama3", "resonance"]
     assert EvalConfig(ckpt="-", scalings=["all"]).scalings == ALL_SCALINGS
     assert EvalConfig(ckpt="-", scalings="linear").scalings == ["linear"]
     for bad, message in [("lots", "scalings: got 'lots'"), ([], "scalings: name scalings"), (3, "scalings: name"),

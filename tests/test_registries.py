@@ -20,6 +20,7 @@ from minillm.model.config import ModelConfig
 from minillm.model.transformer import KVCache, Transformer
 from minillm.positions.base import POSITION_ENCODINGS, Positions, position_config
 from minillm.positions.methods import ATTENTION_METHODS, attention_method
+from minillm.positions.resonance import ResonanceScaling, integer_wavelengths
 from minillm.positions.rotary import RotaryConfig
 from minillm.positions.samplers import POSITION_SAMPLERS, generator_for, position_sampler, sampler_config
 from minillm.positions.scaling import SCALINGS, LinearScaling, rotary_inv_freq, scaling_config
@@ -196,10 +197,17 @@ def scaling(name: str, dim: int = DIM, **overrides):
 SCALING_NAMES = list(SCALINGS)
 
 
+def unscaled(s, theta: float, dim: int) -> torch.Tensor:
+    """RoPE's frequencies as the scaling `s` keeps them: RoPE's own; Resonance's rounded to whole wavelengths
+    (rounding is monotone, so what never speeds a feature up never passes rounded RoPE)."""
+    inv_freq = rotary_inv_freq(theta, dim)
+    return integer_wavelengths(inv_freq) if isinstance(s, ResonanceScaling) else inv_freq
+
+
 @pytest.mark.parametrize("name", SCALING_NAMES)
 def test_scaling_frequencies_are_float64_positive_and_never_faster_than_rope(name):
     s = scaling(name)
-    base = rotary_inv_freq(10000.0, DIM)
+    base = unscaled(s, 10000.0, DIM)
     tables = {}
     for length in (16, TRAINED, 4 * TRAINED):
         inv_freq, attention_factor = s.frequencies(10000.0, DIM, length)
@@ -216,7 +224,7 @@ def test_scaling_by_factor_one_is_no_scaling_within_the_trained_length(name):
     s = scaling(name, factor=1.0)
     for length in (16, TRAINED):
         inv_freq, attention_factor = s.frequencies(10000.0, DIM, length)
-        torch.testing.assert_close(inv_freq, rotary_inv_freq(10000.0, DIM), rtol=1e-12, atol=0)
+        torch.testing.assert_close(inv_freq, unscaled(s, 10000.0, DIM), rtol=1e-12, atol=0)
         assert attention_factor == pytest.approx(1.0, abs=1e-12)
 
 

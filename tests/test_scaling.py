@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from minillm.model.config import ModelConfig
+from minillm.positions.resonance import ResonanceScaling
 from minillm.positions.scaling import (SCALINGS, DynamicNTKScaling, DynamicYarnScaling, LinearScaling, Llama3Scaling, LongRopeScaling, NTKScaling, Scaling, YarnScaling, rotary_inv_freq, scaling_config)
 
 
@@ -25,6 +26,7 @@ INSTANCES = {
     "llama3": Llama3Scaling(factor=8.0, original_max_position=64),
     "longrope": LongRopeScaling(factor=4.0, original_max_position=64, short_factor=[1.0 + i / 32 for i in range(16)],
                                 long_factor=[1.0 + i for i in range(16)]),
+    "resonance": ResonanceScaling(over="yarn", factor=8.0, original_max_position=64),  # tests/test_resonance.py
 }
 
 
@@ -238,7 +240,7 @@ VARIANTS = {
     "yarn_ramp_past_the_last_pair": YarnScaling(factor=4.0, original_max_position=65536),
     "longrope_attention_factor": dataclasses.replace(INSTANCES["longrope"], attention_factor=1.1),
 }
-EXPORTED = {**{k: v for k, v in INSTANCES.items() if k != "dynamic_yarn"}, **VARIANTS}
+EXPORTED = {**{k: v for k, v in INSTANCES.items() if k not in ("dynamic_yarn", "resonance")}, **VARIANTS}
 
 
 @pytest.mark.parametrize("name", sorted(EXPORTED))

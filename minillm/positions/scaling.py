@@ -2,7 +2,8 @@
 
 Same contract as HF transformers' modeling_rope_utils: `frequencies(theta, dim, length)` returns
 (inv_freq, attention_factor), computed in float64 so the tables built from them are exact in float32.
-Adding a scaling means one class registered here with `@register_scaling` and one YAML in conf/rope_scaling.
+Adding a scaling means one class registered here with `@register_scaling` and one YAML in conf/rope_scaling;
+Resonance RoPE, which rounds the others' wavelengths, is in resonance.py.
 """
 
 from __future__ import annotations
@@ -440,3 +441,8 @@ def scaling_config(d: "dict | Scaling | None") -> Scaling:
     if isinstance(d, Scaling):
         return d
     return SCALINGS.build(d or {}, "rope_scaling")
+
+
+# Resonance RoPE rounds any scaling above; its own module (this one is at the package's module size), imported here
+# so that SCALINGS holds it wherever the scalings are read.
+from minillm.positions import resonance  # noqa: E402,F401
