@@ -132,7 +132,10 @@ def test_encoding_contracts_agree_with_the_built_encoding(name):
     assert config.is_rotary == (spectrum is not None) == (rotation is not None)
     if spectrum is not None:
         rotary_dim, theta = spectrum
-        assert rotation.rotary_dim == rotary_dim and 0 < rotary_dim <= model.cfg.head_dim
+        cfg = model.cfg
+        q, k = torch.zeros(1, cfg.n_heads, T, cfg.head_dim), torch.zeros(1, cfg.kv_heads, T, cfg.head_dim)
+        turned = rotation(q, k)[0].shape[-1]  # head_dim, or PoPE's widened 2·head_dim
+        assert rotation.rotary_dim == rotary_dim and 0 < rotary_dim <= turned
         torch.testing.assert_close(model.position.inv_freq, rotary_inv_freq(theta, rotary_dim).float())
     assert config.max_position(T) == model.position.max_length, f"{name}: max_position is not the built max_length"
     assert config.label and all("=" in tag and not tag.startswith("rope=") for tag in config.tags())
