@@ -17,7 +17,10 @@ $(BIN)/.installed: pyproject.toml
 # on a CPU, small models use one core each better than two (the needle study: 56 min against ~65 in turn).
 # JOBS=1 trains one run at a time (on a GPU, give it).
 JOBS ?= $(shell nproc 2>/dev/null || echo 1)
-LAUNCHER = $(if $(filter-out 1,$(JOBS)),hydra/launcher=joblib hydra.launcher.n_jobs=$(JOBS))
+# CLUSTER: the sweeps' runs as cluster jobs instead, one GPU each: a launcher of conf/hydra/launcher and its settings,
+# make extrapolation CLUSTER="slurm hydra.launcher.partition=gpu" ARGS=trainer.accelerator=gpu (docs/cluster.md).
+CLUSTER ?=
+LAUNCHER = $(if $(CLUSTER),hydra/launcher=$(CLUSTER),$(if $(filter-out 1,$(JOBS)),hydra/launcher=joblib hydra.launcher.n_jobs=$(JOBS)))
 
 # Overrides: ARGS goes to the training commands (trainer.max_steps=100, rope.theta=500000), EVAL_ARGS to the
 # evaluation commands (lengths=[64,128], scalings=all): a training setting is no evaluation setting, and each script
