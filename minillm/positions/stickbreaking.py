@@ -1,0 +1,57 @@
+"""Stick-breaking attention: weights that break a stick from the nearest key outward, instead of a softmax."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from minillm.positions.base import ModelShape, PositionConfig, PositionEncoding, register_position
+from minillm.positions.scaling import Scaling
+
+
+@register_position("stickbreaking")
+@dataclass
+class StickBreakingConfig(PositionConfig):
+    """Stick-breaking attention (Tan et al. 2024, arXiv:2410.17980): β_ij = σ(q_i·k_j/√d), and query i gives key
+    j < i the weight A_ij = β_ij Π_{j<k<i} (1 − β_ik), what is left of the stick after the keys between them
+    took their share; its own token gets the rest, A_ii = Π_{k<i} (1 − β_ik) = 1 − Σ_{j<i} A_ij. No position
+    encoding: order comes from the breaking, nearest keys first (a recency bias counted from the scores).
+
+    As shawntan/stickbreaking-attention's `sb_ref.py` with its default attend_current=False (keys before the
+    query break the stick) and its tests' `o + rem · v` (the remainder on the query's own value). Computed in log
+    space by blocks of queries, memory linear in the length: see StickBreaking.
+    """
+
+    variant: str = "stickbreaking"  # the registry name (rope=stickbreaking)
+
+    contextual: ClassVar[bool] = True  # the weights are a function of every score of the row, not given positions
+    reads_positions: ClassVar[bool] = False
+
+    def build(self, shape: ModelShape, scaling: Scaling) -> "StickBreaking":
+        return StickBreaking()
+
+
+class StickBreaking(PositionEncoding):
+    """The stick-breaking weights as logits over the scores of one block of queries (no parameters).
+
+    log A_ij = log σ(z_ij) − Σ_{j<k<i} softplus(z_ik) for j < i (log(1 − σ(z)) = −softplus(z)), and
+    log A_ii = −Σ_{k<i} softplus(z_ik): exact in log space, no 1 − Σ A cancellation. The sums over k run right to
+    left (a reversed cumulative sum), so the keys nearest the query, which carry the weight, are summed first.
+    The layer adds these logits to the scores and takes a softmax (masks.contextual_attention); since the A of a
+    row sum to 1, softmax(log A) = A.
+    """
+
+    contextual = True
+
+    def context_logits(self, q: Tensor, scores: Tensor) -> Tensor:
+        """q (B, H, rows, head_dim); scores (B, H, rows, keys) float32 = q·kᵀ/√d, −inf at keys not seen -> log A − z
+        where seen, 0 elsewhere. A row's own token is the last key it sees (every causal pattern's diagonal)."""
+        seen = scores > float("-inf")
+        own = seen.cumsum(-1).argmax(-1, keepdim=True)  # the last seen key: the cumulative count's first maximum
+        breaks = F.softplus(scores).scatter(-1, own, 0.0)  # −log(1 − β_ik) of the keys before the query; 0 unseen
+        after = breaks.flip(-1).cumsum(-1).flip(-1) - breaks  # Σ over the keys after j
+        log_weights = (F.logsigmoid(scores) - after).scatter(-1, own, -breaks.sum(-1, keepdim=True))
+        return (log_weights - scores.masked_fill(~seen, 0.0)).masked_fill(~seen, 0.0)
