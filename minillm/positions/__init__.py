@@ -3,4 +3,6 @@
 Importing the package imports every member module, so each registry holds all of its members.
 """
 
-from minillm.positions import absolute, base, bias, contextual, methods, polar, rotary, samplers, scaling  # noqa: F401
+from minillm.positions import (  # noqa: F401
+    absolute, base, bias, contextual, fourier, methods, polar, rotary, samplers, scaling,
+)
