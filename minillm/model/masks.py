@@ -1,5 +1,5 @@
-"""Attention masks by blocks of queries, biases from the layer's input, score sets merged by log-sum-exp, CoPE's
-explicit attention, the plan a layer gets."""
+"""Attention masks by blocks of queries, biases from the layer's input, score sets merged by log-sum-exp, the
+explicit attention of contextual encodings (CoPE, stick-breaking), the plan a layer gets."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ class BlockedMask:
     Each block covers only the range of keys its queries may see: for causal patterns, up to the block's
     own last index; for a window or a far part (an attention method's), from the first key any of its
     queries sees. So a block of B queries holds at most B · k_len mask elements per head, and attention
-    over it costs what its queries see, not the whole causal triangle. Contextual encodings (CoPE) count
+    over it costs what its queries see, not the whole causal triangle. Contextual encodings (CoPE, stick-breaking) count
     positions over every key from the first, so their blocks start at key 0. Without autograd, every
     layer builds each block as it goes, so one block exists at a time. With autograd, SDPA keeps each
     layer's mask for the backward: the blocks are then built once and shared by every layer, at most the
@@ -164,7 +164,7 @@ class ScoreSet:
 class AttentionPlan:
     """What one layer's attention is handed by the forward, all of it computed once per forward from its positions.
 
-    Either a single set of scores (`rotation` and `mask`; `contextual` for CoPE, whose mask is then a BlockedMask of
+    Either a single set of scores (`rotation` and `mask`; `contextual` for CoPE or stick-breaking, whose mask is then a BlockedMask of
     the keys each query sees) or, for an evaluation's attention method, `score_sets`: disjoint sets of scores, each
     with its own rotation and mask, attended with one softmax. `query_scale` is a factor on each query handed in by
     an evaluation (Qwen's log-n); otherwise the layer's own query temperature, if it has one, reads
@@ -223,9 +223,9 @@ def contextual_attention(q: Tensor, k: Tensor, v: Tensor, mask: BlockedMask, con
                          dropout: float) -> Tensor:
     """softmax(s + context_logits(q, s)) v with s = q·kᵀ/√d (−inf at keys not seen), one block of queries at a time.
 
-    Written out rather than through SDPA: CoPE's logits are a function of the scores themselves, which SDPA's
-    attn_mask cannot express. Scores and softmax in float32, autocast or not; a query that sees no key gets
-    zeros, as from SDPA.
+    Written out rather than through SDPA: CoPE's logits, and stick-breaking's log-weights, are functions of the
+    scores themselves, which SDPA's attn_mask cannot express. Scores and softmax in float32, autocast or not; a
+    query that sees no key gets zeros, as from SDPA.
     """
     groups = q.shape[1] // k.shape[1]
     if groups > 1:  # grouped-query heads: each key/value head serves `groups` query heads
