@@ -8,11 +8,11 @@ import math
 
 import pytest
 import torch
-from test_registries import assert_causal_and_decodes, tiny, tokens
+from test_registries import SCALING_NAMES, assert_causal_and_decodes, scaling, tiny, tokens
 
 from minillm.model.config import ModelConfig
 from minillm.positions.base import Positions
-from minillm.positions.fourier import FopeConfig, FourierEmbedding
+from minillm.positions.fourier import REFUSED_SCALINGS, FopeConfig, FourierEmbedding
 from minillm.positions.scaling import LinearScaling, LongRopeScaling, Scaling, YarnScaling
 
 HEADS, KV_HEADS = 4, 2
@@ -158,3 +158,17 @@ def test_scalings_apply_after_the_clamp_and_share_the_coefficients():
 def test_bad_knobs_are_refused_by_name(settings, field):
     with pytest.raises(ValueError, match=rf"^{field}:"):
         ModelConfig(**{**dict(vocab_size=61, context_length=16, d_model=32, n_heads=4), **settings})
+
+
+@pytest.mark.parametrize("name", SCALING_NAMES)
+def test_every_scaling_but_the_refused_ones_runs_causally_and_decodes(name):
+    """Each registered scaling (longrope's factors sized for head_dim = 8 channels) is refused by name or serves a model
+    that stays causal and decodes through the KV cache."""
+    rope_scaling = scaling(name, dim=8, original_max_position=None)
+    if name in REFUSED_SCALINGS:
+        with pytest.raises(ValueError, match=rf"^rope_scaling\.type: '{name}' does not apply"):
+            tiny(FopeConfig(), rope_scaling=rope_scaling)
+        return
+    model = tiny(FopeConfig(), rope_scaling=rope_scaling)
+    assert model.position.scaling.name == name
+    assert_causal_and_decodes(model)

@@ -8,12 +8,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from test_registries import assert_causal_and_decodes, tiny, tokens
+from test_registries import SCALING_NAMES, assert_causal_and_decodes, scaling, tiny, tokens
 
 from minillm.model.config import ModelConfig
 from minillm.positions.base import Positions
 from minillm.positions.methods import attention_method, check_encoding
-from minillm.positions.polar import PolarEmbedding, PopeConfig
+from minillm.positions.polar import REFUSED_SCALINGS, PolarEmbedding, PopeConfig
 from minillm.positions.scaling import LinearScaling, LongRopeScaling, Scaling, YarnScaling
 
 pope_pytorch = pytest.importorskip("PoPE_pytorch")
@@ -168,3 +168,17 @@ def test_single_part_methods_run_through_sdpa_with_the_widened_keys():
     assert torch.isfinite(windowed).all()
     torch.testing.assert_close(windowed[:, :8], full[:, :8])
     assert not torch.allclose(windowed[:, 8:], full[:, 8:], atol=1e-4)
+
+
+@pytest.mark.parametrize("name", SCALING_NAMES)
+def test_every_scaling_but_the_refused_ones_runs_causally_and_decodes(name):
+    """Each registered scaling (longrope's factors sized for 2·head_dim = 16 channels) is refused by name or serves a model
+    that stays causal and decodes through the KV cache."""
+    rope_scaling = scaling(name, dim=16, original_max_position=None)
+    if name in REFUSED_SCALINGS:
+        with pytest.raises(ValueError, match=rf"^rope_scaling\.type: '{name}' does not apply"):
+            tiny(PopeConfig(), rope_scaling=rope_scaling)
+        return
+    model = tiny(PopeConfig(), rope_scaling=rope_scaling)
+    assert model.position.scaling.name == name
+    assert_causal_and_decodes(model)

@@ -73,7 +73,7 @@ class FopeConfig(PositionConfig):
 
     @property
     def label(self) -> str:
-        return f"fope θ={self.theta:g} σ={self.init_gain:g}" + (f" F={self.fourier_dim}" if self.fourier_dim else "")
+        return f"fope θ={self.theta:g} gain={self.init_gain:g}" + (f" F={self.fourier_dim}" if self.fourier_dim else "")
 
     def tags(self) -> list[str]:
         return [f"theta={self.theta:g}", f"fope_gain={self.init_gain:g}", f"fope_learned={self.learned}"]

@@ -32,8 +32,8 @@ class PopeConfig(PositionConfig):
     bias δ_{h,c} in [−2π, 0] on the keys:
         score(m, n) = Σ_c softplus(q_c) softplus(k_c) cos((m − n)·θ_c − δ_{h,c}) / √d.
     Content sets only magnitudes, position only phases. Frequency scalings apply to θ_c as to RoPE's (PoPE's θ_c
-    are RoPE's frequencies over 2·head_dim channels): linear, ntk, dynamic_ntk, yarn (its temperature on the
-    magnitudes), dynamic_yarn, llama3; longrope is refused (REFUSED_SCALINGS).
+    are RoPE's frequencies over 2·head_dim channels; YaRN's temperature multiplies the magnitudes of q and k),
+    all but those in REFUSED_SCALINGS.
     """
 
     variant: str = "pope"  # the registry name (rope=pope)
