@@ -119,13 +119,10 @@ def test_resonance_yarn_model_is_causal_and_decodes_with_a_cache():
     assert_causal_and_decodes(tiny(RotaryConfig("complex"), rope_scaling=ResonanceScaling(over="yarn", factor=4.0)))
 
 
-def test_the_rounded_scalings_defaults_and_the_shared_settings():
-    """factor defaults to the rounded scaling's own; one factor and one trained length for both; labels say both."""
-    assert ResonanceScaling().factor == 1.0 and ResonanceScaling(over="yarn").factor == YarnScaling().factor
-    assert ResonanceScaling(over="llama3").factor == 8.0
+def test_one_factor_and_one_trained_length_for_both_and_labels_that_say_both():
     yarn = ResonanceScaling(over={"type": "yarn", "beta_fast": 16.0}, factor=8.0).trained_at(128)
     assert yarn.rounded_scaling() == YarnScaling(factor=8.0, beta_fast=16.0, original_max_position=128)
-    assert ResonanceScaling(over={"type": "linear"}).over == "linear"  # a name alone when no settings of its own
+    assert ResonanceScaling(over="yarn").rounded_scaling() == YarnScaling()  # its default factor is YaRN's, 4
     assert ResonanceScaling().label == " +resonance" and yarn.label == " +resonance(yarn)×8"
     # Over none the factor scales nothing: evaluation reads the rounding alone at every length.
     assert ResonanceScaling().factor_for(256, 64) == 1.0 and ResonanceScaling(over="yarn").factor_for(256, 64) == 4.0
@@ -230,3 +227,23 @@ def test_rounding_never_moves_a_wavelength_past_a_neighbour():
     for scaling in (LinearScaling(factor=2.0), YarnScaling(factor=4.0, original_max_position=64)):
         rounded = integer_wavelengths(scaling.frequencies(10000.0, 64, 64)[0])
         assert bool((rounded <= base).all())
+
+
+@pytest.mark.parametrize("overrides", [["rope_scaling=resonance", "rope_scaling.over={type: yarn, beta_fast: 8}"],
+                                       ["rope_scaling=resonance", "rope_scaling.over={type: linear}"]])
+def test_a_resume_asking_the_same_settings_again_keeps_the_run(overrides):
+    """What the run wrote to config.yaml, asked again on the command line, is no contradiction."""
+    from omegaconf import OmegaConf
+    from test_resume import composed, saved_run
+
+    from minillm.registry import ConfigError, to_run_config
+    from minillm.train.config import RunConfig
+    from minillm.train.resume import resumed, run_config
+
+    saved = saved_run(*overrides)
+    merged = resumed(composed(*overrides, "ckpt_path=last"), saved, [*overrides, "ckpt_path=last"],
+                     OmegaConf.structured(RunConfig))
+    assert run_config(OmegaConf.to_container(merged)).rope_scaling == to_run_config(composed(*overrides)).rope_scaling
+    with pytest.raises(ConfigError, match=r"^rope_scaling\.factor: the run was trained with 4\.0"):
+        asked = [*overrides, "rope_scaling.factor=2"]
+        resumed(composed(*asked), saved, asked, OmegaConf.structured(RunConfig))

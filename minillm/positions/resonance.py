@@ -36,22 +36,25 @@ class ResonanceScaling(Scaling):
     """
 
     type: str = "resonance"  # the registry name (rope_scaling=resonance)
-    factor: Optional[float] = None  # the scale of the scaling rounded; None: that scaling's own default (yarn: 4)
+    factor: float = 4.0  # the scale of the scaling rounded (over none it only sets the length meant for)
     over: Any = "none"  # the scaling rounded: its name (none, linear, ntk, yarn, ...) or its settings {type: yarn, ...}
 
     def __post_init__(self) -> None:
-        over = dict(self.over) if isinstance(self.over, Mapping) else {"type": self.over}
-        require(isinstance(over.get("type"), str), "rope_scaling.over",
+        if isinstance(self.over, Mapping):
+            self.over = dict(self.over)  # a plain dict, as a checkpoint stores it (Hydra hands over a DictConfig)
+        settings = self.over_settings()
+        require(isinstance(settings.get("type"), str), "rope_scaling.over",
                 f"name the scaling to round, or give its settings with its type; got {self.over!r}")
-        choice(over["type"], "rope_scaling.over", self.roundable())
-        shared = [name for name in SHARED if name in over]
+        choice(settings["type"], "rope_scaling.over", self.roundable())
+        shared = [name for name in SHARED if name in settings]
         require(not shared, f"rope_scaling.over.{shared[0] if shared else ''}",
                 f"Resonance and the scaling it rounds share one: set rope_scaling.{shared[0] if shared else ''}")
-        self.over = over["type"] if len(over) == 1 else over  # a name alone when it has no settings of its own
-        if self.factor is None:
-            self.factor = SCALINGS[over["type"]]().factor
         super().__post_init__()
         self.rounded_scaling()  # built once now: a bad setting of it is refused at construction, by name
+
+    def over_settings(self) -> dict:
+        """The rounded scaling's own settings, its type among them."""
+        return dict(self.over) if isinstance(self.over, dict) else {"type": self.over}
 
     @staticmethod
     def roundable() -> list[str]:
@@ -60,7 +63,7 @@ class ResonanceScaling(Scaling):
 
     def rounded_scaling(self) -> Scaling:
         """The scaling `over` with this factor and trained length."""
-        settings = {"type": self.over} if isinstance(self.over, str) else dict(self.over)
+        settings = self.over_settings()
         try:
             return SCALINGS.build({**settings, **{name: getattr(self, name) for name in SHARED}}, "rope_scaling.over")
         except ValueError as error:  # its checks name rope_scaling.<knob>: here that knob is rope_scaling.over.<knob>
