@@ -21,7 +21,7 @@ HEADS, KV_HEADS = 4, 2
 def plain_series(model: FourierEmbedding, head: int, position: int) -> tuple[list[float], list[float]]:
     """C_j, S_j of one head at one position, straight from the paper: the frequencies theta^(−2k/F) of period at
     most L, pair j < P the series Σ_k a_kj cos(ω_k n) and Σ_k b_kj sin(ω_k n), every other pair frequency 0."""
-    dim, length = model.fourier_dim, model.context_length
+    dim, length = model.fourier_dim, model.clamp_length
     omegas = [model.theta ** (-2 * k / dim) for k in range(dim // 2)]
     omegas = [w for w in omegas if 2 * math.pi / w <= length]
     pairs = min(len(omegas), model.head_dim // 4)
@@ -116,6 +116,14 @@ def test_model_is_causal_decodes_and_trains_learned_coefficients():
         assert isinstance(coefficients, torch.nn.Parameter) and coefficients.grad.abs().max() > 0
 
 
+def test_the_clamp_length_fixes_which_frequencies_turn_whatever_the_context_length():
+    """A run fine-tuned at 16 tokens from one trained at 64 keeps its coefficients' shape with rope.clamp_length=64."""
+    source, tuned = tiny(FopeConfig(), context_length=64), tiny(FopeConfig(clamp_length=64), context_length=16)
+    assert tuned.position.pairs == source.position.pairs == len(source.position.frequencies) == 2  # 1 and 0.1
+    assert tiny(FopeConfig(), context_length=16).position.frequencies.shape == (1,)  # 0.1 < 2π/16
+    tuned.load_state_dict(source.state_dict())
+
+
 def test_fixed_coefficients_are_saved_with_the_model_but_not_trained():
     model = tiny(FopeConfig())
     assert not any(name.startswith("position.") for name, _ in model.named_parameters())
@@ -150,11 +158,13 @@ def test_scalings_apply_after_the_clamp_and_share_the_coefficients():
     (dict(rope=dict(variant="fope", init_gain=0.0)), r"rope\.init_gain"),
     (dict(rope=dict(variant="fope", theta=-1.0)), r"rope\.theta"),
     (dict(rope=FopeConfig(), context_length=6), r"model\.context_length"),
+    (dict(rope=FopeConfig(clamp_length=6)), r"rope\.clamp_length"),
+    (dict(rope=dict(variant="fope", clamp_length=0)), r"rope\.clamp_length"),
     (dict(rope=FopeConfig(), n_heads=16), r"model\.d_model"),
     (dict(rope=FopeConfig(), rope_scaling=LongRopeScaling(factor=4.0, short_factor=[1.0] * 4,
                                                          long_factor=[4.0] * 4)), r"rope_scaling\.type"),
 ], ids=["odd_fourier_dim", "fourier_dim_not_above_head_dim", "gain", "theta", "no_frequency_turns",
-        "head_dim_2", "longrope"])
+        "clamp_too_short", "clamp_not_positive", "head_dim_2", "longrope"])
 def test_bad_knobs_are_refused_by_name(settings, field):
     with pytest.raises(ValueError, match=rf"^{field}:"):
         ModelConfig(**{**dict(vocab_size=61, context_length=16, d_model=32, n_heads=4), **settings})

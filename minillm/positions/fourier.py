@@ -20,10 +20,10 @@ REFUSED_SCALINGS = {
 }
 
 
-def turning(theta: float, fourier_dim: int, context_length: int) -> Tensor:
+def turning(theta: float, fourier_dim: int, length: int) -> Tensor:
     """bool (F/2,): which of the frequencies theta^(−2i/F), i < F/2, complete a turn within the training length
     L (θ ≥ 2π/L). The others are sub-critical: they never finish a period in training, so FoPE clamps them to 0."""
-    return rotary_inv_freq(theta, fourier_dim) >= 2 * math.pi / context_length
+    return rotary_inv_freq(theta, fourier_dim) >= 2 * math.pi / length
 
 
 def positional_pairs(n_frequencies: int, head_dim: int) -> int:
@@ -58,6 +58,9 @@ class FopeConfig(PositionConfig):
     learned: bool = False  # the coefficients are trained (fourier_learnable; off in the paper's runs)
     separate_heads: bool = True  # each head its own coefficients (fourier_separate_head); False: shared
     separate_basis: bool = True  # the cos and sin series their own coefficients (fourier_separate_basis)
+    # frequencies slower than one turn in this many positions are zeroed; None: model.context_length. Set it to the
+    # source's length to fine-tune at another one (the coefficients' shape follows which frequencies turn)
+    clamp_length: Optional[int] = None
 
     rotary: ClassVar[bool] = True
     reads_positions: ClassVar[bool] = True
@@ -69,6 +72,8 @@ class FopeConfig(PositionConfig):
         if self.fourier_dim is not None:
             require(self.fourier_dim > 0 and self.fourier_dim % 2 == 0, "rope.fourier_dim",
                     f"must be a positive even number, got {self.fourier_dim}")
+        if self.clamp_length is not None:
+            require(self.clamp_length > 0, "rope.clamp_length", f"must be positive, got {self.clamp_length}")
         finite(self, "rope", FopeConfig)
 
     @property
@@ -87,9 +92,10 @@ class FopeConfig(PositionConfig):
                 f"FoPE needs an even head_dim of at least 4 (a quarter of it carries the series), got {head_dim}")
         require(self.fourier_dim is None or self.fourier_dim > head_dim, "rope.fourier_dim",
                 f"adds frequencies to the head's {head_dim}: must exceed it, or be None, got {self.fourier_dim}")
-        dim = self.fourier_dim or head_dim
-        require(bool(turning(self.theta, dim, shape.context_length).any()), "model.context_length",
-                f"no frequency completes a turn within {shape.context_length} positions (the fastest needs 2π)")
+        dim, length = self.fourier_dim or head_dim, self.clamp_length or shape.context_length
+        require(bool(turning(self.theta, dim, length).any()),
+                "rope.clamp_length" if self.clamp_length else "model.context_length",
+                f"no frequency completes a turn within {length} positions (the fastest needs 2π)")
         require(scaling.name not in REFUSED_SCALINGS, "rope_scaling.type",
                 f"{scaling.name!r} does not apply to rope=fope: {REFUSED_SCALINGS.get(scaling.name)}")
         scaling.check_dim(dim)
@@ -97,8 +103,9 @@ class FopeConfig(PositionConfig):
             scaling.check_length(scaling.original)
 
     def build(self, shape: ModelShape, scaling: Scaling) -> "FourierEmbedding":
-        return FourierEmbedding(shape.head_dim, shape.n_heads, shape.context_length, self.theta, self.fourier_dim,
-                                self.init_gain, self.learned, self.separate_heads, self.separate_basis, scaling)
+        return FourierEmbedding(shape.head_dim, shape.n_heads, self.clamp_length or shape.context_length, self.theta,
+                                self.fourier_dim, self.init_gain, self.learned, self.separate_heads,
+                                self.separate_basis, scaling)
 
 
 @dataclass
@@ -129,23 +136,23 @@ class FourierEmbedding(PositionEncoding):
     The coefficients are parameters when learned, else buffers saved with the checkpoint (they are random).
     """
 
-    def __init__(self, head_dim: int, n_heads: int, context_length: int, theta: float = 10000.0,
+    def __init__(self, head_dim: int, n_heads: int, clamp_length: int, theta: float = 10000.0,
                  fourier_dim: Optional[int] = None, init_gain: float = 0.3, learned: bool = False,
                  separate_heads: bool = True, separate_basis: bool = True, scaling: "Scaling | dict | None" = None,
                  coefficients: Optional[tuple[Tensor, Tensor]] = None):
         super().__init__()
         positive(theta, "theta")
-        self.head_dim, self.n_heads, self.context_length, self.theta = head_dim, n_heads, context_length, float(theta)
+        self.head_dim, self.n_heads, self.clamp_length, self.theta = head_dim, n_heads, clamp_length, float(theta)
         self.fourier_dim = fourier_dim or head_dim
         self.settings = dict(init_gain=init_gain, learned=learned, separate_heads=separate_heads,
                              separate_basis=separate_basis)
         self.scaling = scaling_config(scaling)
         require(not self.scaling.needs_original or self.scaling.original_max_position is not None,
                 "scaling.original_max_position", f"{self.scaling.name} needs the trained length")
-        self._kept = turning(self.theta, self.fourier_dim, context_length)  # the frequencies the clamp leaves
+        self._kept = turning(self.theta, self.fourier_dim, clamp_length)  # the frequencies the clamp leaves
         n_frequencies = int(self._kept.sum())
         self.pairs = positional_pairs(n_frequencies, head_dim)
-        require(self.pairs > 0, "context_length", f"no frequency completes a turn within {context_length} positions")
+        require(self.pairs > 0, "clamp_length", f"no frequency completes a turn within {clamp_length} positions")
         self._frequencies64, self.attention_factor = self._series(self.scaling.original_max_position or 0)
         self.register_buffer("inv_freq", rotary_inv_freq(self.theta, head_dim).float(), persistent=False)
         self.register_buffer("frequencies", self._frequencies64.float(), persistent=False)  # for reading
@@ -192,7 +199,7 @@ class FourierEmbedding(PositionEncoding):
                 f"{scaling.name!r} does not apply to rope=fope: {REFUSED_SCALINGS.get(scaling.name)}")
         if self.scaling.original_max_position is not None:
             scaling = scaling.trained_at(self.scaling.original_max_position)
-        return FourierEmbedding(self.head_dim, self.n_heads, self.context_length, self.theta, self.fourier_dim,
+        return FourierEmbedding(self.head_dim, self.n_heads, self.clamp_length, self.theta, self.fourier_dim,
                                 scaling=scaling, coefficients=(self.cos_coef, self.sin_coef),
                                 **self.settings).to(self.inv_freq.device)
 
