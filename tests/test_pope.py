@@ -172,8 +172,8 @@ def test_single_part_methods_run_through_sdpa_with_the_widened_keys():
 
 @pytest.mark.parametrize("name", SCALING_NAMES)
 def test_every_scaling_but_the_refused_ones_runs_causally_and_decodes(name):
-    """Each registered scaling (longrope's factors sized for 2·head_dim = 16 channels) is refused by name or serves a model
-    that stays causal and decodes through the KV cache."""
+    """Each registered scaling (longrope's factors sized for 2·head_dim = 16 channels) is refused by name or serves
+    a model that stays causal and decodes through the KV cache."""
     rope_scaling = scaling(name, dim=16, original_max_position=None)
     if name in REFUSED_SCALINGS:
         with pytest.raises(ValueError, match=rf"^rope_scaling\.type: '{name}' does not apply"):

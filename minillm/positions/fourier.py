@@ -78,7 +78,8 @@ class FopeConfig(PositionConfig):
 
     @property
     def label(self) -> str:
-        return f"fope θ={self.theta:g} gain={self.init_gain:g}" + (f" F={self.fourier_dim}" if self.fourier_dim else "")
+        extra = f" F={self.fourier_dim}" if self.fourier_dim else ""
+        return f"fope θ={self.theta:g} gain={self.init_gain:g}{extra}"
 
     def tags(self) -> list[str]:
         return [f"theta={self.theta:g}", f"fope_gain={self.init_gain:g}", f"fope_learned={self.learned}"]
@@ -205,7 +206,7 @@ class FourierEmbedding(PositionEncoding):
 
     def _tables(self, where: Tensor, frequencies: Tensor, attention_factor: float) -> tuple[Tensor, Tensor]:
         """C and S (P, heads or 1, seq, head_dim/2) at positions `where` (P, seq)."""
-        # float64 products reduced mod 2π before float32: exact angles at any position below 2^53
+        # float64 products reduced mod 2π, then float32: a float32 product would lose the angle at long positions
         angles = (where.double()[..., None] * frequencies).remainder(2 * math.pi).float()  # (P, seq, D)
         with torch.autocast(where.device.type, enabled=False):  # tables in float32, as the reference keeps them
             cos = angles.cos()[:, None] @ self.cos_coef.float()  # (P, 1, seq, D) @ (heads, D, pairs)

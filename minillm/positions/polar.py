@@ -146,7 +146,7 @@ class PolarEmbedding(PositionEncoding):
         inv_freq = inv_freq.to(positions.query.device)
 
         def phases(where: Tensor) -> Tensor:
-            # float64 products reduced mod 2π before float32: exact phases at any position below 2^53
+            # float64 products reduced mod 2π, then float32: a float32 product would lose the phase at long positions
             return (where.double()[..., None] * inv_freq).remainder(2 * math.pi).float()  # (P, seq, d)
 
         # The reference's clamp (PoPE-pytorch, x-transformers): δ stays within one turn below zero.
