@@ -16,8 +16,18 @@ from minillm.positions.methods import attention_method, check_encoding
 from minillm.positions.polar import REFUSED_SCALINGS, PolarEmbedding, PopeConfig
 from minillm.positions.scaling import LinearScaling, LongRopeScaling, Scaling, YarnScaling
 
-pope_pytorch = pytest.importorskip("PoPE_pytorch")
-x_transformers = pytest.importorskip("x_transformers.x_transformers")
+
+@pytest.fixture(scope="module")
+def pope_pytorch():
+    """lucidrains/PoPE-pytorch (the test extra): only the comparisons with it skip without it."""
+    return pytest.importorskip("PoPE_pytorch")
+
+
+@pytest.fixture(scope="module")
+def x_transformers():
+    """lucidrains/x-transformers (the test extra), likewise."""
+    return pytest.importorskip("x_transformers.x_transformers")
+
 
 HEADS, KV_HEADS, HEAD_DIM, T = 4, 2, 16, 12
 
@@ -28,7 +38,7 @@ def qkv(seed: int = 0, q_len: int = T, k_len: int = T):
             torch.randn(2, KV_HEADS, k_len, HEAD_DIM, generator=g))
 
 
-def pair(seed: int = 0, **scaling) -> tuple[PolarEmbedding, "pope_pytorch.PoPE"]:
+def pair(pope_pytorch, seed: int = 0, **scaling):
     """Ours and PoPE-pytorch's PoPE with the same random phase bias, in [−2π, 0] and beyond it (clamped by both)."""
     ours = PolarEmbedding(HEAD_DIM, HEADS, **scaling)
     bias = torch.empty(HEADS, HEAD_DIM).uniform_(-7.5, 1.0, generator=torch.Generator().manual_seed(seed))
@@ -39,16 +49,16 @@ def pair(seed: int = 0, **scaling) -> tuple[PolarEmbedding, "pope_pytorch.PoPE"]
     return ours, reference
 
 
-def test_frequencies_are_the_references():
+def test_frequencies_are_the_references(pope_pytorch, x_transformers):
     ours = PolarEmbedding(HEAD_DIM, HEADS, theta=500.0)
     torch.testing.assert_close(ours.inv_freq, pope_pytorch.PoPE(HEAD_DIM, heads=HEADS, theta=500.0).inv_freqs)
     torch.testing.assert_close(ours.inv_freq, x_transformers.PolarEmbedding(HEAD_DIM, HEADS, base=500.0).inv_freq)
 
 
-def test_attention_equals_pope_pytorch_under_grouped_query_heads():
+def test_attention_equals_pope_pytorch_under_grouped_query_heads(pope_pytorch):
     """Its attention (softmax scale 1/√head_dim, the bias per query head, causal) equals ours: SDPA over the
     widened q, k at its default scale, grouped-query heads."""
-    ours, reference = pair()
+    ours, reference = pair(pope_pytorch)
     q, k, v = qkv()
     # Its grouped-query layout tiles the key heads (query head i reads key head i mod kv_heads); SDPA's and ours
     # repeats each (head i reads i // groups): the keys and values are handed over repeated our way.
@@ -60,9 +70,9 @@ def test_attention_equals_pope_pytorch_under_grouped_query_heads():
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_logits_equal_the_references_after_a_cache_and_at_given_positions():
+def test_logits_equal_the_references_after_a_cache_and_at_given_positions(pope_pytorch):
     """Scores of the last 3 queries over 12 keys (the reference's decoding layout), at arbitrary positions."""
-    ours, reference = pair(seed=1)
+    ours, reference = pair(pope_pytorch, seed=1)
     q, k, _ = qkv(seed=1, q_len=3)
     where = torch.tensor([0, 2, 3, 7, 8, 9, 15, 40, 41, 100, 101, 1000])
     freqs, bias = reference(where.float())
@@ -74,7 +84,7 @@ def test_logits_equal_the_references_after_a_cache_and_at_given_positions():
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_widened_vectors_are_x_transformers_up_to_the_folded_scale():
+def test_widened_vectors_are_x_transformers_up_to_the_folded_scale(x_transformers):
     """Same layout (magnitude·cos, magnitude·sin): keys equal, queries √2 larger (the softmax scale folded in);
     with a bias, x-transformers turns the keys by it and we the queries by −δ: the logits agree."""
     ours = PolarEmbedding(HEAD_DIM, HEADS)
@@ -96,13 +106,13 @@ def test_widened_vectors_are_x_transformers_up_to_the_folded_scale():
     torch.testing.assert_close(q_wide @ k_wide.mT / math.sqrt(2), expected, atol=1e-4, rtol=1e-5)
 
 
-def test_scalings_turn_the_phases_and_scale_the_magnitudes_as_for_rope():
+def test_scalings_turn_the_phases_and_scale_the_magnitudes_as_for_rope(pope_pytorch):
     """PI divides every θ_c by its factor; YaRN's frequencies are its formula over 2·head_dim channels and its
     temperature multiplies q and k (the logits by its square), as RoPE's tables carry it."""
     linear = PolarEmbedding(HEAD_DIM, HEADS, scaling=LinearScaling(factor=4.0))
     torch.testing.assert_close(linear.inv_freq, PolarEmbedding(HEAD_DIM, HEADS).inv_freq / 4)
     yarn = YarnScaling(factor=4.0, original_max_position=16)
-    ours, reference = pair(seed=3, scaling=yarn)
+    ours, reference = pair(pope_pytorch, seed=3, scaling=yarn)
     inv_freq, temperature = yarn.frequencies(10000.0, 2 * HEAD_DIM, 16)
     assert temperature > 1
     torch.testing.assert_close(ours.inv_freq, inv_freq.float())
