@@ -716,19 +716,30 @@ def test_job_folders_of_a_sweep_pass_back_unquoted(tmp_path, env, cache_dir, sma
     assert summary(jobs[0])["steps"] == 4
 
 
+@pytest.fixture(scope="session")
+def serial_sweep(shared, env) -> tuple[list[str], Path]:
+    """Two small runs swept in turn by Hydra's basic launcher, once per session: what a parallel launcher's sweep
+    (joblib here, submitit in test_scaleout) must train. The sweep's arguments, less its folder, and the folder."""
+    arguments = ["-m", "data=synthetic", "data.task=copy", "rope=complex,alibi", *SMALL, "logger=csv"]
+    done = SimpleNamespace(**once(shared, "serial_sweep", lambda folder: vars(
+        train(env, *arguments, f"hydra.sweep.dir={folder / 'sweep'}"))))
+    assert_ok(done)
+    return arguments, shared / "serial_sweep" / "sweep"
+
+
 @pytest.mark.slow
-def test_parallel_sweep_trains_what_the_serial_one_does(tmp_path, env):
+def test_parallel_sweep_trains_what_the_serial_one_does(tmp_path, env, serial_sweep):
     """make's JOBS: the joblib launcher's jobs train in worker processes, with the runs of a serial sweep."""
-    sweep = ["-m", "data=synthetic", "data.task=copy", "rope=complex,alibi", *SMALL, "logger=csv"]
-    assert_ok(train(env, *sweep, f"hydra.sweep.dir={tmp_path / 'serial'}"))
+    sweep, serial_dir = serial_sweep
     parallel = train(env, *sweep, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
                      f"hydra.sweep.dir={tmp_path / 'parallel'}")
     assert_ok(parallel)
-    runs = {name: sorted(p.name for p in (tmp_path / name).iterdir() if p.is_dir()) for name in ("serial", "parallel")}
+    runs = {name: sorted(p.name for p in folder.iterdir() if p.is_dir())
+            for name, folder in (("serial", serial_dir), ("parallel", tmp_path / "parallel"))}
     assert runs["serial"] == runs["parallel"] and len(runs["serial"]) == 2
     assert len(RESULT_LINE.findall(parallel.out)) == 2
     for run in runs["serial"]:
-        serial, together = summary(tmp_path / "serial" / run), summary(tmp_path / "parallel" / run)
+        serial, together = summary(serial_dir / run), summary(tmp_path / "parallel" / run)
         assert together["steps"] == serial["steps"] == MAX_STEPS
         assert together["val_loss"] == serial["val_loss"]  # the same seed, data and one thread: bitwise
 

@@ -73,6 +73,9 @@ def _valid_batch_limit(limit: Any) -> bool:
     return isinstance(limit, float) and 0 < limit <= 1
 
 
+SHARDINGS = ("full_shard", "shard_grad_op", "hybrid_shard", "no_shard")  # torch FSDP's ShardingStrategy names
+
+
 @dataclass
 class TrainerConfig:
     """What Lightning's Trainer gets, plus the checkpoint cadence and compilation."""
@@ -91,6 +94,10 @@ class TrainerConfig:
     checkpoint_every_n_steps: int = 250  # steps between step-numbered checkpoints (last.ckpt is kept too)
     max_bad_steps: int = 0  # steps with a NaN/inf loss to skip (no update) before the run stops
     compile: bool = False  # torch.compile the model
+    # trainer.strategy=fsdp only, what each GPU keeps a shard of: full_shard (weights, gradients, optimizer state),
+    # shard_grad_op (gradients, optimizer state), hybrid_shard (full_shard in a node, replicas across), no_shard
+    sharding: str = "full_shard"
+    activation_checkpointing: bool = False  # trainer.strategy=fsdp only: each block's activations recomputed in backward
     peak_flops: Optional[float] = None  # for MFU; None: measured on CPU, looked up for known GPUs
 
     def __post_init__(self) -> None:
@@ -118,6 +125,11 @@ class TrainerConfig:
                 ("auto", "32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "64-true"))
         if self.peak_flops is not None:
             positive(self.peak_flops, "trainer.peak_flops")
+        choice(self.sharding, "trainer.sharding", SHARDINGS)
+        if self.strategy != "fsdp":  # a knob that would change nothing is refused, not ignored
+            for knob in ("sharding", "activation_checkpointing"):
+                require(getattr(self, knob) == getattr(TrainerConfig, knob), f"trainer.{knob}",
+                        f"applies to trainer.strategy=fsdp only (trainer=fsdp), not {self.strategy!r}")
         finite(self, "trainer")
 
 

@@ -25,7 +25,7 @@ from minillm.files import check_writable, write_atomic
 from minillm.precision import resolve as resolve_precision
 from minillm.registry import ConfigError
 from minillm.runs import RunFolder
-from minillm.train.config import RunConfig
+from minillm.train.config import RunConfig, TrainerConfig
 from minillm.train.loggers import make_loggers
 from minillm.train.resume import configure
 from minillm.train.task import LanguageModelTask, NonFiniteLossError
@@ -89,9 +89,8 @@ def _train(cfg: DictConfig, run_dir: Path, overrides: Sequence[str], progress: d
     if resume is not None and resume.step >= run.trainer.max_steps:  # nothing to train: the run's files stay
         return {**folder.summary_values(), "finished": True, "steps": resume.step, "max_steps": run.trainer.max_steps}
     precision, precision_reason = resolve_precision(run.trainer.precision, _accelerator_device(run.trainer.accelerator))
-    trainer_args = trainer_kwargs(run, run_dir, precision)
     try:  # before the data: a device that is not there fails at once
-        L.Trainer(**trainer_args, logger=False)
+        L.Trainer(**trainer_kwargs(run, run_dir, precision), logger=False)
     except Exception as error:  # Lightning's MisconfigurationException and friends, one line naming the devices
         raise ConfigError(f"trainer.accelerator={run.trainer.accelerator!r} with trainer.devices="
                           f"{run.trainer.devices!r} and trainer.strategy={run.trainer.strategy!r}: "
@@ -149,7 +148,8 @@ def _train(cfg: DictConfig, run_dir: Path, overrides: Sequence[str], progress: d
     # A new run starts metrics.csv afresh (step 0 on), whatever a run killed before its first checkpoint left.
     loggers = make_loggers(run, run_dir, {**resolved, "data_fingerprint": data.fingerprint, **used, **origin}, resume_id,
                            resume.step if resume is not None else 0, group=group)
-    trainer = L.Trainer(**trainer_args, logger=loggers or False)
+    # Built afresh: a strategy object (FSDP's) belongs to the one Trainer it was given to.
+    trainer = L.Trainer(**trainer_kwargs(run, run_dir, precision), logger=loggers or False)
     earlier = signals_received()  # a signal before this fit (another run in the same process) is not this run's
     try:
         with interrupt_at_step_end(lambda: setattr(trainer, "should_stop", True)):
@@ -231,14 +231,46 @@ def trainer_kwargs(run: RunConfig, run_dir: Path, precision: str) -> dict[str, A
                                auto_insert_metric_name=False, enable_version_counter=False)
     for callback in (best, periodic):
         callback.CHECKPOINT_NAME_LAST = RunFolder.LAST  # Lightning's default, named by the layout
-    return dict(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
-                precision=precision, max_steps=t.max_steps,
+    sharded = t.strategy == "fsdp"
+    # Under FSDP the gradients' norm is clipped by ShardedGradientClipping (Lightning's FSDP precision refuses to)
+    clipping = [ShardedGradientClipping(t.gradient_clip_val)] if sharded and t.gradient_clip_val else []
+    return dict(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
+                strategy=fsdp_strategy(t) if sharded else t.strategy, precision=precision, max_steps=t.max_steps,
                 val_check_interval=min(t.val_check_interval, t.max_steps),  # a short run still validates once
                 check_val_every_n_epoch=None, limit_val_batches=t.limit_val_batches,
-                log_every_n_steps=t.log_every_n_steps, gradient_clip_val=t.gradient_clip_val or None,
-                callbacks=[best, periodic, *progress_callbacks(lines=shares_console(), name=run_dir.name)],
+                log_every_n_steps=t.log_every_n_steps,
+                gradient_clip_val=None if sharded else t.gradient_clip_val or None,
+                callbacks=[best, periodic, *clipping, *progress_callbacks(lines=shares_console(), name=run_dir.name)],
                 plugins=[atomic_checkpoint_io()], default_root_dir=str(run_dir),
                 enable_model_summary=False)
+
+
+def fsdp_strategy(trainer: TrainerConfig):
+    """Lightning's FSDPStrategy (fully sharded data parallel, arXiv:2304.11277) for trainer=fsdp: each transformer
+    Block one FSDP unit (its weights gathered for its forward and backward, freed after), checkpoints as full
+    state dicts (one file with the model's own parameter names, which resume, evaluation and export read as any
+    run's), and no casting of FSDP's own: the run's precision acts as under DDP (bf16-mixed is autocast over
+    float32 weights, gradients reduced in float32), so a sharded run computes what a replicated one does."""
+    from lightning.pytorch.strategies import FSDPStrategy
+    from torch.distributed.fsdp import MixedPrecision
+
+    from minillm.model.transformer import Block
+
+    return FSDPStrategy(auto_wrap_policy={Block}, sharding_strategy=trainer.sharding, state_dict_type="full",
+                        activation_checkpointing_policy={Block} if trainer.activation_checkpointing else None,
+                        mixed_precision=MixedPrecision())
+
+
+class ShardedGradientClipping(L.Callback):
+    """Clips the gradients by their global norm under FSDP, where each rank holds a shard of them: the root
+    FSDP module's clip_grad_norm_ reduces the shards' norms across ranks first (torch.nn.utils.clip_grad_norm_
+    on one rank's shard would clip by a part of the norm, and Lightning's FSDP precision refuses to clip)."""
+
+    def __init__(self, max_norm: float):
+        self.max_norm = max_norm
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
+        trainer.strategy.model.clip_grad_norm_(self.max_norm)
 
 
 def _accelerator_device(accelerator: str):
