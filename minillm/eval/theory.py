@@ -114,10 +114,11 @@ class TheoryMeasurement(Measurement):
 
     def derive(self, results: Results) -> list[TheoryRecord]:
         cfg = self.subject.model.cfg
-        rotary_dim = cfg.rope.rotary_dim or cfg.head_dim
-        critical, bound = critical_dimension(rotary_dim, cfg.rope.theta, cfg.context_length)
-        return [TheoryRecord(self.subject.setting, length, rotary_dim, cfg.rope.theta, critical, bound,
-                             minimum_base(rotary_dim, length), supported_length(rotary_dim, cfg.rope.theta, length))
+        # the channels that turn and their base as built (p-RoPE: a part of the head; PoPE: twice the head)
+        rotary_dim, theta = cfg.rope.rotary_spectrum(cfg.head_dim)
+        critical, bound = critical_dimension(rotary_dim, theta, cfg.context_length)
+        return [TheoryRecord(self.subject.setting, length, rotary_dim, theta, critical, bound,
+                             minimum_base(rotary_dim, length), supported_length(rotary_dim, theta, length))
                 for length in self.plan.reachable]
 
     @classmethod
