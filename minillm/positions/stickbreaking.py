@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -47,11 +48,13 @@ class StickBreaking(PositionEncoding):
     contextual = True
 
     def context_logits(self, q: Tensor, scores: Tensor) -> Tensor:
-        """q (B, H, rows, head_dim); scores (B, H, rows, keys) float32 = q·kᵀ/√d, −inf at keys not seen -> log A − z
-        where seen, 0 elsewhere. A row's own token is the last key it sees (every causal pattern's diagonal)."""
-        seen = scores > float("-inf")
-        own = seen.cumsum(-1).argmax(-1, keepdim=True)  # the last seen key: the cumulative count's first maximum
-        breaks = F.softplus(scores).scatter(-1, own, 0.0)  # −log(1 − β_ik) of the keys before the query; 0 unseen
-        after = breaks.flip(-1).cumsum(-1).flip(-1) - breaks  # Σ over the keys after j
-        log_weights = (F.logsigmoid(scores) - after).scatter(-1, own, -breaks.sum(-1, keepdim=True))
-        return (log_weights - scores.masked_fill(~seen, 0.0)).masked_fill(~seen, 0.0)
+        """q (B, H, rows, head_dim); scores (B, H, rows, keys) float32 = z = q·kᵀ/√d, −inf at keys not seen -> log A − z
+        (finite), the logits whose softmax is A. A row's own token is the last key it sees (every causal pattern's
+        diagonal). Since log σ(z) − z = −softplus(z), for j < i: log A_ij − z_ij = −Σ_{j≤k<i} softplus(z_ik)."""
+        keys = scores.shape[-1]
+        own = (keys - 1) - (scores > float("-inf")).flip(-1).byte().argmax(-1, keepdim=True)  # the last key seen
+        breaks = F.softplus(scores).scatter_(-1, own, 0.0)  # −log(1 − β_ik) of the keys before the query; 0 unseen
+        through = breaks.flip(-1).cumsum(-1).flip(-1)  # Σ_{k ≥ j}, right to left: the nearest keys summed first
+        # The own token: log A_ii − z_ii = −Σ_{k<i} softplus(z_ik) − z_ii (z_ii clamped: a row that sees no key)
+        own_logit = -through[..., :1] - scores.gather(-1, own).clamp(min=torch.finfo(scores.dtype).min)
+        return through.neg_().scatter_(-1, own, own_logit)
