@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from minillm.eval.theory import MIN_BASE_STEP, critical_dimension, minimum_base, supported_length
+from minillm.eval.theory import MIN_BASE_STEP, TheoryMeasurement, critical_dimension, minimum_base, supported_length
+from minillm.model.config import ModelConfig
 
 
 def test_critical_dimension_hand_values():
@@ -59,3 +61,16 @@ def test_minimum_base_against_men_et_al_table():
     assert minimum_base(128, 2048) == pytest.approx(1.16e4, rel=0.01)
     assert supported_length(128, 1.2e4, 2048) < 2048
     assert supported_length(128, 1.6e4, 2048) == 2048
+
+
+@pytest.mark.parametrize("rope, spectrum", [
+    (dict(variant="complex", theta=10000.0), (32, 10000.0)),
+    (dict(variant="p_rope", p=0.25, theta=10000.0), (8, 10000.0 ** 0.25)),  # 8 channels at theta^(-2i/32)
+    (dict(variant="pope", theta=10000.0), (64, 10000.0)),  # q and k widened to 2·head_dim
+])
+def test_the_measurement_reads_the_channels_that_turn_as_built(rope, spectrum):
+    cfg = ModelConfig(d_model=64, n_heads=2, context_length=64, rope=rope)
+    subject = SimpleNamespace(model=SimpleNamespace(cfg=cfg), setting=None)
+    [record] = TheoryMeasurement(subject, SimpleNamespace(reachable=[128]), None).derive(None)
+    assert (record.rotary_dim, record.theta) == spectrum
+    assert (record.critical_dim, record.extrapolation_bound) == critical_dimension(*spectrum, 64)
