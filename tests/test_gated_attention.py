@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from minillm.model.config import ModelConfig
 from minillm.model.masks import AttentionPlan
@@ -36,7 +35,7 @@ def paper_attention(attention, x: torch.Tensor, gate: str) -> torch.Tensor:
     """One layer by the paper's formula, no rotation (rope=none): q, k, v = X W_q, X W_k, X W_v; Y_h =
     softmax(q_h k_hᵀ/√d + causal) v_h per head (key/value heads shared by groups of query heads); Y' = Y ⊙ σ(X W_g + b)
     per head (one scalar) or per channel; out = Y' W_o."""
-    batch, seq, _ = x.shape
+    seq = x.shape[1]
     heads, kv_heads, dim = attention.n_heads, attention.kv_heads, attention.head_dim
     w_q, w_k, w_v = attention.qkv.weight.split([heads * dim, kv_heads * dim, kv_heads * dim])
     causal = torch.ones(seq, seq, dtype=torch.bool).tril()
@@ -49,7 +48,8 @@ def paper_attention(attention, x: torch.Tensor, gate: str) -> torch.Tensor:
         scores = (q @ k.transpose(-1, -2) / dim ** 0.5).masked_fill(~causal, float("-inf"))
         y = scores.softmax(-1) @ v  # (batch, seq, dim)
         outputs.append(y * (gates[..., h:h + 1] if gate == "headwise" else gates[..., h * dim:(h + 1) * dim]))
-    return torch.cat(outputs, dim=-1) @ attention.proj.weight.T + (0 if attention.proj.bias is None else attention.proj.bias)
+    out_bias = 0 if attention.proj.bias is None else attention.proj.bias
+    return torch.cat(outputs, dim=-1) @ attention.proj.weight.T + out_bias
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -70,7 +70,8 @@ def test_the_gated_layer_is_the_papers_formula(gate, bias):
 def test_the_gate_is_initialised_as_every_linear_layer_and_counts_as_matmul_work():
     plain, headwise, elementwise = tiny("none"), tiny("headwise"), tiny("elementwise")
     gate = headwise.blocks[0].attn.gate
-    assert abs(float(gate.weight.detach().std()) - 0.1) < 0.03 and gate.bias is None  # init_std, like q/k/v (Qwen3-Next)
+    # init_std, as q, k and v (Qwen3-Next's gate rows of q_proj); no bias without model.bias
+    assert abs(float(gate.weight.detach().std()) - 0.1) < 0.03 and gate.bias is None
     assert headwise.num_params() - plain.num_params() == 2 * 32 * 4
     assert elementwise.num_params() - plain.num_params() == 2 * 32 * 32
     assert plain.blocks[0].attn.gate is None and "gate=headwise" in headwise.cfg.label

@@ -164,12 +164,12 @@ class ScoreSet:
 class AttentionPlan:
     """What one layer's attention is handed by the forward, all of it computed once per forward from its positions.
 
-    Either a single set of scores (`rotation` and `mask`; `contextual` for CoPE or stick-breaking, whose mask is then a BlockedMask of
-    the keys each query sees) or, for an evaluation's attention method, `score_sets`: disjoint sets of scores, each
-    with its own rotation and mask, attended with one softmax. `query_scale` is a factor on each query handed in by
-    an evaluation (Qwen's log-n); otherwise the layer's own query temperature, if it has one, reads
-    `query_positions`. `input_bias` is the layer encoding whose bias reads the layer's input (FoX): the layer
-    computes its sums, and every mask is then a BlockedMask, the bias added one block of queries at a time.
+    Either a single set of scores (`rotation` and `mask`; `contextual` for CoPE or stick-breaking, whose mask is
+    then a BlockedMask of the keys each query sees) or, for an evaluation's attention method, `score_sets`: disjoint
+    sets of scores, each with its own rotation and mask, attended with one softmax. `query_scale` is a factor on
+    each query handed in by an evaluation (Qwen's log-n); otherwise the layer's own query temperature, if it has
+    one, reads `query_positions`. `input_bias` is the layer encoding whose bias reads the layer's input (FoX): the
+    layer computes its sums, and every mask is then a BlockedMask, the bias added one block of queries at a time.
     """
 
     rotation: Optional[Rotation] = None
@@ -197,7 +197,8 @@ def merged_attention(q: Tensor, k: Tensor, v: Tensor, parts: list[ScoreSet], tem
             q_part = q_part * temperature
         if isinstance(part.mask, BlockedMask):
             blocks = [merge_by_lse([attention_with_lse(q_part[:, :, rows.start:rows.stop],
-                                                       k_part[:, :, keys.start:keys.stop], v[:, :, keys.start:keys.stop],
+                                                       k_part[:, :, keys.start:keys.stop],
+                                                       v[:, :, keys.start:keys.stop],
                                                        with_input_bias(mask, sums, q_len, rows, keys, q.dtype),
                                                        causal=False)
                                     for keys, mask in pieces])

@@ -196,14 +196,14 @@ class Attention(nn.Module):
             return contextual_attention(q, k, v, mask, plan.contextual, dropout)
         seq = q.shape[-2]
         if isinstance(mask, BlockedMask):
-            return torch.cat([F.scaled_dot_product_attention(q[:, :, rows.start:rows.stop], k[:, :, keys.start:keys.stop],
-                                                             v[:, :, keys.start:keys.stop],
-                                                             attn_mask=with_input_bias(rows_mask, sums, seq, rows, keys, q.dtype),
-                                                             dropout_p=dropout, enable_gqa=gqa)
-                              for rows, keys, rows_mask in mask.blocks()], dim=2)
+            return torch.cat([F.scaled_dot_product_attention(
+                q[:, :, rows.start:rows.stop], k[:, :, keys.start:keys.stop], v[:, :, keys.start:keys.stop],
+                attn_mask=with_input_bias(rows_mask, sums, seq, rows, keys, q.dtype), dropout_p=dropout, enable_gqa=gqa)
+                for rows, keys, rows_mask in mask.blocks()], dim=2)
         # No mask and as many keys as queries: the fused causal kernels apply (flash / memory-efficient).
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and seq == k.shape[-2] and seq > 1,
-                                              dropout_p=dropout, enable_gqa=gqa)
+        causal = mask is None and seq == k.shape[-2] and seq > 1
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout,
+                                              enable_gqa=gqa)
 
 
 class FeedForward(nn.Module):
@@ -355,7 +355,8 @@ class Transformer(nn.Module):
                     plans[encoding] = AttentionPlan(None if free else rotations[0], masks[0], positions.query,
                                                     contextual, query_scale=query_scale, input_bias=input_bias)
                 else:
-                    score_sets = [ScoreSet(None if free else rotation, mask) for rotation, mask in zip(rotations, masks)]
+                    score_sets = [ScoreSet(None if free else rotation, mask)
+                                  for rotation, mask in zip(rotations, masks)]
                     plans[encoding] = AttentionPlan(query_positions=positions.query, contextual=contextual,
                                                     score_sets=score_sets, query_scale=query_scale,
                                                     input_bias=input_bias)

@@ -41,8 +41,8 @@ class StickBreaking(PositionEncoding):
     log A_ij = log σ(z_ij) − Σ_{j<k<i} softplus(z_ik) for j < i (log(1 − σ(z)) = −softplus(z)), and
     log A_ii = −Σ_{k<i} softplus(z_ik): exact in log space, no 1 − Σ A cancellation. The sums over k run right to
     left (a reversed cumulative sum), so the keys nearest the query, which carry the weight, are summed first.
-    The layer adds these logits to the scores and takes a softmax (masks.contextual_attention); since the A of a
-    row sum to 1, softmax(log A) = A.
+    Handed back as log A − z, which the layer adds to the scores z before its softmax (masks.contextual_attention);
+    since the A of a row sum to 1, softmax(log A) = A.
     """
 
     contextual = True
