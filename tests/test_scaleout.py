@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shlex
 import socket
 from pathlib import Path
@@ -26,8 +25,8 @@ from minillm.train.config import OptimConfig, TrainerConfig
 from minillm.train.run import ShardedGradientClipping, fsdp_strategy, trainer_kwargs
 from minillm.train.task import LanguageModelTask, parameter_groups
 from test_eval_script import make_commands
-from test_train_script import RESULT_LINE, assert_ok, compose_run, hydra_conf, serial_sweep, summary, train
-from test_train_script import env, shared  # noqa: F401  (fixtures of the script tests)
+from test_train_script import RESULT_LINE, assert_ok, compose_run, hydra_conf, summary, train
+from test_train_script import env, serial_sweep, shared  # noqa: F401  (fixtures of the script tests)
 
 # ----------------------------------------------------------------------------------------------
 # Sweeps through the submitit launcher
