@@ -68,6 +68,30 @@ def test_the_slurm_launcher_gives_each_run_one_gpu_and_takes_the_clusters_settin
     assert launcher("hydra/launcher=submitit_slurm").gpus_per_node is None  # the plugin's own, left as it is
 
 
+def test_the_slurm_launcher_writes_one_gpu_per_run_into_the_sbatch_script(tmp_path, monkeypatch):
+    """The launcher's own launch() with submitit's own sbatch writer; only the submission is left out (no SLURM
+    here): srun is taken as present, and the job array is rendered instead of submitted."""
+    import submitit
+    from hydra.utils import instantiate
+    from submitit.slurm.slurm import SlurmExecutor
+
+    with hydra_conf():
+        config = compose("config", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu",
+                                              f"hydra.sweep.dir={tmp_path}"], return_hydra_config=True)
+    scripts = []
+    monkeypatch.setattr(SlurmExecutor, "affinity", classmethod(lambda cls: 2))  # what finding srun returns
+    monkeypatch.setattr(submitit.AutoExecutor, "map_array", lambda executor, function, *jobs: scripts.append(
+        executor._executor._make_submission_file_text("python -m submitit.core._submit", "0")) or [])
+    slurm = instantiate(config.hydra.launcher)
+    slurm.config = config
+    assert slurm.launch([["rope=alibi"], ["rope=complex"]], initial_job_idx=0) == []
+    (script,) = scripts
+    lines = set(script.splitlines())
+    assert {"#SBATCH --gpus-per-node=1", "#SBATCH --ntasks-per-node=1", "#SBATCH --nodes=1",
+            "#SBATCH --cpus-per-task=8", "#SBATCH --mem=64GB", "#SBATCH --time=720",
+            "#SBATCH --partition=gpu", f"#SBATCH --output={tmp_path}/.submitit/%j/%j_0_log.out"} <= lines
+
+
 def test_make_sends_every_training_sweep_of_a_study_to_the_cluster():
     commands = make_commands("extrapolation", "CLUSTER=slurm hydra.launcher.partition=gpu",
                              "ARGS=trainer.accelerator=gpu")
