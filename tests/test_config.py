@@ -330,6 +330,7 @@ def model_configs(draw):
         ffn=draw(st.sampled_from(["swiglu", "gelu"])), ffn_hidden=draw(st.sampled_from([None, 1, 7])),
         norm=draw(st.sampled_from(["rmsnorm", "layernorm"])), bias=draw(st.booleans()),
         qk_norm=draw(st.booleans()), tie_embeddings=draw(st.booleans()),
+        attn_gate=draw(st.sampled_from(["none", "headwise", "elementwise"])),
         attn_dropout=draw(st.sampled_from([0.0, 0.5])), resid_dropout=draw(st.sampled_from([0.0, 0.5])),
         rope=draw(ROPES), rope_scaling=draw(SCALINGS))
     try:
@@ -342,7 +343,7 @@ def model_configs(draw):
 @given(cfg=model_configs(), seq=st.integers(1, 12), train=st.booleans())
 def test_any_valid_config_builds_a_model_that_runs(cfg, seq, train):
     assume(cfg is not None)
-    rotary_dim = (cfg.rope.rotary_dim or cfg.head_dim) if cfg.rope.is_rotary else None
+    rotary_dim = cfg.rope.rotary_spectrum(cfg.head_dim)[0] if cfg.rope.is_rotary else None
     # A known config gap (test_ntk_scalings_need_rotary_dim_above_two_in_the_config): not drawn here.
     assume(not (cfg.rope_scaling.type in ("ntk", "dynamic_ntk") and rotary_dim is not None and rotary_dim <= 2))
     seq = min(seq, cfg.context_length) if cfg.rope.variant == "learned" else seq

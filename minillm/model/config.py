@@ -7,7 +7,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from minillm.positions import forgetting, stickbreaking  # noqa: F401  (registers rope=fox, rope=stickbreaking)
 from minillm.positions.base import ModelShape, position_config
 from minillm.positions.rotary import RotaryConfig
 from minillm.positions.scaling import Scaling, scaling_config
