@@ -106,6 +106,56 @@ def test_make_sends_every_training_sweep_of_a_study_to_the_cluster():
 
 
 # ----------------------------------------------------------------------------------------------
+# Several nodes: Lightning reads srun's tasks
+
+SRUN_TASK = {"SLURM_NTASKS": "4", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "2", "SLURM_PROCID": "3",
+             "SLURM_LOCALID": "1", "SLURM_NODEID": "1", "SLURM_NODELIST": "gpu[07-08]", "SLURM_JOB_ID": "4242",
+             "SLURM_STEP_ID": "0", "SLURM_JOB_NAME": "train"}  # the last of 4 tasks, 2 per node on 2 nodes
+
+
+@pytest.fixture
+def srun_task(monkeypatch):
+    """This process as srun's task 3 of 4; Lightning's global rank (which a Trainer sets) and the rendezvous
+    variables (which its SLURM environment sets) restored after."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only as fabric_rank
+    from lightning_utilities.core.rank_zero import rank_zero_only as utilities_rank
+
+    for rank_zero_only in (fabric_rank, utilities_rank):
+        monkeypatch.setattr(rank_zero_only, "rank", getattr(rank_zero_only, "rank", 0), raising=False)
+    for key, value in SRUN_TASK.items():
+        monkeypatch.setenv(key, value)
+    for key in ("MASTER_ADDR", "MASTER_PORT"):  # unset, as under srun; Lightning's SLURMEnvironment sets them
+        monkeypatch.setenv(key, "")  # recorded as they were, so that what Lightning writes is undone after
+        monkeypatch.delenv(key)
+
+
+def test_ddp_under_srun_takes_its_ranks_from_slurm_and_refuses_another_layout(tmp_path, srun_task, monkeypatch):
+    import lightning as L
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    from minillm.console import unique_suffix
+    from minillm.train.run import check_launch
+
+    trainer = L.Trainer(**trainer_kwargs(compose_run("trainer=ddp_cpu", "trainer.num_nodes=2"), tmp_path, "32-true"))
+    environment = trainer.strategy.cluster_environment
+    assert isinstance(environment, SLURMEnvironment) and environment.creates_processes_externally
+    assert (trainer.world_size, trainer.global_rank, trainer.local_rank, trainer.node_rank) == (4, 3, 1, 1)
+    assert environment.main_address == "gpu07"  # the first node of the job
+    check_launch(trainer)
+    # One device per node against srun's 2 tasks per node: Lightning alone would train with rank 3 of 2 replicas.
+    run = compose_run("trainer=ddp_cpu", "trainer.num_nodes=2", "trainer.devices=1")
+    mismatched = L.Trainer(**trainer_kwargs(run, tmp_path, "32-true"))
+    assert mismatched.strategy.distributed_sampler_kwargs == {"num_replicas": 2, "rank": 3}
+    with pytest.raises(ValueError, match=r"^You set `devices=1` in Lightning, but the number of tasks per node "
+                                         r"configured in SLURM `--ntasks-per-node=2` does not match"):
+        check_launch(mismatched)
+    # Every task names the same run folder suffix (from the job's ids, not drawn at random).
+    mine = unique_suffix()
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    assert unique_suffix() == mine
+
+
+# ----------------------------------------------------------------------------------------------
 # FSDP
 
 

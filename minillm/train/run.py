@@ -90,7 +90,7 @@ def _train(cfg: DictConfig, run_dir: Path, overrides: Sequence[str], progress: d
         return {**folder.summary_values(), "finished": True, "steps": resume.step, "max_steps": run.trainer.max_steps}
     precision, precision_reason = resolve_precision(run.trainer.precision, _accelerator_device(run.trainer.accelerator))
     try:  # before the data: a device that is not there fails at once
-        L.Trainer(**trainer_kwargs(run, run_dir, precision), logger=False)
+        check_launch(L.Trainer(**trainer_kwargs(run, run_dir, precision), logger=False))
     except Exception as error:  # Lightning's MisconfigurationException and friends, one line naming the devices
         raise ConfigError(f"trainer.accelerator={run.trainer.accelerator!r} with trainer.devices="
                           f"{run.trainer.devices!r} and trainer.strategy={run.trainer.strategy!r}: "
@@ -243,6 +243,15 @@ def trainer_kwargs(run: RunConfig, run_dir: Path, precision: str) -> dict[str, A
                 callbacks=[best, periodic, *clipping, *progress_callbacks(lines=shares_console(), name=run_dir.name)],
                 plugins=[atomic_checkpoint_io()], default_root_dir=str(run_dir),
                 enable_model_summary=False)
+
+
+def check_launch(trainer: L.Trainer) -> None:
+    """Refuse a Trainer whose devices and nodes are not the processes an outside launcher started (srun's tasks per
+    node and nodes, torchrun's world): Lightning checks that only when it starts the processes itself, and a
+    mismatch would give ranks past the data's replicas (rank 3 of 2) or a device index past the node's."""
+    environment = getattr(trainer.strategy, "cluster_environment", None)  # none for a single device
+    if environment is not None:
+        environment.validate_settings(num_devices=trainer.num_devices, num_nodes=trainer.num_nodes)
 
 
 def fsdp_strategy(trainer: TrainerConfig):
