@@ -12,7 +12,8 @@ from test_registries import SCALING_NAMES, assert_causal_and_decodes, scaling, t
 
 from minillm.model.config import ModelConfig
 from minillm.positions.base import Positions
-from minillm.positions.methods import attention_method, check_encoding
+from minillm.model.masks import ScoreSet, merged_attention
+from minillm.positions.methods import attention_method
 from minillm.positions.polar import REFUSED_SCALINGS, PolarEmbedding, PopeConfig
 from minillm.positions.scaling import LinearScaling, LongRopeScaling, Scaling, YarnScaling
 
@@ -162,11 +163,32 @@ def test_refuses_longrope_and_the_methods_it_cannot_serve_by_name():
         PolarEmbedding(HEAD_DIM, HEADS).rescaled(longrope)
     with pytest.raises(ValueError, match=r"^rope\.theta:"):
         PopeConfig(theta=0.0)
-    for name in ("self_extend", "rerope", "leaky_rerope", "lm_infinite", "sinks"):
-        with pytest.raises(ValueError, match=rf"^attention: {name} merges its parts.*rope\.variant='pope'"):
-            check_encoding(attention_method(name), PopeConfig(), 16)
-    for name in ("full", "sliding", "blockwise"):
-        check_encoding(attention_method(name), PopeConfig(), 16)
+
+
+@pytest.mark.parametrize("name", ["self_extend", "rerope", "leaky_rerope", "lm_infinite", "sinks"])
+def test_methods_merged_by_log_sum_exp_serve_the_widened_keys(name):
+    """Their parts go through attention_with_lse, whose explicit path takes q and k wider than v: at 3 tokens every
+    method's parts are plain attention (tests/test_registries.py), so the output is the plain forward's; past the
+    training length every output is finite."""
+    model, idx = tiny(PopeConfig(), context_length=8), tokens(1, 24)
+    method = attention_method(name)
+    with torch.no_grad():
+        torch.testing.assert_close(model.hidden_states(idx[:, :3], attention=method), model.hidden_states(idx[:, :3]),
+                                   atol=1e-5, rtol=1e-5)
+        assert torch.isfinite(model.hidden_states(idx, attention=method)).all()
+
+
+def test_score_sets_merged_by_log_sum_exp_equal_one_softmax_with_q_and_k_wider_than_v():
+    """Two disjoint sets of keys attended apart and merged = one softmax over their union, q and k 2·head_dim wide."""
+    generator = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(1, 2, 6, 2 * HEAD_DIM, generator=generator) for _ in range(2))
+    v = torch.randn(1, 2, 6, HEAD_DIM, generator=generator)
+    causal = torch.ones(6, 6, dtype=torch.bool).tril()
+    near = causal & ~torch.ones(6, 6, dtype=torch.bool).tril(-3)  # distance < 3
+    with torch.no_grad():
+        merged = merged_attention(q, k, v, [ScoreSet(None, near), ScoreSet(None, causal & ~near)], None)
+    scores = (q @ k.transpose(-1, -2) / (2 * HEAD_DIM) ** 0.5).masked_fill(~causal, float("-inf"))
+    torch.testing.assert_close(merged, scores.softmax(-1) @ v, atol=1e-5, rtol=1e-5)
 
 
 def test_single_part_methods_run_through_sdpa_with_the_widened_keys():

@@ -32,7 +32,8 @@ def attention_with_lse(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
             mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
         mask = mask.to(q.dtype)
     causal = mask is None and q.shape[-2] == k.shape[-2] and q.shape[-2] > 1 and causal is not False
-    if q.device.type == "cpu" and not torch.is_grad_enabled():
+    # The fused CPU kernel needs one width for q, k and v; PoPE's q and k are twice as wide as v.
+    if q.device.type == "cpu" and not torch.is_grad_enabled() and q.shape[-1] == v.shape[-1]:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=mask)
     else:
         scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5

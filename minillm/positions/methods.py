@@ -85,9 +85,6 @@ class AttentionMethod:
     # What the encoding must be for the method to mean anything: "any"; "relative" (positions enter attention in
     # every layer: rotary, a bias or none at all, not absolute embeddings nor CoPE's counted positions); "rotary".
     needs: ClassVar[str] = "any"
-    # Its parts are attended with one softmax, merged by log-sum-exp (model.merged_attention, whose fused CPU kernel
-    # needs q, k and v of one width).
-    merged: ClassVar[bool] = False
 
     def check(self, trained_length: int) -> None:
         """Raise, naming the setting, if the knobs make no sense for a model trained at `trained_length`
@@ -140,7 +137,6 @@ class SelfExtend(AttentionMethod):
     window: Optional[int] = None  # W: distances below it keep the model's positions; None: L/2
 
     needs: ClassVar[str] = "relative"
-    merged: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         require(self.group >= 1, "methods.self_extend.group", f"must be at least 1, got {self.group}")
@@ -168,7 +164,6 @@ class ReRoPE(AttentionMethod):
     window: Optional[int] = None  # w: distances are capped at it; None: L/2
 
     needs: ClassVar[str] = "rotary"
-    merged: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         require(self.window is None or self.window >= 1, f"methods.{self.name}.window",
@@ -217,7 +212,6 @@ class LMInfinite(AttentionMethod):
     limit: Optional[int] = None  # the distance the global keys are seen at; None: L
 
     needs: ClassVar[str] = "relative"
-    merged: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         require(self.n_global >= 0, "methods.lm_infinite.n_global", f"must be >= 0, got {self.n_global}")
@@ -247,7 +241,6 @@ class AttentionSinks(AttentionMethod):
     recent: Optional[int] = None  # the last keys kept; None: L − start
 
     needs: ClassVar[str] = "relative"
-    merged: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         require(self.start >= 0, "methods.sinks.start", f"must be >= 0, got {self.start}")
@@ -284,7 +277,3 @@ def check_encoding(method: AttentionMethod, rope, trained_length: int) -> None:
         require(not rope.absolute and not rope.contextual, "attention",
                  f"{method.name} gives parts of the scores their own positions, which rope.variant={rope.variant!r} "
                  f"cannot take ({'positions are added to the tokens' if rope.absolute else 'positions are counted from the scores'})")
-    # PoPE's q and k are twice as wide as v. PositionConfig does not declare widens_qk (yet): PoPE's own answer.
-    require(not (method.merged and getattr(rope, "widens_qk", False)), "attention",
-            f"{method.name} merges its parts by log-sum-exp, whose fused CPU kernel needs q, k and v of one width; "
-            f"rope.variant={rope.variant!r} doubles the width of q and k")

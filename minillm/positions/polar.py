@@ -42,9 +42,6 @@ class PopeConfig(PositionConfig):
 
     rotary: ClassVar[bool] = True  # positions turn q and k (PoPE's widened ones), so scalings and ReRoPE apply
     reads_positions: ClassVar[bool] = True
-    # q and k leave the rotation twice as wide as v: attention methods whose parts are merged by log-sum-exp refuse
-    # it (minillm.positions.methods.check_encoding), as SDPA's fused CPU kernel needs one width for q, k and v.
-    widens_qk: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
