@@ -1,8 +1,9 @@
-"""Scale-out on existing engines: a sweep through Hydra's submitit launcher (its local executor here, SLURM on a
-cluster: hydra/launcher=slurm), and FSDP (trainer=fsdp), whose sharding, clipping and full-state checkpoint run
-on two CPU processes over gloo through torch's FSDP with the strategy's own settings (Lightning's FSDPStrategy
-refuses accelerator=cpu, and past that check torch's FSDP refuses a CPU module unless it is given the CPU as
-its device, which Lightning never passes: docs/cluster.md)."""
+"""Scale-out on existing engines: sweeps through Hydra's submitit launcher (its local executor here; on SLURM
+hydra/launcher=slurm, checked down to the sbatch script submitit writes), DDP over srun's tasks (Lightning's
+SLURM environment, read from the variables srun sets), and FSDP (trainer=fsdp), whose sharding, clipping and
+full-state checkpoint run on two CPU processes over gloo through torch's FSDP with the strategy's own settings:
+Lightning's FSDPStrategy refuses accelerator=cpu, and past that check torch's FSDP refuses a CPU module unless it
+is given the CPU as its device, which Lightning never passes (docs/cluster.md)."""
 
 from __future__ import annotations
 
