@@ -180,8 +180,7 @@ def _train(cfg: DictConfig, run_dir: Path, overrides: Sequence[str], progress: d
         "run_dir": str(run_dir),
         "steps": trainer.global_step,
         "tokens": trainer.global_step * run.data.batch_size * run.model.context_length * trainer.world_size,
-        "parameters": task.model.num_params(exclude_embeddings=False),
-        **task.parameter_counts(),  # trainable of total: the adapters alone under LoRA
+        **task.parameter_counts(),  # parameters; trainable of total (the adapters alone under LoRA)
         "val_loss": metrics.get("val/loss"),
         "val_ppl": metrics.get("val/ppl"),
         "val_exact_match": metrics.get("val/exact_match"),  # synthetic tasks only

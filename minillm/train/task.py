@@ -9,6 +9,7 @@ import time
 from typing import Optional
 
 import lightning as L
+from lightning.pytorch.strategies import FSDPStrategy
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -100,15 +101,23 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices only; norms, biases and embeddings (tied head included) are left alone."""
+def matrix_ids(model: nn.Module) -> set[int]:
+    """The ids of the model's parameters that are matrices: taken before a sharding strategy (FSDP) turns every
+    parameter into a 1-D shard of itself (the parameter objects stay: use_orig_params)."""
+    return {id(param) for param in model.parameters() if param.dim() >= 2}
+
+
+def parameter_groups(model: nn.Module, weight_decay: float, matrices: Optional[set[int]] = None) -> list[dict]:
+    """Decay matrices only; norms, biases and embeddings (tied head included) are left alone.
+    matrices: matrix_ids(model) as it was before sharding; None: read from the parameters' shapes now."""
+    matrices = matrix_ids(model) if matrices is None else matrices
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     decay, no_decay, seen = [], [], set()
     for param in model.parameters():
         if id(param) in seen or not param.requires_grad:
             continue
         seen.add(id(param))
-        (decay if param.dim() >= 2 and id(param) not in embeddings else no_decay).append(param)
+        (decay if id(param) in matrices and id(param) not in embeddings else no_decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -147,6 +156,8 @@ class LanguageModelTask(L.LightningModule):
         self.flops_per_token = self.model.flops_per_token(self.model_cfg.context_length)
         self._rate: Optional[TokenRate] = None  # begun when training starts, restarted at each log
         self._peak_raised = False  # warned once that a step beat the peak
+        self._matrices: Optional[set[int]] = None  # the parameters weight decay applies to, set in configure_model
+        self._counts: Optional[dict[str, int]] = None  # parameter_counts as configure_model left the model
 
     def configure_model(self) -> None:
         # Lightning calls this inside fit: after init_from's weights are in, before a resume's checkpoint is
@@ -156,11 +167,22 @@ class LanguageModelTask(L.LightningModule):
             apply_adapters(self.model, self.lora)
         if self.compile:
             self.model.compile_blocks()
+        # Taken before FSDP, if it is the strategy, shards every parameter: afterwards each rank holds a 1-D part.
+        self._matrices, self._counts = matrix_ids(self.model), self._parameter_counts()
+
+    def optimizer_groups(self) -> list[dict]:
+        """AdamW's parameter groups: weight decay on the matrices configure_model saw, the rest without."""
+        return parameter_groups(self.model, self.optim_cfg.weight_decay, self._matrices)
 
     def parameter_counts(self) -> dict[str, int]:
-        """The parameters training updates and all of them (the adapters' included): for the run's summary."""
+        """The model's parameters, those training updates and all of them (the adapters' included), as they were
+        before a sharding strategy split them: for the run's summary."""
+        return self._counts if self._counts is not None else self._parameter_counts()
+
+    def _parameter_counts(self) -> dict[str, int]:
         trainable, total = parameter_counts(self.model)
-        return {"trainable_parameters": trainable, "total_parameters": total}
+        return {"parameters": self.model.num_params(exclude_embeddings=False), "trainable_parameters": trainable,
+                "total_parameters": total}
 
     def setup(self, stage: str) -> None:
         # Lightning calls setup before it moves the model, so self.device is still the CPU here; the
@@ -213,7 +235,8 @@ class LanguageModelTask(L.LightningModule):
 
     def on_train_end(self) -> None:
         # DDP keeps replicas equal by construction; check it, since a rank-local skip or buffer would break it.
-        if self.trainer.world_size > 1:
+        # Under FSDP each rank holds a different shard: nothing to compare.
+        if self.trainer.world_size > 1 and not isinstance(self.trainer.strategy, FSDPStrategy):
             sums = torch.stack([p.detach().double().sum() for p in self.model.parameters()])
             gathered = self.all_gather(sums)  # (world_size, parameters)
             self.replica_spread = float((gathered.max(0).values - gathered.min(0).values).abs().max())
@@ -302,7 +325,7 @@ class LanguageModelTask(L.LightningModule):
         # Not where torch has no fused kernel (MPS, XLA), nor under 16-mixed: its gradient scaler refuses to
         # clip for an optimizer that unscales the gradients itself.
         fused = self.device.type in ("cpu", "cuda") and str(self.trainer.precision) not in ("16-mixed", "16")
-        optimizer = torch.optim.AdamW(parameter_groups(self.model, cfg.weight_decay), lr=cfg.lr,
+        optimizer = torch.optim.AdamW(self.optimizer_groups(), lr=cfg.lr,
                                       betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
         total = self.trainer.max_steps
         schedule = torch.optim.lr_scheduler.LambdaLR(
