@@ -282,6 +282,21 @@ def test_a_scaling_given_to_the_forward_reads_the_model_with_it_and_touches_noth
     assert key == (inv_freq.numpy().tobytes(), factor) and key != rotary_key(model, Scaling(), 32)
 
 
+@pytest.mark.parametrize("variant", ["pope", "fope"])
+def test_every_rotary_encoding_is_measured_again_under_each_scaling(variant):
+    """The loop measures a setting once per rotary_key: PoPE's and FoPE's scalings change the forward, so their keys
+    differ from the model as built, and equal ones (factor 1 within the training length) give equal losses."""
+    model = tiny_model(position_config(variant))
+    tokens = random_tokens(1, 32)
+    plain = perplexity_at_length(model, tokens, 32).loss
+    yarn = scaling_for("yarn", 32, model.cfg.context_length, 4.0)
+    assert rotary_key(model, yarn, 32) != rotary_key(model, Scaling(), 32)
+    assert perplexity_at_length(model, tokens, 32, scaling=yarn).loss != pytest.approx(plain)
+    identity = LinearScaling(factor=1.0, original_max_position=model.cfg.context_length)
+    assert rotary_key(model, identity, 32) == rotary_key(model, Scaling(), 32)
+    assert perplexity_at_length(model, tokens, 32, scaling=identity).loss == pytest.approx(plain, rel=1e-6)
+
+
 def test_a_scaling_needs_a_rotary_model():
     model = tiny_model(position_config("alibi"))
     tokens = random_tokens(1, 32)

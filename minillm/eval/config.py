@@ -35,7 +35,8 @@ class EvalConfig:
     trained_length: Optional[int] = None  # imported models' 1x; None: their config's (original) context length
     lengths: Optional[list[int]] = None  # None: 1, 2, 4, 8, 16 × each model's training length
     # The frequency scalings applied to rotary models (others are read as trained): a list, one name, or all (every
-    # scaling a factor defines: none, linear, ntk, dynamic_ntk, yarn, dynamic_yarn, llama3), each a pass as long.
+    # scaling a factor defines: none, linear, ntk, dynamic_ntk, yarn, dynamic_yarn, llama3, resonance), each a pass
+    # as long.
     # Two by default: a default run's evaluation then takes minutes on 2 CPU cores. longrope reads factors searched
     # for the model (scripts/longrope_search.py): longrope_factors, else a run folder's longrope.json.
     scalings: Any = field(default_factory=lambda: ["none", "yarn"])

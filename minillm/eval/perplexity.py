@@ -100,9 +100,16 @@ def rotary_key(model: Transformer, scaling: Scaling, length: int) -> Optional[tu
     scaling's own formula), hashable; None for a model without rotary frequencies. Equal keys, equal
     measurements."""
     position = model.position.rescaled(scaling)
-    if not isinstance(position, RotaryEmbedding):
+    if isinstance(position, RotaryEmbedding):
+        inv_freq, attention_factor = position.scaling.frequencies(position.theta, position.rotary_dim, length)
+        return inv_freq.numpy().tobytes(), float(attention_factor)
+    if not model.cfg.rope.is_rotary:
         return None
-    inv_freq, attention_factor = position.scaling.frequencies(position.theta, position.rotary_dim, length)
+    # Other rotary encodings (PoPE, FoPE) turn by the scaling's frequencies over their spectrum: equal frequencies
+    # there, equal models. "none" reads the encoding as built, with the scaling it was trained with.
+    dim, theta = model.cfg.rope.rotary_spectrum(model.cfg.head_dim)
+    used = model.cfg.rope_scaling if scaling.name == "none" else scaling
+    inv_freq, attention_factor = used.frequencies(theta, dim, length)
     return inv_freq.numpy().tobytes(), float(attention_factor)
 
 

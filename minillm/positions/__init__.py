@@ -4,5 +4,5 @@ Importing the package imports every member module, so each registry holds all of
 """
 
 from minillm.positions import (  # noqa: F401
-    absolute, base, bias, contextual, forgetting, fourier, methods, polar, rotary, samplers, scaling, stickbreaking,
+    absolute, base, bias, contextual, forgetting, fourier, methods, polar, resonance, rotary, samplers, scaling, stickbreaking,
 )

@@ -441,8 +441,3 @@ def scaling_config(d: "dict | Scaling | None") -> Scaling:
     if isinstance(d, Scaling):
         return d
     return SCALINGS.build(d or {}, "rope_scaling")
-
-
-# Resonance RoPE rounds any scaling above; its own module (this one is at the package's module size), imported here
-# so that SCALINGS holds it wherever the scalings are read.
-from minillm.positions import resonance  # noqa: E402,F401
