@@ -16,6 +16,8 @@ from minillm.registry import choice, finite, positive, require
 # The model (conf/model)
 
 ATTENTION_GATES = ("none", "headwise", "elementwise")  # model.attn_gate: how many gates each head's output gets
+WINDOW_LAYERS = ("positional", "all")  # model.window_layers: which layers the training window restricts
+NOPE_LOGIT_SCALES = ("none", "swan")  # model.nope_logit_scale: a length factor on the position-free layers' logits
 
 
 @dataclass
@@ -42,6 +44,15 @@ class ModelSettings:
     # none | headwise (a scalar per head) | elementwise (one per channel): a sigmoid gate from the layer input on
     # the attention output (Qiu et al. 2025, arXiv:2505.06708)
     attn_gate: str = "none"
+    # Sliding-window attention at training and evaluation alike: each query of a windowed layer sees its last `window`
+    # keys, itself included (the `sliding` method's convention); None: every causal key (RNoPE-SWA, arXiv:2501.18795)
+    window: Optional[int] = None
+    # positional: the layers that see positions (all but nope_every's, which keep full attention: RNoPE-SWA, SWAN-GPT
+    # arXiv:2504.08719) | all: every layer (plain SWA, Mistral's)
+    window_layers: str = "positional"
+    # none | swan: the position-free layers' queries × max(1, 1 + α·ln(n/L)), n the keys a query sees (SWAN-GPT)
+    nope_logit_scale: str = "none"
+    nope_logit_alpha: Optional[float] = None  # α of nope_logit_scale=swan; None: 1/ln L, i.e. max(1, log_L n)
     tie_embeddings: bool = True  # the output head shares the token embedding matrix
     attn_dropout: float = 0.0  # dropout on the attention probabilities, in [0, 1)
     resid_dropout: float = 0.0  # dropout on each block's output before it joins the residual stream, in [0, 1)
@@ -94,8 +105,31 @@ class ModelConfig(ModelSettings):
             require(not self.rope.absolute, "model.nope_every",
                      f"position-free layers need a per-layer encoding (rotary or a bias); {self.rope.variant!r} "
                      f"adds positions to the token embeddings, which every layer then sees")
+        self._check_windows()
         finite(self, "model")
         self.rope.validate(self.shape, self.rope_scaling)
+
+    def _check_windows(self) -> None:
+        """The window and the NoPE layers' logit scale, each checked by name."""
+        choice(self.window_layers, "model.window_layers", WINDOW_LAYERS)
+        choice(self.nope_logit_scale, "model.nope_logit_scale", NOPE_LOGIT_SCALES)
+        if self.window is not None:
+            require(1 <= self.window < self.context_length, "model.window",
+                     f"must lie in [1, {self.context_length}) (below model.context_length, else every training query "
+                     f"sees all its keys; a window only at evaluation is attention=sliding), got {self.window}")
+            require(any(self.windowed(layer) for layer in range(self.n_layers)), "model.window",
+                     f"no layer to window: model.window_layers=positional windows the layers that see positions, and "
+                     f"model.nope_every={self.nope_every} leaves none")
+        if self.nope_logit_scale != "none":
+            require(any(self.position_free(layer) for layer in range(self.n_layers)), "model.nope_logit_scale",
+                     "scales the position-free layers' logits; model.nope_every sets none")
+            require(self.attn_temperature == "none", "model.nope_logit_scale",
+                     f"model.attn_temperature={self.attn_temperature!r} already scales every query by its position")
+            require(self.context_length >= 2, "model.nope_logit_scale",
+                     f"scales by ln(n/L) with L = model.context_length, which must be at least 2 (got {self.context_length})")
+        if self.nope_logit_alpha is not None:
+            require(self.nope_logit_scale == "swan", "model.nope_logit_alpha", "only model.nope_logit_scale=swan reads it")
+            positive(self.nope_logit_alpha, "model.nope_logit_alpha")
 
     @property
     def shape(self) -> ModelShape:
@@ -109,11 +143,17 @@ class ModelConfig(ModelSettings):
         nope = f" nope/{self.nope_every}" if self.nope_every is not None else ""
         temperature = f" {self.attn_temperature}" if self.attn_temperature != "none" else ""
         gate = f" gate={self.attn_gate}" if self.attn_gate != "none" else ""
-        return self.rope.label + self.rope_scaling.label + nope + temperature + gate
+        window = "" if self.window is None else f" swa/{self.window}" + (" all" if self.window_layers == "all" else "")
+        scale = f" {self.nope_logit_scale}" if self.nope_logit_scale != "none" else ""
+        return self.rope.label + self.rope_scaling.label + nope + temperature + gate + window + scale
 
     def position_free(self, layer: int) -> bool:
         """Whether layer (0-based) is one of the nope_every-th layers, which see no positions."""
         return self.nope_every is not None and (layer + 1) % self.nope_every == 0
+
+    def windowed(self, layer: int) -> bool:
+        """Whether layer (0-based) attends through the training window (model.window, model.window_layers)."""
+        return self.window is not None and (self.window_layers == "all" or not self.position_free(layer))
 
     @property
     def head_dim(self) -> int:

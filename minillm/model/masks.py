@@ -1,5 +1,5 @@
-"""Attention masks by blocks of queries, biases from the layer's input, score sets merged by log-sum-exp, the
-explicit attention of contextual encodings (CoPE, stick-breaking), the plan a layer gets."""
+"""Attention masks by blocks of queries (training windows among them), biases from the layer's input, score sets merged
+by log-sum-exp, the explicit attention of contextual encodings (CoPE, stick-breaking), the plan a layer gets."""
 
 from __future__ import annotations
 
@@ -123,6 +123,19 @@ def visible_keys(allowed: Allowed, positions: Positions, rows: range, keys: "int
         return allowed[rows.start:rows.stop, keys.start:keys.stop]
     query = torch.arange(first + rows.start, first + rows.stop, device=device)[:, None]
     return allowed(query, torch.arange(keys.start, keys.stop, device=device)[None, :])
+
+
+def within(window: Window, allowed: Allowed) -> Allowed:
+    """The keys that both a layer's training window (model.window) and `allowed` (None: causal, a (q_len, k_len)
+    bool mask, or a pattern) let each query see; the Window itself when nothing else restricts it, so that a
+    BlockedMask reads each block's keys from its distances and the cost stays linear in the length."""
+    if allowed is None:
+        return window
+    if isinstance(allowed, Tensor):  # query row r is the (k_len − q_len + r)-th token, as in visible_keys
+        q_len, k_len = allowed.shape
+        query = torch.arange(k_len - q_len, k_len, device=allowed.device)[:, None]
+        return allowed & window(query, torch.arange(k_len, device=allowed.device)[None, :])
+    return lambda query, key: window(query, key) & allowed(query, key)
 
 
 def mask_rows(position: PositionEncoding, positions: Positions, rows: range, keys: "int | range", dtype: torch.dtype,

@@ -23,9 +23,10 @@ from minillm.model.masks import (
     mask_rows,
     merged_attention,
     with_input_bias,
+    within,
 )
 from minillm.positions.base import PositionEncoding, Positions
-from minillm.positions.methods import check_encoding
+from minillm.positions.methods import Window, check_encoding
 from minillm.registry import require
 
 if TYPE_CHECKING:
@@ -106,6 +107,16 @@ def log_n_scale(query_positions: Tensor, trained_length: int) -> Tensor:
     """max(1, log_L(m + 1)) for queries at positions m (batch or 1, q_len) -> (batch or 1, 1, q_len, 1) float32:
     Qwen's log-n attention, 1 up to the training length L."""
     return (torch.log1p(query_positions.float())[:, None, :, None] / math.log(trained_length)).clamp(min=1.0)
+
+
+def swan_scale(q_len: int, k_len: int, trained_length: int, alpha: Optional[float], device: torch.device) -> Tensor:
+    """max(1, 1 + α·ln(n/L)) for the last q_len of k_len tokens -> (1, 1, q_len, 1) float32, n = k_len − q_len + r + 1
+    the keys causal attention shows query row r (tokens, not positions: a NoPE layer reads none): SWAN-GPT's log scaling
+    of the NoPE layers' logits (arXiv:2504.08719), 1 up to the training length L, so training never sees it.
+    α = 1/ln L (None) gives max(1, log_L n), Qwen's log-n on those layers alone."""
+    seen = torch.arange(k_len - q_len + 1, k_len + 1, device=device, dtype=torch.float32)
+    alpha = 1 / math.log(trained_length) if alpha is None else alpha
+    return (1 + alpha * torch.log(seen / trained_length)).clamp(min=1.0)[None, None, :, None]
 
 
 class QueryTemperature(nn.Module):
@@ -321,46 +332,57 @@ class Transformer(nn.Module):
         handed to the encoding, whose rotary tables are then shared by every layer.
         How an evaluation reads the model, its weights and modules untouched, is data given here:
         attention: an attention method (minillm.positions.methods), its parts computed here once; it replaces
-        attention_mask. One this model's encoding cannot serve raises, naming it.
+        attention_mask. One this model's encoding cannot serve raises, naming it. Layers trained with a window
+        (model.window) keep it, within attention_mask; the method applies to the others.
         scaling: another frequency scaling for a rotary model ("none": the encoding as built).
-        logn: Qwen's log-n factor on every query; refused for a model with a query temperature of its own.
+        logn: Qwen's log-n factor on every query; refused for a model that scales its queries itself.
         """
+        cfg = self.cfg
         if positions is None:
             positions = Positions.contiguous(cache.length if cache is not None else 0, idx.shape[1], idx.device)
         position = self.position if scaling is None else self.position.rescaled(scaling)
         query_scale = None
         if logn:
-            trained = self.cfg.context_length
-            require(self.cfg.attn_temperature == "none", "logn", "the model already scales its queries "
-                    f"(model.attn_temperature={self.cfg.attn_temperature!r})")
-            require(trained >= 2, "logn", f"needs a training length of at least 2, got {trained}")
-            query_scale = log_n_scale(positions.query, trained)
+            require(cfg.attn_temperature == cfg.nope_logit_scale == "none", "logn", "the model already scales its queries"
+                    f" (model.attn_temperature={cfg.attn_temperature!r}, nope_logit_scale={cfg.nope_logit_scale!r})")
+            require(cfg.context_length >= 2, "logn", f"needs a training length of at least 2, got {cfg.context_length}")
+            query_scale = log_n_scale(positions.query, cfg.context_length)
+        free_scale = None if cfg.nope_logit_scale == "none" else \
+            swan_scale(idx.shape[1], positions.key.shape[-1], cfg.context_length, cfg.nope_logit_alpha, idx.device)
         x = position.embed(self.embed(idx), positions)
+        windowed = [cfg.windowed(layer) for layer in range(cfg.n_layers)]
         if attention is not None:
-            check_encoding(attention, self.cfg.rope, self.cfg.context_length)
-            parts = [(part.positions, part.pattern) for part in attention.parts(positions, self.cfg.context_length)]
+            check_encoding(attention, cfg.rope, cfg.context_length)
+            require(attention.name == "full" or not all(windowed), "attention", f"{attention.name} would apply to no "
+                    f"layer: every one keeps its trained window (model.window={cfg.window}, model.window_layers=all)")
+            parts = [(part.positions, part.pattern) for part in attention.parts(positions, cfg.context_length)]
         else:
             parts = [(positions, attention_mask)]
         rotations = [position.rotation(where) for where, _ in parts]
-        plans: dict[PositionEncoding, AttentionPlan] = {}  # one per layer encoding: layers that share it share a plan
+        if any(windowed):  # the training window, at the model's own positions: one part, a Window (BlockedMask)
+            window_parts = [(positions, within(Window(0, cfg.window - 1), attention_mask))]
+            window_rotations = rotations[:1] if parts[0][0] is positions else [position.rotation(positions)]
+        plans: dict[tuple[PositionEncoding, bool], AttentionPlan] = {}  # layers of one encoding and window share one
         for layer, block in enumerate(self.blocks):
             # Position-free layers (model.nope_every): no rotation, and the mask without the encoding's bias.
-            free = self.cfg.position_free(layer)
+            free = cfg.position_free(layer)
             encoding = NO_POSITIONS if free else position.for_layer(layer)
-            if encoding not in plans:
-                masks = [self._mask(where, x.dtype, allowed, encoding, x.shape[0]) for where, allowed in parts]
+            key = (encoding, windowed[layer])
+            if key not in plans:
+                layer_parts, layer_rotations = (window_parts, window_rotations) if windowed[layer] else (parts, rotations)
+                masks = [self._mask(where, x.dtype, allowed, encoding, x.shape[0]) for where, allowed in layer_parts]
                 contextual = encoding if encoding.contextual else None
                 input_bias = encoding if encoding.input_dependent else None
-                if len(parts) == 1:
-                    plans[encoding] = AttentionPlan(None if free else rotations[0], masks[0], positions.query,
-                                                    contextual, query_scale=query_scale, input_bias=input_bias)
+                scale = free_scale if free and free_scale is not None else query_scale
+                if len(layer_parts) == 1:
+                    plans[key] = AttentionPlan(None if free else layer_rotations[0], masks[0], positions.query,
+                                               contextual, query_scale=scale, input_bias=input_bias)
                 else:
                     score_sets = [ScoreSet(None if free else rotation, mask)
-                                  for rotation, mask in zip(rotations, masks)]
-                    plans[encoding] = AttentionPlan(query_positions=positions.query, contextual=contextual,
-                                                    score_sets=score_sets, query_scale=query_scale,
-                                                    input_bias=input_bias)
-            x = block(x, plans[encoding], cache, layer)
+                                  for rotation, mask in zip(layer_rotations, masks)]
+                    plans[key] = AttentionPlan(query_positions=positions.query, contextual=contextual,
+                                               score_sets=score_sets, query_scale=scale, input_bias=input_bias)
+            x = block(x, plans[key], cache, layer)
         return self.norm(x)
 
     def forward(self, idx: Tensor, cache: Optional[KVCache] = None) -> Tensor:
