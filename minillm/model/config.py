@@ -128,8 +128,8 @@ class ModelConfig(ModelSettings):
             require(self.context_length >= 2, "model.nope_logit_scale",
                      f"scales by ln(n/L) with L = model.context_length, which must be at least 2 (got {self.context_length})")
         if self.nope_logit_alpha is not None:
-            require(self.nope_logit_scale == "swan", "model.nope_logit_alpha", "only model.nope_logit_scale=swan reads it")
             positive(self.nope_logit_alpha, "model.nope_logit_alpha")
+            require(self.nope_logit_scale == "swan", "model.nope_logit_alpha", "only model.nope_logit_scale=swan reads it")
 
     @property
     def shape(self) -> ModelShape:
