@@ -114,7 +114,26 @@ def test_the_nope_layers_still_see_every_token():
             assert (moved > 1e-4) == changes, window_layers
 
 
-def test_windowed_blocks_cover_only_the_keys_their_queries_see(monkeypatch):
+def test_a_given_mask_restricts_the_windowed_layers_within_their_window():
+    """attention_mask as a bool tensor or as a pattern: the causal one changes nothing; one that hides token 2 from
+    every later query hides it from the windowed layer too (the output at 4, within its window, moves)."""
+    model, idx, seq = tiny(window_layers="all"), tokens(1, 12), 12
+    causal = torch.ones(seq, seq, dtype=torch.bool).tril()
+    hidden = causal.clone()
+    hidden[3:, 2] = False
+    with torch.no_grad():
+        plain = model.hidden_states(idx)
+        torch.testing.assert_close(model.hidden_states(idx, attention_mask=causal), plain, atol=1e-6, rtol=0)
+        torch.testing.assert_close(model.hidden_states(idx, attention_mask=lambda i, j: j <= i), plain, atol=1e-6,
+                                   rtol=0)
+        as_tensor = model.hidden_states(idx, attention_mask=hidden)
+        as_pattern = model.hidden_states(idx, attention_mask=lambda i, j: (j <= i) & ((j != 2) | (i < 3)))
+    torch.testing.assert_close(as_tensor, as_pattern, atol=1e-6, rtol=0)
+    torch.testing.assert_close(as_tensor[:, :3], plain[:, :3], atol=1e-6, rtol=0)
+    assert (as_tensor[0, 4] - plain[0, 4]).abs().max() > 1e-4
+
+
+def test_windowed_blocks_cover_only_the_keys_their_queries_see():
     """Cost linear in the length: past PATTERN_ROWS queries the window's mask goes by blocks, each over its rows plus
     W − 1 keys before them, never the causal triangle."""
     model = tiny()
