@@ -230,6 +230,7 @@ INCOMPATIBLE = [
     (dict(nope_every=2), "model.nope_every=2"),
     (dict(attn_temperature="logn"), "model.attn_temperature='logn'"),
     (dict(attn_gate="headwise"), "model.attn_gate='headwise'"),
+    (dict(window=4), "model.window=4"),
     (dict(rope=position_config("fox")), "rope.variant='fox'"),
     (dict(rope=position_config("stickbreaking")), "rope.variant='stickbreaking'"),
     (dict(rope=position_config("pope")), "rope.variant='pope'"),

@@ -787,7 +787,7 @@ def test_help_lists_the_options_and_no_internal_names():
     done = subprocess.run([sys.executable, "scripts/train.py", "--help"], cwd=REPO, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0
-    assert "  rope          alibi, complex*, cope, fire, interleaved, kerple, learned" in done.stdout
+    assert "  rope          alibi, complex*, cope, fire, fope, fox, interleaved, kerple" in done.stdout
     assert "schema" not in done.stdout
     done = subprocess.run([sys.executable, "scripts/eval_extrapolate.py", "--help"], cwd=REPO, capture_output=True,
                           text=True, timeout=120)

@@ -68,6 +68,8 @@ def _check_architecture(model: Transformer, family: str) -> RotaryEmbedding:
         raise _incompatible("model.nope_every", cfg.nope_every, family, "rotary positions in every layer")
     if cfg.attn_temperature != "none":
         raise _incompatible("model.attn_temperature", cfg.attn_temperature, family, "no query temperature")
+    if cfg.window is not None:
+        raise _incompatible("model.window", cfg.window, family, "full attention in every layer")
     if cfg.attn_gate != "none":
         raise _incompatible("model.attn_gate", cfg.attn_gate, family, "no gate on the attention output")
     # The encoding as built (evaluation reads a model with other scalings as data; it never swaps this module).

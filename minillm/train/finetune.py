@@ -32,7 +32,8 @@ if TYPE_CHECKING:  # transformers and tokenizers come with the `interop` extra
 # What the source's weights fix: the shape, vocabulary and norms. The encoding's family (rope.variant) is kept too;
 # its other settings (theta, ...), the context length and the scaling are the new run's to choose.
 KEPT = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_size", "ffn", "ffn_hidden", "norm",
-        "norm_eps", "bias", "qkv_bias", "qk_norm", "nope_every", "attn_temperature", "attn_gate", "tie_embeddings")
+        "norm_eps", "bias", "qkv_bias", "qk_norm", "nope_every", "attn_temperature", "attn_gate", "window",
+        "window_layers", "nope_logit_scale", "nope_logit_alpha", "tie_embeddings")
 
 
 @dataclass
