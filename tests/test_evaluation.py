@@ -861,8 +861,8 @@ def test_the_evaluation_says_how_many_cells_it_will_measure_before_it_starts():
     config = EvalConfig(ckpt="-", scalings="all", lengths=[32, 64, 128], passkey_trials=0, attention=["full", "sliding"])
     learned = ModelConfig(context_length=64, rope=position_config("learned"))
     assert forecast([(text, rotary), (text, alibi), (text, learned)], config) == (
-        "measuring 3 models (7×2×3 + 1×2×3 + 1×2×3 scalings × attention × lengths) = 54 settings; cells: "
-        "52 perplexity, 34 tail")
+        "measuring 3 models (8×2×3 + 1×2×3 + 1×2×3 scalings × attention × lengths) = 60 settings; cells: "
+        "58 perplexity, 38 tail")
     task = SimpleNamespace(task=Needle())
     assert forecast([(task, rotary)], EvalConfig(ckpt="-", scalings="none", lengths=[64])) == \
         "measuring 1 model × 1 scaling × 1 attention method × 1 length = 1 setting; cells: 1 accuracy; " \
