@@ -101,7 +101,8 @@ real-models: setup  ## SmolLM2-135M past its training length: every scaling, the
 # (its factors searched first, scored on a 16k window of the longest address, Carter 1981, which no evaluation
 # reads), then every model beside the same scalings at inference only, at 4k..32k on the held-out Truman 1946
 # message (34k tokens). The control is the same fine-tuning without a scaling (PoSE positions within the 8k the
-# model was trained at), read at 4k and 8k: what the prose alone does. About 4 hours on 2 CPU cores.
+# model was trained at), read beside every model at 4k and 8k on the message's first 8,192 targets: what the prose
+# alone does. About 4 hours on 2 CPU cores.
 EXTEND ?= outputs/extend_real
 LONGROPE_SMOLLM2 = $(EXTEND)/longrope/longrope.json
 EXTEND_LENGTHS = lengths=[4096,8192,16384,32768]
@@ -116,8 +117,11 @@ extend-real: setup  ## SmolLM2-135M fine-tuned from 8k to 32k with PI, YaRN and 
 		longrope_factors=$(LONGROPE_SMOLLM2) tail_loss=false hydra.run.dir=$(EXTEND)/eval_inference
 	$(EVAL_EXTRAPOLATION) ckpt=[$(EXTEND)/finetune,$(EXTEND)/finetune_longrope] max_documents=1 $(EXTEND_LENGTHS) scalings=[none] \
 		hydra.run.dir=$(EXTEND)/eval_finetuned
-	$(EVAL_EXTRAPOLATION) ckpt=$(EXTEND)/finetune_control max_documents=1 lengths=[4096,8192] scalings=[none] \
-		hydra.run.dir=$(EXTEND)/eval_control
+	# the control table: every model on the message's first 8,192 targets, at 4k and 8k
+	$(EVAL_REAL) data.path=sotu data.val_fraction=0.26 lengths=[4096,8192] scalings=[none,yarn] scaling_factor=4 \
+		tail_loss=false hydra.run.dir=$(EXTEND)/control_inference
+	$(EVAL_EXTRAPOLATION) ckpt=[$(EXTEND)/finetune,$(EXTEND)/finetune_longrope,$(EXTEND)/finetune_control] max_documents=1 \
+		lengths=[4096,8192] scalings=[none] tail_loss=false hydra.run.dir=$(EXTEND)/control_finetuned
 
 # docs/long_context_eval.md: RULER on SmolLM2-135M-Instruct (chat template, trained at 8k) with the books' prose as
 # the essay haystack: four tasks at 1k..8k, 3 samples each, where every static scaling is the model as trained; then
