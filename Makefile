@@ -113,7 +113,7 @@ extend-real: setup  ## SmolLM2-135M fine-tuned from 8k to 32k with PI, YaRN and 
 	$(TRAIN_EXTEND) -m rope_scaling=linear,yarn rope_scaling.factor=4 hydra.sweep.dir=$(EXTEND)/finetune
 	$(TRAIN_EXTEND) rope_scaling=longrope rope_scaling.factors=$(LONGROPE_SMOLLM2) hydra.run.dir=$(EXTEND)/finetune_longrope
 	$(TRAIN_EXTEND) rope_scaling=none positions.target_length=8192 hydra.run.dir=$(EXTEND)/finetune_control
-	$(EVAL_REAL) data.path=sotu data.val_fraction=0.26 $(EXTEND_LENGTHS) scalings=[none,linear,yarn,longrope] scaling_factor=4 \
+	$(EVAL_REAL) data.path=sotu data.val_fraction=0.26 $(EXTEND_LENGTHS) scalings=[linear,yarn,longrope] scaling_factor=4 \
 		longrope_factors=$(LONGROPE_SMOLLM2) tail_loss=false hydra.run.dir=$(EXTEND)/eval_inference
 	$(EVAL_EXTRAPOLATION) ckpt=[$(EXTEND)/finetune,$(EXTEND)/finetune_longrope] max_documents=1 $(EXTEND_LENGTHS) scalings=[none] \
 		hydra.run.dir=$(EXTEND)/eval_finetuned
