@@ -8,29 +8,23 @@ import math
 
 import pytest
 import torch
+from test_registries import VOCAB, tokens
+from test_registries import tiny as registry_model
 from test_attention import LargestTensor
 
 import minillm.model.transformer
-from minillm.model.config import ModelConfig
 from minillm.model.masks import AttentionPlan
 from minillm.model.transformer import KVCache, Transformer
 from minillm.positions.base import Positions, position_config
 from minillm.positions.methods import attention_method
 
-VOCAB, T = 37, 9
+T = 9
 
 
-def tiny(seed: int = 0, **overrides) -> Transformer:
-    """2 layers, 4 query heads over 2 key/value heads (head_dim 8), rope=stickbreaking, float32, eval mode."""
-    kwargs = dict(vocab_size=VOCAB, context_length=T, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, init_std=0.3,
-                  rope=position_config("stickbreaking"))
-    kwargs.update(overrides)
-    torch.manual_seed(seed)
-    return Transformer(ModelConfig(**kwargs)).eval()
-
-
-def tokens(batch: int, seq: int, seed: int = 1) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+def tiny(seed: int = 0, rope=None, **overrides) -> Transformer:
+    """test_registries' model (2 layers, 4 query heads over 2 key/value heads, head_dim 8), rope=stickbreaking, T long."""
+    return registry_model(rope or position_config("stickbreaking"), seed=seed,
+                          **{"context_length": T, "init_std": 0.3, **overrides})
 
 
 def sigmoid(z: float) -> float:
