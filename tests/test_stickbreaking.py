@@ -22,7 +22,7 @@ T = 9
 
 
 def tiny(seed: int = 0, rope=None, **overrides) -> Transformer:
-    """test_registries' model (2 layers, 4 query heads over 2 key/value heads, head_dim 8), rope=stickbreaking, T long."""
+    """test_registries' model (2 layers, 4 query heads over 2 key/value heads, head_dim 8), rope=stickbreaking."""
     return registry_model(rope or position_config("stickbreaking"), seed=seed,
                           **{"context_length": T, "init_std": 0.3, **overrides})
 
